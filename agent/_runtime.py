@@ -1,0 +1,250 @@
+"""The agent's background side: a writer thread, and flushing at exit and on SIGTERM.
+
+The writer thread wakes every ``flush_interval_s``: it polls NCCL works that have no completion
+hook, notices collectives issued from C++ since the last recorded one, fills them from the
+Flight Recorder (rate-limited), writes finished events as a segment and the in-flight ones as
+the pending snapshot. Nothing on this path can raise into the job: a failing write is logged
+once and its events are counted as dropped.
+
+Exit: ``atexit`` and SIGTERM both run one final flush, which also closes in-flight events as
+``pending``. A Python SIGTERM handler only runs when the main thread returns to the
+interpreter, which a rank stuck in a collective never does; so a wakeup-fd watcher thread also
+sees the signal, flushes, and, where SIGTERM would have killed the process (no other handler),
+ends it after a short grace period.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from ringwatch._log import error_counts, warn_once
+from ringwatch.agent._recorder import Recorder
+from ringwatch.agent._writer import SegmentWriter
+
+SIGTERM_GRACE_S = 1.0
+
+
+class Runtime:
+    """Owns the writer thread of one recorder.
+
+    Args:
+        recorder: The recorder to drain.
+        writer: Where segments go.
+        config: ``CaptureConfig``.
+        read_seq: ``group handle -> backend counter`` (None where unavailable).
+        fr_dump: ``() -> dict | None``, this process's Flight Recorder content.
+    """
+
+    def __init__(self, recorder: Recorder, writer: SegmentWriter, config, *, read_seq,
+                 fr_dump):
+        self.rec = recorder
+        self.writer = writer
+        self.config = config
+        self.read_seq = read_seq
+        self.fr_dump = fr_dump
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._flush_lock = threading.Lock()
+        self._backfill_due = False
+        self._last_backfill = 0.0
+        self._closed = False
+        self.write_failures = 0
+        self.thread = threading.Thread(target=self._loop, name="ringwatch-writer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def request_backfill(self) -> None:
+        """Ask for a Flight Recorder read at the next wake-up (e.g. after DDP's init)."""
+        self._backfill_due = True
+        self._wake.set()
+
+    def _loop(self) -> None:
+        try:
+            import polars  # noqa: F401 - pay the import now, not at the first flush
+        except Exception as exc:  # noqa: BLE001
+            warn_once("polars", f"polars unavailable, logs cannot be written: {exc!r}")
+        while not self._stop.is_set():
+            self._wake.wait(self.config.flush_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self.flush()
+
+    def flush(self, *, final: bool = False) -> None:
+        """Write what is finished (and, if ``final``, close what is still in flight)."""
+        with self._flush_lock:
+            rec = self.rec
+            try:
+                if any(e.work is not None for e in list(rec.pending.values())):
+                    from ringwatch.agent._nccl import poll_works
+
+                    poll_works(rec)
+                for g in rec.groups_snapshot():
+                    if g.handle is not None and not g.nccl_hook:
+                        rec.check_tail(g, self.read_seq(g.handle))
+                self._maybe_backfill(final)
+            except Exception as exc:  # noqa: BLE001
+                warn_once("flush_prep", f"flush bookkeeping failed: {exc!r}")
+            events = rec.drain()
+            if final:
+                events.extend(rec.finish_pending())
+            try:
+                self.writer.write(events)
+                self.writer.write_pending([] if final else rec.pending_snapshot())
+                if final and self.writer.small:
+                    self.writer.compact()
+                self.writer.write_meta(self._meta(final))
+            except Exception as exc:  # noqa: BLE001 - disk full, folder removed, ...
+                self.write_failures += 1
+                rec.dropped += len(events)
+                warn_once("write", f"cannot write logs to {self.writer.dir}: {exc}; "
+                          "events are counted as dropped, the job goes on")
+
+    def _maybe_backfill(self, final: bool) -> None:
+        if not self.config.fr_backfill:
+            return
+        now = time.monotonic()
+        if not (final or self._backfill_due
+                or now - self._last_backfill >= self.config.fr_backfill_interval_s):
+            return
+        gaps = self.rec.take_gaps()
+        if not gaps:
+            return
+        from ringwatch.agent._backfill import backfill
+
+        self._backfill_due = False
+        self._last_backfill = now
+        dump = None
+        try:
+            dump = self.fr_dump()
+        except Exception as exc:  # noqa: BLE001
+            warn_once("fr_dump", f"cannot read the Flight Recorder: {exc!r}")
+        n = sum(len(v) for v in gaps.values())
+        found = backfill(self.rec, gaps, dump)
+        if found < n:
+            warn_once("fr_missing", f"{n - found} collective(s) issued outside ringwatch's "
+                      "hooks were not in the Flight Recorder (TORCH_FR_BUFFER_SIZE?)")
+
+    def _meta(self, final: bool) -> dict:
+        return {
+            "groups": [g.describe() for g in self.rec.groups_snapshot()],
+            "counters": self.rec.counters(),
+            "write_failures": self.write_failures,
+            "warnings": error_counts(),
+            "final": final,
+            "config": {k: str(v) for k, v in dataclasses.asdict(self.config).items()},
+        }
+
+    def save_flight_recorder(self) -> Path | None:
+        """Copy this process's Flight Recorder beside the log (at exit)."""
+        try:
+            dump = self.fr_dump()
+        except Exception as exc:  # noqa: BLE001
+            warn_once("fr_save", f"cannot read the Flight Recorder: {exc!r}")
+            return None
+        if not dump:
+            return None
+        path = self.writer.dir / "flight_recorder.json"
+        try:
+            self.writer.dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(dump))
+            os.replace(tmp, path)
+        except Exception as exc:  # noqa: BLE001
+            warn_once("fr_save", f"cannot save the Flight Recorder: {exc!r}")
+            return None
+        return path
+
+    def close(self) -> None:
+        """Stop the thread and write everything (idempotent, never raises)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._stop.set()
+            self._wake.set()
+            if self.thread.is_alive() and threading.current_thread() is not self.thread:
+                self.thread.join(timeout=5.0)
+            self.flush(final=True)
+            if self.config.fr_dump:
+                self.save_flight_recorder()
+            self.rec.closed = True
+        except Exception as exc:  # noqa: BLE001
+            warn_once("close", f"final flush failed: {exc!r}")
+
+
+class ExitHandlers:
+    """atexit + SIGTERM flushing for one runtime (install from the main thread)."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.prev_handler = None
+        self._watch_r: int | None = None
+
+    def install(self) -> None:
+        atexit.register(self.runtime.close)
+        if threading.current_thread() is not threading.main_thread():
+            warn_once("sigterm", "attach() called off the main thread: SIGTERM will not flush "
+                      "the log (atexit still does)")
+            return
+        try:
+            prev = signal.getsignal(signal.SIGTERM)
+            if prev is signal.SIG_IGN:
+                return
+            self.prev_handler = prev
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        except (ValueError, OSError) as exc:
+            warn_once("sigterm", f"cannot handle SIGTERM: {exc}")
+            return
+        self._install_watcher()
+
+    def _install_watcher(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            os.close(r)
+            os.close(w)
+            return
+        if old != -1:  # someone (asyncio) owns the wakeup fd: leave it to them
+            signal.set_wakeup_fd(old)
+            os.close(r)
+            os.close(w)
+            return
+        self._watch_r = r
+        threading.Thread(target=self._watch, name="ringwatch-sigterm", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self._watch_r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                self.runtime.close()
+                if self.prev_handler in (signal.SIG_DFL, None):
+                    # The main thread will normally re-raise SIGTERM itself; if it is stuck
+                    # in a collective it cannot, so end the process as SIGTERM would have.
+                    time.sleep(SIGTERM_GRACE_S)
+                    os._exit(128 + signal.SIGTERM)
+                return
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.runtime.close()
+        prev = self.prev_handler
+        if callable(prev):
+            prev(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)

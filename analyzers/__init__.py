@@ -1,0 +1,1 @@
+"""Pure analyses over the event frames (``ringwatch.analyzers``)."""

@@ -1,0 +1,1 @@
+"""Grafana dashboards as code (``ringwatch.dashboards``), generated from the metric table."""

@@ -1,0 +1,164 @@
+"""Capture configuration: frozen, keyword-only, CLI flag > environment variable > default.
+
+Every environment variable ringwatch reads is declared here, once, with its unit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Mapping
+
+# --- environment variables (the only place their names appear) -------------------------------
+ENV_LOG_DIR = "RINGWATCH_LOG_DIR"  # path: root folder of the per-rank logs
+ENV_JOB_ID = "RINGWATCH_JOB_ID"  # str: job identifier shared by all ranks
+ENV_HOST = "RINGWATCH_HOST"  # str: host name to record (defaults to the machine's name)
+ENV_FLUSH_INTERVAL_S = "RINGWATCH_FLUSH_INTERVAL_S"  # seconds between segment writes
+ENV_BUFFER_EVENTS = "RINGWATCH_BUFFER_EVENTS"  # events: bound of the in-memory buffer
+ENV_COMPACT_SEGMENTS = "RINGWATCH_COMPACT_SEGMENTS"  # segments merged into one file
+ENV_DDP_HOOK = "RINGWATCH_DDP_HOOK"  # 0/1: time DDP buckets through a comm hook
+ENV_NCCL_HOOK = "RINGWATCH_NCCL_HOOK"  # 0/1: NCCL completion hook + CUDA-event timing
+ENV_FR_BACKFILL = "RINGWATCH_FR_BACKFILL"  # 0/1: recover unseen collectives from the FR
+ENV_FR_BACKFILL_INTERVAL_S = "RINGWATCH_FR_BACKFILL_INTERVAL_S"  # seconds between FR reads
+ENV_FR_DUMP = "RINGWATCH_FR_DUMP"  # 0/1: save the Flight Recorder beside the log at exit
+ENV_WRAP_BACKEND = "RINGWATCH_WRAP_BACKEND"  # 0/1: opt-in wrapper ProcessGroup backend
+ENV_AUTO_STEP = "RINGWATCH_AUTO_STEP"  # 0/1: count optimizer steps as the `step` column
+ENV_AUTOATTACH = "RINGWATCH_AUTOATTACH"  # 1: set by `ringwatch run` for the child processes
+ENV_DISABLE = "RINGWATCH_DISABLE"  # 1: attach() does nothing
+
+DEFAULT_LOG_DIR = "ringwatch-logs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is malformed (raised at start-up only)."""
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
+
+
+def _parse_pos(name: str, raw: str, kind: type) -> float | int:
+    try:
+        v = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a positive {kind.__name__}") from None
+    if v <= 0:
+        raise ConfigError(f"{name}={raw!r}: expected a positive {kind.__name__}")
+    return v
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CaptureConfig:
+    """How the in-process agent captures and stores collectives.
+
+    Attributes:
+        log_dir: Root folder; rank logs go to ``log_dir/<job_id>/rank-<RANK>/``.
+        job_id: Job identifier; ``None`` means ``TORCHELASTIC_RUN_ID`` or one agreed by the
+            ranks through the rendezvous store.
+        host: Host name to record; ``None`` means ``socket.gethostname()``.
+        flush_interval_s: Seconds between segment writes (bounds what a SIGKILL can lose).
+        buffer_events: Bound of the in-memory event buffer; events past it are counted and
+            dropped.
+        compact_segments: Merge this many small segments into one file.
+        ddp_hook: Time DDP's gradient buckets through an automatically installed comm hook.
+        nccl_hook: On NCCL groups, turn on collective timing and register a completion hook.
+        fr_backfill: Recover collectives issued from C++ outside ringwatch's hooks from the
+            Flight Recorder.
+        fr_backfill_interval_s: Minimum seconds between two Flight Recorder reads.
+        fr_dump: Save the Flight Recorder's content beside the rank's log at exit.
+        wrap_backend: Create Gloo groups through the ringwatch wrapper backend (sees every
+            collective, including functional and compiled ones, at a higher cost).
+        auto_step: Fill the ``step`` column from optimizer steps when the job gives no markers.
+    """
+
+    log_dir: Path = Path(DEFAULT_LOG_DIR)
+    job_id: str | None = None
+    host: str | None = None
+    flush_interval_s: float = 2.0
+    buffer_events: int = 200_000
+    compact_segments: int = 32
+    ddp_hook: bool = True
+    nccl_hook: bool = True
+    fr_backfill: bool = True
+    fr_backfill_interval_s: float = 10.0
+    fr_dump: bool = True
+    wrap_backend: bool = False
+    auto_step: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "CaptureConfig":
+        """Build a config from ``env`` (default ``os.environ``), then apply ``overrides``.
+
+        Args:
+            env: Environment mapping to read.
+            **overrides: Explicit values (CLI flags, ``attach()`` arguments); ``None`` values
+                are ignored so callers can pass optional flags straight through.
+
+        Raises:
+            ConfigError: a variable or override is malformed.
+        """
+        env = os.environ if env is None else env
+        kw: dict = {}
+        if env.get(ENV_LOG_DIR):
+            kw["log_dir"] = Path(env[ENV_LOG_DIR])
+        if env.get(ENV_JOB_ID):
+            kw["job_id"] = env[ENV_JOB_ID]
+        if env.get(ENV_HOST):
+            kw["host"] = env[ENV_HOST]
+        for name, key, kind in (
+            (ENV_FLUSH_INTERVAL_S, "flush_interval_s", float),
+            (ENV_BUFFER_EVENTS, "buffer_events", int),
+            (ENV_COMPACT_SEGMENTS, "compact_segments", int),
+            (ENV_FR_BACKFILL_INTERVAL_S, "fr_backfill_interval_s", float),
+        ):
+            if env.get(name):
+                kw[key] = _parse_pos(name, env[name], kind)
+        for name, key in (
+            (ENV_DDP_HOOK, "ddp_hook"),
+            (ENV_NCCL_HOOK, "nccl_hook"),
+            (ENV_FR_BACKFILL, "fr_backfill"),
+            (ENV_FR_DUMP, "fr_dump"),
+            (ENV_WRAP_BACKEND, "wrap_backend"),
+            (ENV_AUTO_STEP, "auto_step"),
+        ):
+            if name in env:
+                kw[key] = _parse_bool(name, env[name])
+        cfg = cls(**kw)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        known = {f.name for f in fields(cls)}
+        unknown = set(given) - known
+        if unknown:
+            raise ConfigError(f"unknown capture option(s): {', '.join(sorted(unknown))}")
+        if "log_dir" in given:
+            given["log_dir"] = Path(given["log_dir"])
+        cfg = replace(cfg, **given)
+        if cfg.flush_interval_s <= 0 or cfg.buffer_events <= 0 or cfg.compact_segments <= 0:
+            raise ConfigError("flush_interval_s, buffer_events and compact_segments must be > 0")
+        return cfg
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that reproduce this config in a child process."""
+        out = {
+            ENV_LOG_DIR: str(self.log_dir),
+            ENV_FLUSH_INTERVAL_S: repr(self.flush_interval_s),
+            ENV_BUFFER_EVENTS: str(self.buffer_events),
+            ENV_COMPACT_SEGMENTS: str(self.compact_segments),
+            ENV_DDP_HOOK: str(int(self.ddp_hook)),
+            ENV_NCCL_HOOK: str(int(self.nccl_hook)),
+            ENV_FR_BACKFILL: str(int(self.fr_backfill)),
+            ENV_FR_BACKFILL_INTERVAL_S: repr(self.fr_backfill_interval_s),
+            ENV_FR_DUMP: str(int(self.fr_dump)),
+            ENV_WRAP_BACKEND: str(int(self.wrap_backend)),
+            ENV_AUTO_STEP: str(int(self.auto_step)),
+        }
+        if self.job_id:
+            out[ENV_JOB_ID] = self.job_id
+        if self.host:
+            out[ENV_HOST] = self.host
+        return out
