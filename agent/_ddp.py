@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 
 import torch.distributed as dist
+from ringwatch.agent._state import STATE
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ringwatch._log import warn_once
-from ringwatch.agent._state import STATE
 
 
 class _Dispatch:
@@ -111,7 +111,7 @@ def _patched_register(orig):
         try:
             self.logger._set_comm_hook_name(hook.__qualname__)
             self._comm_hooks.append((hook, state))
-        except Exception:  # noqa: BLE001 - DDP internals moved; the hook still works
+        except Exception:  # noqa: BLE001, S110 - DDP internals moved; the hook still works
             pass
         d.inner_hook, d.inner_state, d.retargeted = hook, state, True
 
@@ -129,7 +129,7 @@ def _patched_builtin(orig):
             return orig(self, comm_hook_type)
         try:
             self.logger._set_comm_hook_name(str(comm_hook_type))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110
             pass
         d.inner_hook, d.inner_state, d.retargeted = hook, self.process_group, True
 

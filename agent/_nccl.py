@@ -21,9 +21,10 @@ from __future__ import annotations
 import datetime
 from functools import partial
 
-from ringwatch._log import warn_once
 from ringwatch.agent._ops import OPTYPE_TO_OP
 from ringwatch.agent._recorder import GroupInfo, Recorder
+
+from ringwatch._log import warn_once
 
 
 def backend_seq(pg) -> int | None:
@@ -106,12 +107,12 @@ def poll_works(rec: Recorder) -> int:
             dev = None
             try:
                 dev = int(work._get_duration() * 1e6)
-            except Exception:  # noqa: BLE001 - timing off, or not an NCCL work
+            except Exception:  # noqa: BLE001, S110 - timing off, or not an NCCL work
                 pass
             ok = True
             try:
                 ok = work.is_success()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110
                 pass
             rec.wait_watch.pop(id(work), None)
             rec.end(ev, status="ok" if ok else "error", end_source="poll", device_ns=dev)

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import sys
 from functools import partial
+
 import torch.distributed as dist
+from ringwatch.agent._nccl import backend_seq
+from ringwatch.agent._ops import OP_SPECS, OpSpec, buffer_stats, dtype_name, find_opts, root_of
+from ringwatch.agent._recorder import Event, GroupInfo, Recorder
+from ringwatch.agent._state import STATE
 
 from ringwatch._log import warn_once
-from ringwatch.agent._ops import OP_SPECS, OpSpec, buffer_stats, dtype_name, \
-    find_opts, root_of
-from ringwatch.agent._recorder import Event, GroupInfo, Recorder
-from ringwatch.agent._nccl import backend_seq
-from ringwatch.agent._state import STATE
 
 _C10D = "torch.distributed.distributed_c10d"
 # Frames skipped when looking for the torch.distributed function that issued a call.
@@ -297,7 +297,7 @@ def _make_work_wait(orig):
         if ev.peer is None and ev.is_p2p:
             try:
                 ev.peer = ev.group.to_global(self._source_rank())
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110
                 pass
         # Still running when the job started waiting, or waited for right after issue: it
         # ended just now (exact). Done long before the wait: now is only an upper bound.

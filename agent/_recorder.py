@@ -49,7 +49,8 @@ class GroupInfo:
     __slots__ = (
         "key", "name", "desc", "backend", "global_ranks", "ranks_spec", "size", "group_rank",
         "coll_seq", "last_backend_seq", "p2p_adjust", "pair_seq", "gaps", "reserved", "by_seq",
-        "nccl_hook", "hook_from", "coalescing", "batch_seq", "last_hook_seq", "p2p_waiting", "handle",
+        "nccl_hook", "hook_from", "coalescing", "batch_seq", "last_hook_seq", "p2p_waiting",
+        "handle",
     )
 
     def __init__(self, *, key: Any, name: str, desc: str | None, backend: str,

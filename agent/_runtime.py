@@ -24,9 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-from ringwatch._log import error_counts, warn_once
 from ringwatch.agent._recorder import Recorder
-from ringwatch.agent._writer import SegmentWriter
+from ringwatch.agent._writer import FR_FILE, SegmentWriter
+
+from ringwatch._log import error_counts, warn_once
 
 SIGTERM_GRACE_S = 1.0
 
@@ -152,7 +153,7 @@ class Runtime:
             return None
         if not dump:
             return None
-        path = self.writer.dir / "flight_recorder.json"
+        path = self.writer.dir / FR_FILE
         try:
             self.writer.dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")

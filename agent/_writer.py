@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from ringwatch._clock import Clock, SystemClock
-from ringwatch._schema import COLUMN_NAMES, SCHEMA_VERSION, polars_schema
-from ringwatch._version import __version__
 from ringwatch.agent._recorder import Event, RankIdentity
 
-SEGMENT_RE = re.compile(r"^seg-(\d{8})(?:-(\d{8}))?\.parquet$")
-PENDING_FILE = "pending.parquet"
-META_FILE = "meta.json"
+from ringwatch._clock import Clock, SystemClock
+from ringwatch._logs import FR_FILE, META_FILE, PENDING_FILE, SEGMENT_RE
+from ringwatch._schema import COLUMN_NAMES, SCHEMA_VERSION, polars_schema
+from ringwatch._version import __version__
+
+__all__ = ["FR_FILE", "SegmentWriter", "events_to_columns", "rank_dir"]
 
 
 def rank_dir(log_dir: Path, job_id: str, rank: int) -> Path:
@@ -47,7 +46,8 @@ def events_to_columns(events: Iterable[Event], ident: RankIdentity,
         if e.wall_issue is not None:
             t_issue = e.wall_issue
         else:
-            t_issue = None if start is None and e.mono_issue == 0 else e.mono_issue + wall_minus_mono
+            unknown = start is None and e.mono_issue == 0
+            t_issue = None if unknown else e.mono_issue + wall_minus_mono
         t_start = None if start is None else start + wall_minus_mono
         t_end = None if e.mono_end is None else e.mono_end + wall_minus_mono
         nin, nout = e.nbytes_in, e.nbytes_out
@@ -60,7 +60,7 @@ def events_to_columns(events: Iterable[Event], ident: RankIdentity,
             None if (start is None or e.mono_end is None) else e.mono_end - start,
             e.device_ns, e.end_source, e.step,
         )
-        for name, value in zip(COLUMN_NAMES, row):
+        for name, value in zip(COLUMN_NAMES, row, strict=True):
             cols[name].append(value)
     return cols
 

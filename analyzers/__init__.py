@@ -1,1 +1,22 @@
-"""Pure analyses over the event frames (``ringwatch.analyzers``)."""
+"""Pure analyzers over ringwatch's documented polars frames (no I/O, no globals).
+
+Each analyzer splits into ``compute_<metric>(df)`` and ``check_/detect_<thing>(...)`` returning
+frozen dataclasses; thresholds are arguments with documented defaults.
+"""
+
+from ringwatch.analyzers._capture import (
+    ConsistencyReport,
+    FrComparison,
+    GroupCheck,
+    check_consistency,
+    compare_flight_recorder,
+    compute_collective_signatures,
+    compute_signature_bytes,
+)
+from ringwatch.analyzers._steps import compute_step_comm, pivot_step_comm
+
+__all__ = [
+    "ConsistencyReport", "FrComparison", "GroupCheck", "check_consistency",
+    "compare_flight_recorder", "compute_collective_signatures", "compute_signature_bytes",
+    "compute_step_comm", "pivot_step_comm",
+]

@@ -6,9 +6,9 @@ Every environment variable ringwatch reads is declared here, once, with its unit
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Mapping
 
 # --- environment variables (the only place their names appear) -------------------------------
 ENV_LOG_DIR = "RINGWATCH_LOG_DIR"  # path: root folder of the per-rank logs
@@ -92,7 +92,7 @@ class CaptureConfig:
     auto_step: bool = True
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "CaptureConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> CaptureConfig:
         """Build a config from ``env`` (default ``os.environ``), then apply ``overrides``.
 
         Args:

@@ -173,6 +173,6 @@ def load_dump(path: str | Path) -> dict:
     import pickle
 
     try:
-        return pickle.loads(data)  # noqa: S301 - a local dump the user points us to
+        return pickle.loads(data)
     except Exception as exc:
         raise ValueError(f"{path}: not a Flight Recorder dump (JSON or pickle)") from exc

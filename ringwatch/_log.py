@@ -29,7 +29,7 @@ def warn_once(cause: str, message: str) -> None:
                 logger.addHandler(h)
                 logger.propagate = False
             logger.warning(message)
-    except Exception:  # noqa: BLE001 - logging must never raise into the caller
+    except Exception:  # noqa: BLE001, S110 - logging must never raise into the caller
         pass
 
 

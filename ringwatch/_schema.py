@@ -8,8 +8,8 @@ meaning; readers refuse files of a newer major version.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 SCHEMA_VERSION = "1.0"
 

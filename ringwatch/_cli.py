@@ -1,0 +1,154 @@
+"""The ``ringwatch`` command: one entry point, thin subcommands over library code.
+
+Errors are one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ringwatch._config import ConfigError
+from ringwatch._version import __version__
+
+
+def _capture_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("capture (flag > RINGWATCH_* variable > default)")
+    g.add_argument("--log-dir", help="root folder of the per-rank logs (default ./ringwatch-logs)")
+    g.add_argument("--job-id", help="job identifier shared by all ranks")
+    g.add_argument("--flush-interval-s", type=float, help="seconds between segment writes")
+    g.add_argument("--no-ddp-hook", dest="ddp_hook", action="store_const", const=False,
+                   help="do not time DDP buckets through a comm hook")
+    g.add_argument("--no-fr-backfill", dest="fr_backfill", action="store_const", const=False,
+                   help="do not recover unseen collectives from the Flight Recorder")
+    g.add_argument("--wrap-backend", dest="wrap_backend", action="store_const", const=True,
+                   help="create Gloo groups through the ringwatch wrapper backend")
+
+
+def _config(args):
+    from ringwatch._config import CaptureConfig
+
+    return CaptureConfig.from_env(
+        log_dir=args.log_dir, job_id=args.job_id, flush_interval_s=args.flush_interval_s,
+        ddp_hook=args.ddp_hook, fr_backfill=args.fr_backfill, wrap_backend=args.wrap_backend)
+
+
+def cmd_run(args) -> int:
+    from ringwatch._logs import open_job
+    from ringwatch._summary import summary_lines
+    from ringwatch.agent._launch import jobs_since, run_command
+
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise ConfigError("nothing to run: ringwatch run [options] -- COMMAND ...")
+    result = run_command(cmd, _config(args))
+    for job in jobs_since(result.log_dir, result.started_wall_s):
+        for line in summary_lines(open_job(result.log_dir, job)):
+            print(f"[ringwatch] {line}", file=sys.stderr)
+    return result.returncode
+
+
+def cmd_logs(args) -> int:
+    from ringwatch._logs import open_job
+    from ringwatch._summary import check_job, summary_lines
+
+    job = open_job(args.log_dir, args.job)
+    if args.check:
+        report = check_job(job)
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            for line in summary_lines(job) + report["lines"]:
+                print(line)
+        return 0 if report["ok"] else 1
+    if args.json:
+        print(json.dumps({"job_id": job.job_id, "path": str(job.path), "meta": job.meta()},
+                         indent=1, default=str))
+        return 0
+    for line in summary_lines(job):
+        print(line)
+    if args.steps:
+        from ringwatch._summary import step_table
+
+        print(step_table(job.events()))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from ringwatch._schema import COLUMNS, SCHEMA_VERSION, schema_markdown
+
+    if args.markdown:
+        sys.stdout.write(schema_markdown())
+        return 0
+    print(f"ringwatch event schema {SCHEMA_VERSION}")
+    for c in COLUMNS:
+        print(f"  {c.name:<20} {c.dtype:<8} {'null ' if c.nullable else '     '}{c.doc}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ringwatch._demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(
+        log_dir=Path(args.log_dir), nproc=args.nproc, steps=args.steps, fault=args.fault,
+        victim=args.victim, severity=args.severity, fault_at_step=args.fault_at_step))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ringwatch", description="Observability for distributed "
+                                "training: every collective of every rank.")
+    p.add_argument("--version", action="version", version=f"ringwatch {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a command (e.g. torchrun ...) with ringwatch attached",
+                       description="Run COMMAND with the agent attached to its Python "
+                       "processes; forwards SIGTERM/SIGHUP; exits with COMMAND's status.")
+    _capture_flags(r)
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    r.set_defaults(func=cmd_run)
+
+    lg = sub.add_parser("logs", help="summarise or check a job's logs")
+    lg.add_argument("log_dir", help="the log root (or one job's folder)")
+    lg.add_argument("--job", help="job id (default: the most recently written)")
+    lg.add_argument("--check", action="store_true", help="check rank consistency and compare "
+                    "with the saved Flight Recorder; exit 1 on any problem")
+    lg.add_argument("--steps", action="store_true", help="per-step collective time per rank")
+    lg.add_argument("--json", action="store_true", help="machine-readable output")
+    lg.set_defaults(func=cmd_logs)
+
+    s = sub.add_parser("schema", help="print the event schema")
+    s.add_argument("--markdown", action="store_true", help="as docs/schema.md")
+    s.set_defaults(func=cmd_schema)
+
+    d = sub.add_parser("demo", help="a local 4-rank DDP job with an injected straggler, "
+                       "watched live")
+    d.add_argument("--log-dir", default="ringwatch-demo", help="where the logs go")
+    d.add_argument("--nproc", type=int, default=4, help="ranks")
+    d.add_argument("--steps", type=int, default=150, help="training steps")
+    d.add_argument("--fault", choices=("straggler", "none"), default="straggler")
+    d.add_argument("--victim", type=int, default=2, help="rank to slow down")
+    d.add_argument("--severity", type=float, default=0.5,
+                   help="fraction of each 100 ms the victim is stopped (0-0.9)")
+    d.add_argument("--fault-at-step", type=int, default=50, help="start the fault at this step")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"ringwatch {args.cmd}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ringwatch {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
