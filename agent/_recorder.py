@@ -154,7 +154,7 @@ class Recorder:
         self.identity = identity
         self.clock = clock or SystemClock()
         self.buffer_events = buffer_events
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: end() may number a p2p under it
         self.done: deque[Event] = deque()
         self.pending: dict[int, Event] = {}
         self.wait_watch: dict[int, Event] = {}  # id(work) -> event finished by Work.wait
@@ -209,6 +209,17 @@ class Recorder:
             ev.seq = seq
         if group.nccl_hook:
             group.by_seq.setdefault(ev.seq, []).append(ev)
+
+    def assign_composite_seq(self, group: GroupInfo, ev: Event, backend_before: int | None,
+                             backend_after: int | None, width: int) -> None:
+        """Number an op that the backend implements with a rank-dependent number of internal
+        messages (Gloo's ``monitored_barrier``): it takes ``width`` collective numbers, as in
+        the Flight Recorder, and the rest of the counter's step is point-to-point traffic."""
+        group.coll_seq += width
+        ev.seq = group.coll_seq
+        if backend_before is not None and backend_after is not None:
+            group.p2p_adjust += backend_after - backend_before - width
+            group.last_backend_seq = backend_after
 
     def assign_p2p_seq(self, group: GroupInfo, ev: Event, src: int | None, dst: int | None,
                        backend_before: int | None, backend_after: int | None) -> None:
@@ -283,6 +294,13 @@ class Recorder:
                 ev.device_ns = device_ns  # a second source completing what is already done
             return
         ev.mono_end = self.clock.mono_ns() if mono_end is None else mono_end
+        if ev.is_p2p and ev.seq is None and ev.peer is not None and status == "ok":
+            # a receive from any source: numbered in its pair once the sender is known
+            me = ev.group.my_global_rank
+            with self.lock:
+                n = ev.group.pair_seq.get((ev.peer, me), 0) + 1
+                ev.group.pair_seq[(ev.peer, me)] = n
+            ev.seq = n
         ev.status = status
         ev.end_source = end_source
         ev.error = error

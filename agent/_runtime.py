@@ -24,10 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+from ringwatch._log import error_counts, warn_once
 from ringwatch.agent._recorder import Recorder
 from ringwatch.agent._writer import FR_FILE, SegmentWriter
-
-from ringwatch._log import error_counts, warn_once
 
 SIGTERM_GRACE_S = 1.0
 
@@ -56,6 +55,7 @@ class Runtime:
         self._backfill_due = False
         self._last_backfill = 0.0
         self._closed = False
+        self._close_lock = threading.RLock()
         self.write_failures = 0
         self.thread = threading.Thread(target=self._loop, name="ringwatch-writer", daemon=True)
 
@@ -165,10 +165,19 @@ class Runtime:
         return path
 
     def close(self) -> None:
-        """Stop the thread and write everything (idempotent, never raises)."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop the thread and write everything (idempotent, never raises).
+
+        SIGTERM can reach it from two threads at once (the signal handler in the main thread
+        and the wakeup-fd watcher): the second caller waits until the first has written
+        everything, so that neither lets the process die mid-flush.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._close()
+
+    def _close(self) -> None:
         try:
             self._stop.set()
             self._wake.set()

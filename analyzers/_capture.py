@@ -25,6 +25,13 @@ from ringwatch._schema import parse_ranks
 _BYTES_IN_OPS = ("gather",)
 _BYTES_OUT_OPS = ("scatter",)
 _UNCOMPARED_OPS = ("all_to_all", "all_to_all_single", "unknown")
+# Ops that take several collective numbers (see ringwatch.agent._pg_hooks): the numbers just
+# below such an op's own are not holes.
+SEQ_WIDTH = {"monitored_barrier": 2}
+# Ops the Flight Recorder never lists.
+_NOT_IN_FR = ("monitored_barrier",)
+# Recorder families that stand for another (Gloo runs reduce_scatter_tensor as an all_reduce).
+_FR_ALIASES = {("reduce_scatter", "all_reduce"), ("barrier", "all_reduce")}
 
 
 def compute_signature_bytes(events: pl.DataFrame) -> pl.DataFrame:
@@ -47,6 +54,7 @@ def compute_collective_signatures(events: pl.DataFrame) -> pl.DataFrame:
                       .alias("_part"))
         .group_by("pg", "rank", "seq", maintain_order=True)
         .agg(pl.col("_part").str.join("+").alias("signature"), pl.col("idx").min(),
+             pl.col("op").first(),
              pl.col("pg_ranks").first(), pl.col("status").first())
         .sort("pg", "rank", "idx")
     )
@@ -131,13 +139,19 @@ def check_consistency(events: pl.DataFrame, *, upto_common: bool = False,
 def _order_problems(pg: str, sig: pl.DataFrame) -> list[str]:
     out = []
     for (rank,), g in sig.group_by("rank", maintain_order=True):
-        seqs = g.sort("idx")["seq"].to_list()
+        g = g.sort("idx")
+        seqs = g["seq"].to_list()
         if any(b <= a for a, b in zip(seqs, seqs[1:], strict=False)):
             out.append(f"pg {pg} rank {rank}: numbers out of issue order")
-        elif seqs and seqs[-1] - seqs[0] + 1 != len(seqs):
-            holes = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
-            out.append(f"pg {pg} rank {rank}: missing numbers {holes[:10]}"
-                       f"{' ...' if len(holes) > 10 else ''}")
+            continue
+        covered = set()
+        for seq, op in zip(seqs, g["op"].to_list(), strict=True):
+            covered.update(range(seq - SEQ_WIDTH.get(op, 1) + 1, seq + 1))
+        if seqs:
+            holes = sorted(set(range(seqs[0], seqs[-1] + 1)) - covered)
+            if holes:
+                out.append(f"pg {pg} rank {rank}: missing numbers {holes[:10]}"
+                           f"{' ...' if len(holes) > 10 else ''}")
     return out
 
 
@@ -212,7 +226,8 @@ def compare_flight_recorder(rank_events: pl.DataFrame, dump: dict) -> FrComparis
     first = {}
     for pg, seq in fr:
         first[pg] = min(first.get(pg, seq), seq)
-    ev = rank_events.filter(~pl.col("is_p2p") & pl.col("pg").is_in(list(first)))
+    ev = rank_events.filter(~pl.col("is_p2p") & pl.col("pg").is_in(list(first))
+                            & ~pl.col("op").is_in(_NOT_IN_FR))
     ev = ev.filter(pl.col("seq") >= pl.col("pg").replace_strict(first, return_dtype=pl.Int64))
     rw: dict[tuple[str, int], list[dict]] = {}
     rw_order: list[tuple[str, int]] = []
@@ -227,7 +242,8 @@ def compare_flight_recorder(rank_events: pl.DataFrame, dump: dict) -> FrComparis
     for key in sorted(common):
         fams_fr = sorted({op_family(e.op) for e in fr[key]})
         fams_rw = sorted({op_family(r["op"]) for r in rw[key]})
-        if fams_fr != fams_rw and not ("barrier" in fams_rw and fams_fr == ["all_reduce"]):
+        aliased = len(fams_fr) == len(fams_rw) == 1 and (fams_rw[0], fams_fr[0]) in _FR_ALIASES
+        if fams_fr != fams_rw and not aliased:
             mismatches.append(f"pg {key[0]} seq {key[1]}: op {fams_rw} vs recorder {fams_fr}")
             continue
         b_fr = sum(e.nbytes_in for e in fr[key])

@@ -72,10 +72,14 @@ def main(argv=None) -> int:
             time.sleep(args.step_sleep_ms / 1e3)
         step_s.append(time.perf_counter() - t0)
     info = model._get_ddp_logging_data()  # refreshed at sampled iterations (10, 20, ...)
-    sizes = info.get("rebuilt_bucket_sizes") or info.get("bucket_sizes") or ""
-    buckets = len([s for s in str(sizes).split(",") if s.strip()])
+    def count(sizes) -> int:
+        return len([s for s in str(sizes or "").split(",") if s.strip()])
+
+    first = count(info.get("bucket_sizes"))
+    buckets = count(info.get("rebuilt_bucket_sizes")) or first
     if rank == 0:
         out = {"world_size": world, "steps": args.steps, "buckets": buckets,
+               "buckets_first_step": first,
                "median_step_s": statistics.median(step_s[1:] or step_s), "pid": os.getpid()}
         line = json.dumps(out)
         print(line, flush=True)
