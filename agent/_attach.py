@@ -17,16 +17,16 @@ from datetime import timedelta
 
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+
+from ringwatch._config import ENV_DISABLE, CaptureConfig
+from ringwatch._flight_recorder import dump_local
+from ringwatch._log import warn_once
 from ringwatch.agent import _ddp, _pg_hooks
 from ringwatch.agent._nccl import backend_seq
 from ringwatch.agent._recorder import RankIdentity, Recorder
 from ringwatch.agent._runtime import ExitHandlers, Runtime
 from ringwatch.agent._state import STATE
 from ringwatch.agent._writer import SegmentWriter, rank_dir
-
-from ringwatch._config import ENV_DISABLE, CaptureConfig
-from ringwatch._flight_recorder import dump_local
-from ringwatch._log import warn_once
 
 _LOCK = threading.RLock()
 _JOB_KEY = "ringwatch/job_id"

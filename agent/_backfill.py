@@ -9,9 +9,8 @@ Gloo's FR entries carry no completion state, so those rows get status ``unknown`
 
 from __future__ import annotations
 
-from ringwatch.agent._recorder import GroupInfo, Recorder
-
 from ringwatch._flight_recorder import FrEntry, parse_entries
+from ringwatch.agent._recorder import GroupInfo, Recorder
 
 
 def index_entries(dump: dict | None) -> dict[tuple[str, int], FrEntry]:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 
 import torch.distributed as dist
-from ringwatch.agent._state import STATE
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ringwatch._log import warn_once
+from ringwatch.agent._state import STATE
 
 
 class _Dispatch:

@@ -21,10 +21,9 @@ from __future__ import annotations
 import datetime
 from functools import partial
 
+from ringwatch._log import warn_once
 from ringwatch.agent._ops import OPTYPE_TO_OP
 from ringwatch.agent._recorder import GroupInfo, Recorder
-
-from ringwatch._log import warn_once
 
 
 def backend_seq(pg) -> int | None:
