@@ -153,54 +153,71 @@ def _on_future(rec: Recorder, ev: Event, work, fut) -> None:
         warn_once("future_cb", f"completion callback failed: {exc!r}")
 
 
+def _safe(cause: str, fn, *args, **kwargs) -> bool:
+    """Run one piece of ringwatch bookkeeping; a failure is logged once, never raised."""
+    try:
+        fn(*args, **kwargs)
+        return True
+    except Exception as exc:  # noqa: BLE001 - telemetry must not break the job
+        warn_once(cause, f"ringwatch bookkeeping failed ({cause}): {exc!r}")
+        return False
+
+
 def _issue(rec: Recorder, c: _Call, orig, pg, args: tuple, kwargs: dict):
-    ev, g = c.event, c.group
+    """Call the backend exactly once, recording around it; only the backend's own outcome
+    (return value or exception) reaches the caller."""
+    ev = c.event
     if c.kind == "blocking":  # returns only when done: never hold the lock across it
+        before = backend_seq(pg)
         with rec.lock:
-            before = backend_seq(pg)
-            rec.issue(ev, before)
+            if not _safe("issue", rec.issue, ev, before):
+                return orig(pg, *args, **kwargs)
         try:
             work = orig(pg, *args, **kwargs)
         except BaseException as exc:
-            rec.end_exc(ev, exc)
+            _safe("end", rec.end_exc, ev, exc)
             raise
         with rec.lock:
-            _number(rec, c, before, backend_seq(pg))
-        rec.end(ev, end_source="wait")
+            _safe("seq", _number, rec, c, before, backend_seq(pg))
+        _safe("end", rec.end, ev, end_source="wait")
         return work
     with rec.lock:  # enqueue only: held for microseconds (first NCCL call: communicator init)
         before = backend_seq(pg)
-        rec.issue(ev, before)
+        if not _safe("issue", rec.issue, ev, before):
+            return orig(pg, *args, **kwargs)
         try:
             work = orig(pg, *args, **kwargs)
         except BaseException as exc:
-            rec.end_exc(ev, exc)
+            _safe("end", rec.end_exc, ev, exc)
             raise
-        try:
-            _number(rec, c, before, backend_seq(pg))
-        except Exception as exc:  # noqa: BLE001
-            warn_once("seq", f"sequence bookkeeping failed: {exc!r}")
+        _safe("seq", _number, rec, c, before, backend_seq(pg))
+    _safe("watch", _watch_completion, rec, c, work)
+    return work
+
+
+def _watch_completion(rec: Recorder, c: _Call, work) -> None:
+    """Arrange for the event of an issued non-blocking call to end when its work does."""
+    ev, g = c.event, c.group
     if work is None:
         rec.end(ev, end_source="none")
-        return work
+        return
     if g.coalescing is not None:
-        return work  # finished with its batch (see _end_coalescing)
+        return  # finished with its batch (see _end_coalescing)
     if c.nccl:
         if not g.nccl_hook:
             ev.work = work  # no hook on this group: the writer's poller finishes it
-        return work
+        return
     if c.sync:
         # The caller waits right away (the options say so): its own wait() marks the end.
         # Never wait on its behalf: Gloo's send/recv wait() is not idempotent.
         ev.work = work
         rec.wait_watch[id(work)] = ev
-    else:
-        try:
-            work.get_future().add_done_callback(partial(_on_future, rec, ev, work))
-        except Exception:  # noqa: BLE001 - Gloo send/recv: no future; Work.wait or the poller
-            ev.work = work
-            rec.wait_watch[id(work)] = ev
-    return work
+        return
+    try:
+        work.get_future().add_done_callback(partial(_on_future, rec, ev, work))
+    except Exception:  # noqa: BLE001 - Gloo send/recv: no future; Work.wait or the poller
+        ev.work = work
+        rec.wait_watch[id(work)] = ev
 
 
 # Collective numbers a Gloo monitored_barrier takes (measured on torch 2.13, 2 to 4 ranks: the
@@ -255,6 +272,12 @@ def _make_start_coalescing(orig):
     return _start_coalescing
 
 
+def _fail_batch(rec: Recorder, pg, exc: BaseException) -> None:
+    g = rec.groups.get(pg)
+    for ev in (rec.end_batch(g, backend_seq(pg)) if g else []):
+        rec.end_exc(ev, exc)
+
+
 def _make_end_coalescing(orig):
     def _end_coalescing(self, *args, **kwargs):
         rec = STATE.recorder
@@ -262,9 +285,7 @@ def _make_end_coalescing(orig):
             work = orig(self, *args, **kwargs)
         except BaseException as exc:
             if rec is not None and not rec.closed:
-                g = rec.groups.get(self)
-                for ev in (rec.end_batch(g, backend_seq(self)) if g else []):
-                    rec.end_exc(ev, exc)
+                _safe("end_coalescing", _fail_batch, rec, self, exc)
             raise
         if rec is not None and not rec.closed:
             try:
@@ -287,6 +308,18 @@ def _make_end_coalescing(orig):
     return _end_coalescing
 
 
+def _end_waited(rec: Recorder, ev: Event, work, done_before: bool) -> None:
+    if ev.peer is None and ev.is_p2p:
+        try:
+            ev.peer = ev.group.to_global(work._source_rank())
+        except Exception:  # noqa: BLE001, S110 - no source rank: the peer stays unknown
+            pass
+    # Still running when the job started waiting, or waited for right after issue: it ended
+    # just now (exact). Done long before the wait: now is only an upper bound.
+    exact = not done_before or not ev.async_op
+    rec.end(ev, end_source="wait" if exact else "poll")
+
+
 def _make_work_wait(orig):
     def wait(self, *args, **kwargs):
         rec = STATE.recorder
@@ -300,17 +333,9 @@ def _make_work_wait(orig):
         try:
             out = orig(self, *args, **kwargs)
         except BaseException as exc:
-            rec.end_exc(ev, exc)
+            _safe("end", rec.end_exc, ev, exc)
             raise
-        if ev.peer is None and ev.is_p2p:
-            try:
-                ev.peer = ev.group.to_global(self._source_rank())
-            except Exception:  # noqa: BLE001, S110
-                pass
-        # Still running when the job started waiting, or waited for right after issue: it
-        # ended just now (exact). Done long before the wait: now is only an upper bound.
-        exact = not done_before or not ev.async_op
-        rec.end(ev, end_source="wait" if exact else "poll")
+        _safe("end", _end_waited, rec, ev, self, done_before)
         return out
 
     wait._ringwatch = True

@@ -122,7 +122,7 @@ class SegmentWriter:
         if not events:
             return None
         self._ensure_dir()
-        events.sort(key=lambda e: e.idx)
+        events = sorted(events, key=lambda e: e.idx)
         n = self.next_seg
         path = self.dir / f"seg-{n:08d}.parquet"
         _write_atomic(self.frame(events), path)

@@ -46,8 +46,9 @@ def compute_signature_bytes(events: pl.DataFrame) -> pl.DataFrame:
 
 def compute_collective_signatures(events: pl.DataFrame) -> pl.DataFrame:
     """One row per (pg, rank, seq) of the collectives: ``signature`` = the ops and shared
-    bytes issued under that number (several for a coalesced batch), in issue order."""
-    df = compute_signature_bytes(events.filter(~pl.col("is_p2p")))
+    bytes issued under that number (several for a coalesced batch), in issue order. Rows
+    without a number (a call that failed before the backend numbered it) are left out."""
+    df = compute_signature_bytes(events.filter(~pl.col("is_p2p") & pl.col("seq").is_not_null()))
     return (
         df.sort("idx")
         .with_columns((pl.col("op") + ":" + pl.col("sig_bytes").cast(pl.Utf8).fill_null("*"))
@@ -228,7 +229,11 @@ def compare_flight_recorder(rank_events: pl.DataFrame, dump: dict) -> FrComparis
         first[pg] = min(first.get(pg, seq), seq)
     ev = rank_events.filter(~pl.col("is_p2p") & pl.col("pg").is_in(list(first))
                             & ~pl.col("op").is_in(_NOT_IN_FR))
-    ev = ev.filter(pl.col("seq") >= pl.col("pg").replace_strict(first, return_dtype=pl.Int64))
+    if first:
+        ev = ev.filter(pl.col("seq") >= pl.col("pg").replace_strict(first, default=None,
+                                                                    return_dtype=pl.Int64))
+    else:
+        ev = ev.head(0)
     rw: dict[tuple[str, int], list[dict]] = {}
     rw_order: list[tuple[str, int]] = []
     for row in ev.sort("idx").iter_rows(named=True):

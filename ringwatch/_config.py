@@ -138,8 +138,10 @@ class CaptureConfig:
         if "log_dir" in given:
             given["log_dir"] = Path(given["log_dir"])
         cfg = replace(cfg, **given)
-        if cfg.flush_interval_s <= 0 or cfg.buffer_events <= 0 or cfg.compact_segments <= 0:
-            raise ConfigError("flush_interval_s, buffer_events and compact_segments must be > 0")
+        if min(cfg.flush_interval_s, cfg.buffer_events, cfg.compact_segments,
+               cfg.fr_backfill_interval_s) <= 0:
+            raise ConfigError("flush_interval_s, buffer_events, compact_segments and "
+                              "fr_backfill_interval_s must be > 0")
         return cfg
 
     def to_env(self) -> dict[str, str]:

@@ -60,8 +60,9 @@ def op_family(op: str) -> str:
 
 
 def op_from_profiling_name(name: str) -> str:
-    """``gloo:all_reduce`` / ``nccl:_all_gather_base`` -> schema op (``unknown`` if new)."""
-    return _OPS.get(name.split(":", 1)[-1], "unknown")
+    """``gloo:all_reduce`` / ``nccl:_all_gather_base`` / ``nccl:send 0->1`` -> schema op
+    (``unknown`` if new)."""
+    return _OPS.get(name.split(":", 1)[-1].split(" ", 1)[0], "unknown")
 
 
 @dataclass(frozen=True, slots=True)

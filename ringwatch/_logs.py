@@ -97,6 +97,10 @@ class JobLogs:
     ranks: dict[int, Path]
     problems: list[str] = field(default_factory=list)
 
+    def _problem(self, line: str) -> None:
+        if line not in self.problems:  # each read of the same bad file reports it once
+            self.problems.append(line)
+
     def _read(self, path: Path):
         import polars as pl
 
@@ -104,14 +108,14 @@ class JobLogs:
             meta = pl.read_parquet_metadata(path)
             version = meta.get("ringwatch_schema_version")
             if version is None or _major(version) != _major(SCHEMA_VERSION):
-                self.problems.append(f"{path}: schema version {version!r}, this reader "
+                self._problem(f"{path}: schema version {version!r}, this reader "
                                      f"understands {SCHEMA_VERSION}")
                 return None
             df = pl.read_parquet(path)
             return df.select([pl.col(c).cast(t) if c in df.columns else pl.lit(None, t).alias(c)
                               for c, t in polars_schema().items()])
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
-            self.problems.append(f"{path}: unreadable ({type(exc).__name__}: {exc})")
+            self._problem(f"{path}: unreadable ({type(exc).__name__}: {exc})")
             return None
 
     def rank_events(self, rank: int, *, include_pending: bool = True):
@@ -151,7 +155,7 @@ class JobLogs:
             except FileNotFoundError:
                 continue
             except (OSError, ValueError) as exc:
-                self.problems.append(f"{path}: unreadable ({exc})")
+                self._problem(f"{path}: unreadable ({exc})")
         return out
 
     def flight_recorder(self, rank: int) -> dict | None:
@@ -164,7 +168,7 @@ class JobLogs:
         try:
             return load_dump(path)
         except (OSError, ValueError) as exc:
-            self.problems.append(f"{path}: unreadable ({exc})")
+            self._problem(f"{path}: unreadable ({exc})")
             return None
 
 

@@ -8,10 +8,11 @@ from collections import Counter
 
 import polars as pl
 import pytest
-from jobtools import JOBS, ringwatch_cmd, run_job, torchrun_cmd
 
 from ringwatch._logs import open_job
 from ringwatch.analyzers import check_consistency, compare_flight_recorder
+
+from jobtools import JOBS, ringwatch_cmd, run_job, torchrun_cmd
 
 
 @pytest.fixture(scope="module", params=["ringwatch_run", "attach"])

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import polars as pl
-from jobtools import JOBS, Job, ringwatch_cmd, torchrun_cmd, wait_for
 
 from ringwatch._logs import SEGMENT_RE, open_job
 from ringwatch.analyzers import check_consistency
+
+from jobtools import JOBS, Job, ringwatch_cmd, torchrun_cmd, wait_for
 
 
 def _progress(d: Path, rank: int) -> int:
@@ -54,7 +55,7 @@ def test_sigkill_leaves_only_readable_segments(tmp_path):
     finally:
         job.kill_all()
     logs = open_job(tmp_path / "logs")
-    for rank, d in logs.ranks.items():
+    for d in logs.ranks.values():
         for p in d.iterdir():
             if p.suffix == ".parquet" and not p.name.startswith("."):
                 pl.read_parquet(p)  # every visible file is complete

@@ -1,0 +1,74 @@
+"""Per-step collective time: overlapping collectives count once."""
+
+from __future__ import annotations
+
+from ringwatch.analyzers import compute_step_comm, pivot_step_comm
+
+from fakes import frame, row
+
+
+def iv(rank, idx, start, end, step=1, status="ok"):
+    return row(rank, idx, idx + 1, step=step, mono_start_ns=start, mono_end_ns=end,
+               status=status)
+
+
+def by_key(df):
+    return {(r["rank"], r["step"]): r for r in df.iter_rows(named=True)}
+
+
+def test_overlapping_intervals_count_once_disjoint_ones_add_up():
+    df = compute_step_comm(frame([iv(0, 0, 0, 100), iv(0, 1, 50, 150), iv(0, 2, 200, 250)]))
+    (r,) = df.iter_rows(named=True)
+    assert r["collectives"] == 3
+    assert r["comm_ns"] == 150 + 50
+    assert r["comm_sum_ns"] == 100 + 100 + 50
+    assert r["span_ns"] == 250
+
+
+def test_nested_and_touching_intervals():
+    rows = [iv(0, 0, 0, 300), iv(0, 1, 10, 20), iv(0, 2, 30, 40),  # nested in the first
+            iv(0, 3, 300, 350),  # starts exactly at the previous end: same busy run
+            iv(0, 4, 400, 410)]
+    (r,) = compute_step_comm(frame(rows)).iter_rows(named=True)
+    assert r["comm_ns"] == 350 + 10
+    assert r["span_ns"] == 410
+
+
+def test_issue_order_does_not_matter():
+    rows = [iv(0, 0, 200, 250), iv(0, 1, 50, 150), iv(0, 2, 0, 100)]
+    (r,) = compute_step_comm(frame(rows)).iter_rows(named=True)
+    assert r["comm_ns"] == 200
+
+
+def test_ranks_and_steps_are_separate():
+    rows = [iv(0, 0, 0, 100, step=1), iv(0, 1, 1_000, 1_300, step=2),
+            iv(1, 0, 0, 40, step=1), iv(1, 1, 20, 60, step=1), iv(1, 2, 1_000, 1_010, step=2),
+            # Overlap across steps must not merge them.
+            iv(0, 2, 90, 500, step=2)]
+    got = by_key(compute_step_comm(frame(rows)))
+    assert got[(0, 1)]["comm_ns"] == 100
+    assert got[(0, 2)]["comm_ns"] == 410 + 300
+    assert got[(1, 1)]["comm_ns"] == 60
+    assert got[(1, 2)]["comm_ns"] == 10
+    out = compute_step_comm(frame(rows))
+    assert out.select("step", "rank").rows() == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert out.columns == ["rank", "step", "collectives", "comm_ns", "comm_sum_ns", "span_ns"]
+
+
+def test_rows_without_step_or_start_are_ignored_and_unfinished_count_as_instants():
+    rows = [iv(0, 0, 0, 100), iv(0, 1, 500, 600, step=None),
+            row(0, 2, 3, step=1, mono_start_ns=None, mono_end_ns=None),
+            iv(0, 3, 700, None, status="pending")]
+    (r,) = compute_step_comm(frame(rows)).iter_rows(named=True)
+    assert r["collectives"] == 2
+    assert r["comm_ns"] == 100
+    assert r["comm_sum_ns"] == 100  # only finished, ok rows
+    assert r["span_ns"] == 700
+
+
+def test_pivot_by_rank():
+    rows = [iv(0, 0, 0, 100), iv(1, 0, 0, 30), iv(0, 1, 1_000, 1_050, step=2),
+            iv(1, 1, 1_000, 1_020, step=2)]
+    wide = pivot_step_comm(compute_step_comm(frame(rows)))
+    assert wide.columns == ["step", "rank0", "rank1"]
+    assert wide.rows() == [(1, 100, 30), (2, 50, 20)]
