@@ -37,7 +37,7 @@ class DemoOptions:
     refresh_s: float = 0.5
     # Host-side work per step (input pipeline) as in a real job, so that compute, not
     # collectives, fills most of a healthy step.
-    job_args: tuple[str, ...] = ("--batch", "128", "--step-sleep-ms", "30")
+    job_args: tuple[str, ...] = ("--batch", "64", "--step-sleep-ms", "60")
 
 
 class DutyCycle:
@@ -193,14 +193,18 @@ def _reading(sc, done: list[int], fault_from: int | None, opts: DemoOptions) -> 
             ms = _per_rank_ms(sc, steps)
             cells = "  ".join(f"r{r}:{v:7.1f}" for r, v in ms.items())
             lines.append(f"{name:<14} median collective ms/step  {cells}")
-    window = during or before
-    ms = _per_rank_ms(sc, window)
+    ms = _per_rank_ms(sc, during or before)
+    base = _per_rank_ms(sc, before) if before and during else None
     if len(ms) >= 2:
-        low = min(ms, key=ms.get)
-        peers = statistics.median(v for r, v in ms.items() if r != low)
-        if peers > 0 and ms[low] < 0.75 * peers:
-            lines.append(f"reading: rank {low} spends {ms[low]:.1f} ms/step in collectives, "
-                         f"its peers {peers:.1f} ms ({ms[low] / peers:.0%}): it arrives last "
+        # With a healthy baseline, compare how much each rank's waiting grew; else levels.
+        score = {r: ms[r] - base.get(r, 0.0) for r in ms} if base else ms
+        low = min(score, key=score.get)
+        peers = statistics.median(v for r, v in score.items() if r != low)
+        notable = not base or peers > 0.1 * min(base.values())
+        if peers > 0 and score[low] < 0.5 * peers and notable:
+            how = "grew by {} ms, its peers' by {} ms" if base else "is {} ms, its peers' {} ms"
+            lines.append(f"reading: rank {low}'s collective time per step "
+                         f"{how.format(f'{score[low]:.1f}', f'{peers:.1f}')}: it arrives last "
                          "at every collective and the others wait for it (a straggler)")
         else:
             lines.append("reading: no rank stands out; every rank waits about as long")

@@ -1,0 +1,95 @@
+"""The ``ringwatch`` command: run, logs, schema, demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import polars as pl
+
+from ringwatch._schema import COLUMNS, schema_markdown
+
+from jobtools import PY, REPO, job_env, ringwatch_cmd, run_job
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(ringwatch_cmd(*args), capture_output=True, text=True, cwd=cwd,
+                          env=job_env(), timeout=120)
+
+
+def test_run_without_command_is_a_one_line_error():
+    p = _cli("run")
+    assert p.returncode == 1
+    assert p.stderr.strip().count("\n") == 0 and "nothing to run" in p.stderr
+
+
+def test_run_returns_the_command_status(tmp_path):
+    p = _cli("run", "--log-dir", "logs", "--", PY, "-c", "import sys; sys.exit(3)", cwd=tmp_path)
+    assert p.returncode == 3
+
+
+def test_run_attaches_in_a_plain_python_child(tmp_path):
+    """Without torchrun: a single process that initialises a 1-rank group by itself."""
+    code = ("import torch, torch.distributed as dist\n"
+            "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, "
+            "world_size=1)\n"
+            "dist.all_reduce(torch.ones(3)); dist.destroy_process_group()\n")
+    p = _cli("run", "--log-dir", "logs", "--job-id", "solo", "--", PY, "-c", code, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "[ringwatch] job solo: 1 rank(s)" in p.stderr
+    assert (tmp_path / "logs" / "solo" / "rank-00000" / "meta.json").exists()
+
+
+def test_logs_check_passes_on_a_good_job_and_fails_on_a_damaged_one(ddp_run, tmp_path):
+    log_dir, _, _ = ddp_run
+    ok = _cli("logs", str(log_dir), "--check")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "consistency: OK" in ok.stdout
+    assert ok.stdout.count("flight recorder rank") == 4
+    data = json.loads(_cli("logs", str(log_dir), "--check", "--json").stdout)
+    assert data["ok"] is True and sorted(data["flight_recorder"]) == ["0", "1", "2", "3"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(log_dir, damaged)
+    for seg in damaged.glob("*/rank-00002/seg-*.parquet"):  # rank 2 loses collective #10
+        meta = pl.read_parquet_metadata(seg)
+        pl.read_parquet(seg).filter(pl.col("seq") != 10).write_parquet(seg, metadata=meta)
+    bad = _cli("logs", str(damaged), "--check")
+    assert bad.returncode == 1
+    assert "pg 0 rank 2: missing numbers [10]" in bad.stdout
+    assert "pg 0 seq 10: ranks [2] did not record it" in bad.stdout
+    assert "flight recorder rank 2: MISMATCH" in bad.stdout
+
+
+def test_logs_steps_and_json(ddp_run):
+    log_dir, _, _ = ddp_run
+    steps = _cli("logs", str(log_dir), "--steps")
+    assert steps.returncode == 0
+    assert "rank0" in steps.stdout and "rank3" in steps.stdout
+    meta = json.loads(_cli("logs", str(log_dir), "--json").stdout)["meta"]
+    assert sorted(meta) == ["0", "1", "2", "3"]
+
+
+def test_logs_on_missing_dir_is_a_one_line_error(tmp_path):
+    p = _cli("logs", str(tmp_path / "nope"))
+    assert p.returncode == 1 and "no such directory" in p.stderr
+
+
+def test_schema_lists_every_column_and_docs_are_in_sync():
+    p = _cli("schema")
+    assert all(c.name in p.stdout for c in COLUMNS)
+    md = _cli("schema", "--markdown").stdout
+    assert md == schema_markdown()
+    assert (REPO / "docs" / "schema.md").read_text() == md, \
+        "docs/schema.md is stale: ringwatch schema --markdown > docs/schema.md"
+
+
+def test_demo_shows_the_straggler(tmp_path):
+    rc, out = run_job(ringwatch_cmd("demo", "--steps", "90", "--fault-at-step", "30",
+                                    "--severity", "0.6", "--log-dir", "demo"),
+                      cwd=tmp_path, timeout=300)
+    assert rc == 0, out
+    assert "collective ms/step" in out and "<- fault on" in out
+    assert "consistency: OK" in out
+    assert out.count(": OK,") == 4  # every rank matches its Flight Recorder
+    assert "reading: rank 2's collective time per step grew by" in out, out
