@@ -126,6 +126,13 @@ def main() -> None:
     cm.wait()
     assert a[0].item() == w
     did("dist._coalescing_manager", "all_reduce_coalesced", True)
+    # functional collectives: issued from C++, outside every Python hook
+    import torch.distributed._functional_collectives as fc
+
+    y = fc.wait_tensor(fc.all_reduce(torch.ones(4), "sum", dist.group.WORLD))
+    assert y[0].item() == w
+    z = fc.wait_tensor(fc.all_gather_tensor(torch.ones(2), 0, dist.group.WORLD))
+    assert z.numel() == 2 * w
     # object collectives (several tensor collectives each)
     objs = [None] * w
     dist.all_gather_object(objs, {"rank": r})
