@@ -242,6 +242,10 @@ class Recorder:
         if group.last_backend_seq is None:
             # First sight of the group: ops issued before it was known (attach after init).
             unseen = backend_now - group.p2p_adjust - group.coll_seq
+        elif backend_now <= group.last_backend_seq:
+            # A stale reading (the writer thread reads the counter before taking the lock):
+            # never move backwards, or the next op would look like it followed unseen ones.
+            return
         else:
             unseen = backend_now - group.last_backend_seq
         group.last_backend_seq = backend_now

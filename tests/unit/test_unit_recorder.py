@@ -309,6 +309,21 @@ def test_check_tail_notes_ops_after_the_last_recorded_one(rec):
     assert nxt.seq == 3 and nxt.idx == 2
 
 
+def test_stale_tail_reading_never_invents_unseen_ops(rec):
+    """The writer reads the counter before taking the lock; by then the job may have issued
+    more. A stale, lower reading must not rewind the bookkeeping (it once made the next op
+    look like it followed an unseen one, shifting every later number by one)."""
+    g = group(rec)
+    issue_collective(rec, g)
+    stale = g.handle.seq
+    a = issue_collective(rec, g)
+    b = issue_collective(rec, g)
+    rec.check_tail(g, stale)
+    c = issue_collective(rec, g)
+    assert (a.seq, b.seq, c.seq) == (2, 3, 4)
+    assert rec.take_gaps() == {}
+
+
 def test_check_tail_with_unknown_counter_does_nothing(rec):
     g = group(rec)
     issue_collective(rec, g)
