@@ -165,18 +165,23 @@ def _safe(cause: str, fn, *args, **kwargs) -> bool:
 
 def _issue(rec: Recorder, c: _Call, orig, pg, args: tuple, kwargs: dict):
     """Call the backend exactly once, recording around it; only the backend's own outcome
-    (return value or exception) reaches the caller."""
+    (return value or exception) reaches the caller. While the backend runs, ``rec.tls.front``
+    is set: the ringwatch wrapper backend (``_wrapper_backend``) under this call records
+    nothing itself, so a call is never counted twice."""
     ev = c.event
     if c.kind == "blocking":  # returns only when done: never hold the lock across it
         before = backend_seq(pg)
         with rec.lock:
             if not _safe("issue", rec.issue, ev, before):
                 return orig(pg, *args, **kwargs)
+        front, rec.tls.front = getattr(rec.tls, "front", False), True
         try:
             work = orig(pg, *args, **kwargs)
         except BaseException as exc:
             _safe("end", rec.end_exc, ev, exc)
             raise
+        finally:
+            rec.tls.front = front
         with rec.lock:
             _safe("seq", _number, rec, c, before, backend_seq(pg))
         _safe("end", rec.end, ev, end_source="wait")
@@ -185,11 +190,14 @@ def _issue(rec: Recorder, c: _Call, orig, pg, args: tuple, kwargs: dict):
         before = backend_seq(pg)
         if not _safe("issue", rec.issue, ev, before):
             return orig(pg, *args, **kwargs)
+        front, rec.tls.front = getattr(rec.tls, "front", False), True
         try:
             work = orig(pg, *args, **kwargs)
         except BaseException as exc:
             _safe("end", rec.end_exc, ev, exc)
             raise
+        finally:
+            rec.tls.front = front
         _safe("seq", _number, rec, c, before, backend_seq(pg))
     _safe("watch", _watch_completion, rec, c, work)
     return work
