@@ -213,6 +213,9 @@ def start_recording() -> Recorder | None:
     exists; returns None when recording is impossible (the job goes on)."""
     with _LOCK:
         if STATE.recorder is not None:
+            if STATE.recorder.closed:
+                warn_once("reinit", "the process group was re-created after "
+                          "destroy_process_group(): ringwatch records the first one only")
             return STATE.recorder
         cfg = STATE.config
         if cfg is None or STATE.start_failed:

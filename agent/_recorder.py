@@ -430,6 +430,18 @@ class Recorder:
             e.work = None
         return evs
 
+    def release(self) -> None:
+        """Drop every reference to the job's process groups and works (after the final
+        flush), so that destroying and re-creating groups is not held up by ringwatch."""
+        with self.lock:
+            for g in self.groups.values():
+                g.handle = None
+                g.key = None
+            self.groups.clear()
+            self.wait_watch.clear()
+            for ev in self.pending.values():
+                ev.work = None
+
     def groups_snapshot(self) -> list[GroupInfo]:
         with self.lock:
             return list(self.groups.values())

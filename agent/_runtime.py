@@ -187,6 +187,7 @@ class Runtime:
             if self.config.fr_dump:
                 self.save_flight_recorder()
             self.rec.closed = True
+            self.rec.release()
         except Exception as exc:  # noqa: BLE001
             warn_once("close", f"final flush failed: {exc!r}")
 
