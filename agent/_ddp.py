@@ -25,13 +25,59 @@ from ringwatch._log import warn_once
 from ringwatch.agent._state import STATE
 
 
+def timed_allreduce_hook(process_group, bucket):
+    """PyTorch's ``allreduce_hook`` (divide by the group size, then all-reduce: the reducer's
+    built-in arithmetic), with the collective's end recorded inside the one future callback
+    that hands the result back to DDP. A separate completion callback would cost a second
+    hand-over of the GIL from Gloo's thread per bucket (~30 us on a busy CPU)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    tensor = bucket.buffer()
+    tensor.div_(group.size())
+    rec = STATE.recorder
+    if rec is None or rec.closed:
+        return group.allreduce([tensor]).get_future().then(_first_value)
+    tls = rec.tls
+    prev_api = getattr(tls, "api", None)
+    tls.api, tls.defer_end, tls.deferred = "ddp", True, None
+    try:
+        work = group.allreduce([tensor])
+    finally:
+        tls.api, tls.defer_end = prev_api, False
+    ev, tls.deferred = tls.deferred, None
+    fut = work.get_future()
+    if ev is None:
+        return fut.then(_first_value)
+
+    def done(f):
+        try:
+            value = f.value()[0]
+        except BaseException as exc:
+            _end_quietly(rec.end_exc, ev, exc, end_source="future")
+            raise
+        _end_quietly(rec.end, ev, end_source="future")
+        return value
+
+    return fut.then(done)
+
+
+def _first_value(fut):
+    return fut.value()[0]
+
+
+def _end_quietly(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - never fail DDP's future
+        warn_once("ddp_end", f"could not record a DDP bucket's end: {exc!r}")
+
+
 class _Dispatch:
     """State object of ringwatch's DDP comm hook: the hook it forwards to."""
 
     __slots__ = ("inner_hook", "inner_state", "retargeted")
 
     def __init__(self, process_group) -> None:
-        self.inner_hook = default_hooks.allreduce_hook
+        self.inner_hook = timed_allreduce_hook
         self.inner_state = process_group
         self.retargeted = False
 
@@ -51,6 +97,8 @@ def _tagged_call(hook, state, bucket):
 
 def ringwatch_comm_hook(state: _Dispatch, bucket):
     """The comm hook ringwatch registers: forwards to ``state.inner_hook``, tagged ``ddp``."""
+    if state.inner_hook is timed_allreduce_hook:
+        return timed_allreduce_hook(state.inner_state, bucket)
     return _tagged_call(state.inner_hook, state.inner_state, bucket)
 
 
@@ -64,7 +112,7 @@ def _tag(hook):
 
 
 _BUILTIN = {
-    "ALLREDUCE": default_hooks.allreduce_hook,
+    "ALLREDUCE": timed_allreduce_hook,
     "FP16_COMPRESS": default_hooks.fp16_compress_hook,
 }
 

@@ -92,8 +92,11 @@ class _Call:
 
 def _prepare(rec: Recorder, pg, name: str, spec: OpSpec, args: tuple, kwargs: dict) -> _Call:
     g = group_info(rec, pg)
-    outer, blocking_p2p = _caller()
-    api = getattr(rec.tls, "api", None) or (f"dist.{outer}" if outer else f"pg.{name}")
+    api = getattr(rec.tls, "api", None)
+    blocking_p2p = False
+    if api is None or spec.kind in ("send", "recv", "recv_any"):
+        outer, blocking_p2p = _caller()
+        api = api or (f"dist.{outer}" if outer else f"pg.{name}")
     ev = rec.new_event(g, spec.op, api)
     c = _Call()
     c.event, c.group, c.kind = ev, g, spec.kind
@@ -214,6 +217,9 @@ def _watch_completion(rec: Recorder, c: _Call, work) -> None:
     if c.nccl:
         if not g.nccl_hook:
             ev.work = work  # no hook on this group: the writer's poller finishes it
+        return
+    if getattr(rec.tls, "defer_end", False):
+        rec.tls.deferred = ev  # the caller (DDP's timed hook) records the end itself
         return
     if c.sync:
         # The caller waits right away (the options say so): its own wait() marks the end.

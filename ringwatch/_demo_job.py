@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step-sleep-ms", type=float, default=0.0,
                    help="sleep per step outside collectives (host-side work)")
     p.add_argument("--result", metavar="FILE", help="rank 0 writes its JSON summary here")
+    p.add_argument("--python-hook", action="store_true",
+                   help="register PyTorch's Python allreduce comm hook (a cost reference)")
     return p.parse_args(argv)
 
 
@@ -55,6 +57,10 @@ def main(argv=None) -> int:
     for _ in range(args.layers):
         layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
     model = DDP(torch.nn.Sequential(*layers), bucket_cap_mb=args.bucket_cap_mb)
+    if args.python_hook:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.allreduce_hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(rank)
     repeat = 1

@@ -1,0 +1,594 @@
+"""What ringwatch costs a training job: step-time overhead and hook cost per collective.
+
+Two measurements, taken side by side in one run.
+
+(a) Step-time overhead of a real job. The demo job (``ringwatch._demo_job``: a 4-rank Gloo DDP
+    MLP, 6 gradient buckets per step) is launched with ``torch.distributed.run`` in interleaved
+    runs, one per arm in each group (``off, on, run, off, on, run, ...`` by default), after one
+    discarded warm-up run. The arms differ only in how ringwatch is attached:
+
+    * ``off``: the plain command;
+    * ``on``:  the same command with ``--attach DIR``, i.e. ``ringwatch.attach(log_dir=DIR)``
+      in the script (the one-line use);
+    * ``run``: ``ringwatch run --log-dir DIR -- python -m torch.distributed.run ...``
+      (the zero-code use: the agent attaches itself in every Python child);
+    * ``on-noddp`` (diagnostic, not run by default): ``on`` with ``RINGWATCH_DDP_HOOK=0``, so
+      DDP's buckets stay in C++ (recovered from the Flight Recorder): it separates the cost of
+      routing buckets through a Python comm hook from the rest of the agent.
+
+    Each run reports rank 0's median step time over steps 2..N. Per arm we give the median over
+    runs and its overhead against ``off`` (ratio of the medians, minus one), and a paired
+    estimate: the median over groups of ``arm_i / off_i - 1``, where group ``i`` is the runs
+    launched back to back, which cancels slow drifts of the machine. The bracket after it is a
+    bootstrap 95% interval of that paired median (resampling groups); on a busy or small
+    machine it can be wider than the effect. The 1-minute load average is noted before each run.
+    After every recorded run the logs are read back: each rank must hold at least
+    ``(steps - 1) * buckets + first`` timed DDP all-reduce rows (DDP's first iteration uses its
+    initial bucketing, ``first`` buckets, one for this model; after it DDP rebuilds them and
+    sends ``buckets`` per step), so a run whose agent did not really record cannot pass for a
+    cheap one.
+
+(b) Hook cost per collective. Two Gloo ranks (``torch.multiprocessing``, a free TCP port) time
+    blocks of ``K`` tiny collectives on a 1-float tensor, in the same processes, for three arms:
+    ``bare``; ``ringwatch`` (``attach()`` before the arm's blocks, ``detach()`` after, so the
+    patched functions are really restored in between; Flight Recorder backfill off, or each
+    attach would try to recover the other arms' collectives); ``profiler`` (the same blocks inside
+    ``torch.profiler.profile(activities=[CPU])``). Ops: blocking ``all_reduce``, ``all_reduce``
+    with ``async_op=True`` followed by ``wait()``, and ``broadcast``. Each round runs every arm
+    once, in an order rotated from round to round; a barrier precedes every block so the ranks
+    start together; a block's time is the maximum over the two ranks. The table gives the
+    median over rounds of the per-call time, and each arm's difference from ``bare`` (median
+    over rounds of the same-round difference). A second table gives the CPU time per call, of
+    the whole rank (all threads) and of the calling thread alone: on a small machine the wall
+    time is mostly waiting for the peer and thread wake-ups, and the CPU time shows what the
+    hooks themselves cost. The agent's writer thread flushes every 2 s, so
+    some ringwatch blocks include a flush and some not: the median leaves that amortised cost
+    out, the mean (in the JSON) keeps it. One
+    untimed round first warms up the hooks, the profiler and Gloo. The recorded rows (ringwatch)
+    and profiler events are counted so that both arms are known to have seen every call.
+
+Run ``python benchmarks/overhead.py --help`` for the knobs; ``--quick`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Arms of (a): how the demo job is launched.
+ARMS = {
+    "off": "the plain command",
+    "on": "--attach DIR: ringwatch.attach() in the script",
+    "run": "ringwatch run --log-dir DIR -- <the plain command>",
+    "on-noddp": "--attach DIR with RINGWATCH_DDP_HOOK=0 (diagnostic: DDP buckets stay in C++ "
+                "and are recovered from the Flight Recorder)",
+}
+HOOK_ARMS = ("bare", "ringwatch", "profiler")
+HOOK_OPS = ("all_reduce", "all_reduce_async", "broadcast")
+# The profiler event (``c10d::`` op) of each timed op.
+HOOK_OP_PROFILER = {"all_reduce": "c10d::allreduce_", "all_reduce_async": "c10d::allreduce_",
+                    "broadcast": "c10d::broadcast_"}
+# Scale of a full run (about 10-15 minutes on 2 CPUs) and of --quick (about 2 minutes); an
+# explicit flag wins over both.
+FULL = {"pairs": 8, "steps": 200, "rounds": 15, "k": 2000}
+QUICK = {"pairs": 2, "steps": 30, "rounds": 3, "k": 300}
+RUN_TIMEOUT_S = 300
+HOOK_TIMEOUT_S = 900
+
+
+# ---- small statistics ---------------------------------------------------------------------------
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.2f}%"
+
+
+def bootstrap_median_ci(values: list[float], *, n: int = 4000, seed: int = 0) -> tuple[float,
+                                                                                         float]:
+    """95% percentile-bootstrap interval of the median of ``values``."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
+# ---- (a) step-time overhead ---------------------------------------------------------------------
+def _clean_env(tmp: Path) -> dict[str, str]:
+    """This environment without any RINGWATCH_* variable (the arms set their own), with its
+    temporary files (``torch.distributed.run`` leaves a folder per launch) under ``tmp``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGWATCH_")}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["TMPDIR"] = str(tmp)
+    return env
+
+
+def job_command(arm: str, args, result: Path, log_dir: Path) -> list[str]:
+    """The command line of one run of the demo job for ``arm``."""
+    py = sys.executable
+    cmd = [py, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(args.nproc), "-m", "ringwatch._demo_job",
+           "--steps", str(args.steps), "--batch", str(args.batch), "--layers", str(args.layers),
+           "--width", str(args.width), "--bucket-cap-mb", str(args.bucket_cap_mb),
+           "--result", str(result)]
+    if arm in ("on", "on-noddp"):
+        cmd += ["--attach", str(log_dir)]
+    elif arm == "run":
+        cmd = [py, "-m", "ringwatch._cli", "run", "--log-dir", str(log_dir), "--"] + cmd
+    return cmd
+
+
+def _run(cmd: list[str], timeout_s: float, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session; on timeout kill that whole session (torchrun's ranks)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise RuntimeError(f"timed out after {timeout_s:.0f} s: {' '.join(cmd)}\n"
+                           f"{out[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def check_logs(log_dir: Path, *, steps: int, buckets: int, first: int, world: int,
+               ddp_hook: bool = True) -> dict:
+    """Read a recorded run's logs back: DDP all-reduce rows per rank vs what the job issued.
+
+    With the DDP hook (the default) every bucket must be a timed ``api="ddp"`` row; without it
+    (``on-noddp``) the buckets are recovered from the Flight Recorder, and are only counted.
+    """
+    import polars as pl
+
+    import ringwatch
+
+    expected = (steps - 1) * buckets + first
+    jobs = sorted(d.name for d in log_dir.iterdir() if d.is_dir()) if log_dir.is_dir() else []
+    if len(jobs) != 1:
+        return {"jobs": jobs, "ddp_allreduce_per_rank": [0] * world,
+                "expected_per_rank": expected, "ok": False}
+    df = ringwatch.read_events(log_dir, jobs[0])
+    timed = df.filter(pl.col("op") == "all_reduce")
+    if ddp_hook:
+        timed = timed.filter((pl.col("api") == "ddp") & pl.col("duration_ns").is_not_null()
+                             & (pl.col("status") == "ok"))
+    per_rank = {int(r): int(n) for r, n in timed.group_by("rank").len().iter_rows()}
+    rows = [per_rank.get(r, 0) for r in range(world)]
+    return {"jobs": jobs, "rows": df.height, "ddp_allreduce_per_rank": rows,
+            "expected_per_rank": expected, "ok": min(rows) >= expected}
+
+
+def run_once(arm: str, args, scratch: Path, tag: str) -> dict:
+    """One measured run of the demo job; returns its result line plus the log check.
+
+    A run is kept when rank 0 wrote its result and, for a recorded arm, the logs hold every
+    DDP all-reduce, even if the launcher then exits non-zero: PyTorch sometimes aborts a rank
+    during interpreter shutdown (``terminate called without an active exception``, after
+    ``destroy_process_group``, with or without ringwatch), which happens after everything was
+    measured. Such exits are counted (``teardown_aborts``). Anything else is retried up to
+    ``--retries`` times, then fails the benchmark.
+    """
+    aborts = 0
+    for attempt in range(args.retries + 1):
+        work = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=scratch))
+        try:
+            result, log_dir = work / "result.json", work / "logs"
+            cmd = job_command(arm, args, result, log_dir)
+            t0 = time.perf_counter()
+            env = _clean_env(work)
+            if arm == "on-noddp":
+                env["RINGWATCH_DDP_HOOK"] = "0"
+            load = os.getloadavg()[0]
+            proc = _run(cmd, RUN_TIMEOUT_S, env)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                aborts += "terminate called without an active exception" in proc.stdout
+            if not result.exists():
+                if attempt == args.retries:
+                    raise RuntimeError(f"{arm} run failed (exit {proc.returncode}): "
+                                       f"{' '.join(cmd)}\n{proc.stdout[-3000:]}")
+                continue
+            out = json.loads(result.read_text())
+            rec = {"arm": arm, "median_step_s": out["median_step_s"], "buckets": out["buckets"],
+                   "buckets_first_step": out.get("buckets_first_step", 1), "wall_s": wall,
+                   "exit_code": proc.returncode, "attempts": attempt + 1,
+                   "teardown_aborts": aborts, "loadavg_1min_before": load}
+            if arm == "off":
+                if log_dir.exists():
+                    raise RuntimeError("the off run wrote ringwatch logs: the agent was not off")
+                return rec
+            rec["logs"] = check_logs(log_dir, steps=args.steps, buckets=out["buckets"],
+                                     first=rec["buckets_first_step"], world=out["world_size"],
+                                     ddp_hook=arm != "on-noddp")
+            if rec["logs"]["ok"] or attempt == args.retries:
+                return rec
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def step_overhead(args, scratch: Path, say) -> dict:
+    arms = args.arms
+    say(f"(a) demo job: {args.nproc} ranks, {args.steps} steps, {args.pairs} x {arms} "
+        "(+1 warm-up)")
+    warm = run_once("off", args, scratch, "warmup")
+    say(f"    warm-up off: {1e3 * warm['median_step_s']:.2f} ms/step, {warm['wall_s']:.1f} s")
+    runs: list[dict] = []
+    for i in range(args.pairs):
+        for arm in arms:
+            rec = run_once(arm, args, scratch, f"{arm}{i}")
+            rec["pair"] = i
+            runs.append(rec)
+            check = ""
+            if "logs" in rec:
+                lg = rec["logs"]
+                check = (f"  logs {'ok' if lg['ok'] else 'MISSING ROWS'}: all_reduce rows/rank "
+                         f"{min(lg['ddp_allreduce_per_rank'])} (>= {lg['expected_per_rank']})")
+            if rec["exit_code"] or rec["attempts"] > 1:
+                check += (f"  [exit {rec['exit_code']}, attempt {rec['attempts']}, "
+                          f"{rec['teardown_aborts']} teardown abort(s)]")
+            say(f"    pair {i} {arm:<8} {1e3 * rec['median_step_s']:7.2f} ms/step  "
+                f"{rec['wall_s']:5.1f} s  load {rec['loadavg_1min_before']:4.1f}{check}")
+    by_arm = {a: [r["median_step_s"] for r in runs if r["arm"] == a] for a in arms}
+    off_med = statistics.median(by_arm["off"])
+    summary = {}
+    for a in arms:
+        med = statistics.median(by_arm[a])
+        mine = [r for r in runs if r["arm"] == a]
+        entry = {"runs": len(by_arm[a]), "median_step_s": med, "per_run_step_s": by_arm[a],
+                 "teardown_aborts": sum(r["teardown_aborts"] for r in mine),
+                 "relaunched": sum(r["attempts"] - 1 for r in mine)}
+        if a != "off":
+            ratios = [on / off - 1 for on, off in zip(by_arm[a], by_arm["off"], strict=True)]
+            entry["overhead"] = med / off_med - 1
+            entry["paired_overhead"] = statistics.median(ratios)
+            entry["paired_ci95"] = bootstrap_median_ci(ratios)
+            entry["pair_ratios"] = ratios
+            entry["logs_ok"] = all(r["logs"]["ok"] for r in mine)
+        summary[a] = entry
+    return {"config": {k: getattr(args, k) for k in
+                       ("nproc", "steps", "batch", "layers", "width", "bucket_cap_mb", "pairs")},
+            "buckets": runs[0]["buckets"], "arms": summary, "runs": runs,
+            "warmup": warm}
+
+
+def step_table(res: dict) -> list[str]:
+    lines = [f"{'arm':<8} {'runs':>4}  {'median step ms':>14}  {'overhead':>9}  "
+             f"{'paired (median of pairs) [95% CI]':<36} logs",
+             "-" * 87]
+    for a, e in res["arms"].items():
+        head = f"{a:<8} {e['runs']:>4}  {1e3 * e['median_step_s']:>14.3f}  "
+        if a == "off":
+            lines.append(head + f"{'(base)':>9}")
+            continue
+        lo, hi = e["paired_ci95"]
+        paired = f"{pct(e['paired_overhead'])} [{pct(lo)}, {pct(hi)}]"
+        lines.append(head + f"{pct(e['overhead']):>9}  {paired:<36} "
+                     f"{'ok' if e['logs_ok'] else 'MISSING'}")
+    aborts = {a: e["teardown_aborts"] for a, e in res["arms"].items() if e["teardown_aborts"]}
+    if aborts:
+        lines.append(f"PyTorch teardown aborts (after the measurement, tolerated): {aborts}")
+    lines.append("per-run medians, ms: " + "; ".join(
+        f"{a} " + " ".join(f"{1e3 * s:.2f}" for s in e["per_run_step_s"])
+        for a, e in res["arms"].items()))
+    loads = [r["loadavg_1min_before"] for r in res["runs"]]
+    lines.append(f"1-min load average before the runs: {min(loads):.1f} .. {max(loads):.1f} "
+                 f"(this machine: {os.cpu_count()} CPUs)")
+    return lines
+
+
+# ---- (b) hook cost per collective ---------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _block(op: str, k: int, t, dist) -> tuple[int, int, int]:
+    """``k`` calls of ``op`` on tensor ``t``; returns the nanoseconds elapsed, of CPU time of
+    the whole process (all its threads: Gloo's, ringwatch's writer) and of this thread."""
+    w0, p0, t0 = time.perf_counter_ns(), time.process_time_ns(), time.thread_time_ns()
+    if op == "all_reduce":
+        for _ in range(k):
+            dist.all_reduce(t)
+    elif op == "all_reduce_async":
+        for _ in range(k):
+            dist.all_reduce(t, async_op=True).wait()
+    elif op == "broadcast":
+        for _ in range(k):
+            dist.broadcast(t, src=0)
+    else:
+        raise ValueError(op)
+    return (time.perf_counter_ns() - w0, time.process_time_ns() - p0,
+            time.thread_time_ns() - t0)
+
+
+def job_id(r: int) -> str:
+    return f"hook-r{r:03d}"
+
+
+def _count_profiler(prof) -> dict[str, int]:
+    names = set(HOOK_OP_PROFILER.values())
+    counts = dict.fromkeys(names, 0)
+    for ev in prof.events():
+        if ev.name in counts:
+            counts[ev.name] += 1
+    return counts
+
+
+def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
+    """One rank of the hook-cost measurement (a ``torch.multiprocessing`` child)."""
+    # The children's own chatter (profiler start/stop lines, ringwatch's warnings about the
+    # collectives issued between two attach() calls) goes to a file, shown only on failure.
+    log = os.open(Path(out_dir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for k in [k for k in os.environ if k.startswith("RINGWATCH_")]:
+        del os.environ[k]
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    import ringwatch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    k, rounds = cfg["k"], cfg["rounds"]
+    t = torch.zeros(1)  # sums of zeros stay zero: every call does the same work
+    times = {a: {op: [] for op in HOOK_OPS} for a in HOOK_ARMS}
+    prof_counts: list[dict[str, int]] = []
+    log_root = Path(out_dir) / "logs"
+
+    def blocks(arm: str, keep: bool) -> None:
+        for op in HOOK_OPS:
+            dist.barrier()
+            ns = _block(op, k, t, dist)
+            if keep:
+                times[arm][op].append(ns)  # [wall, process CPU, main-thread CPU]
+
+    for r in range(rounds + 1):  # round 0 warms up and is not kept
+        keep = r > 0
+        order = HOOK_ARMS[r % 3:] + HOOK_ARMS[:r % 3]
+        for arm in order:
+            if arm == "bare":
+                blocks(arm, keep)
+            elif arm == "ringwatch":
+                # A job id per round: ranks agree on it without a store round-trip. No Flight
+                # Recorder backfill: it would try to recover the thousands of collectives the
+                # other arms issued since the last detach() (an artefact of re-attaching; the
+                # per-call path is the same with or without it).
+                if not ringwatch.attach(log_dir=log_root, job_id=job_id(r), fr_backfill=False):
+                    raise RuntimeError("ringwatch.attach() returned False")
+                try:
+                    blocks(arm, keep)
+                finally:
+                    ringwatch.detach()
+            else:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    blocks(arm, keep)
+                if r in (0, rounds):  # counting the events costs seconds: twice is enough
+                    prof_counts.append(_count_profiler(prof))
+                del prof
+    dist.barrier()
+    out = {"rank": rank, "times_ns": times, "profiler_counts": prof_counts}
+    if rank == 0:
+        import polars as pl
+
+        df = pl.concat([ringwatch.read_events(log_root / job_id(r)) for r in range(rounds + 1)])
+        recorded = df.filter((pl.col("rank") == rank) & pl.col("api").str.starts_with("dist."))
+        out["recorded"] = {f"{op}/{api}": n for op, api, n in
+                           recorded.group_by("op", "api").len().sort("op", "api").iter_rows()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def hook_cost(args, scratch: Path, say) -> dict:
+    import torch.multiprocessing as mp
+
+    world = 2
+    cfg = {"k": args.k, "rounds": args.rounds}
+    say(f"(b) hook cost: {world} Gloo ranks, {args.rounds} rounds x {len(HOOK_ARMS)} arms x "
+        f"{len(HOOK_OPS)} ops, blocks of {args.k} calls (+1 warm-up round)")
+    out_dir = Path(tempfile.mkdtemp(prefix="hook-", dir=scratch))
+    try:
+        t0 = time.perf_counter()
+        ctx = mp.start_processes(hook_worker, args=(world, free_port(), cfg, str(out_dir)),
+                                 nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + HOOK_TIMEOUT_S
+        try:
+            while not ctx.join(timeout=5):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"hook-cost workers still running after "
+                                       f"{HOOK_TIMEOUT_S} s")
+        except Exception:
+            for f in sorted(out_dir.glob("rank*.log")):
+                say(f"--- {f.name} (tail)\n" + f.read_text(errors="replace")[-3000:])
+            raise
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        elapsed = time.perf_counter() - t0
+        ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    k = args.k
+    table: dict[str, dict] = {}
+    for op in HOOK_OPS:
+        row = {}
+        for arm in HOOK_ARMS:
+            blocks = list(zip(*(rk["times_ns"][arm][op] for rk in ranks), strict=True))
+            # Wall: the slower rank (the block ends when both are done); CPU: rank average.
+            wall = [max(b[0] for b in x) / k / 1e3 for x in blocks]
+            cpu = [statistics.fmean(b[1] for b in x) / k / 1e3 for x in blocks]
+            main_cpu = [statistics.fmean(b[2] for b in x) / k / 1e3 for x in blocks]
+            rank0 = [x[0][0] / k / 1e3 for x in blocks]
+            row[arm] = {"us_per_call": statistics.median(wall),
+                        "mean_us_per_call": statistics.fmean(wall),
+                        "rank0_us_per_call": statistics.median(rank0),
+                        "cpu_us_per_call": statistics.median(cpu),
+                        "main_thread_cpu_us_per_call": statistics.median(main_cpu),
+                        "blocks_us_per_call": wall, "blocks_cpu_us_per_call": cpu,
+                        "blocks_main_thread_cpu_us_per_call": main_cpu}
+        for arm in HOOK_ARMS[1:]:
+            # Paired per round (same round, same rotation): median of the differences.
+            for key in ("blocks_us_per_call", "blocks_cpu_us_per_call",
+                        "blocks_main_thread_cpu_us_per_call"):
+                diffs = [a - b for a, b in zip(row[arm][key], row["bare"][key], strict=True)]
+                row[arm]["paired_delta_" + key.removeprefix("blocks_")] = statistics.median(diffs)
+            row[arm]["paired_delta_us"] = row[arm]["paired_delta_us_per_call"]
+        table[op] = row
+    # Verification: ringwatch recorded every timed call; the profiler saw every call.
+    rec = ranks[0].get("recorded", {})
+    calls = (args.rounds + 1) * k  # timed rounds + warm-up round, per op
+    want_rec = {"all_reduce/dist.all_reduce": 2 * calls, "broadcast/dist.broadcast": calls}
+    rec_ok = all(rec.get(key, 0) >= n for key, n in want_rec.items())
+    prof_ok = all(c.get("c10d::allreduce_", 0) >= 2 * k and c.get("c10d::broadcast_", 0) >= k
+                  for rk in ranks for c in rk["profiler_counts"])
+    return {"config": {"world": world, **cfg}, "ops": table, "wall_s": elapsed,
+            "recorded_rank0": rec, "recorded_expected_rank0": want_rec,
+            "recorded_ok": rec_ok, "profiler_counts_rank0": ranks[0]["profiler_counts"],
+            "profiler_ok": prof_ok}
+
+
+def hook_table(res: dict) -> list[str]:
+    def cell(row: dict, arm: str, key: str) -> str:
+        return f"{row[arm][key]:.1f} ({row[arm]['paired_delta_' + key]:+.1f})"
+
+    lines = [f"{'op':<25} {'bare µs':>8}  {'ringwatch µs (+Δ)':>20}  {'profiler µs (+Δ)':>20}",
+             "-" * 79]
+    for op, row in res["ops"].items():
+        lines.append(f"{op:<25} {row['bare']['us_per_call']:>8.1f}  "
+                     f"{cell(row, 'ringwatch', 'us_per_call'):>20}  "
+                     f"{cell(row, 'profiler', 'us_per_call'):>20}")
+    lines.append("wall µs per call: median over rounds of the slower rank's block time / K; "
+                 "Δ: median over rounds of (arm - bare) in the same round")
+    lines += ["", f"{'CPU time per call':<25} {'bare µs':>8}  {'ringwatch µs (+Δ)':>20}  "
+              f"{'profiler µs (+Δ)':>20}", "-" * 79]
+    for label, key in (("proc", "cpu_us_per_call"), ("main", "main_thread_cpu_us_per_call")):
+        for op, row in res["ops"].items():
+            lines.append(f"{op + ' [' + label + ']':<25} {row['bare'][key]:>8.1f}  "
+                         f"{cell(row, 'ringwatch', key):>20}  {cell(row, 'profiler', key):>20}")
+    lines.append("CPU: [proc] = all threads of a rank (Gloo's, the agent's writer), [main] = the "
+                 "calling thread; mean of the two ranks, median over rounds")
+    lines.append(f"ringwatch recorded every call: {'yes' if res['recorded_ok'] else 'NO'} "
+                 f"(rank 0 rows {res['recorded_rank0']}); profiler saw every call: "
+                 f"{'yes' if res['profiler_ok'] else 'NO'}")
+    return lines
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()))
+    g = p.add_argument_group("(a) step-time overhead")
+    g.add_argument("--pairs", type=int, help=f"interleaved groups of runs, one run per arm "
+                   f"(default {FULL['pairs']})")
+    g.add_argument("--steps", type=int, help=f"training steps per run (default {FULL['steps']})")
+    g.add_argument("--nproc", type=int, default=4, help="ranks of the demo job (default 4)")
+    g.add_argument("--batch", type=int, default=32,
+                   help="samples per rank per step (default 32)")
+    g.add_argument("--layers", type=int, default=6, help="linear layers (default 6)")
+    g.add_argument("--width", type=int, default=256, help="features per layer (default 256)")
+    g.add_argument("--bucket-cap-mb", type=float, default=0.25,
+                   help="DDP bucket size, MiB (default 0.25)")
+    g.add_argument("--arms", default="off,on,run",
+                   help="comma-separated arms, 'off' first (default off,on,run): " + "; ".join(
+                       f"{k} = {v}" for k, v in ARMS.items()))
+    g.add_argument("--retries", type=int, default=3, help="re-launch a run that produced no "
+                   "result (or, recorded, no full log) up to this many times (default 3)")
+    g.add_argument("--skip-step", action="store_true", help="skip (a)")
+    h = p.add_argument_group("(b) hook cost per collective")
+    h.add_argument("--rounds", type=int, help="timed rounds, every arm once in each "
+                   f"(default {FULL['rounds']})")
+    h.add_argument("--k", type=int, help=f"calls per timed block (default {FULL['k']})")
+    h.add_argument("--skip-hook", action="store_true", help="skip (b)")
+    p.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    args = p.parse_args(argv)
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if args.arms[:1] != ["off"] or len(set(args.arms)) != len(args.arms) or len(args.arms) < 2 \
+            or not set(args.arms) <= set(ARMS):
+        p.error(f"--arms: 'off' then one or more of {', '.join(list(ARMS)[1:])}, no repeats")
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.pairs < 1 or args.steps < 3 or args.rounds < 1 or args.k < 1:
+        p.error("--pairs, --rounds, --k must be >= 1 and --steps >= 3")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    import torch
+
+    import ringwatch
+
+    results: dict = {"ringwatch": ringwatch.__version__, "torch": torch.__version__,
+                     "python": platform.python_version(), "host_cpus": os.cpu_count(),
+                     "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    t0 = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix="ringwatch-bench-"))
+    try:
+        if not args.skip_step:
+            results["step_overhead"] = step_overhead(args, scratch, say)
+        if not args.skip_hook:
+            results["hook_cost"] = hook_cost(args, scratch, say)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["wall_s"] = time.perf_counter() - t0
+    print()
+    if "step_overhead" in results:
+        res = results["step_overhead"]
+        c = res["config"]
+        print(f"(a) step time, {c['nproc']}-rank Gloo DDP demo job, {c['steps']} steps/run, "
+              f"{res['buckets']} buckets/step, {c['pairs']} interleaved groups")
+        print("\n".join(step_table(res)))
+        print()
+    if "hook_cost" in results:
+        res = results["hook_cost"]
+        c = res["config"]
+        print(f"(b) cost per collective, {c['world']}-rank Gloo, 1-float tensor, "
+              f"{c['rounds']} rounds of {c['k']} calls")
+        print("\n".join(hook_table(res)))
+        if "step_overhead" in results:
+            so = results["step_overhead"]
+            d = res["ops"]["all_reduce_async"]["ringwatch"]["paired_delta_us"]
+            base = so["arms"]["off"]["median_step_s"]
+            print(f"ringwatch's all_reduce_async wall Δ x {so['buckets']} buckets/step = "
+                  f"{so['buckets'] * d:.0f} µs/step = {pct(so['buckets'] * d / 1e6 / base)} "
+                  "of an off step of (a)")
+        print()
+    print(f"total {results['wall_s']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"results written to {args.json}")
+    ok = all(e.get("logs_ok", True) for e in
+             results.get("step_overhead", {}).get("arms", {}).values())
+    ok = ok and results.get("hook_cost", {}).get("recorded_ok", True)
+    ok = ok and results.get("hook_cost", {}).get("profiler_ok", True)
+    if not ok:
+        print("WARNING: some arm did not record every collective (see above)", file=sys.stderr)
+    return 0 if ok else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
