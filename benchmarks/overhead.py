@@ -75,6 +75,8 @@ ARMS = {
     "run": "ringwatch run --log-dir DIR -- <the plain command>",
     "on-noddp": "--attach DIR with RINGWATCH_DDP_HOOK=0 (diagnostic: DDP buckets stay in C++ "
                 "and are recovered from the Flight Recorder)",
+    "pyhook": "no ringwatch; PyTorch's own Python allreduce comm hook registered (reference: "
+              "what routing DDP's buckets through Python costs by itself)",
 }
 HOOK_ARMS = ("bare", "ringwatch", "profiler")
 HOOK_OPS = ("all_reduce", "all_reduce_async", "broadcast")
@@ -124,6 +126,8 @@ def job_command(arm: str, args, result: Path, log_dir: Path) -> list[str]:
         cmd += ["--attach", str(log_dir)]
     elif arm == "run":
         cmd = [py, "-m", "ringwatch._cli", "run", "--log-dir", str(log_dir), "--"] + cmd
+    elif arm == "pyhook":
+        cmd += ["--python-hook"]
     return cmd
 
 
@@ -204,7 +208,7 @@ def run_once(arm: str, args, scratch: Path, tag: str) -> dict:
                    "buckets_first_step": out.get("buckets_first_step", 1), "wall_s": wall,
                    "exit_code": proc.returncode, "attempts": attempt + 1,
                    "teardown_aborts": aborts, "loadavg_1min_before": load}
-            if arm == "off":
+            if arm in ("off", "pyhook"):
                 if log_dir.exists():
                     raise RuntimeError("the off run wrote ringwatch logs: the agent was not off")
                 return rec
@@ -255,7 +259,7 @@ def step_overhead(args, scratch: Path, say) -> dict:
             entry["paired_overhead"] = statistics.median(ratios)
             entry["paired_ci95"] = bootstrap_median_ci(ratios)
             entry["pair_ratios"] = ratios
-            entry["logs_ok"] = all(r["logs"]["ok"] for r in mine)
+            entry["logs_ok"] = all(r["logs"]["ok"] for r in mine if "logs" in r)
         summary[a] = entry
     return {"config": {k: getattr(args, k) for k in
                        ("nproc", "steps", "batch", "layers", "width", "bucket_cap_mb", "pairs")},
@@ -274,8 +278,8 @@ def step_table(res: dict) -> list[str]:
             continue
         lo, hi = e["paired_ci95"]
         paired = f"{pct(e['paired_overhead'])} [{pct(lo)}, {pct(hi)}]"
-        lines.append(head + f"{pct(e['overhead']):>9}  {paired:<36} "
-                     f"{'ok' if e['logs_ok'] else 'MISSING'}")
+        logs = "-" if a == "pyhook" else ("ok" if e["logs_ok"] else "MISSING")
+        lines.append(head + f"{pct(e['overhead']):>9}  {paired:<36} {logs}")
     aborts = {a: e["teardown_aborts"] for a, e in res["arms"].items() if e["teardown_aborts"]}
     if aborts:
         lines.append(f"PyTorch teardown aborts (after the measurement, tolerated): {aborts}")
