@@ -166,6 +166,19 @@ def _safe(cause: str, fn, *args, **kwargs) -> bool:
         return False
 
 
+def _call_backend(rec: Recorder, ev: Event, orig, pg, args: tuple, kwargs: dict):
+    """The backend call itself, flagged as recorded by the front door (``rec.tls.front``);
+    its exception ends the event and goes on to the caller unchanged."""
+    front, rec.tls.front = getattr(rec.tls, "front", False), True
+    try:
+        return orig(pg, *args, **kwargs)
+    except BaseException as exc:
+        _safe("end", rec.end_exc, ev, exc)
+        raise
+    finally:
+        rec.tls.front = front
+
+
 def _issue(rec: Recorder, c: _Call, orig, pg, args: tuple, kwargs: dict):
     """Call the backend exactly once, recording around it; only the backend's own outcome
     (return value or exception) reaches the caller. While the backend runs, ``rec.tls.front``
@@ -177,14 +190,7 @@ def _issue(rec: Recorder, c: _Call, orig, pg, args: tuple, kwargs: dict):
         with rec.lock:
             if not _safe("issue", rec.issue, ev, before):
                 return orig(pg, *args, **kwargs)
-        front, rec.tls.front = getattr(rec.tls, "front", False), True
-        try:
-            work = orig(pg, *args, **kwargs)
-        except BaseException as exc:
-            _safe("end", rec.end_exc, ev, exc)
-            raise
-        finally:
-            rec.tls.front = front
+        work = _call_backend(rec, ev, orig, pg, args, kwargs)
         with rec.lock:
             _safe("seq", _number, rec, c, before, backend_seq(pg))
         _safe("end", rec.end, ev, end_source="wait")
@@ -193,14 +199,7 @@ def _issue(rec: Recorder, c: _Call, orig, pg, args: tuple, kwargs: dict):
         before = backend_seq(pg)
         if not _safe("issue", rec.issue, ev, before):
             return orig(pg, *args, **kwargs)
-        front, rec.tls.front = getattr(rec.tls, "front", False), True
-        try:
-            work = orig(pg, *args, **kwargs)
-        except BaseException as exc:
-            _safe("end", rec.end_exc, ev, exc)
-            raise
-        finally:
-            rec.tls.front = front
+        work = _call_backend(rec, ev, orig, pg, args, kwargs)
         _safe("seq", _number, rec, c, before, backend_seq(pg))
     _safe("watch", _watch_completion, rec, c, work)
     return work

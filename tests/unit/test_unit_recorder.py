@@ -508,3 +508,18 @@ def test_unseen_event_never_pending_and_takes_next_idx(rec):
     assert ev.idx not in rec.pending
     rec.add_finished(ev)
     assert rec.drain() == [ev]
+
+
+def test_release_drops_every_reference_to_groups_and_works(rec):
+    """After the final flush the recorder must not keep the job's process groups alive (a
+    destroyed group still referenced keeps its Gloo connections open)."""
+    pg = FakePG()
+    g = group(rec, handle=pg)
+    ev = issue_collective(rec, g)
+    work = object()
+    ev.work = work
+    rec.wait_watch[id(work)] = ev
+    rec.release()
+    assert rec.groups_snapshot() == []
+    assert g.handle is None and g.key is None
+    assert rec.wait_watch == {} and ev.work is None
