@@ -150,7 +150,7 @@ def _on_future(rec: Recorder, ev: Event, work, fut) -> None:
             rec.end_exc(ev, exc, end_source="future")
             return
         if ev.peer is None and ev.is_p2p and work is not None:
-            ev.peer = ev.group.to_global(work._source_rank())
+            rec.set_source(ev, ev.group.to_global(work._source_rank()))
         rec.end(ev, end_source="future")
     except Exception as exc:  # noqa: BLE001
         warn_once("future_cb", f"completion callback failed: {exc!r}")
@@ -324,7 +324,7 @@ def _make_end_coalescing(orig):
 def _end_waited(rec: Recorder, ev: Event, work, done_before: bool) -> None:
     if ev.peer is None and ev.is_p2p:
         try:
-            ev.peer = ev.group.to_global(work._source_rank())
+            rec.set_source(ev, ev.group.to_global(work._source_rank()))
         except Exception:  # noqa: BLE001, S110 - no source rank: the peer stays unknown
             pass
     # Still running when the job started waiting, or waited for right after issue: it ended

@@ -154,7 +154,7 @@ class Recorder:
         self.identity = identity
         self.clock = clock or SystemClock()
         self.buffer_events = buffer_events
-        self.lock = threading.RLock()  # re-entrant: end() may number a p2p under it
+        self.lock = threading.Lock()
         self.done: deque[Event] = deque()
         self.pending: dict[int, Event] = {}
         self.wait_watch: dict[int, Event] = {}  # id(work) -> event finished by Work.wait
@@ -209,6 +209,18 @@ class Recorder:
             ev.seq = seq
         if group.nccl_hook:
             group.by_seq.setdefault(ev.seq, []).append(ev)
+
+    def set_source(self, ev: Event, peer: int | None) -> None:
+        """A receive from any source learnt its sender: number it in that pair now."""
+        if peer is None or ev.peer is not None:
+            return
+        ev.peer = peer
+        if ev.seq is None:
+            me = ev.group.my_global_rank
+            with self.lock:
+                n = ev.group.pair_seq.get((peer, me), 0) + 1
+                ev.group.pair_seq[(peer, me)] = n
+            ev.seq = n
 
     def assign_composite_seq(self, group: GroupInfo, ev: Event, backend_before: int | None,
                              backend_after: int | None, width: int) -> None:
@@ -298,13 +310,6 @@ class Recorder:
                 ev.device_ns = device_ns  # a second source completing what is already done
             return
         ev.mono_end = self.clock.mono_ns() if mono_end is None else mono_end
-        if ev.is_p2p and ev.seq is None and ev.peer is not None and status == "ok":
-            # a receive from any source: numbered in its pair once the sender is known
-            me = ev.group.my_global_rank
-            with self.lock:
-                n = ev.group.pair_seq.get((ev.peer, me), 0) + 1
-                ev.group.pair_seq[(ev.peer, me)] = n
-            ev.seq = n
         ev.status = status
         ev.end_source = end_source
         ev.error = error
