@@ -154,7 +154,9 @@ class Recorder:
         self.identity = identity
         self.clock = clock or SystemClock()
         self.buffer_events = buffer_events
-        self.lock = threading.Lock()
+        # Re-entrant: a SIGTERM handler on the main thread may flush while the interrupted
+        # main thread holds the lock.
+        self.lock = threading.RLock()
         self.done: deque[Event] = deque()
         self.pending: dict[int, Event] = {}
         self.wait_watch: dict[int, Event] = {}  # id(work) -> event finished by Work.wait

@@ -29,6 +29,8 @@ from ringwatch.agent._recorder import Recorder
 from ringwatch.agent._writer import FR_FILE, SegmentWriter
 
 SIGTERM_GRACE_S = 1.0
+FINAL_FLUSH_WAIT_S = 2.0
+CLOSE_WAIT_S = 20.0  # the SIGTERM handler's wait for the watcher's final flush
 
 
 class Runtime:
@@ -56,6 +58,7 @@ class Runtime:
         self._last_backfill = 0.0
         self._closed = False
         self._close_lock = threading.RLock()
+        self.closed_event = threading.Event()  # set once the final flush is written
         self.write_failures = 0
         self.thread = threading.Thread(target=self._loop, name="ringwatch-writer", daemon=True)
 
@@ -81,33 +84,44 @@ class Runtime:
 
     def flush(self, *, final: bool = False) -> None:
         """Write what is finished (and, if ``final``, close what is still in flight)."""
-        with self._flush_lock:
-            rec = self.rec
-            try:
-                if any(e.work is not None for e in list(rec.pending.values())):
-                    from ringwatch.agent._nccl import poll_works
+        # The final flush may run in a signal handler on the main thread while the writer
+        # thread, inside its own flush, waits for the recorder lock that the interrupted main
+        # thread holds: waiting for the writer would never end, so the final flush goes on
+        # without it after a short wait (the writer is frozen behind the main thread anyway).
+        got = self._flush_lock.acquire(timeout=FINAL_FLUSH_WAIT_S if final else -1)
+        try:
+            self._flush(final)
+        finally:
+            if got:
+                self._flush_lock.release()
 
-                    poll_works(rec)
-                for g in rec.groups_snapshot():
-                    if g.handle is not None and not g.nccl_hook:
-                        rec.check_tail(g, self.read_seq(g.handle))
-                self._maybe_backfill(final)
-            except Exception as exc:  # noqa: BLE001
-                warn_once("flush_prep", f"flush bookkeeping failed: {exc!r}")
-            events = rec.drain()
-            if final:
-                events.extend(rec.finish_pending())
-            try:
-                self.writer.write(events)
-                self.writer.write_pending([] if final else rec.pending_snapshot())
-                if final and self.writer.small:
-                    self.writer.compact()
-                self.writer.write_meta(self._meta(final))
-            except Exception as exc:  # noqa: BLE001 - disk full, folder removed, ...
-                self.write_failures += 1
-                rec.dropped += len(events)
-                warn_once("write", f"cannot write logs to {self.writer.dir}: {exc}; "
-                          "events are counted as dropped, the job goes on")
+    def _flush(self, final: bool) -> None:
+        rec = self.rec
+        try:
+            if any(e.work is not None for e in list(rec.pending.values())):
+                from ringwatch.agent._nccl import poll_works
+
+                poll_works(rec)
+            for g in rec.groups_snapshot():
+                if g.handle is not None and not g.nccl_hook:
+                    rec.check_tail(g, self.read_seq(g.handle))
+            self._maybe_backfill(final)
+        except Exception as exc:  # noqa: BLE001
+            warn_once("flush_prep", f"flush bookkeeping failed: {exc!r}")
+        events = rec.drain()
+        if final:
+            events.extend(rec.finish_pending())
+        try:
+            self.writer.write(events)
+            self.writer.write_pending([] if final else rec.pending_snapshot())
+            if final and self.writer.small:
+                self.writer.compact()
+            self.writer.write_meta(self._meta(final))
+        except Exception as exc:  # noqa: BLE001 - disk full, folder removed, ...
+            self.write_failures += 1
+            rec.dropped += len(events)
+            warn_once("write", f"cannot write logs to {self.writer.dir}: {exc}; "
+                      "events are counted as dropped, the job goes on")
 
     def _maybe_backfill(self, final: bool) -> None:
         if not self.config.fr_backfill:
@@ -164,18 +178,22 @@ class Runtime:
             return None
         return path
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> bool:
         """Stop the thread and write everything (idempotent, never raises).
 
-        SIGTERM can reach it from two threads at once (the signal handler in the main thread
-        and the wakeup-fd watcher): the second caller waits until the first has written
-        everything, so that neither lets the process die mid-flush.
+        SIGTERM can reach it from two threads at once (the watcher thread and the handler on
+        the main thread): a second caller waits until the first has written everything, or,
+        with ``wait=False``, returns False at once.
         """
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._close()
+        if not self._close_lock.acquire(blocking=wait):
+            return False
+        try:
+            if not self._closed:
+                self._closed = True
+                self._close()
+            return True
+        finally:
+            self._close_lock.release()
 
     def _close(self) -> None:
         try:
@@ -190,6 +208,8 @@ class Runtime:
             self.rec.release()
         except Exception as exc:  # noqa: BLE001
             warn_once("close", f"final flush failed: {exc!r}")
+        finally:
+            self.closed_event.set()
 
 
 class ExitHandlers:
@@ -252,8 +272,16 @@ class ExitHandlers:
                 return
 
     def _on_sigterm(self, signum, frame) -> None:
-        self.runtime.close()
         prev = self.prev_handler
+        if not self.runtime.close(wait=False):
+            # The watcher thread is writing the final flush. It may need the recorder lock
+            # that this interrupted thread holds: then return and let it finish (it ends the
+            # process); otherwise wait for it, so that nothing runs unrecorded meanwhile.
+            if self.runtime.rec.lock._is_owned():
+                if prev in (signal.SIG_DFL, None):
+                    return
+            else:
+                self.runtime.closed_event.wait(CLOSE_WAIT_S)
         if callable(prev):
             prev(signum, frame)
             return
