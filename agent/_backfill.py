@@ -10,6 +10,7 @@ Gloo's FR entries carry no completion state, so those rows get status ``unknown`
 from __future__ import annotations
 
 from ringwatch._flight_recorder import FrEntry, parse_entries
+from ringwatch._schema import API_BACKFILL
 from ringwatch.agent._recorder import GroupInfo, Recorder
 
 
@@ -38,14 +39,14 @@ def backfill(rec: Recorder, gaps: dict[GroupInfo, list[tuple[int, int]]],
         for seq, idx in items:
             fe = index.get((g.name, seq))
             if fe is None:
-                ev = rec.unseen_event(g, "unknown", "flight_recorder", seq=seq, idx=idx,
+                ev = rec.unseen_event(g, "unknown", API_BACKFILL, seq=seq, idx=idx,
                                       mono_start=None)
                 ev.status = "unknown"
                 rec.unrecovered += 1
                 rec.add_finished(ev)
                 continue
             start = None if fe.t_created_ns is None else fe.t_created_ns - wall_minus_mono
-            ev = rec.unseen_event(g, fe.op, "flight_recorder", seq=seq, idx=idx,
+            ev = rec.unseen_event(g, fe.op, API_BACKFILL, seq=seq, idx=idx,
                                   mono_start=start)
             ev.wall_issue = fe.t_created_ns
             ev.dtype = fe.dtype

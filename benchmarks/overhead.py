@@ -2,7 +2,7 @@
 
 Two measurements, taken side by side in one run.
 
-(a) Step-time overhead of a real job. The demo job (``ringwatch._demo_job``: a 4-rank Gloo DDP
+(a) Step-time overhead of a real job. The demo job (``ringwatch.cluster._job``: a 4-rank Gloo DDP
     MLP, 6 gradient buckets per step) is launched with ``torch.distributed.run`` in interleaved
     runs, one per arm in each group (``off, on, run, off, on, run, ...`` by default), after one
     discarded warm-up run. The arms differ only in how ringwatch is attached:
@@ -118,7 +118,7 @@ def job_command(arm: str, args, result: Path, log_dir: Path) -> list[str]:
     """The command line of one run of the demo job for ``arm``."""
     py = sys.executable
     cmd = [py, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(args.nproc), "-m", "ringwatch._demo_job",
+           "--nproc-per-node", str(args.nproc), "-m", "ringwatch.cluster._job",
            "--steps", str(args.steps), "--batch", str(args.batch), "--layers", str(args.layers),
            "--width", str(args.width), "--bucket-cap-mb", str(args.bucket_cap_mb),
            "--result", str(result)]

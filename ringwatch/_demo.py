@@ -1,6 +1,6 @@
 """``ringwatch demo``: a real 4-rank DDP job on Gloo, one rank slowed down, watched live.
 
-The job is :mod:`ringwatch._demo_job` under ``torchrun --standalone``, launched exactly as
+The job is :mod:`ringwatch.cluster._job` under ``torchrun --standalone``, launched exactly as
 ``ringwatch run`` would. Once it reaches ``fault_at_step``, the victim rank's process is
 stopped for ``severity`` of every 100 ms (SIGSTOP/SIGCONT from outside). The terminal shows,
 every second, the collective time per step of each rank read back from the Parquet logs: the
@@ -110,7 +110,7 @@ def run_demo(opts: DemoOptions) -> int:
     opts.log_dir.mkdir(parents=True, exist_ok=True)
     out_path = opts.log_dir / "demo-job.out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={opts.nproc}", "-m", "ringwatch._demo_job",
+           f"--nproc-per-node={opts.nproc}", "-m", "ringwatch.cluster._job",
            "--steps", str(opts.steps), *opts.job_args]
     fault = opts.fault != "none"
     _say(f"ringwatch demo: {opts.nproc}-rank DDP job on Gloo (CPU), {opts.steps} steps, "

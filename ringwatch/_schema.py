@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 SCHEMA_VERSION = "1.0"
+# ``api`` of collectives recovered from the Flight Recorder rather than seen live
+API_BACKFILL = "flight_recorder"
 
 
 @dataclass(frozen=True, slots=True)

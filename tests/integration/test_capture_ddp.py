@@ -17,7 +17,7 @@ STEPS = 20
 @pytest.fixture(scope="module")
 def attach_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp_attach")
-    rc, out = run_job(torchrun_cmd(4, ["-m", "ringwatch._demo_job", "--steps", str(STEPS),
+    rc, out = run_job(torchrun_cmd(4, ["-m", "ringwatch.cluster._job", "--steps", str(STEPS),
                                        "--attach", "logs", "--result", "result.json"]), cwd=d)
     assert rc == 0, out
     return d / "logs", read_json_line(d / "result.json"), out

@@ -1,0 +1,222 @@
+"""The local cluster's workload: a small real training job on Gloo (CPU), also used by tests and
+benchmarks. Run it under ``torchrun``::
+
+    torchrun --standalone --nproc-per-node 4 -m ringwatch.cluster._job --steps 30
+
+It trains an MLP of ``--layers`` blocks on random data with DDP. With ``--tp T`` > 1 each block
+is split Megatron-style over groups of T consecutive ranks ("tensor parallel": a column-parallel
+then a row-parallel linear, an all-reduce in the tp group in forward and one in backward) and DDP
+runs over the data-parallel groups (ranks with the same tp index), so the job has two levels of
+process groups. ``--bucket-cap-mb`` small enough gives DDP several gradient buckets per step.
+
+Hooks for the fault injectors: ``--step-log DIR`` appends ``step<TAB>wall_ns`` to
+``DIR/rank-<R>.tsv`` (after a ``pid<TAB>PID`` line) as each step starts (the ground
+truth's clock); SIGUSR1 blocks the main
+thread for good before the rank's next collective (a "never arrived" hang; the agent's threads
+go on). ``--extra-work-rank R --extra-work-factor F`` gives rank R F times the work by design.
+
+``--attach DIR`` calls ``ringwatch.attach(log_dir=DIR)`` in the script (the one-line use)
+instead of relying on ``ringwatch run``. Rank 0 prints one JSON line at the end: steps, median
+step time and DDP's bucket count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ringwatch.cluster._job",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=30, help="training steps")
+    p.add_argument("--layers", type=int, default=6, help="linear layers (blocks with --tp)")
+    p.add_argument("--width", type=int, default=256, help="features per layer")
+    p.add_argument("--batch", type=int, default=32, help="samples per rank per step")
+    p.add_argument("--tp", type=int, default=1, help="ranks per tensor-parallel group")
+    p.add_argument("--bucket-cap-mb", type=float, default=0.25, help="DDP bucket size, MiB")
+    p.add_argument("--attach", metavar="DIR", help="call ringwatch.attach(log_dir=DIR)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
+    p.add_argument("--extra-work-rank", type=int, default=-1,
+                   help="this rank does --extra-work-factor times the compute, by design")
+    p.add_argument("--extra-work-factor", type=float, default=1.0)
+    p.add_argument("--step-sleep-ms", type=float, default=0.0,
+                   help="sleep per step outside collectives (host-side work)")
+    p.add_argument("--step-log", metavar="DIR", help="append step start times to DIR/rank-R.tsv")
+    p.add_argument("--result", metavar="FILE", help="rank 0 writes its JSON summary here")
+    p.add_argument("--python-hook", action="store_true",
+                   help="register PyTorch's Python allreduce comm hook (a cost reference)")
+    return p.parse_args(argv)
+
+
+def _block_forever(signum, frame) -> None:
+    """SIGUSR1: hang this rank's main thread for good (the fault injector's hang)."""
+    threading.Event().wait()
+
+
+def _tp_blocks(args, tp_group, tp_size: int):
+    """Megatron-style blocks: column-parallel linear, ReLU, row-parallel linear."""
+    import torch
+    import torch.distributed as dist
+
+    class ReduceInBackward(torch.autograd.Function):  # identity forward, all-reduce backward
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.contiguous()
+            dist.all_reduce(grad, group=tp_group)
+            return grad
+
+    class ReduceInForward(torch.autograd.Function):  # all-reduce forward, identity backward
+        @staticmethod
+        def forward(ctx, x):
+            x = x.contiguous()
+            dist.all_reduce(x, group=tp_group)
+            return x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            hidden = 2 * args.width // tp_size
+            self.up = torch.nn.Linear(args.width, hidden)
+            self.down = torch.nn.Linear(hidden, args.width, bias=False)
+
+        def forward(self, x):
+            h = torch.relu(self.up(ReduceInBackward.apply(x)))
+            return ReduceInForward.apply(self.down(h))
+
+    return torch.nn.Sequential(*[Block() for _ in range(args.layers)])
+
+
+def _extra_work(args):
+    """More compute by design for one rank: forward and backward of a local MLP like the plain
+    model's, on ``(factor - 1) * batch`` samples, with no collective (the step's collectives stay
+    the same on every rank)."""
+    import torch
+
+    layers = []
+    for _ in range(args.layers):
+        layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
+    local = torch.nn.Sequential(*layers)
+    rows = max(1, round((args.extra_work_factor - 1) * args.batch))
+
+    def run() -> None:
+        local(torch.randn(rows, args.width)).square().mean().backward()
+        local.zero_grad(set_to_none=True)
+
+    return run
+
+
+def _groups(world: int, tp: int):
+    """Create every tp group (consecutive ranks) and dp group (same tp index), on all ranks in
+    the same order; return this rank's (tp group, dp group)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    mine_tp = mine_dp = None
+    for d in range(world // tp):
+        g = dist.new_group(list(range(d * tp, (d + 1) * tp)), group_desc=f"tp{d}")
+        if rank // tp == d:
+            mine_tp = g
+    for t in range(tp):
+        g = dist.new_group(list(range(t, world, tp)), group_desc=f"dp{t}")
+        if rank % tp == t:
+            mine_dp = g
+    return mine_tp, mine_dp
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if args.attach:
+        import ringwatch
+
+        ringwatch.attach(log_dir=args.attach)
+    signal.signal(signal.SIGUSR1, _block_forever)
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % args.tp:
+        raise SystemExit(f"--tp {args.tp} does not divide world size {world}")
+    if args.tp > 1:
+        tp_group, dp_group = _groups(world, args.tp)
+        torch.manual_seed(rank % args.tp)  # a tp shard is the same on all its dp replicas
+        model = DDP(_tp_blocks(args, tp_group, args.tp), process_group=dp_group,
+                    bucket_cap_mb=args.bucket_cap_mb)
+        data_seed = rank // args.tp  # the members of a tp group see the same samples
+    else:
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(args.layers):
+            layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
+        model = DDP(torch.nn.Sequential(*layers), bucket_cap_mb=args.bucket_cap_mb)
+        data_seed = rank
+    if args.python_hook:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.allreduce_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(data_seed)
+    extra = None
+    if rank == args.extra_work_rank and args.extra_work_factor > 1:
+        extra = _extra_work(args)
+    marks = None
+    if args.step_log:
+        os.makedirs(args.step_log, exist_ok=True)
+        marks = open(os.path.join(args.step_log, f"rank-{rank}.tsv"), "a", buffering=1)
+        marks.write(f"pid\t{os.getpid()}\n")
+    step_s = []
+    for step in range(args.steps):
+        if marks is not None:
+            marks.write(f"{step}\t{time.time_ns()}\n")
+        t0 = time.perf_counter()
+        x = torch.randn(args.batch, args.width, generator=gen)
+        loss = model(x).square().mean()
+        loss.backward()
+        if extra is not None:
+            extra()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if args.step_sleep_ms:
+            time.sleep(args.step_sleep_ms / 1e3)
+        step_s.append(time.perf_counter() - t0)
+    if marks is not None:
+        marks.write(f"{args.steps}\t{time.time_ns()}\n")
+        marks.close()
+    info = model._get_ddp_logging_data()  # refreshed at sampled iterations (10, 20, ...)
+
+    def count(sizes) -> int:
+        return len([s for s in str(sizes or "").split(",") if s.strip()])
+
+    first = count(info.get("bucket_sizes"))
+    buckets = count(info.get("rebuilt_bucket_sizes")) or first
+    if rank == 0:
+        out = {"world_size": world, "steps": args.steps, "tp": args.tp, "buckets": buckets,
+               "buckets_first_step": first,
+               "median_step_s": statistics.median(step_s[1:] or step_s), "pid": os.getpid()}
+        line = json.dumps(out)
+        print(line, flush=True)
+        if args.result:
+            with open(args.result, "w") as f:
+                f.write(line + "\n")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
