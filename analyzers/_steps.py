@@ -46,4 +46,34 @@ def pivot_step_comm(step_comm: pl.DataFrame, *, value: str = "comm_ns") -> pl.Da
     return wide.rename({c: f"rank{c}" for c in wide.columns if c != "step"}).sort("step")
 
 
-__all__ = ["compute_step_comm", "pivot_step_comm"]
+def compute_phase_comm(step_comm: pl.DataFrame, onset_step: int | None, *,
+                       warmup_steps: int = 2, settle_steps: int = 1,
+                       value: str = "comm_ns") -> pl.DataFrame:
+    """Each rank's median collective time per step before and after a change at ``onset_step``.
+
+    Args:
+        step_comm: Output of :func:`compute_step_comm`.
+        onset_step: First step of the new phase (``None``: everything is "before").
+        warmup_steps: Leading steps left out of "before" (DDP's first steps differ).
+        settle_steps: Steps after ``onset_step`` left out of "after" (the change lands mid-step).
+        value: Which column of ``step_comm`` to compare.
+
+    Returns:
+        Columns ``rank``, ``before_ns``, ``after_ns`` (null when that phase has no step),
+        ``change_ns`` (after - before) and ``steps_before`` / ``steps_after``; sorted by rank.
+    """
+    step = pl.col("step")
+    before = step >= warmup_steps
+    after = pl.lit(False)
+    if onset_step is not None:
+        before = before & (step < onset_step)
+        after = step >= onset_step + settle_steps
+    out = step_comm.group_by("rank").agg(
+        pl.col(value).filter(before).median().alias("before_ns"),
+        pl.col(value).filter(after).median().alias("after_ns"),
+        before.sum().alias("steps_before"), after.sum().alias("steps_after"))
+    return out.with_columns((pl.col("after_ns") - pl.col("before_ns")).alias("change_ns")).select(
+        "rank", "before_ns", "after_ns", "change_ns", "steps_before", "steps_after").sort("rank")
+
+
+__all__ = ["compute_phase_comm", "compute_step_comm", "pivot_step_comm"]

@@ -13,7 +13,8 @@ Hooks for the fault injectors: ``--step-log DIR`` appends ``step<TAB>wall_ns`` t
 ``DIR/rank-<R>.tsv`` (after a ``pid<TAB>PID`` line) as each step starts (the ground
 truth's clock); SIGUSR1 blocks the main
 thread for good before the rank's next collective (a "never arrived" hang; the agent's threads
-go on). ``--extra-work-rank R --extra-work-factor F`` gives rank R F times the work by design.
+go on). ``--extra-work-rank R --extra-work-factor F`` gives rank R F times the work by
+design (compute and host-side sleep).
 
 ``--attach DIR`` calls ``ringwatch.attach(log_dir=DIR)`` in the script (the one-line use)
 instead of relying on ``ringwatch run``. Rank 0 prints one JSON line at the end: steps, median
@@ -173,8 +174,10 @@ def main(argv=None) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(data_seed)
     extra = None
+    sleep_s = args.step_sleep_ms / 1e3
     if rank == args.extra_work_rank and args.extra_work_factor > 1:
         extra = _extra_work(args)
+        sleep_s *= args.extra_work_factor  # its host-side work grows alike
     marks = None
     if args.step_log:
         os.makedirs(args.step_log, exist_ok=True)
@@ -192,8 +195,8 @@ def main(argv=None) -> int:
             extra()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if args.step_sleep_ms:
-            time.sleep(args.step_sleep_ms / 1e3)
+        if sleep_s:
+            time.sleep(sleep_s)
         step_s.append(time.perf_counter() - t0)
     if marks is not None:
         marks.write(f"{args.steps}\t{time.time_ns()}\n")

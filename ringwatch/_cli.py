@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ringwatch._config import ConfigError
 from ringwatch._version import __version__
@@ -91,11 +90,9 @@ def cmd_schema(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ringwatch._demo import DemoOptions, run_demo
+    from ringwatch._demo import run_demo
 
-    return run_demo(DemoOptions(
-        log_dir=Path(args.log_dir), nproc=args.nproc, steps=args.steps, fault=args.fault,
-        victim=args.victim, severity=args.severity, fault_at_step=args.fault_at_step))
+    return run_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,16 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--markdown", action="store_true", help="as docs/schema.md")
     s.set_defaults(func=cmd_schema)
 
-    d = sub.add_parser("demo", help="a local 4-rank DDP job with an injected straggler, "
-                       "watched live")
-    d.add_argument("--log-dir", default="ringwatch-demo", help="where the logs go")
-    d.add_argument("--nproc", type=int, default=4, help="ranks")
-    d.add_argument("--steps", type=int, default=150, help="training steps")
-    d.add_argument("--fault", choices=("straggler", "none"), default="straggler")
-    d.add_argument("--victim", type=int, default=2, help="rank to slow down")
-    d.add_argument("--severity", type=float, default=0.5,
-                   help="fraction of each 100 ms the victim is stopped (0-0.9)")
-    d.add_argument("--fault-at-step", type=int, default=50, help="start the fault at this step")
+    from ringwatch.cluster._cli import add_cluster_flags, cmd_cluster
+
+    c = sub.add_parser("cluster", help="run a local multi-host training cluster with a fault",
+                       description="Run a real Gloo DDP job under torchrun with ringwatch "
+                       "attached, on emulated hosts (network namespaces, when root), inject a "
+                       "fault from outside at a chosen step, write the ground truth beside the "
+                       "logs, and clean everything up.")
+    c.add_argument("--run-dir", default="ringwatch-cluster", help="where logs, ground truth "
+                   "and outputs go (default ./ringwatch-cluster)")
+    c.add_argument("--clean", action="store_true",
+                   help="only remove what dead runs left behind (namespaces, links, processes)")
+    add_cluster_flags(c, nproc=4, hosts=2, steps=60, fault="none", at_step=20)
+    c.add_argument("job_args", nargs=argparse.REMAINDER,
+                   help="-- extra arguments for the workload (ringwatch.cluster._job)")
+    c.set_defaults(func=cmd_cluster)
+
+    d = sub.add_parser("demo", help="a local cluster with an injected fault, watched live",
+                       description="Launch a small local cluster (4 ranks of a real DDP job on "
+                       "Gloo, 2 emulated hosts when root), inject a fault and show live what "
+                       "ringwatch sees, ending with its reading and where the logs are.")
+    d.add_argument("--log-dir", default="ringwatch-demo", help="where the run goes")
+    add_cluster_flags(d, nproc=4, hosts=2, steps=150, fault="straggler", at_step=50)
     d.set_defaults(func=cmd_demo)
     return p
 
