@@ -10,11 +10,10 @@ runs over the data-parallel groups (ranks with the same tp index), so the job ha
 process groups. ``--bucket-cap-mb`` small enough gives DDP several gradient buckets per step.
 
 Hooks for the fault injectors: ``--step-log DIR`` appends ``step<TAB>wall_ns`` to
-``DIR/rank-<R>.tsv`` (after a ``pid<TAB>PID`` line) as each step starts (the ground
-truth's clock); SIGUSR1 blocks the main
-thread for good before the rank's next collective (a "never arrived" hang; the agent's threads
-go on). ``--extra-work-rank R --extra-work-factor F`` gives rank R F times the work by
-design (compute and host-side sleep).
+``DIR/rank-<R>.tsv`` (after a ``pid<TAB>PID`` line) as each step starts (the ground truth's
+clock); SIGUSR1 blocks the main thread for good before the rank's next collective (a "never
+arrived" hang; the agent's threads go on). ``--extra-work-rank R --extra-work-factor F`` gives
+rank R F times the work by design (compute and host-side sleep).
 
 ``--attach DIR`` calls ``ringwatch.attach(log_dir=DIR)`` in the script (the one-line use)
 instead of relying on ``ringwatch run``. Rank 0 prints one JSON line at the end: steps, median
