@@ -5,8 +5,16 @@ from outside the job at a chosen step, with a ground-truth record beside the log
 Used by the demo, the tests and the detection benchmarks; ``ringwatch cluster`` is its CLI.
 """
 
-from ringwatch.cluster._run import GROUND_TRUTH, Cluster, RunResult, read_steps, run_cluster, sweep
+from ringwatch.cluster._run import (
+    GROUND_TRUTH,
+    Cluster,
+    RunResult,
+    leftovers,
+    read_steps,
+    run_cluster,
+    sweep,
+)
 from ringwatch.cluster._spec import FAULT_KINDS, ClusterSpec, FaultSpec
 
 __all__ = ["FAULT_KINDS", "GROUND_TRUTH", "Cluster", "ClusterSpec", "FaultSpec", "RunResult",
-           "read_steps", "run_cluster", "sweep"]
+           "leftovers", "read_steps", "run_cluster", "sweep"]

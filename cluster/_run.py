@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,16 +35,30 @@ MASTER_PORT = 29500
 STOP_GRACE_S = 20.0
 
 
+def leftovers() -> dict[str, list[str]]:
+    """What dead cluster runs left behind: ``{run id: [descriptions]}`` (namespaces, links,
+    processes, lock files of runs whose owner is gone). Runs in progress are not listed."""
+    pids = _procs.marked_pids()
+    nets = (_netns.list_netns() + _netns.list_links()) if os.geteuid() == 0 else []
+    locks = _owner.lock_ids()
+    ids = locks | set(pids.values()) | {m.group(1) for n in nets if (m := _owner.ID_RE.match(n))}
+    out: dict[str, list[str]] = {}
+    for rid in sorted(ids):
+        if _owner.is_alive(rid):
+            continue
+        out[rid] = ([f"process {p}" for p, r in sorted(pids.items()) if r == rid]
+                    + [f"namespace/link {n}" for n in nets if n.startswith(rid)]
+                    + (["lock file"] if rid in locks else []))
+    return out
+
+
 def sweep(log: Callable[[str], None] = lambda _m: None) -> list[str]:
     """Remove what dead cluster runs left behind (processes, namespaces, links, lock files).
 
     Returns the run ids cleaned. Runs whose owner is alive are never touched.
     """
-    ids = _owner.lock_ids() | set(_procs.marked_pids().values()) | _netns.run_ids_in_network()
     cleaned = []
-    for rid in sorted(ids):
-        if _owner.is_alive(rid):
-            continue
+    for rid in leftovers():
         pids = list(_procs.marked_pids(rid))
         if pids:
             _procs.end_processes(pids, grace_s=2.0)
@@ -314,9 +329,13 @@ class Cluster:
             self.injector.stop()
             self.truth["cleared_wall_ns"] = time.time_ns()
         live = [p for p in self.procs if p.poll() is None]
+        if isinstance(self.injector, _faults.Hang) and self.injector.mode == "stop":
+            # A frozen rank woken up would finish the collectives its peers wait in and
+            # undo the hang in the logs; it ends as a frozen host does, without a word.
+            _faults._kill(self.injector.pid, signal.SIGKILL)
         if live and self._lock is not None:
             for pid in _procs.marked_pids(self._lock.id):  # let stopped ranks act on SIGTERM
-                _faults._kill(pid, 18)  # SIGCONT
+                _faults._kill(pid, signal.SIGCONT)
             _procs.end_processes([p.pid for p in live], grace_s=STOP_GRACE_S)
         for p in self.procs:
             try:

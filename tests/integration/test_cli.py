@@ -85,7 +85,7 @@ def test_schema_lists_every_column_and_docs_are_in_sync():
 
 
 def test_demo_shows_the_straggler(tmp_path):
-    rc, out = run_job(ringwatch_cmd("demo", "--steps", "90", "--fault-at-step", "30",
+    rc, out = run_job(ringwatch_cmd("demo", "--steps", "90", "--at-step", "30",
                                     "--severity", "0.6", "--log-dir", "demo"),
                       cwd=tmp_path, timeout=300)
     assert rc == 0, out
@@ -93,3 +93,15 @@ def test_demo_shows_the_straggler(tmp_path):
     assert "consistency: OK" in out
     assert out.count(": OK,") == 4  # every rank matches its Flight Recorder
     assert "reading: rank 2's collective time per step grew by" in out, out
+    truth = json.loads((tmp_path / "demo" / "ground_truth.json").read_text())
+    assert truth["kind"] == "straggler" and truth["rank"] == 2 and truth["onset_step"] >= 30
+
+
+def test_demo_shows_where_a_hang_stopped(tmp_path):
+    rc, out = run_job(ringwatch_cmd("demo", "--fault", "hang", "--victim-rank", "1",
+                                    "--at-step", "15", "--hold-s", "6", "--log-dir", "demo"),
+                      cwd=tmp_path, timeout=300)
+    assert rc == 0, out
+    assert "no progress for" in out, out  # shown live, while the job is hung
+    assert "rank 1 last finished" in out and "entered nothing since" in out, out
+    assert out.count("waiting in all_reduce") >= 3, out

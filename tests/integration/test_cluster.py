@@ -1,0 +1,251 @@
+"""The local cluster: real Gloo DDP jobs under torchrun on emulated hosts (network namespaces,
+a bridge, veth pairs), faults injected from outside, and nothing left behind.
+
+Emulated hosts need root. The CI machine is root, so there these tests always run; elsewhere
+without root they are skipped (and in CI a missing root fails them instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import polars as pl
+import pytest
+
+from ringwatch._logs import open_job
+from ringwatch._schema import parse_ranks
+from ringwatch._summary import check_job
+from ringwatch.analyzers import compute_phase_comm, compute_step_comm
+from ringwatch.cluster import Cluster, ClusterSpec, FaultSpec, leftovers, read_steps, run_cluster
+from ringwatch.cluster._netns import list_links, list_netns, netns_unavailable_reason
+
+from jobtools import job_env, ringwatch_cmd
+
+JOB = ("--batch", "64", "--step-sleep-ms", "60")
+
+
+def _need_netns() -> None:
+    why = netns_unavailable_reason()
+    if why is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI runs as root so that emulated hosts are tested: {why}")
+    pytest.skip(f"emulated hosts need root: {why}")
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_over():
+    """After every test: no namespace, link, process or lock file of a finished run."""
+    yield
+    assert leftovers() == {}
+    assert not [n for n in list_netns() + list_links() if n.startswith("rw")]
+
+
+def _phases(result) -> pl.DataFrame:
+    sc = compute_step_comm(open_job(result.log_dir, result.job_id).events())
+    truth = result.ground_truth  # imbalance has no onset to compare across
+    return compute_phase_comm(sc, truth["onset_step"] if truth["is_fault"] else None)
+
+
+def test_sixteen_ranks_on_four_hosts_complete_with_consistent_logs(tmp_path):
+    _need_netns()
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=16, hosts=4, steps=12, netns="on")
+    result = run_cluster(spec)
+    assert result.ok and result.reason == "completed", result
+    assert result.mode == "netns" and result.leftovers == []
+    job = open_job(result.log_dir, result.job_id)
+    report = check_job(job)
+    assert report["ok"], report["lines"]
+    ev = job.events()
+    hosts = ev.group_by("host").agg(pl.col("rank").unique().sort()).sort("host")
+    assert hosts.rows() == [(f"host{h}", list(range(4 * h, 4 * h + 4))) for h in range(4)]
+    layout = json.loads((result.run_dir / "cluster.json").read_text())
+    assert [h["addr"] for h in layout["hosts"]] == [f"10.77.0.{i}" for i in (1, 2, 3, 4)]
+    assert len(read_steps(result.run_dir / "steps")) == 16
+    truth = result.ground_truth
+    assert truth["kind"] == "none" and truth["is_fault"] is False
+    assert truth["outcome"]["reason"] == "completed"
+
+
+def test_dp_by_tp_groups_on_two_hosts(tmp_path):
+    _need_netns()
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=8, hosts=2, tp=2, steps=8, netns="on")
+    result = run_cluster(spec)
+    assert result.ok, result
+    job = open_job(result.log_dir, result.job_id)
+    assert check_job(job)["ok"], check_job(job)["lines"]
+    groups = (job.events().group_by("pg_desc").agg(pl.col("pg_ranks").first())
+              .sort("pg_desc").rows())
+    got = {d: list(parse_ranks(r)) for d, r in groups}
+    for d in range(4):
+        assert got[f"tp{d}"] == [2 * d, 2 * d + 1]
+    assert got["dp0"] == [0, 2, 4, 6] and got["dp1"] == [1, 3, 5, 7]
+
+
+def test_rate_limited_link_raises_every_collective(tmp_path):
+    _need_netns()
+    seen = []
+
+    def tick(cluster):
+        if cluster.injector is not None and not seen:
+            veth = cluster.hosts[1].veth
+            seen.append(subprocess.run(["tc", "qdisc", "show", "dev", veth],
+                                       capture_output=True, text=True).stdout)
+
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=2, steps=35, netns="on",
+                       job_args=JOB)
+    fault = FaultSpec(kind="link", host=1, at_step=12, rate_mbit=50)
+    with Cluster(spec, fault, on_tick=tick) as cluster:
+        result = cluster.run()
+    assert result.ok, result
+    assert seen and "tbf" in seen[0] and "50Mbit" in seen[0]
+    truth = result.ground_truth
+    assert truth["host"] == "host1" and truth["ranks_on_host"] == [2, 3]
+    assert truth["onset_step"] >= 12 and truth["params"]["rate_mbit"] == 50
+    ph = _phases(result)
+    # every rank's collectives slow down, not only the limited host's
+    assert (ph["after_ns"] > 2 * ph["before_ns"]).all(), ph
+
+
+def test_packet_loss_slows_collectives(tmp_path):
+    _need_netns()
+    rules = []
+
+    def tick(cluster):
+        if cluster.injector is not None and not rules:
+            rules.append(cluster.hosts[0].run("nft", "list", "ruleset"))
+
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=2, steps=18, netns="on",
+                       job_args=JOB)
+    # (5% made TCP recover fast enough in some runs for only a +10..20% change)
+    fault = FaultSpec(kind="link", host=0, at_step=6, rate_mbit=None, loss_pct=10)
+    with Cluster(spec, fault, on_tick=tick) as cluster:
+        result = cluster.run()
+    assert result.ok, result
+    assert rules and rules[0].count("numgen random mod 10000 < 1000 drop") == 2, rules
+    assert "hook output" in rules[0] and "hook input" in rules[0]
+    ph = _phases(result)
+    assert (ph["after_ns"] > 1.5 * ph["before_ns"]).all(), ph
+
+
+def test_straggler_waits_least_on_loopback(tmp_path):
+    """The duty-cycle victim arrives last, so its collective time grows least; its peers'
+    grows. Run on loopback (hosts as labels), the path taken without root."""
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=2, steps=60, netns="off",
+                       job_args=JOB)
+    result = run_cluster(spec, FaultSpec(kind="straggler", rank=1, at_step=20, severity=0.5))
+    assert result.ok and result.mode == "loopback", result
+    assert result.ground_truth["host"] == "host0" and result.ground_truth["local_rank"] == 1
+    ph = _phases(result).sort("rank")
+    change = dict(ph.select("rank", "change_ns").iter_rows())
+    after = dict(ph.select("rank", "after_ns").iter_rows())
+    peers = [r for r in change if r != 1]
+    assert all(change[r] > 5e6 for r in peers), ph  # peers wait > 5 ms more per step
+    assert all(change[1] < 0.5 * change[r] for r in peers), ph
+    assert all(after[1] < after[r] for r in peers), ph
+
+
+@pytest.mark.parametrize("mode", ["block", "stop"])
+def test_hang_leaves_the_victim_behind(tmp_path, mode):
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=2, steps=200,
+                       job_args=JOB)
+    fault = FaultSpec(kind="hang", rank=3, at_step=10, hang_mode=mode, hold_s=5)
+    result = run_cluster(spec, fault)
+    assert result.ok and result.reason == "hang held", result
+    assert result.leftovers == []
+    ev = open_job(result.log_dir, result.job_id).events(include_pending=True)
+    last = dict(ev.group_by("rank").agg(pl.col("seq").max()).iter_rows())
+    pending = dict(ev.filter(pl.col("status") == "pending").group_by("rank").len().iter_rows())
+    assert all(last[3] < last[r] for r in (0, 1, 2)), last
+    if mode == "block":  # the agent of the blocked rank still flushed at the end
+        assert 3 not in pending and all(pending.get(r) for r in (0, 1, 2)), pending
+    marks = read_steps(result.run_dir / "steps")
+    assert max(s for s, _ in marks[3][1]) < 200
+    truth = result.ground_truth
+    assert truth["rank"] == 3 and truth["host"] == "host1" and truth["params"]["hang_mode"] == mode
+    assert truth["onset_wall_ns"] > marks[3][1][10][1]
+
+
+def test_imbalance_is_there_from_the_start(tmp_path):
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=1, steps=30, job_args=JOB)
+    result = run_cluster(spec, FaultSpec(kind="imbalance", rank=0, factor=2))
+    assert result.ok, result
+    truth = result.ground_truth
+    assert truth["is_fault"] is False and truth["onset_step"] == 0 and truth["applied"]
+    ph = _phases(result)
+    before = dict(ph.select("rank", "before_ns").iter_rows())
+    # rank 0 arrives last at every step, from the start: the others wait for it
+    assert all(before[0] < 0.5 * before[r] for r in (1, 2, 3)), ph
+
+
+def _wait_for_steps(run_dir, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        marks = read_steps(run_dir / "steps") if (run_dir / "steps").is_dir() else {}
+        if marks and all(m and m[-1][0] >= n for _p, m in marks.values()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the job did not reach step {n}")
+
+
+def test_ctrl_c_ends_the_run_cleanly(tmp_path):
+    _need_netns()
+    run = tmp_path / "run"
+    proc = subprocess.Popen(ringwatch_cmd("cluster", "--run-dir", str(run), "--nproc", "4",
+                                          "--hosts", "2", "--steps", "100000"),
+                            env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        _wait_for_steps(run, 3)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    truth = json.loads((run / "ground_truth.json").read_text())
+    assert truth["outcome"]["reason"] == "interrupted"
+    # the ranks flushed their logs on the way out
+    assert open_job(run / "logs").events().height > 0
+
+
+def test_a_run_after_a_crash_starts_clean(tmp_path):
+    _need_netns()
+    run = tmp_path / "crashed"
+    proc = subprocess.Popen(ringwatch_cmd("cluster", "--run-dir", str(run), "--nproc", "4",
+                                          "--hosts", "2", "--steps", "100000"),
+                            env=job_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_steps(run, 2)
+    proc.kill()  # the owner dies without cleaning up: namespaces and ranks stay
+    proc.wait()
+    left = leftovers()
+    assert len(left) == 1, left
+    (rid, what), = left.items()
+    assert sum(w.startswith("process") for w in what) >= 4, what
+    assert sum(w.startswith("namespace/link") for w in what) >= 3, what
+    # the next run sweeps them before it starts, and then runs normally
+    spec = ClusterSpec(run_dir=tmp_path / "next", nproc=2, hosts=2, steps=3, netns="on")
+    messages = []
+    result = run_cluster(spec, log=messages.append)
+    assert result.ok, result
+    assert any(f"cleaned up after dead run {rid}" in m for m in messages), messages
+
+
+def test_without_root_it_falls_back_to_loopback(tmp_path, monkeypatch):
+    from ringwatch.cluster import _netns
+
+    monkeypatch.setattr(_netns, "netns_unavailable_reason", lambda: "not root")
+    messages = []
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=2, hosts=2, steps=3)
+    result = run_cluster(spec, log=messages.append)
+    assert result.ok and result.mode == "loopback", result
+    assert any("running every rank on loopback" in m and "not root" in m for m in messages)
+    with pytest.raises(PermissionError, match="link fault needs emulated hosts"):
+        run_cluster(spec, FaultSpec(kind="link", host=1, rate_mbit=10))
+    with pytest.raises(PermissionError, match="not root"):
+        run_cluster(ClusterSpec(run_dir=tmp_path / "r2", nproc=2, hosts=2, netns="on"))
