@@ -204,6 +204,15 @@ def test_order_difference_across_groups():
     assert cmp.matched == 3 and cmp.fr_only == () and cmp.ringwatch_only == ()
 
 
+def test_rows_recovered_from_the_recorder_do_not_count_in_the_order():
+    """Recovered rows are numbered when recovered, after later collectives of other groups."""
+    late = {**row(0, 2, 1, pg="1"), "api": "flight_recorder", "status": "unknown"}
+    ev = frame([row(0, 0, 1, pg="0"), row(0, 1, 2, pg="0"), late])
+    fr = dump([fr_entry(0, 1, pg="0"), fr_entry(1, 1, pg="1"), fr_entry(2, 2, pg="0")])
+    cmp = compare_flight_recorder(ev, fr)
+    assert cmp.ok and cmp.order_ok and cmp.matched == 3
+
+
 def test_op_and_byte_mismatches():
     ev = frame(rank0(seqs=(1, 2)))
     fr = dump([fr_entry(0, 1, "gloo:broadcast"), fr_entry(1, 2, sizes=[(50,)])])
