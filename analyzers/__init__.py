@@ -13,10 +13,17 @@ from ringwatch.analyzers._capture import (
     compute_collective_signatures,
     compute_signature_bytes,
 )
-from ringwatch.analyzers._steps import compute_phase_comm, compute_step_comm, pivot_step_comm
+from ringwatch.analyzers._steps import (
+    compute_phase_comm,
+    compute_step_comm,
+    compute_step_wait,
+    phase_masks,
+    pivot_step_comm,
+)
 
 __all__ = [
     "ConsistencyReport", "FrComparison", "GroupCheck", "check_consistency",
     "compare_flight_recorder", "compute_collective_signatures", "compute_signature_bytes",
-    "compute_phase_comm", "compute_step_comm", "pivot_step_comm",
+    "compute_phase_comm", "compute_step_comm", "compute_step_wait", "phase_masks",
+    "pivot_step_comm",
 ]

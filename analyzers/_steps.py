@@ -1,12 +1,28 @@
-"""Per-step collective time of each rank: the rhythm a person can read at a glance.
+"""Per-step collective rhythm of each rank: the figures a person can read at a glance.
 
 A rank that arrives last at a blocking collective waits least, so a compute straggler shows
-*less* collective time per step than its peers, and its peers show more.
+*less* collective time per step than its peers, and its peers show more. Time *in* collectives
+also grows for everyone when the straggler is paused inside one (or the network slows), so the
+sharper figure is the *wait*: how long a rank sat in a collective that some member of its group
+had not entered yet (:func:`compute_step_wait`).
 """
 
 from __future__ import annotations
 
 import polars as pl
+
+
+def _merged_ns(df: pl.DataFrame, start: str, end: str, by: list[str]) -> pl.DataFrame:
+    """Length of the union of the ``[start, end]`` intervals per ``by`` group (overlaps once).
+
+    ``df`` must be sorted by ``by`` then ``start``. Returns ``by`` columns and ``merged_ns``.
+    """
+    # A new run starts where the start passes every earlier end of the group.
+    reach = pl.col(end).cum_max().shift(1).over(by)
+    df = df.with_columns(((pl.col(start) > reach).fill_null(True))
+                         .cast(pl.Int32).cum_sum().over(by).alias("_run"))
+    runs = df.group_by(*by, "_run").agg((pl.col(end).max() - pl.col(start).min()).alias("_len"))
+    return runs.group_by(*by).agg(pl.col("_len").sum().alias("merged_ns"))
 
 
 def compute_step_comm(events: pl.DataFrame) -> pl.DataFrame:
@@ -24,14 +40,9 @@ def compute_step_comm(events: pl.DataFrame) -> pl.DataFrame:
     df = (events.filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
           .sort("rank", "step", "mono_start_ns"))
     end = pl.col("mono_end_ns").fill_null(pl.col("mono_start_ns"))
-    # Overlapping collectives (DDP's buckets are in flight together) count once: merge the
-    # intervals, a new one starting where the start passes every earlier end.
-    reach = end.cum_max().shift(1).over("rank", "step")
-    df = df.with_columns(((pl.col("mono_start_ns") > reach).fill_null(True))
-                         .cast(pl.Int32).cum_sum().over("rank", "step").alias("_run"))
-    runs = df.group_by("rank", "step", "_run").agg(
-        (end.max() - pl.col("mono_start_ns").min()).alias("busy"))
-    busy = runs.group_by("rank", "step").agg(pl.col("busy").sum().alias("comm_ns"))
+    # Overlapping collectives (DDP's buckets are in flight together) count once.
+    busy = _merged_ns(df.with_columns(end.alias("_end")), "mono_start_ns", "_end",
+                      ["rank", "step"]).rename({"merged_ns": "comm_ns"})
     per = df.group_by("rank", "step").agg(
         pl.len().alias("collectives"),
         pl.col("duration_ns").filter(pl.col("status") == "ok").sum().alias("comm_sum_ns"),
@@ -40,10 +51,58 @@ def compute_step_comm(events: pl.DataFrame) -> pl.DataFrame:
         "rank", "step", "collectives", "comm_ns", "comm_sum_ns", "span_ns").sort("step", "rank")
 
 
+def compute_step_wait(events: pl.DataFrame) -> pl.DataFrame:
+    """Per (rank, step), time spent waiting for the last member of a collective to arrive.
+
+    For every collective that all members of its group recorded (point-to-point left out), a
+    member waits from its own start until the latest start among the members. The wait of a
+    rank in a step is the union of those intervals (overlapping collectives count once). A
+    compute straggler arrives last, so its wait is near zero while its peers' wait is the
+    time they lose to it; a slow network makes collectives longer but not later, so it leaves
+    the wait alone. Starts are compared across ranks on the host wall clock (``t_start_ns``):
+    exact on one machine, as good as the hosts' clock sync (NTP/PTP) across machines.
+
+    Args:
+        events: Rows of one job (``ringwatch.read_events``); rows without a step, a seq or a
+            start are ignored, as are collectives that some member did not record.
+
+    Returns:
+        Columns ``rank``, ``step``, ``collectives`` (counted ones), ``wait_ns``,
+        ``last_arrivals`` (collectives this rank entered last, ties to every latest), sorted
+        by step then rank.
+    """
+    df = events.filter(~pl.col("is_p2p") & pl.col("step").is_not_null()
+                       & pl.col("seq").is_not_null() & pl.col("t_start_ns").is_not_null())
+    key = ["pg", "seq"]
+    df = (df.with_columns(pl.len().over(key).alias("_n"),
+                          pl.col("t_start_ns").max().over(key).alias("_last"))
+          .filter(pl.col("_n") == pl.col("pg_size")))
+    wait = _merged_ns(df.sort("rank", "step", "t_start_ns"), "t_start_ns", "_last",
+                      ["rank", "step"]).rename({"merged_ns": "wait_ns"})
+    per = df.group_by("rank", "step").agg(
+        pl.len().alias("collectives"),
+        (pl.col("t_start_ns") == pl.col("_last")).sum().alias("last_arrivals"))
+    return per.join(wait, on=["rank", "step"]).select(
+        "rank", "step", "collectives", "wait_ns", "last_arrivals").sort("step", "rank")
+
+
 def pivot_step_comm(step_comm: pl.DataFrame, *, value: str = "comm_ns") -> pl.DataFrame:
     """``step`` rows by ``rank`` columns of one value of :func:`compute_step_comm`."""
     wide = step_comm.pivot(on="rank", index="step", values=value, sort_columns=True)
     return wide.rename({c: f"rank{c}" for c in wide.columns if c != "step"}).sort("step")
+
+
+def phase_masks(onset_step: int | None, *, warmup_steps: int = 2,
+                settle_steps: int = 1) -> tuple[pl.Expr, pl.Expr]:
+    """Filters on ``step`` for the phases before and after a change at ``onset_step``.
+
+    "Before" leaves out the first ``warmup_steps`` (DDP's first steps differ); "after" starts
+    ``settle_steps`` past the onset (the change lands mid-step) and is empty without an onset.
+    """
+    step = pl.col("step")
+    if onset_step is None:
+        return step >= warmup_steps, pl.lit(False)
+    return (step >= warmup_steps) & (step < onset_step), step >= onset_step + settle_steps
 
 
 def compute_phase_comm(step_comm: pl.DataFrame, onset_step: int | None, *,
@@ -62,12 +121,8 @@ def compute_phase_comm(step_comm: pl.DataFrame, onset_step: int | None, *,
         Columns ``rank``, ``before_ns``, ``after_ns`` (null when that phase has no step),
         ``change_ns`` (after - before) and ``steps_before`` / ``steps_after``; sorted by rank.
     """
-    step = pl.col("step")
-    before = step >= warmup_steps
-    after = pl.lit(False)
-    if onset_step is not None:
-        before = before & (step < onset_step)
-        after = step >= onset_step + settle_steps
+    before, after = phase_masks(onset_step, warmup_steps=warmup_steps,
+                                settle_steps=settle_steps)
     out = step_comm.group_by("rank").agg(
         pl.col(value).filter(before).median().alias("before_ns"),
         pl.col(value).filter(after).median().alias("after_ns"),
@@ -76,4 +131,5 @@ def compute_phase_comm(step_comm: pl.DataFrame, onset_step: int | None, *,
         "rank", "before_ns", "after_ns", "change_ns", "steps_before", "steps_after").sort("rank")
 
 
-__all__ = ["compute_phase_comm", "compute_step_comm", "pivot_step_comm"]
+__all__ = ["compute_phase_comm", "compute_step_comm", "compute_step_wait", "phase_masks",
+           "pivot_step_comm"]

@@ -19,7 +19,12 @@ import pytest
 from ringwatch._logs import open_job
 from ringwatch._schema import parse_ranks
 from ringwatch._summary import check_job
-from ringwatch.analyzers import compute_phase_comm, compute_step_comm
+from ringwatch.analyzers import (
+    compute_phase_comm,
+    compute_step_comm,
+    compute_step_wait,
+    phase_masks,
+)
 from ringwatch.cluster import Cluster, ClusterSpec, FaultSpec, leftovers, read_steps, run_cluster
 from ringwatch.cluster._netns import list_links, list_netns, netns_unavailable_reason
 
@@ -133,20 +138,26 @@ def test_packet_loss_slows_collectives(tmp_path):
 
 
 def test_straggler_waits_least_on_loopback(tmp_path):
-    """The duty-cycle victim arrives last, so its collective time grows least; its peers'
-    grows. Run on loopback (hosts as labels), the path taken without root."""
+    """The duty-cycle victim arrives last, so it waits for no one while its peers wait for it.
+    Run on loopback (hosts as labels), the path taken without root."""
     spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=2, steps=60, netns="off",
                        job_args=JOB)
     result = run_cluster(spec, FaultSpec(kind="straggler", rank=1, at_step=20, severity=0.5))
     assert result.ok and result.mode == "loopback", result
     assert result.ground_truth["host"] == "host0" and result.ground_truth["local_rank"] == 1
-    ph = _phases(result).sort("rank")
-    change = dict(ph.select("rank", "change_ns").iter_rows())
+    onset = result.ground_truth["onset_step"]
+    sw = compute_step_wait(open_job(result.log_dir, result.job_id).events())
+    ph = compute_phase_comm(sw, onset, value="wait_ns").sort("rank")
+    before = dict(ph.select("rank", "before_ns").iter_rows())
     after = dict(ph.select("rank", "after_ns").iter_rows())
-    peers = [r for r in change if r != 1]
-    assert all(change[r] > 5e6 for r in peers), ph  # peers wait > 5 ms more per step
-    assert all(change[1] < 0.5 * change[r] for r in peers), ph
-    assert all(after[1] < after[r] for r in peers), ph
+    peers = [r for r in after if r != 1]
+    assert all(after[r] > before[r] + 5e6 for r in peers), ph  # peers wait > 5 ms more a step
+    assert all(after[1] < 0.5 * after[r] for r in peers), ph
+    _, late = phase_masks(onset)
+    last = sw.filter(late).group_by("rank").agg(
+        pl.col("last_arrivals").sum() / pl.col("collectives").sum())
+    share = dict(last.iter_rows())
+    assert share[1] > 0.6 and all(share[r] < 0.2 for r in peers), share
 
 
 @pytest.mark.parametrize("mode", ["block", "stop"])

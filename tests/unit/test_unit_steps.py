@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ringwatch.analyzers import compute_step_comm, pivot_step_comm
+from ringwatch.analyzers import compute_step_comm, compute_step_wait, pivot_step_comm
 
 from fakes import frame, row
 
@@ -72,3 +72,40 @@ def test_pivot_by_rank():
     wide = pivot_step_comm(compute_step_comm(frame(rows)))
     assert wide.columns == ["step", "rank0", "rank1"]
     assert wide.rows() == [(1, 100, 30), (2, 50, 20)]
+
+
+def arr(rank, idx, seq, start, *, step=1, pg="0", pg_ranks="0-1", **kw):
+    return row(rank, idx, seq, pg=pg, pg_ranks=pg_ranks, step=step, mono_start_ns=start,
+               mono_end_ns=start + 1000, **kw)
+
+
+def test_wait_is_time_until_the_last_member_arrives():
+    rows = [arr(0, 0, 1, 0), arr(1, 0, 1, 30),  # rank 1 arrives 30 ns late
+            arr(0, 1, 2, 100), arr(1, 1, 2, 120),  # and 20 ns late again
+            arr(0, 2, 3, 500, step=2), arr(1, 2, 3, 490, step=2)]  # rank 0 late in step 2
+    w = by_key(compute_step_wait(frame(rows)))
+    assert w[(0, 1)]["wait_ns"] == 50 and w[(1, 1)]["wait_ns"] == 0
+    assert w[(0, 1)]["last_arrivals"] == 0 and w[(1, 1)]["last_arrivals"] == 2
+    assert w[(0, 2)]["wait_ns"] == 0 and w[(1, 2)]["wait_ns"] == 10
+    assert w[(0, 1)]["collectives"] == 2
+
+
+def test_overlapping_waits_count_once_and_groups_are_separate():
+    # Two buckets in flight together: rank 0 waits for rank 1 from 0 to 40 and from 10 to 50.
+    rows = [arr(0, 0, 1, 0), arr(0, 1, 2, 10), arr(1, 0, 1, 40), arr(1, 1, 2, 50),
+            # a group of ranks {0, 2}: rank 2 waits 5 for rank 0
+            arr(0, 2, 1, 60, pg="1", pg_ranks="0,2"), arr(2, 0, 1, 55, pg="1", pg_ranks="0,2")]
+    w = by_key(compute_step_wait(frame(rows)))
+    assert w[(0, 1)]["wait_ns"] == 50  # [0, 50], not 40 + 40
+    assert w[(2, 1)]["wait_ns"] == 5 and w[(1, 1)]["wait_ns"] == 0
+    assert w[(0, 1)]["last_arrivals"] == 1  # the {0, 2} collective
+
+
+def test_wait_ignores_p2p_and_collectives_a_member_did_not_record():
+    rows = [arr(0, 0, 1, 0), arr(1, 0, 1, 30),
+            arr(0, 1, 2, 100),  # rank 1 never recorded seq 2 (hung or lost): no latest start
+            arr(0, 2, 1, 200, is_p2p=True, op="send", peer=1),
+            arr(1, 1, 1, 400, is_p2p=True, op="recv", peer=0)]
+    w = by_key(compute_step_wait(frame(rows)))
+    assert w[(0, 1)]["wait_ns"] == 30 and w[(0, 1)]["collectives"] == 1
+    assert w[(1, 1)]["collectives"] == 1
