@@ -28,7 +28,7 @@ from ringwatch.analyzers import (
 from ringwatch.cluster import Cluster, ClusterSpec, FaultSpec, leftovers, read_steps, run_cluster
 from ringwatch.cluster._netns import list_links, list_netns, netns_unavailable_reason
 
-from jobtools import job_env, ringwatch_cmd
+from jobtools import PY, REPO, job_env, ringwatch_cmd, run_job
 
 JOB = ("--batch", "64", "--step-sleep-ms", "60")
 
@@ -260,3 +260,35 @@ def test_without_root_it_falls_back_to_loopback(tmp_path, monkeypatch):
         run_cluster(spec, FaultSpec(kind="link", host=1, rate_mbit=10))
     with pytest.raises(PermissionError, match="not root"):
         run_cluster(ClusterSpec(run_dir=tmp_path / "r2", nproc=2, hosts=2, netns="on"))
+
+
+def test_scenario_runner_keeps_each_run_with_its_ground_truth(tmp_path):
+    """The benchmark's scenario runner, on a small matrix: one folder per run with its logs and
+    ground truth, one line per run in runs.jsonl, and a summary table."""
+    _need_netns()
+    out = tmp_path / "sc"
+    rc, text = run_job([PY, str(REPO / "benchmarks" / "scenarios.py"), "--out", str(out),
+                        "--worlds", "4", "--faults", "straggler,link", "--reps", "1",
+                        "--steps", "30", "--at-step", "12", "--seed", "3"],
+                       cwd=tmp_path, env=job_env(), timeout=400)
+    assert rc == 0, text
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in records] == ["straggler-w4-r0", "link-w4-r0"], text
+    for rec in records:
+        truth = json.loads((out / rec["name"] / "ground_truth.json").read_text())
+        assert truth["kind"] == rec["fault"] and truth["world_size"] == 4
+        assert truth["outcome"]["reason"] == "completed" and truth["applied"], truth
+        assert (truth["rank"], truth["host"]) == (
+            (rec["rank"], f"host{rec['rank'] // 2}") if rec["fault"] == "straggler"
+            else (None, f"host{rec['host']}")), (truth, rec)
+        assert rec["mode"] == "netns" and rec["hosts"] == 2 and rec["onset_step"] >= 12
+        assert sorted(rec["after_ms"]) == sorted(rec["wait_after_ms"]) == ["0", "1", "2", "3"]
+        assert rec["reading"] in ("straggler", "network", "none"), rec
+        job = open_job(out / rec["name"] / "logs", truth["job_id"])
+        assert check_job(job)["ok"], rec["name"]
+    assert "reading right in" in text and "straggler-w4" in text and "link-w4" in text, text
+    # A resumed run skips what is done
+    rc, text = run_job([PY, str(REPO / "benchmarks" / "scenarios.py"), "--out", str(out),
+                        "--worlds", "4", "--faults", "straggler,link", "--reps", "1",
+                        "--resume"], cwd=tmp_path, env=job_env(), timeout=60)
+    assert rc == 0 and text.count("done before, skipped") == 2, text
