@@ -16,7 +16,9 @@ Layout of ``--out``::
     <fault>-w<world>-r<rep>/         the run folder (see ringwatch.cluster):
         ground_truth.json  cluster.json  logs/  steps/  out/
 
-``--resume`` skips runs whose folder already holds a finished ground truth. The figures per
+``--resume`` skips runs whose folder already holds a finished ground truth; ``--rescore``
+runs nothing and recomputes every figure of ``runs.jsonl`` from the stored logs (after a change
+to the analyzers). The figures per
 run, read back from the logs: each rank's median time in collectives per step and, of it, time
 spent waiting for a member that had not arrived (``ringwatch.analyzers.compute_step_wait``),
 before and after the onset; and the demo's reading of the run (``ringwatch demo``'s verdict
@@ -54,12 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--at-step", type=int, default=20, help="fault onset step")
     p.add_argument("--severity", type=float, default=0.5, help="straggler duty cycle")
-    p.add_argument("--rate-mbit", type=float, default=100.0, help="link: tbf rate")
+    p.add_argument("--rate-mbit", type=float,
+                   help="link: tbf rate (default 400/world Mbit/s: 100 at 4 ranks, 25 at 16; "
+                        "on 2 CPUs a bigger world makes longer steps and needs less bandwidth, "
+                        "so a fixed limit would stop binding)")
     p.add_argument("--loss-pct", type=float, help="link: packet loss instead of a rate limit")
     p.add_argument("--hold-s", type=float, default=15.0, help="hang: seconds held")
     p.add_argument("--factor", type=float, default=2.0, help="imbalance: work multiplier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="skip finished runs")
+    p.add_argument("--rescore", action="store_true",
+                   help="run nothing; recompute the figures of --out/runs.jsonl from its logs")
     return p.parse_args(argv)
 
 
@@ -85,7 +92,7 @@ def plan(args, netns: bool) -> list[dict]:
 
 def fault_of(run: dict, args) -> FaultSpec:
     kind = run["fault"]
-    rate = None if args.loss_pct is not None else args.rate_mbit
+    rate = None if args.loss_pct is not None else (args.rate_mbit or 400.0 / run["world"])
     return FaultSpec(kind=kind, rank=run["rank"], host=run["host"], at_step=args.at_step,
                      severity=args.severity, rate_mbit=rate, loss_pct=args.loss_pct,
                      hold_s=args.hold_s, factor=args.factor)
@@ -97,14 +104,13 @@ EXPECTED = {"none": ("none", False), "straggler": ("straggler", True),
             "imbalance": ("slow from the start", True)}
 
 
-def figures(result) -> dict:
+def figures(log_dir: Path, truth: dict) -> dict:
     """Per rank, median collective and wait ms per step before / after the onset; the
     demo's reading and whether it matches the ground truth."""
     try:
-        events = open_job(result.log_dir, result.job_id).events(include_pending=True)
+        events = open_job(log_dir, truth["job_id"]).events(include_pending=True)
     except (FileNotFoundError, ValueError) as exc:
         return {"error": str(exc)}
-    truth = result.ground_truth
     onset = truth["onset_step"] if truth["is_fault"] else None
     finished = events.filter(events["status"] != "pending")
     out = {}
@@ -115,7 +121,7 @@ def figures(result) -> dict:
         for phase in ("before", "after"):
             out[f"{name}{phase}_ms"] = {r: ms(v) for r, v in
                                         ph.select("rank", f"{phase}_ns").iter_rows()}
-    reading = interpret(events, truth, result.ground_truth["world_size"])
+    reading = interpret(events, truth, truth["world_size"])
     verdict, names_victim = EXPECTED[truth["kind"]]
     out.update(reading=reading.verdict, reading_rank=reading.rank,
                reading_ok=(reading.verdict == verdict
@@ -168,9 +174,25 @@ def summarize(records: list[dict]) -> list[str]:
     return lines
 
 
+def rescore(out: Path) -> list[dict]:
+    """Recompute the figures of every run listed in ``out/runs.jsonl``; rewrite it."""
+    index = out / "runs.jsonl"
+    records = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    for rec in records:
+        run_dir = out / rec["name"]
+        truth = json.loads((run_dir / GROUND_TRUTH).read_text())
+        rec.update(figures(run_dir / "logs", truth))
+    index.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.rescore:
+        records = rescore(out)
+        print("\n".join(summarize(records)))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     why = netns_unavailable_reason()
     if why:
@@ -192,7 +214,8 @@ def main(argv=None) -> int:
         rec = {**run, "ok": result.ok, "reason": result.reason, "mode": result.mode,
                "wall_s": round(time.monotonic() - t0, 1), "path": str(run_dir),
                "onset_step": result.ground_truth.get("onset_step"),
-               "leftovers": result.leftovers, **figures(result)}
+               "leftovers": result.leftovers,
+               **figures(result.log_dir, result.ground_truth)}
         records.append(rec)
         with open(index, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -89,25 +89,27 @@ def interpret(events, truth: dict, nproc: int) -> Reading:
     phase = "after" if with_base else "before"
     if len(wait[phase]) < 2:
         return Reading("no data", None, lines)
-    late = _stands_out(wait[phase], last[phase], wait['before'] if with_base else None)
+    late = _stands_out(comm[phase], wait[phase], last[phase])
+    already = _stands_out(comm["before"], wait["before"], last["before"]) if with_base else late
     if late is not None:
         peers = statistics.median(v for r, v in wait[phase].items() if r != late)
-        if with_base:
+        if late != already:
             was = statistics.median(v for r, v in wait["before"].items() if r != late)
             lines.append(
                 f"reading: rank {late} arrives last at {last['after'][late]:.0%} of collectives "
                 f"since the onset ({last['before'].get(late, 0):.0%} before); its peers wait "
                 f"{peers:.1f} ms per step for it (was {was:.1f}), it waits "
                 f"{wait['after'][late]:.1f} ms: a straggler")
-        else:
-            lines.append(
-                f"reading: rank {late} arrives last at {last['before'][late]:.0%} of "
-                f"collectives; its peers wait {peers:.1f} ms per step for it, it waits "
-                f"{wait['before'][late]:.1f} ms: slower from the first step (by design, or a "
-                "straggler from the start)")
-        return Reading("straggler" if with_base else "slow from the start", late, lines)
+            return Reading("straggler", late, lines)
+        lines.append(
+            f"reading: rank {late} arrives last at {last[phase][late]:.0%} of collectives"
+            + (" before and after the onset" if with_base else "")
+            + f"; its peers wait {peers:.1f} ms per step for it, it waits "
+            f"{wait[phase][late]:.1f} ms: slower from the first step (by design, or a "
+            "straggler from the start)")
+        return Reading("slow from the start", late, lines)
     grew = {r: comm["after"][r] - comm["before"].get(r, 0.0) for r in comm["after"]}
-    if with_base and min(grew.values()) > max(0.5 * statistics.median(comm["before"].values()),
+    if with_base and min(grew.values()) > max(0.25 * statistics.median(comm["before"].values()),
                                               5.0):
         lines.append(f"reading: every rank's time in collectives per step grew, by "
                      f"{min(grew.values()):.1f} to {max(grew.values()):.1f} ms, and no rank "
@@ -140,26 +142,27 @@ def _last_share(step_wait, onset: int | None) -> dict[str, dict[int, float]]:
     return out
 
 
-def _stands_out(wait_ms: dict[int, float], last: dict[int, float],
-                before_ms: dict[int, float] | None = None, *, min_share: float = 0.5,
-                min_peer_wait_ms: float = 3.0, min_growth: float = 0.4) -> int | None:
-    """The rank that arrives last at most collectives while its peers wait for it, if any.
+def _stands_out(comm_ms: dict[int, float], wait_ms: dict[int, float],
+                last: dict[int, float], *, min_share: float = 0.5,
+                min_peer_wait_ms: float = 3.0, outside_share: float = 0.25) -> int | None:
+    """The rank that is late because of what it does *outside* collectives, if any.
 
-    Healthy ranks take turns arriving last; a straggler arrives last at ``min_share`` or more
-    of its collectives and waits less than half as long as the median of its peers, who wait
-    ``min_peer_wait_ms`` or more per step. With ``before_ms`` (the waits before a change) the
-    peers' wait must also have grown, by ``min_peer_wait_ms`` and by ``min_growth`` of what it
-    was: a slower network lengthens everyone's collectives, and can change who arrives last,
-    without making the others wait longer for an arrival.
+    Healthy ranks take turns arriving last. A compute straggler arrives last at
+    ``min_share`` or more of its collectives and waits less than half as long as the median
+    of its peers, who wait ``min_peer_wait_ms`` or more per step; and its lateness is made
+    outside the collectives: its time in them is below its peers' by at least
+    ``outside_share`` of their wait (steps take as long on every rank, so less time in
+    collectives is more time outside). A rank made late by its own slower transfers (the far
+    end of a throttled link) spends as long in collectives as its peers and fails that test.
     """
+    if len(wait_ms) < 2:
+        return None
     late = min(wait_ms, key=wait_ms.get)
     peers = statistics.median(v for r, v in wait_ms.items() if r != late)
-    if before_ms:
-        was = statistics.median(v for r, v in before_ms.items() if r != late)
-        if peers - was < max(min_peer_wait_ms, min_growth * was):
-            return None
+    peers_in = statistics.median(v for r, v in comm_ms.items() if r != late)
     if (last.get(late, 0.0) >= min_share and peers >= min_peer_wait_ms
-            and wait_ms[late] < 0.5 * peers):
+            and wait_ms[late] < 0.5 * peers
+            and comm_ms.get(late, peers_in) <= peers_in - outside_share * peers):
         return late
     return None
 

@@ -11,10 +11,11 @@ RANKS = (0, 1, 2, 3)
 
 
 def job(steps=40, *, onset=None, late=None, late_ms=0.0, slow_ms=0.0, base_ms=20.0,
-        jitter=True):
+        jitter=True, late_ends_late=False):
     """One all-reduce per step on 4 ranks. Healthy: ranks take turns arriving last by 1 ms.
     From ``onset`` (or from the start when None), ``late`` arrives ``late_ms`` after the rest
-    and every collective lasts ``slow_ms`` longer."""
+    and every collective lasts ``slow_ms`` longer; with ``late_ends_late`` the late rank also
+    leaves its collectives ``late_ms`` after the others (its own transfers are the slow part)."""
     rows = []
     for step in range(steps):
         on = onset is None or step >= onset
@@ -25,6 +26,8 @@ def job(steps=40, *, onset=None, late=None, late_ms=0.0, slow_ms=0.0, base_ms=20
                 start = t0 + int(late_ms * MS)
             last = max(t0 + int(late_ms * MS) if on and late is not None else 0, t0 + MS)
             end = last + int((base_ms + (slow_ms if on else 0)) * MS)
+            if on and r == late and late_ends_late:
+                end += int(late_ms * MS)
             rows.append(row(r, step, step + 1, pg_ranks="0-3", step=step, mono_start_ns=start,
                             mono_end_ns=end))
     return frame(rows)
@@ -57,6 +60,22 @@ def test_rank_last_but_peers_no_longer_waiting_is_not_a_straggler():
     # the peers' wait barely grows, so the bigger collectives are the network, not rank 3.
     r = interpret(job(onset=20, late=3, late_ms=2, slow_ms=100), truth("link", 20), 4)
     assert r.verdict == "network", r.lines
+
+
+def test_rank_late_from_its_own_slow_transfers_is_not_a_compute_straggler():
+    # Last to arrive by 10 ms, but as long in collectives as its peers: it left the previous
+    # one late (the far end of a throttled link), it did not compute longer.
+    r = interpret(job(onset=20, late=3, late_ms=10, slow_ms=100, late_ends_late=True),
+                  truth("link", 20), 4)
+    assert r.verdict == "network", r.lines
+    r = interpret(job(onset=20, late=3, late_ms=10, slow_ms=100), truth("link", 20), 4)
+    assert (r.verdict, r.rank) == ("straggler", 3), r.lines  # the same, late from outside
+
+
+def test_rank_slow_before_and_after_the_onset_is_slow_from_the_start():
+    r = interpret(job(late=1, late_ms=30), truth("straggler", 20), 4)
+    assert (r.verdict, r.rank) == ("slow from the start", 1), r.lines
+    assert "before and after the onset" in r.lines[-1]
 
 
 def test_healthy_run_has_no_culprit():
