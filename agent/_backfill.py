@@ -30,14 +30,24 @@ def index_entries(dump: dict | None) -> dict[tuple[str, int], FrEntry]:
 
 
 def backfill(rec: Recorder, gaps: dict[GroupInfo, list[tuple[int, int]]],
-             dump: dict | None) -> int:
-    """Queue one event per reserved (seq, idx). Returns how many were found in the FR."""
+             dump: dict | None, *, give_up: bool = True
+             ) -> tuple[int, dict[GroupInfo, list[tuple[int, int]]]]:
+    """Queue one event per reserved (seq, idx) found in the FR.
+
+    One the FR lacks is queued as an ``unknown`` placeholder when ``give_up``, else handed back
+    (the FR can lag the backend's counter by a moment; a later read may find it). Returns how
+    many were found, and those handed back.
+    """
     index = index_entries(dump)
     wall_minus_mono = rec.clock.wall_ns() - rec.clock.mono_ns()
     found = 0
+    missed: dict[GroupInfo, list[tuple[int, int]]] = {}
     for g, items in gaps.items():
         for seq, idx in items:
             fe = index.get((g.name, seq))
+            if fe is None and not give_up:
+                missed.setdefault(g, []).append((seq, idx))
+                continue
             if fe is None:
                 ev = rec.unseen_event(g, "unknown", API_BACKFILL, seq=seq, idx=idx,
                                       mono_start=None)
@@ -62,4 +72,4 @@ def backfill(rec: Recorder, gaps: dict[GroupInfo, list[tuple[int, int]]],
             rec.backfilled += 1
             found += 1
             rec.add_finished(ev)
-    return found
+    return found, missed

@@ -428,6 +428,12 @@ class Recorder:
                 g.gaps = []
         return out
 
+    def return_gaps(self, gaps: dict[GroupInfo, list[tuple[int, int]]]) -> None:
+        """Put back gaps that :meth:`take_gaps` returned, for a later try."""
+        with self.lock:
+            for g, items in gaps.items():
+                g.gaps = items + g.gaps
+
     def finish_pending(self, status: str = "pending") -> list[Event]:
         """Close every in-flight event as ``status`` (at exit) and return them."""
         evs = self.pending_snapshot()

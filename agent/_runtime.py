@@ -30,6 +30,7 @@ from ringwatch.agent._writer import FR_FILE, SegmentWriter
 
 SIGTERM_GRACE_S = 1.0
 FINAL_FLUSH_WAIT_S = 2.0
+BACKFILL_RETRIES = 3  # flushes that look again for a collective missing from the FR
 CLOSE_WAIT_S = 20.0  # the SIGTERM handler's wait for the watcher's final flush
 
 
@@ -57,6 +58,7 @@ class Runtime:
         self._backfill_due = False
         self._last_backfill = 0.0
         self._closed = False
+        self._backfill_tries = 0
         self._close_lock = threading.RLock()
         self.closed_event = threading.Event()  # set once the final flush is written
         self.write_failures = 0
@@ -143,7 +145,16 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001
             warn_once("fr_dump", f"cannot read the Flight Recorder: {exc!r}")
         n = sum(len(v) for v in gaps.values())
-        found = backfill(self.rec, gaps, dump)
+        # The FR can lag the backend's counter: look again at the next flushes before
+        # settling for a placeholder.
+        self._backfill_tries += 1
+        give_up = final or self._backfill_tries > BACKFILL_RETRIES
+        found, missed = backfill(self.rec, gaps, dump, give_up=give_up)
+        if missed:
+            self.rec.return_gaps(missed)
+            self._backfill_due = True
+            return
+        self._backfill_tries = 0
         if found < n:
             warn_once("fr_missing", f"{n - found} collective(s) issued outside ringwatch's "
                       "hooks were not in the Flight Recorder (TORCH_FR_BUFFER_SIZE?)")

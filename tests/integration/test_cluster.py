@@ -285,7 +285,8 @@ def test_scenario_runner_keeps_each_run_with_its_ground_truth(tmp_path):
         assert sorted(rec["after_ms"]) == sorted(rec["wait_after_ms"]) == ["0", "1", "2", "3"]
         assert rec["reading"] in ("straggler", "network", "none"), rec
         job = open_job(out / rec["name"] / "logs", truth["job_id"])
-        assert check_job(job)["ok"], rec["name"]
+        checked = check_job(job)
+        assert checked["ok"], (rec["name"], checked["lines"])
     assert "reading right in" in text and "straggler-w4" in text and "link-w4" in text, text
     # A resumed run skips what is done
     rc, text = run_job([PY, str(REPO / "benchmarks" / "scenarios.py"), "--out", str(out),

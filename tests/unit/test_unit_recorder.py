@@ -523,3 +523,45 @@ def test_release_drops_every_reference_to_groups_and_works(rec):
     assert rec.groups_snapshot() == []
     assert g.handle is None and g.key is None
     assert rec.wait_watch == {} and ev.work is None
+
+
+# ---- backfill from the Flight Recorder -----------------------------------------------------------
+
+
+def test_backfill_hands_back_what_the_fr_does_not_hold_yet(rec):
+    from ringwatch.agent._backfill import backfill
+
+    from fakes import dump, fr_entry
+
+    g = group(rec)
+    pg = g.handle
+    pg.seq = 2  # two collectives from C++ before the first hooked one
+    issue_collective(rec, g)
+    rec.drain()
+    gaps = rec.take_gaps()
+    assert gaps == {g: [(1, 0), (2, 1)]}
+    lagging = dump([fr_entry(1, 2, "gloo:broadcast")])  # seq 1 not in the FR yet
+    found, missed = backfill(rec, gaps, lagging, give_up=False)
+    assert found == 1 and missed == {g: [(1, 0)]}
+    assert [(e.seq, e.idx, e.op) for e in rec.drain()] == [(2, 1, "broadcast")]
+    rec.return_gaps(missed)
+    full = dump([fr_entry(0, 1, "gloo:all_gather"), fr_entry(1, 2, "gloo:broadcast")])
+    found, missed = backfill(rec, rec.take_gaps(), full, give_up=False)
+    assert found == 1 and missed == {}
+    (ev,) = rec.drain()
+    assert (ev.seq, ev.idx, ev.op, ev.api) == (1, 0, "all_gather", "flight_recorder")
+    assert rec.unrecovered == 0
+
+
+def test_backfill_gives_up_with_a_placeholder(rec):
+    from ringwatch.agent._backfill import backfill
+
+    g = group(rec)
+    g.handle.seq = 1
+    issue_collective(rec, g)
+    rec.drain()
+    found, missed = backfill(rec, rec.take_gaps(), None, give_up=True)
+    assert (found, missed) == (0, {})
+    (ev,) = rec.drain()
+    assert (ev.seq, ev.idx, ev.op, ev.status) == (1, 0, "unknown", "unknown")
+    assert rec.unrecovered == 1
