@@ -68,22 +68,28 @@ def compute_step_wait(events: pl.DataFrame) -> pl.DataFrame:
 
     Returns:
         Columns ``rank``, ``step``, ``collectives`` (counted ones), ``wait_ns``,
-        ``last_arrivals`` (collectives this rank entered last, ties to every latest), sorted
-        by step then rank.
+        ``last_arrivals`` (collectives this rank entered last, ties to every latest) and
+        ``exit_lag_ns`` (median over the step's collectives of how long after the first
+        member to leave this rank left: a rank made late by its own slow transfers leaves
+        last, a compute straggler leaves with the others), sorted by step then rank.
     """
     df = events.filter(~pl.col("is_p2p") & pl.col("step").is_not_null()
                        & pl.col("seq").is_not_null() & pl.col("t_start_ns").is_not_null())
     key = ["pg", "seq"]
     df = (df.with_columns(pl.len().over(key).alias("_n"),
-                          pl.col("t_start_ns").max().over(key).alias("_last"))
+                          pl.col("t_start_ns").max().over(key).alias("_last"),
+                          (pl.col("t_end_ns") - pl.col("t_end_ns").min().over(key))
+                          .alias("_exit"))
           .filter(pl.col("_n") == pl.col("pg_size")))
     wait = _merged_ns(df.sort("rank", "step", "t_start_ns"), "t_start_ns", "_last",
                       ["rank", "step"]).rename({"merged_ns": "wait_ns"})
     per = df.group_by("rank", "step").agg(
         pl.len().alias("collectives"),
-        (pl.col("t_start_ns") == pl.col("_last")).sum().alias("last_arrivals"))
+        (pl.col("t_start_ns") == pl.col("_last")).sum().alias("last_arrivals"),
+        pl.col("_exit").median().alias("exit_lag_ns"))
     return per.join(wait, on=["rank", "step"]).select(
-        "rank", "step", "collectives", "wait_ns", "last_arrivals").sort("step", "rank")
+        "rank", "step", "collectives", "wait_ns", "last_arrivals", "exit_lag_ns",
+    ).sort("step", "rank")
 
 
 def pivot_step_comm(step_comm: pl.DataFrame, *, value: str = "comm_ns") -> pl.DataFrame:

@@ -73,6 +73,7 @@ def interpret(events, truth: dict, nproc: int) -> Reading:
     onset = truth.get("onset_step") if kind in ("straggler", "hang", "link") else None
     comm = _phases_ms(compute_phase_comm(sc, onset))
     wait = _phases_ms(compute_phase_comm(sw, onset, value="wait_ns"))
+    exit_lag = _phases_ms(compute_phase_comm(sw, onset, value="exit_lag_ns"))
     last = _last_share(sw, onset)
     lines = []
     name = "healthy steps" if onset is not None else "all steps"
@@ -89,8 +90,9 @@ def interpret(events, truth: dict, nproc: int) -> Reading:
     phase = "after" if with_base else "before"
     if len(wait[phase]) < 2:
         return Reading("no data", None, lines)
-    late = _stands_out(comm[phase], wait[phase], last[phase])
-    already = _stands_out(comm["before"], wait["before"], last["before"]) if with_base else late
+    late = _stands_out(exit_lag[phase], wait[phase], last[phase])
+    already = (_stands_out(exit_lag["before"], wait["before"], last["before"]) if with_base
+               else late)
     if late is not None:
         peers = statistics.median(v for r, v in wait[phase].items() if r != late)
         if late != already:
@@ -142,27 +144,26 @@ def _last_share(step_wait, onset: int | None) -> dict[str, dict[int, float]]:
     return out
 
 
-def _stands_out(comm_ms: dict[int, float], wait_ms: dict[int, float],
+def _stands_out(exit_lag_ms: dict[int, float], wait_ms: dict[int, float],
                 last: dict[int, float], *, min_share: float = 0.5,
-                min_peer_wait_ms: float = 3.0, outside_share: float = 0.25) -> int | None:
+                min_peer_wait_ms: float = 3.0, exit_share: float = 0.25) -> int | None:
     """The rank that is late because of what it does *outside* collectives, if any.
 
     Healthy ranks take turns arriving last. A compute straggler arrives last at
     ``min_share`` or more of its collectives and waits less than half as long as the median
-    of its peers, who wait ``min_peer_wait_ms`` or more per step; and its lateness is made
-    outside the collectives: its time in them is below its peers' by at least
-    ``outside_share`` of their wait (steps take as long on every rank, so less time in
-    collectives is more time outside). A rank made late by its own slower transfers (the far
-    end of a throttled link) spends as long in collectives as its peers and fails that test.
+    of its peers, who wait ``min_peer_wait_ms`` or more per step; and, once in, it leaves
+    with the others: its exit lag exceeds its peers' by less than ``exit_share`` of their
+    wait. A rank made late by its own slow transfers (the far end of a throttled link)
+    leaves each collective last, which is why it arrives last at the next, and fails that.
     """
     if len(wait_ms) < 2:
         return None
     late = min(wait_ms, key=wait_ms.get)
     peers = statistics.median(v for r, v in wait_ms.items() if r != late)
-    peers_in = statistics.median(v for r, v in comm_ms.items() if r != late)
+    peers_exit = statistics.median(v for r, v in exit_lag_ms.items() if r != late)
     if (last.get(late, 0.0) >= min_share and peers >= min_peer_wait_ms
             and wait_ms[late] < 0.5 * peers
-            and comm_ms.get(late, peers_in) <= peers_in - outside_share * peers):
+            and exit_lag_ms.get(late, peers_exit) - peers_exit < exit_share * peers):
         return late
     return None
 

@@ -88,6 +88,8 @@ def test_wait_is_time_until_the_last_member_arrives():
     assert w[(0, 1)]["last_arrivals"] == 0 and w[(1, 1)]["last_arrivals"] == 2
     assert w[(0, 2)]["wait_ns"] == 0 and w[(1, 2)]["wait_ns"] == 10
     assert w[(0, 1)]["collectives"] == 2
+    # each lasts 1000 ns from its own start, so the late rank also leaves late: 30 and 20 ns
+    assert w[(1, 1)]["exit_lag_ns"] == 25 and w[(0, 1)]["exit_lag_ns"] == 0
 
 
 def test_overlapping_waits_count_once_and_groups_are_separate():
