@@ -166,6 +166,7 @@ class Runtime:
             "write_failures": self.write_failures,
             "warnings": error_counts(),
             "final": final,
+            "written_ns": self.rec.clock.wall_ns(),  # a heartbeat: the flush's wall time
             "config": {k: str(v) for k, v in dataclasses.asdict(self.config).items()},
         }
 

@@ -13,6 +13,8 @@ from ringwatch.analyzers._capture import (
     compute_collective_signatures,
     compute_signature_bytes,
 )
+from ringwatch.analyzers._findings import KINDS, Finding
+from ringwatch.analyzers._hangs import compute_frontier, detect_hangs
 from ringwatch.analyzers._steps import (
     compute_phase_comm,
     compute_step_comm,
@@ -25,5 +27,5 @@ __all__ = [
     "ConsistencyReport", "FrComparison", "GroupCheck", "check_consistency",
     "compare_flight_recorder", "compute_collective_signatures", "compute_signature_bytes",
     "compute_phase_comm", "compute_step_comm", "compute_step_wait", "phase_masks",
-    "pivot_step_comm",
+    "pivot_step_comm", "KINDS", "Finding", "compute_frontier", "detect_hangs",
 ]

@@ -77,6 +77,12 @@ def cmd_logs(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from ringwatch._analyze import cmd_analyze as run
+
+    return run(args)
+
+
 def cmd_schema(args) -> int:
     from ringwatch._schema import COLUMNS, SCHEMA_VERSION, schema_markdown
 
@@ -116,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--steps", action="store_true", help="per-step collective time per rank")
     lg.add_argument("--json", action="store_true", help="machine-readable output")
     lg.set_defaults(func=cmd_logs)
+
+    an = sub.add_parser("analyze", help="find hangs in a job's logs",
+                        description="Run the analyzers over a job's logs (post-mortem, or "
+                        "--online on a running job's folder) and print the findings.")
+    an.add_argument("log_dir", help="the log root (or one job's folder)")
+    an.add_argument("--job", help="job id (default: the most recently written)")
+    an.add_argument("--online", action="store_true",
+                    help="measure stalls up to now, not up to the agents' newest write")
+    an.add_argument("--min-stall-s", type=float, default=None,
+                    help="seconds a collective must be in flight, its group stuck behind "
+                    "it, to count as a hang (default 10)")
+    an.add_argument("--json", action="store_true", help="the findings as JSON")
+    an.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("schema", help="print the event schema")
     s.add_argument("--markdown", action="store_true", help="as docs/schema.md")

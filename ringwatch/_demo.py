@@ -117,6 +117,14 @@ def run_demo(args) -> int:
     if fault.kind == "hang":
         _say("(for a hang, the ranks that never arrived lack the collectives their peers "
              "entered: the consistency problems above are the hang itself)")
+    # The analyzers, as `ringwatch analyze` runs them (a short hold: a shorter stall counts)
+    from ringwatch._analyze import analyze_job, report_lines
+    from ringwatch.analyzers._hangs import MIN_STALL_S
+
+    stall = min(MIN_STALL_S, fault.hold_s / 2) if fault.kind == "hang" else None
+    _say(f"ringwatch analyze {result.log_dir}:")
+    for line in report_lines(analyze_job(job, min_stall_s=stall))[1:]:
+        _say(f"  {line}")
     _say(f"ground truth: {result.run_dir / GROUND_TRUTH}")
     _say(f"logs: {job.path}   (read them: ringwatch logs {result.log_dir} --steps)")
     if result.leftovers:

@@ -158,6 +158,26 @@ class JobLogs:
                 self._problem(f"{path}: unreadable ({exc})")
         return out
 
+    def last_write_ns(self) -> dict[int, int]:
+        """``rank -> wall clock (ns) of its agent's newest flush``: a heartbeat. The writer
+        rewrites ``meta.json`` with the time (``written_ns``) at every flush while the process
+        runs; for logs without it, the newest file's modification time (which a copy resets)."""
+        out = {}
+        for rank, m in self.meta().items():
+            if isinstance(m.get("written_ns"), int):
+                out[rank] = m["written_ns"]
+        for rank, d in self.ranks.items():
+            if rank in out:
+                continue
+            try:
+                times = [p.stat().st_mtime_ns for p in d.iterdir() if p.is_file()]
+            except OSError as exc:
+                self._problem(f"{d}: unreadable ({exc})")
+                continue
+            if times:
+                out[rank] = max(times)
+        return out
+
     def flight_recorder(self, rank: int) -> dict | None:
         """The Flight Recorder copy a rank saved at exit, or None."""
         from ringwatch._flight_recorder import load_dump

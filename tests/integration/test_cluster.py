@@ -24,6 +24,7 @@ from ringwatch.analyzers import (
     compute_phase_comm,
     compute_step_comm,
     compute_step_wait,
+    detect_hangs,
     phase_masks,
 )
 from ringwatch.cluster import Cluster, ClusterSpec, FaultSpec, leftovers, read_steps, run_cluster
@@ -181,6 +182,16 @@ def test_hang_leaves_the_victim_behind(tmp_path, mode):
     truth = result.ground_truth
     assert truth["rank"] == 3 and truth["host"] == "host1" and truth["params"]["hang_mode"] == mode
     assert truth["onset_wall_ns"] > marks[3][1][10][1]
+    # The hang analyzer names the victim, post-mortem, from the logs alone: a blocked rank
+    # never arrived at the collective its peers wait in; a stopped one's agent went silent.
+    job = open_job(result.log_dir, result.job_id)
+    seen = job.last_write_ns()
+    (f,) = detect_hangs(ev, now_ns=max(seen.values()), last_seen_ns=seen, min_stall_s=3,
+                        silent_s=3)
+    assert (f.kind, f.ranks, f.hosts, f.pg) == ("hang", (3,), ("host1",), "0"), f
+    assert f.cls == ("never arrived" if mode == "block" else "rank not running"), f
+    assert f.seq == last[3] + 1 or mode == "stop", (f, last)
+    assert f.since_ns >= truth["onset_wall_ns"] - 1e9, (f.since_ns, truth["onset_wall_ns"])
 
 
 def test_imbalance_is_there_from_the_start(tmp_path):

@@ -1,0 +1,64 @@
+"""One findings model for every analyzer: what is wrong, who, why, since when, and the proof.
+
+Everything downstream (the ``ringwatch analyze`` summary and ``--json``, alerts, dashboards)
+reads :class:`Finding`; analyzers return tuples of them and never print.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+KINDS = ("hang", "straggler", "slow_link", "imbalance")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing that hurts (or stopped) the job.
+
+    Attributes:
+        kind: One of :data:`KINDS`.
+        cls: The finer class within the kind, e.g. ``never arrived`` or ``stuck in the
+            collective`` for a hang.
+        ranks: Global ranks of the culprit (for a stuck group: its members).
+        hosts: Their hosts, in the order of ``ranks`` (duplicates removed).
+        pg: Process group the evidence comes from, when one.
+        seq: Collective number within ``pg`` the evidence points at, when one.
+        confidence: 0..1, how sure the analyzer is.
+        since_ns: Wall clock (ns) when it started, when known.
+        since_step: Training step when it started, when known.
+        evidence: Short lines a person can check against the logs.
+        gain_s_per_step: What fixing it would save per step (s), when estimated.
+    """
+
+    kind: str
+    cls: str
+    ranks: tuple[int, ...]
+    hosts: tuple[str, ...] = ()
+    pg: str | None = None
+    seq: int | None = None
+    confidence: float = 1.0
+    since_ns: int | None = None
+    since_step: int | None = None
+    evidence: tuple[str, ...] = field(default_factory=tuple)
+    gain_s_per_step: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence must be within 0..1, not {self.confidence}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ranks"], d["hosts"], d["evidence"] = list(self.ranks), list(self.hosts), \
+            list(self.evidence)
+        return d
+
+    def headline(self) -> str:
+        """One line: kind, class, who, where."""
+        who = ", ".join(f"rank {r}" for r in self.ranks[:8]) + (
+            f" (+{len(self.ranks) - 8} more)" if len(self.ranks) > 8 else "")
+        where = f" on {', '.join(self.hosts[:4])}" if self.hosts else ""
+        at = f" at pg {self.pg} #{self.seq}" if self.pg is not None and self.seq is not None \
+            else ""
+        return f"{self.kind.upper()} ({self.cls}): {who}{where}{at}"

@@ -1,0 +1,137 @@
+"""Hangs: per process group, the frontier of collective numbers and who is behind it.
+
+Every member of a group enters the group's collectives in the same order (``seq``). When a
+group stops progressing, its lowest collective still in flight on some member, #N, splits the
+members in two: those that entered #N and wait in it, and those that never entered it. Members
+that never arrived point at a host-side problem on those ranks (a stuck data loader, a dead
+process, a rank blocked in another group); all members in and none out points at the
+collective itself (the network or the device). A rank whose agent stopped writing while its
+peers kept flushing is not running at all (stopped, killed, host down): that outranks what its
+last rows say.
+
+Online: call with the latest rows (pending ones included) and the current time. Post-mortem:
+call with the logs, whose last entries are the collectives in flight when recording stopped,
+and the time of the last flush.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from ringwatch._schema import parse_ranks
+from ringwatch.analyzers._findings import Finding
+
+MIN_STALL_S = 10.0  # a collective in flight this long, with the group stuck behind it
+SILENT_S = 10.0  # an agent silent this much longer than its peers' newest flush
+
+
+def compute_frontier(events: pl.DataFrame) -> pl.DataFrame:
+    """Per (pg, rank), how far the rank got in the group's collectives.
+
+    Args:
+        events: Rows of one job, pending ones included (point-to-point rows are left out:
+            their numbers count per pair, not per group).
+
+    Returns:
+        Columns ``pg``, ``pg_ranks``, ``rank``, ``host``, ``entered_seq`` (highest collective
+        number it entered), ``finished_seq`` (highest it finished), ``pending_seq`` (lowest
+        still in flight, null if none), ``pending_op``, ``pending_start_ns`` and
+        ``pending_step``; sorted by pg then rank.
+    """
+    df = events.filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
+    pending = pl.col("status") == "pending"
+    first_pending = pl.col("seq").filter(pending).min()
+    at_first = pending & (pl.col("seq") == pl.col("seq").filter(pending).min())
+    return (df.group_by("pg", "rank").agg(
+        pl.col("pg_ranks").first(), pl.col("host").first(),
+        pl.col("seq").max().alias("entered_seq"),
+        pl.col("seq").filter(~pending).max().alias("finished_seq"),
+        first_pending.alias("pending_seq"),
+        pl.col("op").filter(at_first).first().alias("pending_op"),
+        pl.col("t_start_ns").filter(at_first).min().alias("pending_start_ns"),
+        pl.col("step").filter(at_first).first().alias("pending_step"))
+        .sort("pg", "rank"))
+
+
+def _ranks(rs) -> str:
+    return ",".join(str(r) for r in rs)
+
+
+def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float = MIN_STALL_S,
+                 last_seen_ns: dict[int, int] | None = None,
+                 silent_s: float = SILENT_S) -> tuple[Finding, ...]:
+    """Groups stuck behind a collective in flight for ``min_stall_s`` or more at ``now_ns``.
+
+    Args:
+        events: Rows of one job, pending ones included.
+        now_ns: Wall clock (ns) to measure the stall against: the current time online, the
+            last flush post-mortem.
+        min_stall_s: How long the oldest blocking collective must have been in flight.
+        last_seen_ns: Per rank, wall clock of its agent's newest write (a heartbeat); a rank
+            ``silent_s`` behind the newest is reported as not running.
+
+    Returns:
+        One :class:`Finding` per stuck group, root causes first: a group whose missing ranks
+        are themselves waiting in another stuck group is a consequence (lower confidence).
+    """
+    fr = compute_frontier(events)
+    newest = max(last_seen_ns.values()) if last_seen_ns else None
+    silent = {r for r, t in (last_seen_ns or {}).items() if newest - t > silent_s * 1e9}
+    stuck: dict[str, tuple] = {}
+    for (pg,), rows in fr.group_by("pg", maintain_order=True):
+        blocking = rows.filter(pl.col("pending_seq").is_not_null())
+        if blocking.is_empty():
+            continue
+        n = int(blocking["pending_seq"].min())
+        at_n = blocking.filter(pl.col("pending_seq") == n)
+        since = int(at_n["pending_start_ns"].min())
+        stall_s = (now_ns - since) / 1e9
+        if stall_s < min_stall_s:
+            continue
+        members = parse_ranks(rows["pg_ranks"][0])
+        entered = dict(zip(rows["rank"].to_list(), rows["entered_seq"].to_list(), strict=True))
+        finished = dict(zip(rows["rank"].to_list(), rows["finished_seq"].to_list(),
+                            strict=True))
+        hosts = dict(zip(rows["rank"].to_list(), rows["host"].to_list(), strict=True))
+        missing = [m for m in members if (entered.get(m) or 0) < n]
+        waiting = sorted(at_n["rank"].to_list())
+        done = [m for m in members if (finished.get(m) or 0) >= n]
+        stuck[pg] = (n, since, stall_s, members, missing, waiting, done, hosts,
+                     at_n.row(0, named=True))
+    waiting_in = {r: (pg, s[0]) for pg, s in stuck.items() for r in s[5]}
+    findings = []
+    for pg, (n, since, stall_s, members, missing, waiting, done, hosts, row) in stuck.items():
+        op = row["pending_op"]
+        ev = [f"pg {pg} ({row['pg_ranks']}): rank(s) {_ranks(waiting)} waiting in {op} #{n} "
+              f"for {stall_s:.1f} s"]
+        conf = 1.0
+        mute = sorted(set(members) & silent)
+        if mute:
+            cls, culprits = "rank not running", mute
+            ev += [f"rank {r}'s agent silent for {(newest - last_seen_ns[r]) / 1e9:.1f} s "
+                   "while its peers kept writing (stopped, killed or host down)" for r in mute]
+        elif missing:
+            cls, culprits = "never arrived", missing
+            for r in missing:
+                got = entered.get(r)
+                where = waiting_in.get(r)
+                if where is not None and where[0] != pg:
+                    ev.append(f"rank {r} last entered #{got} here and is waiting in pg "
+                              f"{where[0]} #{where[1]}")
+                    conf = 0.5  # a consequence of the other group's hang
+                else:
+                    ev.append(f"rank {r} last entered #{got} here and is in no collective: "
+                              "stuck outside collectives (host side)" if got else
+                              f"rank {r} never entered a collective of this group")
+        else:
+            not_done = [m for m in members if m not in done]
+            cls = "stuck in the collective"
+            culprits = not_done or members
+            ev.append(f"every member entered #{n}; {len(done)} finished it: the collective "
+                      "itself does not complete (network or device)")
+        findings.append(Finding(
+            kind="hang", cls=cls, ranks=tuple(culprits),
+            hosts=tuple(dict.fromkeys(hosts.get(r) for r in culprits if hosts.get(r))),
+            pg=pg, seq=n, confidence=conf, since_ns=since, since_step=row["pending_step"],
+            evidence=tuple(ev)))
+    return tuple(sorted(findings, key=lambda f: (-f.confidence, f.since_ns or 0)))

@@ -1,0 +1,64 @@
+"""``ringwatch analyze``: run the analyzers over a job's logs and print the findings."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+
+def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None) -> dict:
+    """Findings of every analyzer over one job's logs.
+
+    Post-mortem (default) the stall of a hang is measured up to the agents' newest write;
+    ``online`` measures it up to now.
+    """
+    from ringwatch.analyzers import detect_hangs
+    from ringwatch.analyzers._hangs import MIN_STALL_S
+
+    events = job.events(include_pending=True)
+    seen = job.last_write_ns()
+    if online or not seen:
+        now_ns = time.time_ns()
+    else:
+        now_ns = max(seen.values())
+    findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=seen,
+                            min_stall_s=MIN_STALL_S if min_stall_s is None else min_stall_s)
+    return {"job_id": job.job_id, "path": str(job.path), "ranks": sorted(job.ranks),
+            "collectives": events.height, "as_of_ns": now_ns,
+            "findings": [f.to_dict() for f in findings], "_findings": findings}
+
+
+def _when(ns: int | None) -> str:
+    if ns is None:
+        return "?"
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def report_lines(report: dict) -> list[str]:
+    lines = [f"job {report['job_id']}: {len(report['ranks'])} rank(s), "
+             f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
+    findings = report["_findings"]
+    if not findings:
+        lines.append("no findings: no group is stuck")
+        return lines
+    lines.append(f"{len(findings)} finding(s):")
+    for f in findings:
+        since = f"since step {f.since_step}, " if f.since_step is not None else ""
+        lines.append(f"  {f.headline()}  (confidence {f.confidence:.2f}, {since}"
+                     f"{_when(f.since_ns)})")
+        lines += [f"      {e}" for e in f.evidence]
+    return lines
+
+
+def cmd_analyze(args) -> int:
+    from ringwatch._logs import open_job
+
+    job = open_job(args.log_dir, args.job)
+    report = analyze_job(job, online=args.online, min_stall_s=args.min_stall_s)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")},
+                         indent=1))
+    else:
+        print("\n".join(report_lines(report)))
+    return 0

@@ -1,0 +1,95 @@
+"""Hang frontier: never arrived, stuck in the collective, not running, consequences."""
+
+from __future__ import annotations
+
+import pytest
+
+from ringwatch.analyzers import Finding, compute_frontier, detect_hangs
+
+from fakes import frame, row
+
+S = 1_000_000_000
+
+
+def ev(rank, seq, start_s, *, pg="0", pg_ranks="0-3", status="ok", op="all_reduce", step=None):
+    end = None if status == "pending" else int((start_s + 0.01) * S)
+    r = row(rank, seq - 1, seq, op, pg=pg, pg_ranks=pg_ranks, status=status, step=step,
+            mono_start_ns=int(start_s * S), mono_end_ns=end)
+    r["host"] = f"host{rank // 2}"
+    return r
+
+
+def healthy(seqs, ranks=(0, 1, 2, 3), **kw):
+    return [ev(r, s, s, **kw) for s in seqs for r in ranks]
+
+
+def test_frontier_per_group():
+    rows = healthy(range(1, 4)) + [ev(r, 4, 4.0, status="pending", step=7) for r in (0, 2, 3)]
+    fr = {r["rank"]: r for r in compute_frontier(frame(rows)).iter_rows(named=True)}
+    assert fr[1]["entered_seq"] == 3 and fr[1]["pending_seq"] is None
+    assert fr[0]["entered_seq"] == 4 and fr[0]["finished_seq"] == 3
+    assert fr[0]["pending_seq"] == 4 and fr[0]["pending_step"] == 7
+    assert fr[0]["pending_start_ns"] == 4 * S
+
+
+def test_rank_that_never_arrived():
+    rows = healthy(range(1, 4)) + [ev(r, 4, 4.0, status="pending", step=7) for r in (0, 2, 3)]
+    (f,) = detect_hangs(frame(rows), now_ns=20 * S)
+    assert (f.kind, f.cls, f.ranks, f.hosts, f.pg, f.seq) == (
+        "hang", "never arrived", (1,), ("host0",), "0", 4)
+    assert f.since_ns == 4 * S and f.since_step == 7 and f.confidence == 1.0
+    assert "rank(s) 0,2,3 waiting in all_reduce #4 for 16.0 s" in f.evidence[0]
+    assert "rank 1 last entered #3 here and is in no collective" in f.evidence[1]
+
+
+def test_too_short_a_stall_is_not_a_hang():
+    rows = healthy(range(1, 4)) + [ev(r, 4, 4.0, status="pending") for r in (0, 2, 3)]
+    assert detect_hangs(frame(rows), now_ns=10 * S) == ()
+    assert detect_hangs(frame(healthy(range(1, 9))), now_ns=100 * S) == ()
+
+
+def test_everyone_inside_and_nobody_out_is_the_collective():
+    rows = healthy(range(1, 4)) + [ev(r, 4, 4.0, status="pending") for r in (0, 1, 2, 3)]
+    (f,) = detect_hangs(frame(rows), now_ns=30 * S)
+    assert f.cls == "stuck in the collective" and f.ranks == (0, 1, 2, 3)
+    assert f.hosts == ("host0", "host1")
+    assert "network or device" in f.evidence[-1]
+
+
+def test_some_members_finished_the_others_are_stuck():
+    rows = healthy(range(1, 4)) + [ev(r, 4, 4.0) for r in (0, 1)] + \
+        [ev(r, 4, 4.0, status="pending") for r in (2, 3)]
+    (f,) = detect_hangs(frame(rows), now_ns=30 * S)
+    assert f.cls == "stuck in the collective" and f.ranks == (2, 3)
+
+
+def test_a_silent_agent_is_a_rank_not_running():
+    rows = healthy(range(1, 4)) + [ev(r, 4, 4.0, status="pending") for r in (0, 1, 2, 3)]
+    seen = {0: 30 * S, 1: 30 * S, 2: 5 * S, 3: 30 * S}  # rank 2 stopped writing at 5 s
+    (f,) = detect_hangs(frame(rows), now_ns=30 * S, last_seen_ns=seen)
+    assert (f.cls, f.ranks, f.hosts) == ("rank not running", (2,), ("host1",))
+    assert "rank 2's agent silent for 25.0 s" in f.evidence[1]
+
+
+def test_a_rank_blocked_in_another_group_is_a_consequence():
+    # rank 1 waits in tp group "1" (ranks 0,1) for rank 0, which is stuck outside collectives;
+    # the dp group "2" (ranks 1,3) sees rank 1 never arrive: a consequence, ranked second.
+    rows = (healthy(range(1, 3), ranks=(0, 1), pg="1", pg_ranks="0-1")
+            + healthy(range(1, 3), ranks=(1, 3), pg="2", pg_ranks="1,3")
+            + [ev(1, 3, 3.0, pg="1", pg_ranks="0-1", status="pending"),
+               ev(3, 3, 3.5, pg="2", pg_ranks="1,3", status="pending")])
+    root, consequence = detect_hangs(frame(rows), now_ns=30 * S)
+    assert (root.pg, root.cls, root.ranks, root.confidence) == ("1", "never arrived", (0,), 1.0)
+    assert (consequence.pg, consequence.ranks, consequence.confidence) == ("2", (1,), 0.5)
+    assert "rank 1 last entered #2 here and is waiting in pg 1 #3" in consequence.evidence[1]
+
+
+def test_finding_validates_and_serialises():
+    f = Finding(kind="hang", cls="never arrived", ranks=(1,), hosts=("h",), pg="0", seq=4,
+                evidence=("x",))
+    assert f.to_dict()["ranks"] == [1] and f.to_dict()["evidence"] == ["x"]
+    assert f.headline() == "HANG (never arrived): rank 1 on h at pg 0 #4"
+    with pytest.raises(ValueError):
+        Finding(kind="nope", cls="", ranks=())
+    with pytest.raises(ValueError):
+        Finding(kind="hang", cls="", ranks=(), confidence=2.0)
