@@ -28,6 +28,7 @@ class Finding:
         since_step: Training step when it started, when known.
         evidence: Short lines a person can check against the logs.
         gain_s_per_step: What fixing it would save per step (s), when estimated.
+        detected_step: The step by which the evidence was conclusive (for detection latency).
     """
 
     kind: str
@@ -41,6 +42,7 @@ class Finding:
     since_step: int | None = None
     evidence: tuple[str, ...] = field(default_factory=tuple)
     gain_s_per_step: float | None = None
+    detected_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -1,0 +1,80 @@
+"""Stragglers from durations: who the others wait for, window after window."""
+
+from __future__ import annotations
+
+import random
+
+from ringwatch.analyzers import compute_step_lateness, detect_stragglers
+
+from fakes import frame, row
+
+MS = 1_000_000
+
+
+def job(steps=60, *, onset=None, late=None, late_ms=0.0, ranks=4, buckets=3, seed=0,
+        late_ends_late=False):
+    """``buckets`` all-reduces per step; healthy ranks arrive within 0-2 ms of each other in
+    random order, every member leaves when the last arrives plus 5 ms. From ``onset`` (from
+    the start when None) rank ``late`` arrives ``late_ms`` after the others; with
+    ``late_ends_late`` it also leaves that much later (its own transfers are slow)."""
+    rng = random.Random(seed)
+    rows, seq = [], 0
+    for step in range(steps):
+        on = late is not None and (onset is None or step >= onset)
+        for _ in range(buckets):
+            seq += 1
+            t0 = (step * 200 + seq % buckets * 30) * MS
+            starts = {r: t0 + int(rng.uniform(0, 2) * MS) for r in range(ranks)}
+            if on:
+                starts[late] = max(starts.values()) + int(late_ms * MS)
+            end = max(starts.values()) + 5 * MS
+            for r in range(ranks):
+                e = end + (int(late_ms * MS) if on and late_ends_late and r == late else 0)
+                x = row(r, seq - 1, seq, pg_ranks=f"0-{ranks - 1}", step=step,
+                        mono_start_ns=starts[r], mono_end_ns=e)
+                x["host"] = f"host{r // 2}"
+                rows.append(x)
+    return frame(rows)
+
+
+def test_lateness_from_durations():
+    lat = compute_step_lateness(job(steps=3, late=2, late_ms=20, buckets=1))
+    by = {(r["rank"], r["step"]): r for r in lat.iter_rows(named=True)}
+    assert by[(2, 1)]["wait_ns"] == 0 and by[(2, 1)]["last_arrivals"] == 1
+    assert all(by[(r, 1)]["wait_ns"] >= 20 * MS for r in (0, 1, 3))
+    assert by[(0, 1)]["last_arrivals"] == 0
+
+
+def test_a_straggler_from_its_onset():
+    (f,) = detect_stragglers(job(onset=30, late=1, late_ms=15))
+    assert (f.kind, f.cls, f.ranks, f.hosts) == ("straggler", "compute straggler", (1,),
+                                                  ("host0",))
+    assert 28 <= f.since_step <= 31 and f.detected_step <= 42, f
+    # its peers wait ~15-17 ms at each of the 3 buckets of a step
+    assert 0.045 <= f.gain_s_per_step <= 0.052, f
+
+
+def test_one_rank_slow_from_the_start_is_imbalance():
+    (f,) = detect_stragglers(job(late=3, late_ms=30))
+    assert (f.kind, f.cls, f.ranks, f.since_step) == ("imbalance", "structural imbalance",
+                                                      (3,), 2)
+
+
+def test_healthy_jobs_have_no_straggler():
+    for seed in range(5):
+        assert detect_stragglers(job(seed=seed)) == (), seed
+
+
+def test_late_from_its_own_slow_transfers_is_not_a_straggler():
+    # It arrives last but also leaves last: its duration is not the shortest, so the
+    # durations alone do not make it the one the others wait for; nor does the exit lag.
+    ev = job(onset=30, late=1, late_ms=15, late_ends_late=True)
+    assert detect_stragglers(ev) == ()
+    assert detect_stragglers(ev, exit_lag=False) == ()
+
+
+def test_a_brief_slowdown_is_not_persistent():
+    healthy, slow = job(), job(late=1, late_ms=15)  # same collectives, numbered alike
+    brief = healthy.filter(~healthy["step"].is_between(30, 31)).vstack(
+        slow.filter(slow["step"].is_between(30, 31)))
+    assert detect_stragglers(brief.sort("rank", "idx")) == ()
