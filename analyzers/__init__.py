@@ -15,6 +15,7 @@ from ringwatch.analyzers._capture import (
 )
 from ringwatch.analyzers._findings import KINDS, Finding
 from ringwatch.analyzers._hangs import compute_frontier, detect_hangs
+from ringwatch.analyzers._rhythm import Rhythm, compute_iteration_times, infer_rhythm
 from ringwatch.analyzers._steps import (
     compute_phase_comm,
     compute_step_comm,
@@ -29,5 +30,6 @@ __all__ = [
     "compare_flight_recorder", "compute_collective_signatures", "compute_signature_bytes",
     "compute_phase_comm", "compute_step_comm", "compute_step_wait", "phase_masks",
     "pivot_step_comm", "KINDS", "Finding", "compute_frontier", "detect_hangs",
-    "compute_step_lateness", "detect_stragglers",
+    "compute_step_lateness", "detect_stragglers", "Rhythm", "compute_iteration_times",
+    "infer_rhythm",
 ]

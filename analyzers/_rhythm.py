@@ -1,0 +1,174 @@
+"""Rhythm: the iteration structure of a job, from its sequence of collectives alone.
+
+Every training iteration issues the same collectives in the same order, so one rank's
+sequence of signatures (group, op, bytes; for point-to-point also the peer) repeats with a
+period. The smallest period of the signatures can be a fraction of the iteration when an
+iteration repeats one signature (equal DDP buckets): then the iteration is the multiple of it
+at which the time gaps repeat too — one gap per iteration (forward pass, data loading) is far
+longer than the gaps between the collectives inside it. Warm-up iterations before the rhythm
+settles, and interludes (evaluation, checkpoints) that break it, are skipped by matching the
+template iteration by iteration. When nothing repeats, it says so.
+
+Step marks (``step`` column), when the job has them, give the answer directly and are
+preferred: :func:`infer_rhythm` uses them only to check itself (``steps_agree``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+MIN_REPEATS = 3  # iterations needed to call it a rhythm
+MIN_MATCH = 0.75  # share of positions (past the first third) that repeat at the period
+MIN_GAP_RATIO = 3.0  # iteration gap vs the gaps inside an iteration
+
+
+@dataclass(frozen=True)
+class Rhythm:
+    """One rank's iteration structure.
+
+    Attributes:
+        found: Whether a rhythm was found; if not, ``reason`` says why.
+        period: Collectives per iteration.
+        slots: Signature of each slot, ``(pg, op, nbytes, peer)``.
+        starts: ``idx`` of the first collective of every matched iteration.
+        interludes: Collectives outside any matched iteration (warm-up, evaluation, ...).
+        steps_agree: With step marks: whether each iteration lies within one step (None
+            without marks).
+    """
+
+    found: bool
+    reason: str = ""
+    period: int = 0
+    slots: tuple[tuple, ...] = ()
+    starts: tuple[int, ...] = field(default_factory=tuple)
+    interludes: int = 0
+    steps_agree: bool | None = None
+
+
+def _smallest_period(codes: np.ndarray, max_period: int) -> tuple[int, float]:
+    tail = codes[len(codes) // 3:]  # past the warm-up
+    for p in range(1, min(max_period, len(tail) // MIN_REPEATS) + 1):
+        match = float(np.mean(tail[:-p] == tail[p:]))
+        if match >= MIN_MATCH:
+            return p, match
+    return 0, 0.0
+
+
+def _steady(codes: np.ndarray, base: int) -> tuple[int, int]:
+    """The longest stretch ``[a, b)`` in which every collective repeats ``base`` later."""
+    same = np.concatenate([codes[:-base] == codes[base:], [False]])
+    best, a, run_start = (0, 0), 0, None
+    for i, ok in enumerate(same):
+        if ok and run_start is None:
+            run_start = i
+        elif not ok and run_start is not None:
+            if i - run_start > best[1] - best[0]:
+                best = (run_start, i)
+            run_start = None
+    a, b = best
+    return a, min(len(codes), b + base)
+
+
+def _gap_period(tail: np.ndarray, base: int, max_period: int) -> int:
+    """The smallest multiple of ``base`` at which one phase's gaps stand out."""
+    for p in range(base, max_period + 1, base):
+        n = len(tail) // p
+        if n < MIN_REPEATS:
+            break
+        blocks = tail[: n * p].reshape(n, p)
+        # The boundary phase must be long in (nearly) every iteration, not on average: at
+        # half the true period, a phase mixing boundaries with inside gaps has a high median.
+        low = np.percentile(blocks, 10, axis=0)
+        if low.max() >= MIN_GAP_RATIO * max(float(np.median(tail)), 1e3):
+            return p
+    return base
+
+
+def infer_rhythm(rows: pl.DataFrame, *, max_period: int = 4096) -> Rhythm:
+    """The rhythm of one rank's collectives.
+
+    Args:
+        rows: One rank's rows (any status), with ``idx``, ``pg``, ``op``, ``nbytes``,
+            ``peer``, ``mono_start_ns``, ``mono_end_ns`` and ``step``.
+        max_period: Longest iteration considered, in collectives.
+    """
+    df = rows.sort("idx")
+    if df.height < MIN_REPEATS:
+        return Rhythm(False, f"only {df.height} collective(s)")
+    sig = df.select("pg", "op", "nbytes", "peer").rows()
+    table: dict[tuple, int] = {}
+    codes = np.array([table.setdefault(s, len(table)) for s in sig])
+    base, _ = _smallest_period(codes, max_period)
+    if not base:
+        return Rhythm(False, f"no repeating pattern of collectives ({df.height} collectives, "
+                      f"{len(table)} distinct)")
+    # Rows recovered without a time (a placeholder from the Flight Recorder) take their
+    # neighbour's, so one of them does not blank every gap after it.
+    t0 = df["mono_start_ns"].fill_null(strategy="forward").fill_null(strategy="backward")
+    start = t0.to_numpy().astype(float)
+    end = df["mono_end_ns"].fill_null(t0).to_numpy().astype(float)
+    gaps = np.concatenate([[0.0], np.maximum(start[1:] - np.maximum.accumulate(end)[:-1], 0)])
+    gaps = np.nan_to_num(gaps)
+    a, b = _steady(codes, base)  # clear of warm-up and interludes
+    period = _gap_period(gaps[a:b], base, max_period) if base < max_period else base
+    # Template: the most common signature at each slot, phased so that slot 0 follows the
+    # longest gap (the iteration boundary).
+    n = (b - a) // period
+    if n < 1:
+        return Rhythm(False, f"no steady stretch of {period} collectives")
+    block = codes[a: a + n * period].reshape(n, period)
+    phase_gaps = np.percentile(gaps[a: a + n * period].reshape(n, period), 10, axis=0)
+    shift = int(np.argmax(phase_gaps)) if period > 1 else 0
+    modes = [int(np.bincount(block[:, k]).argmax()) for k in range(period)]
+    template = np.array(modes[shift:] + modes[:shift])
+    starts, i, skipped = [], 0, 0
+    while i + period <= len(codes):
+        if np.array_equal(codes[i: i + period], template):
+            starts.append(i)
+            i += period
+        else:
+            skipped += 1
+            i += 1
+    skipped += len(codes) - i
+    if len(starts) < MIN_REPEATS:
+        return Rhythm(False, f"a pattern of {period} repeats only {len(starts)} time(s)")
+    inverse = {v: k for k, v in table.items()}
+    idx = df["idx"].to_list()
+    agree = None
+    steps = df["step"].to_list()
+    if any(s is not None for s in steps):
+        agree = all(len({steps[j] for j in range(s, s + period)}) == 1 for s in starts)
+    return Rhythm(True, period=period, slots=tuple(inverse[int(c)] for c in template),
+                  starts=tuple(idx[s] for s in starts), interludes=skipped,
+                  steps_agree=agree)
+
+
+def compute_iteration_times(events: pl.DataFrame) -> pl.DataFrame:
+    """Per rank and iteration (as :func:`infer_rhythm` finds them on that rank): the start
+    of the iteration's first collective and the time to the next iteration's start.
+
+    Returns:
+        Columns ``rank``, ``iteration`` (0-based among matched ones), ``first_idx``,
+        ``start_ns`` (rank's monotonic clock), ``iteration_ns`` (to the next matched
+        iteration, so an interlude in between counts in; null for the last), sorted by rank
+        then iteration. Ranks without a rhythm are left out.
+    """
+    out = []
+    for _, rows in events.group_by("rank"):
+        rh = infer_rhythm(rows)
+        if not rh.found:
+            continue
+        firsts = rows.filter(pl.col("idx").is_in(list(rh.starts))).sort("idx")
+        out.append(firsts.select(
+            pl.col("rank"), pl.int_range(pl.len()).alias("iteration"),
+            pl.col("idx").alias("first_idx"), pl.col("mono_start_ns").alias("start_ns"),
+            (pl.col("mono_start_ns").shift(-1) - pl.col("mono_start_ns")).alias(
+                "iteration_ns")))
+    if not out:
+        return pl.DataFrame(schema={"rank": pl.Int32, "iteration": pl.Int64,
+                                    "first_idx": pl.Int64, "start_ns": pl.Int64,
+                                    "iteration_ns": pl.Int64})
+    return pl.concat(out).sort("rank", "iteration")

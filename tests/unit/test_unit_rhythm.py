@@ -1,0 +1,129 @@
+"""Rhythm inference from the sequence of collectives alone."""
+
+from __future__ import annotations
+
+import random
+
+import polars as pl
+
+from ringwatch.analyzers._rhythm import compute_iteration_times, infer_rhythm
+
+from fakes import frame, row
+
+MS = 1_000_000
+
+
+class Seq:
+    """One rank's collectives, laid out in time: ``add`` appends one after ``gap_ms``."""
+
+    def __init__(self):
+        self.rows, self.t, self.step = [], 0, 0
+
+    def add(self, op="all_reduce", nbytes=400, gap_ms=1.0, dur_ms=2.0, pg="0", peer=None):
+        self.t += int(gap_ms * MS)
+        r = row(0, len(self.rows), len(self.rows) + 1, op, pg=pg, nbytes=nbytes,
+                is_p2p=peer is not None, peer=peer, step=self.step,
+                mono_start_ns=self.t, mono_end_ns=self.t + int(dur_ms * MS))
+        self.rows.append(r)
+        self.t += int(dur_ms * MS)
+
+    def iteration(self, sigs, boundary_ms=50.0):
+        for k, (op, nbytes) in enumerate(sigs):
+            self.add(op, nbytes, gap_ms=boundary_ms if k == 0 else 1.0)
+        self.step += 1
+
+    def frame(self):
+        return frame(self.rows)
+
+
+ITER = [("all_reduce", 1000), ("all_reduce", 2000), ("all_gather", 500), ("broadcast", 64)]
+
+
+def test_period_slots_and_iterations():
+    s = Seq()
+    for _ in range(20):
+        s.iteration(ITER)
+    rh = infer_rhythm(s.frame())
+    assert rh.found and rh.period == 4 and len(rh.starts) == 20 and rh.interludes == 0
+    assert [x[1:3] for x in rh.slots] == [("all_reduce", 1000), ("all_reduce", 2000),
+                                          ("all_gather", 500), ("broadcast", 64)]
+    assert rh.starts[:3] == (0, 4, 8) and rh.steps_agree is True
+
+
+def test_identical_buckets_take_the_period_from_the_gaps():
+    # Six equal DDP buckets per iteration: the signatures repeat every collective; the long
+    # gap before each iteration's first bucket gives the period (also what gradient
+    # accumulation looks like: the buckets come once per K micro-batches).
+    s = Seq()
+    for _ in range(15):
+        s.iteration([("all_reduce", 4096)] * 6)
+    rh = infer_rhythm(s.frame())
+    assert rh.found and rh.period == 6 and len(rh.starts) == 15
+
+
+def test_warm_up_and_an_evaluation_interlude_are_skipped():
+    s = Seq()
+    s.add("broadcast", 9999)  # DDP's init broadcasts
+    s.add("all_gather", 8)
+    for _ in range(10):
+        s.iteration(ITER)
+    for _ in range(5):  # evaluation: other collectives
+        s.add("all_reduce", 4, gap_ms=5)
+    for _ in range(10):
+        s.iteration(ITER)
+    rh = infer_rhythm(s.frame())
+    assert rh.found and rh.period == 4 and len(rh.starts) == 20
+    assert rh.interludes == 2 + 5
+    assert rh.starts[0] == 2 and rh.starts[10] == 2 + 40 + 5
+
+
+def test_pipeline_warm_up_and_cool_down_around_a_steady_state():
+    # A pipeline stage: a few extra sends/recvs at the start and end (warm-up and cool-down),
+    # then the steady send/recv/all_reduce pattern in between.
+    s = Seq()
+    for _ in range(3):
+        s.add("send", 128, peer=1)
+    for _ in range(20):
+        s.add("recv", 128, gap_ms=40, peer=1)
+        s.add("send", 128, peer=1)
+        s.add("all_reduce", 2048)
+        s.step += 1
+    for _ in range(3):
+        s.add("recv", 128, peer=1)
+    rh = infer_rhythm(s.frame())
+    assert rh.found and rh.period == 3 and len(rh.starts) == 20
+    assert [x[1] for x in rh.slots] == ["recv", "send", "all_reduce"]
+
+
+def test_no_rhythm_is_said_so():
+    rng = random.Random(1)
+    s = Seq()
+    for _ in range(60):
+        s.add(rng.choice(["all_reduce", "broadcast", "all_gather"]), rng.choice([4, 8, 16, 32]))
+    rh = infer_rhythm(s.frame())
+    assert not rh.found and "no repeating pattern" in rh.reason
+    assert not infer_rhythm(Seq().frame()).found
+
+
+def test_iteration_times_per_rank():
+    s = Seq()
+    for _ in range(8):
+        s.iteration(ITER, boundary_ms=50)
+    ev = s.frame()
+    ev = pl.concat([ev, ev.with_columns(pl.lit(1, pl.Int32).alias("rank"))])
+    it = compute_iteration_times(ev)
+    assert it.height == 16 and sorted(set(it["rank"].to_list())) == [0, 1]
+    r0 = it.filter(pl.col("rank") == 0)
+    # an iteration: 50 ms boundary + 4 collectives of 2 ms + 3 gaps of 1 ms = 61 ms
+    assert r0["iteration_ns"].drop_nulls().to_list() == [61 * MS] * 7
+
+
+def test_a_row_without_time_does_not_blank_the_gaps():
+    s = Seq()
+    s.add("unknown", None)  # a placeholder recovered without a time
+    s.rows[0]["mono_start_ns"] = s.rows[0]["mono_end_ns"] = None
+    s.rows[0]["t_start_ns"] = s.rows[0]["t_end_ns"] = s.rows[0]["duration_ns"] = None
+    for _ in range(12):
+        s.iteration([("all_reduce", 4096)] * 6)  # the period must come from the gaps
+    rh = infer_rhythm(s.frame())
+    assert rh.found and rh.period == 6 and len(rh.starts) == 12 and rh.interludes == 1
