@@ -6,19 +6,19 @@ among the members, and the rank with the shortest is the last arrival. Both need
 shared across hosts. Per rank and step the waits are merged on the rank's own monotonic clock
 (overlapping DDP buckets count once).
 
-A straggler arrives last at most collectives while its peers wait for it, and keeps doing so
-over a sliding window of steps (persistence), so one slow step is not a finding. One that
-stands out from the first analysed step is *structural imbalance* (more work by design: a
-pipeline stage, a bigger shard); one that starts later is a *compute straggler* (a fault).
-A rank made late by its own slow transfers (the far end of a throttled link) leaves each
-collective last, which is why it arrives last at the next; with ``exit_lag`` (wall clocks good
-enough to compare exits: one machine, or hosts in sync) such a rank is not reported.
+A step *points at* a rank when that rank waited least, less than ``own_share`` of its peers'
+median wait, and the peers waited ``min_peer_wait_ms`` or more. A straggler is a rank pointed
+at in ``persist`` consecutive steps (so one slow step is not a finding) while its peers wait
+``ratio`` times longer than they did in the steps before (a change, not the usual jitter). A
+rank pointed at in most of the job's first ``baseline_steps`` steps is
+*structural imbalance* (more work by design: a pipeline stage, a bigger shard), not a fault.
+A rank made late by its own slow transfers (the far end of a throttled link) also leaves each
+collective last: its durations are not the shortest, so it is not pointed at.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 
 import polars as pl
 
@@ -62,114 +62,83 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
     ).sort("step", "rank")
 
 
-@dataclass(frozen=True)
-class WindowVerdict:
-    """Who stood out in the window of steps ending at ``step`` (None: nobody)."""
-
-    step: int
-    rank: int | None
-    share: float
-    wait_ms: float
-    peers_wait_ms: float
-
-
-def _window(lat: pl.DataFrame, lo: int, hi: int, *, min_share: float,
-            min_peer_wait_ms: float, exit_share: float | None) -> WindowVerdict:
-    win = lat.filter(pl.col("step").is_between(lo, hi))
-    per = win.group_by("rank").agg(
-        (pl.col("wait_ns").median() / 1e6).alias("w"),
-        (pl.col("last_arrivals").sum() / pl.col("collectives").sum()).alias("share"),
-        (pl.col("exit_lag_ns").median() / 1e6).alias("x"))
-    if per.height < 2:
-        return WindowVerdict(hi, None, 0.0, 0.0, 0.0)
-    rows = {r["rank"]: r for r in per.iter_rows(named=True)}
-    late = min(rows, key=lambda r: rows[r]["w"])
-    peers = statistics.median(v["w"] for r, v in rows.items() if r != late)
-    me = rows[late]
-    ok = (me["share"] >= min_share and peers >= min_peer_wait_ms and me["w"] < 0.5 * peers)
-    if ok and exit_share is not None and me["x"] is not None:
-        peers_x = statistics.median(v["x"] for r, v in rows.items()
-                                    if r != late and v["x"] is not None)
-        ok = me["x"] - peers_x < exit_share * peers
-    return WindowVerdict(hi, late if ok else None, me["share"], me["w"], peers)
+def _pointed(lat: pl.DataFrame, *, own_share: float,
+             min_peer_wait_ms: float) -> list[tuple[int, int | None, float, float]]:
+    """Per step (ascending): ``(step, rank it points at or None, that rank's wait ms, its
+    peers' median wait ms)``."""
+    out = []
+    for (step,), g in sorted(lat.group_by("step"), key=lambda kv: kv[0][0]):
+        w = dict(zip(g["rank"].to_list(), (g["wait_ns"] / 1e6).to_list(), strict=True))
+        if len(w) < 2:
+            continue
+        late = min(w, key=w.get)
+        peers = statistics.median(v for r, v in w.items() if r != late)
+        hit = w[late] < own_share * peers and peers >= min_peer_wait_ms
+        out.append((step, late if hit else None, w[late], peers))
+    return out
 
 
-def _onset(lat: pl.DataFrame, rank: int, lo: int, hi: int) -> int:
-    """First step in ``lo..hi`` from which ``rank`` waits less than half its peers' median
-    two steps running (``hi`` if never)."""
-    w = lat.filter(pl.col("step").is_between(lo, hi))
-    peers = w.filter(pl.col("rank") != rank).group_by("step").agg(pl.col("wait_ns").median())
-    me = w.filter(pl.col("rank") == rank).select("step", pl.col("wait_ns").alias("me"))
-    flags = (me.join(peers, on="step").sort("step")
-             .select("step", (pl.col("me") < 0.5 * pl.col("wait_ns")).alias("f")))
-    steps, f = flags["step"].to_list(), flags["f"].to_list()
-    for i in range(len(f) - 1):
-        if f[i] and f[i + 1]:
-            return steps[i]
-    return hi
-
-
-def detect_stragglers(events: pl.DataFrame, *, window_steps: int = 10, persist: int = 3,
-                      warmup_steps: int = 2, min_share: float = 0.5,
+def detect_stragglers(events: pl.DataFrame, *, persist: int = 3, baseline_steps: int = 20,
+                      ratio: float = 1.3, own_share: float = 0.5,
                       min_peer_wait_ms: float = 3.0,
-                      exit_lag: bool = True, exit_share: float = 0.25) -> tuple[Finding, ...]:
-    """Ranks that their peers wait for, window after window.
+                      warmup_steps: int = 2) -> tuple[Finding, ...]:
+    """Ranks their peers wait for, step after step.
 
     Args:
         events: Rows of one job.
-        window_steps: Steps per sliding window.
-        persist: Consecutive windows a rank must stand out in to be reported.
+        persist: Consecutive steps a rank must be pointed at.
+        baseline_steps: Steps before a run that give the peers' usual wait.
+        ratio: How much longer than usual the peers must wait during the run.
+        own_share: A pointed-at rank waits less than this share of its peers' median wait.
+        min_peer_wait_ms: Peers' median wait per step for a step to point at anyone.
         warmup_steps: Leading steps left out (DDP's first steps differ).
-        min_share: Share of its collectives a straggler must arrive last at.
-        min_peer_wait_ms: Median wait per step its peers must have.
-        exit_lag: Rule out ranks late from their own slow transfers by comparing exit times
-            on the wall clock (off when the hosts' clocks are not in sync).
-        exit_share: How much later than its peers (as a share of their wait) a straggler may
-            leave collectives.
 
     Returns:
-        At most one :class:`Finding` per rank: ``imbalance`` when it stood out from the first
-        window, ``straggler`` (class ``compute straggler``) when it started later;
-        ``since_step`` is where its run of windows starts and ``gain_s_per_step`` is its peers'
-        median wait per step there (what the job would save if it arrived like them).
+        At most one :class:`Finding` per rank, in order of onset: ``imbalance`` (class
+        ``structural imbalance``) or ``straggler`` (class ``compute straggler``), with
+        ``since_step`` (first step of the run), ``detected_step`` (the step that completed
+        it) and ``gain_s_per_step`` (its peers' median wait per step in the run: what the job
+        would save per step if it arrived like them).
     """
     lat = compute_step_lateness(events).filter(pl.col("step") >= warmup_steps)
     if lat.is_empty():
         return ()
-    steps = sorted(set(lat["step"].to_list()))
-    first = steps[0]
-    verdicts = [_window(lat, s - window_steps + 1, s, min_share=min_share,
-                        min_peer_wait_ms=min_peer_wait_ms,
-                        exit_share=exit_share if exit_lag else None)
-                for s in steps if s - window_steps + 1 >= first]
     hosts = dict(lat.select("rank", "host").unique("rank").iter_rows())
+    steps = _pointed(lat, own_share=own_share, min_peer_wait_ms=min_peer_wait_ms)
     findings: dict[int, Finding] = {}
-    run: list[WindowVerdict] = []
-    for v in verdicts + [WindowVerdict(-1, None, 0.0, 0.0, 0.0)]:
-        if run and v.rank == run[0].rank:
-            run.append(v)
+    i = 0
+    while i + persist <= len(steps):
+        run = steps[i: i + persist]
+        r = run[0][1]
+        if r is None or r in findings or any(x[1] != r for x in run):
+            i += 1
             continue
-        if run and len(run) >= persist and run[0].rank not in findings:
-            r = run[0].rank
-            from_start = run[0].step - window_steps + 1 <= first
-            start = first if from_start else _onset(lat, r, run[0].step - window_steps + 1,
-                                                    run[0].step)
-            gain = statistics.median(w.peers_wait_ms for w in run) / 1e3
-            findings[r] = Finding(
-                kind="imbalance" if from_start else "straggler",
-                cls="structural imbalance" if from_start else "compute straggler",
-                ranks=(r,), hosts=(hosts.get(r),) if hosts.get(r) else (),
-                confidence=min(1.0, len(run) / (2 * persist)),
-                since_step=start, gain_s_per_step=gain,
-                detected_step=run[min(persist, len(run)) - 1].step,
-                evidence=(f"rank {r} arrived last at {run[0].share:.0%} of collectives in "
-                          f"steps {start}-{run[0].step}; its peers waited "
-                          f"{run[0].peers_wait_ms:.1f} ms per step, it waited "
-                          f"{run[0].wait_ms:.1f} ms",
-                          f"stood out in {len(run)} consecutive windows of {window_steps} "
-                          f"steps (steps {start}-{run[-1].step})",
-                          "from the first analysed step: more work by design, or a straggler "
-                          "from the start" if from_start else
-                          f"not before step {start}: a change on this rank"))
-        run = [v] if v.rank is not None else []
+        # Pointed at in most of the job's first steps: there from the start, by design.
+        first = steps[:baseline_steps]
+        designed = i == 0 or sum(x[1] == r for x in first) >= len(first) / 2
+        # The peers' usual wait: the steps before the run that did not point at this rank.
+        before = [x for x in steps[:i] if x[1] != r][-baseline_steps:]
+        usual = statistics.median(x[3] for x in before) if before else 0.0
+        if not designed and any(x[3] < ratio * usual for x in run):
+            i += 1
+            continue
+        peers = statistics.median(x[3] for x in run)
+        mine = statistics.median(x[2] for x in run)
+        start = steps[0][0] if designed else run[0][0]
+        evidence = [f"rank {r} waited least in steps {run[0][0]}-{run[-1][0]}: "
+                    f"{mine:.1f} ms per step, its peers {peers:.1f} ms"]
+        if designed or not before:
+            evidence.append("from the job's first steps: more work by design, or a "
+                            "straggler from the start")
+        else:
+            evidence.append(f"its peers usually waited {usual:.1f} ms per step (steps "
+                            f"{before[0][0]}-{before[-1][0]}): a change on this rank")
+        findings[r] = Finding(
+            kind="imbalance" if designed else "straggler",
+            cls="structural imbalance" if designed else "compute straggler",
+            ranks=(r,), hosts=(hosts[r],) if hosts.get(r) else (),
+            confidence=min(1.0, peers / (2 * min_peer_wait_ms)),
+            since_step=start, detected_step=run[-1][0], gain_s_per_step=peers / 1e3,
+            evidence=tuple(evidence))
+        i += persist
     return tuple(sorted(findings.values(), key=lambda f: f.since_step or 0))

@@ -1,4 +1,8 @@
-"""``ringwatch analyze``: run the analyzers over a job's logs and print the findings."""
+"""``ringwatch analyze``: run the analyzers over a job's logs and print the findings.
+
+Hangs (per-group frontier) and stragglers (who the others wait for, from durations); the
+rhythm, link and probe analyzers are not part of it yet.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None) 
     Post-mortem (default) the stall of a hang is measured up to the agents' newest write;
     ``online`` measures it up to now.
     """
-    from ringwatch.analyzers import detect_hangs
+    from ringwatch.analyzers import detect_hangs, detect_stragglers
     from ringwatch.analyzers._hangs import MIN_STALL_S
 
     events = job.events(include_pending=True)
@@ -24,6 +28,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None) 
         now_ns = max(seen.values())
     findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=seen,
                             min_stall_s=MIN_STALL_S if min_stall_s is None else min_stall_s)
+    findings += detect_stragglers(events)
     return {"job_id": job.job_id, "path": str(job.path), "ranks": sorted(job.ranks),
             "collectives": events.height, "as_of_ns": now_ns,
             "findings": [f.to_dict() for f in findings], "_findings": findings}
@@ -40,13 +45,20 @@ def report_lines(report: dict) -> list[str]:
              f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
     findings = report["_findings"]
     if not findings:
-        lines.append("no findings: no group is stuck")
+        lines.append("no findings: no group is stuck, nobody is waited for")
         return lines
     lines.append(f"{len(findings)} finding(s):")
     for f in findings:
-        since = f"since step {f.since_step}, " if f.since_step is not None else ""
-        lines.append(f"  {f.headline()}  (confidence {f.confidence:.2f}, {since}"
-                     f"{_when(f.since_ns)})")
+        when = [f"confidence {f.confidence:.2f}"]
+        if f.since_step is not None:
+            when.append(f"since step {f.since_step}")
+        if f.detected_step is not None:
+            when.append(f"clear by step {f.detected_step}")
+        if f.since_ns is not None:
+            when.append(_when(f.since_ns))
+        if f.gain_s_per_step is not None:
+            when.append(f"fixing it saves ~{f.gain_s_per_step * 1e3:.1f} ms per step")
+        lines.append(f"  {f.headline()}  ({', '.join(when)})")
         lines += [f"      {e}" for e in f.evidence]
     return lines
 

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--json", action="store_true", help="machine-readable output")
     lg.set_defaults(func=cmd_logs)
 
-    an = sub.add_parser("analyze", help="find hangs in a job's logs",
+    an = sub.add_parser("analyze", help="find hangs and stragglers in a job's logs",
                         description="Run the analyzers over a job's logs (post-mortem, or "
                         "--online on a running job's folder) and print the findings.")
     an.add_argument("log_dir", help="the log root (or one job's folder)")

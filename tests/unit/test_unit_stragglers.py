@@ -49,7 +49,7 @@ def test_a_straggler_from_its_onset():
     (f,) = detect_stragglers(job(onset=30, late=1, late_ms=15))
     assert (f.kind, f.cls, f.ranks, f.hosts) == ("straggler", "compute straggler", (1,),
                                                   ("host0",))
-    assert 28 <= f.since_step <= 31 and f.detected_step <= 42, f
+    assert f.since_step == 30 and f.detected_step == 32, f  # 3 steps from the onset
     # its peers wait ~15-17 ms at each of the 3 buckets of a step
     assert 0.045 <= f.gain_s_per_step <= 0.052, f
 
@@ -67,10 +67,18 @@ def test_healthy_jobs_have_no_straggler():
 
 def test_late_from_its_own_slow_transfers_is_not_a_straggler():
     # It arrives last but also leaves last: its duration is not the shortest, so the
-    # durations alone do not make it the one the others wait for; nor does the exit lag.
+    # durations alone do not make it the one the others wait for.
     ev = job(onset=30, late=1, late_ms=15, late_ends_late=True)
     assert detect_stragglers(ev) == ()
-    assert detect_stragglers(ev, exit_lag=False) == ()
+
+
+def test_a_rank_slow_in_most_steps_before_its_run_is_imbalance():
+    # Slow by design from the start, but hidden by noise in the first steps.
+    ev = job(late=2, late_ms=30)
+    healthy = job()
+    mixed = healthy.filter(healthy["step"] < 4).vstack(ev.filter(ev["step"] >= 4))
+    (f,) = detect_stragglers(mixed.sort("rank", "idx"))
+    assert (f.kind, f.ranks) == ("imbalance", (2,)), f
 
 
 def test_a_brief_slowdown_is_not_persistent():
