@@ -41,7 +41,7 @@ def compute_frontier(events: pl.DataFrame) -> pl.DataFrame:
     df = events.filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
     pending = pl.col("status") == "pending"
     first_pending = pl.col("seq").filter(pending).min()
-    at_first = pending & (pl.col("seq") == pl.col("seq").filter(pending).min())
+    at_first = pending & (pl.col("seq") == first_pending)
     return (df.group_by("pg", "rank").agg(
         pl.col("pg_ranks").first(), pl.col("host").first(),
         pl.col("seq").max().alias("entered_seq"),

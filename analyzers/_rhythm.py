@@ -48,19 +48,19 @@ class Rhythm:
     steps_agree: bool | None = None
 
 
-def _smallest_period(codes: np.ndarray, max_period: int) -> tuple[int, float]:
-    tail = codes[len(codes) // 3:]  # past the warm-up
+def _smallest_period(codes: np.ndarray, max_period: int) -> int:
+    """The smallest period of the signatures past the warm-up, or 0."""
+    tail = codes[len(codes) // 3:]
     for p in range(1, min(max_period, len(tail) // MIN_REPEATS) + 1):
-        match = float(np.mean(tail[:-p] == tail[p:]))
-        if match >= MIN_MATCH:
-            return p, match
-    return 0, 0.0
+        if float(np.mean(tail[:-p] == tail[p:])) >= MIN_MATCH:
+            return p
+    return 0
 
 
 def _steady(codes: np.ndarray, base: int) -> tuple[int, int]:
     """The longest stretch ``[a, b)`` in which every collective repeats ``base`` later."""
     same = np.concatenate([codes[:-base] == codes[base:], [False]])
-    best, a, run_start = (0, 0), 0, None
+    best, run_start = (0, 0), None
     for i, ok in enumerate(same):
         if ok and run_start is None:
             run_start = i
@@ -101,7 +101,7 @@ def infer_rhythm(rows: pl.DataFrame, *, max_period: int = 4096) -> Rhythm:
     sig = df.select("pg", "op", "nbytes", "peer").rows()
     table: dict[tuple, int] = {}
     codes = np.array([table.setdefault(s, len(table)) for s in sig])
-    base, _ = _smallest_period(codes, max_period)
+    base = _smallest_period(codes, max_period)
     if not base:
         return Rhythm(False, f"no repeating pattern of collectives ({df.height} collectives, "
                       f"{len(table)} distinct)")

@@ -25,6 +25,15 @@ def _merged_ns(df: pl.DataFrame, start: str, end: str, by: list[str]) -> pl.Data
     return runs.group_by(*by).agg(pl.col("_len").sum().alias("merged_ns"))
 
 
+def _complete_collectives(df: pl.DataFrame, *cols: pl.Expr) -> pl.DataFrame:
+    """Collective rows (no point-to-point) whose every group member recorded the same
+    ``(pg, seq)``, with ``cols`` (computed over each collective's members) added."""
+    key = ["pg", "seq"]
+    return (df.filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
+            .with_columns(pl.len().over(key).alias("_n"), *(c.over(key) for c in cols))
+            .filter(pl.col("_n") == pl.col("pg_size")))
+
+
 def compute_step_comm(events: pl.DataFrame) -> pl.DataFrame:
     """Collective time per (rank, step) from the ``step`` column.
 
@@ -73,14 +82,11 @@ def compute_step_wait(events: pl.DataFrame) -> pl.DataFrame:
         member to leave this rank left: a rank made late by its own slow transfers leaves
         last, a compute straggler leaves with the others), sorted by step then rank.
     """
-    df = events.filter(~pl.col("is_p2p") & pl.col("step").is_not_null()
-                       & pl.col("seq").is_not_null() & pl.col("t_start_ns").is_not_null())
-    key = ["pg", "seq"]
-    df = (df.with_columns(pl.len().over(key).alias("_n"),
-                          pl.col("t_start_ns").max().over(key).alias("_last"),
-                          (pl.col("t_end_ns") - pl.col("t_end_ns").min().over(key))
-                          .alias("_exit"))
-          .filter(pl.col("_n") == pl.col("pg_size")))
+    df = _complete_collectives(
+        events.filter(pl.col("step").is_not_null() & pl.col("t_start_ns").is_not_null()),
+        pl.col("t_start_ns").max().alias("_last"),
+        pl.col("t_end_ns").min().alias("_first_exit"))
+    df = df.with_columns((pl.col("t_end_ns") - pl.col("_first_exit")).alias("_exit"))
     wait = _merged_ns(df.sort("rank", "step", "t_start_ns"), "t_start_ns", "_last",
                       ["rank", "step"]).rename({"merged_ns": "wait_ns"})
     per = df.group_by("rank", "step").agg(

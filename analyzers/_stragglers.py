@@ -23,7 +23,7 @@ import statistics
 import polars as pl
 
 from ringwatch.analyzers._findings import Finding
-from ringwatch.analyzers._steps import _merged_ns
+from ringwatch.analyzers._steps import _complete_collectives, _merged_ns
 
 
 def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
@@ -35,30 +35,23 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
 
     Returns:
         Columns ``rank``, ``host``, ``step``, ``collectives``, ``wait_ns`` (time spent waiting
-        for the last member, from durations), ``last_arrivals`` (collectives where this rank
-        had the shortest duration), ``exit_lag_ns`` (median of how long after the first
-        member this rank left, on the wall clock), sorted by step then rank.
+        for the last member, from durations) and ``last_arrivals`` (collectives where this
+        rank had the shortest duration), sorted by step then rank.
     """
-    key = ["pg", "seq"]
-    df = (events.filter(~pl.col("is_p2p") & (pl.col("status") == "ok")
-                        & pl.col("step").is_not_null() & pl.col("seq").is_not_null()
-                        & pl.col("duration_ns").is_not_null()
-                        & pl.col("mono_start_ns").is_not_null())
-          .with_columns(pl.len().over(key).alias("_n"),
-                        pl.col("duration_ns").min().over(key).alias("_min"),
-                        (pl.col("t_end_ns") - pl.col("t_end_ns").min().over(key))
-                        .alias("_exit"))
-          .filter(pl.col("_n") == pl.col("pg_size"))
-          .with_columns((pl.col("mono_start_ns") + pl.col("duration_ns") - pl.col("_min"))
-                        .alias("_wait_end")))
+    df = _complete_collectives(
+        events.filter((pl.col("status") == "ok") & pl.col("step").is_not_null()
+                      & pl.col("duration_ns").is_not_null()
+                      & pl.col("mono_start_ns").is_not_null()),
+        pl.col("duration_ns").min().alias("_min"))
+    df = df.with_columns((pl.col("mono_start_ns") + pl.col("duration_ns") - pl.col("_min"))
+                         .alias("_wait_end"))
     wait = _merged_ns(df.sort("rank", "step", "mono_start_ns"), "mono_start_ns", "_wait_end",
                       ["rank", "step"]).rename({"merged_ns": "wait_ns"})
     per = df.group_by("rank", "step").agg(
         pl.col("host").first(), pl.len().alias("collectives"),
-        (pl.col("duration_ns") == pl.col("_min")).sum().alias("last_arrivals"),
-        pl.col("_exit").median().alias("exit_lag_ns"))
+        (pl.col("duration_ns") == pl.col("_min")).sum().alias("last_arrivals"))
     return per.join(wait, on=["rank", "step"]).select(
-        "rank", "host", "step", "collectives", "wait_ns", "last_arrivals", "exit_lag_ns",
+        "rank", "host", "step", "collectives", "wait_ns", "last_arrivals",
     ).sort("step", "rank")
 
 
