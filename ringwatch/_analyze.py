@@ -11,24 +11,37 @@ import time
 from datetime import datetime, timezone
 
 
+def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
+                   min_stall_s: float | None = None) -> tuple:
+    """Every analyzer over one job's rows (a whole log or an online window): the findings.
+
+    Args:
+        events: Rows of one job (``JobLogs.events(include_pending=True)``).
+        now_ns: Wall clock the stall of a hang is measured up to.
+        last_seen_ns: ``rank -> newest flush`` heartbeats, when known.
+        min_stall_s: How long a group must be stuck to be a hang.
+    """
+    from ringwatch.analyzers import detect_hangs, detect_stragglers
+    from ringwatch.analyzers._hangs import MIN_STALL_S
+
+    findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
+                            min_stall_s=MIN_STALL_S if min_stall_s is None else min_stall_s)
+    return findings + detect_stragglers(events)
+
+
 def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None) -> dict:
     """Findings of every analyzer over one job's logs.
 
     Post-mortem (default) the stall of a hang is measured up to the agents' newest write;
     ``online`` measures it up to now.
     """
-    from ringwatch.analyzers import detect_hangs, detect_stragglers
-    from ringwatch.analyzers._hangs import MIN_STALL_S
-
     events = job.events(include_pending=True)
     seen = job.last_write_ns()
     if online or not seen:
         now_ns = time.time_ns()
     else:
         now_ns = max(seen.values())
-    findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=seen,
-                            min_stall_s=MIN_STALL_S if min_stall_s is None else min_stall_s)
-    findings += detect_stragglers(events)
+    findings = analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s)
     return {"job_id": job.job_id, "path": str(job.path), "ranks": sorted(job.ranks),
             "collectives": events.height, "as_of_ns": now_ns,
             "findings": [f.to_dict() for f in findings], "_findings": findings}
