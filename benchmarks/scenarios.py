@@ -55,14 +55,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel group size")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--at-step", type=int, default=20, help="fault onset step")
-    p.add_argument("--severity", type=float, default=0.5, help="straggler duty cycle")
+    p.add_argument("--straggler-mode", choices=("stop", "work"), default="work",
+                   help="straggler: work = --factor times the work per step from the onset "
+                   "(a compute straggler, default); stop = SIGSTOP duty cycle of --severity")
+    p.add_argument("--severity", type=float, default=0.5, help="straggler (stop) duty cycle")
     p.add_argument("--rate-mbit", type=float,
                    help="link: tbf rate (default 400/world Mbit/s: 100 at 4 ranks, 25 at 16; "
                         "on 2 CPUs a bigger world makes longer steps and needs less bandwidth, "
                         "so a fixed limit would stop binding)")
     p.add_argument("--loss-pct", type=float, help="link: packet loss instead of a rate limit")
     p.add_argument("--hold-s", type=float, default=15.0, help="hang: seconds held")
-    p.add_argument("--factor", type=float, default=2.0, help="imbalance: work multiplier")
+    p.add_argument("--factor", type=float, default=2.0,
+                   help="imbalance, straggler (work): work multiplier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="skip finished runs")
     p.add_argument("--rescore", action="store_true",
@@ -95,7 +99,8 @@ def fault_of(run: dict, args) -> FaultSpec:
     rate = None if args.loss_pct is not None else (args.rate_mbit or 400.0 / run["world"])
     return FaultSpec(kind=kind, rank=run["rank"], host=run["host"], at_step=args.at_step,
                      severity=args.severity, rate_mbit=rate, loss_pct=args.loss_pct,
-                     hold_s=args.hold_s, factor=args.factor)
+                     hold_s=args.hold_s, factor=args.factor,
+                     straggler_mode=args.straggler_mode)
 
 
 # What the reading should say for each injected fault (and whether it names the victim).

@@ -7,7 +7,13 @@ import argparse
 import signal
 from pathlib import Path
 
-from ringwatch.cluster._spec import FAULT_KINDS, HANG_MODES, LINK_DIRECTIONS, NETNS_MODES
+from ringwatch.cluster._spec import (
+    FAULT_KINDS,
+    HANG_MODES,
+    LINK_DIRECTIONS,
+    NETNS_MODES,
+    STRAGGLER_MODES,
+)
 
 
 def add_cluster_flags(p: argparse.ArgumentParser, *, nproc: int, hosts: int, steps: int,
@@ -32,8 +38,12 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, nproc: int, hosts: int, ste
                    help=f"apply when the victim reaches this step (default {at_step})")
     f.add_argument("--at-s", type=float, help="apply this many seconds after the first step "
                    "instead of at a step")
+    f.add_argument("--straggler-mode", choices=STRAGGLER_MODES, default="stop",
+                   help="straggler: stop = SIGSTOP/SIGCONT duty cycle (default); work = "
+                   "--factor times the work per step from the onset on")
     f.add_argument("--severity", type=float, default=0.5,
-                   help="straggler: fraction of each period the rank is stopped (default 0.5)")
+                   help="straggler (stop): share of each period the rank is stopped "
+                   "(default 0.5)")
     f.add_argument("--period-ms", type=float, default=100.0,
                    help="straggler: duty-cycle period (default 100 ms)")
     f.add_argument("--rate-mbit", type=float, default=None,
@@ -46,7 +56,7 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, nproc: int, hosts: int, ste
     f.add_argument("--hold-s", type=float, default=15.0,
                    help="hang: seconds to leave the job hung before ending it (default 15)")
     f.add_argument("--factor", type=float, default=2.0,
-                   help="imbalance: the victim's work multiplier (default 2)")
+                   help="imbalance, straggler (work): the victim's work multiplier (default 2)")
 
 
 def fault_from_args(args):
@@ -60,7 +70,8 @@ def fault_from_args(args):
         at_step=None if args.at_s is not None else args.at_step, at_s=args.at_s,
         severity=args.severity, period_s=args.period_ms / 1e3, rate_mbit=rate,
         loss_pct=args.loss_pct, direction=args.direction, hang_mode=args.hang_mode,
-        hold_s=args.hold_s, factor=args.factor)
+        hold_s=args.hold_s, factor=args.factor,
+        straggler_mode=args.straggler_mode)
 
 
 def spec_from_args(args, run_dir: Path, job_args: tuple[str, ...] = ()):

@@ -14,6 +14,7 @@ import time
 from ringwatch.cluster._netns import Host
 
 HANG_SIGNAL = signal.SIGUSR1  # the workload blocks its main thread for good on this signal
+SLOW_SIGNAL = signal.SIGUSR2  # the workload does more work per step from then on
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -75,6 +76,21 @@ class Hang:
 
     def stop(self) -> None:
         """Nothing to undo: the run ends the process (a stopped one gets SIGCONT first)."""
+
+
+class SlowDown:
+    """Make one rank a compute straggler: from its next step on it does more work per step
+    (the workload's ``--slowdown-factor``), its communication untouched."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.where = f"pid {pid}"
+
+    def start(self) -> None:
+        _kill(self.pid, SLOW_SIGNAL)
+
+    def stop(self) -> None:
+        """Nothing to undo: the run ends the process."""
 
 
 def tbf_args(rate_mbit: float) -> list[str]:

@@ -13,7 +13,9 @@ Hooks for the fault injectors: ``--step-log DIR`` appends ``step<TAB>wall_ns`` t
 ``DIR/rank-<R>.tsv`` (after a ``pid<TAB>PID`` line) as each step starts (the ground truth's
 clock); SIGUSR1 blocks the main thread for good before the rank's next collective (a "never
 arrived" hang; the agent's threads go on). ``--extra-work-rank R --extra-work-factor F`` gives
-rank R F times the work by design (compute and host-side sleep).
+rank R F times the work by design (compute and host-side sleep); SIGUSR2 gives the rank that
+receives it ``--slowdown-factor`` times the work from its next step on (a compute straggler
+appearing mid-run, as a throttled GPU or a busy host would).
 
 ``--attach DIR`` calls ``ringwatch.attach(log_dir=DIR)`` in the script (the one-line use)
 instead of relying on ``ringwatch run``. Rank 0 prints one JSON line at the end: steps, median
@@ -45,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra-work-rank", type=int, default=-1,
                    help="this rank does --extra-work-factor times the compute, by design")
     p.add_argument("--extra-work-factor", type=float, default=1.0)
+    p.add_argument("--slowdown-factor", type=float, default=2.0,
+                   help="on SIGUSR2, this rank does this many times the work from then on")
     p.add_argument("--step-sleep-ms", type=float, default=0.0,
                    help="sleep per step outside collectives (host-side work)")
     p.add_argument("--step-log", metavar="DIR", help="append step start times to DIR/rank-R.tsv")
@@ -100,7 +104,15 @@ def _tp_blocks(args, tp_group, tp_size: int):
     return torch.nn.Sequential(*[Block() for _ in range(args.layers)])
 
 
-def _extra_work(args):
+_SLOW = threading.Event()
+
+
+def _slow_down(signum, frame) -> None:
+    """SIGUSR2: from the next step on, this rank does ``--slowdown-factor`` times the work."""
+    _SLOW.set()
+
+
+def _extra_work(args, factor: float):
     """More compute by design for one rank: forward and backward of a local MLP like the plain
     model's, on ``(factor - 1) * batch`` samples, with no collective (the step's collectives stay
     the same on every rank)."""
@@ -110,7 +122,7 @@ def _extra_work(args):
     for _ in range(args.layers):
         layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
     local = torch.nn.Sequential(*layers)
-    rows = max(1, round((args.extra_work_factor - 1) * args.batch))
+    rows = max(1, round((factor - 1) * args.batch))
 
     def run() -> None:
         local(torch.randn(rows, args.width)).square().mean().backward()
@@ -148,6 +160,7 @@ def main(argv=None) -> int:
 
         ringwatch.attach(log_dir=args.attach)
     signal.signal(signal.SIGUSR1, _block_forever)
+    signal.signal(signal.SIGUSR2, _slow_down)
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -175,8 +188,9 @@ def main(argv=None) -> int:
     extra = None
     sleep_s = args.step_sleep_ms / 1e3
     if rank == args.extra_work_rank and args.extra_work_factor > 1:
-        extra = _extra_work(args)
+        extra = _extra_work(args, args.extra_work_factor)
         sleep_s *= args.extra_work_factor  # its host-side work grows alike
+    slowed = False
     marks = None
     if args.step_log:
         os.makedirs(args.step_log, exist_ok=True)
@@ -186,12 +200,17 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         if marks is not None:
             marks.write(f"{step}\t{time.time_ns()}\n")
+        if _SLOW.is_set() and not slowed and args.slowdown_factor > 1:
+            slowed = True
+            more = _extra_work(args, args.slowdown_factor)
+            extra = more if extra is None else (lambda a=extra, b=more: (a(), b()))
+            sleep_s *= args.slowdown_factor
         t0 = time.perf_counter()
+        if extra is not None:
+            extra()  # before the forward: this step's gradient buckets go out late
         x = torch.randn(args.batch, args.width, generator=gen)
         loss = model(x).square().mean()
         loss.backward()
-        if extra is not None:
-            extra()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sleep_s:

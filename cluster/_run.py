@@ -207,6 +207,8 @@ class Cluster:
                     "--step-log", str(self.steps_dir), *spec.job_args]
         if f.kind == "imbalance":
             job_args += ["--extra-work-rank", str(f.rank), "--extra-work-factor", str(f.factor)]
+        if f.kind == "straggler" and f.straggler_mode == "work":
+            job_args += ["--slowdown-factor", str(f.factor)]
         base = dict(os.environ)
         base.update(spec.env)
         if spec.attach:
@@ -215,6 +217,12 @@ class Cluster:
             cfg = CaptureConfig.from_env(log_dir=self.log_dir, job_id=self.job_id,
                                          flush_interval_s=spec.flush_interval_s)
             base = child_env(cfg, base)
+        self._start_launchers(["-m", "ringwatch.cluster._job", *job_args], base)
+
+    def _start_launchers(self, target: list[str], base: dict[str, str]) -> None:
+        """One ``torchrun`` per host running ``target`` (``["-m", module, *args]``) with
+        environment ``base``, each in its host's namespace and its own session."""
+        spec = self.spec
         port = self._port()
         for h in self.hosts:
             env = dict(base)
@@ -224,8 +232,7 @@ class Cluster:
                           f"--nnodes={spec.hosts}", f"--node-rank={h.index}",
                           f"--nproc-per-node={spec.per_host}",
                           f"--master-addr={self.hosts[0].addr}",
-                          f"--master-port={port}", "--max-restarts=0",
-                          "-m", "ringwatch.cluster._job", *job_args])
+                          f"--master-port={port}", "--max-restarts=0", *target])
             with open(self.run_dir / "out" / f"host-{h.index}.log", "w") as out:
                 self.procs.append(subprocess.Popen(cmd, env=env, stdout=out,
                                                    stderr=subprocess.STDOUT,
@@ -305,7 +312,9 @@ class Cluster:
             due = (time.time_ns() - self._first_step_ns) / 1e9 >= f.at_s
         if not due:
             return
-        if f.kind == "straggler":
+        if f.kind == "straggler" and f.straggler_mode == "work":
+            inj = _faults.SlowDown(marks[f.rank][0])
+        elif f.kind == "straggler":
             inj = _faults.DutyCycle(marks[f.rank][0], f.severity, f.period_s)
         elif f.kind == "hang":
             inj = _faults.Hang(marks[f.rank][0], f.hang_mode)
@@ -374,6 +383,8 @@ class Cluster:
     # -- records -----------------------------------------------------------------------------
     def _describe(self) -> str:
         f = self.fault
+        if f.kind == "straggler" and f.straggler_mode == "work":
+            return f"rank {f.rank} does {f.factor:g}x the work per step from the onset on"
         if f.kind == "straggler":
             return (f"rank {f.rank} stopped {f.severity:.0%} of every "
                     f"{f.period_s * 1e3:.0f} ms (SIGSTOP/SIGCONT)")

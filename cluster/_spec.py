@@ -11,6 +11,7 @@ from pathlib import Path
 
 FAULT_KINDS = ("none", "straggler", "hang", "link", "imbalance")
 HANG_MODES = ("block", "stop")
+STRAGGLER_MODES = ("stop", "work")
 LINK_DIRECTIONS = ("both", "egress", "ingress")
 NETNS_MODES = ("auto", "on", "off")
 
@@ -20,7 +21,7 @@ class FaultSpec:
     """One fault, applied from outside the training processes.
 
     Attributes:
-        kind: ``none``; ``straggler`` (SIGSTOP/SIGCONT duty cycle on ``rank``); ``hang``
+        kind: ``none``; ``straggler`` (``rank`` slowed: see ``straggler_mode``); ``hang``
             (``rank`` blocked for good: ``hang_mode`` ``block`` freezes its main thread before
             its next collective while the agent's threads go on, ``stop`` SIGSTOPs the whole
             process); ``link`` (``host``'s link limited to ``rate_mbit`` with tc tbf and/or
@@ -30,14 +31,18 @@ class FaultSpec:
         host: The victim host index (link).
         at_step: Apply when the victim (or, for a link, the slowest rank) reaches this step.
         at_s: Apply this many seconds after the first step instead (when ``at_step`` is None).
-        severity: Straggler: fraction of every ``period_s`` the rank is stopped (0 < s < 1).
+        straggler_mode: ``stop``: SIGSTOP/SIGCONT duty cycle (the whole process, its
+            communication threads too, as a host stall would); ``work``: ``factor`` times the
+            compute and host-side work per step from the onset on (a slow GPU or a busy host:
+            the rank arrives late, its transfers run at full speed).
+        severity: Straggler (stop): fraction of every ``period_s`` the rank is stopped (0 < s < 1).
         period_s: Straggler duty-cycle period, seconds.
         rate_mbit: Link: bandwidth limit, Mbit/s (``None``: no limit).
         loss_pct: Link: random packet loss, percent (``None``: none).
         direction: Link: ``both``, ``egress`` (leaving the host) or ``ingress``.
         hang_mode: ``block`` or ``stop`` (see ``kind``).
         hold_s: Hang: seconds to leave the job hung before the cluster ends it.
-        factor: Imbalance: the victim's work multiplier.
+        factor: Imbalance, straggler (work): the victim's work multiplier.
     """
 
     kind: str = "none"
@@ -51,6 +56,7 @@ class FaultSpec:
     loss_pct: float | None = None
     direction: str = "both"
     hang_mode: str = "block"
+    straggler_mode: str = "stop"
     hold_s: float = 15.0
     factor: float = 2.0
 
@@ -75,6 +81,12 @@ class FaultSpec:
         if self.direction not in LINK_DIRECTIONS:
             raise ValueError(f"direction {self.direction!r}: expected one of "
                              f"{', '.join(LINK_DIRECTIONS)}")
+        if self.straggler_mode not in STRAGGLER_MODES:
+            raise ValueError(f"straggler mode {self.straggler_mode!r}: expected one of "
+                             f"{', '.join(STRAGGLER_MODES)}")
+        if self.kind in ("straggler", "imbalance") and self.factor <= 1 and (
+                self.kind == "imbalance" or self.straggler_mode == "work"):
+            raise ValueError(f"factor {self.factor}: expected > 1")
         if self.hang_mode not in HANG_MODES:
             raise ValueError(f"hang mode {self.hang_mode!r}: expected one of "
                              f"{', '.join(HANG_MODES)}")
@@ -85,7 +97,9 @@ class FaultSpec:
 
     def params(self) -> dict:
         """The settings that matter for this kind (for the ground truth)."""
-        keep = {"straggler": ("severity", "period_s"), "hang": ("hang_mode", "hold_s"),
+        straggler = (("straggler_mode", "factor") if self.straggler_mode == "work"
+                     else ("straggler_mode", "severity", "period_s"))
+        keep = {"straggler": straggler, "hang": ("hang_mode", "hold_s"),
                 "link": ("rate_mbit", "loss_pct", "direction"), "imbalance": ("factor",),
                 "none": ()}[self.kind]
         return {k: v for k, v in asdict(self).items() if k in keep}

@@ -35,7 +35,13 @@ def test_bad_faults_fail_at_construction(kw, msg):
 
 def test_fault_params_keep_what_matters_for_the_kind():
     assert FaultSpec(kind="straggler", rank=1, severity=0.3).params() == \
-        {"severity": 0.3, "period_s": 0.1}
+        {"straggler_mode": "stop", "severity": 0.3, "period_s": 0.1}
+    assert FaultSpec(kind="straggler", rank=1, straggler_mode="work", factor=1.5).params() == \
+        {"straggler_mode": "work", "factor": 1.5}
+    with pytest.raises(ValueError, match="factor"):
+        FaultSpec(kind="straggler", rank=1, straggler_mode="work", factor=1.0)
+    with pytest.raises(ValueError, match="straggler mode"):
+        FaultSpec(kind="straggler", rank=1, straggler_mode="pause")
     assert FaultSpec(kind="link", host=0, rate_mbit=None, loss_pct=2).params() == \
         {"rate_mbit": None, "loss_pct": 2, "direction": "both"}
     assert FaultSpec().params() == {}
