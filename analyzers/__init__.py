@@ -23,13 +23,17 @@ from ringwatch.analyzers._steps import (
     phase_masks,
     pivot_step_comm,
 )
-from ringwatch.analyzers._stragglers import compute_step_lateness, detect_stragglers
+from ringwatch.analyzers._stragglers import (
+    compute_step_lateness,
+    compute_straggler_scores,
+    detect_stragglers,
+)
 
 __all__ = [
     "ConsistencyReport", "FrComparison", "GroupCheck", "check_consistency",
     "compare_flight_recorder", "compute_collective_signatures", "compute_signature_bytes",
     "compute_phase_comm", "compute_step_comm", "compute_step_wait", "phase_masks",
     "pivot_step_comm", "KINDS", "Finding", "compute_frontier", "detect_hangs",
-    "compute_step_lateness", "detect_stragglers", "Rhythm", "compute_iteration_times",
-    "infer_rhythm",
+    "compute_step_lateness", "compute_straggler_scores", "detect_stragglers", "Rhythm",
+    "compute_iteration_times", "infer_rhythm",
 ]

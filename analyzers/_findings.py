@@ -29,6 +29,8 @@ class Finding:
         evidence: Short lines a person can check against the logs.
         gain_s_per_step: What fixing it would save per step (s), when estimated.
         detected_step: The step by which the evidence was conclusive (for detection latency).
+        until_step: The last step it was seen, when it ended before the data did (``None``:
+            still there at the end).
     """
 
     kind: str
@@ -43,6 +45,7 @@ class Finding:
     evidence: tuple[str, ...] = field(default_factory=tuple)
     gain_s_per_step: float | None = None
     detected_step: int | None = None
+    until_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -6,19 +6,24 @@ among the members, and the rank with the shortest is the last arrival. Both need
 shared across hosts. Per rank and step the waits are merged on the rank's own monotonic clock
 (overlapping DDP buckets count once).
 
-A step *points at* a rank when that rank waited least, less than ``own_share`` of its peers'
-median wait, and the peers waited ``min_peer_wait_ms`` or more. A straggler is a rank pointed
-at in ``persist`` consecutive steps (so one slow step is not a finding) while its peers wait
-``ratio`` times longer than they did in the steps before (a change, not the usual jitter). A
-rank pointed at in most of the job's first ``baseline_steps`` steps is
-*structural imbalance* (more work by design: a pipeline stage, a bigger shard), not a fault.
+Per step, a rank's *delay* is the step's median wait minus its own: how much longer the
+others sat in collectives than it did, i.e. how late it came. A healthy rank's delay hovers
+around zero (the job's noise, ``noise_ms``, is its robust spread); a straggler's jumps by the
+time it costs the job. Each rank's delay is compared with its own usual (its median over the
+job's first ``baseline_steps`` steps, never below zero) and the excess is summed in a
+one-sided CUSUM (Page's test), so a large change is found in one or two steps and a small one
+in a few more, while single slow steps (noise spikes) do not add up. A straggler is a rank
+whose CUSUM passes ``threshold`` times the noise with its excess above ``slack`` times the
+noise in at least ``persist`` of its last ``persist + 1`` steps (2 of 3 by default). A rank
+late in most of the job's first ``baseline_steps`` steps is *structural imbalance* (more
+work by design: a pipeline stage, a bigger shard), not a fault: its usual delay is high, so
+it is never a straggler too.
+
 A rank made late by its own slow transfers (the far end of a throttled link) also leaves each
-collective last: its durations are not the shortest, so it is not pointed at.
+collective last: its durations are not the shortest, so its delay does not rise.
 """
 
 from __future__ import annotations
-
-import statistics
 
 import polars as pl
 
@@ -55,83 +60,184 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
     ).sort("step", "rank")
 
 
-def _pointed(lat: pl.DataFrame, *, own_share: float,
-             min_peer_wait_ms: float) -> list[tuple[int, int | None, float, float]]:
-    """Per step (ascending): ``(step, rank it points at or None, that rank's wait ms, its
-    peers' median wait ms)``."""
-    out = []
-    for (step,), g in sorted(lat.group_by("step"), key=lambda kv: kv[0][0]):
-        w = dict(zip(g["rank"].to_list(), (g["wait_ns"] / 1e6).to_list(), strict=True))
-        if len(w) < 2:
-            continue
-        late = min(w, key=w.get)
-        peers = statistics.median(v for r, v in w.items() if r != late)
-        hit = w[late] < own_share * peers and peers >= min_peer_wait_ms
-        out.append((step, late if hit else None, w[late], peers))
-    return out
+def _noise_ms(delay: pl.DataFrame, floor_ms: float) -> float:
+    """Robust spread (1.4826 x MAD) of the rows' delays, at least ``floor_ms``."""
+    d = delay["delay_ms"]
+    if d.is_empty():
+        return floor_ms
+    mad = (d - d.median()).abs().median()
+    return max(floor_ms, 1.4826 * float(mad))
 
 
-def detect_stragglers(events: pl.DataFrame, *, persist: int = 3, baseline_steps: int = 20,
-                      ratio: float = 1.3, own_share: float = 0.5,
-                      min_peer_wait_ms: float = 3.0,
-                      warmup_steps: int = 2) -> tuple[Finding, ...]:
-    """Ranks their peers wait for, step after step.
+def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
+                             baseline_steps: int = 20, min_baseline_steps: int = 5,
+                             slack: float = 1.0, threshold: float = 6.0,
+                             floor_ms: float = 2.0, persist: int = 3,
+                             usual: pl.DataFrame | None = None,
+                             noise_ms: float | None = None) -> pl.DataFrame:
+    """Per (rank, step), how late the rank came and how far that is from its usual.
 
     Args:
-        events: Rows of one job.
-        persist: Consecutive steps a rank must be pointed at.
-        baseline_steps: Steps before a run that give the peers' usual wait.
-        ratio: How much longer than usual the peers must wait during the run.
-        own_share: A pointed-at rank waits less than this share of its peers' median wait.
-        min_peer_wait_ms: Peers' median wait per step for a step to point at anyone.
+        lat: Output of :func:`compute_step_lateness`.
         warmup_steps: Leading steps left out (DDP's first steps differ).
+        baseline_steps: Steps of the rolling "usual" and of the job's first steps (the noise).
+        min_baseline_steps: Steps a rank needs behind it before it has a usual.
+        slack: Excess below ``slack`` x noise is noise (the CUSUM's allowance).
+        threshold: CUSUM level, in noise units, that makes a straggler.
+        floor_ms: Least noise assumed (ms): a job that quiet does not flag 0.1 ms.
+        persist: Steps with excess above slack needed among the last ``persist + 1``.
+        usual: ``rank``, ``usual_ms``: each rank's usual delay, when known from earlier data
+            (an online window passes what the job's first steps gave); by default the
+            median over the first ``baseline_steps`` steps here, at least 0.
+        noise_ms: The job's noise, when known from earlier data; by default the robust spread
+            of the delays in the first ``baseline_steps`` steps here.
+
+    Returns:
+        Columns ``rank``, ``host``, ``step``, ``wait_ms``, ``median_wait_ms`` (the step's
+        median over ranks), ``delay_ms`` (that minus ``wait_ms``), ``usual_ms`` (the rank's
+        median delay over its previous ``baseline_steps`` steps, at least 0; null until
+        ``min_baseline_steps``), ``excess_ms``, ``cusum_ms``, ``run_start`` (first step of the
+        current excess run), ``hits`` (steps of the last ``persist + 1`` with excess above
+        slack), ``noise_ms`` and ``score`` (``cusum_ms`` over the threshold: 1 or more with
+        ``persist`` hits is a straggler); sorted by rank then step. Empty without steps past
+        the warm-up.
+    """
+    df = lat.filter(pl.col("step") >= warmup_steps).with_columns(
+        (pl.col("wait_ns") / 1e6).alias("wait_ms"))
+    if df.is_empty():
+        return df
+    df = df.with_columns(pl.col("wait_ms").median().over("step").alias("median_wait_ms"))
+    df = df.with_columns((pl.col("median_wait_ms") - pl.col("wait_ms")).alias("delay_ms")
+                         ).sort("rank", "step")
+    first = df["step"].min()
+    head = df.filter(pl.col("step") < first + baseline_steps)
+    noise = _noise_ms(head, floor_ms) if noise_ms is None else noise_ms
+    k, h = slack * noise, threshold * noise
+    if usual is None:
+        usual = head.group_by("rank").agg(
+            pl.col("delay_ms").median().clip(lower_bound=0.0).alias("usual_ms"),
+            pl.len().alias("_n")).filter(pl.col("_n") >= min_baseline_steps).drop("_n")
+    df = df.join(usual.select("rank", "usual_ms"), on="rank", how="left").with_columns(
+        pl.when(pl.col("step") >= first + min_baseline_steps).then(pl.col("usual_ms"))
+        .alias("usual_ms"))
+    df = df.with_columns((pl.col("delay_ms") - pl.col("usual_ms")).alias("excess_ms"))
+    # Page's CUSUM S_t = max(0, S_t-1 + x_t - k), as C_t - min(0, min_s<=t C_s).
+    c = (pl.col("excess_ms") - k).fill_null(0.0).cum_sum().over("rank")
+    df = df.with_columns(c.alias("_c"))
+    df = df.with_columns((pl.col("_c") - pl.col("_c").cum_min().over("rank").clip(upper_bound=0.0)
+                          ).alias("cusum_ms"))
+    hit = (pl.col("excess_ms") > k).fill_null(False).cast(pl.Int32)
+    df = df.with_columns(
+        hit.rolling_sum(window_size=persist + 1, min_samples=1).over("rank").alias("hits"),
+        (pl.col("cusum_ms") <= 0).cast(pl.Int32).cum_sum().over("rank").alias("_run"))
+    df = df.with_columns(
+        pl.col("step").filter(pl.col("cusum_ms") > 0).min().over("rank", "_run")
+        .alias("run_start"),
+        pl.lit(noise).alias("noise_ms"), (pl.col("cusum_ms") / h).alias("score"))
+    return df.select("rank", "host", "step", "wait_ms", "median_wait_ms", "delay_ms",
+                     "usual_ms", "excess_ms", "cusum_ms", "run_start", "hits", "noise_ms",
+                     "score")
+
+
+def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: float,
+                min_delay_ms: float) -> pl.DataFrame:
+    """Ranks late in most of the job's first steps: ``rank``, ``host``, ``delay_ms``
+    (median), ``late_share`` (steps where it waited least), ``first_step``, ``last_step``."""
+    first = scores["step"].min()
+    head = scores.filter(pl.col("step") < first + baseline_steps)
+    least = head.filter(pl.col("wait_ms") == pl.col("wait_ms").min().over("step"))
+    share = least.group_by("rank").agg(pl.len().alias("_late"))
+    n = head["step"].n_unique()
+    per = head.group_by("rank").agg(
+        pl.col("host").first(), pl.col("delay_ms").median(),
+        pl.col("step").min().alias("first_step"), pl.col("step").max().alias("last_step"))
+    noise = scores["noise_ms"][0]
+    return (per.join(share, on="rank", how="left")
+            .with_columns((pl.col("_late").fill_null(0) / n).alias("late_share"))
+            .filter((pl.col("late_share") >= 0.5)
+                    & (pl.col("delay_ms") >= max(min_delay_ms, imbalance_noise * noise)))
+            .drop("_late").sort("rank"))
+
+
+def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_steps: int = 20,
+                      min_baseline_steps: int = 5, slack: float = 1.0, threshold: float = 6.0,
+                      floor_ms: float = 2.0, persist: int = 3, imbalance_noise: float = 3.0,
+                      min_delay_ms: float = 3.0,
+                      transient_steps: int = 8) -> tuple[Finding, ...]:
+    """Ranks their peers wait for: a change (straggler) or there from the start (imbalance).
+
+    Args:
+        events: Rows of one job (a whole log or an online window).
+        warmup_steps, baseline_steps, min_baseline_steps, slack, threshold, floor_ms,
+            persist: See :func:`compute_straggler_scores`.
+        imbalance_noise: A rank whose median delay over the first ``baseline_steps`` steps is
+            this many times the noise (and at least ``min_delay_ms``), while it waited least
+            in half of them or more, is structural imbalance.
+        min_delay_ms: Least delay (ms) worth a finding.
+        transient_steps: A straggler whose excess ended within this many steps of its start
+            (the logs go on without it) is a ``transient straggler``: a hiccup, not a rank to
+            replace.
 
     Returns:
         At most one :class:`Finding` per rank, in order of onset: ``imbalance`` (class
-        ``structural imbalance``) or ``straggler`` (class ``compute straggler``), with
-        ``since_step`` (first step of the run), ``detected_step`` (the step that completed
-        it) and ``gain_s_per_step`` (its peers' median wait per step in the run: what the job
-        would save per step if it arrived like them).
+        ``structural imbalance``, since the first step) or ``straggler`` (class ``compute
+        straggler``) with ``since_step`` (the step its excess began), ``detected_step`` (the
+        step that made it conclusive), ``until_step`` (its last step, when it ended) and
+        ``gain_s_per_step`` (how much longer its peers
+        waited than it did per step since then: what the job would save if it arrived like
+        them).
     """
-    lat = compute_step_lateness(events).filter(pl.col("step") >= warmup_steps)
-    if lat.is_empty():
+    lat = compute_step_lateness(events)
+    scores = compute_straggler_scores(
+        lat, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
+        min_baseline_steps=min_baseline_steps, slack=slack, threshold=threshold,
+        floor_ms=floor_ms, persist=persist)
+    if scores.is_empty():
         return ()
-    hosts = dict(lat.select("rank", "host").unique("rank").iter_rows())
-    steps = _pointed(lat, own_share=own_share, min_peer_wait_ms=min_peer_wait_ms)
-    findings: dict[int, Finding] = {}
-    i = 0
-    while i + persist <= len(steps):
-        run = steps[i: i + persist]
-        r = run[0][1]
-        if r is None or r in findings or any(x[1] != r for x in run):
-            i += 1
-            continue
-        # Pointed at in most of the job's first steps: there from the start, by design.
-        first = steps[:baseline_steps]
-        designed = i == 0 or sum(x[1] == r for x in first) >= len(first) / 2
-        # The peers' usual wait: the steps before the run that did not point at this rank.
-        before = [x for x in steps[:i] if x[1] != r][-baseline_steps:]
-        usual = statistics.median(x[3] for x in before) if before else 0.0
-        if not designed and any(x[3] < ratio * usual for x in run):
-            i += 1
-            continue
-        peers = statistics.median(x[3] for x in run)
-        mine = statistics.median(x[2] for x in run)
-        start = steps[0][0] if designed else run[0][0]
-        evidence = [f"rank {r} waited least in steps {run[0][0]}-{run[-1][0]}: "
-                    f"{mine:.1f} ms per step, its peers {peers:.1f} ms"]
-        if designed or not before:
-            evidence.append("from the job's first steps: more work by design, or a "
-                            "straggler from the start")
-        else:
-            evidence.append(f"its peers usually waited {usual:.1f} ms per step (steps "
-                            f"{before[0][0]}-{before[-1][0]}): a change on this rank")
-        findings[r] = Finding(
-            kind="imbalance" if designed else "straggler",
-            cls="structural imbalance" if designed else "compute straggler",
-            ranks=(r,), hosts=(hosts[r],) if hosts.get(r) else (),
-            confidence=min(1.0, peers / (2 * min_peer_wait_ms)),
-            since_step=start, detected_step=run[-1][0], gain_s_per_step=peers / 1e3,
-            evidence=tuple(evidence))
-        i += persist
-    return tuple(sorted(findings.values(), key=lambda f: f.since_step or 0))
+    noise = scores["noise_ms"][0]
+    findings = []
+    imb = _imbalanced(scores, baseline_steps=baseline_steps, imbalance_noise=imbalance_noise,
+                      min_delay_ms=min_delay_ms)
+    for r in imb.iter_rows(named=True):
+        findings.append(Finding(
+            kind="imbalance", cls="structural imbalance", ranks=(r["rank"],),
+            hosts=(r["host"],) if r["host"] else (), since_step=r["first_step"],
+            detected_step=r["last_step"],
+            confidence=min(1.0, r["delay_ms"] / (2 * imbalance_noise * noise)),
+            gain_s_per_step=r["delay_ms"] / 1e3,
+            evidence=(f"rank {r['rank']} came {r['delay_ms']:.1f} ms per step after the "
+                      f"median rank in steps {r['first_step']}-{r['last_step']} (noise "
+                      f"{noise:.1f} ms) and waited least in {r['late_share']:.0%} of them",
+                      "from the job's first steps: more work by design (a pipeline stage, "
+                      "a bigger shard), or a straggler from the start")))
+    hit = scores.filter((pl.col("score") >= 1.0) & (pl.col("hits") >= persist)
+                        & (pl.col("excess_ms") > slack * noise)
+                        & (pl.col("delay_ms") >= min_delay_ms)
+                        & ~pl.col("rank").is_in(imb["rank"].implode()))
+    for r in hit.group_by("rank").agg(pl.all().sort_by("step").first()).iter_rows(named=True):
+        mine = scores.filter(pl.col("rank") == r["rank"])
+        run = mine.filter(pl.col("step").is_between(r["run_start"], r["step"]))
+        delay = float(run["delay_ms"].median())
+        # It ends at its last late step before persist + 1 steps in a row without one;
+        # still on at the end of the data: until None.
+        ended = mine.filter((pl.col("step") > r["step"]) & (pl.col("hits") == 0))
+        until = None if ended.is_empty() else int(
+            mine.filter((pl.col("step") < ended["step"].min())
+                        & (pl.col("excess_ms") > slack * noise))["step"].max())
+        transient = until is not None and until - r["run_start"] + 1 < transient_steps
+        findings.append(Finding(
+            kind="straggler", cls="transient straggler" if transient else "compute straggler",
+            ranks=(r["rank"],),
+            hosts=(r["host"],) if r["host"] else (), since_step=r["run_start"],
+            detected_step=r["step"], until_step=until,
+            confidence=min(1.0, 0.5 + 0.5 * (r["score"] - 1.0)) * (0.5 if transient else 1),
+            gain_s_per_step=delay / 1e3,
+            evidence=(f"rank {r['rank']} came {delay:.1f} ms per step after the median rank "
+                      f"in steps {r['run_start']}-{r['step']} (usually "
+                      f"{r['usual_ms']:.1f} ms; job noise {noise:.1f} ms)",
+                      f"excess summed to {r['cusum_ms']:.0f} ms, over {threshold:g}x the "
+                      f"noise: a change on this rank, its peers wait for it")))
+    return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
+
+
+__all__ = ["compute_step_lateness", "compute_straggler_scores", "detect_stragglers"]

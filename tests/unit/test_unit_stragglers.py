@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import random
 
-from ringwatch.analyzers import compute_step_lateness, detect_stragglers
+from ringwatch.analyzers import (
+    compute_step_lateness,
+    compute_straggler_scores,
+    detect_stragglers,
+)
 
 from fakes import frame, row
 
@@ -49,7 +53,8 @@ def test_a_straggler_from_its_onset():
     (f,) = detect_stragglers(job(onset=30, late=1, late_ms=15))
     assert (f.kind, f.cls, f.ranks, f.hosts) == ("straggler", "compute straggler", (1,),
                                                   ("host0",))
-    assert f.since_step == 30 and f.detected_step == 32, f  # 3 steps from the onset
+    assert f.since_step == 30 and f.detected_step == 32, f  # the third late step
+    assert f.until_step is None  # still late when the logs end
     # its peers wait ~15-17 ms at each of the 3 buckets of a step
     assert 0.045 <= f.gain_s_per_step <= 0.052, f
 
@@ -81,8 +86,32 @@ def test_a_rank_slow_in_most_steps_before_its_run_is_imbalance():
     assert (f.kind, f.ranks) == ("imbalance", (2,)), f
 
 
-def test_a_brief_slowdown_is_not_persistent():
+def _brief(steps: tuple[int, ...]):
     healthy, slow = job(), job(late=1, late_ms=15)  # same collectives, numbered alike
-    brief = healthy.filter(~healthy["step"].is_between(30, 31)).vstack(
-        slow.filter(slow["step"].is_between(30, 31)))
-    assert detect_stragglers(brief.sort("rank", "idx")) == ()
+    return healthy.filter(~healthy["step"].is_in(steps)).vstack(
+        slow.filter(slow["step"].is_in(steps))).sort("rank", "idx")
+
+
+def test_a_brief_slowdown_is_not_persistent():
+    assert detect_stragglers(_brief((30,))) == ()
+    assert detect_stragglers(_brief((30, 33))) == ()  # two far apart do not make a run
+    assert detect_stragglers(_brief((30, 31))) == ()
+    (f,) = detect_stragglers(_brief((30, 31)), persist=2)  # two in a row are enough here
+    assert (f.since_step, f.detected_step, f.until_step) == (30, 31, 31)
+    assert f.cls == "transient straggler" and f.confidence <= 0.5
+    (f,) = detect_stragglers(_brief(tuple(range(30, 50))))  # late for 20 steps, then not
+    assert (f.cls, f.since_step, f.detected_step, f.until_step) == \
+        ("compute straggler", 30, 32, 49)
+
+
+def test_scores_rise_with_the_excess_and_reset_after():
+    sc = compute_straggler_scores(compute_step_lateness(_brief((30, 31))))
+    r1 = {r["step"]: r for r in sc.filter(sc["rank"] == 1).iter_rows(named=True)}
+    assert r1[29]["cusum_ms"] == 0 and r1[30]["cusum_ms"] > 30 and \
+        r1[31]["cusum_ms"] > r1[30]["cusum_ms"]
+    assert r1[31]["score"] >= 1 and r1[31]["run_start"] == 30 and r1[31]["hits"] == 2
+    # the excess is gone: the sum drains by the allowance every step
+    assert r1[31]["cusum_ms"] > r1[35]["cusum_ms"] > r1[45]["cusum_ms"]
+    assert 40 <= r1[31]["delay_ms"] <= 52  # three buckets, ~15-17 ms each
+    others = sc.filter(sc["rank"] != 1)
+    assert others["score"].max() < 0.5
