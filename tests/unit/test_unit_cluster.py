@@ -83,11 +83,11 @@ def test_run_lock_marks_a_run_alive_until_released():
     assert not _owner.is_alive(lock.id)
 
 
-def _child(marker: str | None, code: str = "import time; time.sleep(60)"):
+def _child(marker: str | None, code: str = "import time; time.sleep(60)", **kw):
     env = dict(os.environ)
     if marker:
         env[_owner.ENV_MARK] = marker
-    return subprocess.Popen([sys.executable, "-c", code], env=env)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, **kw)
 
 
 def test_sweep_removes_processes_and_locks_of_a_dead_run_only():
@@ -114,9 +114,11 @@ def test_sweep_removes_processes_and_locks_of_a_dead_run_only():
 
 def test_end_processes_kills_what_ignores_sigterm():
     stubborn = _child(None, "import signal, time; signal.signal(signal.SIGTERM, "
-                      "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)")
+                      "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)",
+                      stdout=subprocess.PIPE, text=True)
     polite = _child(None)
-    time.sleep(0.5)
+    assert stubborn.stdout.readline().strip() == "ready"  # its SIGTERM handler is in place
+    time.sleep(0.2)
     killed = _procs.end_processes([stubborn.pid, polite.pid], grace_s=0.5)
     assert killed == [stubborn.pid]
     assert stubborn.wait(timeout=5) == -signal.SIGKILL and polite.wait(timeout=5) < 0
