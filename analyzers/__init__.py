@@ -15,6 +15,12 @@ from ringwatch.analyzers._capture import (
 )
 from ringwatch.analyzers._findings import KINDS, Finding
 from ringwatch.analyzers._hangs import compute_frontier, detect_hangs
+from ringwatch.analyzers._links import (
+    compute_group_bandwidth,
+    compute_slow_groups,
+    detect_slow_links,
+    suspect_hosts,
+)
 from ringwatch.analyzers._rhythm import Rhythm, compute_iteration_times, infer_rhythm
 from ringwatch.analyzers._steps import (
     compute_phase_comm,
@@ -35,5 +41,6 @@ __all__ = [
     "compute_phase_comm", "compute_step_comm", "compute_step_wait", "phase_masks",
     "pivot_step_comm", "KINDS", "Finding", "compute_frontier", "detect_hangs",
     "compute_step_lateness", "compute_straggler_scores", "detect_stragglers", "Rhythm",
-    "compute_iteration_times", "infer_rhythm",
+    "compute_iteration_times", "infer_rhythm", "compute_group_bandwidth",
+    "compute_slow_groups", "detect_slow_links", "suspect_hosts",
 ]

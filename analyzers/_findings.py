@@ -29,6 +29,8 @@ class Finding:
         evidence: Short lines a person can check against the logs.
         gain_s_per_step: What fixing it would save per step (s), when estimated.
         detected_step: The step by which the evidence was conclusive (for detection latency).
+        detected_ns: Wall clock (ns) by which the evidence was conclusive, when known (a
+            hang: when its stall reached the threshold).
         until_step: The last step it was seen, when it ended before the data did (``None``:
             still there at the end).
     """
@@ -46,6 +48,7 @@ class Finding:
     gain_s_per_step: float | None = None
     detected_step: int | None = None
     until_step: int | None = None
+    detected_ns: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

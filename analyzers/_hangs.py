@@ -21,7 +21,8 @@ import polars as pl
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
 
-MIN_STALL_S = 10.0  # a collective in flight this long, with the group stuck behind it
+MIN_STALL_S = 5.0  # a collective in flight this long, with the group stuck behind it ...
+STALL_STEPS = 10.0  # ... and this many of the job's usual steps
 SILENT_S = 10.0  # an agent silent this much longer than its peers' newest flush
 
 
@@ -57,7 +58,27 @@ def _ranks(rs) -> str:
     return ",".join(str(r) for r in rs)
 
 
-def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float = MIN_STALL_S,
+def typical_step_s(events: pl.DataFrame) -> float | None:
+    """The job's usual step time (s): per rank, the median time between the first
+    collectives of consecutive steps; the median over ranks. ``None`` without two steps."""
+    firsts = (events.filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
+              .group_by("rank", "step").agg(pl.col("mono_start_ns").min()).sort("rank", "step")
+              .with_columns(pl.col("mono_start_ns").diff().over("rank").alias("_d")))
+    per = firsts.group_by("rank").agg(pl.col("_d").median())["_d"].drop_nulls()
+    return None if per.is_empty() else float(per.median()) / 1e9
+
+
+def stall_threshold_s(events: pl.DataFrame, min_stall_s: float | None = None) -> float:
+    """How long a group must be stuck to be a hang: ``min_stall_s`` when given, else
+    :data:`MIN_STALL_S` or :data:`STALL_STEPS` usual steps, whichever is longer (a job with
+    minute-long steps is not hung after 5 s)."""
+    if min_stall_s is not None:
+        return min_stall_s
+    step = typical_step_s(events)
+    return MIN_STALL_S if step is None else max(MIN_STALL_S, STALL_STEPS * step)
+
+
+def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float | None = None,
                  last_seen_ns: dict[int, int] | None = None,
                  silent_s: float = SILENT_S) -> tuple[Finding, ...]:
     """Groups stuck behind a collective in flight for ``min_stall_s`` or more at ``now_ns``.
@@ -66,7 +87,8 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float = MIN_
         events: Rows of one job, pending ones included.
         now_ns: Wall clock (ns) to measure the stall against: the current time online, the
             last flush post-mortem.
-        min_stall_s: How long the oldest blocking collective must have been in flight.
+        min_stall_s: How long the oldest blocking collective must have been in flight
+            (default: :func:`stall_threshold_s`).
         last_seen_ns: Per rank, wall clock of its agent's newest write (a heartbeat); a rank
             ``silent_s`` behind the newest is reported as not running.
 
@@ -74,6 +96,7 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float = MIN_
         One :class:`Finding` per stuck group, root causes first: a group whose missing ranks
         are themselves waiting in another stuck group is a consequence (lower confidence).
     """
+    min_stall_s = stall_threshold_s(events, min_stall_s)
     fr = compute_frontier(events)
     newest = max(last_seen_ns.values()) if last_seen_ns else None
     silent = {r for r, t in (last_seen_ns or {}).items() if newest - t > silent_s * 1e9}
@@ -103,7 +126,7 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float = MIN_
     for pg, (n, since, stall_s, members, missing, waiting, done, hosts, row) in stuck.items():
         op = row["pending_op"]
         ev = [f"pg {pg} ({row['pg_ranks']}): rank(s) {_ranks(waiting)} waiting in {op} #{n} "
-              f"for {stall_s:.1f} s"]
+              f"for {stall_s:.1f} s (a hang after {min_stall_s:.1f} s)"]
         conf = 1.0
         mute = sorted(set(members) & silent)
         if mute:
@@ -133,5 +156,6 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float = MIN_
             kind="hang", cls=cls, ranks=tuple(culprits),
             hosts=tuple(dict.fromkeys(hosts.get(r) for r in culprits if hosts.get(r))),
             pg=pg, seq=n, confidence=conf, since_ns=since, since_step=row["pending_step"],
+            detected_ns=since + int(min_stall_s * 1e9),
             evidence=tuple(ev)))
     return tuple(sorted(findings, key=lambda f: (-f.confidence, f.since_ns or 0)))

@@ -128,12 +128,15 @@ def detect_wall_ns(finding, truth: Mapping, marks: Mapping[int, Mapping[int, int
                    min_stall_s: float) -> int | None:
     """Wall clock when a finding's evidence was complete.
 
-    A finding with a ``detected_step``: the end of that step, i.e. when step
+    A finding with a ``detected_ns`` (a hang: when its stall reached the analyzer's threshold):
+    that. A finding with a ``detected_step``: the end of that step, i.e. when step
     ``detected_step + 1`` began on the victim rank (rank 0 for a run without a victim rank,
     or when the victim has no such mark). A finding with only ``since_ns`` (a hang: when the
     oldest blocking collective was entered): ``since_ns + min_stall_s``, the moment the stall
     reached the analyzer's threshold.
     """
+    if getattr(finding, "detected_ns", None) is not None:
+        return finding.detected_ns
     if finding.detected_step is not None:
         return _mark(marks, truth.get("rank"), finding.detected_step + 1)
     if finding.since_ns is not None:

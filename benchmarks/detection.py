@@ -161,7 +161,6 @@ def score_folder_run(source: Path, name: str, run_dir: Path, rec: dict | None,
     from ringwatch._analyze import analyze_job
     from ringwatch._logs import open_job
     from ringwatch.analyzers._hangs import MIN_STALL_S
-
     try:
         truth = json.loads((run_dir / "ground_truth.json").read_text())
     except (OSError, ValueError):
@@ -182,7 +181,7 @@ def score_folder_run(source: Path, name: str, run_dir: Path, rec: dict | None,
         except (OSError, ValueError) as exc:  # LogError is a ValueError
             why = f"logs: {exc}"
     if why is None:
-        stall = MIN_STALL_S if min_stall_s is None else min_stall_s
+        stall = min_stall_s
         try:
             report = analyze_job(job, min_stall_s=stall)
         except Exception as exc:
@@ -191,7 +190,8 @@ def score_folder_run(source: Path, name: str, run_dir: Path, rec: dict | None,
         return {**out, "status": why}
     findings = report["_findings"]
     marks = read_marks(run_dir / "steps")
-    score = score_run(truth, findings, marks=marks, min_stall_s=stall)
+    score = score_run(truth, findings, marks=marks,
+                      min_stall_s=MIN_STALL_S if stall is None else stall)  # w/o detected_ns
     detail = score.to_dict()
     detail["findings"] = [{**f.to_dict(), **s} for f, s in zip(findings, detail["findings"],
                                                                 strict=True)]
@@ -372,9 +372,7 @@ def main(argv=None) -> int:
         records.append(r)
     print("\n".join(report(records, markdown=args.markdown, per_run=args.per_run)))
     if args.json:
-        from ringwatch.analyzers._hangs import MIN_STALL_S
-
-        stall = MIN_STALL_S if args.min_stall_s is None else args.min_stall_s
+        stall = "adaptive" if args.min_stall_s is None else args.min_stall_s
         doc = {"format": "ringwatch-detection/1", "inputs": [str(f) for f in folders],
                "min_stall_s": stall,
                "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records],

@@ -1,7 +1,8 @@
 """``ringwatch analyze``: run the analyzers over a job's logs and print the findings.
 
-Hangs (per-group frontier) and stragglers (who the others wait for, from durations); the
-rhythm, link and probe analyzers are not part of it yet.
+Hangs (per-group frontier), stragglers and imbalance (who the others wait for, from
+durations) and slow communication (groups whose transfer bandwidth dropped, and the hosts
+they share).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         events: Rows of one job (``JobLogs.events(include_pending=True)``).
         now_ns: Wall clock the stall of a hang is measured up to.
         last_seen_ns: ``rank -> newest flush`` heartbeats, when known.
-        min_stall_s: How long a group must be stuck to be a hang.
+        min_stall_s: How long a group must be stuck to be a hang (default: 5 s or 10 of
+            the job's usual steps, whichever is longer).
     """
-    from ringwatch.analyzers import detect_hangs, detect_stragglers
-    from ringwatch.analyzers._hangs import MIN_STALL_S
+    from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
 
     findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
-                            min_stall_s=MIN_STALL_S if min_stall_s is None else min_stall_s)
-    return findings + detect_stragglers(events)
+                            min_stall_s=min_stall_s)
+    return findings + detect_stragglers(events) + detect_slow_links(events)
 
 
 def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ringwatch.analyzers import Finding, compute_frontier, detect_hangs
+from ringwatch.analyzers._hangs import stall_threshold_s
 
 from fakes import frame, row
 
@@ -44,8 +45,21 @@ def test_rank_that_never_arrived():
 
 def test_too_short_a_stall_is_not_a_hang():
     rows = healthy(range(1, 4)) + [ev(r, 4, 4.0, status="pending") for r in (0, 2, 3)]
-    assert detect_hangs(frame(rows), now_ns=10 * S) == ()
+    assert detect_hangs(frame(rows), now_ns=8 * S) == ()  # 4 s < 5 s
+    assert len(detect_hangs(frame(rows), now_ns=10 * S)) == 1  # 6 s
     assert detect_hangs(frame(healthy(range(1, 9))), now_ns=100 * S) == ()
+
+
+def test_the_stall_threshold_scales_with_the_step_time():
+    # One collective per 3 s step: 10 steps are 30 s, longer than the 5 s floor.
+    rows = [ev(r, s, 3.0 * s, step=s) for s in range(1, 6) for r in range(4)]
+    rows += [ev(r, 6, 18.0, step=6, status="pending") for r in (0, 2, 3)]
+    assert stall_threshold_s(frame(rows)) == pytest.approx(30.0)
+    assert detect_hangs(frame(rows), now_ns=(18 + 20) * S) == ()
+    (f,) = detect_hangs(frame(rows), now_ns=(18 + 31) * S)
+    assert f.ranks == (1,) and f.detected_ns == (18 + 30) * S
+    assert "a hang after 30.0 s" in f.evidence[0]
+    assert stall_threshold_s(frame(rows), 2.0) == 2.0  # given: used as is
 
 
 def test_everyone_inside_and_nobody_out_is_the_collective():

@@ -1,0 +1,183 @@
+"""Faulty links, passively: groups whose transfers slowed down, and the hosts they share.
+
+At a blocking collective every member leaves about when the data has gone round, so the
+shortest duration among the members (the last arrival's, which did not wait) is the
+collective's *transfer time*, free of anyone's lateness; its size over that time is the
+group's *transfer bandwidth*. Per group and step the bandwidth is the step's bytes over its
+transfer time. A compute straggler leaves it alone (it only makes the others wait); a slow
+link, NIC or switch port lowers it for every group whose traffic crosses it.
+
+A group is *slow* when its bandwidth stays below ``1 / ratio`` of its usual (its median over
+its first ``baseline_steps`` steps) for ``persist`` steps in a row. The suspects are then
+narrowed across groups: a link is shared by every slow group that crosses hosts (traffic inside
+one host does not use it) and by no healthy one, so the suspect hosts are the hosts common to
+every slow multi-host group, less the hosts of the healthy multi-host groups. With one world
+group (plain DDP) that leaves every host of the group: the finding says so and points at
+``ringwatch probe``, whose pairwise matrix names the host or link. Jobs with several kinds of
+groups (tensor, pipeline and data parallel over different host sets) narrow it down by
+themselves.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from ringwatch._schema import parse_ranks
+from ringwatch.analyzers._findings import Finding
+from ringwatch.analyzers._steps import _complete_collectives
+
+
+def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
+    """Per (pg, step), the group's transfer bandwidth.
+
+    Args:
+        events: Rows of one job; finished (``ok``) collectives with a step and a size that
+            every member recorded are used.
+
+    Returns:
+        Columns ``pg``, ``pg_ranks``, ``hosts`` (the group's hosts, sorted, comma-joined),
+        ``step``, ``collectives``, ``bytes`` (sum of the collectives' sizes), ``transfer_ns``
+        (sum of their transfer times: the shortest member duration of each) and ``MBps``
+        (``bytes / transfer_ns`` in MB/s); sorted by pg then step.
+    """
+    df = events.filter((pl.col("status") == "ok") & pl.col("step").is_not_null()
+                       & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") > 0))
+    df = _complete_collectives(df, pl.col("duration_ns").min().alias("_xfer"),
+                               pl.col("host").unique().sort().str.join(",").alias("_hosts"))
+    per = (df.filter(pl.col("group_rank") == 0)  # one row per collective
+           .group_by("pg", "step").agg(
+               pl.col("pg_ranks").first(), pl.col("_hosts").first().alias("hosts"),
+               pl.len().alias("collectives"), pl.col("nbytes").sum().alias("bytes"),
+               pl.col("_xfer").sum().alias("transfer_ns")))
+    return per.with_columns(
+        (pl.col("bytes") / pl.col("transfer_ns").clip(lower_bound=1) * 1e3).alias("MBps"),
+    ).select("pg", "pg_ranks", "hosts", "step", "collectives", "bytes", "transfer_ns",
+             "MBps").sort("pg", "step")
+
+
+def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
+                        min_baseline_steps: int = 5, ratio: float = 2.0,
+                        persist: int = 3) -> pl.DataFrame:
+    """Per group: its usual bandwidth, and the first run of ``persist`` slow steps.
+
+    Args:
+        bw: Output of :func:`compute_group_bandwidth`.
+        baseline_steps: The group's first steps that give its usual bandwidth.
+        min_baseline_steps: Steps a group needs before it can be judged.
+        ratio: A step is slow below ``usual / ratio``.
+        persist: Slow steps in a row that make the group slow.
+
+    Returns:
+        Columns ``pg``, ``pg_ranks``, ``hosts``, ``usual_MBps``, ``slow`` (bool),
+        ``since_step`` / ``detected_step`` (first and last step of the first slow run),
+        ``slow_MBps`` (median over the slow steps from ``since_step`` on) and ``steps``.
+    """
+    first = bw.group_by("pg").agg(pl.col("step").min().alias("_first"))
+    df = bw.join(first, on="pg").sort("pg", "step")
+    usual = (df.filter(pl.col("step") < pl.col("_first") + baseline_steps)
+             .group_by("pg").agg(pl.col("MBps").median().alias("usual_MBps"),
+                                 pl.len().alias("_n"))
+             .filter(pl.col("_n") >= min_baseline_steps).drop("_n"))
+    df = df.join(usual, on="pg", how="inner").with_columns(
+        (pl.col("MBps") * ratio < pl.col("usual_MBps")).alias("_slow"))
+    # Length of the current run of slow steps, per group.
+    df = df.with_columns((~pl.col("_slow")).cast(pl.Int32).cum_sum().over("pg").alias("_seg"))
+    df = df.with_columns(pl.col("_slow").cast(pl.Int32).cum_sum().over("pg", "_seg")
+                         .alias("_run"))
+    hit = (df.filter(pl.col("_run") >= persist).sort("step").group_by("pg")
+           .agg(pl.col("step").first().alias("detected_step"), pl.col("_seg").first()))
+    run = df.filter(pl.col("_slow")).join(hit, on=["pg", "_seg"]).group_by("pg").agg(
+        pl.col("step").min().alias("since_step"))
+    out = df.group_by("pg").agg(pl.col("pg_ranks").first(), pl.col("hosts").first(),
+                                pl.col("usual_MBps").first(), pl.len().alias("steps"))
+    out = out.join(hit.drop("_seg"), on="pg", how="left").join(run, on="pg", how="left")
+    slow_bw = df.join(run, on="pg").filter(
+        (pl.col("step") >= pl.col("since_step")) & pl.col("_slow")).group_by("pg").agg(
+        pl.col("MBps").median().alias("slow_MBps"))
+    out = out.join(slow_bw, on="pg", how="left").with_columns(
+        pl.col("detected_step").is_not_null().alias("slow"))
+    return out.select("pg", "pg_ranks", "hosts", "usual_MBps", "slow", "since_step",
+                      "detected_step", "slow_MBps", "steps").sort("pg")
+
+
+def suspect_hosts(groups: pl.DataFrame) -> tuple[list[str], str]:
+    """The hosts common to every slow multi-host group and to no healthy one.
+
+    Returns the suspects (sorted) and how they were found, in words.
+    """
+    multi = groups.filter(pl.col("hosts").str.contains(","))
+    slow = [set(h.split(",")) for h in multi.filter(pl.col("slow"))["hosts"].to_list()]
+    if not slow:
+        return [], "no slow group crosses hosts"
+    common = set.intersection(*slow)
+    healthy = set()
+    for h in multi.filter(~pl.col("slow"))["hosts"].to_list():
+        healthy |= set(h.split(","))
+    narrowed = common - healthy
+    if narrowed:
+        how = (f"common to the {len(slow)} slow group(s) that cross hosts"
+               + (", in no healthy one" if healthy else ""))
+        return sorted(narrowed), how
+    if common:
+        return sorted(common), (f"common to the {len(slow)} slow group(s), though healthy "
+                                "groups use them too")
+    return sorted(set.union(*slow)), "the slow groups share no host: more than one fault?"
+
+
+def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
+                      min_baseline_steps: int = 5, ratio: float = 2.0,
+                      persist: int = 3) -> tuple[Finding, ...]:
+    """Slow communication: groups whose transfer bandwidth dropped, and the suspect hosts.
+
+    Args:
+        events: Rows of one job (a whole log or an online window).
+        baseline_steps, min_baseline_steps, ratio, persist: See :func:`compute_slow_groups`.
+
+    Returns:
+        One :class:`Finding` of kind ``slow_link`` when any group crossing hosts is slow:
+        class ``slow communication``; ``hosts`` the suspects (one host: that host's link or
+        NIC; several: run ``ringwatch probe`` over them); ``ranks`` the slow groups'
+        members; ``pg`` the first slow group; ``since_step`` / ``detected_step`` the
+        earliest among the slow groups; ``gain_s_per_step`` the transfer time per step the
+        slow groups lost against their usual bandwidth.
+    """
+    bw = compute_group_bandwidth(events)
+    if bw.is_empty():
+        return ()
+    groups = compute_slow_groups(bw, baseline_steps=baseline_steps,
+                                 min_baseline_steps=min_baseline_steps, ratio=ratio,
+                                 persist=persist)
+    slow = groups.filter(pl.col("slow") & pl.col("hosts").str.contains(","))
+    if slow.is_empty():
+        return ()
+    hosts, how = suspect_hosts(groups)
+    ranks = sorted({r for pr in slow["pg_ranks"].to_list() for r in parse_ranks(pr)})
+    first = slow.sort("since_step").row(0, named=True)
+    lost_ns = 0.0
+    evidence = []
+    for g in slow.sort("since_step").iter_rows(named=True):
+        after = bw.filter((pl.col("pg") == g["pg"]) & (pl.col("step") >= g["since_step"]))
+        xfer = float(after["transfer_ns"].median())
+        lost_ns += xfer * (1 - g["slow_MBps"] / g["usual_MBps"])
+        evidence.append(
+            f"pg {g['pg']} (ranks {g['pg_ranks']}, hosts {g['hosts']}): transfers at "
+            f"{g['slow_MBps']:.2f} MB/s from step {g['since_step']}, usually "
+            f"{g['usual_MBps']:.2f} MB/s ({g['usual_MBps'] / g['slow_MBps']:.1f}x slower)")
+    n_multi = groups.filter(pl.col("hosts").str.contains(",")).height
+    evidence.append(f"suspect host(s) {', '.join(hosts)}: {how} ({slow.height} of {n_multi} "
+                    "multi-host group(s) slow)")
+    if len(hosts) > 1:
+        evidence.append(f"run `ringwatch probe` over {', '.join(hosts)} to tell which host "
+                        "or link: a slow row is a sender side, a slow column a receiver "
+                        "side, a single cell the link")
+    worst = float((slow["usual_MBps"] / slow["slow_MBps"]).max())
+    return (Finding(
+        kind="slow_link", cls="slow communication", ranks=tuple(ranks), hosts=tuple(hosts),
+        pg=first["pg"], confidence=min(1.0, (worst - 1) / ratio) / (1 if len(hosts) == 1
+                                                                     else 2),
+        since_step=first["since_step"], detected_step=first["detected_step"],
+        gain_s_per_step=lost_ns / 1e9, evidence=tuple(evidence)),)
+
+
+__all__ = ["compute_group_bandwidth", "compute_slow_groups", "detect_slow_links",
+           "suspect_hosts"]

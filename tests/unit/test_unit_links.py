@@ -1,0 +1,101 @@
+"""Passive link analysis: per-group transfer bandwidth, slow groups, suspects across groups."""
+
+from __future__ import annotations
+
+import random
+
+from ringwatch.analyzers import (
+    compute_group_bandwidth,
+    compute_slow_groups,
+    detect_slow_links,
+    detect_stragglers,
+)
+
+from fakes import frame, row
+
+MS = 1_000_000
+NBYTES = 1_000_000
+
+
+def job(groups: dict[str, list[int]], *, steps=40, onset=20, slow_hosts=(), slow=4.0,
+        late=None, late_ms=0.0, seed=0, per_host=2):
+    """Each step, one all_reduce of 1 MB per group. A transfer takes 10 ms (+-1); a group with
+    a member on a host of ``slow_hosts`` and members on other hosts takes ``slow`` times as
+    long from ``onset`` on. Rank ``late`` arrives ``late_ms`` after its peers from ``onset``.
+    """
+    rng = random.Random(seed)
+    host = {r: f"host{r // per_host}" for g in groups.values() for r in g}
+    rows, idx, seqs = [], dict.fromkeys(host, 0), dict.fromkeys(groups, 0)
+    for step in range(steps):
+        for name, members in groups.items():
+            seqs[name] += 1
+            t0 = (step * 1000 + list(groups).index(name) * 100) * MS
+            hosts = {host[m] for m in members}
+            xfer = 10 + rng.uniform(-1, 1)
+            if step >= onset and len(hosts) > 1 and hosts & set(slow_hosts):
+                xfer *= slow
+            starts = {m: t0 + int(rng.uniform(0, 2) * MS) for m in members}
+            if late in members and step >= onset:
+                starts[late] = max(starts.values()) + int(late_ms * MS)
+            end = max(starts.values()) + int(xfer * MS)
+            for m in members:
+                x = row(m, idx[m], seqs[name], pg=name, step=step, nbytes=NBYTES,
+                        pg_ranks=",".join(map(str, members)), mono_start_ns=starts[m],
+                        mono_end_ns=end)
+                x["host"] = host[m]
+                idx[m] += 1
+                rows.append(x)
+    return frame(rows).sort("rank", "idx")
+
+
+WORLD = {"0": list(range(8))}
+# 8 ranks on 4 hosts of 2: "tp" groups span two hosts, "dp" groups pair host h with h + 2.
+LAYERED = {"tp0": [0, 1, 2, 3], "tp1": [4, 5, 6, 7], "dp0": [0, 4], "dp1": [1, 5],
+           "dp2": [2, 6], "dp3": [3, 7]}
+
+
+def test_bandwidth_is_bytes_over_the_shortest_duration():
+    bw = compute_group_bandwidth(job(WORLD, steps=3))
+    assert bw.height == 3 and set(bw["hosts"]) == {"host0,host1,host2,host3"}
+    # 1 MB in ~10 ms: ~100 MB/s, whatever the arrival spread
+    assert all(85 <= v <= 115 for v in bw["MBps"]), bw
+
+
+def test_healthy_job_has_no_slow_group():
+    for seed in range(3):
+        assert detect_slow_links(job(LAYERED, seed=seed)) == ()
+        assert not compute_slow_groups(compute_group_bandwidth(job(WORLD, seed=seed)))[
+            "slow"].any()
+
+
+def test_one_world_group_leaves_every_host_a_suspect():
+    (f,) = detect_slow_links(job(WORLD, slow_hosts=("host2",)))
+    assert (f.kind, f.cls, f.pg) == ("slow_link", "slow communication", "0")
+    assert f.hosts == ("host0", "host1", "host2", "host3") and f.ranks == tuple(range(8))
+    assert (f.since_step, f.detected_step) == (20, 22)
+    assert any("ringwatch probe" in e for e in f.evidence)
+    assert f.confidence <= 0.5  # not narrowed down
+    # ~10 ms per step became ~40: the job loses ~30 ms per step
+    assert 0.025 <= f.gain_s_per_step <= 0.035
+
+
+def test_groups_over_different_hosts_narrow_it_to_one_host():
+    (f,) = detect_slow_links(job(LAYERED, slow_hosts=("host1",)))
+    # host1 holds ranks 2, 3: tp0 (hosts 0, 1), dp2 and dp3 (hosts 1, 3) slow; the others not
+    assert f.hosts == ("host1",), f
+    assert f.ranks == (0, 1, 2, 3, 6, 7)
+    assert "common to the 3 slow group(s)" in f.evidence[-1]
+    assert f.confidence > 0.5
+
+
+def test_a_straggler_is_not_a_slow_link_and_a_slow_link_is_not_a_straggler():
+    late = job(WORLD, late=5, late_ms=30)
+    assert detect_slow_links(late) == ()
+    assert [f.ranks for f in detect_stragglers(late)] == [(5,)]
+    assert detect_stragglers(job(WORLD, slow_hosts=("host2",))) == ()
+
+
+def test_a_mild_slowdown_is_below_the_ratio():
+    assert detect_slow_links(job(WORLD, slow_hosts=("host2",), slow=1.5)) == ()
+    (f,) = detect_slow_links(job(WORLD, slow_hosts=("host2",), slow=1.5), ratio=1.3)
+    assert f.since_step == 20
