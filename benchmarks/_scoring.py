@@ -100,7 +100,8 @@ def culprit_matches(finding, truth: Mapping) -> bool:
     """Whether a finding names the victim: the victim host for a link fault, else the victim
     rank among the finding's ranks."""
     if truth["kind"] == "link":
-        return truth.get("host") is not None and truth["host"] in tuple(finding.hosts)
+        # named: the one suspect; a host among several suspects is not a culprit found
+        return truth.get("host") is not None and tuple(finding.hosts) == (truth["host"],)
     return truth.get("rank") is not None and truth["rank"] in tuple(finding.ranks)
 
 

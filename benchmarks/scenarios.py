@@ -64,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on 2 CPUs a bigger world makes longer steps and needs less bandwidth, "
                         "so a fixed limit would stop binding)")
     p.add_argument("--loss-pct", type=float, help="link: packet loss instead of a rate limit")
+    p.add_argument("--link-layout", choices=("layered", "ddp"), default="layered",
+                   help="link runs: layered = 4 hosts, tensor-parallel groups of world/2 ranks "
+                   "(2 hosts each) and data-parallel pairs across them, so the groups cross "
+                   "different host sets (default); ddp = the plain layout of the other runs")
     p.add_argument("--hold-s", type=float, default=15.0, help="hang: seconds held")
     p.add_argument("--factor", type=float, default=2.0,
                    help="imbalance, straggler (work): work multiplier")
@@ -87,9 +91,11 @@ def plan(args, netns: bool) -> list[dict]:
                 if kind in ("straggler", "hang", "imbalance"):
                     run["rank"] = rng.randrange(world)
                 elif kind == "link":
-                    if not netns or hosts < 2:
+                    if args.link_layout == "layered" and world >= 4:
+                        run.update(hosts=4, tp=world // 2)
+                    if not netns or run["hosts"] < 2:
                         continue
-                    run["host"] = rng.randrange(hosts)
+                    run["host"] = rng.randrange(run["hosts"])
                 runs.append(run)
     return runs
 
@@ -212,7 +218,7 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(runs)}] {run['name']}: done before, skipped")
             continue
         spec = ClusterSpec(run_dir=run_dir, nproc=run["world"], hosts=run["hosts"],
-                           tp=args.tp, steps=args.steps, job_args=JOB_ARGS,
+                           tp=run.get("tp", args.tp), steps=args.steps, job_args=JOB_ARGS,
                            netns="auto", timeout_s=900)
         t0 = time.monotonic()
         result = run_cluster(spec, fault_of(run, args))
