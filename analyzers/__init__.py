@@ -13,6 +13,7 @@ from ringwatch.analyzers._capture import (
     compute_collective_signatures,
     compute_signature_bytes,
 )
+from ringwatch.analyzers._clocks import align_clocks, compute_host_pairs, estimate_clock_offsets
 from ringwatch.analyzers._findings import KINDS, Finding
 from ringwatch.analyzers._hangs import compute_frontier, detect_hangs
 from ringwatch.analyzers._links import (
@@ -42,5 +43,6 @@ __all__ = [
     "pivot_step_comm", "KINDS", "Finding", "compute_frontier", "detect_hangs",
     "compute_step_lateness", "compute_straggler_scores", "detect_stragglers", "Rhythm",
     "compute_iteration_times", "infer_rhythm", "compute_group_bandwidth",
-    "compute_slow_groups", "detect_slow_links", "suspect_hosts",
+    "compute_slow_groups", "detect_slow_links", "suspect_hosts", "align_clocks",
+    "compute_host_pairs", "estimate_clock_offsets",
 ]

@@ -20,7 +20,11 @@ work by design: a pipeline stage, a bigger shard), not a fault: its usual delay 
 it is never a straggler too.
 
 A rank made late by its own slow transfers (the far end of a throttled link) also leaves each
-collective last: its durations are not the shortest, so its delay does not rise.
+collective last: its durations are not the shortest, so its delay does not rise. A rank late
+to one of its groups only because another of its groups transfers slowly (tensor-parallel
+all-reduces over a slow link delay the data-parallel ones) is on time at that other group, so
+it is not a compute straggler either (:func:`compute_group_lateness`): the link analyzer
+reports the slow group.
 """
 
 from __future__ import annotations
@@ -58,6 +62,48 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
     return per.join(wait, on=["rank", "step"]).select(
         "rank", "host", "step", "collectives", "wait_ns", "last_arrivals",
     ).sort("step", "rank")
+
+
+def compute_group_lateness(events: pl.DataFrame, ranks: list[int], first_step: int,
+                           last_step: int, *, min_delay_ms: float = 3.0,
+                           share: float = 0.25) -> pl.DataFrame:
+    """For each of ``ranks``, in each group it belongs to: was it late there too?
+
+    A compute straggler is late at every group it is in; a rank late at one group because
+    another of its groups communicates slowly (its tensor-parallel transfers over a slow link
+    make it late to its data-parallel all-reduce) is not late at that other group, where every
+    member is slowed alike.
+
+    Returns:
+        Columns ``rank``, ``pg``, ``steps``, ``wait_ms`` (the rank's wait at the group's
+        collectives per step, over ``first_step..last_step``), ``peers_wait_ms`` (the median
+        of its peers'), ``lag_ms`` (the difference: how late it came there) and ``late``
+        (``lag_ms`` at least ``min_delay_ms`` and ``share`` of its largest lag at any group:
+        a compute straggler comes about equally late everywhere).
+    """
+    df = _complete_collectives(
+        events.filter((pl.col("status") == "ok") & pl.col("step").is_between(first_step,
+                                                                              last_step)
+                      & pl.col("duration_ns").is_not_null() & (pl.col("pg_size") > 1)),
+        pl.col("duration_ns").min().alias("_min"))
+    per = df.group_by("pg", "rank").agg(
+        ((pl.col("duration_ns") - pl.col("_min")).sum() / 1e6).alias("_w"),
+        pl.col("step").n_unique().alias("steps"))
+    per = per.with_columns((pl.col("_w") / pl.col("steps")).alias("wait_ms"))
+    out = []
+    for r in ranks:
+        mine = per.filter(pl.col("rank") == r)
+        peers = per.filter(pl.col("pg").is_in(mine["pg"].implode()) & (pl.col("rank") != r)
+                           ).group_by("pg").agg(pl.col("wait_ms").median().alias("peers_wait_ms"))
+        out.append(mine.join(peers, on="pg").select("rank", "pg", "steps", "wait_ms",
+                                                    "peers_wait_ms"))
+    df = pl.concat(out) if out else per.select("rank", "pg", "steps", "wait_ms").with_columns(
+        pl.lit(0.0).alias("peers_wait_ms")).clear()
+    lag = pl.col("peers_wait_ms") - pl.col("wait_ms")
+    return df.with_columns(lag.alias("lag_ms")).with_columns(
+        ((pl.col("lag_ms") >= min_delay_ms)
+         & (pl.col("lag_ms") >= share * pl.col("lag_ms").max().over("rank"))).alias("late")
+    ).sort("rank", "pg")
 
 
 def _noise_ms(delay: pl.DataFrame, floor_ms: float) -> float:
@@ -225,6 +271,11 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
             mine.filter((pl.col("step") < ended["step"].min())
                         & (pl.col("excess_ms") > slack * noise))["step"].max())
         transient = until is not None and until - r["run_start"] + 1 < transient_steps
+        groups = compute_group_lateness(events, [r["rank"]], r["run_start"], r["step"],
+                                        min_delay_ms=min_delay_ms)
+        on_time = groups.filter(~pl.col("late"))
+        if not on_time.is_empty() and on_time.height < groups.height:
+            continue  # late to some groups only: delayed by another group's transfers
         findings.append(Finding(
             kind="straggler", cls="transient straggler" if transient else "compute straggler",
             ranks=(r["rank"],),
@@ -240,4 +291,5 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 
-__all__ = ["compute_step_lateness", "compute_straggler_scores", "detect_stragglers"]
+__all__ = ["compute_group_lateness", "compute_step_lateness", "compute_straggler_scores",
+           "detect_stragglers"]

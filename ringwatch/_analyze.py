@@ -42,9 +42,13 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None) 
         now_ns = time.time_ns()
     else:
         now_ns = max(seen.values())
+    from ringwatch.analyzers import estimate_clock_offsets
+
     findings = analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s)
+    clocks = [{"host": h, "offset_ns": o, "error_ns": e} for h, o, e in
+              estimate_clock_offsets(events).select("host", "offset_ns", "error_ns").iter_rows()]
     return {"job_id": job.job_id, "path": str(job.path), "ranks": sorted(job.ranks),
-            "collectives": events.height, "as_of_ns": now_ns,
+            "collectives": events.height, "as_of_ns": now_ns, "clock_offsets": clocks,
             "findings": [f.to_dict() for f in findings], "_findings": findings}
 
 
@@ -57,6 +61,14 @@ def _when(ns: int | None) -> str:
 def report_lines(report: dict) -> list[str]:
     lines = [f"job {report['job_id']}: {len(report['ranks'])} rank(s), "
              f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
+    clocks = report.get("clock_offsets", [])
+    others = [c for c in clocks if c["error_ns"] != 0]
+    if others:
+        ref = next(c["host"] for c in clocks if c["error_ns"] == 0)
+        lines.append(f"host clocks against {ref}'s: " + ", ".join(
+            f"{c['host']} {c['offset_ns'] / 1e6:+.2f} ms"
+            + (f" (±{c['error_ns'] / 1e6:.2f})" if c["error_ns"] is not None else " (windows "
+               "disagree)") for c in others))
     findings = report["_findings"]
     if not findings:
         lines.append("no findings: no group is stuck, nobody is waited for")

@@ -10,6 +10,7 @@ from ringwatch.analyzers import (
     detect_slow_links,
     detect_stragglers,
 )
+from ringwatch.analyzers._stragglers import compute_group_lateness
 
 from fakes import frame, row
 
@@ -18,15 +19,18 @@ NBYTES = 1_000_000
 
 
 def job(groups: dict[str, list[int]], *, steps=40, onset=20, slow_hosts=(), slow=4.0,
-        late=None, late_ms=0.0, seed=0, per_host=2):
+        late=None, late_ms=0.0, seed=0, per_host=2, chain=False):
     """Each step, one all_reduce of 1 MB per group. A transfer takes 10 ms (+-1); a group with
     a member on a host of ``slow_hosts`` and members on other hosts takes ``slow`` times as
     long from ``onset`` on. Rank ``late`` arrives ``late_ms`` after its peers from ``onset``.
+    With ``chain`` the groups run one after the other within a step, so the members of a slow
+    group come late to their next group by the extra transfer time.
     """
     rng = random.Random(seed)
     host = {r: f"host{r // per_host}" for g in groups.values() for r in g}
     rows, idx, seqs = [], dict.fromkeys(host, 0), dict.fromkeys(groups, 0)
     for step in range(steps):
+        behind = dict.fromkeys(host, 0.0)  # ms each rank carries from its earlier groups
         for name, members in groups.items():
             seqs[name] += 1
             t0 = (step * 1000 + list(groups).index(name) * 100) * MS
@@ -34,10 +38,13 @@ def job(groups: dict[str, list[int]], *, steps=40, onset=20, slow_hosts=(), slow
             xfer = 10 + rng.uniform(-1, 1)
             if step >= onset and len(hosts) > 1 and hosts & set(slow_hosts):
                 xfer *= slow
-            starts = {m: t0 + int(rng.uniform(0, 2) * MS) for m in members}
+            starts = {m: t0 + int((rng.uniform(0, 2) + behind[m]) * MS) for m in members}
             if late in members and step >= onset:
                 starts[late] = max(starts.values()) + int(late_ms * MS)
             end = max(starts.values()) + int(xfer * MS)
+            if chain:
+                for m in members:
+                    behind[m] = (end - t0) / MS - 12
             for m in members:
                 x = row(m, idx[m], seqs[name], pg=name, step=step, nbytes=NBYTES,
                         pg_ranks=",".join(map(str, members)), mono_start_ns=starts[m],
@@ -99,3 +106,25 @@ def test_a_mild_slowdown_is_below_the_ratio():
     assert detect_slow_links(job(WORLD, slow_hosts=("host2",), slow=1.5)) == ()
     (f,) = detect_slow_links(job(WORLD, slow_hosts=("host2",), slow=1.5), ratio=1.3)
     assert f.since_step == 20
+
+
+def test_late_to_one_group_because_another_is_slow_is_not_a_straggler():
+    # tp0 crosses the slow link, so ranks 0-3 reach their dp all-reduce ~30 ms late: their dp
+    # peers wait for them, but inside tp0 they are all slowed alike.
+    ev = job(LAYERED, slow_hosts=("host1",), chain=True)
+    assert detect_stragglers(ev) == ()
+    (f,) = detect_slow_links(ev)
+    assert f.hosts[0] == "host1"
+    lag = compute_group_lateness(ev, [0], 25, 35)
+    by = {r["pg"]: r for r in lag.iter_rows(named=True)}
+    assert by["dp0"]["lag_ms"] > 20 and by["dp0"]["late"]
+    assert not by["tp0"]["late"]
+
+
+def test_a_compute_straggler_is_late_at_every_group():
+    ev = job(LAYERED, late=5, late_ms=30, chain=True)
+    (f,) = detect_stragglers(ev)
+    assert f.ranks == (5,) and f.cls == "compute straggler"
+    assert detect_slow_links(ev) == ()
+    lag = compute_group_lateness(ev, [5], 25, 35)
+    assert lag["late"].all() and set(lag["pg"]) == {"tp1", "dp1"}
