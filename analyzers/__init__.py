@@ -22,6 +22,7 @@ from ringwatch.analyzers._links import (
     detect_slow_links,
     suspect_hosts,
 )
+from ringwatch.analyzers._online import OnlineWindow
 from ringwatch.analyzers._rhythm import Rhythm, compute_iteration_times, infer_rhythm
 from ringwatch.analyzers._steps import (
     compute_phase_comm,
@@ -44,5 +45,5 @@ __all__ = [
     "compute_step_lateness", "compute_straggler_scores", "detect_stragglers", "Rhythm",
     "compute_iteration_times", "infer_rhythm", "compute_group_bandwidth",
     "compute_slow_groups", "detect_slow_links", "suspect_hosts", "align_clocks",
-    "compute_host_pairs", "estimate_clock_offsets",
+    "compute_host_pairs", "estimate_clock_offsets", "OnlineWindow",
 ]

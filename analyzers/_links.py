@@ -55,9 +55,20 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
              "MBps").sort("pg", "step")
 
 
+def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = 20,
+                    min_baseline_steps: int = 5) -> pl.DataFrame:
+    """``pg``, ``usual_MBps``: each group's median bandwidth over its first ``baseline_steps``
+    steps (groups with fewer than ``min_baseline_steps`` of them are left out)."""
+    first = pl.col("step").min().over("pg")
+    return (bw.filter(pl.col("step") < first + baseline_steps)
+            .group_by("pg").agg(pl.col("MBps").median().alias("usual_MBps"),
+                                pl.len().alias("_n"))
+            .filter(pl.col("_n") >= min_baseline_steps).drop("_n").sort("pg"))
+
+
 def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
                         min_baseline_steps: int = 5, ratio: float = 2.0,
-                        persist: int = 3) -> pl.DataFrame:
+                        persist: int = 3, usual: pl.DataFrame | None = None) -> pl.DataFrame:
     """Per group: its usual bandwidth, and the first run of ``persist`` slow steps.
 
     Args:
@@ -66,6 +77,8 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
         min_baseline_steps: Steps a group needs before it can be judged.
         ratio: A step is slow below ``usual / ratio``.
         persist: Slow steps in a row that make the group slow.
+        usual: ``pg``, ``usual_MBps``: each group's usual bandwidth when known from earlier
+            data (an online window passes what the job's first steps gave).
 
     Returns:
         Columns ``pg``, ``pg_ranks``, ``hosts``, ``usual_MBps``, ``slow`` (bool),
@@ -74,10 +87,10 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
     """
     first = bw.group_by("pg").agg(pl.col("step").min().alias("_first"))
     df = bw.join(first, on="pg").sort("pg", "step")
-    usual = (df.filter(pl.col("step") < pl.col("_first") + baseline_steps)
-             .group_by("pg").agg(pl.col("MBps").median().alias("usual_MBps"),
-                                 pl.len().alias("_n"))
-             .filter(pl.col("_n") >= min_baseline_steps).drop("_n"))
+    if usual is None:
+        usual = usual_bandwidth(bw, baseline_steps=baseline_steps,
+                                min_baseline_steps=min_baseline_steps)
+    usual = usual.select("pg", "usual_MBps")
     df = df.join(usual, on="pg", how="inner").with_columns(
         (pl.col("MBps") * ratio < pl.col("usual_MBps")).alias("_slow"))
     # Length of the current run of slow steps, per group.
@@ -126,12 +139,14 @@ def suspect_hosts(groups: pl.DataFrame) -> tuple[list[str], str]:
 
 def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
                       min_baseline_steps: int = 5, ratio: float = 2.0,
-                      persist: int = 3) -> tuple[Finding, ...]:
+                      persist: int = 3, usual: pl.DataFrame | None = None
+                      ) -> tuple[Finding, ...]:
     """Slow communication: groups whose transfer bandwidth dropped, and the suspect hosts.
 
     Args:
         events: Rows of one job (a whole log or an online window).
-        baseline_steps, min_baseline_steps, ratio, persist: See :func:`compute_slow_groups`.
+        baseline_steps, min_baseline_steps, ratio, persist, usual: See
+            :func:`compute_slow_groups`.
 
     Returns:
         One :class:`Finding` of kind ``slow_link`` when any group crossing hosts is slow:
@@ -146,7 +161,7 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
         return ()
     groups = compute_slow_groups(bw, baseline_steps=baseline_steps,
                                  min_baseline_steps=min_baseline_steps, ratio=ratio,
-                                 persist=persist)
+                                 persist=persist, usual=usual)
     slow = groups.filter(pl.col("slow") & pl.col("hosts").str.contains(","))
     if slow.is_empty():
         return ()
@@ -180,4 +195,4 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
 
 
 __all__ = ["compute_group_bandwidth", "compute_slow_groups", "detect_slow_links",
-           "suspect_hosts"]
+           "suspect_hosts", "usual_bandwidth"]

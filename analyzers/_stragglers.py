@@ -163,9 +163,11 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
         usual = head.group_by("rank").agg(
             pl.col("delay_ms").median().clip(lower_bound=0.0).alias("usual_ms"),
             pl.len().alias("_n")).filter(pl.col("_n") >= min_baseline_steps).drop("_n")
+        gate = first + min_baseline_steps  # a usual from these very rows needs some first
+    else:
+        gate = first
     df = df.join(usual.select("rank", "usual_ms"), on="rank", how="left").with_columns(
-        pl.when(pl.col("step") >= first + min_baseline_steps).then(pl.col("usual_ms"))
-        .alias("usual_ms"))
+        pl.when(pl.col("step") >= gate).then(pl.col("usual_ms")).alias("usual_ms"))
     df = df.with_columns((pl.col("delay_ms") - pl.col("usual_ms")).alias("excess_ms"))
     # Page's CUSUM S_t = max(0, S_t-1 + x_t - k), as C_t - min(0, min_s<=t C_s).
     c = (pl.col("excess_ms") - k).fill_null(0.0).cum_sum().over("rank")
@@ -208,14 +210,15 @@ def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: f
 def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_steps: int = 20,
                       min_baseline_steps: int = 5, slack: float = 1.0, threshold: float = 6.0,
                       floor_ms: float = 2.0, persist: int = 3, imbalance_noise: float = 3.0,
-                      min_delay_ms: float = 3.0,
-                      transient_steps: int = 8) -> tuple[Finding, ...]:
+                      min_delay_ms: float = 3.0, transient_steps: int = 8,
+                      usual: pl.DataFrame | None = None,
+                      noise_ms: float | None = None) -> tuple[Finding, ...]:
     """Ranks their peers wait for: a change (straggler) or there from the start (imbalance).
 
     Args:
         events: Rows of one job (a whole log or an online window).
         warmup_steps, baseline_steps, min_baseline_steps, slack, threshold, floor_ms,
-            persist: See :func:`compute_straggler_scores`.
+            persist, usual, noise_ms: See :func:`compute_straggler_scores`.
         imbalance_noise: A rank whose median delay over the first ``baseline_steps`` steps is
             this many times the noise (and at least ``min_delay_ms``), while it waited least
             in half of them or more, is structural imbalance.
@@ -237,7 +240,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
     scores = compute_straggler_scores(
         lat, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
         min_baseline_steps=min_baseline_steps, slack=slack, threshold=threshold,
-        floor_ms=floor_ms, persist=persist)
+        floor_ms=floor_ms, persist=persist, usual=usual, noise_ms=noise_ms)
     if scores.is_empty():
         return ()
     noise = scores["noise_ms"][0]
