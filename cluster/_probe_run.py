@@ -1,10 +1,11 @@
 """The pairwise probe (``ringwatch._probe``) on the local cluster: one rank per emulated host,
 an optional link fault applied before the probe starts, the result beside the ground truth.
 
-A :class:`ProbeCluster` is a :class:`~ringwatch.cluster.Cluster` whose workload is the probe:
-the same namespaces, launchers, tc/nftables fault, ground truth and clean-up (on exit, Ctrl-C
-and failure). The run folder gets ``probe.json`` (the probe's result), ``ground_truth.json``,
-``cluster.json`` and ``out/host-I.log``. ``ringwatch cluster --probe`` is its CLI.
+A :class:`ProbeCluster` is a :class:`~ringwatch.cluster.Cluster` whose workload is the probe
+(``ringwatch probe`` under one ``torchrun`` per host): the same namespaces, launchers,
+tc/nftables fault, ground truth and clean-up (on exit, Ctrl-C and failure). The run folder
+gets ``probe.json`` (the probe's result), ``ground_truth.json``, ``cluster.json`` and
+``out/host-I.log``. ``ringwatch cluster --probe`` is its CLI.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class ProbeCluster(Cluster):
             self._link_fault_on()
         base = dict(os.environ)
         base.update(self.spec.env)
-        self._start_launchers(["-m", "ringwatch._probe", "--out", str(self.result_path),
-                               *self.probe_args], base)
+        self._start_launchers(["-m", "ringwatch._cli", "probe", "--out",
+                               str(self.result_path), *self.probe_args], base)
 
     def _link_fault_on(self) -> None:
         f = self.fault

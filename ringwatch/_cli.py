@@ -95,6 +95,35 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from ringwatch._probe import report, run_and_print
+
+    if args.read:
+        from pathlib import Path
+
+        doc = json.loads(Path(args.read).read_text())
+        lines, findings = report(doc, ratio=args.ratio)
+        if args.json:
+            print(json.dumps({"path": args.read, "hosts": doc.get("hosts"),
+                              "bw_MBps": doc.get("bw_MBps"), "lat_us": doc.get("lat_us"),
+                              "findings": [f.to_dict() for f in findings]}, indent=1))
+        else:
+            print("\n".join(lines))
+        return 0
+    run_and_print(args)
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    if args.probe and not args.clean:
+        from ringwatch.cluster._probe_run import cmd_probe_cluster
+
+        return cmd_probe_cluster(args)
+    from ringwatch.cluster._cli import cmd_cluster as run
+
+    return run(args)
+
+
 def cmd_demo(args) -> int:
     from ringwatch._demo import run_demo
 
@@ -140,7 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--markdown", action="store_true", help="as docs/schema.md")
     s.set_defaults(func=cmd_schema)
 
-    from ringwatch.cluster._cli import add_cluster_flags, cmd_cluster
+    pr = sub.add_parser("probe", help="pairwise point-to-point bandwidth/latency test over "
+                        "the job's hosts", description="Run under torchrun, one rank per host: "
+                        "measure every ordered pair of hosts with send/recv and read the "
+                        "matrix as C4 does (a slow row: the sender side of a host, a slow "
+                        "column: its receiver side, a single cell: that link). With --read, "
+                        "print a result's matrices and verdicts.")
+    pr.add_argument("--read", metavar="FILE", help="read a probe result instead of measuring")
+    pr.add_argument("--json", action="store_true", help="with --read: the matrices and the "
+                    "findings as JSON")
+    pr.add_argument("--ratio", type=float, default=None, help="a cell below RATIO x the "
+                    "healthy level is slow (default 0.5)")
+    from ringwatch._probe import add_probe_flags
+
+    add_probe_flags(pr)
+    pr.set_defaults(func=cmd_probe)
+
+    from ringwatch.cluster._cli import add_cluster_flags
 
     c = sub.add_parser("cluster", help="run a local multi-host training cluster with a fault",
                        description="Run a real Gloo DDP job under torchrun with ringwatch "
@@ -152,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clean", action="store_true",
                    help="only remove what dead runs left behind (namespaces, links, processes)")
     add_cluster_flags(c, nproc=4, hosts=2, steps=60, fault="none", at_step=20)
+    c.add_argument("--probe", action="store_true", help="run the pairwise probe (ringwatch "
+                   "probe) instead of training: one rank per host, a --fault link on from the "
+                   "start; extra arguments after -- go to the probe")
     c.add_argument("job_args", nargs=argparse.REMAINDER,
                    help="-- extra arguments for the workload (ringwatch.cluster._job)")
     c.set_defaults(func=cmd_cluster)
