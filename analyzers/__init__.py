@@ -23,7 +23,12 @@ from ringwatch.analyzers._links import (
     suspect_hosts,
 )
 from ringwatch.analyzers._online import OnlineWindow
-from ringwatch.analyzers._rhythm import Rhythm, compute_iteration_times, infer_rhythm
+from ringwatch.analyzers._rhythm import (
+    Rhythm,
+    assign_rhythm_steps,
+    compute_iteration_times,
+    infer_rhythm,
+)
 from ringwatch.analyzers._steps import (
     compute_phase_comm,
     compute_step_comm,
@@ -46,4 +51,5 @@ __all__ = [
     "compute_iteration_times", "infer_rhythm", "compute_group_bandwidth",
     "compute_slow_groups", "detect_slow_links", "suspect_hosts", "align_clocks",
     "compute_host_pairs", "estimate_clock_offsets", "OnlineWindow",
+    "assign_rhythm_steps",
 ]

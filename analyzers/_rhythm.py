@@ -172,3 +172,33 @@ def compute_iteration_times(events: pl.DataFrame) -> pl.DataFrame:
                                     "first_idx": pl.Int64, "start_ns": pl.Int64,
                                     "iteration_ns": pl.Int64})
     return pl.concat(out).sort("rank", "iteration")
+
+
+def assign_rhythm_steps(events: pl.DataFrame) -> pl.DataFrame:
+    """``events`` with ``step`` filled from the rhythm where the job marked no steps.
+
+    Each rank's rows from the start of matched iteration ``i`` to the start of the next get
+    step ``i`` (interludes included in the iteration before them; rows before the first
+    matched iteration, the warm-up, stay null). Ranks of one job issue the same collectives,
+    so iteration ``i`` is the same work on every rank. Rows that already carry a step, and
+    ranks without a rhythm, are left as they are.
+    """
+    out = []
+    events = events.with_row_index("_row")
+    for _, rows in events.group_by("rank", maintain_order=True):
+        if rows["step"].is_not_null().any():
+            out.append(rows)
+            continue
+        rh = infer_rhythm(rows)
+        if not rh.found:
+            out.append(rows)
+            continue
+        rows = rows.sort("idx")
+        pos = np.searchsorted(np.asarray(rh.starts), rows["idx"].to_numpy(), side="right") - 1
+        step = pl.Series("step", pos, dtype=pl.Int64)
+        out.append(rows.with_columns(
+            pl.when(step >= 0).then(step).otherwise(None).cast(rows["step"].dtype)
+            .alias("step")))
+    if not out:
+        return events.drop("_row")
+    return pl.concat(out, how="vertical_relaxed").sort("_row").drop("_row")

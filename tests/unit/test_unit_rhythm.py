@@ -127,3 +127,23 @@ def test_a_row_without_time_does_not_blank_the_gaps():
         s.iteration([("all_reduce", 4096)] * 6)  # the period must come from the gaps
     rh = infer_rhythm(s.frame())
     assert rh.found and rh.period == 6 and len(rh.starts) == 12 and rh.interludes == 1
+
+
+def test_steps_from_the_rhythm_let_the_straggler_analyzer_run_without_marks():
+    import polars as pl
+    from test_unit_stragglers import job
+
+    from ringwatch.analyzers import detect_stragglers
+    from ringwatch.analyzers._rhythm import assign_rhythm_steps
+
+    marked = job(steps=60, onset=30, late=1, late_ms=15)
+    bare = marked.with_columns(pl.lit(None, pl.Int64).alias("step"))
+    assert detect_stragglers(bare) == ()  # nothing to group the collectives by
+    steps = assign_rhythm_steps(bare)
+    # the iterations are the job's steps, numbered from the first one the rhythm matched
+    shift = (steps["step"] - marked["step"]).drop_nulls().unique().to_list()
+    assert len(shift) == 1, shift
+    (f,) = detect_stragglers(steps)
+    assert f.ranks == (1,) and f.since_step - shift[0] == 30
+    # marks already there are kept
+    assert assign_rhythm_steps(marked)["step"].to_list() == marked["step"].to_list()
