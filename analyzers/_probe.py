@@ -134,7 +134,7 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
-def detect_slow_links(matrix: Matrix, hosts: Sequence[str], *, ratio: float = RATIO,
+def detect_probe_links(matrix: Matrix, hosts: Sequence[str], *, ratio: float = RATIO,
                       share: float = SHARE, reference_MBps: float | None = None,
                       lat_us: Matrix | None = None, ranks: Sequence[int] | None = None,
                       best: Matrix | None = None) -> tuple[Finding, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 
 def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
@@ -33,11 +34,36 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
     return findings + detect_stragglers(events) + detect_slow_links(events)
 
 
-def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None) -> dict:
+def with_probe(findings: tuple, probe_doc: dict) -> tuple:
+    """``findings`` plus a probe's, a passive slow-communication finding narrowed to the
+    hosts the probe names among its suspects (the probe's matrix tells a host from its
+    group-mates, the passive evidence cannot)."""
+    from dataclasses import replace
+
+    from ringwatch.analyzers._probe import detect_probe_links, read_probe_matrix
+
+    pm = read_probe_matrix(probe_doc)
+    probed = detect_probe_links(pm.bw_MBps, pm.hosts, lat_us=pm.lat_us, ranks=pm.ranks,
+                                best=pm.bw_best_MBps)
+    named = {h for f in probed for h in f.hosts}
+    out = []
+    for f in findings:
+        both = [h for h in f.hosts if h in named]
+        if f.kind == "slow_link" and len(f.hosts) > 1 and both:
+            f = replace(f, hosts=tuple(both), confidence=min(1.0, 2 * f.confidence),
+                        evidence=f.evidence + (f"the probe names {', '.join(both)} among "
+                                               "the suspects",))
+        out.append(f)
+    return tuple(out) + probed
+
+
+def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
+                probe: dict | None = None) -> dict:
     """Findings of every analyzer over one job's logs.
 
     Post-mortem (default) the stall of a hang is measured up to the agents' newest write;
-    ``online`` measures it up to now.
+    ``online`` measures it up to now. ``probe``: a ``ringwatch probe`` result (loaded JSON)
+    over the job's hosts, see :func:`with_probe`.
     """
     events = job.events(include_pending=True)
     seen = job.last_write_ns()
@@ -48,6 +74,8 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None) 
     from ringwatch.analyzers import estimate_clock_offsets
 
     findings = analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s)
+    if probe is not None:
+        findings = with_probe(findings, probe)
     clocks = [{"host": h, "offset_ns": o, "error_ns": e} for h, o, e in
               estimate_clock_offsets(events).select("host", "offset_ns", "error_ns").iter_rows()]
     return {"job_id": job.job_id, "path": str(job.path), "ranks": sorted(job.ranks),
@@ -96,7 +124,10 @@ def cmd_analyze(args) -> int:
     from ringwatch._logs import open_job
 
     job = open_job(args.log_dir, args.job)
-    report = analyze_job(job, online=args.online, min_stall_s=args.min_stall_s)
+    probe = None
+    if args.probe:
+        probe = json.loads(Path(args.probe).read_text())
+    report = analyze_job(job, online=args.online, min_stall_s=args.min_stall_s, probe=probe)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")},
                          indent=1))

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--json", action="store_true", help="machine-readable output")
     lg.set_defaults(func=cmd_logs)
 
-    an = sub.add_parser("analyze", help="find hangs and stragglers in a job's logs",
+    an = sub.add_parser("analyze", help="find hangs, stragglers and slow links in a job's logs",
                         description="Run the analyzers over a job's logs (post-mortem, or "
                         "--online on a running job's folder) and print the findings.")
     an.add_argument("log_dir", help="the log root (or one job's folder)")
@@ -161,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure stalls up to now, not up to the agents' newest write")
     an.add_argument("--min-stall-s", type=float, default=None,
                     help="seconds a collective must be in flight, its group stuck behind "
-                    "it, to count as a hang (default 10)")
+                    "it, to count as a hang (default: 5 s or 10 of the job's usual steps, "
+                    "whichever is longer)")
+    an.add_argument("--probe", metavar="FILE", help="a `ringwatch probe` result over the "
+                    "job's hosts: its findings join the report and narrow the passive "
+                    "link suspects")
     an.add_argument("--json", action="store_true", help="the findings as JSON")
     an.set_defaults(func=cmd_analyze)
 

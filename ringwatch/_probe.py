@@ -26,7 +26,7 @@ N(N-1) pairs), for many hosts on a non-blocking fabric; pairs of a round still s
 fabric's core and, on the local cluster, the machine's CPUs, so its cells are noisier.
 
 Rank 0 gathers the samples (``reduce``), writes ``--out`` (format :data:`FORMAT`) and prints
-the matrices and the verdicts of :func:`ringwatch.analyzers._probe.detect_slow_links`.
+the matrices and the verdicts of :func:`ringwatch.analyzers._probe.detect_probe_links`.
 Pairs of ranks on the same host (same ``RINGWATCH_HOST``, else hostname) are not measured
 unless ``--include-same-host``: they do not cross the network; run one rank per host
 (``--nproc-per-node 1``).
@@ -345,14 +345,14 @@ def report(doc: dict, *, ratio: float | None = None) -> tuple[list[str], tuple]:
     """
     from ringwatch.analyzers._probe import (
         RATIO,
-        detect_slow_links,
+        detect_probe_links,
         read_probe_matrix,
         row_labels,
     )
 
     pm = read_probe_matrix(doc)
     ratio = RATIO if ratio is None else ratio
-    findings = detect_slow_links(pm.bw_MBps, pm.hosts, ratio=ratio, lat_us=pm.lat_us,
+    findings = detect_probe_links(pm.bw_MBps, pm.hosts, ratio=ratio, lat_us=pm.lat_us,
                                  ranks=pm.ranks, best=pm.bw_best_MBps)
     lines = [f"probe of {len(pm.hosts)} rank(s) on {len(set(pm.hosts))} host(s), "
              f"{pm.backend}, {pm.schedule}, {pm.size_bytes / 1024:g} KiB x {pm.repeats} "

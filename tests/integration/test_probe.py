@@ -14,7 +14,7 @@ import os
 import pytest
 
 from ringwatch._probe import FORMAT
-from ringwatch.analyzers._probe import detect_slow_links, read_probe_matrix
+from ringwatch.analyzers._probe import detect_probe_links, read_probe_matrix
 from ringwatch.cluster import leftovers
 from ringwatch.cluster._netns import list_links, list_netns, netns_unavailable_reason
 from ringwatch.cluster._owner import ID_RE, is_alive
@@ -71,7 +71,7 @@ def test_egress_limit_on_one_host_is_read_as_its_sender_side(tmp_path):
     # the limit binds: at most 25 MB/s plus one burst (28 MB/s for 4 MiB), far below the rest
     assert all(v < 30 for v in slow), bw
     assert max(slow) < 0.2 * min(healthy), bw
-    f, = detect_slow_links(bw, pm.hosts, lat_us=pm.lat_us, ranks=pm.ranks,
+    f, = detect_probe_links(bw, pm.hosts, lat_us=pm.lat_us, ranks=pm.ranks,
                            best=pm.bw_best_MBps)
     assert (f.kind, f.cls, f.hosts, f.ranks) == ("slow_link", "sender side", ("host1",), (1,))
     assert f.confidence > 0.8
@@ -92,7 +92,7 @@ def test_healthy_cluster_has_no_slow_link(tmp_path):
     assert all(pm.bw_MBps[i][j] > 30 for i, j in cells), pm.bw_MBps
     assert all(len(doc["bw_samples_MBps"][i][j]) == 7 for i, j in cells)
     assert all(len(doc["lat_samples_us"][i][j]) == 21 for i, j in cells)
-    assert detect_slow_links(pm.bw_MBps, pm.hosts, best=pm.bw_best_MBps) == (), \
+    assert detect_probe_links(pm.bw_MBps, pm.hosts, best=pm.bw_best_MBps) == (), \
         doc["bw_samples_MBps"]
 
 

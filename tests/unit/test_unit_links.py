@@ -128,3 +128,20 @@ def test_a_compute_straggler_is_late_at_every_group():
     assert detect_slow_links(ev) == ()
     lag = compute_group_lateness(ev, [5], 25, 35)
     assert lag["late"].all() and set(lag["pg"]) == {"tp1", "dp1"}
+
+
+def test_a_probe_narrows_the_passive_suspects(tmp_path):
+    import json
+    from pathlib import Path
+
+    from ringwatch._analyze import with_probe
+
+    doc = json.loads((Path(__file__).parents[1] / "data" /
+                      "probe-3hosts-host1-egress-200mbit.json").read_text())
+    (passive,) = detect_slow_links(job(WORLD, slow_hosts=("host1",), per_host=3))
+    assert passive.hosts == ("host0", "host1", "host2")
+    narrowed, probed = with_probe((passive,), doc)
+    assert narrowed.kind == "slow_link" and narrowed.hosts == ("host1",)
+    assert narrowed.confidence > passive.confidence
+    assert "the probe names host1" in narrowed.evidence[-1]
+    assert (probed.cls, probed.hosts) == ("sender side", ("host1",))

@@ -13,7 +13,7 @@ import pytest
 from ringwatch._cli import main
 from ringwatch._probe import FORMAT, ProbeConfig, pair_rounds, report
 from ringwatch.analyzers._probe import (
-    detect_slow_links,
+    detect_probe_links,
     healthy_level,
     read_probe_matrix,
     row_labels,
@@ -44,20 +44,20 @@ def _col(k, n):
 
 
 def test_healthy_matrix_has_no_finding():
-    assert detect_slow_links(_matrix(4), HOSTS4) == ()
+    assert detect_probe_links(_matrix(4), HOSTS4) == ()
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_noise_of_thirty_percent_does_not_trigger(seed):
     m = _matrix(4, noise=0.3, seed=seed)
-    assert detect_slow_links(m, HOSTS4) == ()
-    assert detect_slow_links(_matrix(8, noise=0.3, seed=seed), [f"h{i}" for i in range(8)]) == ()
+    assert detect_probe_links(m, HOSTS4) == ()
+    assert detect_probe_links(_matrix(8, noise=0.3, seed=seed), [f"h{i}" for i in range(8)]) == ()
 
 
 @pytest.mark.parametrize("n, k", [(3, 0), (3, 2), (4, 1), (8, 5)])
 def test_slow_row_is_the_sender_side_of_its_host(n, k):
     hosts = [f"host{i}" for i in range(n)]
-    f, = detect_slow_links(_matrix(n, slow=_row(k, n), noise=0.1), hosts)
+    f, = detect_probe_links(_matrix(n, slow=_row(k, n), noise=0.1), hosts)
     assert (f.kind, f.cls, f.ranks, f.hosts) == ("slow_link", "sender side", (k,), (hosts[k],))
     assert f.confidence > 0.9
     row, col = f.evidence[0], f.evidence[1]
@@ -69,7 +69,7 @@ def test_slow_row_is_the_sender_side_of_its_host(n, k):
 @pytest.mark.parametrize("n, k", [(3, 1), (4, 3), (6, 0)])
 def test_slow_column_is_the_receiver_side_of_its_host(n, k):
     hosts = [f"host{i}" for i in range(n)]
-    f, = detect_slow_links(_matrix(n, slow=_col(k, n), noise=0.1), hosts)
+    f, = detect_probe_links(_matrix(n, slow=_col(k, n), noise=0.1), hosts)
     assert (f.cls, f.ranks, f.hosts) == ("receiver side", (k,), (hosts[k],))
     assert f"0 of {n - 1} cells slow" in f.evidence[0]
     assert f"{n - 1} of {n - 1} cells slow" in f.evidence[1]
@@ -79,26 +79,26 @@ def test_slow_column_is_the_receiver_side_of_its_host(n, k):
 def test_slow_row_and_column_is_the_host_both_ways(n):
     # on 3 and 4 hosts that is 4 of 6 and 6 of 12 cells: more than the median of all cells
     # could take, not more than the upper half's
-    f, = detect_slow_links(_matrix(n, slow=_row(1, n) + _col(1, n)), HOSTS4[:3] +
+    f, = detect_probe_links(_matrix(n, slow=_row(1, n) + _col(1, n)), HOSTS4[:3] +
                            tuple(f"host{i}" for i in range(3, n)))
     assert (f.cls, f.hosts) == ("sender and receiver side", ("host1",))
 
 
 def test_single_slow_cell_is_that_link():
-    f, = detect_slow_links(_matrix(4, slow=[(2, 0)], noise=0.1), HOSTS4)
+    f, = detect_probe_links(_matrix(4, slow=[(2, 0)], noise=0.1), HOSTS4)
     assert (f.cls, f.ranks, f.hosts) == ("link", (2, 0), ("host2", "host0"))
     assert "host2->host0" in f.evidence[0] and "this direction only" in f.evidence[1]
 
 
 def test_symmetric_slow_cells_are_one_link_both_ways():
-    f, = detect_slow_links(_matrix(4, slow=[(1, 3), (3, 1)]), HOSTS4)
+    f, = detect_probe_links(_matrix(4, slow=[(1, 3), (3, 1)]), HOSTS4)
     assert (f.cls, f.ranks) == ("link", (1, 3))
     assert "both directions" in f.evidence[1]
 
 
 def test_a_link_beside_a_slow_host_is_reported_after_it():
     slow = _row(0, 4) + [(2, 3)]
-    found = detect_slow_links(_matrix(4, slow=slow), HOSTS4)
+    found = detect_probe_links(_matrix(4, slow=slow), HOSTS4)
     assert [(f.cls, f.ranks) for f in found] == [("sender side", (0,)), ("link", (2, 3))]
 
 
@@ -109,28 +109,28 @@ def test_a_link_beside_a_slow_host_is_reported_after_it():
     (5, _col(1, 5) + _col(4, 5), {("receiver side", (1,)), ("receiver side", (4,))}),
 ])
 def test_two_faulty_hosts_are_both_named_and_nothing_else(n, slow, want):
-    found = detect_slow_links(_matrix(n, slow=set(slow)), [f"h{i}" for i in range(n)])
+    found = detect_probe_links(_matrix(n, slow=set(slow)), [f"h{i}" for i in range(n)])
     assert {(f.cls, f.ranks) for f in found} == want
 
 
 def test_a_barely_slow_cell_is_less_certain_than_a_dead_one():
-    weak, = detect_slow_links(_matrix(4, slow=[(0, 1)], factor=0.45), HOSTS4)
-    dead, = detect_slow_links(_matrix(4, slow=[(0, 1)], factor=0.01), HOSTS4)
+    weak, = detect_probe_links(_matrix(4, slow=[(0, 1)], factor=0.45), HOSTS4)
+    dead, = detect_probe_links(_matrix(4, slow=[(0, 1)], factor=0.01), HOSTS4)
     assert weak.confidence < 0.6 < 0.9 < dead.confidence
     # a looser ratio lets the barely slow one pass
-    assert detect_slow_links(_matrix(4, slow=[(0, 1)], factor=0.45), HOSTS4, ratio=0.4) == ()
+    assert detect_probe_links(_matrix(4, slow=[(0, 1)], factor=0.45), HOSTS4, ratio=0.4) == ()
 
 
 def test_two_hosts_are_ambiguous_and_say_so():
-    f, = detect_slow_links([[None, 30.0], [1000.0, None]], ["a", "b"])
+    f, = detect_probe_links([[None, 30.0], [1000.0, None]], ["a", "b"])
     assert f.cls == "link or either side (2 hosts)" and f.hosts == ("a", "b")
     assert "cannot be told apart" in f.evidence[1] and "third host" in f.evidence[1]
     assert f.confidence <= 0.5
-    assert detect_slow_links([[None, 900.0], [1000.0, None]], ["a", "b"]) == ()
+    assert detect_probe_links([[None, 900.0], [1000.0, None]], ["a", "b"]) == ()
     # both directions slow: only a reference can tell
     both = [[None, 30.0], [40.0, None]]
-    assert detect_slow_links(both, ["a", "b"]) == ()
-    f, = detect_slow_links(both, ["a", "b"], reference_MBps=1000.0)
+    assert detect_probe_links(both, ["a", "b"]) == ()
+    f, = detect_probe_links(both, ["a", "b"], reference_MBps=1000.0)
     assert "both cells slow" in f.evidence[1] and "no healthy cell" in f.evidence[0]
 
 
@@ -138,7 +138,7 @@ def test_unmeasured_cells_and_latency_evidence():
     m = _matrix(3, slow=_row(2, 3))
     m[0][1] = None  # not measured
     lat = [[None, 50.0, 60.0], [50.0, None, 60.0], [61.0, 59.0, None]]
-    f, = detect_slow_links(m, ["x", "y", "z"], lat_us=lat)
+    f, = detect_probe_links(m, ["x", "y", "z"], lat_us=lat)
     assert f.cls == "sender side" and f.hosts == ("z",)
     assert f.evidence[-1] == "latency (round trip / 2) with z: median 60 µs vs 50 µs elsewhere"
 
@@ -146,7 +146,7 @@ def test_unmeasured_cells_and_latency_evidence():
 def test_ranks_sharing_a_host_get_distinct_labels():
     assert row_labels(["a", "b"], [0, 1]) == ["a", "b"]
     assert row_labels(["a", "a", "b"], [0, 1, 2]) == ["a/r0", "a/r1", "b/r2"]
-    f, = detect_slow_links(_matrix(3, slow=[(0, 1)]), ["a", "a", "b"], ranks=[4, 5, 6])
+    f, = detect_probe_links(_matrix(3, slow=[(0, 1)]), ["a", "a", "b"], ranks=[4, 5, 6])
     assert f.ranks == (4, 5) and f.hosts == ("a",) and "a/r4->a/r5" in f.evidence[0]
 
 
@@ -157,9 +157,9 @@ def test_healthy_level_resists_half_the_cells_slow():
 
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="not 3 x 3"):
-        detect_slow_links([[None, 1.0], [1.0, None]], ["a", "b", "c"])
+        detect_probe_links([[None, 1.0], [1.0, None]], ["a", "b", "c"])
     with pytest.raises(ValueError, match="ratio"):
-        detect_slow_links(_matrix(3), ["a", "b", "c"], ratio=1.5)
+        detect_probe_links(_matrix(3), ["a", "b", "c"], ratio=1.5)
 
 
 def _doc(n=3, **kw):
@@ -224,10 +224,10 @@ def test_a_cell_with_one_healthy_sample_is_not_slow():
     m[0][1] = 300.0  # median: other load on the host spoiled most samples...
     best = _matrix(4)
     best[0][1] = 1600.0  # ...but one went through at full speed
-    assert [f.cls for f in detect_slow_links(m, HOSTS4)] == ["link"]
-    assert detect_slow_links(m, HOSTS4, best=best) == ()
+    assert [f.cls for f in detect_probe_links(m, HOSTS4)] == ["link"]
+    assert detect_probe_links(m, HOSTS4, best=best) == ()
     best[0][1] = 310.0
-    f, = detect_slow_links(m, HOSTS4, best=best)
+    f, = detect_probe_links(m, HOSTS4, best=best)
     assert "best sample too" in f.evidence[0]
 
 
@@ -237,10 +237,10 @@ def test_best_sample_guard_on_a_real_capture():
     doc = json.loads((DATA / "probe-4hosts-host1-egress-200mbit.json").read_text())
     pm = read_probe_matrix(doc)
     assert pm.bw_best_MBps[0][1] == max(doc["bw_samples_MBps"][0][1]) > 1500
-    plain = detect_slow_links(pm.bw_MBps, pm.hosts)
+    plain = detect_probe_links(pm.bw_MBps, pm.hosts)
     assert [(f.cls, f.hosts) for f in plain] == [("sender side", ("host1",)),
                                                  ("link", ("host0", "host1"))]
-    guarded = detect_slow_links(pm.bw_MBps, pm.hosts, best=pm.bw_best_MBps)
+    guarded = detect_probe_links(pm.bw_MBps, pm.hosts, best=pm.bw_best_MBps)
     assert [(f.cls, f.hosts) for f in guarded] == [("sender side", ("host1",))]
 
 
