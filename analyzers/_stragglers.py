@@ -8,8 +8,9 @@ shared across hosts. Per rank and step the waits are merged on the rank's own mo
 
 Per step, a rank's *delay* is the step's median wait minus its own: how much longer the
 others sat in collectives than it did, i.e. how late it came. A healthy rank's delay hovers
-around zero (the job's noise, ``noise_ms``, is its robust spread); a straggler's jumps by the
-time it costs the job. Each rank's delay is compared with its own usual (its median over the
+around zero, now and then large when it happens to arrive last (the job's noise,
+``noise_ms``, is its pooled standard deviation); a straggler's jumps by the time it costs the
+job, step after step. Each rank's delay is compared with its own usual (its mean over the
 job's first ``baseline_steps`` steps, never below zero) and the excess is summed in a
 one-sided CUSUM (Page's test), so a large change is found in one or two steps and a small one
 in a few more, while single slow steps (noise spikes) do not add up. A straggler is a rank
@@ -107,12 +108,16 @@ def compute_group_lateness(events: pl.DataFrame, ranks: list[int], first_step: i
 
 
 def _noise_ms(delay: pl.DataFrame, floor_ms: float) -> float:
-    """Robust spread (1.4826 x MAD) of the rows' delays, at least ``floor_ms``."""
-    d = delay["delay_ms"]
-    if d.is_empty():
+    """The spread of a healthy rank's delay: the standard deviation of each rank's delays
+    around its own mean, pooled over ranks, at least ``floor_ms``. Not a robust spread on
+    purpose: a healthy job's last arrival rotates, so a rank's delay is near zero most steps
+    and large in a few, and those few are what a straggler must stand out from."""
+    if delay.is_empty():
         return floor_ms
-    mad = (d - d.median()).abs().median()
-    return max(floor_ms, 1.4826 * float(mad))
+    dev = delay.select((pl.col("delay_ms") - pl.col("delay_ms").mean().over("rank")).pow(2)
+                       .mean().sqrt())
+    value = dev.item()
+    return floor_ms if value is None else max(floor_ms, float(value))
 
 
 def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
@@ -134,9 +139,9 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
         persist: Steps with excess above slack needed among the last ``persist + 1``.
         usual: ``rank``, ``usual_ms``: each rank's usual delay, when known from earlier data
             (an online window passes what the job's first steps gave); by default the
-            median over the first ``baseline_steps`` steps here, at least 0.
-        noise_ms: The job's noise, when known from earlier data; by default the robust spread
-            of the delays in the first ``baseline_steps`` steps here.
+            mean over the first ``baseline_steps`` steps here, at least 0.
+        noise_ms: The job's noise, when known from earlier data; by default the pooled
+            standard deviation of the delays in the first ``baseline_steps`` steps here.
 
     Returns:
         Columns ``rank``, ``host``, ``step``, ``wait_ms``, ``median_wait_ms`` (the step's
@@ -161,7 +166,7 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
     k, h = slack * noise, threshold * noise
     if usual is None:
         usual = head.group_by("rank").agg(
-            pl.col("delay_ms").median().clip(lower_bound=0.0).alias("usual_ms"),
+            pl.col("delay_ms").mean().clip(lower_bound=0.0).alias("usual_ms"),
             pl.len().alias("_n")).filter(pl.col("_n") >= min_baseline_steps).drop("_n")
         gate = first + min_baseline_steps  # a usual from these very rows needs some first
     else:
