@@ -20,6 +20,8 @@ themselves.
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 
 from ringwatch._schema import parse_ranks
@@ -113,15 +115,33 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
                       "detected_step", "slow_MBps", "steps").sort("pg")
 
 
-def suspect_hosts(groups: pl.DataFrame) -> tuple[list[str], str]:
+def suspect_hosts(groups: pl.DataFrame, *,
+                  together_steps: int = 5) -> tuple[list[str], str, list[str]]:
     """The hosts common to every slow multi-host group and to no healthy one.
 
-    Returns the suspects (sorted) and how they were found, in words.
+    One fault slows its groups at one moment: only the slow groups whose slowdown began within
+    ``together_steps`` of the most slowed group's are taken together (others are counted as
+    neither slow nor healthy).
+
+    When no host is common to all the slow groups (a second, unrelated slowdown; load on the
+    machine), each host is weighed by how much slower its slow groups got (the sum of
+    ``log(usual / slow)``), and the heaviest is the suspect when it outweighs the next by a
+    quarter.
+
+    Returns the suspects (sorted), how they were found (in words) and the slow groups taken
+    together.
     """
     multi = groups.filter(pl.col("hosts").str.contains(","))
-    slow = [set(h.split(",")) for h in multi.filter(pl.col("slow"))["hosts"].to_list()]
-    if not slow:
-        return [], "no slow group crosses hosts"
+    slow_rows = multi.filter(pl.col("slow"))
+    if slow_rows.is_empty():
+        return [], "no slow group crosses hosts", []
+    worst = slow_rows.sort(pl.col("usual_MBps") / pl.col("slow_MBps"), descending=True).row(
+        0, named=True)
+    apart = (pl.col("since_step") - worst["since_step"]).abs() > together_steps
+    aside = slow_rows.filter(apart).height
+    slow_rows = slow_rows.filter(~apart)
+    slow = [set(h.split(",")) for h in slow_rows["hosts"].to_list()]
+    used = slow_rows["pg"].to_list()
     common = set.intersection(*slow)
     healthy = set()
     for h in multi.filter(~pl.col("slow"))["hosts"].to_list():
@@ -129,12 +149,23 @@ def suspect_hosts(groups: pl.DataFrame) -> tuple[list[str], str]:
     narrowed = common - healthy
     if narrowed:
         how = (f"common to the {len(slow)} slow group(s) that cross hosts"
-               + (", in no healthy one" if healthy else ""))
-        return sorted(narrowed), how
+               + (", in no healthy one" if healthy else "")
+               + (f"; {aside} other group(s) slowed at another time" if aside else ""))
+        return sorted(narrowed), how, used
     if common:
         return sorted(common), (f"common to the {len(slow)} slow group(s), though healthy "
-                                "groups use them too")
-    return sorted(set.union(*slow)), "the slow groups share no host: more than one fault?"
+                                "groups use them too"), used
+    weight: dict[str, float] = {}
+    for hosts, usual, got in slow_rows.select("hosts", "usual_MBps", "slow_MBps").iter_rows():
+        for h in hosts.split(","):
+            weight[h] = weight.get(h, 0.0) + math.log(usual / got)
+    ranked = sorted(weight.items(), key=lambda kv: -kv[1])
+    if len(ranked) == 1 or ranked[0][1] >= 1.25 * ranked[1][1]:
+        return [ranked[0][0]], (f"no host is common to the {len(slow)} slow groups; "
+                                f"{ranked[0][0]}'s groups slowed most (weight "
+                                f"{ranked[0][1]:.1f} vs {ranked[1][1]:.1f} next)"
+                                if len(ranked) > 1 else "the only host"), used
+    return sorted(set.union(*slow)), "the slow groups share no host: more than one fault?", used
 
 
 def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
@@ -165,7 +196,8 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
     slow = groups.filter(pl.col("slow") & pl.col("hosts").str.contains(","))
     if slow.is_empty():
         return ()
-    hosts, how = suspect_hosts(groups)
+    hosts, how, used = suspect_hosts(groups)
+    slow = slow.filter(pl.col("pg").is_in(used))
     ranks = sorted({r for pr in slow["pg_ranks"].to_list() for r in parse_ranks(pr)})
     first = slow.sort("since_step").row(0, named=True)
     lost_ns = 0.0

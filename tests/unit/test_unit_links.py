@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import polars as pl
+
 from ringwatch.analyzers import (
     compute_group_bandwidth,
     compute_slow_groups,
@@ -145,3 +147,14 @@ def test_a_probe_narrows_the_passive_suspects(tmp_path):
     assert narrowed.confidence > passive.confidence
     assert "the probe names host1" in narrowed.evidence[-1]
     assert (probed.cls, probed.hosts) == ("sender side", ("host1",))
+
+
+def test_a_group_slowed_at_another_time_is_set_aside():
+    # host1's link slows tp0, dp2, dp3 from step 25; tp1 (hosts 2, 3) slowed from step 8
+    # for an unrelated reason: no host is common to all four, but one fault slows at one time.
+    fault = job(LAYERED, onset=25, slow_hosts=("host1",))
+    other = job(LAYERED, onset=8, slow_hosts=("host3",))
+    ev = pl.concat([fault.filter(pl.col("pg") != "tp1"), other.filter(pl.col("pg") == "tp1")])
+    (f,) = detect_slow_links(ev.sort("rank", "idx"))
+    assert f.hosts == ("host1",) and f.since_step == 25
+    assert any("1 other group(s) slowed at another time" in e for e in f.evidence)
