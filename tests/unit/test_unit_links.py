@@ -150,11 +150,11 @@ def test_a_probe_narrows_the_passive_suspects(tmp_path):
 
 
 def test_a_group_slowed_at_another_time_is_set_aside():
-    # host1's link slows tp0, dp2, dp3 from step 25; tp1 (hosts 2, 3) slowed from step 8
+    # host1's link slows tp0, dp2, dp3 from step 40; tp1 (hosts 2, 3) slowed from step 28
     # for an unrelated reason: no host is common to all four, but one fault slows at one time.
-    fault = job(LAYERED, onset=25, slow_hosts=("host1",))
-    other = job(LAYERED, onset=8, slow_hosts=("host3",))
+    fault = job(LAYERED, steps=55, onset=40, slow_hosts=("host1",))
+    other = job(LAYERED, steps=55, onset=28, slow_hosts=("host3",), slow=2.5)
     ev = pl.concat([fault.filter(pl.col("pg") != "tp1"), other.filter(pl.col("pg") == "tp1")])
     (f,) = detect_slow_links(ev.sort("rank", "idx"))
-    assert f.hosts == ("host1",) and f.since_step == 25
+    assert f.hosts == ("host1",) and f.since_step == 40
     assert any("1 other group(s) slowed at another time" in e for e in f.evidence)
