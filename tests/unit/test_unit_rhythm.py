@@ -147,3 +147,17 @@ def test_steps_from_the_rhythm_let_the_straggler_analyzer_run_without_marks():
     assert f.ranks == (1,) and f.since_step - shift[0] == 30
     # marks already there are kept
     assert assign_rhythm_steps(marked)["step"].to_list() == marked["step"].to_list()
+
+
+def test_gradient_accumulation_makes_one_iteration_of_its_micro_batches():
+    # FSDP-like with 4 micro-batches per optimizer step: each micro-batch gathers the
+    # parameters (2 all_gathers) and reduce-scatters the gradients; a loss all_reduce and a
+    # grad-norm all_reduce close the step. The period is the whole step, not a micro-batch.
+    micro = [("all_gather", 4096), ("all_gather", 4096), ("reduce_scatter", 8192)]
+    step = micro * 4 + [("all_reduce", 4), ("all_reduce", 8)]
+    s = Seq()
+    for _ in range(12):
+        s.iteration(step)
+    rh = infer_rhythm(s.frame())
+    assert rh.found and rh.period == len(step) == 14
+    assert len(rh.starts) == 12 and rh.steps_agree is True
