@@ -212,6 +212,18 @@ def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: f
             .drop("_late").sort("rank"))
 
 
+def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float) -> tuple[str, ...]:
+    """The job's step time over ``first..last`` and what it would be without ``delay_ms``."""
+    from ringwatch.analyzers._hangs import typical_step_s
+
+    step_s = typical_step_s(events.filter(pl.col("step").is_between(first, last + 1)))
+    if step_s is None:
+        return ()
+    now = step_s * 1e3
+    return (f"the job's step took {now:.0f} ms; ~{max(0.0, now - delay_ms):.0f} ms if this "
+            f"rank arrived like its peers ({delay_ms / now:.0%} faster)",)
+
+
 def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_steps: int = 20,
                       min_baseline_steps: int = 5, slack: float = 1.0, threshold: float = 6.0,
                       floor_ms: float = 2.0, persist: int = 3, imbalance_noise: float = 3.0,
@@ -295,7 +307,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
                       f"in steps {r['run_start']}-{r['step']} (usually "
                       f"{r['usual_ms']:.1f} ms; job noise {noise:.1f} ms)",
                       f"excess summed to {r['cusum_ms']:.0f} ms, over {threshold:g}x the "
-                      f"noise: a change on this rank, its peers wait for it")))
+                      f"noise: a change on this rank, its peers wait for it",
+                      *_what_if(events, r["run_start"], r["step"], delay))))
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 
