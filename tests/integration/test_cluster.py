@@ -204,6 +204,47 @@ def test_imbalance_is_there_from_the_start(tmp_path):
     before = dict(ph.select("rank", "before_ns").iter_rows())
     # rank 0 arrives last at every step, from the start: the others wait for it
     assert all(before[0] < 0.5 * before[r] for r in (1, 2, 3)), ph
+    # and the analyzers call it imbalance, not a fault
+    assert [(f.kind, f.ranks) for f in _findings(result)] == [("imbalance", (0,))]
+
+
+def _findings(result):
+    from ringwatch._analyze import analyze_job
+
+    return analyze_job(open_job(result.log_dir, result.job_id))["_findings"]
+
+
+def test_analyzers_name_a_compute_straggler_within_a_few_steps(tmp_path):
+    # The victim does twice the work per step from step 26; the first 20 steps after the
+    # warm-up are the baseline.
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=2, steps=45, netns="off",
+                       job_args=JOB)
+    result = run_cluster(spec, FaultSpec(kind="straggler", rank=3, at_step=26,
+                                         straggler_mode="work", factor=2.0))
+    assert result.ok, result
+    onset = result.ground_truth["onset_step"]
+    (f,) = _findings(result)
+    assert (f.kind, f.cls, f.ranks, f.hosts) == ("straggler", "compute straggler", (3,),
+                                                  ("host1",)), f
+    assert onset <= f.since_step <= onset + 2 and f.detected_step - onset <= 5, (onset, f)
+    assert f.until_step is None and f.gain_s_per_step > 0.02, f  # still late at the end
+
+
+def test_analyzers_name_the_host_behind_a_slow_link(tmp_path):
+    # 4 hosts of one rank; tp groups {0,1} {2,3} and dp groups {0,2} {1,3} cross different
+    # host sets, so the slow groups have one host in common.
+    _need_netns()
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=4, tp=2, steps=40,
+                       netns="on", job_args=JOB)
+    result = run_cluster(spec, FaultSpec(kind="link", host=2, at_step=26, rate_mbit=100))
+    assert result.ok, result
+    onset = result.ground_truth["onset_step"]
+    links = [f for f in _findings(result) if f.kind == "slow_link"]
+    assert len(links) == 1, links
+    (f,) = links
+    assert f.cls == "slow communication" and f.hosts == ("host2",), f
+    assert onset - 1 <= f.since_step and f.detected_step - onset <= 4, (onset, f)
+    assert not [x for x in _findings(result) if x.kind == "straggler"]
 
 
 def _wait_for_steps(run_dir, n, timeout=120):
@@ -294,7 +335,9 @@ def test_scenario_runner_keeps_each_run_with_its_ground_truth(tmp_path):
         assert (truth["rank"], truth["host"]) == (
             (rec["rank"], f"host{rec['rank'] // 2}") if rec["fault"] == "straggler"
             else (None, f"host{rec['host']}")), (truth, rec)
-        assert rec["mode"] == "netns" and rec["hosts"] == 2 and rec["onset_step"] >= 12
+        # link runs: 4 hosts with groups over different host sets (--link-layout layered)
+        assert rec["mode"] == "netns" and rec["onset_step"] >= 12
+        assert rec["hosts"] == (4 if rec["fault"] == "link" else 2), rec
         assert sorted(rec["after_ms"]) == sorted(rec["wait_after_ms"]) == ["0", "1", "2", "3"]
         assert rec["reading"] in ("straggler", "network", "none"), rec
         job = open_job(out / rec["name"] / "logs", truth["job_id"])
