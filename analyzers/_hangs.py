@@ -39,7 +39,8 @@ def compute_frontier(events: pl.DataFrame) -> pl.DataFrame:
         still in flight, null if none), ``pending_op``, ``pending_start_ns`` and
         ``pending_step``; sorted by pg then rank.
     """
-    df = events.filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
+    df = events.select("pg", "rank", "pg_ranks", "host", "seq", "status", "op", "t_start_ns",
+                       "step", "is_p2p").filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
     pending = pl.col("status") == "pending"
     first_pending = pl.col("seq").filter(pending).min()
     at_first = pending & (pl.col("seq") == first_pending)
@@ -61,9 +62,13 @@ def _ranks(rs) -> str:
 def typical_step_s(events: pl.DataFrame) -> float | None:
     """The job's usual step time (s): per rank, the median time between the first
     collectives of consecutive steps; the median over ranks. ``None`` without two steps."""
-    firsts = (events.filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
-              .group_by("rank", "step").agg(pl.col("mono_start_ns").min()).sort("rank", "step")
-              .with_columns(pl.col("mono_start_ns").diff().over("rank").alias("_d")))
+    firsts = (events.select("rank", "step", "mono_start_ns")
+              .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
+              .group_by("rank", "step").agg(pl.col("mono_start_ns").min()).sort("rank", "step"))
+    # diff within each rank: the frame is sorted by rank, so no window per rank is needed
+    same = pl.col("rank").eq_missing(pl.col("rank").shift(1))
+    firsts = firsts.with_columns(
+        pl.when(same).then(pl.col("mono_start_ns").diff()).otherwise(None).alias("_d"))
     per = firsts.group_by("rank").agg(pl.col("_d").median())["_d"].drop_nulls()
     return None if per.is_empty() else float(per.median()) / 1e9
 
@@ -101,6 +106,9 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float | None
     newest = max(last_seen_ns.values()) if last_seen_ns else None
     silent = {r for r, t in (last_seen_ns or {}).items() if newest - t > silent_s * 1e9}
     stuck: dict[str, tuple] = {}
+    # Only groups with a collective in flight can be stuck (a filter first: a job has a
+    # group per tensor/pipeline slice, thousands of them at scale).
+    fr = fr.filter(pl.col("pending_seq").is_not_null().any().over("pg"))
     for (pg,), rows in fr.group_by("pg", maintain_order=True):
         blocking = rows.filter(pl.col("pending_seq").is_not_null())
         if blocking.is_empty():

@@ -1,0 +1,131 @@
+"""Fast paths taken at scale give exactly what the plain paths give.
+
+The interval union of the step analyzers (whole-column passes instead of a window per group)
+against its window version, and the reader's one read of every file against the per-rank
+reads, on inputs where the fast path applies and on inputs where it must step aside.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ringwatch._logs import PENDING_FILE, _increasing, open_job
+from ringwatch._schema import polars_schema
+from ringwatch.analyzers._steps import _merged_ns, _merged_ns_over, _sorted_by
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "synthetic.py"
+_spec = importlib.util.spec_from_file_location("ringwatch_bench_synthetic", _PATH)
+synthetic = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = synthetic
+_spec.loader.exec_module(synthetic)
+
+
+def intervals(seed: int, *, n: int, reversed_ok: bool = False, null_start: bool = False,
+              null_end: bool = False) -> pl.DataFrame:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        s = rng.randrange(1000)
+        e = s + rng.randrange(-5 if reversed_ok else 0, 200)
+        rows.append({"rank": rng.randrange(5), "step": rng.randrange(rng.randrange(1, 40) + 1),
+                     "s": None if null_start and s % 7 == 0 else s,
+                     "e": None if null_end and s % 11 == 0 else e})
+    schema = {"rank": pl.Int32, "step": pl.Int64, "s": pl.Int64, "e": pl.Int64}
+    return pl.DataFrame(rows, schema=schema).sort("rank", "step", "s")
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("kind", ["plain", "reversed", "null_start", "null_end", "unsorted"])
+def test_interval_union_equals_the_window_version(seed, kind):
+    df = intervals(seed, n=random.Random(seed).randrange(1, 1500),
+                   reversed_ok=kind == "reversed", null_start=kind == "null_start",
+                   null_end=kind == "null_end")
+    if kind == "unsorted":
+        df = df.sample(fraction=1.0, shuffle=True, seed=seed)
+    got = _merged_ns(df, "s", "e", ["rank", "step"]).sort("rank", "step")
+    want = _merged_ns_over(df, "s", "e", ["rank", "step"]).sort("rank", "step")
+    assert got.schema == want.schema
+    assert got.equals(want)
+
+
+def test_interval_union_by_hand():
+    # rank 0 step 0: [0,10] [5,20] [30,40] -> 20 + 10; step 1: [0,100] [10,20] -> 100
+    df = pl.DataFrame({"rank": [0, 0, 0, 0, 0, 1], "step": [0, 0, 0, 1, 1, 0],
+                       "s": [0, 5, 30, 0, 10, 7], "e": [10, 20, 40, 100, 20, 7]})
+    got = dict(((r, s), m) for r, s, m in _merged_ns(df, "s", "e", ["rank", "step"]).iter_rows())
+    assert got == {(0, 0): 30, (0, 1): 100, (1, 0): 0}
+
+
+def test_sorted_by():
+    df = pl.DataFrame({"a": [0, 0, 1, 1], "b": ["x", "y", "a", "a"]})
+    assert _sorted_by(df, ["a", "b"])
+    assert not _sorted_by(df.reverse(), ["a", "b"])
+    assert not _sorted_by(pl.DataFrame({"a": [0, None]}), ["a"])
+    assert _increasing(pl.DataFrame({"r": [0, 0, 1], "i": [1, 2, 0]}), "r", "i")
+    assert not _increasing(pl.DataFrame({"r": [0, 0, 1], "i": [1, 1, 0]}), "r", "i")
+
+
+def per_rank(logs, **kw) -> pl.DataFrame:
+    return pl.concat([logs.rank_events(r, **kw) for r in logs.ranks]).sort("rank", "idx")
+
+
+@pytest.fixture
+def hung_job(tmp_path):
+    job = synthetic.SyntheticJob(ranks=12, steps=6, tp_size=4, hang=7, hang_step=5,
+                                 job_id="j")
+    synthetic.write_logs(job, tmp_path, segment_rows=8)
+    return tmp_path / "j"
+
+
+def test_one_read_of_every_file_equals_the_per_rank_reads(hung_job):
+    logs = open_job(hung_job)
+    for pending in (True, False):
+        assert logs._read_all(pending, None) is not None  # the fast path applies here
+        fast = logs.events(include_pending=pending)
+        assert fast.schema == pl.Schema(polars_schema())
+        assert fast.equals(per_rank(logs, include_pending=pending))
+    assert fast.height == 12 * 26 and logs.events().height == 12 * 26 + 11
+
+
+def test_a_projection_reads_those_columns_in_schema_order(hung_job):
+    logs = open_job(hung_job)
+    part = logs.events(columns=["step", "host", "status"])
+    assert part.columns == ["rank", "host", "idx", "status", "step"]
+    assert part.equals(logs.events().select(part.columns))
+    assert logs.rank_events(3, columns=["seq"]).columns == ["rank", "idx", "seq"]
+    with pytest.raises(ValueError, match="nope"):
+        logs.events(columns=["nope"])
+
+
+def test_the_fast_read_steps_aside_and_the_result_stays_the_same(hung_job):
+    d = open_job(hung_job).ranks[2]
+    # a pending row that a segment holds too (flushed between the two files' writes)
+    seg = sorted(d.glob("seg-*.parquet"))[-1]
+    pend = pl.read_parquet(d / PENDING_FILE)
+    both = pl.concat([pl.read_parquet(seg), pend])
+    from ringwatch.agent._writer import _write_atomic
+
+    _write_atomic(both.sort("idx"), seg)
+    logs = open_job(hung_job)
+    assert logs._read_all(True, None) is None
+    ev = logs.events()
+    assert ev.equals(per_rank(logs))
+    assert ev.filter(pl.col("rank") == 2)["idx"].is_unique().all()
+    # a rank's file copied into another rank's folder
+    shutil.copy(seg, open_job(hung_job).ranks[5] / "seg-00000900-00000931.parquet")
+    logs = open_job(hung_job)
+    assert logs._read_all(True, None) is None
+    assert logs.events().equals(per_rank(logs))
+    # a file of a newer schema major version
+    pl.DataFrame({"rank": [4]}).write_parquet(
+        logs.ranks[4] / "seg-00000999.parquet", metadata={"ringwatch_schema_version": "9.0"})
+    logs = open_job(hung_job)
+    assert logs._read_all(True, None) is None
+    assert logs.events().equals(per_rank(logs)) and logs.problems
