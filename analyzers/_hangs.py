@@ -42,17 +42,19 @@ def compute_frontier(events: pl.DataFrame) -> pl.DataFrame:
     df = events.select("pg", "rank", "pg_ranks", "host", "seq", "status", "op", "t_start_ns",
                        "step", "is_p2p").filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
     pending = pl.col("status") == "pending"
-    first_pending = pl.col("seq").filter(pending).min()
-    at_first = pending & (pl.col("seq") == first_pending)
-    return (df.group_by("pg", "rank").agg(
+    base = df.group_by("pg", "rank").agg(
         pl.col("pg_ranks").first(), pl.col("host").first(),
         pl.col("seq").max().alias("entered_seq"),
-        pl.col("seq").filter(~pending).max().alias("finished_seq"),
+        pl.col("seq").filter(~pending).max().alias("finished_seq"))
+    # The pending rows apart: few of them, and none at all in a healthy job.
+    first_pending = pl.col("seq").min()
+    at_first = pl.col("seq") == first_pending
+    pend = df.filter(pending).group_by("pg", "rank").agg(
         first_pending.alias("pending_seq"),
         pl.col("op").filter(at_first).first().alias("pending_op"),
         pl.col("t_start_ns").filter(at_first).min().alias("pending_start_ns"),
         pl.col("step").filter(at_first).first().alias("pending_step"))
-        .sort("pg", "rank"))
+    return base.join(pend, on=["pg", "rank"], how="left", nulls_equal=True).sort("pg", "rank")
 
 
 def _ranks(rs) -> str:
