@@ -70,7 +70,7 @@ def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = 20,
 
 def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
                         min_baseline_steps: int = 5, ratio: float = 2.0,
-                        persist: int = 3, usual: pl.DataFrame | None = None) -> pl.DataFrame:
+                        persist: int = 4, usual: pl.DataFrame | None = None) -> pl.DataFrame:
     """Per group: its usual bandwidth, and the first run of ``persist`` slow steps.
 
     Args:
@@ -170,7 +170,7 @@ def suspect_hosts(groups: pl.DataFrame, *,
 
 def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
                       min_baseline_steps: int = 5, ratio: float = 2.0,
-                      persist: int = 3, usual: pl.DataFrame | None = None
+                      persist: int = 4, usual: pl.DataFrame | None = None
                       ) -> tuple[Finding, ...]:
     """Slow communication: groups whose transfer bandwidth dropped, and the suspect hosts.
 

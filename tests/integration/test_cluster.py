@@ -226,7 +226,9 @@ def test_analyzers_name_a_compute_straggler_within_a_few_steps(tmp_path):
     (f,) = _findings(result)
     assert (f.kind, f.cls, f.ranks, f.hosts) == ("straggler", "compute straggler", (3,),
                                                   ("host1",)), f
-    assert onset <= f.since_step <= onset + 2 and f.detected_step - onset <= 5, (onset, f)
+    # the excess may start a step early on a noisy machine; the run itself is after the onset
+    assert onset - 2 <= f.since_step <= onset + 2 and onset < f.detected_step <= onset + 5, \
+        (onset, f)
     assert f.until_step is None and f.gain_s_per_step > 0.02, f  # still late at the end
 
 
@@ -243,7 +245,7 @@ def test_analyzers_name_the_host_behind_a_slow_link(tmp_path):
     assert len(links) == 1, links
     (f,) = links
     assert f.cls == "slow communication" and f.hosts == ("host2",), f
-    assert onset - 1 <= f.since_step and f.detected_step - onset <= 4, (onset, f)
+    assert onset - 1 <= f.since_step and onset < f.detected_step <= onset + 5, (onset, f)
     assert not [x for x in _findings(result) if x.kind == "straggler"]
 
 
