@@ -212,6 +212,24 @@ def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: f
             .drop("_late").sort("rank"))
 
 
+def _late_since(run: pl.DataFrame, k: float) -> int:
+    """The first step of the late streak that ends at the run's last step: going back from
+    it over late steps (excess above ``k``), one on-time step at a time allowed between two
+    late ones. The sum may have started on a noise step earlier; the streak is the change."""
+    steps, late = run["step"].to_list(), (run["excess_ms"] > k).fill_null(False).to_list()
+    i = len(steps) - 1
+    since = steps[i]
+    while i > 0:
+        if late[i - 1]:
+            i -= 1
+        elif i > 1 and late[i - 2]:
+            i -= 2
+        else:
+            break
+        since = steps[i]
+    return since
+
+
 def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float) -> tuple[str, ...]:
     """The job's step time over ``first..last`` and what it would be without ``delay_ms``."""
     from ringwatch.analyzers._hangs import typical_step_s
@@ -282,7 +300,9 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
                         & ~pl.col("rank").is_in(imb["rank"].implode()))
     for r in hit.group_by("rank").agg(pl.all().sort_by("step").first()).iter_rows(named=True):
         mine = scores.filter(pl.col("rank") == r["rank"])
-        run = mine.filter(pl.col("step").is_between(r["run_start"], r["step"]))
+        since = _late_since(mine.filter(pl.col("step").is_between(r["run_start"], r["step"])),
+                            slack * noise)
+        run = mine.filter(pl.col("step").is_between(since, r["step"]))
         delay = float(run["delay_ms"].median())
         # It ends at its last late step before persist + 1 steps in a row without one;
         # still on at the end of the data: until None.
@@ -299,16 +319,16 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         findings.append(Finding(
             kind="straggler", cls="transient straggler" if transient else "compute straggler",
             ranks=(r["rank"],),
-            hosts=(r["host"],) if r["host"] else (), since_step=r["run_start"],
+            hosts=(r["host"],) if r["host"] else (), since_step=since,
             detected_step=r["step"], until_step=until,
             confidence=min(1.0, 0.5 + 0.5 * (r["score"] - 1.0)) * (0.5 if transient else 1),
             gain_s_per_step=delay / 1e3,
             evidence=(f"rank {r['rank']} came {delay:.1f} ms per step after the median rank "
-                      f"in steps {r['run_start']}-{r['step']} (usually "
+                      f"in steps {since}-{r['step']} (usually "
                       f"{r['usual_ms']:.1f} ms; job noise {noise:.1f} ms)",
                       f"excess summed to {r['cusum_ms']:.0f} ms, over {threshold:g}x the "
                       f"noise: a change on this rank, its peers wait for it",
-                      *_what_if(events, r["run_start"], r["step"], delay))))
+                      *_what_if(events, since, r["step"], delay))))
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 

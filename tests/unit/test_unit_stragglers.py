@@ -115,3 +115,14 @@ def test_scores_rise_with_the_excess_and_reset_after():
     assert 40 <= r1[31]["delay_ms"] <= 52  # three buckets, ~15-17 ms each
     others = sc.filter(sc["rank"] != 1)
     assert others["score"].max() < 0.5
+
+
+def test_since_is_the_late_streak_not_an_earlier_blip():
+    # one late step at 27, then late for good from 30: the sum never drains to zero between
+    # them, but the change is at 30
+    ev = _brief((27, *range(30, 60)))
+    sc = compute_straggler_scores(compute_step_lateness(ev))
+    r1 = {r["step"]: r for r in sc.filter(sc["rank"] == 1).iter_rows(named=True)}
+    assert r1[29]["cusum_ms"] > 0 and r1[32]["run_start"] == 27
+    (f,) = detect_stragglers(ev)
+    assert (f.since_step, f.detected_step) == (30, 32), f
