@@ -226,5 +226,35 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
         gain_s_per_step=lost_ns / 1e9, evidence=tuple(evidence)),)
 
 
+def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...],
+                     *, around_steps: int = 5) -> tuple[Finding, ...]:
+    """Stragglers and slow-link findings together: a "straggler" on the one suspect host of a
+    slow link, starting with it, is that host's own slow transfers (every group it is in
+    crosses the link, so it comes late to all of them, as a compute straggler would): it is
+    folded into the link finding's evidence instead of standing as a straggler.
+    """
+    from dataclasses import replace
+
+    out_links = list(links)
+    kept = []
+    for s in stragglers:
+        hit = None
+        for i, f in enumerate(out_links):
+            if (len(f.hosts) == 1 and s.hosts == f.hosts and s.since_step is not None
+                    and f.since_step is not None
+                    and abs(s.since_step - f.since_step) <= around_steps):
+                hit = i
+                break
+        if hit is None or s.kind != "straggler":
+            kept.append(s)
+            continue
+        f = out_links[hit]
+        out_links[hit] = replace(f, evidence=f.evidence + (
+            f"rank {s.ranks[0]} on {s.hosts[0]} comes late to its groups from step "
+            f"{s.since_step}: its own transfers cross the slow link (not a compute "
+            "straggler)",))
+    return tuple(kept) + tuple(out_links)
+
+
 __all__ = ["compute_group_bandwidth", "compute_slow_groups", "detect_slow_links",
-           "suspect_hosts", "usual_bandwidth"]
+           "explain_by_links", "suspect_hosts", "usual_bandwidth"]

@@ -18,7 +18,12 @@ import polars as pl
 
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._hangs import detect_hangs
-from ringwatch.analyzers._links import compute_group_bandwidth, detect_slow_links, usual_bandwidth
+from ringwatch.analyzers._links import (
+    compute_group_bandwidth,
+    detect_slow_links,
+    explain_by_links,
+    usual_bandwidth,
+)
 from ringwatch.analyzers._stragglers import (
     compute_step_lateness,
     compute_straggler_scores,
@@ -111,11 +116,11 @@ class OnlineWindow:
                                                       baseline_steps=self.baseline_steps)
                          if f.kind == "imbalance")
             return out
-        out += detect_stragglers(ev, warmup_steps=self.warmup_steps,
-                                 baseline_steps=self.baseline_steps, usual=self.usual_delay,
-                                 noise_ms=self.noise_ms)
-        out += detect_slow_links(ev, baseline_steps=self.baseline_steps, usual=self.usual_bw)
-        return out
+        stragglers = detect_stragglers(ev, warmup_steps=self.warmup_steps,
+                                       baseline_steps=self.baseline_steps,
+                                       usual=self.usual_delay, noise_ms=self.noise_ms)
+        links = detect_slow_links(ev, baseline_steps=self.baseline_steps, usual=self.usual_bw)
+        return out + explain_by_links(stragglers, links)
 
 
 __all__ = ["OnlineWindow"]

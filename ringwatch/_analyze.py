@@ -25,13 +25,14 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
             the job's usual steps, whichever is longer).
     """
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
+    from ringwatch.analyzers._links import explain_by_links
     from ringwatch.analyzers._rhythm import assign_rhythm_steps
 
     if events.height and events["step"].is_null().all():
         events = assign_rhythm_steps(events)  # no step marks: the rhythm's iterations
     findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
                             min_stall_s=min_stall_s)
-    return findings + detect_stragglers(events) + detect_slow_links(events)
+    return findings + explain_by_links(detect_stragglers(events), detect_slow_links(events))
 
 
 def with_probe(findings: tuple, probe_doc: dict) -> tuple:

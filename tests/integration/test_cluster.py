@@ -238,15 +238,17 @@ def test_analyzers_name_the_host_behind_a_slow_link(tmp_path):
     _need_netns()
     spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=4, tp=2, steps=40,
                        netns="on", job_args=JOB)
-    result = run_cluster(spec, FaultSpec(kind="link", host=2, at_step=26, rate_mbit=100))
+    result = run_cluster(spec, FaultSpec(kind="link", host=2, at_step=26, rate_mbit=50))
     assert result.ok, result
     onset = result.ground_truth["onset_step"]
     links = [f for f in _findings(result) if f.kind == "slow_link"]
     assert len(links) == 1, links
     (f,) = links
-    assert f.cls == "slow communication" and f.hosts == ("host2",), f
+    assert f.cls == "slow communication" and f.hosts == ("host2",), f.evidence
     assert onset - 1 <= f.since_step and onset < f.detected_step <= onset + 5, (onset, f)
-    assert not [x for x in _findings(result) if x.kind == "straggler"]
+    # rank 2 comes late to both its groups (both cross the link): folded into the link's
+    # evidence, not a straggler
+    assert not [x for x in _findings(result) if x.kind == "straggler"], _findings(result)
 
 
 def _wait_for_steps(run_dir, n, timeout=120):
