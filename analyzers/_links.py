@@ -8,14 +8,15 @@ transfer time. A compute straggler leaves it alone (it only makes the others wai
 link, NIC or switch port lowers it for every group whose traffic crosses it.
 
 A group is *slow* when its bandwidth stays below ``1 / ratio`` of its usual (its median over
-its first ``baseline_steps`` steps) for ``persist`` steps in a row. The suspects are then
-narrowed across groups: a link is shared by every slow group that crosses hosts (traffic inside
-one host does not use it) and by no healthy one, so the suspect hosts are the hosts common to
-every slow multi-host group, less the hosts of the healthy multi-host groups. With one world
-group (plain DDP) that leaves every host of the group: the finding says so and points at
-``ringwatch probe``, whose pairwise matrix names the host or link. Jobs with several kinds of
-groups (tensor, pipeline and data parallel over different host sets) narrow it down by
-themselves.
+its first ``baseline_steps`` steps) for ``persist`` steps in a row; of several such runs the
+longest is the one reported (a slow link stays, a burst of load on the machine passes). The
+suspects are then narrowed across groups: a link is shared by every slow group that crosses
+hosts (traffic inside one host does not use it) and by no healthy one, so the suspect hosts are
+the hosts common to every slow multi-host group, less the hosts of the healthy multi-host
+groups. With one world group (plain DDP) that leaves every host of the group: the finding says
+so and points at ``ringwatch probe``, whose pairwise matrix names the host or link. Jobs with
+several kinds of groups (tensor, pipeline and data parallel over different host sets) narrow it
+down by themselves.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = 20,
 def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
                         min_baseline_steps: int = 5, ratio: float = 2.0,
                         persist: int = 4, usual: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Per group: its usual bandwidth, and the first run of ``persist`` slow steps.
+    """Per group: its usual bandwidth, and its longest run of ``persist`` or more slow steps.
 
     Args:
         bw: Output of :func:`compute_group_bandwidth`.
@@ -84,8 +85,8 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
 
     Returns:
         Columns ``pg``, ``pg_ranks``, ``hosts``, ``usual_MBps``, ``slow`` (bool),
-        ``since_step`` / ``detected_step`` (first and last step of the first slow run),
-        ``slow_MBps`` (median over the slow steps from ``since_step`` on) and ``steps``.
+        ``since_step`` / ``detected_step`` (the run's first step and its ``persist``-th: when
+        it became a finding), ``slow_MBps`` (median over the run) and ``steps``.
     """
     first = bw.group_by("pg").agg(pl.col("step").min().alias("_first"))
     df = bw.join(first, on="pg").sort("pg", "step")
@@ -99,15 +100,21 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
     df = df.with_columns((~pl.col("_slow")).cast(pl.Int32).cum_sum().over("pg").alias("_seg"))
     df = df.with_columns(pl.col("_slow").cast(pl.Int32).cum_sum().over("pg", "_seg")
                          .alias("_run"))
-    hit = (df.filter(pl.col("_run") >= persist).sort("step").group_by("pg")
-           .agg(pl.col("step").first().alias("detected_step"), pl.col("_seg").first()))
-    run = df.filter(pl.col("_slow")).join(hit, on=["pg", "_seg"]).group_by("pg").agg(
-        pl.col("step").min().alias("since_step"))
+    # Each group's longest run of slow steps (the latest among equals), if ``persist`` long:
+    # a slow link stays, a burst of load on the machine passes.
+    runs = (df.filter(pl.col("_slow")).group_by("pg", "_seg")
+            .agg(pl.col("step").min().alias("since_step"), pl.len().alias("_len"),
+                 pl.col("step").sort().get(persist - 1, null_on_oob=True)
+                 .alias("detected_step"))
+            .filter(pl.col("_len") >= persist)
+            .sort("pg", "_len", "since_step", descending=[False, True, True])
+            .group_by("pg", maintain_order=True).first())
+    hit = runs.select("pg", "detected_step", "_seg")
+    run = runs.select("pg", "since_step")
     out = df.group_by("pg").agg(pl.col("pg_ranks").first(), pl.col("hosts").first(),
                                 pl.col("usual_MBps").first(), pl.len().alias("steps"))
     out = out.join(hit.drop("_seg"), on="pg", how="left").join(run, on="pg", how="left")
-    slow_bw = df.join(run, on="pg").filter(
-        (pl.col("step") >= pl.col("since_step")) & pl.col("_slow")).group_by("pg").agg(
+    slow_bw = df.join(runs.select("pg", "_seg"), on=["pg", "_seg"]).group_by("pg").agg(
         pl.col("MBps").median().alias("slow_MBps"))
     out = out.join(slow_bw, on="pg", how="left").with_columns(
         pl.col("detected_step").is_not_null().alias("slow"))
