@@ -46,6 +46,18 @@ def _increasing(df, *keys: str) -> bool:
     return bool(df.select(ok.slice(1).all()).item())
 
 
+def _one_chunk(columns: list):
+    """A frame of ``columns`` (polars Series), each rechunked in turn and dropped from the
+    list: a column's chunks are freed once it is copied, so memory grows by one column, not
+    by the frame. The caller must hold no other reference to them."""
+    import polars as pl
+
+    out = []
+    while columns:
+        out.append(columns.pop(0).rechunk())
+    return pl.DataFrame(out)
+
+
 def select_segments(names: list[str]) -> list[str]:
     """The segment files to read among ``names``: widest ranges first, none overlapping.
 
@@ -208,10 +220,13 @@ class JobLogs:
             return pl.DataFrame(schema={c: t for c, t in polars_schema().items()
                                         if cols is None or c in cols})
         df = pl.concat(frames, how="vertical")
+        del frames
         if _increasing(df, "rank", "idx"):
             # Ranks in order, each by idx: the sort would only have made it one chunk
             # (analyzers run 2-4x slower over a frame of thousands of chunks).
-            return df.rechunk()
+            columns = df.get_columns()
+            del df
+            return _one_chunk(columns)
         return df.sort("rank", "idx")
 
     def _read_all(self, include_pending: bool, cols: tuple[str, ...] | None):
@@ -246,7 +261,7 @@ class JobLogs:
                 version = pl.read_parquet_metadata(path).get("ringwatch_schema_version")
                 if version is None or _major(version) != _major(SCHEMA_VERSION):
                     return None
-            df = (pl.scan_parquet(files, include_file_paths="_path")
+            df = (pl.scan_parquet(files, include_file_paths="_path", glob=False)
                   .select(*want, "_path").collect())
         except Exception:  # noqa: BLE001 - the per-rank path reads them one by one, reports
             return None
@@ -263,7 +278,9 @@ class JobLogs:
             pl.col("r").repeat_by("n").explode())["r"]
         if not (df["rank"] == folder).all():
             return None
-        return df.drop("_path").rechunk()  # one chunk per file otherwise
+        columns = df.drop("_path").get_columns()  # one chunk per file: make it one
+        del df, folder
+        return _one_chunk(columns)
 
     def meta(self) -> dict[int, dict]:
         """``rank -> meta.json`` content (ranks whose meta is missing or bad are left out)."""
