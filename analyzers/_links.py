@@ -132,8 +132,8 @@ def suspect_hosts(groups: pl.DataFrame, *,
 
     When no host is common to all the slow groups (a second, unrelated slowdown; load on the
     machine), each host is weighed by how much slower its slow groups got (the sum of
-    ``log(usual / slow)``), and the heaviest is the suspect when it outweighs the next by a
-    quarter.
+    ``log(usual / slow)``), and the heaviest are the suspects: those within a quarter of the
+    heaviest, when that leaves some host out.
 
     Returns the suspects (sorted), how they were found (in words) and the slow groups taken
     together.
@@ -167,11 +167,12 @@ def suspect_hosts(groups: pl.DataFrame, *,
         for h in hosts.split(","):
             weight[h] = weight.get(h, 0.0) + math.log(usual / got)
     ranked = sorted(weight.items(), key=lambda kv: -kv[1])
-    if len(ranked) == 1 or ranked[0][1] >= 1.25 * ranked[1][1]:
-        return [ranked[0][0]], (f"no host is common to the {len(slow)} slow groups; "
-                                f"{ranked[0][0]}'s groups slowed most (weight "
-                                f"{ranked[0][1]:.1f} vs {ranked[1][1]:.1f} next)"
-                                if len(ranked) > 1 else "the only host"), used
+    top = [h for h, w in ranked if w * 1.25 >= ranked[0][1]]
+    if len(top) < len(ranked):
+        why = (f"no host is common to the {len(slow)} slow groups; "
+               f"{', '.join(sorted(top))}'s groups slowed most (weight {ranked[0][1]:.1f} vs "
+               f"{ranked[len(top)][1]:.1f} next)")
+        return sorted(top), why, used
     return sorted(set.union(*slow)), "the slow groups share no host: more than one fault?", used
 
 
