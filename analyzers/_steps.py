@@ -71,10 +71,13 @@ def _merged_ns_over(df: pl.DataFrame, start: str, end: str, by: list[str]) -> pl
 def _complete_collectives(df: pl.DataFrame, *cols: pl.Expr) -> pl.DataFrame:
     """Collective rows (no point-to-point) whose every group member recorded the same
     ``(pg, seq)``, with ``cols`` (computed over each collective's members) added."""
-    key = ["pg", "seq"]
-    return (df.filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
-            .with_columns(pl.len().over(key).alias("_n"), *(c.over(key) for c in cols))
-            .filter(pl.col("_n") == pl.col("pg_size")))
+    # One filter, not two: a group of (pg, seq, is_p2p) with a seq and no point-to-point is
+    # exactly a group of (pg, seq) among the collective rows, and every filter of a wide
+    # frame copies all its columns (gigabytes at ten million rows).
+    key = ["pg", "seq", "is_p2p"]
+    return (df.with_columns(pl.len().over(key).alias("_n"), *(c.over(key) for c in cols))
+            .filter(~pl.col("is_p2p") & pl.col("seq").is_not_null()
+                    & (pl.col("_n") == pl.col("pg_size"))))
 
 
 def compute_step_comm(events: pl.DataFrame) -> pl.DataFrame:

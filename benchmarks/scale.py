@@ -118,13 +118,15 @@ def child_window(spec: dict, repeats: int) -> dict:
     seen = dict.fromkeys(range(job.ranks), now_ns)
     rss_frame = _rss_mb()
     findings = analyze_events(events, now_ns=now_ns, last_seen_ns=seen)  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         analyze_events(events, now_ns=now_ns, last_seen_ns=seen)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     return {"rows": events.height, "frame_mb": events.estimated_size() / 2**20,
-            "gen_s": gen_s, "times_s": times, "rss_before_mb": rss_frame,
+            "gen_s": gen_s, "times_s": times, "cpu_s": cpu, "load": os.getloadavg()[0],
+            "rss_before_mb": rss_frame,
             "peak_rss_mb": _rss_mb(), "findings": _summary(findings)}
 
 
@@ -146,15 +148,16 @@ def child_postmortem(job_dir: str, columns: list[str] | None) -> dict:
     from ringwatch._analyze import analyze_events
     from ringwatch._logs import open_job
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     job = open_job(job_dir)
     events = job.events(include_pending=True, columns=columns)
     read_s, rss_read = time.perf_counter() - t0, _rss_mb()
     seen = job.last_write_ns()
     findings = analyze_events(events, now_ns=max(seen.values()), last_seen_ns=seen)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"rows": events.height, "columns": events.width,
-            "frame_mb": events.estimated_size() / 2**20, "wall_s": wall, "read_s": read_s,
+            "frame_mb": events.estimated_size() / 2**20, "wall_s": wall, "cpu_s": cpu,
+            "load": os.getloadavg()[0], "read_s": read_s,
             "rss_after_read_mb": rss_read, "peak_rss_mb": _rss_mb(),
             "problems": len(job.problems), "findings": _summary(findings)}
 
@@ -249,7 +252,7 @@ def _window_cases(args, rng: random.Random, out: list[dict]) -> None:
         ok, lines = check(spec, r["findings"])
         met = statistics.median(r["times_s"]) < WINDOW_TARGET_S
         out.append({"case": case, "spec": spec, **r, "found": ok, "met": met, "lines": lines,
-                    "wall": r["times_s"], "target": f"< {WINDOW_TARGET_S:g} s"})
+                    "wall": r["times_s"], "cpu": r["cpu_s"], "target": f"< {WINDOW_TARGET_S:g} s"})
         print(f"{case}: {r['rows']} rows ({r['frame_mb']:.0f} MB frame, generated in "
               f"{r['gen_s']:.1f} s), analyze_events {_spread(r['times_s'])} s")
         print("".join(f"    {x}\n" for x in lines) or "    no findings\n", end="")
@@ -293,6 +296,7 @@ def _postmortem_cases(args, rng: random.Random, out: list[dict]) -> None:
             met = statistics.median(walls) < PM_TARGET_S and peak < PM_TARGET_MB
             out.append({"case": case, "spec": spec, "write": w, "runs": runs, "found": ok,
                         "met": met, "lines": lines, "rows": runs[0]["rows"], "wall": walls,
+                        "cpu": [r["cpu_s"] for r in runs], "load": max(r["load"] for r in runs),
                         "peak_rss_mb": peak, "findings": runs[0]["findings"],
                         "target": f"< {PM_TARGET_S:g} s, < {PM_TARGET_MB / 1024:g} GB"})
             r0 = runs[0]
@@ -325,15 +329,18 @@ def main(argv=None) -> int:
     _postmortem_cases(args, rng, out)
     print(f"load {os.getloadavg()[0]:.1f} at the end")
     print()
-    print(f"{'case':<21}{'rows':>10}  {'wall s median (min..max)':<26}{'peak RSS MB':>12}  "
-          f"{'target':<17}met?")
-    print("-" * 94)
+    print(f"{'case':<21}{'rows':>10}  {'wall s median (min..max)':<26}{'CPU s':>7}{'load':>6}"
+          f"{'peak RSS MB':>12}  {'target':<17}met?")
+    print("-" * 107)
     for r in out:
         if "error" in r:
             print(f"{r['case']:<21}{'':>10}  {'FAILED':<26}")
             continue
         print(f"{r['case']:<21}{r['rows']:>10}  {_spread(r['wall']):<26}"
-              f"{r['peak_rss_mb']:>12.0f}  {r['target']:<17}{'yes' if r['met'] else 'NO'}")
+              f"{statistics.median(r['cpu']):>7.2f}{r['load']:>6.1f}{r['peak_rss_mb']:>12.0f}  "
+              f"{r['target']:<17}{'yes' if r['met'] else 'NO'}")
+    print("CPU s: median process CPU time (all threads) of a timed call; load: 1-minute load "
+          "average\nwhen the case ended (above 2, other work shared the 2 CPUs)")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"args": {k: v for k, v in vars(args).items()}, "results": out}, indent=1))

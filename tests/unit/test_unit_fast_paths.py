@@ -169,3 +169,26 @@ def test_frontier_equals_the_one_pass_version(seed):
     assert got.schema == want.schema
     assert got.equals(want)
     assert want["pending_seq"].null_count() < want.height  # the pending part is exercised
+
+
+def test_complete_collectives_equals_the_two_filter_version():
+    from ringwatch.analyzers._steps import _complete_collectives
+
+    job = synthetic.SyntheticJob(ranks=8, steps=4, tp_size=4, seed=1)
+    ev = synthetic.job_frame(job)
+    rng = random.Random(4)
+    # point-to-point rows that share (pg, seq) with collectives, null seqs, a missing member
+    p2p = ev.sample(n=40, seed=2).with_columns(pl.lit(True).alias("is_p2p"),
+                                              pl.lit("send").alias("op"))
+    nulls = ev.sample(n=10, seed=3).with_columns(pl.lit(None, pl.Int64).alias("seq"))
+    ev = pl.concat([ev.filter(pl.Series([rng.random() > 0.02 for _ in range(ev.height)])),
+                    p2p, nulls])
+    cols = (pl.col("duration_ns").min().alias("_min"),
+            pl.col("host").unique().sort().str.join(",").alias("_hosts"))
+    key = ["pg", "seq"]
+    want = (ev.filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
+            .with_columns(pl.len().over(key).alias("_n"), *(c.over(key) for c in cols))
+            .filter(pl.col("_n") == pl.col("pg_size")))
+    got = _complete_collectives(ev, *cols)
+    assert got.equals(want)
+    assert 0 < got.height < ev.height - 50
