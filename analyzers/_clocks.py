@@ -31,7 +31,9 @@ from ringwatch.analyzers._steps import _complete_collectives
 
 
 def compute_host_pairs(events: pl.DataFrame, *, small_share: float = 0.5) -> pl.DataFrame:
-    """Per ordered pair of hosts (``a`` < ``b``), the offset window of their collectives.
+    """Per pair of hosts (``a`` < ``b``), the offset window of their collectives; ``a`` is the
+    first host (by name) of each collective, so the pairs form stars that the spanning tree
+    of :func:`estimate_clock_offsets` joins.
 
     Args:
         events: Rows of one job; finished collectives every member recorded are used (per
@@ -50,9 +52,14 @@ def compute_host_pairs(events: pl.DataFrame, *, small_share: float = 0.5) -> pl.
                        & pl.col("t_end_ns").is_not_null() & pl.col("seq").is_not_null())
     df = _complete_collectives(df)
     # Per host, its last arrival and first exit: the tightest bounds its members give.
-    one = (df.group_by("pg", "seq", "host")
+    one = (df.select("pg", "seq", "host", "t_start_ns", "t_end_ns")
+           .group_by("pg", "seq", "host")
            .agg(pl.col("t_start_ns").max().alias("s"), pl.col("t_end_ns").min().alias("e")))
-    pairs = one.join(one, on=["pg", "seq"], suffix="_b").filter(pl.col("host") < pl.col("host_b"))
+    # Each collective's first host against each of its other hosts (a star, not every pair:
+    # rows grow with the hosts, not with their square; the spanning tree needs no more).
+    first = one.group_by("pg", "seq").agg(pl.col("host").min().alias("_a"))
+    a = one.join(first, on=["pg", "seq"]).filter(pl.col("host") == pl.col("_a")).drop("_a")
+    pairs = a.join(one, on=["pg", "seq"], suffix="_b").filter(pl.col("host") < pl.col("host_b"))
     pairs = pairs.with_columns(
         (pl.col("s") - pl.col("e_b")).alias("lo"), (pl.col("e") - pl.col("s_b")).alias("hi"))
     pairs = pairs.with_columns((pl.col("hi") - pl.col("lo")).alias("w"))

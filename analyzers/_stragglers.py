@@ -48,10 +48,13 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
         for the last member, from durations) and ``last_arrivals`` (collectives where this
         rank had the shortest duration), sorted by step then rank.
     """
+    # Only the columns used: every filter and sort of the full-width frame copies all of
+    # them (gigabytes at ten million rows).
     df = _complete_collectives(
-        events.filter((pl.col("status") == "ok") & pl.col("step").is_not_null()
-                      & pl.col("duration_ns").is_not_null()
-                      & pl.col("mono_start_ns").is_not_null()),
+        events.select("rank", "host", "step", "pg", "seq", "is_p2p", "pg_size", "status",
+                      "mono_start_ns", "duration_ns")
+        .filter((pl.col("status") == "ok") & pl.col("step").is_not_null()
+                & pl.col("duration_ns").is_not_null() & pl.col("mono_start_ns").is_not_null()),
         pl.col("duration_ns").min().alias("_min"))
     df = df.with_columns((pl.col("mono_start_ns") + pl.col("duration_ns") - pl.col("_min"))
                          .alias("_wait_end"))
@@ -76,35 +79,39 @@ def compute_group_lateness(events: pl.DataFrame, ranks: list[int], first_step: i
     member is slowed alike.
 
     Returns:
-        Columns ``rank``, ``pg``, ``steps``, ``wait_ms`` (the rank's wait at the group's
-        collectives per step, over ``first_step..last_step``), ``peers_wait_ms`` (the median
-        of its peers'), ``lag_ms`` (the difference: how late it came there) and ``late``
-        (``lag_ms`` at least ``min_delay_ms`` and ``share`` of its largest lag at any group:
-        a compute straggler comes about equally late everywhere).
+        Columns ``rank``, ``pg``, ``collectives``, ``wait_ms`` (the rank's mean wait per
+        collective of the group over ``first_step..last_step``), ``peers_wait_ms`` (the median
+        of its peers'), ``lag_ms`` (the difference: how late it came to each) and ``late``
+        (``lag_ms`` at least ``min_delay_ms`` / the group's collectives per step, and
+        ``share`` of its largest lag at any group: a compute straggler comes about equally
+        late to every collective it waits for). Per collective, not per step: a group with
+        one collective per step and another with four are compared alike.
     """
     df = _complete_collectives(
-        events.filter((pl.col("status") == "ok") & pl.col("step").is_between(first_step,
-                                                                              last_step)
-                      & pl.col("duration_ns").is_not_null() & (pl.col("pg_size") > 1)),
+        events.select("rank", "step", "pg", "seq", "is_p2p", "pg_size", "status",
+                      "duration_ns")
+        .filter((pl.col("status") == "ok") & pl.col("step").is_between(first_step, last_step)
+                & pl.col("duration_ns").is_not_null() & (pl.col("pg_size") > 1)),
         pl.col("duration_ns").min().alias("_min"))
     per = df.group_by("pg", "rank").agg(
-        ((pl.col("duration_ns") - pl.col("_min")).sum() / 1e6).alias("_w"),
-        pl.col("step").n_unique().alias("steps"))
-    per = per.with_columns((pl.col("_w") / pl.col("steps")).alias("wait_ms"))
+        ((pl.col("duration_ns") - pl.col("_min")).mean() / 1e6).alias("wait_ms"),
+        pl.len().alias("collectives"), pl.col("step").n_unique().alias("_steps"))
     out = []
     for r in ranks:
         mine = per.filter(pl.col("rank") == r)
         peers = per.filter(pl.col("pg").is_in(mine["pg"].implode()) & (pl.col("rank") != r)
                            ).group_by("pg").agg(pl.col("wait_ms").median().alias("peers_wait_ms"))
-        out.append(mine.join(peers, on="pg").select("rank", "pg", "steps", "wait_ms",
-                                                    "peers_wait_ms"))
-    df = pl.concat(out) if out else per.select("rank", "pg", "steps", "wait_ms").with_columns(
+        out.append(mine.join(peers, on="pg").select("rank", "pg", "collectives", "_steps",
+                                                    "wait_ms", "peers_wait_ms"))
+    df = pl.concat(out) if out else per.select(
+        "rank", "pg", "collectives", "_steps", "wait_ms").with_columns(
         pl.lit(0.0).alias("peers_wait_ms")).clear()
     lag = pl.col("peers_wait_ms") - pl.col("wait_ms")
+    per_step = pl.col("collectives") / pl.col("_steps")
     return df.with_columns(lag.alias("lag_ms")).with_columns(
-        ((pl.col("lag_ms") >= min_delay_ms)
+        ((pl.col("lag_ms") * per_step >= min_delay_ms)
          & (pl.col("lag_ms") >= share * pl.col("lag_ms").max().over("rank"))).alias("late")
-    ).sort("rank", "pg")
+    ).drop("_steps").sort("rank", "pg")
 
 
 def _noise_ms(delay: pl.DataFrame, floor_ms: float) -> float:
