@@ -138,11 +138,12 @@ class JobLogs:
                 self._problem(f"{path}: schema version {version!r}, this reader "
                                      f"understands {SCHEMA_VERSION}")
                 return None
+            # glob=False: a job id may hold [, * or ?, which are not patterns here
             if columns is None:
-                df = pl.read_parquet(path)
+                df = pl.read_parquet(path, glob=False)
             else:  # decode only those (an older file may lack some)
-                have = pl.read_parquet_schema(path)
-                df = pl.read_parquet(path, columns=[c for c in want if c in have])
+                have = pl.scan_parquet(path, glob=False).collect_schema()
+                df = pl.read_parquet(path, columns=[c for c in want if c in have], glob=False)
             if list(df.schema.items()) == [(c, schema[c]) for c in want]:
                 return df  # the schema's columns, types and order already
             return df.select([pl.col(c).cast(schema[c]) if c in df.columns

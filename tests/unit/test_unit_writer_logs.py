@@ -443,3 +443,23 @@ def test_copied_job_folder_reads_the_same(tmp_path):
     r.flush()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert open_job(tmp_path / "a").events().equals(open_job(tmp_path / "b").events())
+
+
+def test_a_job_id_with_pattern_characters_reads_back(tmp_path):
+    import polars as pl
+
+    from ringwatch._logs import JobLogs
+
+    from fakes import frame, uniform
+
+    odd = tmp_path / "job[1]*?"
+    odd.mkdir()
+    path = odd / "rank-0.parquet"
+    frame(uniform(ranks=(0,))).write_parquet(path, metadata={"ringwatch_schema_version": "1.0"})
+    job = JobLogs.__new__(JobLogs)
+    job.problems = []
+    got = job._read(path)
+    assert got is not None and got.height == 3, job.problems
+    part = job._read(path, columns=("rank", "seq"))
+    assert part.columns == ["rank", "seq"] and part["seq"].to_list() == [1, 2, 3]
+    assert isinstance(got, pl.DataFrame)
