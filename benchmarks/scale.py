@@ -43,18 +43,15 @@ import tempfile
 import time
 from pathlib import Path
 
+# ``postmortem-analyzed`` reads only the columns analyze_events uses, as `ringwatch analyze`
+# does; ``postmortem`` reads them all. Their findings are compared.
+from ringwatch._analyze import ANALYZED_COLUMNS
+
 HERE = Path(__file__).resolve().parent
 WINDOW_TARGET_S = 1.0
 PM_TARGET_S = 20.0
 PM_TARGET_MB = 2048.0
 STEP_SLOTS = 5  # slots per step of the synthetic job: 1 tensor-parallel all-gather, 4 buckets
-# The columns analyze_events reads (hangs, stragglers, slow links, rhythm steps) as of
-# 2026-11-23. ``postmortem-analyzed`` reads only these: a measure of what a projection at read
-# time would save. A column missing here fails that case loudly (ColumnNotFoundError), and its
-# findings are compared with the full read's.
-ANALYZED_COLUMNS = ("rank", "host", "idx", "pg", "pg_ranks", "pg_size", "group_rank", "seq",
-                    "op", "is_p2p", "peer", "nbytes", "status", "t_start_ns", "t_end_ns",
-                    "mono_start_ns", "mono_end_ns", "duration_ns", "step")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
