@@ -21,6 +21,8 @@ class Finding:
             collective`` for a hang.
         ranks: Global ranks of the culprit (for a stuck group: its members).
         hosts: Their hosts, in the order of ``ranks`` (duplicates removed).
+        local_ranks: Their ranks within their hosts (``LOCAL_RANK``: which GPU), in the
+            order of ``ranks``, when known.
         pg: Process group the evidence comes from, when one.
         seq: Collective number within ``pg`` the evidence points at, when one.
         confidence: 0..1, how sure the analyzer is.
@@ -39,6 +41,7 @@ class Finding:
     cls: str
     ranks: tuple[int, ...]
     hosts: tuple[str, ...] = ()
+    local_ranks: tuple[int | None, ...] = ()
     pg: str | None = None
     seq: int | None = None
     confidence: float = 1.0
@@ -60,13 +63,25 @@ class Finding:
         d = asdict(self)
         d["ranks"], d["hosts"], d["evidence"] = list(self.ranks), list(self.hosts), \
             list(self.evidence)
+        d["local_ranks"] = list(self.local_ranks)
         return d
 
     def headline(self) -> str:
         """One line: kind, class, who, where."""
-        who = ", ".join(f"rank {r}" for r in self.ranks[:8]) + (
+        local = dict(zip(self.ranks, self.local_ranks, strict=False))
+        who = ", ".join(f"rank {r}" + (f" (local {local[r]})" if local.get(r) is not None
+                                        else "") for r in self.ranks[:8]) + (
             f" (+{len(self.ranks) - 8} more)" if len(self.ranks) > 8 else "")
         where = f" on {', '.join(self.hosts[:4])}" if self.hosts else ""
         at = f" at pg {self.pg} #{self.seq}" if self.pg is not None and self.seq is not None \
             else ""
         return f"{self.kind.upper()} ({self.cls}): {who}{where}{at}"
+
+
+def with_local_ranks(findings: tuple[Finding, ...],
+                     local_rank: dict[int, int | None]) -> tuple[Finding, ...]:
+    """``findings`` with ``local_ranks`` filled from a ``rank -> local rank`` map."""
+    from dataclasses import replace
+
+    return tuple(replace(f, local_ranks=tuple(local_rank.get(r) for r in f.ranks))
+                 for f in findings)

@@ -16,9 +16,10 @@ from pathlib import Path
 # steps): a post-mortem pass reads only these (10M rows: 4.4 instead of 7.7 GB, 14 instead of
 # 22 s, benchmarks/scale.py). An analyzer that starts reading another column fails loudly
 # (ColumnNotFoundError) in the tests that run `ringwatch analyze` on real logs.
-ANALYZED_COLUMNS = ("rank", "host", "idx", "pg", "pg_ranks", "pg_size", "group_rank", "seq",
-                    "op", "is_p2p", "peer", "nbytes", "status", "t_start_ns", "t_end_ns",
-                    "mono_start_ns", "mono_end_ns", "duration_ns", "step")
+ANALYZED_COLUMNS = ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_size",
+                    "group_rank", "seq", "op", "is_p2p", "peer", "nbytes", "status",
+                    "t_start_ns", "t_end_ns", "mono_start_ns", "mono_end_ns", "duration_ns",
+                    "step")
 
 
 def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
@@ -33,6 +34,7 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
             the job's usual steps, whichever is longer).
     """
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
+    from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._links import explain_by_links
     from ringwatch.analyzers._rhythm import assign_rhythm_steps
 
@@ -40,7 +42,10 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         events = assign_rhythm_steps(events)  # no step marks: the rhythm's iterations
     findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
                             min_stall_s=min_stall_s)
-    return findings + explain_by_links(detect_stragglers(events), detect_slow_links(events))
+    findings += explain_by_links(detect_stragglers(events), detect_slow_links(events))
+    local = dict(events.select("rank", "local_rank").unique("rank").iter_rows()) \
+        if "local_rank" in events.columns else {}
+    return with_local_ranks(findings, local)
 
 
 def with_probe(findings: tuple, probe_doc: dict) -> tuple:

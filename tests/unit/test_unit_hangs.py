@@ -107,3 +107,14 @@ def test_finding_validates_and_serialises():
         Finding(kind="nope", cls="", ranks=())
     with pytest.raises(ValueError):
         Finding(kind="hang", cls="", ranks=(), confidence=2.0)
+
+
+def test_findings_name_the_local_rank():
+    from ringwatch.analyzers._findings import with_local_ranks
+
+    f = Finding(kind="straggler", cls="compute straggler", ranks=(6, 9), hosts=("host1",))
+    (g,) = with_local_ranks((f,), {6: 2, 9: None})
+    assert g.local_ranks == (2, None)
+    assert g.headline() == "STRAGGLER (compute straggler): rank 6 (local 2), rank 9 on host1"
+    assert g.to_dict()["local_ranks"] == [2, None]
+    assert f.headline() == "STRAGGLER (compute straggler): rank 6, rank 9 on host1"
