@@ -105,7 +105,7 @@ def test_demo_shows_where_a_hang_stopped(tmp_path):
     assert "no progress for" in out, out  # shown live, while the job is hung
     assert "rank 1 last finished" in out and "entered nothing since" in out, out
     assert out.count("waiting in all_reduce") >= 3, out
-    assert "HANG (never arrived): rank 1 on host0 at pg 0 #" in out, out
+    assert "HANG (never arrived): rank 1 (local 1) on host0 at pg 0 #" in out, out
     an = _cli("analyze", str(tmp_path / "demo" / "logs"), "--min-stall-s", "2", "--json")
     (f,) = json.loads(an.stdout)["findings"]
     assert (f["kind"], f["cls"], f["ranks"], f["hosts"]) == (
