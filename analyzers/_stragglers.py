@@ -309,14 +309,17 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         mine = scores.filter(pl.col("rank") == r["rank"])
         since = _late_since(mine.filter(pl.col("step").is_between(r["run_start"], r["step"])),
                             slack * noise)
-        run = mine.filter(pl.col("step").is_between(since, r["step"]))
-        delay = float(run["delay_ms"].median())
         # It ends at its last late step before persist + 1 steps in a row without one;
         # still on at the end of the data: until None.
         ended = mine.filter((pl.col("step") > r["step"]) & (pl.col("hits") == 0))
         until = None if ended.is_empty() else int(
             mine.filter((pl.col("step") < ended["step"].min())
                         & (pl.col("excess_ms") > slack * noise))["step"].max())
+        # What it costs: its median delay over all it has shown (the first late steps may
+        # be partial: the slowdown can land mid-step)
+        run = mine.filter(pl.col("step").is_between(
+            since, mine["step"].max() if until is None else until))
+        delay = float(run["delay_ms"].median())
         transient = until is not None and until - r["run_start"] + 1 < transient_steps
         groups = compute_group_lateness(events, [r["rank"]], r["run_start"], r["step"],
                                         min_delay_ms=min_delay_ms)
@@ -331,11 +334,11 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
             confidence=min(1.0, 0.5 + 0.5 * (r["score"] - 1.0)) * (0.5 if transient else 1),
             gain_s_per_step=delay / 1e3,
             evidence=(f"rank {r['rank']} came {delay:.1f} ms per step after the median rank "
-                      f"in steps {since}-{r['step']} (usually "
+                      f"in steps {since}-{run['step'].max()} (usually "
                       f"{r['usual_ms']:.1f} ms; job noise {noise:.1f} ms)",
                       f"excess summed to {r['cusum_ms']:.0f} ms, over {threshold:g}x the "
                       f"noise: a change on this rank, its peers wait for it",
-                      *_what_if(events, since, r["step"], delay))))
+                      *_what_if(events, since, int(run["step"].max()), delay))))
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 
