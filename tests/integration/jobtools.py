@@ -92,3 +92,18 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
 
 def read_json_line(path: Path) -> dict:
     return json.loads(path.read_text().strip().splitlines()[-1])
+
+
+def need_netns() -> None:
+    """Skip a test that needs emulated hosts (root, iproute2) where they cannot be made; in CI,
+    which runs as root so that they are tested, fail it instead."""
+    import pytest
+
+    from ringwatch.cluster._netns import netns_unavailable_reason
+
+    why = netns_unavailable_reason()
+    if why is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI runs as root so that emulated hosts are tested: {why}")
+    pytest.skip(f"emulated hosts need root: {why}")

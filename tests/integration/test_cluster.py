@@ -28,20 +28,11 @@ from ringwatch.analyzers import (
     phase_masks,
 )
 from ringwatch.cluster import Cluster, ClusterSpec, FaultSpec, leftovers, read_steps, run_cluster
-from ringwatch.cluster._netns import list_links, list_netns, netns_unavailable_reason
+from ringwatch.cluster._netns import list_links, list_netns
 
-from jobtools import PY, REPO, job_env, ringwatch_cmd, run_job
+from jobtools import PY, REPO, job_env, need_netns, ringwatch_cmd, run_job
 
 JOB = ("--batch", "64", "--step-sleep-ms", "60")
-
-
-def _need_netns() -> None:
-    why = netns_unavailable_reason()
-    if why is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI runs as root so that emulated hosts are tested: {why}")
-    pytest.skip(f"emulated hosts need root: {why}")
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +50,7 @@ def _phases(result) -> pl.DataFrame:
 
 
 def test_sixteen_ranks_on_four_hosts_complete_with_consistent_logs(tmp_path):
-    _need_netns()
+    need_netns()
     spec = ClusterSpec(run_dir=tmp_path / "run", nproc=16, hosts=4, steps=12, netns="on")
     result = run_cluster(spec)
     assert result.ok and result.reason == "completed", result
@@ -79,7 +70,7 @@ def test_sixteen_ranks_on_four_hosts_complete_with_consistent_logs(tmp_path):
 
 
 def test_dp_by_tp_groups_on_two_hosts(tmp_path):
-    _need_netns()
+    need_netns()
     spec = ClusterSpec(run_dir=tmp_path / "run", nproc=8, hosts=2, tp=2, steps=8, netns="on")
     result = run_cluster(spec)
     assert result.ok, result
@@ -94,7 +85,7 @@ def test_dp_by_tp_groups_on_two_hosts(tmp_path):
 
 
 def test_rate_limited_link_raises_every_collective(tmp_path):
-    _need_netns()
+    need_netns()
     seen = []
 
     def tick(cluster):
@@ -119,7 +110,7 @@ def test_rate_limited_link_raises_every_collective(tmp_path):
 
 
 def test_packet_loss_slows_collectives(tmp_path):
-    _need_netns()
+    need_netns()
     rules = []
 
     def tick(cluster):
@@ -239,7 +230,7 @@ def test_analyzers_name_a_compute_straggler_within_a_few_steps(tmp_path):
 def test_analyzers_name_the_host_behind_a_slow_link(tmp_path):
     # 4 hosts of one rank; tp groups {0,1} {2,3} and dp groups {0,2} {1,3} cross different
     # host sets, so the slow groups have one host in common.
-    _need_netns()
+    need_netns()
     spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=4, tp=2, steps=40,
                        netns="on", job_args=JOB)
     result = run_cluster(spec, FaultSpec(kind="link", host=2, at_step=26, rate_mbit=50))
@@ -268,7 +259,7 @@ def _wait_for_steps(run_dir, n, timeout=120):
 
 
 def test_ctrl_c_ends_the_run_cleanly(tmp_path):
-    _need_netns()
+    need_netns()
     run = tmp_path / "run"
     proc = subprocess.Popen(ringwatch_cmd("cluster", "--run-dir", str(run), "--nproc", "4",
                                           "--hosts", "2", "--steps", "100000"),
@@ -289,7 +280,7 @@ def test_ctrl_c_ends_the_run_cleanly(tmp_path):
 
 
 def test_a_run_after_a_crash_starts_clean(tmp_path):
-    _need_netns()
+    need_netns()
     run = tmp_path / "crashed"
     proc = subprocess.Popen(ringwatch_cmd("cluster", "--run-dir", str(run), "--nproc", "4",
                                           "--hosts", "2", "--steps", "100000"),
@@ -329,7 +320,7 @@ def test_without_root_it_falls_back_to_loopback(tmp_path, monkeypatch):
 def test_scenario_runner_keeps_each_run_with_its_ground_truth(tmp_path):
     """The benchmark's scenario runner, on a small matrix: one folder per run with its logs and
     ground truth, one line per run in runs.jsonl, and a summary table."""
-    _need_netns()
+    need_netns()
     out = tmp_path / "sc"
     rc, text = run_job([PY, str(REPO / "benchmarks" / "scenarios.py"), "--out", str(out),
                         "--worlds", "4", "--faults", "straggler,link", "--reps", "1",

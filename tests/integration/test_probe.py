@@ -9,32 +9,22 @@ without root they are skipped (and in CI a missing root fails them instead).
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from ringwatch._probe import FORMAT
 from ringwatch.analyzers._probe import detect_probe_links, read_probe_matrix
 from ringwatch.cluster import leftovers
-from ringwatch.cluster._netns import list_links, list_netns, netns_unavailable_reason
+from ringwatch.cluster._netns import list_links, list_netns
 from ringwatch.cluster._owner import ID_RE, is_alive
 from ringwatch.cluster._probe_run import run_probe_cluster
 
-from jobtools import PY, job_env, ringwatch_cmd, run_job
+from jobtools import PY, job_env, need_netns, ringwatch_cmd, run_job
 
 # 4 MiB takes a few ms on a healthy veth pair and ~0.15 s through a 200 Mbit/s tbf (25 MB/s,
 # its 500 KB burst included); 7 sweeps keep the medians steady on a loaded 2-core machine.
 PROBE = ("--size-kb", "4096", "--repeats", "7", "--lat-repeats", "3")
 RATE_MBIT = 200.0
-
-
-def _need_netns() -> None:
-    why = netns_unavailable_reason()
-    if why is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI runs as root so that emulated hosts are tested: {why}")
-    pytest.skip(f"emulated hosts need root: {why}")
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +41,7 @@ def nothing_left_over():
 def test_egress_limit_on_one_host_is_read_as_its_sender_side(tmp_path):
     """tbf on what host1 sends: its row is slow, its column is not; the CLI names host1's
     sender side and the result file says the same to the analyzer."""
-    _need_netns()
+    need_netns()
     run_dir = tmp_path / "run"
     rc, out = run_job(ringwatch_cmd("cluster", "--probe", "--run-dir", str(run_dir),
                                     "--hosts", "3", "--netns", "on", "--fault", "link",
@@ -78,7 +68,7 @@ def test_egress_limit_on_one_host_is_read_as_its_sender_side(tmp_path):
 
 
 def test_healthy_cluster_has_no_slow_link(tmp_path):
-    _need_netns()
+    need_netns()
     run = run_probe_cluster(tmp_path / "run", hosts=3, probe_args=PROBE, netns="on",
                             timeout_s=170)
     assert run.result.ok and run.result.mode == "netns", run.result
