@@ -88,36 +88,26 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
         ``since_step`` / ``detected_step`` (the run's first step and its ``persist``-th: when
         it became a finding), ``slow_MBps`` (median over the run) and ``steps``.
     """
-    first = bw.group_by("pg").agg(pl.col("step").min().alias("_first"))
-    df = bw.join(first, on="pg").sort("pg", "step")
     if usual is None:
         usual = usual_bandwidth(bw, baseline_steps=baseline_steps,
                                 min_baseline_steps=min_baseline_steps)
-    usual = usual.select("pg", "usual_MBps")
-    df = df.join(usual, on="pg", how="inner").with_columns(
-        (pl.col("MBps") * ratio < pl.col("usual_MBps")).alias("_slow"))
-    # Length of the current run of slow steps, per group.
+    df = bw.sort("pg", "step").join(usual.select("pg", "usual_MBps"), on="pg", how="inner")
+    df = df.with_columns((pl.col("MBps") * ratio < pl.col("usual_MBps")).alias("_slow"))
+    # Runs of slow steps: a new segment starts at every step that is not slow.
     df = df.with_columns((~pl.col("_slow")).cast(pl.Int32).cum_sum().over("pg").alias("_seg"))
-    df = df.with_columns(pl.col("_slow").cast(pl.Int32).cum_sum().over("pg", "_seg")
-                         .alias("_run"))
     # Each group's longest run of slow steps (the latest among equals), if ``persist`` long:
     # a slow link stays, a burst of load on the machine passes.
     runs = (df.filter(pl.col("_slow")).group_by("pg", "_seg")
             .agg(pl.col("step").min().alias("since_step"), pl.len().alias("_len"),
                  pl.col("step").sort().get(persist - 1, null_on_oob=True)
-                 .alias("detected_step"))
+                 .alias("detected_step"), pl.col("MBps").median().alias("slow_MBps"))
             .filter(pl.col("_len") >= persist)
             .sort("pg", "_len", "since_step", descending=[False, True, True])
             .group_by("pg", maintain_order=True).first())
-    hit = runs.select("pg", "detected_step", "_seg")
-    run = runs.select("pg", "since_step")
     out = df.group_by("pg").agg(pl.col("pg_ranks").first(), pl.col("hosts").first(),
                                 pl.col("usual_MBps").first(), pl.len().alias("steps"))
-    out = out.join(hit.drop("_seg"), on="pg", how="left").join(run, on="pg", how="left")
-    slow_bw = df.join(runs.select("pg", "_seg"), on=["pg", "_seg"]).group_by("pg").agg(
-        pl.col("MBps").median().alias("slow_MBps"))
-    out = out.join(slow_bw, on="pg", how="left").with_columns(
-        pl.col("detected_step").is_not_null().alias("slow"))
+    out = out.join(runs.select("pg", "since_step", "detected_step", "slow_MBps"), on="pg",
+                   how="left").with_columns(pl.col("detected_step").is_not_null().alias("slow"))
     return out.select("pg", "pg_ranks", "hosts", "usual_MBps", "slow", "since_step",
                       "detected_step", "slow_MBps", "steps").sort("pg")
 

@@ -28,6 +28,7 @@ from ringwatch.analyzers._stragglers import (
     compute_step_lateness,
     compute_straggler_scores,
     detect_stragglers,
+    usual_delay,
 )
 
 
@@ -96,8 +97,7 @@ class OnlineWindow:
             return
         self.noise_ms = float(scores["noise_ms"][0])
         base = scores.filter(pl.col("step") < self.warmup_steps + self.baseline_steps)
-        self.usual_delay = base.group_by("rank").agg(
-            pl.col("delay_ms").mean().clip(lower_bound=0.0).alias("usual_ms"))
+        self.usual_delay = usual_delay(base)
         self.usual_bw = usual_bandwidth(compute_group_bandwidth(head),
                                         baseline_steps=self.baseline_steps)
         self.baseline_until = last

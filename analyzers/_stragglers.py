@@ -127,6 +127,14 @@ def _noise_ms(delay: pl.DataFrame, floor_ms: float) -> float:
     return floor_ms if value is None else max(floor_ms, float(value))
 
 
+def usual_delay(head: pl.DataFrame, *, min_steps: int = 1) -> pl.DataFrame:
+    """``rank``, ``usual_ms``: each rank's mean delay over ``head`` (rows with ``delay_ms``,
+    a job's first steps), at least 0; ranks with fewer than ``min_steps`` rows left out."""
+    return (head.group_by("rank").agg(
+        pl.col("delay_ms").mean().clip(lower_bound=0.0).alias("usual_ms"),
+        pl.len().alias("_n")).filter(pl.col("_n") >= min_steps).drop("_n"))
+
+
 def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
                              baseline_steps: int = 20, min_baseline_steps: int = 5,
                              slack: float = 1.0, threshold: float = 6.0,
@@ -172,9 +180,7 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
     noise = _noise_ms(head, floor_ms) if noise_ms is None else noise_ms
     k, h = slack * noise, threshold * noise
     if usual is None:
-        usual = head.group_by("rank").agg(
-            pl.col("delay_ms").mean().clip(lower_bound=0.0).alias("usual_ms"),
-            pl.len().alias("_n")).filter(pl.col("_n") >= min_baseline_steps).drop("_n")
+        usual = usual_delay(head, min_steps=min_baseline_steps)
         gate = first + min_baseline_steps  # a usual from these very rows needs some first
     else:
         gate = first
