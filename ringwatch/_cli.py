@@ -124,6 +124,22 @@ def cmd_cluster(args) -> int:
     return run(args)
 
 
+def cmd_agent(args) -> int:
+    from ringwatch._config import AgentConfig, parse_headers
+    from ringwatch.agent._agent_main import run_agent
+
+    cfg = AgentConfig.from_env(
+        fast_interval_s=args.fast_interval_s, slow_interval_s=args.slow_interval_s,
+        logs_interval_s=args.logs_interval_s, export_interval_s=args.export_interval_s,
+        otlp_endpoint=args.otlp_endpoint, prometheus_listen=args.prometheus,
+        log_dir=args.log_dir, job_id=args.job_id, host=args.host,
+        power_window_s=args.power_window_s,
+        otlp_headers=parse_headers("--otlp-header", ",".join(args.otlp_header))
+        if args.otlp_header else None)
+    return run_agent(cfg, once=args.once, duration_s=args.duration_s, replay=args.replay,
+                     record=args.record, no_gpu=args.no_gpu, sysfs_root=args.sysfs_root)
+
+
 def cmd_demo(args) -> int:
     from ringwatch._demo import run_demo
 
@@ -207,6 +223,51 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("job_args", nargs=argparse.REMAINDER,
                    help="-- extra arguments for the workload (ringwatch.cluster._job)")
     c.set_defaults(func=cmd_cluster)
+
+    ag = sub.add_parser("agent", help="the node sidecar: GPUs, NICs and the ranks' "
+                        "collectives, on /metrics and over OTLP",
+                        description="Sample every GPU (NVML: energy, power, clocks at 20 Hz; "
+                        "limits, memory, throttling, ECC, NVLink, XID more slowly), the host's "
+                        "NIC/InfiniBand counters, and the per-rank collective summaries from "
+                        "the ranks' logs; serve them on /metrics and push them over "
+                        "OTLP/HTTP. Stops cleanly on SIGTERM. Flag > environment > default.")
+    ag.add_argument("--once", action="store_true", help="one round of every reading, printed "
+                    "as Prometheus text (and pushed once with --otlp-endpoint)")
+    ag.add_argument("--fast-interval-s", type=float, help="seconds between power/energy/clock "
+                    "samples (default 0.05: 20 Hz)")
+    ag.add_argument("--slow-interval-s", type=float, help="seconds between the other GPU "
+                    "and host reads (default 1)")
+    ag.add_argument("--logs-interval-s", type=float, help="seconds between reads of the "
+                    "ranks' logs (default 2)")
+    ag.add_argument("--export-interval-s", type=float, help="seconds between OTLP pushes "
+                    "(default 10)")
+    ag.add_argument("--power-window-s", type=float, help="span of the peak/min power "
+                    "gauges (default 10)")
+    ag.add_argument("--otlp-endpoint", help="OTLP/HTTP metrics URL, e.g. "
+                    "http://127.0.0.1:4318/v1/metrics (default: none, or "
+                    "OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT)")
+    ag.add_argument("--otlp-header", action="append", metavar="KEY=VALUE",
+                    help="extra header of each push (repeatable), e.g. "
+                    "'authorization=Bearer TOKEN'")
+    ag.add_argument("--prometheus", metavar="HOST:PORT", help="where /metrics is served "
+                    "(default 0.0.0.0:9400; 'off' for none)")
+    ag.add_argument("--log-dir", help="root of the ranks' logs on this node (default "
+                    "./ringwatch-logs; 'off' for none)")
+    ag.add_argument("--job-id", help="job label of the GPU and host series (default: the "
+                    "one job whose ranks write here)")
+    ag.add_argument("--host", help="host name label (default: RINGWATCH_HOST or the "
+                    "machine's name)")
+    ag.add_argument("--record", metavar="FILE", help="also save every reading to FILE "
+                    "(gzip JSON lines) for later replay")
+    ag.add_argument("--replay", metavar="FILE", help="read the GPUs (and host) from a "
+                    "recording, with its original timing, instead of NVML; every output "
+                    "says so")
+    ag.add_argument("--no-gpu", action="store_true", help="do not touch NVML")
+    ag.add_argument("--sysfs-root", default="/", help="root under which /sys and /proc "
+                    "are read (default /)")
+    ag.add_argument("--duration-s", type=float, help="stop after this many seconds "
+                    "(default: run until SIGTERM)")
+    ag.set_defaults(func=cmd_agent)
 
     d = sub.add_parser("demo", help="a local cluster with an injected fault, watched live",
                        description="Launch a small local cluster (4 ranks of a real DDP job on "

@@ -26,6 +26,17 @@ ENV_WRAP_BACKEND = "RINGWATCH_WRAP_BACKEND"  # 0/1: opt-in wrapper ProcessGroup 
 ENV_AUTO_STEP = "RINGWATCH_AUTO_STEP"  # 0/1: count optimizer steps as the `step` column
 ENV_AUTOATTACH = "RINGWATCH_AUTOATTACH"  # 1: set by `ringwatch run` for the child processes
 ENV_DISABLE = "RINGWATCH_DISABLE"  # 1: attach() does nothing
+# The node sidecar (`ringwatch agent`):
+ENV_AGENT_FAST_INTERVAL_S = "RINGWATCH_AGENT_FAST_INTERVAL_S"  # s: power/energy/clock sampling
+ENV_AGENT_SLOW_INTERVAL_S = "RINGWATCH_AGENT_SLOW_INTERVAL_S"  # s: other GPU + host reads
+ENV_AGENT_LOGS_INTERVAL_S = "RINGWATCH_AGENT_LOGS_INTERVAL_S"  # s: reading the ranks' logs
+ENV_AGENT_EXPORT_INTERVAL_S = "RINGWATCH_AGENT_EXPORT_INTERVAL_S"  # s: between OTLP pushes
+ENV_AGENT_PROMETHEUS = "RINGWATCH_AGENT_PROMETHEUS"  # HOST:PORT of /metrics, "off": none
+ENV_AGENT_POWER_WINDOW_S = "RINGWATCH_AGENT_POWER_WINDOW_S"  # s: span of peak/min power
+# OpenTelemetry's own variables, honoured as the SDK documents them:
+ENV_OTLP_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"  # URL of /v1/metrics
+ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"  # base URL; /v1/metrics is appended
+ENV_OTLP_HEADERS = "OTEL_EXPORTER_OTLP_HEADERS"  # key=value,key=value (e.g. authorization)
 
 DEFAULT_LOG_DIR = "ringwatch-logs"
 
@@ -164,3 +175,102 @@ class CaptureConfig:
         if self.host:
             out[ENV_HOST] = self.host
         return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentConfig:
+    """How the node sidecar (``ringwatch agent``) samples and exports.
+
+    Attributes:
+        fast_interval_s: Seconds between power/energy/clock samples (0.05: 20 Hz).
+        slow_interval_s: Seconds between the other GPU reads and the host reads.
+        logs_interval_s: Seconds between reads of the ranks' logs.
+        export_interval_s: Seconds between OTLP pushes.
+        otlp_endpoint: URL the OTLP/HTTP metrics go to (None: no push).
+        otlp_headers: Extra headers of each push.
+        prometheus_listen: ``HOST:PORT`` of ``/metrics`` (None: not served).
+        log_dir: Root of the ranks' logs on this node (None: no collective summaries).
+        job_id: Job label of the node's GPU and host series ("" : taken from the one job
+            whose ranks run here, if only one does).
+        host: Host name label (default: the machine's name).
+        power_window_s: Span of the peak/min power gauges, seconds.
+    """
+
+    fast_interval_s: float = 0.05
+    slow_interval_s: float = 1.0
+    logs_interval_s: float = 2.0
+    export_interval_s: float = 10.0
+    otlp_endpoint: str | None = None
+    otlp_headers: tuple[tuple[str, str], ...] = ()
+    prometheus_listen: str | None = "0.0.0.0:9400"
+    log_dir: Path | None = Path(DEFAULT_LOG_DIR)
+    job_id: str = ""
+    host: str = ""
+    power_window_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> AgentConfig:
+        """Defaults, then ``env`` (default ``os.environ``), then non-None ``overrides``.
+
+        Raises:
+            ConfigError: a variable or override is malformed.
+        """
+        import socket
+
+        env = os.environ if env is None else env
+        kw: dict = {"host": env.get(ENV_HOST) or socket.gethostname()}
+        for name, key in ((ENV_AGENT_FAST_INTERVAL_S, "fast_interval_s"),
+                          (ENV_AGENT_SLOW_INTERVAL_S, "slow_interval_s"),
+                          (ENV_AGENT_LOGS_INTERVAL_S, "logs_interval_s"),
+                          (ENV_AGENT_EXPORT_INTERVAL_S, "export_interval_s"),
+                          (ENV_AGENT_POWER_WINDOW_S, "power_window_s")):
+            if env.get(name):
+                kw[key] = _parse_pos(name, env[name], float)
+        if env.get(ENV_LOG_DIR):
+            kw["log_dir"] = Path(env[ENV_LOG_DIR])
+        if env.get(ENV_JOB_ID):
+            kw["job_id"] = env[ENV_JOB_ID]
+        if env.get(ENV_AGENT_PROMETHEUS):
+            kw["prometheus_listen"] = env[ENV_AGENT_PROMETHEUS]
+        if env.get(ENV_OTLP_METRICS_ENDPOINT):
+            kw["otlp_endpoint"] = env[ENV_OTLP_METRICS_ENDPOINT]
+        elif env.get(ENV_OTLP_ENDPOINT):
+            kw["otlp_endpoint"] = env[ENV_OTLP_ENDPOINT].rstrip("/") + "/v1/metrics"
+        if env.get(ENV_OTLP_HEADERS):
+            kw["otlp_headers"] = parse_headers(ENV_OTLP_HEADERS, env[ENV_OTLP_HEADERS])
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(kw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown agent option(s): {', '.join(sorted(unknown))}")
+        if kw.get("prometheus_listen") in ("off", "none", ""):
+            kw["prometheus_listen"] = None
+        if isinstance(kw.get("log_dir"), str):
+            kw["log_dir"] = None if kw["log_dir"] in ("off", "none") else Path(kw["log_dir"])
+        cfg = cls(**kw)
+        for key in ("fast_interval_s", "slow_interval_s", "logs_interval_s",
+                    "export_interval_s", "power_window_s"):
+            if getattr(cfg, key) <= 0:
+                raise ConfigError(f"{key} must be > 0")
+        if cfg.prometheus_listen is not None:
+            port = cfg.prometheus_listen.rpartition(":")[2]
+            if not port.isdigit():
+                raise ConfigError(f"prometheus listen address {cfg.prometheus_listen!r}: "
+                                  "expected HOST:PORT")
+        return cfg
+
+
+def parse_headers(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    """``key=value,key=value`` (OpenTelemetry's header syntax, values URL-encoded).
+
+    Raises:
+        ConfigError: an item has no ``=``.
+    """
+    from urllib.parse import unquote
+
+    out = []
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{name}: {item!r} is not key=value")
+        out.append((key.strip().lower(), unquote(value.strip())))
+    return tuple(out)

@@ -1,0 +1,119 @@
+"""OpenTelemetry export of the node sidecar: the metric table's points pushed over OTLP/HTTP.
+
+The points are turned into the SDK's own data model (``MetricsData``) and handed to the
+official ``OTLPMetricExporter``, which encodes the protobuf and posts it. The SDK's instruments
+and aggregation are not used: the agent already holds cumulative counters and latest gauges,
+and building the batch directly lets every entity be its own OpenTelemetry *resource* (one per
+GPU with its uuid and rank, one per rank, one for the host), all in one request per interval.
+
+Nothing is queued: an export that fails is counted (``ringwatch_agent_errors_total``) and the
+next interval sends the then-current values, so a collector that is down costs no memory and
+counters lose nothing (they are cumulative).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from ringwatch._metrics import COUNTER, POINT_LABELS, RESOURCE_LABELS
+from ringwatch._version import __version__
+from ringwatch.agent._node_state import NodeState
+from ringwatch.agent._points import Point, collect_points
+
+log = logging.getLogger("ringwatch.agent")
+
+
+def _resource_attributes(resource, *, replayed: bool) -> dict:
+    attrs = {"service.name": "ringwatch-agent", "service.version": __version__}
+    for key, value in resource:
+        if value != "":
+            attrs[RESOURCE_LABELS[key]] = int(value) if key in ("gpu", "rank") else value
+    if replayed and any(k == "gpu" for k, _ in resource):
+        attrs["ringwatch.replayed"] = True
+    return attrs
+
+
+def metrics_data(points: list[Point], *, start_ns: int, now_ns: int, replayed: bool):
+    """The SDK's ``MetricsData`` of ``points``: one ResourceMetrics per resource."""
+    from opentelemetry.sdk.metrics.export import (
+        AggregationTemporality,
+        Gauge,
+        Metric,
+        MetricsData,
+        NumberDataPoint,
+        ResourceMetrics,
+        ScopeMetrics,
+        Sum,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    scope = InstrumentationScope("ringwatch.agent", __version__)
+    by_resource: dict[tuple, dict[str, list[Point]]] = defaultdict(lambda: defaultdict(list))
+    for p in points:
+        by_resource[p.resource][p.spec.otel].append(p)
+    out = []
+    for resource, metrics in by_resource.items():
+        otel_metrics = []
+        for name, pts in metrics.items():
+            spec = pts[0].spec
+            dps = [NumberDataPoint(
+                attributes={POINT_LABELS[k]: v for k, v in p.labels if v != ""},
+                start_time_unix_nano=start_ns if spec.kind == COUNTER else 0,
+                time_unix_nano=now_ns, value=p.value) for p in pts]
+            data = (Sum(dps, AggregationTemporality.CUMULATIVE, True) if spec.kind == COUNTER
+                    else Gauge(dps))
+            otel_metrics.append(Metric(name, spec.help, spec.unit, data))
+        out.append(ResourceMetrics(
+            Resource(_resource_attributes(resource, replayed=replayed)),
+            [ScopeMetrics(scope, otel_metrics, "")], ""))
+    return MetricsData(out)
+
+
+class OtlpPusher:
+    """Pushes the node's points to an OTLP/HTTP endpoint.
+
+    Args:
+        state: The node's state.
+        endpoint: Full URL of the metrics path, e.g. ``http://collector:4318/v1/metrics``.
+        headers: Extra HTTP headers (an ``Authorization`` bearer token, say).
+        timeout_s: Per-request limit, seconds.
+        start_ns: Wall clock (ns) the agent's counters started from.
+    """
+
+    def __init__(self, state: NodeState, endpoint: str, *, headers: dict | None = None,
+                 timeout_s: float = 5.0, start_ns: int):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        self.state = state
+        self.start_ns = start_ns
+        self.timeout_s = timeout_s
+        self.exporter = OTLPMetricExporter(endpoint=endpoint, headers=headers or {},
+                                           timeout=timeout_s)
+        self.sent = 0
+
+    def push(self, now_ns: int) -> bool:
+        """One export; False (and counted) when it failed. Never raises."""
+        from opentelemetry.sdk.metrics.export import MetricExportResult
+
+        try:
+            points = collect_points(self.state, now_wall_ns=now_ns)
+            data = metrics_data(points, start_ns=self.start_ns, now_ns=now_ns,
+                                replayed=self.state.replayed)
+            ok = self.exporter.export(data, timeout_millis=self.timeout_s * 1000) \
+                == MetricExportResult.SUCCESS
+        except Exception as exc:  # noqa: BLE001 - the exporter never takes the agent down
+            log.debug("OTLP export failed: %s", exc)
+            ok = False
+        if ok:
+            self.sent += 1
+        else:
+            self.state.count_error("otlp_export")
+        return ok
+
+    def close(self) -> None:
+        try:
+            self.exporter.shutdown()
+        except Exception:  # shutting down a broken exporter: nothing more to do
+            log.debug("OTLP exporter shutdown failed", exc_info=True)

@@ -1,0 +1,113 @@
+"""The node's state as data points of :data:`ringwatch._metrics.METRICS`.
+
+Both exporters start here, so ``/metrics`` and OTLP always carry the same series. A point is
+``(spec, resource labels, point labels, value in base units)``; labels are tuples of
+``(prometheus name, value)`` pairs. A reading that is ``None`` gives no point.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from typing import NamedTuple
+
+from ringwatch._metrics import METRICS, MetricSpec
+from ringwatch.agent._node_state import NodeState
+
+
+class Point(NamedTuple):
+    spec: MetricSpec
+    resource: tuple[tuple[str, str], ...]
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+_BY_ENTITY: dict[str, list[MetricSpec]] = defaultdict(list)
+for _spec in METRICS:
+    _BY_ENTITY[_spec.entity].append(_spec)
+
+
+def _fields(obj) -> dict:
+    return {} if obj is None else {f: getattr(obj, f) for f in obj.__slots__}
+
+
+def _emit(out: list, entity: str, resource: tuple, labels: dict, values: dict) -> None:
+    for spec in _BY_ENTITY[entity]:
+        v = values.get(spec.field)
+        if v is None:
+            continue
+        base = {**{k: labels.get(k, "") for k in spec.labels}, **spec.const_labels}
+        if isinstance(v, dict):
+            for key, item in v.items():
+                if item is not None:
+                    lab = tuple(sorted({**base, spec.key_label: str(key)}.items()))
+                    out.append(Point(spec, resource, lab, float(item) * spec.scale))
+        else:
+            out.append(Point(spec, resource, tuple(sorted(base.items())),
+                             float(v) * spec.scale))
+
+
+def _gpu_rank(state: NodeState) -> dict[int, tuple[str, int]]:
+    """GPU index -> (job, rank) where exactly one live rank has that local rank."""
+    by_local: dict[int, list] = defaultdict(list)
+    for s in state.ranks.values():
+        if s.local_rank is not None:
+            by_local[s.local_rank].append((s.job, s.rank))
+    return {k: v[0] for k, v in by_local.items() if len(v) == 1}
+
+
+def collect_points(state: NodeState, *, now_wall_ns: int | None = None) -> list[Point]:
+    """Every point of the node now."""
+    now = time.time_ns() if now_wall_ns is None else now_wall_ns
+    out: list[Point] = []
+    host = state.host
+    with state.lock:
+        gpus = list(state.gpus.values())
+        ranks = list(state.ranks.values())
+        errors = dict(state.errors)
+        late = state.late_ticks
+    gpu_rank = _gpu_rank(state)
+    source = "replay" if state.replayed else "nvml"
+    for g in gpus:
+        ident = g.identity
+        job, rank = gpu_rank.get(ident.index, (state.job, None))
+        res = (("gpu", str(ident.index)), ("host", host), ("job", job),
+               ("rank", "" if rank is None else str(rank)), ("uuid", ident.uuid))
+        peak, low = g.power_extremes_mw()
+        values = {**_fields(ident), **_fields(g.slow), **_fields(g.fast),
+                  "power_peak_mw": peak, "power_min_mw": low, "samples": g.samples, "info": 1}
+        info = {"name": ident.name, "pci_bus_id": ident.pci_bus_id or "",
+                "driver": ident.driver_version or "",
+                "mig": "" if ident.mig_enabled is None else str(ident.mig_enabled).lower(),
+                "source": source}
+        _emit(out, "gpu", res, info, values)
+        for link in (g.slow.nvlinks if g.slow else ()):
+            _emit(out, "nvlink", res, {"link": str(link.link),
+                                       "remote": link.remote_pci_bus_id or ""}, _fields(link))
+    node_res = (("host", host), ("job", state.job))
+    h = state.host_reading
+    if h is not None:
+        _emit(out, "host", node_res, {}, _fields(h))
+        for nic in h.nics:
+            _emit(out, "nic", node_res, {"device": nic.name}, _fields(nic))
+        for port in h.ib_ports:
+            values = {**_fields(port), "active": None if port.state is None
+                      else port.state.upper() == "ACTIVE"}
+            _emit(out, "ib", node_res, {"device": port.device, "port": str(port.port)}, values)
+    for s in ranks:
+        res = (("host", host), ("job", s.job), ("rank", str(s.rank)))
+        for (pg, op), t in s.ops.items():
+            _emit(out, "rank_op", res, {"pg": pg, "op": op}, _fields(t))
+        for pg in s.last_started_seq.keys() | s.last_completed_seq.keys():
+            _emit(out, "rank_pg", res, {"pg": pg},
+                  {"last_started_seq": s.last_started_seq.get(pg),
+                   "last_completed_seq": s.last_completed_seq.get(pg)})
+        pg, op, since = s.pending or ("", "", now)
+        _emit(out, "rank", res, {"pg": pg, "pending_op": op},
+              {"pending_ns": max(0, now - since), "step": s.step,
+               "log_age_ns": None if s.written_ns is None else max(0, now - s.written_ns)})
+    cpu = os.times()
+    _emit(out, "agent", node_res, {}, {"errors": errors, "late_ticks": late,
+                                       "cpu_ns": int((cpu.user + cpu.system) * 1e9)})
+    return out

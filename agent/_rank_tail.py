@@ -1,0 +1,231 @@
+"""Per-rank collective summaries for the node sidecar, read from the ranks' own logs.
+
+The in-process hooks already write every collective to Parquet segments beside the job
+(:mod:`ringwatch.agent._writer`). The sidecar reads each new segment once and keeps running
+totals, instead of the training process pushing summaries itself. Three reasons:
+
+* the training process does no network I/O and loads no exporter: a slow or dead collector
+  can never stall a step;
+* one OTLP stream per node, not one per rank;
+* the online summaries and the post-mortem analysis read the very same rows.
+
+The price is latency: a collective reaches the sidecar one flush interval (2 s by default,
+``RINGWATCH_FLUSH_INTERVAL_S``) plus one tail interval after it ends. The pending snapshot a
+rank rewrites at every flush says what a hung rank waits for, and since when.
+
+Memory is bounded: per rank, the totals per (group, op), and the set of consumed segment
+numbers and row indices above a low-water mark (rows complete a little out of order, so the set
+stays small). Jobs whose logs have not moved for ``stale_after_s`` are forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ringwatch._clock import Clock, SystemClock
+from ringwatch._logs import META_FILE, PENDING_FILE, RANK_DIR_RE, SEGMENT_RE, select_segments
+
+log = logging.getLogger("ringwatch.agent")
+
+_COLUMNS = ["idx", "pg", "op", "seq", "status", "nbytes", "t_issue_ns", "t_start_ns",
+            "t_end_ns", "duration_ns", "step"]
+
+
+class _Watermark:
+    """A set of non-negative ints kept as ``everything <= low`` plus the few above it."""
+
+    __slots__ = ("above", "low")
+
+    def __init__(self) -> None:
+        self.low = -1
+        self.above: set[int] = set()
+
+    def __contains__(self, n: int) -> bool:
+        return n <= self.low or n in self.above
+
+    def add(self, n: int) -> None:
+        if n in self:
+            return
+        self.above.add(n)
+        while self.low + 1 in self.above:
+            self.low += 1
+            self.above.discard(self.low)
+
+
+@dataclass(slots=True)
+class OpTotals:
+    """Running totals of one rank's completed collectives of one (group, op)."""
+
+    count: int = 0
+    nbytes: int = 0
+    busy_ns: int = 0
+    gap_ns: int = 0
+
+
+@dataclass(slots=True)
+class RankSummary:
+    """What the sidecar knows of one rank."""
+
+    job: str
+    rank: int
+    local_rank: int | None = None
+    host: str | None = None
+    ops: dict[tuple[str, str], OpTotals] = field(default_factory=dict)
+    last_started_seq: dict[str, int] = field(default_factory=dict)
+    last_completed_seq: dict[str, int] = field(default_factory=dict)
+    step: int | None = None
+    #: Oldest pending collective at the last flush: (pg, op, since wall ns), or None.
+    pending: tuple[str, str, int] | None = None
+    written_ns: int | None = None
+    last_end_ns: int | None = None
+    segments: _Watermark = field(default_factory=_Watermark)
+    rows: _Watermark = field(default_factory=_Watermark)
+
+
+def _seg_range(name: str) -> range:
+    m = SEGMENT_RE.match(name)
+    a = int(m.group(1))
+    return range(a, int(m.group(2) or a) + 1)
+
+
+class RankLogTail:
+    """Follows every rank folder under ``log_dir`` (``<job>/rank-<N>/``).
+
+    Args:
+        log_dir: Root of the per-rank logs on this node.
+        host: Only ranks whose ``meta.json`` names this host (None: every rank found, for a
+            node-local log folder).
+        stale_after_s: Forget a job whose logs have not been written for this long.
+        clock: Wall clock for ages.
+    """
+
+    def __init__(self, log_dir: str | Path, *, host: str | None = None,
+                 stale_after_s: float = 300.0, clock: Clock | None = None):
+        self.log_dir = Path(log_dir)
+        self.host = host
+        self.stale_after_ns = int(stale_after_s * 1e9)
+        self.clock = clock or SystemClock()
+        self.ranks: dict[tuple[str, int], RankSummary] = {}
+        self.errors = 0
+        self._logged: set[str] = set()
+
+    def _once(self, key: str, msg: str) -> None:
+        self.errors += 1
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning("ringwatch agent: %s", msg)
+
+    def poll(self) -> dict[tuple[str, int], RankSummary]:
+        """Read what is new; return the summaries of the live ranks. Never raises."""
+        now = self.clock.wall_ns()
+        seen = set()
+        try:
+            job_dirs = [p for p in self.log_dir.iterdir() if p.is_dir()]
+        except OSError:
+            job_dirs = []
+        for job_dir in job_dirs:
+            try:
+                rank_dirs = [(int(m.group(1)), p) for p in job_dir.iterdir()
+                             if (m := RANK_DIR_RE.match(p.name))]
+            except OSError:
+                continue
+            for rank, d in rank_dirs:
+                key = (job_dir.name, rank)
+                try:
+                    if self._poll_rank(key, d, now):
+                        seen.add(key)
+                except Exception as exc:  # noqa: BLE001 - one bad folder never stops the others
+                    self._once(f"{d}:{type(exc).__name__}", f"cannot read {d}: {exc}")
+        for key in set(self.ranks) - seen:
+            del self.ranks[key]
+        return self.ranks
+
+    def _poll_rank(self, key: tuple[str, int], d: Path, now_ns: int) -> bool:
+        meta = _read_meta(d / META_FILE)
+        if meta is None:
+            return False
+        if self.host is not None and meta.get("host") != self.host:
+            return False
+        written = meta.get("written_ns")
+        if not isinstance(written, int):
+            written = (d / META_FILE).stat().st_mtime_ns
+        if now_ns - written > self.stale_after_ns:
+            return False
+        s = self.ranks.get(key)
+        if s is None:
+            s = self.ranks[key] = RankSummary(job=key[0], rank=key[1])
+        s.local_rank = meta.get("local_rank")
+        s.host = meta.get("host")
+        s.written_ns = written
+        names = [p.name for p in d.iterdir()]
+        for name in select_segments(names):
+            numbers = _seg_range(name)
+            if all(n in s.segments for n in numbers):
+                continue
+            frame = _read_rows(d / name)
+            if frame is not None:
+                _consume(s, frame)
+            for n in numbers:
+                s.segments.add(n)
+        s.pending = _oldest_pending(d / PENDING_FILE) if PENDING_FILE in names else None
+        return True
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_rows(path: Path):
+    import polars as pl
+
+    try:
+        return pl.read_parquet(path, columns=_COLUMNS)
+    except FileNotFoundError:
+        return None  # compacted away between listing and reading: the range file has them
+
+
+def _consume(s: RankSummary, frame) -> None:
+    """Add a segment's rows not seen before to the totals."""
+    rows = [r for r in frame.sort("t_start_ns", nulls_last=True).iter_rows(named=True)
+            if r["idx"] not in s.rows]
+    for r in rows:
+        s.rows.add(r["idx"])
+        pg, seq = r["pg"], r["seq"]
+        if seq is not None and r["t_start_ns"] is not None:
+            s.last_started_seq[pg] = max(seq, s.last_started_seq.get(pg, -1))
+        if r["step"] is not None:
+            s.step = max(r["step"], s.step if s.step is not None else -1)
+        if r["status"] not in ("ok", "unknown"):
+            continue
+        if seq is not None:
+            s.last_completed_seq[pg] = max(seq, s.last_completed_seq.get(pg, -1))
+        t = s.ops.setdefault((pg, r["op"]), OpTotals())
+        t.count += 1
+        t.nbytes += r["nbytes"] or 0
+        t.busy_ns += r["duration_ns"] or 0
+        start, end = r["t_start_ns"], r["t_end_ns"]
+        if start is not None and s.last_end_ns is not None and start > s.last_end_ns:
+            t.gap_ns += start - s.last_end_ns
+        if end is not None:
+            s.last_end_ns = max(end, s.last_end_ns or end)
+
+
+def _oldest_pending(path: Path) -> tuple[str, str, int] | None:
+    import polars as pl
+
+    try:
+        df = pl.read_parquet(path, columns=["pg", "op", "t_issue_ns", "t_start_ns"])
+    except (OSError, pl.exceptions.PolarsError):
+        return None  # replaced or removed between listing and reading: next poll has it
+    df = df.with_columns(pl.coalesce("t_start_ns", "t_issue_ns").alias("since"))
+    df = df.filter(pl.col("since").is_not_null()).sort("since")
+    if df.height == 0:
+        return None
+    r = df.row(0, named=True)
+    return r["pg"], r["op"], r["since"]

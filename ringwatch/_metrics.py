@@ -1,0 +1,268 @@
+"""Every metric the node sidecar exports, declared once, as data.
+
+Both exporters (Prometheus ``/metrics`` and OpenTelemetry over OTLP) and the docs are generated
+from :data:`METRICS`; nothing else names a metric. A spec says where its value comes from: the
+``entity`` (one GPU, one NVLink, one NIC, one rank, ...) and the ``field`` of that entity's
+reading, in internal units, times ``scale`` to reach the base unit. A field holding a dict
+(throttle time per reason, XID events per code) gives one point per key, labelled ``key_label``.
+Several specs may share one name (SM and memory clocks are one metric with a ``clock`` label),
+with the same kind, unit and help.
+
+Names: OpenTelemetry semantic conventions where they exist (``hw.energy``, ``hw.power``,
+``hw.gpu.*``, ``system.network.*``); Prometheus names in base units with ``_total`` on counters
+(``..._joules_total``, ``..._watts``, ``..._seconds_total``, ``..._bytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+COUNTER = "counter"
+GAUGE = "gauge"
+
+#: Labels every point of an entity carries, Prometheus name -> OpenTelemetry attribute.
+#: They are OpenTelemetry *resource* attributes (what produced the point) and plain labels on
+#: ``/metrics``.
+RESOURCE_LABELS = {
+    "job": "ringwatch.job.id",
+    "host": "host.name",
+    "gpu": "hw.gpu.index",
+    "uuid": "hw.id",
+    "rank": "ringwatch.rank",
+}
+#: Labels of a point within its entity, Prometheus name -> OpenTelemetry attribute.
+POINT_LABELS = {
+    "kind": "ringwatch.power_limit.kind",
+    "clock": "ringwatch.gpu.clock",
+    "resource": "ringwatch.utilization.resource",
+    "reason": "ringwatch.throttle.reason",
+    "type": "error.type",
+    "link": "ringwatch.nvlink.index",
+    "remote": "ringwatch.nvlink.remote_pci_bus_id",
+    "direction": "network.io.direction",
+    "xid": "ringwatch.gpu.xid",
+    "device": "network.interface.name",
+    "port": "ringwatch.ib.port",
+    "counter": "ringwatch.ib.counter",
+    "mode": "cpu.mode",
+    "pressure": "ringwatch.pressure.resource",
+    "pg": "ringwatch.pg",
+    "op": "ringwatch.op",
+    "name": "hw.name",
+    "pci_bus_id": "ringwatch.gpu.pci_bus_id",
+    "driver": "ringwatch.driver_version",
+    "mig": "ringwatch.gpu.mig",
+    "source": "ringwatch.source",
+    "pending_op": "ringwatch.pending.op",
+    "cause": "ringwatch.cause",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One exported metric.
+
+    Attributes:
+        prom: Prometheus name (base units, ``_total`` on counters).
+        otel: OpenTelemetry name.
+        kind: :data:`COUNTER` (cumulative, monotonic) or :data:`GAUGE`.
+        unit: UCUM unit for OpenTelemetry (``J``, ``W``, ``s``, ``By``, ``Hz``, ``Cel``, ``1``).
+        help: One sentence for ``# HELP`` and the OTel description.
+        entity: Which reading the value comes from (see :mod:`ringwatch.agent._points`).
+        field: Attribute of that reading, in internal units.
+        scale: Factor from the internal unit to the base unit (mJ -> J: 1e-3).
+        labels: Labels of the point within its entity, besides the resource labels.
+        const_labels: Fixed labels of this spec (``clock="sm"``).
+        key_label: For a dict field, the label its keys go to.
+    """
+
+    prom: str
+    otel: str
+    kind: str
+    unit: str
+    help: str
+    entity: str
+    field: str
+    scale: float = 1.0
+    labels: tuple[str, ...] = ()
+    const_labels: dict[str, str] = field(default_factory=dict)
+    key_label: str | None = None
+
+
+def _m(prom, otel, kind, unit, help_, entity, field_, scale=1.0, /, labels=(), key_label=None,
+       **const) -> MetricSpec:
+    return MetricSpec(prom, otel, kind, unit, help_, entity, field_, scale, tuple(labels),
+                      dict(const), key_label)
+
+
+_MHZ, _MILLI, _MICRO, _NANO = 1e6, 1e-3, 1e-6, 1e-9
+_LIMIT_HELP = "GPU power limit: enforced (out-of-band limits included), default, min, max."
+_CLOCK_HELP = "GPU clock frequency, SM or memory."
+_UTIL_HELP = "Fraction of the last sample period the GPU (or its memory) was busy."
+_ECC_HELP = "Volatile ECC errors since the driver loaded, corrected or uncorrected."
+_NVLINK_BYTES_HELP = "NVLink data bytes since the counters were reset, per link and direction."
+_NVLINK_ERR_HELP = "NVLink errors per link: CRC, replay and recovery."
+_NIC_BYTES_HELP = "Bytes through a network interface, per direction."
+_NIC_PKT_HELP = "Packets through a network interface, per direction."
+_NIC_ERR_HELP = "Network interface errors, per direction."
+_NIC_DROP_HELP = "Packets dropped by a network interface, per direction."
+_IB_BYTES_HELP = "Bytes through an InfiniBand/RoCE port, per direction."
+
+METRICS: tuple[MetricSpec, ...] = (
+    # --- GPU, fast (>=20 Hz) ---
+    _m("ringwatch_gpu_energy_joules_total", "hw.energy", COUNTER, "J",
+       "GPU energy since the driver loaded (the primary power signal).",
+       "gpu", "energy_mj", _MILLI),
+    _m("ringwatch_gpu_power_watts", "hw.power", GAUGE, "W",
+       "GPU instantaneous power at the last sample.", "gpu", "power_instant_mw", _MILLI),
+    _m("ringwatch_gpu_power_average_watts", "hw.gpu.power.average", GAUGE, "W",
+       "GPU power as nvmlDeviceGetPowerUsage gives it (a 1 s average on Ampere and newer).",
+       "gpu", "power_average_mw", _MILLI),
+    _m("ringwatch_gpu_power_peak_watts", "hw.gpu.power.peak", GAUGE, "W",
+       "Highest instantaneous power over the agent's power window.",
+       "gpu", "power_peak_mw", _MILLI),
+    _m("ringwatch_gpu_power_min_watts", "hw.gpu.power.min", GAUGE, "W",
+       "Lowest instantaneous power over the agent's power window.",
+       "gpu", "power_min_mw", _MILLI),
+    _m("ringwatch_gpu_clock_hertz", "hw.gpu.clock", GAUGE, "Hz", _CLOCK_HELP,
+       "gpu", "sm_clock_mhz", _MHZ, clock="sm"),
+    _m("ringwatch_gpu_clock_hertz", "hw.gpu.clock", GAUGE, "Hz", _CLOCK_HELP,
+       "gpu", "memory_clock_mhz", _MHZ, clock="memory"),
+    _m("ringwatch_gpu_samples_total", "ringwatch.gpu.samples", COUNTER, "{sample}",
+       "Fast (power/energy/clock) samples the agent took of this GPU.", "gpu", "samples"),
+    # --- GPU, slow ---
+    _m("ringwatch_gpu_power_limit_watts", "hw.gpu.power.limit", GAUGE, "W", _LIMIT_HELP,
+       "gpu", "power_limit_enforced_mw", _MILLI, kind="enforced"),
+    _m("ringwatch_gpu_power_limit_watts", "hw.gpu.power.limit", GAUGE, "W", _LIMIT_HELP,
+       "gpu", "power_limit_default_mw", _MILLI, kind="default"),
+    _m("ringwatch_gpu_power_limit_watts", "hw.gpu.power.limit", GAUGE, "W", _LIMIT_HELP,
+       "gpu", "power_limit_min_mw", _MILLI, kind="min"),
+    _m("ringwatch_gpu_power_limit_watts", "hw.gpu.power.limit", GAUGE, "W", _LIMIT_HELP,
+       "gpu", "power_limit_max_mw", _MILLI, kind="max"),
+    _m("ringwatch_gpu_utilization_ratio", "hw.gpu.utilization", GAUGE, "1", _UTIL_HELP,
+       "gpu", "gpu_utilization_pct", 0.01, resource="gpu"),
+    _m("ringwatch_gpu_utilization_ratio", "hw.gpu.utilization", GAUGE, "1", _UTIL_HELP,
+       "gpu", "memory_utilization_pct", 0.01, resource="memory"),
+    _m("ringwatch_gpu_memory_used_bytes", "hw.gpu.memory.usage", GAUGE, "By",
+       "GPU memory in use.", "gpu", "memory_used_bytes"),
+    _m("ringwatch_gpu_memory_total_bytes", "hw.gpu.memory.limit", GAUGE, "By",
+       "GPU memory in all.", "gpu", "memory_total_bytes"),
+    _m("ringwatch_gpu_temperature_celsius", "hw.temperature", GAUGE, "Cel",
+       "GPU core temperature.", "gpu", "temperature_c"),
+    _m("ringwatch_gpu_throttle_reasons", "hw.gpu.throttle.reasons", GAUGE, "1",
+       "Bit mask of the GPU's current clock throttle reasons (NVML's clocks event reasons).",
+       "gpu", "throttle_reasons_mask"),
+    _m("ringwatch_gpu_throttle_seconds_total", "hw.gpu.throttle.time", COUNTER, "s",
+       "Time the GPU's clocks were held down, per reason.", "gpu", "throttle_time_ns",
+       _NANO, key_label="reason"),
+    _m("ringwatch_gpu_ecc_errors_total", "hw.errors", COUNTER, "{error}", _ECC_HELP,
+       "gpu", "ecc_corrected_total", type="ecc_corrected"),
+    _m("ringwatch_gpu_ecc_errors_total", "hw.errors", COUNTER, "{error}", _ECC_HELP,
+       "gpu", "ecc_uncorrected_total", type="ecc_uncorrected"),
+    _m("ringwatch_gpu_pcie_replays_total", "hw.gpu.pcie.replays", COUNTER, "{replay}",
+       "PCIe replays of the GPU's link.", "gpu", "pcie_replay_total"),
+    _m("ringwatch_gpu_xid_events_total", "hw.gpu.xid.events", COUNTER, "{event}",
+       "XID events seen since the agent started, per XID code.", "gpu", "xid_total",
+       key_label="xid"),
+    _m("ringwatch_gpu_info", "hw.gpu.info", GAUGE, "1",
+       "Always 1: the GPU's identity, and whether its readings are replayed from a recording.",
+       "gpu", "info", labels=("name", "pci_bus_id", "driver", "mig", "source")),
+    # --- NVLink ---
+    _m("ringwatch_gpu_nvlink_bytes_total", "hw.gpu.nvlink.io", COUNTER, "By",
+       _NVLINK_BYTES_HELP, "nvlink", "tx_bytes", labels=("link", "remote"),
+       direction="transmit"),
+    _m("ringwatch_gpu_nvlink_bytes_total", "hw.gpu.nvlink.io", COUNTER, "By",
+       _NVLINK_BYTES_HELP, "nvlink", "rx_bytes", labels=("link", "remote"),
+       direction="receive"),
+    _m("ringwatch_gpu_nvlink_errors_total", "hw.gpu.nvlink.errors", COUNTER, "{error}",
+       _NVLINK_ERR_HELP, "nvlink", "crc_errors", labels=("link", "remote"), type="crc"),
+    _m("ringwatch_gpu_nvlink_errors_total", "hw.gpu.nvlink.errors", COUNTER, "{error}",
+       _NVLINK_ERR_HELP, "nvlink", "replay_errors", labels=("link", "remote"), type="replay"),
+    _m("ringwatch_gpu_nvlink_errors_total", "hw.gpu.nvlink.errors", COUNTER, "{error}",
+       _NVLINK_ERR_HELP, "nvlink", "recovery_errors", labels=("link", "remote"),
+       type="recovery"),
+    # --- host: NICs ---
+    _m("ringwatch_network_bytes_total", "system.network.io", COUNTER, "By", _NIC_BYTES_HELP,
+       "nic", "rx_bytes", labels=("device",), direction="receive"),
+    _m("ringwatch_network_bytes_total", "system.network.io", COUNTER, "By", _NIC_BYTES_HELP,
+       "nic", "tx_bytes", labels=("device",), direction="transmit"),
+    _m("ringwatch_network_packets_total", "system.network.packets", COUNTER, "{packet}",
+       _NIC_PKT_HELP, "nic", "rx_packets", labels=("device",), direction="receive"),
+    _m("ringwatch_network_packets_total", "system.network.packets", COUNTER, "{packet}",
+       _NIC_PKT_HELP, "nic", "tx_packets", labels=("device",), direction="transmit"),
+    _m("ringwatch_network_errors_total", "system.network.errors", COUNTER, "{error}",
+       _NIC_ERR_HELP, "nic", "rx_errors", labels=("device",), direction="receive"),
+    _m("ringwatch_network_errors_total", "system.network.errors", COUNTER, "{error}",
+       _NIC_ERR_HELP, "nic", "tx_errors", labels=("device",), direction="transmit"),
+    _m("ringwatch_network_dropped_total", "system.network.dropped", COUNTER, "{packet}",
+       _NIC_DROP_HELP, "nic", "rx_dropped", labels=("device",), direction="receive"),
+    _m("ringwatch_network_dropped_total", "system.network.dropped", COUNTER, "{packet}",
+       _NIC_DROP_HELP, "nic", "tx_dropped", labels=("device",), direction="transmit"),
+    _m("ringwatch_network_up", "ringwatch.network.up", GAUGE, "1",
+       "1 when the interface's operstate is up.", "nic", "up", labels=("device",)),
+    _m("ringwatch_network_speed_bits_per_second", "ringwatch.network.speed", GAUGE, "bit/s",
+       "Link speed the interface reports.", "nic", "speed_mbps", 1e6, labels=("device",)),
+    # --- host: InfiniBand / RoCE ---
+    _m("ringwatch_infiniband_bytes_total", "ringwatch.infiniband.io", COUNTER, "By",
+       _IB_BYTES_HELP, "ib", "rx_bytes", labels=("device", "port"), direction="receive"),
+    _m("ringwatch_infiniband_bytes_total", "ringwatch.infiniband.io", COUNTER, "By",
+       _IB_BYTES_HELP, "ib", "tx_bytes", labels=("device", "port"), direction="transmit"),
+    _m("ringwatch_infiniband_port_counter_total", "ringwatch.infiniband.counter", COUNTER, "1",
+       "Every counter of an InfiniBand/RoCE port (errors, discards, waits), by file name.",
+       "ib", "counters", labels=("device", "port"), key_label="counter"),
+    _m("ringwatch_infiniband_port_active", "ringwatch.infiniband.active", GAUGE, "1",
+       "1 when the port's state is ACTIVE.", "ib", "active", labels=("device", "port")),
+    # --- host: CPU and memory ---
+    _m("ringwatch_host_cpu_seconds_total", "system.cpu.time", COUNTER, "s",
+       "CPU time of all cores, per mode.", "host", "cpu_seconds", key_label="mode"),
+    _m("ringwatch_host_load1", "system.cpu.load_average.1m", GAUGE, "{thread}",
+       "One-minute load average.", "host", "load1"),
+    _m("ringwatch_host_memory_total_bytes", "system.memory.limit", GAUGE, "By",
+       "Host memory in all.", "host", "memory_total_bytes"),
+    _m("ringwatch_host_memory_available_bytes", "system.memory.available", GAUGE, "By",
+       "Host memory available to new work (MemAvailable).", "host", "memory_available_bytes"),
+    _m("ringwatch_host_pressure_seconds_total", "ringwatch.host.pressure", COUNTER, "s",
+       "Time some task stalled on a resource (pressure stall information).",
+       "host", "pressure_some_us", _MICRO, key_label="pressure"),
+    # --- per-rank collective summaries (from the ranks' logs) ---
+    _m("ringwatch_collectives_total", "ringwatch.collective.count", COUNTER, "{collective}",
+       "Collectives a rank completed, per group and op.", "rank_op", "count",
+       labels=("pg", "op")),
+    _m("ringwatch_collective_bytes_total", "ringwatch.collective.io", COUNTER, "By",
+       "Message bytes of a rank's completed collectives, per group and op.", "rank_op",
+       "nbytes", labels=("pg", "op")),
+    _m("ringwatch_collective_seconds_total", "ringwatch.collective.time", COUNTER, "s",
+       "Time a rank spent inside collectives, per group and op.", "rank_op", "busy_ns",
+       _NANO, labels=("pg", "op")),
+    _m("ringwatch_collective_gap_seconds_total", "ringwatch.collective.gap", COUNTER, "s",
+       "Time a rank spent between collectives (outside any), before each group and op.",
+       "rank_op", "gap_ns", _NANO, labels=("pg", "op")),
+    _m("ringwatch_collective_started_seq", "ringwatch.collective.started_seq", GAUGE, "1",
+       "Sequence number of the last collective a rank started, per group.", "rank_pg",
+       "last_started_seq", labels=("pg",)),
+    _m("ringwatch_collective_completed_seq", "ringwatch.collective.completed_seq", GAUGE, "1",
+       "Sequence number of the last collective a rank completed, per group.", "rank_pg",
+       "last_completed_seq", labels=("pg",)),
+    _m("ringwatch_collective_pending_seconds", "ringwatch.collective.pending", GAUGE, "s",
+       "How long a rank's oldest unfinished collective has been pending (0: none).",
+       "rank", "pending_ns", _NANO, labels=("pg", "pending_op")),
+    _m("ringwatch_rank_step", "ringwatch.rank.step", GAUGE, "1",
+       "Last training step a rank marked.", "rank", "step"),
+    _m("ringwatch_rank_log_age_seconds", "ringwatch.rank.log_age", GAUGE, "s",
+       "Seconds since the rank's log was last written (a silent agent ages).", "rank",
+       "log_age_ns", _NANO),
+    # --- the agent itself ---
+    _m("ringwatch_agent_errors_total", "ringwatch.agent.errors", COUNTER, "{error}",
+       "Reads or exports the agent could not do, per cause.", "agent", "errors",
+       key_label="cause"),
+    _m("ringwatch_agent_late_ticks_total", "ringwatch.agent.late_ticks", COUNTER, "{tick}",
+       "Fast-sampling ticks that started later than one period behind schedule.", "agent",
+       "late_ticks"),
+    _m("ringwatch_agent_cpu_seconds_total", "ringwatch.agent.cpu.time", COUNTER, "s",
+       "CPU time of the agent process.", "agent", "cpu_ns", _NANO),
+)
+
+
+def metric_names() -> set[str]:
+    """Every Prometheus name, and the names the exposition derives from counters."""
+    return {m.prom for m in METRICS}
