@@ -6,6 +6,7 @@ follower, the Prometheus registry and the OTLP pusher, then runs until SIGTERM/S
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -32,7 +33,8 @@ def build_sidecar(config: AgentConfig, *, replay: str | Path | None = None,
         from ringwatch.collectors._recording import ReplayClient, ReplayHost, load_recording
 
         try:
-            rec = load_recording(replay)
+            rec = load_recording(_synthetic(replay) if str(replay).startswith("synthetic")
+                                 else replay)
         except (OSError, CollectorError) as exc:
             raise ConfigError(f"cannot replay {replay}: {exc}") from None
         client = ReplayClient(rec, loop=loop)
@@ -57,6 +59,23 @@ def build_sidecar(config: AgentConfig, *, replay: str | Path | None = None,
             record, host=config.host, gpus=list(g.identity for g in sidecar.state.gpus.values()),
             start_mono_ns=sidecar.clock.mono_ns(), started_wall_ns=sidecar.started_wall_ns)
     return sidecar
+
+
+def _synthetic(spec: str) -> Path:
+    """``synthetic`` or ``synthetic:N``: a fresh N-GPU synthetic recording (default 8)."""
+    import tempfile
+
+    from ringwatch.collectors._synthetic import write_synthetic_recording
+
+    _, _, n = str(spec).partition(":")
+    if n and not n.isdigit():
+        raise ConfigError(f"--replay {spec}: expected synthetic or synthetic:N")
+    path = Path(tempfile.gettempdir()) / f"ringwatch-synthetic-{int(n or 8)}gpu.jsonl.gz"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        write_synthetic_recording(tmp, gpus=int(n or 8))
+        os.replace(tmp, path)
+    return path
 
 
 def run_agent(config: AgentConfig, *, once: bool = False, duration_s: float | None = None,
@@ -100,7 +119,7 @@ def run_agent(config: AgentConfig, *, once: bool = False, duration_s: float | No
     try:
         sidecar.start()
         gpus = len(sidecar.state.gpus)
-        src = "replayed from a recording" if sidecar.state.replayed else "NVML"
+        src = sidecar.state.source
         where = f", /metrics on {config.prometheus_listen}" if server else ""
         push = f", OTLP to {config.otlp_endpoint}" if config.otlp_endpoint else ""
         print(f"ringwatch agent: {gpus} GPU(s) ({src}), host {config.host}{where}{push}",

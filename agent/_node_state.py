@@ -35,14 +35,17 @@ class NodeState:
         host: Host name, a label of every point.
         job: Job id for the node's GPU and host points ("" when the agent serves any job).
         replayed: Readings come from a recording (labelled in every output).
+        source: Where GPU readings come from, as labelled.
         power_window_s: Span of the peak/min power gauges, seconds.
     """
 
     def __init__(self, *, host: str, job: str = "", replayed: bool = False,
-                 power_window_s: float = 10.0):
+                 source: str = "nvml", power_window_s: float = 10.0):
         self.host = host
         self.job = job
         self.replayed = replayed
+        #: ``source`` label of the GPU series: ``nvml``, ``replay:nvml``, ``replay:synthetic``.
+        self.source = source
         self.power_window_ns = int(power_window_s * 1e9)
         self.gpus: dict[int, GpuState] = {}
         self.host_reading: HostReading | None = None

@@ -24,17 +24,18 @@ from ringwatch.agent._points import Point, collect_points
 log = logging.getLogger("ringwatch.agent")
 
 
-def _resource_attributes(resource, *, replayed: bool) -> dict:
+def _resource_attributes(resource, *, source: str) -> dict:
     attrs = {"service.name": "ringwatch-agent", "service.version": __version__}
     for key, value in resource:
         if value != "":
             attrs[RESOURCE_LABELS[key]] = int(value) if key in ("gpu", "rank") else value
-    if replayed and any(k == "gpu" for k, _ in resource):
-        attrs["ringwatch.replayed"] = True
+    if any(k == "gpu" for k, _ in resource):
+        attrs["ringwatch.source"] = source
+        attrs["ringwatch.replayed"] = source.startswith("replay")
     return attrs
 
 
-def metrics_data(points: list[Point], *, start_ns: int, now_ns: int, replayed: bool):
+def metrics_data(points: list[Point], *, start_ns: int, now_ns: int, source: str = "nvml"):
     """The SDK's ``MetricsData`` of ``points``: one ResourceMetrics per resource."""
     from opentelemetry.sdk.metrics.export import (
         AggregationTemporality,
@@ -66,7 +67,7 @@ def metrics_data(points: list[Point], *, start_ns: int, now_ns: int, replayed: b
                     else Gauge(dps))
             otel_metrics.append(Metric(name, spec.help, spec.unit, data))
         out.append(ResourceMetrics(
-            Resource(_resource_attributes(resource, replayed=replayed)),
+            Resource(_resource_attributes(resource, source=source)),
             [ScopeMetrics(scope, otel_metrics, "")], ""))
     return MetricsData(out)
 
@@ -100,7 +101,7 @@ class OtlpPusher:
         try:
             points = collect_points(self.state, now_wall_ns=now_ns)
             data = metrics_data(points, start_ns=self.start_ns, now_ns=now_ns,
-                                replayed=self.state.replayed)
+                                source=self.state.source)
             ok = self.exporter.export(data, timeout_millis=self.timeout_s * 1000) \
                 == MetricExportResult.SUCCESS
         except Exception as exc:  # noqa: BLE001 - the exporter never takes the agent down

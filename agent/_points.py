@@ -68,7 +68,7 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None) -> list[
         errors = dict(state.errors)
         late = state.late_ticks
     gpu_rank = _gpu_rank(state)
-    source = "replay" if state.replayed else "nvml"
+    source = state.source
     for g in gpus:
         ident = g.identity
         job, rank = gpu_rank.get(ident.index, (state.job, None))

@@ -51,6 +51,7 @@ class Sidecar:
         self.tail = tail
         self.state = NodeState(host=config.host, job=config.job_id,
                                replayed=bool(getattr(device_client, "replayed", False)),
+                               source=getattr(device_client, "source", "nvml"),
                                power_window_s=config.power_window_s)
         self.started_wall_ns = self.clock.wall_ns()
         self.stop_event = threading.Event()

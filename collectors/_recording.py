@@ -24,7 +24,7 @@ import gzip
 import json
 import threading
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ringwatch._clock import Clock, SystemClock
@@ -54,20 +54,21 @@ class RecordingWriter:
         start_mono_ns: Monotonic time the recording's t=0 stands for.
         flush_interval_s: Seconds between sync flushes (what a SIGKILL can lose).
         clock: Monotonic clock for the flush schedule.
+        origin: Where the readings came from: ``nvml`` (real hardware) or ``synthetic``.
     """
 
     def __init__(self, path: str | Path, *, host: str, gpus, start_mono_ns: int,
                  started_wall_ns: int, flush_interval_s: float = 5.0,
-                 clock: Clock | None = None):
+                 clock: Clock | None = None, origin: str = "nvml"):
         self.path = Path(path)
         self.start = start_mono_ns
         self.clock = clock or SystemClock()
         self.flush_ns = int(flush_interval_s * 1e9)
         self._lock = threading.Lock()
-        self._f = gzip.open(self.path, "wt", compresslevel=6)
+        self._f = gzip.GzipFile(self.path, "wb", compresslevel=6)
         self._next_flush = self.clock.mono_ns() + self.flush_ns
         self.lines = 0
-        self._line({"format": FORMAT, "version": VERSION, "host": host,
+        self._line({"format": FORMAT, "version": VERSION, "host": host, "origin": origin,
                     "started_wall_ns": started_wall_ns, "fast_fields": list(FAST_FIELDS),
                     "gpus": [asdict(g) for g in gpus]})
 
@@ -75,11 +76,10 @@ class RecordingWriter:
         with self._lock:
             if self._f is None:
                 return
-            self._f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            self._f.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
             self.lines += 1
             if self.clock.mono_ns() >= self._next_flush:
-                self._f.flush()
-                self._f.fileobj.flush()
+                self._f.flush(zlib.Z_SYNC_FLUSH)  # a reader can decode up to here
                 self._next_flush = self.clock.mono_ns() + self.flush_ns
 
     def fast(self, index: int, mono_ns: int, r: FastReading | None) -> None:
@@ -128,6 +128,8 @@ class Recording:
     duration_ns: int
     #: False when the file ended mid-line (a killed recorder): what came before is kept.
     complete: bool = True
+    #: ``nvml`` for readings of real GPUs, ``synthetic`` for generated ones.
+    origin: str = "nvml"
 
 
 def load_recording(path: str | Path) -> Recording:
@@ -173,7 +175,7 @@ def load_recording(path: str | Path) -> Recording:
             host[0].append(t)
             host[1].append(_host_from(rec[2]))
     return Recording(header.get("host", "?"), header.get("started_wall_ns", 0), gpus, fast,
-                     slow, host, end, complete)
+                     slow, host, end, complete, str(header.get("origin", "nvml")))
 
 
 def _lines(path: Path) -> tuple[list[str], bool]:
@@ -234,6 +236,8 @@ class ReplayClient:
     def __init__(self, recording: Recording | str | Path, *, clock: Clock | None = None,
                  loop: bool = True):
         self.rec = recording if isinstance(recording, Recording) else load_recording(recording)
+        #: The ``source`` label of every GPU series: ``replay:nvml`` or ``replay:synthetic``.
+        self.source = f"replay:{self.rec.origin}"
         self.timeline = _Timeline(self.rec.duration_ns, clock or SystemClock(), loop)
         self._energy_span = {}
         for i, (_, values) in self.rec.fast.items():
@@ -251,8 +255,7 @@ class ReplayClient:
         r = _at(self.rec.fast[index], t)
         if r is None or not loops or r.energy_mj is None:
             return r
-        return FastReading(**{**asdict(r),
-                              "energy_mj": r.energy_mj + loops * self._energy_span[index]})
+        return replace(r, energy_mj=r.energy_mj + loops * self._energy_span[index])
 
     def read_slow(self, index: int) -> SlowReading | None:
         return _at(self.rec.slow[index], self.timeline.position()[0])

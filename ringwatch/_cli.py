@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(gzip JSON lines) for later replay")
     ag.add_argument("--replay", metavar="FILE", help="read the GPUs (and host) from a "
                     "recording, with its original timing, instead of NVML; every output "
-                    "says so")
+                    "says so. 'synthetic[:N]' replays N generated GPUs (default 8), "
+                    "labelled synthetic")
     ag.add_argument("--no-gpu", action="store_true", help="do not touch NVML")
     ag.add_argument("--sysfs-root", default="/", help="root under which /sys and /proc "
                     "are read (default /)")

@@ -200,8 +200,8 @@ METRICS: tuple[MetricSpec, ...] = (
        _NIC_DROP_HELP, "nic", "tx_dropped", labels=("device",), direction="transmit"),
     _m("ringwatch_network_up", "ringwatch.network.up", GAUGE, "1",
        "1 when the interface's operstate is up.", "nic", "up", labels=("device",)),
-    _m("ringwatch_network_speed_bits_per_second", "ringwatch.network.speed", GAUGE, "bit/s",
-       "Link speed the interface reports.", "nic", "speed_mbps", 1e6, labels=("device",)),
+    _m("ringwatch_network_speed_bytes_per_second", "ringwatch.network.speed", GAUGE, "By/s",
+       "Link speed the interface reports.", "nic", "speed_mbps", 1e6 / 8, labels=("device",)),
     # --- host: InfiniBand / RoCE ---
     _m("ringwatch_infiniband_bytes_total", "ringwatch.infiniband.io", COUNTER, "By",
        _IB_BYTES_HELP, "ib", "rx_bytes", labels=("device", "port"), direction="receive"),
