@@ -46,7 +46,8 @@ def build_sidecar(config: AgentConfig, *, replay: str | Path | None = None,
         from ringwatch.collectors._nvml import NvmlClient
 
         client = NvmlClient()
-    tail = RankLogTail(config.log_dir) if config.log_dir is not None else None
+    tail = (RankLogTail(config.log_dir, stale_after_s=config.stale_after_s)
+            if config.log_dir is not None else None)
     sidecar = Sidecar(config, device_client=client, host_collector=host, tail=tail)
     try:
         sidecar.open_devices()
@@ -57,7 +58,8 @@ def build_sidecar(config: AgentConfig, *, replay: str | Path | None = None,
 
         sidecar.recorder = RecordingWriter(
             record, host=config.host, gpus=list(g.identity for g in sidecar.state.gpus.values()),
-            start_mono_ns=sidecar.clock.mono_ns(), started_wall_ns=sidecar.started_wall_ns)
+            start_mono_ns=sidecar.clock.mono_ns(), started_wall_ns=sidecar.started_wall_ns,
+            origin=sidecar.state.source)
     return sidecar
 
 

@@ -170,7 +170,7 @@ class RankLogTail:
                 _consume(s, frame)
             for n in numbers:
                 s.segments.add(n)
-        s.pending = _oldest_pending(d / PENDING_FILE) if PENDING_FILE in names else None
+        s.pending = _read_pending(s, d / PENDING_FILE) if PENDING_FILE in names else None
         return True
 
 
@@ -216,13 +216,18 @@ def _consume(s: RankSummary, frame) -> None:
             s.last_end_ns = max(end, s.last_end_ns or end)
 
 
-def _oldest_pending(path: Path) -> tuple[str, str, int] | None:
+def _read_pending(s: RankSummary, path: Path) -> tuple[str, str, int] | None:
+    """The oldest pending collective (pg, op, since wall ns); started ones move
+    ``last_started_seq`` on (a hung collective started but never completed)."""
     import polars as pl
 
     try:
-        df = pl.read_parquet(path, columns=["pg", "op", "t_issue_ns", "t_start_ns"])
+        df = pl.read_parquet(path, columns=["pg", "op", "seq", "t_issue_ns", "t_start_ns"])
     except (OSError, pl.exceptions.PolarsError):
         return None  # replaced or removed between listing and reading: next poll has it
+    for pg, seq in df.filter(pl.col("seq").is_not_null() & pl.col("t_start_ns").is_not_null()
+                             ).group_by("pg").agg(pl.col("seq").max()).iter_rows():
+        s.last_started_seq[pg] = max(seq, s.last_started_seq.get(pg, -1))
     df = df.with_columns(pl.coalesce("t_start_ns", "t_issue_ns").alias("since"))
     df = df.filter(pl.col("since").is_not_null()).sort("since")
     if df.height == 0:

@@ -11,7 +11,6 @@ the others.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from collections import Counter
@@ -30,7 +29,9 @@ from ringwatch.collectors._nvml_fields import (
     decode,
     error_names,
     error_table,
+    handle_key,
     link_fields,
+    one_line,
     value_members,
 )
 from ringwatch.collectors._types import (
@@ -61,14 +62,6 @@ class _Gpu:
     links: tuple[int, ...] | None = None
     remote_bus: dict[int, str | None] = field(default_factory=dict)
     slow_specs: tuple[FieldSpec, ...] = ()
-
-
-def _handle_key(handle: Any) -> Any:
-    """What identifies a device handle: the address of a ctypes handle (an event carries a new
-    Python object for the same device), else the handle itself."""
-    if isinstance(handle, ctypes._Pointer):
-        return ctypes.cast(handle, ctypes.c_void_p).value
-    return handle
 
 
 class NvmlClient:
@@ -122,40 +115,12 @@ class NvmlClient:
     def read_fast(self, index: int) -> FastReading | None:
         """Energy (mJ), power (mW) and clocks (MHz) of GPU ``index``: one batched field-value
         call plus two clock calls. ``None`` when the GPU is lost or unknown."""
-        gpu = self._gpu(index)
-        if gpu is None:
-            return None
-        try:
-            values = self._fields(gpu, FAST_FIELDS)
-            nvml = self._nvml
-            return FastReading(
-                energy_mj=as_int(values["energy_mj"]),
-                power_instant_mw=as_int(values["power_instant_mw"]),
-                power_average_mw=as_int(values["power_average_mw"]),
-                sm_clock_mhz=self._call(gpu, "sm_clock_mhz", "nvmlDeviceGetClockInfo",
-                                        nvml.NVML_CLOCK_SM),
-                memory_clock_mhz=self._call(gpu, "memory_clock_mhz", "nvmlDeviceGetClockInfo",
-                                            nvml.NVML_CLOCK_MEM),
-            )
-        except _GpuLost:
-            self._mark_lost(index)
-        except Exception:
-            self._unexpected("read_fast")
-        return None
+        return self._guarded(index, self._fast)
 
     def read_slow(self, index: int) -> SlowReading | None:
         """Everything else of GPU ``index`` (limits in mW, memory in bytes, throttle time in ns,
         NVLink traffic in bytes); ``None`` when the GPU is lost or unknown."""
-        gpu = self._gpu(index)
-        if gpu is None:
-            return None
-        try:
-            return self._slow(gpu)
-        except _GpuLost:
-            self._mark_lost(index)
-        except Exception:
-            self._unexpected("read_slow")
-        return None
+        return self._guarded(index, self._slow)
 
     def close(self) -> None:
         """Stop the XID thread and shut NVML down; a second call does nothing."""
@@ -181,9 +146,12 @@ class NvmlClient:
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as exc:
-            raise CollectorError(self._init_message(exc)) from None
+            no_driver = self._errors.get(exc.value, DEFAULT_ERROR)[0] is Outcome.NO_DRIVER
+            what = "no NVIDIA driver loaded on this host" if no_driver else "cannot initialise"
+            raise CollectorError(one_line(f"NVML: {what} ({exc})")) from None
         except OSError as exc:
-            raise CollectorError(_one_line(f"NVML: no NVIDIA driver loaded on this host ({exc})"))
+            raise CollectorError(
+                one_line(f"NVML: no NVIDIA driver loaded on this host ({exc})")) from None
         self._initialized = True
         try:
             identities = self._identify_all()
@@ -202,7 +170,7 @@ class NvmlClient:
         try:
             count = nvml.nvmlDeviceGetCount()
         except nvml.NVMLError as exc:
-            raise CollectorError(_one_line(f"NVML: cannot count the GPUs ({exc})")) from None
+            raise CollectorError(one_line(f"NVML: cannot count the GPUs ({exc})")) from None
         driver = self._invoke("driver_version", ("driver",), "nvmlSystemGetDriverVersion")[0]
         identities = (self._identify(index, as_text(driver)) for index in range(count))
         return tuple(i for i in identities if i is not None)
@@ -214,20 +182,13 @@ class NvmlClient:
                 import pynvml
             except ImportError as exc:
                 raise CollectorError(
-                    _one_line(f"NVML: the nvidia-ml-py package is not installed ({exc})")
+                    one_line(f"NVML: the nvidia-ml-py package is not installed ({exc})")
                 ) from None
             self._nvml = pynvml
         self._errors = error_table(self._nvml)
         self._error_names = error_names(self._nvml)
         self._members = value_members(self._nvml)
         return self._nvml
-
-    def _init_message(self, exc: Any) -> str:
-        """The one line said when ``nvmlInit`` fails."""
-        outcome, _ = self._errors.get(getattr(exc, "value", None), DEFAULT_ERROR)
-        if outcome is Outcome.NO_DRIVER:
-            return _one_line(f"NVML: no NVIDIA driver loaded on this host ({exc})")
-        return _one_line(f"NVML: cannot initialise ({exc})")
 
     def _identify(self, index: int, driver: str | None) -> GpuIdentity | None:
         """GPU ``index``'s identity, its handle cached; ``None`` (logged) for a GPU NVML cannot
@@ -286,6 +247,34 @@ class NvmlClient:
         if self._closed or index in self._lost:
             return None
         return self._gpus.get(index)
+
+    def _guarded(self, index: int, read: Any) -> Any:
+        """``read(gpu)`` for GPU ``index``; ``None`` when it is lost, unknown, or ``read``
+        fails in a way the error table does not know (logged once)."""
+        gpu = self._gpu(index)
+        if gpu is None:
+            return None
+        try:
+            return read(gpu)
+        except _GpuLost:
+            self._mark_lost(index)
+        except Exception:
+            if self._first_time(("unexpected", read.__name__)):
+                log.warning("NVML: %s failed; it reads None", read.__name__, exc_info=True)
+        return None
+
+    def _fast(self, gpu: _Gpu) -> FastReading:
+        values = self._fields(gpu, FAST_FIELDS)
+        nvml = self._nvml
+        return FastReading(
+            energy_mj=as_int(values["energy_mj"]),
+            power_instant_mw=as_int(values["power_instant_mw"]),
+            power_average_mw=as_int(values["power_average_mw"]),
+            sm_clock_mhz=self._call(gpu, "sm_clock_mhz", "nvmlDeviceGetClockInfo",
+                                    nvml.NVML_CLOCK_SM),
+            memory_clock_mhz=self._call(gpu, "memory_clock_mhz", "nvmlDeviceGetClockInfo",
+                                        nvml.NVML_CLOCK_MEM),
+        )
 
     def _slow(self, gpu: _Gpu) -> SlowReading:
         nvml = self._nvml
@@ -379,13 +368,13 @@ class NvmlClient:
                     raise _GpuLost from None
                 if outcome is Outcome.UNSUPPORTED:
                     self._dead.add(batch)
-                answers = ()
-            for spec, answer in zip(specs, answers):
-                if answer.nvmlReturn == nvml.NVML_SUCCESS:
-                    raw = decode(answer, self._members)
-                    values[spec.key] = None if raw is None else raw * spec.scale
-                elif self._failed(answer.nvmlReturn, spec.what) is Outcome.LOST:
-                    raise _GpuLost
+            else:
+                for spec, answer in zip(specs, answers, strict=True):
+                    if answer.nvmlReturn == nvml.NVML_SUCCESS:
+                        raw = decode(answer, self._members)
+                        values[spec.key] = None if raw is None else raw * spec.scale
+                    elif self._failed(answer.nvmlReturn, spec.what) is Outcome.LOST:
+                        raise _GpuLost
         for spec in specs:
             if values[spec.key] is None and spec.fallback is not None:
                 values[spec.key] = self._fallback(gpu, spec)
@@ -453,19 +442,16 @@ class NvmlClient:
                    "NVML: GPU %d is lost (NVML_ERROR_GPU_IS_LOST); it reads None from now on",
                    index)
 
-    def _unexpected(self, method: str) -> None:
-        with self._log_lock:
-            first = ("unexpected", method) not in self._logged
-            self._logged.add(("unexpected", method))
-        if first:
-            log.warning("NVML: %s failed unexpectedly; it reads None", method, exc_info=True)
-
     def _once(self, key: tuple, level: int, msg: str, *args: Any) -> None:
+        if self._first_time(key):
+            log.log(level, msg, *args)
+
+    def _first_time(self, key: tuple) -> bool:
         with self._log_lock:
             if key in self._logged:
-                return
+                return False
             self._logged.add(key)
-        log.log(level, msg, *args)
+            return True
 
     # -- XID events ------------------------------------------------------------------------
 
@@ -505,7 +491,7 @@ class NvmlClient:
                 self._once(("xid", index), logging.INFO,
                            "NVML: XID events of GPU %d are not counted (%s)", index, exc)
                 continue
-            by_handle[_handle_key(gpu.handle)] = index
+            by_handle[handle_key(gpu.handle)] = index
             with self._xid_lock:
                 self._xid.setdefault(index, Counter())
         return by_handle
@@ -521,12 +507,9 @@ class NvmlClient:
                 log.warning("NVML: the XID thread stopped (%s); XIDs are no longer counted",
                             exc)
                 return
-            index = by_handle.get(_handle_key(data.device))
+            index = by_handle.get(handle_key(data.device))
             if index is None or not data.eventType & nvml.nvmlEventTypeXidCriticalError:
                 continue
             with self._xid_lock:
                 self._xid[index][int(data.eventData)] += 1
 
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

@@ -1,5 +1,6 @@
-"""The tables of the NVML client (:mod:`ringwatch.collectors._nvml`): what each NVML error means
-to a reading, which field ids are read in one batch, and how a field value is decoded.
+"""The tables and small helpers of the NVML client (:mod:`ringwatch.collectors._nvml`): what
+each NVML error means to a reading, which field ids are read in one batch, and how a field value
+is decoded.
 
 Nothing here imports pynvml. Names are nvml.h's; each table resolves its names against the
 pynvml module in use. Field ids and value types also carry their nvml.h numbers, which NVML
@@ -8,6 +9,7 @@ guarantees never to change, for a pynvml too old to define the name.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 from dataclasses import dataclass
@@ -172,3 +174,16 @@ def as_text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return value if value is None else str(value)
+
+
+def handle_key(handle: Any) -> Any:
+    """What identifies a device handle: the address of a ctypes handle (an event carries a new
+    Python object for the same device), else the handle itself."""
+    if isinstance(handle, ctypes._Pointer):
+        return ctypes.cast(handle, ctypes.c_void_p).value
+    return handle
+
+
+def one_line(text: str) -> str:
+    """``text`` with its whitespace runs, newlines included, made single spaces."""
+    return " ".join(text.split())

@@ -133,7 +133,7 @@ def cmd_agent(args) -> int:
         logs_interval_s=args.logs_interval_s, export_interval_s=args.export_interval_s,
         otlp_endpoint=args.otlp_endpoint, prometheus_listen=args.prometheus,
         log_dir=args.log_dir, job_id=args.job_id, host=args.host,
-        power_window_s=args.power_window_s,
+        power_window_s=args.power_window_s, stale_after_s=args.stale_after_s,
         otlp_headers=parse_headers("--otlp-header", ",".join(args.otlp_header))
         if args.otlp_header else None)
     return run_agent(cfg, once=args.once, duration_s=args.duration_s, replay=args.replay,
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "one job whose ranks write here)")
     ag.add_argument("--host", help="host name label (default: RINGWATCH_HOST or the "
                     "machine's name)")
+    ag.add_argument("--stale-after-s", type=float, help="forget a rank whose log has not "
+                    "been written for this long (default 300)")
     ag.add_argument("--record", metavar="FILE", help="also save every reading to FILE "
                     "(gzip JSON lines) for later replay")
     ag.add_argument("--replay", metavar="FILE", help="read the GPUs (and host) from a "

@@ -194,6 +194,7 @@ class AgentConfig:
             whose ranks run here, if only one does).
         host: Host name label (default: the machine's name).
         power_window_s: Span of the peak/min power gauges, seconds.
+        stale_after_s: A rank whose log has not been written for this long is dropped.
     """
 
     fast_interval_s: float = 0.05
@@ -207,6 +208,7 @@ class AgentConfig:
     job_id: str = ""
     host: str = ""
     power_window_s: float = 10.0
+    stale_after_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> AgentConfig:
@@ -248,7 +250,7 @@ class AgentConfig:
             kw["log_dir"] = None if kw["log_dir"] in ("off", "none") else Path(kw["log_dir"])
         cfg = cls(**kw)
         for key in ("fast_interval_s", "slow_interval_s", "logs_interval_s",
-                    "export_interval_s", "power_window_s"):
+                    "export_interval_s", "power_window_s", "stale_after_s"):
             if getattr(cfg, key) <= 0:
                 raise ConfigError(f"{key} must be > 0")
         if cfg.prometheus_listen is not None:

@@ -1,0 +1,108 @@
+"""The sidecar's per-rank summaries, read incrementally from segments the real writer wrote."""
+
+from __future__ import annotations
+
+from ringwatch._clock import FakeClock
+from ringwatch.agent._node_state import NodeState
+from ringwatch.agent._points import collect_points
+from ringwatch.agent._rank_tail import RankLogTail, _Watermark
+from ringwatch.agent._writer import SegmentWriter, rank_dir
+
+from fakes import JOB, group, identity, issue_collective, recorder
+
+
+class Rank:
+    def __init__(self, log_dir, rank=0, *, compact_segments=32, host="host-a"):
+        self.clock = FakeClock()
+        self.rec = recorder(rank=rank, clock=self.clock)
+        self.g = group(self.rec, group_rank=rank)
+        ident = identity(rank)
+        self.writer = SegmentWriter(rank_dir(log_dir, JOB, rank), ident,
+                                    compact_segments=compact_segments, clock=self.clock)
+        self.host = host
+
+    def collective(self, dur_ns=1_000_000, gap_ns=4_000_000, nbytes=400, end=True):
+        ev = issue_collective(self.rec, self.g, nbytes=nbytes)
+        if end:
+            self.clock.advance(dur_ns)
+            self.rec.end(ev)
+            self.clock.advance(gap_ns)
+        return ev
+
+    def flush(self):
+        self.writer.write(self.rec.drain())
+        self.writer.write_pending(self.rec.pending_snapshot())
+        self.writer.write_meta({"written_ns": self.clock.wall_ns(), "host": self.host})
+
+
+def test_watermark_keeps_only_what_is_above_the_contiguous_prefix():
+    w = _Watermark()
+    for n in (0, 1, 3, 5):
+        w.add(n)
+    assert (w.low, w.above) == (1, {3, 5})
+    w.add(2)
+    w.add(4)
+    assert (w.low, w.above) == (5, set())
+    assert 4 in w and 6 not in w
+
+
+def test_totals_are_counted_once_across_flushes_and_compaction(tmp_path):
+    r = Rank(tmp_path, compact_segments=3)
+    tail = RankLogTail(tmp_path, clock=r.clock)
+    for _ in range(2):
+        r.collective()
+    r.flush()
+    s = tail.poll()[(JOB, 0)]
+    t = s.ops[("0", "all_reduce")]
+    assert (t.count, t.nbytes, t.busy_ns) == (2, 800, 2_000_000)
+    assert t.gap_ns == 4_000_000  # one gap between the two
+    for _ in range(2):  # segment 2, then segment 3 and the merge of 1..3
+        for _ in range(2):
+            r.collective()
+        r.flush()
+    assert any(p.name == "seg-00000001-00000003.parquet" for p in r.writer.dir.iterdir())
+    s = tail.poll()[(JOB, 0)]
+    t = s.ops[("0", "all_reduce")]
+    assert (t.count, t.busy_ns, t.gap_ns) == (6, 6_000_000, 5 * 4_000_000)
+    assert s.last_completed_seq["0"] == s.last_started_seq["0"] == 6
+    assert tail.poll()[(JOB, 0)].ops[("0", "all_reduce")].count == 6  # nothing new: same
+
+
+def test_a_pending_collective_is_reported_with_its_age(tmp_path):
+    r = Rank(tmp_path)
+    tail = RankLogTail(tmp_path, clock=r.clock)
+    r.collective()
+    r.collective(end=False)
+    r.flush()
+    r.clock.advance(7_000_000_000)
+    state = NodeState(host="host-a")
+    state.ranks = tail.poll()
+    assert state.ranks[(JOB, 0)].pending[:2] == ("0", "all_reduce")
+    pts = {(p.spec.prom, dict(p.labels).get("pending_op")): p.value
+           for p in collect_points(state, now_wall_ns=r.clock.wall_ns())}
+    assert 6.9 <= pts[("ringwatch_collective_pending_seconds", "all_reduce")] <= 7.0 + 1e-9
+    assert state.ranks[(JOB, 0)].last_started_seq["0"] == 2
+    assert state.ranks[(JOB, 0)].last_completed_seq["0"] == 1
+
+
+def test_other_hosts_and_stale_jobs_are_left_out(tmp_path):
+    a, b = Rank(tmp_path, 0, host="host-a"), Rank(tmp_path, 1, host="host-b")
+    for r in (a, b):
+        r.collective()
+        r.flush()
+    assert set(RankLogTail(tmp_path, host="host-b", clock=a.clock).poll()) == {(JOB, 1)}
+    tail = RankLogTail(tmp_path, clock=a.clock, stale_after_s=60)
+    assert set(tail.poll()) == {(JOB, 0), (JOB, 1)}
+    a.clock.advance(61_000_000_000)
+    assert tail.poll() == {}  # both ranks stopped writing a minute ago: forgotten
+
+
+def test_an_unreadable_segment_is_counted_and_the_rest_read(tmp_path):
+    r = Rank(tmp_path)
+    r.collective()
+    r.flush()
+    (r.writer.dir / "seg-00000009.parquet").write_bytes(b"not parquet")
+    tail = RankLogTail(tmp_path, clock=r.clock)
+    ranks = tail.poll()
+    assert tail.errors == 1
+    assert ranks == {} or ranks[(JOB, 0)].ops[("0", "all_reduce")].count == 1
