@@ -17,23 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ringwatch.collectors._nvml_fields import (
-    DEFAULT_ERROR,
-    FAST_FIELDS,
-    SLOW_FIELDS,
-    THROTTLE_PREFIX,
-    FieldSpec,
-    Outcome,
-    as_int,
-    as_text,
-    decode,
-    error_names,
-    error_table,
-    handle_key,
-    link_fields,
-    one_line,
-    value_members,
-)
+from ringwatch.collectors import _nvml_fields as nf
+from ringwatch.collectors._nvml_fields import FieldSpec, Outcome, as_int, as_text
 from ringwatch.collectors._types import (
     CollectorError,
     FastReading,
@@ -82,6 +67,7 @@ class NvmlClient:
         self._xid_events = xid_events
         self._init_lock = threading.Lock()
         self._identities: tuple[GpuIdentity, ...] | None = None
+        self._failure: str | None = None
         self._initialized = False
         self._closed = False
         self._gpus: dict[int, _Gpu] = {}
@@ -97,30 +83,34 @@ class NvmlClient:
         self._stop = threading.Event()
         self._xid_thread: threading.Thread | None = None
 
-    # -- the DeviceClient methods ---------------------------------------------------------
-
     def devices(self) -> tuple[GpuIdentity, ...]:
         """The GPUs of this node, read once (NVML is initialised by the first call).
 
         Raises :class:`CollectorError` with a one-line message when there is no driver or no
         NVML library, or when the client is closed.
         """
-        with self._init_lock:
+        if True:
             if self._closed:
                 raise CollectorError("NVML: this client is closed")
+            if self._failure is not None:
+                raise CollectorError(self._failure)
             if self._identities is None:
-                self._identities = self._start()
+                try:
+                    self._identities = self._start()
+                except CollectorError as exc:
+                    self._failure = str(exc)  # said once; not retried at every read
+                    raise
             return self._identities
 
     def read_fast(self, index: int) -> FastReading | None:
         """Energy (mJ), power (mW) and clocks (MHz) of GPU ``index``: one batched field-value
         call plus two clock calls. ``None`` when the GPU is lost or unknown."""
-        return self._guarded(index, self._fast)
+        return self._guarded(index, "read_fast", self._fast)
 
     def read_slow(self, index: int) -> SlowReading | None:
         """Everything else of GPU ``index`` (limits in mW, memory in bytes, throttle time in ns,
         NVLink traffic in bytes); ``None`` when the GPU is lost or unknown."""
-        return self._guarded(index, self._slow)
+        return self._guarded(index, "read_slow", self._slow)
 
     def close(self) -> None:
         """Stop the XID thread and shut NVML down; a second call does nothing."""
@@ -138,20 +128,18 @@ class NvmlClient:
                 self._initialized = False
                 self._shutdown()
 
-    # -- start -----------------------------------------------------------------------------
-
     def _start(self) -> tuple[GpuIdentity, ...]:
         """Import pynvml, initialise NVML and read every GPU's identity; raises CollectorError."""
         nvml = self._load()
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as exc:
-            no_driver = self._errors.get(exc.value, DEFAULT_ERROR)[0] is Outcome.NO_DRIVER
+            no_driver = self._errors.get(exc.value, nf.DEFAULT_ERROR)[0] is Outcome.NO_DRIVER
             what = "no NVIDIA driver loaded on this host" if no_driver else "cannot initialise"
-            raise CollectorError(one_line(f"NVML: {what} ({exc})")) from None
+            raise CollectorError(nf.one_line(f"NVML: {what} ({exc})")) from None
         except OSError as exc:
             raise CollectorError(
-                one_line(f"NVML: no NVIDIA driver loaded on this host ({exc})")) from None
+                nf.one_line(f"NVML: no NVIDIA driver loaded on this host ({exc})")) from None
         self._initialized = True
         try:
             identities = self._identify_all()
@@ -170,7 +158,7 @@ class NvmlClient:
         try:
             count = nvml.nvmlDeviceGetCount()
         except nvml.NVMLError as exc:
-            raise CollectorError(one_line(f"NVML: cannot count the GPUs ({exc})")) from None
+            raise CollectorError(nf.one_line(f"NVML: cannot count the GPUs ({exc})")) from None
         driver = self._invoke("driver_version", ("driver",), "nvmlSystemGetDriverVersion")[0]
         identities = (self._identify(index, as_text(driver)) for index in range(count))
         return tuple(i for i in identities if i is not None)
@@ -182,12 +170,12 @@ class NvmlClient:
                 import pynvml
             except ImportError as exc:
                 raise CollectorError(
-                    one_line(f"NVML: the nvidia-ml-py package is not installed ({exc})")
+                    nf.one_line(f"NVML: the nvidia-ml-py package is not installed ({exc})")
                 ) from None
             self._nvml = pynvml
-        self._errors = error_table(self._nvml)
-        self._error_names = error_names(self._nvml)
-        self._members = value_members(self._nvml)
+        self._errors = nf.error_table(self._nvml)
+        self._error_names = nf.error_names(self._nvml)
+        self._members = nf.value_members(self._nvml)
         return self._nvml
 
     def _identify(self, index: int, driver: str | None) -> GpuIdentity | None:
@@ -235,8 +223,6 @@ class NvmlClient:
         except self._nvml.NVMLError as exc:
             log.debug("NVML: nvmlShutdown failed (%s)", exc)
 
-    # -- reads -----------------------------------------------------------------------------
-
     def _gpu(self, index: int) -> _Gpu | None:
         """The GPU to read (NVML started on first use), or ``None``: closed, lost, unknown."""
         if self._identities is None and not self._closed:
@@ -248,7 +234,7 @@ class NvmlClient:
             return None
         return self._gpus.get(index)
 
-    def _guarded(self, index: int, read: Any) -> Any:
+    def _guarded(self, index: int, method: str, read: Any) -> Any:
         """``read(gpu)`` for GPU ``index``; ``None`` when it is lost, unknown, or ``read``
         fails in a way the error table does not know (logged once)."""
         gpu = self._gpu(index)
@@ -259,12 +245,12 @@ class NvmlClient:
         except _GpuLost:
             self._mark_lost(index)
         except Exception:
-            if self._first_time(("unexpected", read.__name__)):
-                log.warning("NVML: %s failed; it reads None", read.__name__, exc_info=True)
+            if self._first_time(("unexpected", method)):
+                log.warning("NVML: %s(%d) failed; it reads None", method, index, exc_info=True)
         return None
 
     def _fast(self, gpu: _Gpu) -> FastReading:
-        values = self._fields(gpu, FAST_FIELDS)
+        values = self._fields(gpu, nf.FAST_FIELDS)
         nvml = self._nvml
         return FastReading(
             energy_mj=as_int(values["energy_mj"]),
@@ -297,9 +283,9 @@ class NvmlClient:
             temperature_c=self._call(gpu, "temperature_c", "nvmlDeviceGetTemperature",
                                      nvml.NVML_TEMPERATURE_GPU),
             throttle_reasons_mask=mask,
-            throttle_time_ns={k.removeprefix(THROTTLE_PREFIX): as_int(v)
+            throttle_time_ns={k.removeprefix(nf.THROTTLE_PREFIX): as_int(v)
                               for k, v in values.items()
-                              if k.startswith(THROTTLE_PREFIX) and v is not None},
+                              if k.startswith(nf.THROTTLE_PREFIX) and v is not None},
             ecc_corrected_total=as_int(values["ecc_corrected_total"]),
             ecc_uncorrected_total=as_int(values["ecc_uncorrected_total"]),
             pcie_replay_total=as_int(values["pcie_replay_total"]),
@@ -329,7 +315,8 @@ class NvmlClient:
                 remote = self._call(gpu, "nvlink.remote_pci_bus_id",
                                     "nvmlDeviceGetNvLinkRemotePciInfo", link)
                 gpu.remote_bus[link] = None if remote is None else as_text(remote.busId)
-            gpu.slow_specs = SLOW_FIELDS + tuple(s for link in active for s in link_fields(link))
+            per_link = (spec for link in active for spec in nf.link_fields(link))
+            gpu.slow_specs = nf.SLOW_FIELDS + tuple(per_link)
             gpu.links = tuple(active)
         return gpu.links
 
@@ -350,8 +337,6 @@ class NvmlClient:
                                        nvml.NVML_NVLINK_ERROR_DL_RECOVERY),
         )
 
-    # -- NVML calls through the error table ------------------------------------------------
-
     def _fields(self, gpu: _Gpu, specs: tuple[FieldSpec, ...]) -> dict[str, Any]:
         """One ``nvmlDeviceGetFieldValues`` call for ``specs``: key -> value in the reading's
         unit, or ``None``. A field whose own return code failed is asked of its fallback."""
@@ -371,7 +356,7 @@ class NvmlClient:
             else:
                 for spec, answer in zip(specs, answers, strict=True):
                     if answer.nvmlReturn == nvml.NVML_SUCCESS:
-                        raw = decode(answer, self._members)
+                        raw = nf.decode(answer, self._members)
                         values[spec.key] = None if raw is None else raw * spec.scale
                     elif self._failed(answer.nvmlReturn, spec.what) is Outcome.LOST:
                         raise _GpuLost
@@ -430,7 +415,7 @@ class NvmlClient:
 
     def _failed(self, code: int, what: str) -> Outcome:
         """The outcome of return code ``code`` for ``what``, logged once per (code, what)."""
-        outcome, level = self._errors.get(code, DEFAULT_ERROR)
+        outcome, level = self._errors.get(code, nf.DEFAULT_ERROR)
         if outcome is not Outcome.LOST and outcome is not Outcome.TIMEOUT:
             name = self._error_names.get(code, f"NVML error {code}")
             self._once((code, what), level, "NVML: %s unavailable (%s)", what, name)
@@ -452,8 +437,6 @@ class NvmlClient:
                 return False
             self._logged.add(key)
             return True
-
-    # -- XID events ------------------------------------------------------------------------
 
     def _xid_main(self) -> None:
         """The XID thread: one event set for every GPU, counted until close(). Whatever
@@ -491,7 +474,7 @@ class NvmlClient:
                 self._once(("xid", index), logging.INFO,
                            "NVML: XID events of GPU %d are not counted (%s)", index, exc)
                 continue
-            by_handle[handle_key(gpu.handle)] = index
+            by_handle[nf.handle_key(gpu.handle)] = index
             with self._xid_lock:
                 self._xid.setdefault(index, Counter())
         return by_handle
@@ -502,12 +485,12 @@ class NvmlClient:
             try:
                 data = nvml.nvmlEventSetWait_v2(event_set, _XID_WAIT_MS)
             except nvml.NVMLError as exc:
-                if self._errors.get(exc.value, DEFAULT_ERROR)[0] is Outcome.TIMEOUT:
+                if self._errors.get(exc.value, nf.DEFAULT_ERROR)[0] is Outcome.TIMEOUT:
                     continue
                 log.warning("NVML: the XID thread stopped (%s); XIDs are no longer counted",
                             exc)
                 return
-            index = by_handle.get(handle_key(data.device))
+            index = by_handle.get(nf.handle_key(data.device))
             if index is None or not data.eventType & nvml.nvmlEventTypeXidCriticalError:
                 continue
             with self._xid_lock:

@@ -52,6 +52,15 @@ for name in ("connect", "connect_ex", "bind", "sendto"):
 for name in ("create_connection", "getaddrinfo", "gethostbyname", "create_server"):
     setattr(socket, name, _spy(name, getattr(socket, name)))
 
+import pynvml
+nvml_calls = []
+
+def _no_driver(*a, **k):
+    nvml_calls.append("nvmlInit")
+    raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+
+pynvml.nvmlInit = pynvml.nvmlInitWithFlags = _no_driver
+
 threads_before = threading.active_count()
 meta_path_before = len(sys.meta_path)
 
@@ -82,6 +91,7 @@ print(json.dumps({
     "threads": [threads_before, threading.active_count(),
                 [t.name for t in threading.enumerate()]],
     "meta_path": [meta_path_before, len(sys.meta_path)],
+    "nvml": nvml_calls,
 }))
 """
 
@@ -93,7 +103,11 @@ def test_every_module_imports_without_side_effects(tmp_path):
     # The walk really reached every code folder, including the torch-side agent.
     assert {"ringwatch._schema", "ringwatch._logs", "ringwatch.agent._recorder",
             "ringwatch.agent._pg_hooks", "ringwatch.agent._nccl", "ringwatch.agent._writer",
-            "ringwatch.analyzers._capture", "ringwatch.analyzers._steps"} <= mods
+            "ringwatch.analyzers._capture", "ringwatch.analyzers._steps",
+            "ringwatch.collectors._nvml", "ringwatch.collectors._host",
+            "ringwatch.agent._sidecar", "ringwatch.agent._otlp_export",
+            "ringwatch.agent._prom_export"} <= mods
+    assert out["nvml"] == [], "importing a module initialised NVML"
     before, after, names = out["threads"]
     assert after == before, names
     assert out["net"] == []

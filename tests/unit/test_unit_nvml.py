@@ -204,6 +204,17 @@ def test_gpu_lost_answered_by_one_field_drops_the_whole_read(open_clients):
     assert client.read_fast(1) is not None
 
 
+def test_an_error_outside_the_table_reads_none_and_never_raises(open_clients, caplog):
+    node = fake.healthy(2)
+    node.nvml.nvmlDeviceGetClockInfo.side_effect = RuntimeError("driver bug")
+    client = start(node, open_clients)
+    client.devices()
+    assert client.read_fast(0) is None
+    assert client.read_fast(1) is None
+    assert client.read_slow(1).temperature_c == 64
+    assert len(messages(caplog, "read_fast(0) failed")) == 1
+
+
 def test_unknown_index_reads_none(open_clients):
     client = start(fake.healthy(1), open_clients)
     assert client.read_fast(5) is None
@@ -224,9 +235,12 @@ def test_driver_missing_raises_one_line_collector_error(node, open_clients):
     message = str(info.value)
     assert message.startswith("NVML: no NVIDIA driver loaded on this host (")
     assert "\n" not in message
-    # The other methods never raise.
+    # The other methods never raise, and a failed start is not retried at every read.
     assert client.read_fast(0) is None
     assert client.read_slow(0) is None
+    with pytest.raises(CollectorError, match="^NVML: no NVIDIA driver"):
+        client.devices()
+    assert node.nvml.nvmlInit.call_count == 1
     client.close()
     node.nvml.nvmlShutdown.assert_not_called()
 
