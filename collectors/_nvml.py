@@ -89,7 +89,7 @@ class NvmlClient:
         Raises :class:`CollectorError` with a one-line message when there is no driver or no
         NVML library, or when the client is closed.
         """
-        if True:
+        with self._init_lock:
             if self._closed:
                 raise CollectorError("NVML: this client is closed")
             if self._failure is not None:

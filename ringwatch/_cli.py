@@ -86,6 +86,11 @@ def cmd_analyze(args) -> int:
 def cmd_schema(args) -> int:
     from ringwatch._schema import COLUMNS, SCHEMA_VERSION, schema_markdown
 
+    if args.metrics:
+        from ringwatch._metrics import metrics_markdown
+
+        sys.stdout.write(metrics_markdown())
+        return 0
     if args.markdown:
         sys.stdout.write(schema_markdown())
         return 0
@@ -187,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("schema", help="print the event schema")
     s.add_argument("--markdown", action="store_true", help="as docs/schema.md")
+    s.add_argument("--metrics", action="store_true", help="the agent's metric table, as "
+                   "docs/metrics.md")
     s.set_defaults(func=cmd_schema)
 
     pr = sub.add_parser("probe", help="pairwise point-to-point bandwidth/latency test over "

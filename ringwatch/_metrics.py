@@ -266,3 +266,29 @@ METRICS: tuple[MetricSpec, ...] = (
 def metric_names() -> set[str]:
     """Every Prometheus name, and the names the exposition derives from counters."""
     return {m.prom for m in METRICS}
+
+
+def metrics_markdown() -> str:
+    """``docs/metrics.md``: every metric of :data:`METRICS`, as a table."""
+    rows: dict[str, list[MetricSpec]] = {}
+    for m in METRICS:
+        rows.setdefault(m.prom, []).append(m)
+    out = ["# Metrics of the node sidecar (`ringwatch agent`)", "",
+           "Generated from `ringwatch/_metrics.py` by `ringwatch schema --metrics`; do not edit.",
+           "", "Every series also carries the resource labels of what produced it: "
+           + ", ".join(f"`{k}` (OTel `{v}`)" for k, v in RESOURCE_LABELS.items())
+           + ". On OTLP they are resource attributes; GPU resources add `ringwatch.source` "
+           "(`nvml`, or `replay:...` for a recording) and `ringwatch.replayed`.", "",
+           "| Prometheus | OpenTelemetry | type | unit | labels | source field | meaning |",
+           "|---|---|---|---|---|---|---|"]
+    for name, specs in rows.items():
+        m = specs[0]
+        labels = sorted({lab for s in specs for lab in (*s.labels, *s.const_labels,
+                                                         *([s.key_label] if s.key_label
+                                                           else []))})
+        consts = "; ".join(f"{k}={v}" for s in specs for k, v in s.const_labels.items())
+        src = ", ".join(f"`{s.entity}.{s.field}`" for s in specs)
+        out.append(f"| `{name}` | `{m.otel}` | {m.kind} | `{m.unit}` | "
+                   f"{', '.join(f'`{x}`' for x in labels)}{f' ({consts})' if consts else ''} | "
+                   f"{src} | {m.help} |")
+    return "\n".join(out) + "\n"

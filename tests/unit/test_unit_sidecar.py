@@ -265,3 +265,13 @@ def test_agent_config_precedence_and_errors():
         AgentConfig.from_env({}, prometheus_listen="localhost")
     with pytest.raises(ConfigError, match="key=value"):
         AgentConfig.from_env({"OTEL_EXPORTER_OTLP_HEADERS": "novalue"})
+
+
+def test_docs_metrics_md_is_generated_from_the_table():
+    from pathlib import Path
+
+    from ringwatch._metrics import metrics_markdown
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+    assert path.read_text() == metrics_markdown(), \
+        "regenerate with: ringwatch schema --metrics > docs/metrics.md"
