@@ -88,7 +88,8 @@ def run_agent(config: AgentConfig, *, once: bool = False, duration_s: float | No
     sidecar = build_sidecar(config, **build)
     registry = build_registry(sidecar.state)
     if sidecar.device_problem:
-        print(f"ringwatch agent: {sidecar.device_problem}; no GPU readings", file=sys.stderr)
+        print(f"ringwatch agent: {sidecar.device_problem}; going on without GPU readings",
+              file=sys.stderr)
     if once:
         sidecar.once()
         if config.otlp_endpoint:

@@ -62,8 +62,8 @@ class Sidecar:
 
     # --- start-up ---------------------------------------------------------------------
     def open_devices(self) -> None:
-        """Enumerate the GPUs. A node without a driver runs on (host and logs only), and
-        says so once; a replay with no GPU is a configuration error."""
+        """Enumerate the GPUs. A node without a driver runs on (host and logs only) with the
+        reason in :attr:`device_problem`; a replay with no GPU is a configuration error."""
         if self.client is None:
             return
         try:
@@ -71,8 +71,7 @@ class Sidecar:
         except CollectorError as exc:
             if self.state.replayed:
                 raise
-            self.device_problem = str(exc)
-            log.warning("ringwatch agent: %s; going on without GPU readings", exc)
+            self.device_problem = str(exc)  # the entry point says it, once
             self.client = None
 
     # --- one round of each schedule ---------------------------------------------------

@@ -38,7 +38,7 @@ def _receiver() -> tuple[ThreadingHTTPServer, list[int]]:
     sizes: list[int] = []
 
     class H(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             sizes.append(len(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(200)
             self.send_header("Content-Length", "0")

@@ -115,6 +115,8 @@ class FieldSpec:
 
 
 # Power fields take a power scope as scopeId; 0 is NVML_POWER_SCOPE_GPU (the GPU alone).
+# NVML_FI_DEV_POWER_AVERAGE is missing on GA100 (A100) and older, where the fallback
+# nvmlDeviceGetPowerUsage is, per nvml.h, instantaneous rather than a 1 s average.
 FAST_FIELDS = (
     FieldSpec("energy_mj", "energy_mj", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83,
               fallback=Fallback("nvmlDeviceGetTotalEnergyConsumption")),

@@ -84,6 +84,41 @@ def _complete_steps(step_comm, nproc: int) -> list[int]:
     return done[:-1]  # the newest step may still be in flight on some rank
 
 
+def _start_agent(log_dir: Path, nproc: int):
+    """The node agent beside the job, in this process: ``nproc`` synthetic GPUs replayed
+    (this machine may have none; every series says ``source="replay:synthetic"``), the ranks'
+    summaries from their logs, ``/metrics`` on a free loopback port."""
+    from ringwatch._config import AgentConfig
+    from ringwatch.agent._agent_main import build_sidecar
+    from ringwatch.agent._prom_export import build_registry, serve_metrics
+
+    cfg = AgentConfig(log_dir=log_dir, prometheus_listen=None, host="demo-node",
+                      logs_interval_s=1.0)
+    sidecar = build_sidecar(cfg, replay=f"synthetic:{nproc}")
+    server, _ = serve_metrics(build_registry(sidecar.state), "127.0.0.1:0")
+    sidecar.start()
+    return sidecar, server
+
+
+def _agent_lines(sidecar, server) -> list[str]:
+    from ringwatch.agent._points import collect_points
+
+    sidecar.read_logs()
+    pts = collect_points(sidecar.state)
+    power = [p.value for p in pts if p.spec.prom == "ringwatch_gpu_power_watts"]
+    calls: dict[str, float] = {}
+    for p in pts:
+        if p.spec.prom == "ringwatch_collectives_total":
+            rank = dict(p.resource)["rank"]
+            calls[rank] = calls.get(rank, 0) + p.value
+    port = server.server_address[1]
+    return [f"node agent: /metrics on 127.0.0.1:{port} ({len(pts)} series); "
+            f"{len(power)} GPU(s) replayed from a synthetic recording, "
+            f"{sum(power):.0f} W now",
+            "  collectives per rank, read from the ranks' logs: "
+            + ", ".join(f"rank {r}: {int(n)}" for r, n in sorted(calls.items()))]
+
+
 def run_demo(args) -> int:
     """Run the demo from parsed ``ringwatch demo`` arguments; returns the exit status."""
     from ringwatch._logs import open_job
@@ -101,8 +136,14 @@ def run_demo(args) -> int:
          + (f", from step {fault.at_step}" if fault.kind in ("straggler", "hang", "link")
             and fault.at_step is not None else ""))
     sigterm_as_interrupt()
-    with cluster:
-        result = cluster.run()
+    sidecar, server = _start_agent(Path(args.log_dir) / "logs", spec.nproc)
+    try:
+        with cluster:
+            result = cluster.run()
+        agent_lines = _agent_lines(sidecar, server)
+    finally:
+        sidecar.stop()
+        server.shutdown()
     _say()
     try:
         job = open_job(result.log_dir, result.job_id)
@@ -125,6 +166,8 @@ def run_demo(args) -> int:
     _say(f"ringwatch analyze {result.log_dir}:")
     for line in report_lines(analyze_job(job, min_stall_s=stall))[1:]:
         _say(f"  {line}")
+    for line in agent_lines:
+        _say(line)
     _say(f"ground truth: {result.run_dir / GROUND_TRUTH}")
     _say(f"logs: {job.path}   (read them: ringwatch logs {result.log_dir} --steps)")
     if result.leftovers:

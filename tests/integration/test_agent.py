@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -191,3 +192,16 @@ def test_once_prints_the_metrics_and_exits(tmp_path):
     assert _sample(out.stdout, "ringwatch_gpu_energy_joules_total", uuid="GPU-synthetic-0000")
     ok, msg = promtool_check_metrics(out.stdout)
     assert ok, msg
+
+
+def test_nvml_or_a_one_line_reason_and_the_host_anyway(tmp_path):
+    out = subprocess.run(ringwatch_cmd("agent", "--once", "--log-dir", "off"),
+                         capture_output=True, text=True, env=job_env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert _sample(out.stdout, "ringwatch_host_cpu_seconds_total", mode="user")
+    if Path("/dev/nvidiactl").exists():  # a GPU node: real readings, labelled nvml
+        assert _sample(out.stdout, "ringwatch_gpu_info", source="nvml"), out.stdout
+        return
+    lines = [ln for ln in out.stderr.splitlines() if "NVML" in ln]
+    assert len(lines) == 1 and "no NVIDIA driver" in lines[0], out.stderr
+    assert "ringwatch_gpu_" not in out.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -93,6 +94,11 @@ def test_demo_shows_the_straggler(tmp_path):
     assert "consistency: OK" in out
     assert out.count(": OK,") == 4  # every rank matches its Flight Recorder
     assert "reading: rank 2 arrives last at" in out and "a straggler" in out, out
+    # the node agent ran beside the job: synthetic GPUs (said so), every rank's collectives
+    assert "GPU(s) replayed from a synthetic recording" in out, out
+    counts = re.search(r"collectives per rank, read from the ranks' logs: (.*)", out).group(1)
+    per_rank = dict(re.findall(r"rank (\d+): (\d+)", counts))
+    assert sorted(per_rank) == ["0", "1", "2", "3"] and min(map(int, per_rank.values())) > 90
     truth = json.loads((tmp_path / "demo" / "ground_truth.json").read_text())
     assert truth["kind"] == "straggler" and truth["rank"] == 2 and truth["onset_step"] >= 30
 
