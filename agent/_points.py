@@ -14,6 +14,11 @@ from typing import NamedTuple
 
 from ringwatch._metrics import METRICS, MetricSpec
 from ringwatch.agent._node_state import NodeState
+from ringwatch.agent._rank_tail import completed_steps
+
+#: Finished steps of each rank sent in every push (the service keeps each step once): a push
+#: that fails loses nothing while fewer steps than this pass before the next one succeeds.
+PUSH_STEPS = 32
 
 
 class Point(NamedTuple):
@@ -103,6 +108,11 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None) -> list[
             _emit(out, "rank_pg", res, {"pg": pg},
                   {"last_started_seq": s.last_started_seq.get(pg),
                    "last_completed_seq": s.last_completed_seq.get(pg)})
+        for step, pg, t in completed_steps(s, PUSH_STEPS):
+            members, size, grank = s.groups.get(pg, ("", 0, 0))
+            _emit(out, "rank_step", res, {"pg": pg, "step": str(step), "pg_ranks": members,
+                                          "pg_size": str(size), "group_rank": str(grank)},
+                  _fields(t))
         pg, op, since = s.pending or ("", "", now)
         _emit(out, "rank", res, {"pg": pg, "pending_op": op},
               {"pending_ns": max(0, now - since), "step": s.step,

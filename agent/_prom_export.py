@@ -25,7 +25,8 @@ class NodeCollector:
 
         by_name: dict[str, list] = defaultdict(list)
         for p in collect_points(self.state):
-            by_name[p.spec.prom].append(p)
+            if not p.spec.otlp_only:
+                by_name[p.spec.prom].append(p)
         for name, points in sorted(by_name.items()):
             spec = points[0].spec
             keys = sorted({k for p in points for k, _ in (*p.resource, *p.labels)})

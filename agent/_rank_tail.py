@@ -30,8 +30,10 @@ from ringwatch._logs import META_FILE, PENDING_FILE, RANK_DIR_RE, SEGMENT_RE, se
 
 log = logging.getLogger("ringwatch.agent")
 
-_COLUMNS = ["idx", "pg", "op", "seq", "status", "nbytes", "t_issue_ns", "t_start_ns",
-            "t_end_ns", "duration_ns", "step"]
+_COLUMNS = ["idx", "pg", "pg_ranks", "pg_size", "group_rank", "op", "is_p2p", "seq",
+            "status", "nbytes", "t_issue_ns", "t_start_ns", "t_end_ns", "duration_ns", "step"]
+#: Steps of per-step totals kept per rank (the newest).
+KEEP_STEPS = 64
 
 
 class _Watermark:
@@ -66,6 +68,17 @@ class OpTotals:
 
 
 @dataclass(slots=True)
+class StepTotals:
+    """One rank's collectives (not send/recv) of one group in one training step."""
+
+    count: int = 0
+    nbytes: int = 0
+    busy_ns: int = 0
+    first_start_ns: int | None = None
+    last_end_ns: int | None = None
+
+
+@dataclass(slots=True)
 class RankSummary:
     """What the sidecar knows of one rank."""
 
@@ -81,6 +94,10 @@ class RankSummary:
     pending: tuple[str, str, int] | None = None
     written_ns: int | None = None
     last_end_ns: int | None = None
+    #: step -> pg -> totals, for the newest :data:`KEEP_STEPS` steps.
+    steps: dict[int, dict[str, StepTotals]] = field(default_factory=dict)
+    #: pg -> (members in compact form, size, this rank's rank in it).
+    groups: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     segments: _Watermark = field(default_factory=_Watermark)
     rows: _Watermark = field(default_factory=_Watermark)
 
@@ -214,6 +231,33 @@ def _consume(s: RankSummary, frame) -> None:
             t.gap_ns += start - s.last_end_ns
         if end is not None:
             s.last_end_ns = max(end, s.last_end_ns or end)
+        if r["step"] is not None and not r["is_p2p"]:
+            _add_step(s, r)
+    while len(s.steps) > KEEP_STEPS:
+        del s.steps[min(s.steps)]
+
+
+def _add_step(s: RankSummary, r: dict) -> None:
+    if r["pg"] not in s.groups:
+        s.groups[r["pg"]] = (r["pg_ranks"], r["pg_size"], r["group_rank"])
+    t = s.steps.setdefault(r["step"], {}).setdefault(r["pg"], StepTotals())
+    t.count += 1
+    t.nbytes += r["nbytes"] or 0
+    t.busy_ns += r["duration_ns"] or 0
+    start, end = r["t_start_ns"], r["t_end_ns"]
+    if start is not None:
+        t.first_start_ns = start if t.first_start_ns is None else min(start, t.first_start_ns)
+    if end is not None:
+        t.last_end_ns = end if t.last_end_ns is None else max(end, t.last_end_ns)
+
+
+def completed_steps(s: RankSummary, last: int) -> list[tuple[int, str, StepTotals]]:
+    """(step, pg, totals) of the newest ``last`` steps the rank has finished (a later step
+    has begun), oldest first."""
+    if s.step is None:
+        return []
+    done = sorted(k for k in s.steps if k < s.step)[-last:]
+    return [(k, pg, t) for k in done for pg, t in s.steps[k].items()]
 
 
 def _read_pending(s: RankSummary, path: Path) -> tuple[str, str, int] | None:

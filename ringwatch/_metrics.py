@@ -55,6 +55,10 @@ POINT_LABELS = {
     "source": "ringwatch.source",
     "pending_op": "ringwatch.pending.op",
     "cause": "ringwatch.cause",
+    "step": "ringwatch.step",
+    "pg_ranks": "ringwatch.pg.ranks",
+    "pg_size": "ringwatch.pg.size",
+    "group_rank": "ringwatch.pg.rank",
 }
 
 
@@ -74,6 +78,8 @@ class MetricSpec:
         labels: Labels of the point within its entity, besides the resource labels.
         const_labels: Fixed labels of this spec (``clock="sm"``).
         key_label: For a dict field, the label its keys go to.
+        otlp_only: Pushed over OTLP to the central service, never on ``/metrics``: one point
+            per step is a stream, not a series (it would be a new series every step).
     """
 
     prom: str
@@ -87,12 +93,13 @@ class MetricSpec:
     labels: tuple[str, ...] = ()
     const_labels: dict[str, str] = field(default_factory=dict)
     key_label: str | None = None
+    otlp_only: bool = False
 
 
 def _m(prom, otel, kind, unit, help_, entity, field_, scale=1.0, /, labels=(), key_label=None,
-       **const) -> MetricSpec:
+       otlp_only=False, **const) -> MetricSpec:
     return MetricSpec(prom, otel, kind, unit, help_, entity, field_, scale, tuple(labels),
-                      dict(const), key_label)
+                      dict(const), key_label, otlp_only)
 
 
 _MHZ, _MILLI, _MICRO, _NANO = 1e6, 1e-3, 1e-6, 1e-9
@@ -107,6 +114,7 @@ _NIC_PKT_HELP = "Packets through a network interface, per direction."
 _NIC_ERR_HELP = "Network interface errors, per direction."
 _NIC_DROP_HELP = "Packets dropped by a network interface, per direction."
 _IB_BYTES_HELP = "Bytes through an InfiniBand/RoCE port, per direction."
+_STEP_LABELS = ("pg", "step", "pg_ranks", "pg_size", "group_rank")
 
 METRICS: tuple[MetricSpec, ...] = (
     # --- GPU, fast (>=20 Hz) ---
@@ -251,6 +259,23 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("ringwatch_rank_log_age_seconds", "ringwatch.rank.log_age", GAUGE, "s",
        "Seconds since the rank's log was last written (a silent agent ages).", "rank",
        "log_age_ns", _NANO),
+    # --- per-rank, per-step totals: the central service's input (OTLP only) ---
+    _m("ringwatch_step_collective_seconds", "ringwatch.step.collective.time", GAUGE, "s",
+       "Time a rank spent inside one group's collectives in one finished step.", "rank_step",
+       "busy_ns", _NANO, labels=_STEP_LABELS, otlp_only=True),
+    _m("ringwatch_step_collective_bytes", "ringwatch.step.collective.io", GAUGE, "By",
+       "Message bytes of a rank's collectives of one group in one finished step.",
+       "rank_step", "nbytes", labels=_STEP_LABELS, otlp_only=True),
+    _m("ringwatch_step_collectives", "ringwatch.step.collective.count", GAUGE,
+       "{collective}", "Collectives of one group a rank ran in one finished step.",
+       "rank_step", "count", labels=_STEP_LABELS, otlp_only=True),
+    _m("ringwatch_step_collective_start_seconds", "ringwatch.step.collective.start", GAUGE,
+       "s", "Wall clock (Unix seconds) when the rank's first collective of the group in the "
+       "step started.", "rank_step", "first_start_ns", _NANO, labels=_STEP_LABELS,
+       otlp_only=True),
+    _m("ringwatch_step_collective_end_seconds", "ringwatch.step.collective.end", GAUGE, "s",
+       "Wall clock (Unix seconds) when the rank's last collective of the group in the step "
+       "ended.", "rank_step", "last_end_ns", _NANO, labels=_STEP_LABELS, otlp_only=True),
     # --- the agent itself ---
     _m("ringwatch_agent_errors_total", "ringwatch.agent.errors", COUNTER, "{error}",
        "Reads or exports the agent could not do, per cause.", "agent", "errors",
@@ -288,7 +313,8 @@ def metrics_markdown() -> str:
                                                            else []))})
         consts = "; ".join(f"{k}={v}" for s in specs for k, v in s.const_labels.items())
         src = ", ".join(f"`{s.entity}.{s.field}`" for s in specs)
-        out.append(f"| `{name}` | `{m.otel}` | {m.kind} | `{m.unit}` | "
+        kind = f"{m.kind}, OTLP only" if m.otlp_only else m.kind
+        out.append(f"| `{name}` | `{m.otel}` | {kind} | `{m.unit}` | "
                    f"{', '.join(f'`{x}`' for x in labels)}{f' ({consts})' if consts else ''} | "
                    f"{src} | {m.help} |")
     return "\n".join(out) + "\n"

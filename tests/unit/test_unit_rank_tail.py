@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ringwatch._clock import FakeClock
 from ringwatch.agent._node_state import NodeState
 from ringwatch.agent._points import collect_points
@@ -106,3 +108,30 @@ def test_an_unreadable_segment_is_counted_and_the_rest_read(tmp_path):
     ranks = tail.poll()
     assert tail.errors == 1
     assert ranks == {} or ranks[(JOB, 0)].ops[("0", "all_reduce")].count == 1
+
+
+def test_finished_steps_are_summed_per_group_and_pushed_over_otlp_only(tmp_path):
+    from ringwatch.agent._prom_export import build_registry, exposition
+
+    r = Rank(tmp_path)
+    tail = RankLogTail(tmp_path, clock=r.clock)
+    starts = {}
+    for step in range(3):
+        r.rec.step = step
+        starts[step] = r.clock.wall_ns()
+        for _ in range(2):  # two collectives of 1 ms per step
+            r.collective(nbytes=1000)
+    r.flush()
+    state = NodeState(host="host-a")
+    state.ranks = tail.poll()
+    pts = [p for p in collect_points(state, now_wall_ns=r.clock.wall_ns())
+           if p.spec.entity == "rank_step"]
+    by = {(p.spec.field, dict(p.labels)["step"]): p.value for p in pts}
+    # steps 0 and 1 are finished (step 2 is the rank's current one)
+    assert {s for _, s in by} == {"0", "1"}
+    assert by[("busy_ns", "1")] == pytest.approx(0.002)
+    assert by[("nbytes", "0")] == 2000 and by[("count", "0")] == 2
+    assert by[("first_start_ns", "1")] == pytest.approx(starts[1] / 1e9)
+    labels = dict(pts[0].labels)
+    assert (labels["pg"], labels["pg_ranks"], labels["pg_size"]) == ("0", "0-1", "2")
+    assert "ringwatch_step_collective" not in exposition(build_registry(state))
