@@ -100,8 +100,8 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None) -> list[
             values = {**_fields(port), "active": None if port.state is None
                       else port.state.upper() == "ACTIVE"}
             _emit(out, "ib", node_res, {"device": port.device, "port": str(port.port)}, values)
-    for s in ranks:
-        res = (("host", host), ("job", s.job), ("rank", str(s.rank)))
+    for s in ranks:  # a rank's host is the one its log names (RINGWATCH_HOST, or the machine)
+        res = (("host", s.host or host), ("job", s.job), ("rank", str(s.rank)))
         for (pg, op), t in s.ops.items():
             _emit(out, "rank_op", res, {"pg": pg, "op": op}, _fields(t))
         for pg in s.last_started_seq.keys() | s.last_completed_seq.keys():
@@ -112,7 +112,8 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None) -> list[
             members, size, grank = s.groups.get(pg, ("", 0, 0))
             _emit(out, "rank_step", res, {"pg": pg, "step": str(step), "pg_ranks": members,
                                           "pg_size": str(size), "group_rank": str(grank)},
-                  _fields(t))
+                  {"count": t.count, "nbytes": t.nbytes, "busy_ns": t.busy_ns,
+                   "first_start_ns": t.first_start_ns, "last_end_ns": t.last_end_ns})
         pg, op, since = s.pending or ("", "", now)
         _emit(out, "rank", res, {"pg": pg, "pending_op": op},
               {"pending_ns": max(0, now - since), "step": s.step,

@@ -69,13 +69,36 @@ class OpTotals:
 
 @dataclass(slots=True)
 class StepTotals:
-    """One rank's collectives (not send/recv) of one group in one training step."""
+    """One rank's collectives (not send/recv) of one group in one training step.
+
+    ``busy_ns`` is the time inside at least one of them: overlapping collectives (DDP's
+    buckets in flight together) count once, so a rank that waits for a late peer in four
+    buckets at the same time waits once, as it does.
+    """
 
     count: int = 0
     nbytes: int = 0
-    busy_ns: int = 0
+    closed_ns: int = 0  # merged time of the intervals before the open one
+    open_start_ns: int | None = None
+    open_end_ns: int | None = None
     first_start_ns: int | None = None
     last_end_ns: int | None = None
+
+    @property
+    def busy_ns(self) -> int:
+        if self.open_start_ns is None:
+            return self.closed_ns
+        return self.closed_ns + self.open_end_ns - self.open_start_ns
+
+    def add(self, start: int | None, end: int | None) -> None:
+        if start is None or end is None:
+            return
+        if self.open_start_ns is None or start > self.open_end_ns:
+            self.closed_ns = self.busy_ns
+            self.open_start_ns, self.open_end_ns = start, end
+        else:
+            self.open_start_ns = min(self.open_start_ns, start)
+            self.open_end_ns = max(self.open_end_ns, end)
 
 
 @dataclass(slots=True)
@@ -243,8 +266,8 @@ def _add_step(s: RankSummary, r: dict) -> None:
     t = s.steps.setdefault(r["step"], {}).setdefault(r["pg"], StepTotals())
     t.count += 1
     t.nbytes += r["nbytes"] or 0
-    t.busy_ns += r["duration_ns"] or 0
     start, end = r["t_start_ns"], r["t_end_ns"]
+    t.add(start, end)
     if start is not None:
         t.first_start_ns = start if t.first_start_ns is None else min(start, t.first_start_ns)
     if end is not None:

@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: run until SIGTERM)")
     ag.set_defaults(func=cmd_agent)
 
+    from ringwatch.service._cli import add_parsers as add_service_parsers
+
+    add_service_parsers(sub)
+
     d = sub.add_parser("demo", help="a local cluster with an injected fault, watched live",
                        description="Launch a small local cluster (4 ranks of a real DDP job on "
                        "Gloo, 2 emulated hosts when root), inject a fault and show live what "

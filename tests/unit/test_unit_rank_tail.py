@@ -135,3 +135,12 @@ def test_finished_steps_are_summed_per_group_and_pushed_over_otlp_only(tmp_path)
     labels = dict(pts[0].labels)
     assert (labels["pg"], labels["pg_ranks"], labels["pg_size"]) == ("0", "0-1", "2")
     assert "ringwatch_step_collective" not in exposition(build_registry(state))
+
+
+def test_overlapping_collectives_count_once_in_a_steps_busy_time():
+    from ringwatch.agent._rank_tail import StepTotals
+
+    t = StepTotals()
+    for start, end in ((0, 10), (5, 20), (18, 25), (40, 50), (45, 48)):
+        t.add(start, end)
+    assert t.busy_ns == 25 + 10  # [0, 25] and [40, 50]

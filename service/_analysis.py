@@ -1,0 +1,102 @@
+"""One analysis round of one job: the live state as the analyzers' frames, then the analyzers.
+
+The analyzers are the same pure functions ``ringwatch analyze`` runs on logs. They read
+collectives; the service holds, per (rank, group, step), the step's totals. Each total is
+given to them as one collective of the group, numbered by its step: a rank's wait in it
+(its time minus the group's shortest) is the sum of its waits in the step's collectives, so
+who comes late, by how much, and at which group survive the summing; a group's transfer time
+is its shortest member's total. Hangs are read from the frontier the agents report: per rank
+and group, the last collective entered and finished, and the oldest pending with its age.
+"""
+
+from __future__ import annotations
+
+from ringwatch.service._jobs import _STEP_ROW, JobLive
+
+
+def step_frame(jl: JobLive):
+    """The step totals as analyzer rows (one per rank, group and step, complete ones only)."""
+    import polars as pl
+
+    from ringwatch._schema import polars_schema
+
+    rows = {c: [] for c in ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_size",
+                            "group_rank", "seq", "op", "is_p2p", "peer", "nbytes", "status",
+                            "t_start_ns", "t_end_ns", "mono_start_ns", "mono_end_ns",
+                            "duration_ns", "step")}
+    for (rank, pg, step), v in sorted(jl.steps.items()):
+        if any(k not in v for k in _STEP_ROW):
+            continue
+        live = jl.ranks.get(rank)
+        members, size = jl.groups.get(pg, ("", 0))
+        start = int(v["start_s"] * 1e9)
+        busy = int(round(v["busy_s"] * 1e9))
+        vals = (rank, None if live is None else live.local_rank,
+                "" if live is None else live.host, step, pg, members, size,
+                jl.group_rank.get((rank, pg), 0), step, "step", False, None, int(v["nbytes"]),
+                "ok", start, int(v["end_s"] * 1e9), start, start + busy, busy, step)
+        for c, x in zip(rows, vals, strict=True):
+            rows[c].append(x)
+    schema = polars_schema()
+    return pl.DataFrame(rows, schema={c: schema[c] for c in rows})
+
+
+def frontier_frame(jl: JobLive, *, now_ns: int):
+    """Per rank and group, its last finished collective and, when it has one in flight, that
+    collective as pending (entered, never finished)."""
+    import polars as pl
+
+    from ringwatch._schema import polars_schema
+
+    cols = ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_size", "group_rank",
+            "seq", "op", "is_p2p", "peer", "nbytes", "status", "t_start_ns", "t_end_ns",
+            "mono_start_ns", "mono_end_ns", "duration_ns", "step")
+    rows = {c: [] for c in cols}
+
+    def add(rank, live, pg, seq, status, op, start):
+        members, size = jl.groups.get(pg, ("", 0))
+        vals = (rank, live.local_rank, live.host, seq, pg, members or str(rank), size or 1,
+                jl.group_rank.get((rank, pg), 0), seq, op, False, None, None, status, start,
+                None, start, None, None, live.step)
+        for c, x in zip(cols, vals, strict=True):
+            rows[c].append(x)
+
+    for rank, live in sorted(jl.ranks.items()):
+        for pg in live.started_seq.keys() | live.completed_seq.keys():
+            done = live.completed_seq.get(pg)
+            if done is not None:
+                add(rank, live, pg, done, "ok", "", None)
+            entered = live.started_seq.get(pg)
+            if entered is not None and (done is None or entered > done):
+                pend = live.pending if live.pending and live.pending[0] == pg else None
+                if pend is not None:
+                    add(rank, live, pg, entered, "pending", pend[1], pend[2])
+                else:  # finished between two reads of its log: counted as done
+                    add(rank, live, pg, entered, "ok", "", None)
+    schema = polars_schema()
+    return pl.DataFrame(rows, schema={c: schema[c] for c in cols})
+
+
+def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
+                 detectors: frozenset[str] = frozenset({"hang", "straggler", "slow_link"}),
+                 thresholds: dict | None = None) -> tuple:
+    """Findings of one job now (same :class:`~ringwatch.analyzers.Finding` model)."""
+    from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
+    from ringwatch.analyzers._findings import with_local_ranks
+    from ringwatch.analyzers._hangs import stall_threshold_s
+    from ringwatch.analyzers._links import explain_by_links
+
+    th = thresholds or {}
+    steps = step_frame(jl)
+    findings: tuple = ()
+    if "hang" in detectors:
+        stall = stall_threshold_s(steps, th.get("min_stall_s", min_stall_s))
+        seen = {r: live.pushed_ns - int((live.log_age_s or 0) * 1e9)
+                for r, live in jl.ranks.items()}
+        findings += detect_hangs(frontier_frame(jl, now_ns=now_ns), now_ns=now_ns,
+                                 min_stall_s=stall, last_seen_ns=seen)
+    stragglers = detect_stragglers(steps) if "straggler" in detectors and steps.height else ()
+    links = detect_slow_links(steps) if "slow_link" in detectors and steps.height else ()
+    findings += explain_by_links(stragglers, links)
+    local = {r: live.local_rank for r, live in jl.ranks.items()}
+    return with_local_ranks(findings, local)

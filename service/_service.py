@@ -1,0 +1,167 @@
+"""``ringwatch serve``: the receiver, the per-job state, the analysis loop and the outputs.
+
+Threads: the OTLP receiver's (one per connection), the API server's, and one analysis loop
+that every ``window_s`` takes a copy of each job's state, runs the analyzers on it and hands
+the findings to the store (opened, updated, resolved; persisted to Parquet). Detectors can be
+paused and thresholds changed while it runs (:meth:`Service.control`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ringwatch._clock import Clock, SystemClock
+
+log = logging.getLogger("ringwatch.service")
+
+DETECTORS = ("hang", "straggler", "slow_link")
+#: Thresholds settable at run time, with their defaults (None: the analyzer's own).
+THRESHOLDS = {"min_stall_s": None}
+
+
+@dataclass
+class ServiceConfig:
+    """Where the service listens and how often it analyses.
+
+    Attributes:
+        otlp_listen: ``HOST:PORT`` of the OTLP/HTTP receiver (loopback by default).
+        api_listen: ``HOST:PORT`` of ``/metrics`` and ``/api/v1/...``.
+        state_dir: Folder of the findings' Parquet files (None: memory only).
+        window_s: Seconds between analysis rounds.
+        token: Bearer token the agents must send (None: none asked).
+        resolve_after_s: A finding not seen for this long is resolved.
+        keep_steps: Steps of each job kept for analysis.
+    """
+
+    otlp_listen: str = "127.0.0.1:4318"
+    api_listen: str = "127.0.0.1:9410"
+    state_dir: Path | None = Path("ringwatch-serve")
+    window_s: float = 1.0
+    token: str | None = None
+    resolve_after_s: float = 30.0
+    keep_steps: int = 200
+    detectors: set[str] = field(default_factory=lambda: set(DETECTORS))
+    thresholds: dict = field(default_factory=lambda: dict(THRESHOLDS))
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+class Service:
+    """The central service; :meth:`start`, then :meth:`stop`."""
+
+    def __init__(self, config: ServiceConfig, *, clock: Clock | None = None):
+        from ringwatch.service._jobs import Jobs
+        from ringwatch.service._store import FindingsStore
+
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.jobs = Jobs(keep_steps=config.keep_steps)
+        self.store = FindingsStore(config.state_dir, clock=self.clock,
+                                   resolve_after_s=config.resolve_after_s)
+        self.lock = threading.Lock()  # detectors and thresholds
+        self.stop_event = threading.Event()
+        self.rounds = 0
+        self.analysis_errors = 0
+        self.last_round_s: dict[str, float] = {}
+        self.last_lag_s: dict[str, float] = {}
+        self.receiver = None
+        self.api = None
+        self._thread: threading.Thread | None = None
+
+    # --- ingest ---------------------------------------------------------------------------
+    def _on_request(self, request, info) -> int:
+        return self.jobs.ingest(request, info.received_wall_ns)
+
+    # --- analysis -------------------------------------------------------------------------
+    def analyze_once(self) -> list:
+        """One round over every job; returns the store's changes."""
+        from ringwatch.service._analysis import analyze_live
+
+        with self.lock:
+            detectors = frozenset(self.config.detectors)
+            thresholds = dict(self.config.thresholds)
+        changes = []
+        for job in list(self.jobs.jobs):
+            jl = self.jobs.snapshot(job)
+            if jl is None:
+                continue
+            t0 = time.perf_counter()
+            now = self.clock.wall_ns()
+            try:
+                findings = analyze_live(jl, now_ns=now, detectors=detectors,
+                                        thresholds=thresholds)
+            except Exception as exc:
+                self.analysis_errors += 1
+                log.warning("analysis of job %s failed: %s", job, exc, exc_info=True)
+                continue
+            changes += self.store.update(job, findings, now_ns=now)
+            self.last_round_s[job] = time.perf_counter() - t0
+            self.last_lag_s[job] = (now - jl.last_push_ns) / 1e9
+        self.rounds += 1
+        return changes
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.config.window_s):
+            self.analyze_once()
+
+    # --- control --------------------------------------------------------------------------
+    def control(self, *, pause: list[str] = (), resume: list[str] = (),
+                thresholds: dict | None = None) -> dict:
+        """Pause or resume detectors, change thresholds; returns the new settings.
+
+        Raises:
+            ValueError: an unknown detector or threshold, or a threshold that is not a
+                positive number.
+        """
+        unknown = (set(pause) | set(resume)) - set(DETECTORS)
+        if unknown:
+            raise ValueError(f"unknown detector(s): {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(DETECTORS)}")
+        th = thresholds or {}
+        bad = set(th) - set(THRESHOLDS)
+        if bad:
+            raise ValueError(f"unknown threshold(s): {', '.join(sorted(bad))}")
+        for k, v in th.items():
+            if v is not None and (not isinstance(v, int | float) or v <= 0):
+                raise ValueError(f"{k} must be a positive number or null")
+        with self.lock:
+            self.config.detectors -= set(pause)
+            self.config.detectors |= set(resume)
+            self.config.thresholds.update(th)
+            return self.settings()
+
+    def settings(self) -> dict:
+        return {"detectors": {d: d in self.config.detectors for d in DETECTORS},
+                "thresholds": dict(self.config.thresholds), "window_s": self.config.window_s}
+
+    # --- life -----------------------------------------------------------------------------
+    def start(self) -> Service:
+        from ringwatch.service._api import ApiServer
+        from ringwatch.service._receiver import OtlpReceiver
+
+        host, port = _split(self.config.otlp_listen)
+        self.receiver = OtlpReceiver(handler=self._on_request, host=host, port=port,
+                                     token=self.config.token, clock=self.clock,
+                                     max_decompressed_bytes=16 << 20).start()
+        host, port = _split(self.config.api_listen)
+        self.api = ApiServer(self, host=host, port=port).start()
+        self._thread = threading.Thread(target=self._loop, name="ringwatch-serve-analysis",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        for s in (self.receiver, self.api):
+            if s is not None:
+                s.stop()
+        self.store.close()
