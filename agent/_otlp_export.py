@@ -81,10 +81,12 @@ class OtlpPusher:
         headers: Extra HTTP headers (an ``Authorization`` bearer token, say).
         timeout_s: Per-request limit, seconds.
         start_ns: Wall clock (ns) the agent's counters started from.
+        max_backoff_s: After failed pushes, wait up to this long (doubling from one
+            interval) before the next try: a dead collector costs the node almost nothing.
     """
 
     def __init__(self, state: NodeState, endpoint: str, *, headers: dict | None = None,
-                 timeout_s: float = 5.0, start_ns: int):
+                 timeout_s: float = 5.0, start_ns: int, max_backoff_s: float = 8.0):
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         self.state = state
@@ -93,13 +95,24 @@ class OtlpPusher:
         self.exporter = OTLPMetricExporter(endpoint=endpoint, headers=headers or {},
                                            timeout=timeout_s)
         self.sent = 0
+        self.failures = 0  # in a row
+        self.max_backoff_ns = int(max_backoff_s * 1e9)
+        self._next_try_ns = 0
+        #: (job, rank) -> newest step delivered: each step goes out until a push carrying it
+        #: succeeds, then never again.
+        self.steps_sent: dict[tuple[str, int], int] = {}
 
-    def push(self, now_ns: int) -> bool:
-        """One export; False (and counted) when it failed. Never raises."""
+    def push(self, now_ns: int, *, interval_ns: int = 0) -> bool:
+        """One export; False (and counted) when it failed or was held back after failures
+        (``interval_ns``: the caller's period, the first back-off step). Never raises."""
         from opentelemetry.sdk.metrics.export import MetricExportResult
 
+        if now_ns < self._next_try_ns:
+            self.state.count_error("otlp_backoff")
+            return False
+        points = []
         try:
-            points = collect_points(self.state, now_wall_ns=now_ns)
+            points = collect_points(self.state, now_wall_ns=now_ns, steps_after=self.steps_sent)
             data = metrics_data(points, start_ns=self.start_ns, now_ns=now_ns,
                                 source=self.state.source)
             ok = self.exporter.export(data, timeout_millis=self.timeout_s * 1000) \
@@ -107,8 +120,18 @@ class OtlpPusher:
         except Exception as exc:  # noqa: BLE001 - the exporter never takes the agent down
             log.debug("OTLP export failed: %s", exc)
             ok = False
+        if not ok:
+            self.failures += 1
+            wait = min(self.max_backoff_ns, interval_ns * (2 ** (self.failures - 1)))
+            self._next_try_ns = now_ns + wait
         if ok:
             self.sent += 1
+            self.failures = 0
+            for p in points:
+                if p.spec.entity == "rank_step":
+                    res, lab = dict(p.resource), dict(p.labels)
+                    key = (res["job"], int(res["rank"]))
+                    self.steps_sent[key] = max(int(lab["step"]), self.steps_sent.get(key, -1))
         else:
             self.state.count_error("otlp_export")
         return ok

@@ -16,8 +16,8 @@ from ringwatch._metrics import METRICS, MetricSpec
 from ringwatch.agent._node_state import NodeState
 from ringwatch.agent._rank_tail import completed_steps
 
-#: Finished steps of each rank sent in every push (the service keeps each step once): a push
-#: that fails loses nothing while fewer steps than this pass before the next one succeeds.
+#: Finished steps of each rank a push may carry: the ones not yet sent, up to this many (a
+#: collector down for fewer steps than this loses none of them).
 PUSH_STEPS = 32
 
 
@@ -62,8 +62,16 @@ def _gpu_rank(state: NodeState) -> dict[int, tuple[str, int]]:
     return {k: v[0] for k, v in by_local.items() if len(v) == 1}
 
 
-def collect_points(state: NodeState, *, now_wall_ns: int | None = None) -> list[Point]:
-    """Every point of the node now."""
+def collect_points(state: NodeState, *, now_wall_ns: int | None = None,
+                   steps_after: dict | None = None) -> list[Point]:
+    """Every point of the node now.
+
+    Args:
+        state: The node's state.
+        now_wall_ns: Wall clock the ages are measured to.
+        steps_after: ``(job, rank) -> step`` already delivered: only later finished steps
+            are given (the OTLP stream); None gives no per-step points (``/metrics``).
+    """
     now = time.time_ns() if now_wall_ns is None else now_wall_ns
     out: list[Point] = []
     host = state.host
@@ -108,7 +116,10 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None) -> list[
             _emit(out, "rank_pg", res, {"pg": pg},
                   {"last_started_seq": s.last_started_seq.get(pg),
                    "last_completed_seq": s.last_completed_seq.get(pg)})
-        for step, pg, t in completed_steps(s, PUSH_STEPS):
+        done = -1 if steps_after is None else steps_after.get((s.job, s.rank), -1)
+        for step, pg, t in completed_steps(s, PUSH_STEPS) if steps_after is not None else ():
+            if step <= done:
+                continue
             members, size, grank = s.groups.get(pg, ("", 0, 0))
             _emit(out, "rank_step", res, {"pg": pg, "step": str(step), "pg_ranks": members,
                                           "pg_size": str(size), "group_rank": str(grank)},

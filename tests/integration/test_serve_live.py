@@ -5,6 +5,7 @@ the service's /metrics name the culprit while the job runs. No post-processing."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -138,3 +139,136 @@ def test_a_healthy_run_shows_no_finding(stack):
     assert "no findings" in stack.status()
     jobs = stack.get("/api/v1/jobs")["jobs"]
     assert len(jobs) == 1 and jobs[0]["ranks"] == 4 and jobs[0]["max_step"] >= 55, jobs
+
+
+def _step_times_s(run_dir, first: int, last: int) -> list[float]:
+    """Rank 0's step times (s) for steps first..last, from the cluster's step log."""
+    from ringwatch.cluster._run import read_steps
+
+    _, marks = read_steps(run_dir / "steps")[0]
+    at = dict(marks)
+    return [(at[s + 1] - at[s]) / 1e9 for s in range(first, last) if s in at and s + 1 in at]
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _agent_metric(port: int, name: str, **labels) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_central_killed_mid_run_and_restarted(tmp_path):
+    """SIGKILL the service once it named the straggler; bring it back 4 s later on the same
+    state folder: the job never notices, the agent counts its failed pushes and resumes, and
+    the finding keeps its id across the restart."""
+    need_netns()
+    s = Stack(tmp_path, tmp_path / "run")
+    agent_port = free_port()
+    s.agent.kill()
+    s.agent.wait()
+    s.agent = subprocess.Popen(ringwatch_cmd(
+        "agent", "--log-dir", str(s.run_dir / "logs"), "--prometheus",
+        f"127.0.0.1:{agent_port}", "--otlp-endpoint", f"http://127.0.0.1:{s.otlp}/v1/metrics",
+        "--export-interval-s", "1", "--logs-interval-s", "0.5", "--no-gpu"),
+        env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    killed = {}
+    orig_poll = s.poll
+
+    def poll():
+        orig_poll()
+        if s.seen and "at" not in killed:
+            s.serve.kill()
+            s.serve.wait()
+            killed["at"] = time.monotonic()
+        elif "at" in killed and "back" not in killed and time.monotonic() - killed["at"] > 4:
+            killed["failed_pushes"] = _agent_metric(agent_port, "ringwatch_agent_errors_total",
+                                                    cause="otlp_export")
+            s.serve = s._start_serve()
+            killed["back"] = time.monotonic()
+
+    s.poll = poll
+    try:
+        truth, _ = s.run_cluster("--nproc", "4", "--hosts", "2", "--steps", "120",
+                                 "--fault", "straggler", "--straggler-mode", "work",
+                                 "--at-step", "25", "--", "--step-sleep-ms", "60")
+        assert "back" in killed, "the job ended before the service came back"
+        assert killed["failed_pushes"] >= 2, killed  # 4 s down, a push a second
+        after = s.get("/api/v1/findings?state=open")["findings"]
+        ids_before = {i for i, (_, t) in s.seen.items() if t["finding"]["kind"] == "straggler"}
+        ids_after = {t["id"] for t in after if t["finding"]["kind"] == "straggler"}
+        assert ids_before and ids_after == ids_before, (ids_before, ids_after)
+        jobs = s.get("/api/v1/jobs")["jobs"]
+        assert jobs[0]["max_step"] >= 110, jobs  # the agent resumed: late steps arrived
+        assert truth["rank"] == after[0]["finding"]["ranks"][0]
+    finally:
+        s.stop()
+
+
+def test_central_unreachable_from_the_start(tmp_path):
+    """No service at all: the job runs as fast as without an agent, and the agent's memory
+    stays flat while every push fails."""
+    need_netns()
+    dead = f"http://127.0.0.1:{free_port()}/v1/metrics"
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    agent = subprocess.Popen(ringwatch_cmd(
+        "agent", "--log-dir", str(run / "logs"), "--prometheus", "off", "--otlp-endpoint",
+        dead, "--export-interval-s", "1", "--logs-interval-s", "0.5", "--no-gpu"),
+        env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def cpu_s() -> float:
+        fields = open(f"/proc/{agent.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kb() -> int:
+        for line in open(f"/proc/{agent.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    try:
+        args = ("--nproc", "4", "--hosts", "2", "--steps", "240", "--fault", "none",
+                "--timeout-s", "200", "--", "--step-sleep-ms", "40")
+        env = job_env(RINGWATCH_FLUSH_INTERVAL_S="0.5")
+        proc = subprocess.Popen(ringwatch_cmd("cluster", "--run-dir", str(run), *args),
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        rss = []  # kB, every 0.5 s while the job runs and every push fails
+        warm = None  # index of the first sample 5 s after the first segment was written
+        t_logs = None
+        while proc.poll() is None:
+            rss.append(rss_kb())
+            if t_logs is None and any((run / "logs").glob("*/rank-*/seg-*")):
+                t_logs = time.monotonic()
+            if warm is None and t_logs is not None and time.monotonic() - t_logs > 5:
+                warm = len(rss) - 1
+                cpu_warm = (cpu_s(), time.monotonic())
+            time.sleep(0.5)
+        out, _ = proc.communicate()
+        assert proc.returncode == 0, out
+        # after the warm-up (polars and the exporter loaded, the first segments read): flat
+        assert warm is not None and len(rss) - warm > 10, (warm, rss)
+        share = (cpu_s() - cpu_warm[0]) / (time.monotonic() - cpu_warm[1])
+        rss0, rss1 = rss[warm], max(rss[warm:])
+        t_with = _median(_step_times_s(run, 10, 239))
+        assert agent.poll() is None, "the agent must survive a dead collector"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(15)
+    bare = tmp_path / "bare"
+    without = subprocess.run(ringwatch_cmd("cluster", "--run-dir", str(bare), *args), env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert without.returncode == 0, without.stdout
+    t_without = _median(_step_times_s(bare, 10, 239))
+    # The job never talks to the service; what it can feel is the agent's CPU on this 2-core
+    # machine (benchmarks/serve_down.py compares step times side by side).
+    assert share < 0.05, share
+    assert t_with < 2 * t_without, (t_with, t_without)
+    assert rss1 - rss0 < 4_000, (rss0, rss1, rss)  # kB, while every push failed

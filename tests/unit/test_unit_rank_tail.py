@@ -124,7 +124,7 @@ def test_finished_steps_are_summed_per_group_and_pushed_over_otlp_only(tmp_path)
     r.flush()
     state = NodeState(host="host-a")
     state.ranks = tail.poll()
-    pts = [p for p in collect_points(state, now_wall_ns=r.clock.wall_ns())
+    pts = [p for p in collect_points(state, now_wall_ns=r.clock.wall_ns(), steps_after={})
            if p.spec.entity == "rank_step"]
     by = {(p.spec.field, dict(p.labels)["step"]): p.value for p in pts}
     # steps 0 and 1 are finished (step 2 is the rank's current one)
@@ -135,6 +135,9 @@ def test_finished_steps_are_summed_per_group_and_pushed_over_otlp_only(tmp_path)
     labels = dict(pts[0].labels)
     assert (labels["pg"], labels["pg_ranks"], labels["pg_size"]) == ("0", "0-1", "2")
     assert "ringwatch_step_collective" not in exposition(build_registry(state))
+    later = {dict(p.labels)["step"] for p in collect_points(state, steps_after={(JOB, 0): 0})
+             if p.spec.entity == "rank_step"}
+    assert later == {"1"}  # step 0 was delivered: only what is new goes out
 
 
 def test_overlapping_collectives_count_once_in_a_steps_busy_time():
@@ -144,3 +147,39 @@ def test_overlapping_collectives_count_once_in_a_steps_busy_time():
     for start, end in ((0, 10), (5, 20), (18, 25), (40, 50), (45, 48)):
         t.add(start, end)
     assert t.busy_ns == 25 + 10  # [0, 25] and [40, 50]
+
+
+def test_a_failed_push_sends_its_steps_again_and_a_delivered_step_never(tmp_path):
+    from opentelemetry.sdk.metrics.export import MetricExportResult
+
+    from ringwatch.agent._otlp_export import OtlpPusher
+
+    r = Rank(tmp_path)
+    for step in range(4):
+        r.rec.step = step
+        r.collective()
+    r.flush()
+    state = NodeState(host="host-a")
+    state.ranks = RankLogTail(tmp_path, clock=r.clock).poll()
+    pusher = OtlpPusher(state, "http://127.0.0.1:9/v1/metrics", start_ns=0)
+    sent = []
+
+    class Exporter:
+        ok = False
+
+        def export(self, data, timeout_millis=None):
+            sent.append(sorted({a.attributes["ringwatch.step"] for rm in data.resource_metrics
+                                for sm in rm.scope_metrics for m in sm.metrics
+                                if m.name == "ringwatch.step.collective.time"
+                                for a in m.data.data_points}))
+            return MetricExportResult.SUCCESS if self.ok else MetricExportResult.FAILURE
+
+        def shutdown(self):
+            pass
+
+    pusher.exporter = Exporter()
+    assert not pusher.push(r.clock.wall_ns())
+    pusher.exporter.ok = True
+    assert pusher.push(r.clock.wall_ns()) and pusher.push(r.clock.wall_ns())
+    assert sent == [["0", "1", "2"], ["0", "1", "2"], []]
+    assert state.errors["otlp_export"] == 1
