@@ -230,6 +230,10 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
     slow link, starting with it, is that host's own slow transfers (every group it is in
     crosses the link, so it comes late to all of them, as a compute straggler would): it is
     folded into the link finding's evidence instead of standing as a straggler.
+
+    The other way round: a slow link that names no one host (several suspects) and starts
+    with a compute straggler on one of them is the straggler's doing (stopped or busy inside
+    a collective, it holds every member's transfer up): it is folded into the straggler.
     """
     from dataclasses import replace
 
@@ -251,6 +255,18 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
             f"rank {s.ranks[0]} on {s.hosts[0]} comes late to its groups from step "
             f"{s.since_step}: its own transfers cross the slow link (not a compute "
             "straggler)",))
+    for f in list(out_links):
+        if len(f.hosts) < 2 or f.since_step is None:
+            continue
+        for i, s in enumerate(kept):
+            if (s.kind == "straggler" and s.hosts and s.hosts[0] in f.hosts
+                    and s.since_step is not None
+                    and abs(s.since_step - f.since_step) <= around_steps):
+                kept[i] = replace(s, evidence=s.evidence + (
+                    f"the groups it is in transfer slower from step {f.since_step} (no one "
+                    "host to blame): they wait for it inside their collectives",))
+                out_links.remove(f)
+                break
     return tuple(kept) + tuple(out_links)
 
 

@@ -216,24 +216,33 @@ def _gpu_readings(state: NodeState, gpus: int, t_s: float) -> None:
         load1=12.0, memory_total_bytes=2 << 40, memory_available_bytes=1 << 40)
 
 
-def encode_push(layout: Layout, node: int, *, last_done: int, t0_ns: int, step_s: float,
-                gpus: int) -> tuple[bytes, int, int]:
-    """One node's push once ``last_done`` is finished: (body, points, rank points)."""
+@dataclass(frozen=True)
+class Push:
+    body: bytes
+    points: int  # all of the node's points
+    step_points: int  # the ringwatch.step.collective.* gauges among them
+
+
+def encode_push(layout: Layout, node: int, *, last_done: int, new_steps: int, t0_ns: int,
+                step_s: float, gpus: int) -> Push:
+    """One node's push once ``last_done`` is finished, carrying the ``new_steps`` finished steps
+    not delivered before (as ``OtlpPusher`` does: ``steps_after``)."""
     from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 
     host = f"node{node:04d}"
     now_ns = t0_ns + int((last_done + 1 - STEP0) * step_s * 1e9)
     state = NodeState(host=host, job=JOB, source="replay:synthetic")
     _gpu_readings(state, gpus, (now_ns - t0_ns) / 1e9 + 3600)
+    sent = {}
     for local in range(layout.ranks_per_node):
         rank = node * layout.ranks_per_node + local
         state.ranks[(JOB, rank)] = rank_summary(layout, rank, last_done=last_done, t0_ns=t0_ns,
                                                 step_s=step_s, now_ns=now_ns, host=host)
-    points = collect_points(state, now_wall_ns=now_ns)
+        sent[(JOB, rank)] = last_done - new_steps
+    points = collect_points(state, now_wall_ns=now_ns, steps_after=sent)
     data = metrics_data(points, start_ns=t0_ns, now_ns=now_ns, source=state.source)
     body = encode_metrics(data).SerializeToString()
-    rank_points = sum(1 for p in points if p.spec.entity.startswith("rank"))
-    return body, len(points), rank_points
+    return Push(body, len(points), sum(1 for p in points if p.spec.entity == "rank_step"))
 
 
 @dataclass
@@ -252,11 +261,11 @@ class Entry:
 
     def moved(self, shift: int) -> bytes:
         """The body with every step label ``shift`` steps on (same width)."""
-        if shift == 0:
+        if shift == 0 or not len(self.positions):
             return self.body
         new = self.steps + shift
-        if new.max() >= 10 ** DIGITS:
-            raise OverflowError("step labels past 6 digits: lower --seconds or --steps-per-push")
+        if new.max() >= 10 ** DIGITS or new.min() < 10 ** (DIGITS - 1):
+            raise OverflowError("step labels out of 6 digits: lower --seconds")
         buf = np.frombuffer(self.body, dtype=np.uint8).copy()
         digits = (new[:, None] // _POW10[None, :]) % 10 + 48
         buf[self.positions[:, None] + np.arange(DIGITS)[None, :]] = digits.astype(np.uint8)
@@ -268,11 +277,12 @@ class Pool:
     """Every node's pushes for one job size."""
 
     layout: Layout
-    pool: list[list[Entry]]  # [node][i]: pool entry i is ``steps_per_push * (i + 1)`` on
+    pool: list[list[Entry]]  # [node][i]: finished steps up to first + i * steps_per_push
     steps_per_push: int
-    prefill_shifts: list[int]  # entry 0 moved by these: the prefill, 32 steps apart
-    points_per_push: float  # per node, median
-    rank_points_per_push: float
+    catch_up: list[Entry]  # [node]: a push of PUSH_STEPS new steps, moved for the prefill
+    prefill_shifts: list[int]
+    points_per_push: float  # per node, median over the pool
+    step_points_per_push: float
     body_bytes: float
     build_s: float
 
@@ -286,33 +296,48 @@ class Pool:
         return self.pool[node][round_ % k].moved((round_ // k) * self.period)
 
     def prefill_body(self, node: int, i: int) -> bytes:
-        return self.pool[node][0].moved(self.prefill_shifts[i])
+        return self.catch_up[node].moved(self.prefill_shifts[i])
+
+    def points_per_rank(self, new_steps: float) -> float:
+        """P: points a rank sends in a push carrying ``new_steps`` new steps (its share of
+        the node's GPU, host and agent series included)."""
+        rpn = self.layout.ranks_per_node
+        fixed = (self.points_per_push - self.step_points_per_push) / rpn
+        per_step = self.step_points_per_push / rpn / self.steps_per_push
+        return fixed + min(new_steps, PUSH_STEPS) * per_step
 
 
 def build_pool(layout: Layout, *, pool: int, steps_per_push: int, prefill_steps: int,
                step_s: float, gpus: int, max_bytes: int) -> Pool:
-    """Encode every node's pool (the slow part: the agent's own encoding, ~0.2 s a push)."""
+    """Encode every node's pushes (the slow part: the agent's own encoding, 10-100 ms a push).
+
+    Entry ``i`` of a node's pool has the steps up to ``first + i * steps_per_push`` finished
+    and carries the last ``steps_per_push`` of them; the prefill moves one push of 32 new steps
+    back, so that before the pool the service has seen ``prefill_steps`` steps of every rank.
+    """
     t_build = time.perf_counter()
     t0_ns = time.time_ns() - int(3600e9)
-    base = STEP0 + PUSH_STEPS + prefill_steps  # last step of the prefill
+    n_pre = max(1, math.ceil(prefill_steps / PUSH_STEPS))
+    base = STEP0 + n_pre * PUSH_STEPS - 1  # last step of the prefill (its first: STEP0)
     first = base + steps_per_push  # last finished step of pool entry 0
-    n_pre = math.ceil(prefill_steps / PUSH_STEPS) + 1
-    shifts = [base - PUSH_STEPS * (n_pre - 1 - j) - first for j in range(n_pre)]
-    probe, _, _ = encode_push(layout, 0, last_done=first, t0_ns=t0_ns, step_s=step_s, gpus=gpus)
-    k = max(1, min(pool, max_bytes // max(1, layout.nodes * len(probe))))
-    main, npts, rpts, sizes = [], [], [], []
+    shifts = [-PUSH_STEPS * (n_pre - 1 - j) for j in range(n_pre)]
+    common = {"t0_ns": t0_ns, "step_s": step_s, "gpus": gpus}
+    probe = encode_push(layout, 0, last_done=first, new_steps=steps_per_push, **common)
+    k = max(1, min(pool, max_bytes // max(1, layout.nodes * len(probe.body))))
+    main, catch_up, pushes = [], [], []
     for node in range(layout.nodes):
+        push = encode_push(layout, node, last_done=base, new_steps=PUSH_STEPS, **common)
+        catch_up.append(Entry.of(push.body))
         main.append([])
         for i in range(k):
-            body, n, r = encode_push(layout, node, last_done=first + i * steps_per_push,
-                                     t0_ns=t0_ns, step_s=step_s, gpus=gpus)
-            main[-1].append(Entry.of(body))
-            npts.append(n)
-            rpts.append(r)
-            sizes.append(len(body))
-    return Pool(layout, main, steps_per_push, shifts, statistics.median(npts),
-                statistics.median(rpts), statistics.median(sizes),
-                time.perf_counter() - t_build)
+            push = encode_push(layout, node, last_done=first + i * steps_per_push,
+                               new_steps=steps_per_push, **common)
+            main[-1].append(Entry.of(push.body))
+            pushes.append(push)
+    return Pool(layout, main, steps_per_push, catch_up, shifts,
+                statistics.median(p.points for p in pushes),
+                statistics.median(p.step_points for p in pushes),
+                statistics.median(len(p.body) for p in pushes), time.perf_counter() - t_build)
 
 
 # --- the service ---------------------------------------------------------------------------
@@ -590,7 +615,7 @@ def _f(x, fmt: str = ".2f", width: int = 8) -> str:
 
 
 def report(pools: dict[int, Pool], results: dict[int, list[dict]], *, window_s: float,
-           intervals: tuple[float, ...]) -> dict:
+           step_s: float, intervals: tuple[float, ...]) -> dict:
     sizes = sorted(results)
     print()
     print("medians over runs; analyzers = ringwatch_serve_analysis_seconds (the analyzers' part "
@@ -618,31 +643,35 @@ def report(pools: dict[int, Pool], results: dict[int, list[dict]], *, window_s: 
               f"{med['bench_cpu_pct']:>6.1f} {_f(med['analysis_s'])} {_f(med['round_s'])} "
               f"{_f(med['lag_s_median'], '.2f', 6)} {_f(med['idle_analysis_s'])} "
               f"{_f(med['idle_round_s'])} {med['load1']:>5.1f}")
-    rpn = pools[sizes[0]].layout.ranks_per_node
-    p_all = statistics.median(pools[r].points_per_push for r in sizes) / rpn
-    p_rank = statistics.median(pools[r].rank_points_per_push for r in sizes) / rpn
+    pool0 = pools[sizes[0]]
     ingest = statistics.median(summary[r]["points_per_s"] for r in sizes)
     r_win, how = ranks_at_window(sizes, [summary[r]["idle_round_s"] for r in sizes], window_s)
     r_win_load, how_load = ranks_at_window(sizes, [summary[r]["round_s"] for r in sizes],
                                            window_s)
     print()
-    print(f"points per rank per push P = {p_all:.0f} ({p_rank:.0f} of them the rank's own "
-          f"series, {p_all - p_rank:.0f} its share of the node's GPU/host/agent series)")
+    fixed = pool0.points_per_rank(0)
+    per_step = pool0.points_per_rank(1) - fixed
+    print(f"points per rank per push P = {fixed:.1f} + {per_step:.0f} per new step carried "
+          f"({per_step:.0f} = 5 gauges x 2 groups; {fixed:.1f} = the rank's counters and "
+          f"frontier, and its share of the node's GPU/host/agent series)")
     print(f"ingest: {ingest:.0f} points/s (median over sizes); analysis round = window "
           f"({window_s:g} s) at {_f(r_win, '.0f', 0)} ranks idle ({how}), "
           f"{_f(r_win_load, '.0f', 0)} under full ingest ({how_load})")
-    derived = {"P": p_all, "P_rank": p_rank, "ingest_points_per_s": ingest,
+    derived = {"P_fixed": fixed, "P_per_step": per_step, "ingest_points_per_s": ingest,
                "ranks_at_window_idle": r_win, "ranks_at_window_loaded": r_win_load,
                "intervals": {}}
     for interval in intervals:
-        by_ingest = ingest / (p_all / interval)
+        new_steps = min(PUSH_STEPS, interval / step_s)
+        p = pool0.points_per_rank(new_steps)
+        by_ingest = ingest / (p / interval)
         limits = {"ingest": by_ingest, "analysis window": r_win}
         which = min((v, k) for k, v in limits.items() if v is not None)
-        derived["intervals"][str(interval)] = {"by_ingest": by_ingest, "by_window": r_win,
-                                               "ranks_max": which[0], "limit": which[1]}
-        print(f"push every {interval:g} s: ingest carries {by_ingest:.0f} ranks, the window "
-              f"{_f(r_win, '.0f', 0)}: ranks per instance = {which[0]:.0f} "
-              f"(limit: {which[1]})")
+        derived["intervals"][f"{interval:g}"] = {
+            "new_steps": new_steps, "P": p, "by_ingest": by_ingest, "by_window": r_win,
+            "ranks_max": which[0], "limit": which[1]}
+        print(f"push every {interval:g} s ({new_steps:g} new steps of {step_s:g} s, P = {p:.0f}):"
+              f" ingest carries {by_ingest:.0f} ranks, the window {_f(r_win, '.0f', 0)}: "
+              f"ranks per instance = {which[0]:.0f} (limit: {which[1]})")
     one = derived["intervals"]
     parts = ", ".join(f"{v['ranks_max']:.0f} ranks at {k} s pushes ({v['limit']})"
                       for k, v in one.items())
@@ -668,8 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--senders", type=int, default=4, help="sender threads (connections)")
     ap.add_argument("--window-s", type=float, default=1.0, help="the service's --window-s")
     ap.add_argument("--step-s", type=float, default=0.5, help="simulated step time")
-    ap.add_argument("--steps-per-push", type=int, default=2,
-                    help="new steps per push (push interval / step time; default 2)")
+    ap.add_argument("--push-interval-s", type=float, default=1.0,
+                    help="simulated agent push interval: a push carries interval / step-s new "
+                    "steps (default 1 s, as the live tests; the agent's default is 10 s)")
     ap.add_argument("--prefill-steps", type=int, default=200,
                     help="steps sent before timing (the service keeps 200)")
     ap.add_argument("--pool", type=int, default=2, help="pushes encoded per node")
@@ -682,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         args.ranks, args.runs, args.seconds, args.warmup_s = "64,128", 1, 5.0, 1.0
         args.prefill_steps, args.pool = 64, 1
     sizes = [int(x) for x in args.ranks.split(",")]
+    steps_per_push = max(1, min(PUSH_STEPS, round(args.push_interval_s / args.step_s)))
     if any(r % args.ranks_per_node for r in sizes):
         ap.error("every size must be a multiple of --ranks-per-node")
     idle_min_s = 3.0 if args.quick else 6.0
@@ -693,14 +724,14 @@ def main(argv: list[str] | None = None) -> int:
     pools = {}
     for r in sizes:
         pools[r] = build_pool(Layout(r // args.ranks_per_node, args.ranks_per_node),
-                              pool=args.pool, steps_per_push=args.steps_per_push,
+                              pool=args.pool, steps_per_push=steps_per_push,
                               prefill_steps=args.prefill_steps, step_s=args.step_s,
                               gpus=args.gpus_per_node, max_bytes=args.pool_mb << 20)
         p = pools[r]
-        print(f"  pool {r:>5} ranks: {p.layout.nodes} nodes x {len(p.pool[0])} push(es), "
-              f"{p.body_bytes / 1e3:.1f} kB and {p.points_per_push:.0f} points a push "
-              f"({p.rank_points_per_push:.0f} of the ranks), encoded in {p.build_s:.1f} s",
-              flush=True)
+        print(f"  pool {r:>5} ranks: {p.layout.nodes} nodes x {len(p.pool[0])} push(es) of "
+              f"{steps_per_push} new step(s), {p.body_bytes / 1e3:.1f} kB and "
+              f"{p.points_per_push:.0f} points a push ({p.step_points_per_push:.0f} step "
+              f"gauges), encoded in {p.build_s:.1f} s", flush=True)
     results: dict[int, list[dict]] = {r: [] for r in sizes}
     for run in range(args.runs):  # sizes interleaved: slow drifts of the machine spread out
         for r in sizes:
@@ -718,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"load {res['load1']:.1f}"
                   + (f", NOT 200: {res['bad_answers']}" if res["bad_answers"] else ""),
                   flush=True)
-    out = report(pools, results, window_s=args.window_s, intervals=(1.0, 10.0))
+    out = report(pools, results, window_s=args.window_s, step_s=args.step_s,
+                 intervals=(1.0, 10.0))
     bad = sum(sum(x["bad_answers"].values()) + x["analysis_errors"]
               for rows in results.values() for x in rows)
     if args.json:

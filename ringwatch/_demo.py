@@ -84,20 +84,48 @@ def _complete_steps(step_comm, nproc: int) -> list[int]:
     return done[:-1]  # the newest step may still be in flight on some rank
 
 
-def _start_agent(log_dir: Path, nproc: int):
-    """The node agent beside the job, in this process: ``nproc`` synthetic GPUs replayed
-    (this machine may have none; every series says ``source="replay:synthetic"``), the ranks'
-    summaries from their logs, ``/metrics`` on a free loopback port."""
+def _start_live(log_dir: Path, nproc: int):
+    """The live loop beside the job, in this process: ``ringwatch serve`` on free loopback
+    ports, and the node agent pushing to it every second (``nproc`` synthetic GPUs replayed,
+    labelled so: this machine may have none; the ranks' summaries from their logs)."""
     from ringwatch._config import AgentConfig
     from ringwatch.agent._agent_main import build_sidecar
     from ringwatch.agent._prom_export import build_registry, serve_metrics
+    from ringwatch.service._service import Service, ServiceConfig
 
+    service = Service(ServiceConfig(otlp_listen="127.0.0.1:0", api_listen="127.0.0.1:0",
+                                    state_dir=log_dir.parent / "serve")).start()
     cfg = AgentConfig(log_dir=log_dir, prometheus_listen=None, host="demo-node",
-                      logs_interval_s=1.0)
+                      logs_interval_s=0.5, export_interval_s=1.0,
+                      otlp_endpoint=service.receiver.url)
     sidecar = build_sidecar(cfg, replay=f"synthetic:{nproc}")
     server, _ = serve_metrics(build_registry(sidecar.state), "127.0.0.1:0")
     sidecar.start()
-    return sidecar, server
+    return service, sidecar, server
+
+
+class LiveVerdict:
+    """Prints each finding of the live service when it opens or resolves."""
+
+    def __init__(self, service):
+        self.service = service
+        self.shown: dict[str, str] = {}
+        self.t0 = time.monotonic()
+
+    def tick(self) -> None:
+        for t in self.service.store.current():
+            if self.shown.get(t.id) == t.state:
+                continue
+            self.shown[t.id] = t.state
+            f = t.finding
+            when = f"{time.monotonic() - self.t0:5.1f} s"
+            if t.state == "open":
+                step = f", since step {f.since_step}" if f.since_step is not None else ""
+                _say(f"  [serve {when}] LIVE: {f.headline()}{step}")
+                for line in f.evidence[:2]:
+                    _say(f"      {line}")
+            else:
+                _say(f"  [serve {when}] resolved: {f.headline()}")
 
 
 def _agent_lines(sidecar, server) -> list[str]:
@@ -128,22 +156,38 @@ def run_demo(args) -> int:
 
     spec = spec_from_args(args, Path(args.log_dir), JOB_ARGS)
     fault = fault_from_args(args)
+    import os
+
+    # ranks flush every 0.5 s, so the live loop sees a step about a second after it ends
+    os.environ.setdefault("RINGWATCH_FLUSH_INTERVAL_S", "0.5")
     view = LiveView(spec.nproc, spec.steps)
-    cluster = Cluster(spec, fault, log=lambda m: _say(f"[cluster] {m}"), on_tick=view.tick)
+    service, sidecar, server = _start_live(Path(args.log_dir) / "logs", spec.nproc)
+    verdict = LiveVerdict(service)
+
+    def on_tick(c) -> None:
+        view.tick(c)
+        verdict.tick()
+
+    cluster = Cluster(spec, fault, log=lambda m: _say(f"[cluster] {m}"), on_tick=on_tick)
     _say(f"ringwatch demo: {spec.nproc}-rank DDP job on Gloo (CPU), {spec.steps} steps, "
          f"{spec.hosts} host(s), agent attached through `ringwatch run`")
     _say(f"fault: {cluster.describe_fault()}"
          + (f", from step {fault.at_step}" if fault.kind in ("straggler", "hang", "link")
             and fault.at_step is not None else ""))
+    _say(f"live: ringwatch serve on {service.receiver.url} (API "
+         f"http://127.0.0.1:{service.api.port}), one node agent pushing to it every second")
     sigterm_as_interrupt()
-    sidecar, server = _start_agent(Path(args.log_dir) / "logs", spec.nproc)
     try:
         with cluster:
             result = cluster.run()
+        time.sleep(3)  # the last steps reach the service
+        service.analyze_once()
+        verdict.tick()
         agent_lines = _agent_lines(sidecar, server)
     finally:
         sidecar.stop()
         server.shutdown()
+        service.stop()
     _say()
     try:
         job = open_job(result.log_dir, result.job_id)

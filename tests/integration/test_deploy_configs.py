@@ -43,14 +43,14 @@ def uncommented(path: Path) -> str:
 
 def test_promtool_check_rules_is_clean():
     rc, out = promtool("check", "rules", "--lint=all", "--lint-fatal",
-                       "deploy/prometheus/alerts.yml")
+                       str(RULES.relative_to(ROOT)))
     assert rc == 0, out
     assert "SUCCESS" in out and "WARNING" not in out, out
 
 
 def test_promtool_check_config_is_clean():
     rc, out = promtool("check", "config", "--lint=all", "--lint-fatal",
-                       "deploy/prometheus/prometheus.yml")
+                       str(CONFIG.relative_to(ROOT)))
     assert rc == 0, out
     # The rule file is found through the config (relative to the config's folder).
     assert "1 rule files found" in out, out

@@ -158,3 +158,21 @@ def test_a_group_slowed_at_another_time_is_set_aside():
     (f,) = detect_slow_links(ev.sort("rank", "idx"))
     assert f.hosts == ("host1",) and f.since_step == 40
     assert any("1 other group(s) slowed at another time" in e for e in f.evidence)
+
+
+def test_a_slow_link_without_one_host_to_blame_starting_with_a_straggler_is_its_doing():
+    from ringwatch.analyzers._findings import Finding
+    from ringwatch.analyzers._links import explain_by_links
+
+    s = Finding("straggler", "compute straggler", (2,), ("host1",), since_step=31)
+    wide = Finding("slow_link", "slow communication", (0, 1, 2, 3), ("host0", "host1"),
+                   since_step=32)
+    out = explain_by_links((s,), (wide,))
+    assert [f.kind for f in out] == ["straggler"]
+    assert "they wait for it inside their collectives" in out[0].evidence[-1]
+    # far apart in time, or a link that names one host: both stand
+    late = Finding("slow_link", "slow communication", (0, 1, 2, 3), ("host0", "host1"),
+                   since_step=60)
+    assert {f.kind for f in explain_by_links((s,), (late,))} == {"straggler", "slow_link"}
+    other = Finding("straggler", "compute straggler", (0,), ("host9",), since_step=31)
+    assert {f.kind for f in explain_by_links((other,), (wide,))} == {"straggler", "slow_link"}
