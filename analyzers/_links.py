@@ -232,8 +232,9 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
     folded into the link finding's evidence instead of standing as a straggler.
 
     The other way round: a slow link that names no one host (several suspects) and starts
-    with a compute straggler on one of them is the straggler's doing (stopped or busy inside
-    a collective, it holds every member's transfer up): it is folded into the straggler.
+    while a compute straggler on one of them is late is the straggler's doing (stopped or
+    busy inside a collective, it holds every member's transfer up): it is folded into the
+    straggler.
     """
     from dataclasses import replace
 
@@ -259,9 +260,10 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
         if len(f.hosts) < 2 or f.since_step is None:
             continue
         for i, s in enumerate(kept):
+            end = s.until_step if s.until_step is not None else f.since_step
             if (s.kind == "straggler" and s.hosts and s.hosts[0] in f.hosts
                     and s.since_step is not None
-                    and abs(s.since_step - f.since_step) <= around_steps):
+                    and s.since_step - around_steps <= f.since_step <= end + around_steps):
                 kept[i] = replace(s, evidence=s.evidence + (
                     f"the groups it is in transfer slower from step {f.since_step} (no one "
                     "host to blame): they wait for it inside their collectives",))

@@ -1,8 +1,9 @@
 """Ingest throughput of one ``ringwatch serve``: OTLP pushes of N simulated nodes, as fast as
 the service takes them, and what its analysis loop makes of the job meanwhile.
 
-    .venv/bin/python benchmarks/serve_ingest.py                 # 64, 256, 1024 ranks, 3 runs
+    .venv/bin/python benchmarks/serve_ingest.py                 # 64-1024 ranks, 3 runs, ~10 min
     .venv/bin/python benchmarks/serve_ingest.py --quick         # smoke run, ~30 s
+    .venv/bin/python benchmarks/serve_ingest.py --json out.json # also save every number
 
 Method
 ------
@@ -10,57 +11,62 @@ Pushes (built once per job size, before anything is timed). Each simulated node 
 agent's own code path from its state to the wire: a :class:`NodeState` holding, per rank, a
 :class:`RankSummary` (per-(group, op) totals, sequence frontier, step, log age) with the
 :class:`StepTotals` of its last finished steps, plus by default the node's 8 GPUs and its host
-reading (synthetic values, shapes of ``collectors/_synthetic.py``), turned into points by
+reading (synthetic values, the shapes of ``collectors/_synthetic.py``), turned into points by
 ``agent._points.collect_points``, into the SDK's ``MetricsData`` by
 ``agent._otlp_export.metrics_data`` and into bytes by the SDK's ``encode_metrics`` ->
-``SerializeToString()``: exactly what ``OtlpPusher`` posts. The job has ``ranks_per_node`` (8)
-ranks per node and two groups per rank: a tensor-parallel group of the node's ranks
-(``0-7``) and a data-parallel group of the ranks with the same local rank on every node
-(``3,11,19,...``: strided, so its compact form grows with the node count), each with its own
-process-group name as torch gives them. A step lasts ``--step-s`` (0.5 s): each rank enters the
-tp group's 4 collectives a little after the step starts and the dp group's 4 buckets near its
-end, with a per-(rank, step) jitter that is the same on every push, so every node tells the same
-story about the same step. A push carries, as the agent's does, the last ``PUSH_STEPS`` (32)
-finished steps of each rank.
+``SerializeToString()``: what ``OtlpPusher`` posts. The job has ``--ranks-per-node`` (8) ranks
+per node and two groups per rank, each with its own process-group name as torch gives them: a
+tensor-parallel group of the node's ranks (``0-7``) and a data-parallel group of the ranks with
+the same local rank on every node (``3,11,19,...``: strided, so its compact form grows with the
+node count; it rides on every step gauge). A step lasts ``--step-s`` (0.5 s): each rank runs the
+tp group's 4 collectives early in the step and the dp group's 4 buckets near its end, with a
+per-(rank, step) jitter that is the same in every push, so every node tells the same story
+about the same step. As the agent does (``steps_after``), a push carries only the finished steps
+not delivered yet: ``--push-interval-s / --step-s`` of them (2 by default: the live tests' 1 s
+pushes), at most ``PUSH_STEPS`` (32).
 
-Each node gets a pool of ``--pool`` pushes ``--steps-per-push`` steps apart (2: a 1 s push
-interval at 0.5 s a step). The senders go through the job in rounds, every node once per round,
-round ``r`` moving every node ``r * steps-per-push`` steps on, so the service keeps seeing new
-steps: round ``r`` sends pool entry ``r mod pool`` with its step labels moved on by whole pool
-periods. The labels are fixed-width strings (the job is at step 100,000+), so the move rewrites
-their digits in place in the encoded bytes (positions found once; a vectorised write of a few
-thousand 6-byte strings, ~50 µs a push); the other values of the entry (times, sequence numbers)
-repeat from period to period. Before the timed part, every node sends a prefill of pushes 32
-steps apart until the service holds ``--prefill-steps`` (200, the service's ``keep_steps``)
-steps per rank: the analysis is timed on a job in its steady state.
+Each node gets a pool of ``--pool`` pushes one push interval apart. The senders go through the
+job in rounds, every node once per round, round ``r`` carrying the steps of the ``r``-th push
+interval, so the service sees new steps all along: round ``r`` sends pool entry ``r mod pool``
+with its step labels moved on by whole pool periods. The labels are fixed-width strings (the job
+is at step 100,000+), so the move rewrites their digits in place in the encoded bytes (positions
+found once; one vectorised write, well under a millisecond a push); the other values of the
+entry (times, counters, sequence numbers) repeat from period to period. Before the timed part
+every node sends catch-up pushes of 32 new steps each (what an agent sends after an outage)
+until the service holds ``--prefill-steps`` (200: the service's ``keep_steps``) steps of every
+rank, so the analysis is timed on a job in its steady state.
 
 Load. The service runs in its own process, as deployed:
-``python -m ringwatch._cli serve --otlp-listen 127.0.0.1:P --listen 127.0.0.1:Q
---state-dir off --window-s 1``. ``--senders`` threads (4) each keep one HTTP/1.1 connection
-(``http.client.HTTPConnection``) and post the next (round, node) push as soon as the previous
-answer is in (closed loop), for ``--seconds`` (20). Every answer must be 200.
+``python -m ringwatch._cli serve --otlp-listen 127.0.0.1:P --listen 127.0.0.1:Q --state-dir off
+--window-s 1``, a fresh one for every run. ``--senders`` threads (4) each keep one HTTP/1.1
+connection (``http.client.HTTPConnection``) and post the next (round, node) push as soon as the
+previous answer is in (closed loop) for ``--seconds`` (20, after ``--warmup-s``). Every answer
+must be 200 (else the exit status is 2).
 
 Measurements, all from the service itself: accepted requests/s (``ringwatch_serve_requests_total
-{code="200"}``) and data points/s (``ringwatch_serve_points_total``) over the timed span, the
+{code="200"}``) and data points/s (``ringwatch_serve_points_total``) over the timed span; the
 service process's CPU (user + system from ``/proc/<pid>/stat``, all its threads) as a share of
-one core, and the analysis: ``ringwatch_serve_analysis_seconds{job}`` (the analyzers' part of a
-round, scraped every 0.25 s, one value per round) and ``ringwatch_serve_analysis_lag_seconds``.
-The analysis round also takes a deep copy of the job's state first (``Jobs.snapshot``), which
-that gauge leaves out; the whole round is read from the rounds counter: its rounds start
-``window_s`` after the previous one ends, so the round takes ``interval - window_s``. After the
-timed span the senders stop and the analysis is timed again on the same state without ingest
-competing for the interpreter (``idle``).
+one core, and the points per CPU-second it implies; the analysis, scraped every 0.25 s:
+``ringwatch_serve_analysis_seconds{job}`` (the analyzers' part of a round, one value per round)
+and ``ringwatch_serve_analysis_lag_seconds``. A round first takes a deep copy of the job's state
+(``Jobs.snapshot``), which that gauge leaves out, so the whole round is read from the rounds
+counter: a round starts ``window_s`` after the previous one ended, so it took the interval
+between two ends minus ``window_s``. After the timed span the senders stop and the rounds are
+timed again on the same state with no ingest competing for the interpreter (``idle``; scraped
+every 50 ms, at least 3 rounds or 6 s, 2 rounds after 20 s).
 
-Derived: ranks per instance at the default window. A rank sends ``P`` points per push (measured
-on the pool: the node's points over its ranks, GPU and host points included), every push
-interval ``I`` (the agent's default 10 s; the live tests use 1 s). One instance carries
-``min(ingest points/s / (P / I), R_window)`` ranks, where ``R_window`` is the job size at which
-a whole analysis round (snapshot + analyzers, without ingest) reaches ``window_s``, interpolated
-between the measured sizes on a log-log scale (extrapolated from the two largest when none
-reaches it). The ingest figure is the median points/s over the sizes: a single service process
-decodes and ingests under one interpreter lock, so it barely depends on the job size.
+Derived: ranks per instance at the default window. A rank sends ``P = fixed + per_step x new
+steps`` points per push (both measured on the pool: the rank's counters and frontier plus its
+share of the node's GPU/host/agent series, and 5 gauges x 2 groups per step), every push
+interval ``I`` (the agent's default 10 s; the live tests use 1 s), ``I / step-s`` new steps. One
+instance carries ``min(ingest points/s / (P / I), R_window)`` ranks, where ingest is the median
+points/s over the sizes and ``R_window`` is the job size at which a whole idle round reaches
+``window_s``, interpolated between the measured sizes on a log-log scale (extrapolated from the
+nearest two when none brackets it). The same figure under full ingest is printed beside it.
+The ingest rate is measured with pushes of ``--push-interval-s``; step gauges cost the service
+more than the node's other points, so for another interval run with that ``--push-interval-s``.
 
-The benchmark's own process (senders, scrapes) runs on the same machine: its CPU is printed too.
+The benchmark's own process (senders, scrapes) shares the machine: its CPU is printed too.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@
 * ``GET|POST /api/v1/control``: detectors on/off and thresholds, without a restart
   (``{"pause": ["straggler"], "resume": [...], "thresholds": {"min_stall_s": 8}}``).
 * ``POST /api/v1/findings/<id>/resolve``: an operator closes a finding.
+
+Changes (POST) need the service's bearer token when it has one; reads do not.
 """
 
 from __future__ import annotations
@@ -196,6 +198,13 @@ class ApiServer:
             h._send(404, {"error": f"no such path: {url.path}"})
 
     def _post(self, h) -> None:
+        import hmac
+
+        token = self.service.config.token
+        if token and not hmac.compare_digest(h.headers.get("Authorization", "").encode(),
+                                             f"Bearer {token}".encode()):
+            h._send(401, {"error": "changes need the service's bearer token"})
+            return
         url = urlparse(h.path)
         n = int(h.headers.get("Content-Length") or 0)
         if n > 1 << 20:

@@ -40,10 +40,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _call(url: str, body: dict | None = None) -> dict:
+def _call(url: str, body: dict | None = None, token: str | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=data, method="POST" if data else "GET",
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
@@ -87,8 +90,8 @@ def cmd_status(args) -> int:
                 raise ConfigError(f"--threshold {item!r}: expected NAME=VALUE")
             th[k] = None if v in ("", "default") else float(v)
         print(json.dumps(_call(f"{base}/api/v1/control", {
-            "pause": args.pause or [], "resume": args.resume or [], "thresholds": th}),
-            indent=1))
+            "pause": args.pause or [], "resume": args.resume or [], "thresholds": th},
+            token=args.token), indent=1))
         return 0
     q = "?state=open" if not args.all else ""
     if args.job:
@@ -130,6 +133,7 @@ def add_parsers(sub) -> None:
     st.add_argument("--pause", action="append", metavar="DETECTOR",
                     help="pause a detector (hang, straggler, slow_link)")
     st.add_argument("--resume", action="append", metavar="DETECTOR", help="resume a detector")
+    st.add_argument("--token", help="the service's bearer token (for changes)")
     st.add_argument("--threshold", action="append", metavar="NAME=VALUE",
                     help="change a threshold at run time, e.g. min_stall_s=8 ('default' "
                     "restores the analyzer's own)")

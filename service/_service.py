@@ -104,6 +104,7 @@ class Service:
             changes += self.store.update(job, findings, now_ns=now)
             self.last_round_s[job] = time.perf_counter() - t0
             self.last_lag_s[job] = (now - jl.last_push_ns) / 1e9
+        changes += self.store.sweep(now_ns=self.clock.wall_ns())  # jobs that went quiet
         self.rounds += 1
         return changes
 

@@ -94,6 +94,10 @@ def test_demo_shows_the_straggler(tmp_path):
     assert "consistency: OK" in out
     assert out.count(": OK,") == 4  # every rank matches its Flight Recorder
     assert "reading: rank 2 arrives last at" in out and "a straggler" in out, out
+    # live: the service named the straggler while the job ran (before the post-mortem)
+    live = out.index("LIVE: STRAGGLER (compute straggler): rank 2 on host1")
+    assert live < out.index("ringwatch analyze "), out
+    assert "LIVE: SLOW_LINK" not in out and "LIVE: HANG" not in out, out
     # the node agent ran beside the job: synthetic GPUs (said so), every rank's collectives
     assert "GPU(s) replayed from a synthetic recording" in out, out
     counts = re.search(r"collectives per rank, read from the ranks' logs: (.*)", out).group(1)

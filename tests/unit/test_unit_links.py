@@ -170,9 +170,13 @@ def test_a_slow_link_without_one_host_to_blame_starting_with_a_straggler_is_its_
     out = explain_by_links((s,), (wide,))
     assert [f.kind for f in out] == ["straggler"]
     assert "they wait for it inside their collectives" in out[0].evidence[-1]
-    # far apart in time, or a link that names one host: both stand
+    # later, while the straggler is still late: its doing too
     late = Finding("slow_link", "slow communication", (0, 1, 2, 3), ("host0", "host1"),
                    since_step=60)
-    assert {f.kind for f in explain_by_links((s,), (late,))} == {"straggler", "slow_link"}
+    assert [f.kind for f in explain_by_links((s,), (late,))] == ["straggler"]
+    # after the straggler ended, or a link that names one host: both stand
+    ended = Finding("straggler", "transient straggler", (2,), ("host1",), since_step=31,
+                    until_step=40)
+    assert {f.kind for f in explain_by_links((ended,), (late,))} == {"straggler", "slow_link"}
     other = Finding("straggler", "compute straggler", (0,), ("host9",), since_step=31)
     assert {f.kind for f in explain_by_links((other,), (wide,))} == {"straggler", "slow_link"}

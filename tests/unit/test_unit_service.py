@@ -1,0 +1,133 @@
+"""`ringwatch serve` pieces without a cluster: ingest of real agent pushes, the analysis round,
+the JSON API, runtime control and its token, `ringwatch status` lines."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from ringwatch.agent._node_state import NodeState
+from ringwatch.agent._otlp_export import metrics_data
+from ringwatch.agent._points import collect_points
+from ringwatch.agent._rank_tail import RankSummary, StepTotals
+from ringwatch.service._cli import status_lines
+from ringwatch.service._jobs import Jobs
+from ringwatch.service._service import Service, ServiceConfig
+
+WALL = 1_800_000_000_000_000_000
+
+
+def _push(job: str, *, late_rank: int | None, steps=range(0, 40), late_from: int = 25,
+          late_ms: float = 30.0):
+    """An agent push for 4 ranks on 2 hosts, one world group; ``late_rank`` arrives late from
+    ``late_from`` on (its peers wait: their time in the collective grows)."""
+    from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+    state = NodeState(host="agent-host")
+    for rank in range(4):
+        s = RankSummary(job=job, rank=rank, local_rank=rank % 2, host=f"host{rank // 2}")
+        s.groups["0"] = ("0-3", 4, rank)
+        for step in steps:
+            start = WALL + step * 100_000_000
+            busy = 10_000_000 + (rank * 37 % 5) * 100_000
+            if late_rank is not None and step >= late_from:
+                busy += 0 if rank == late_rank else int(late_ms * 1e6)
+            t = StepTotals(count=2, nbytes=4 << 20)
+            t.add(start, start + busy)
+            t.first_start_ns, t.last_end_ns = start, start + busy
+            s.steps[step] = {"0": t}
+        s.step = max(steps) + 1
+        s.last_started_seq["0"] = s.last_completed_seq["0"] = 2 * (max(steps) + 1)
+        state.ranks[(job, rank)] = s
+    pts = collect_points(state, now_wall_ns=WALL, steps_after={})
+    return encode_metrics(metrics_data(pts, start_ns=1, now_ns=WALL))
+
+
+def test_ingest_keeps_steps_frontier_and_hosts():
+    jobs = Jobs(keep_steps=100)
+    assert jobs.ingest(_push("j1", late_rank=None), WALL) == 0
+    jl = jobs.jobs["j1"]
+    assert sorted(jl.ranks) == [0, 1, 2, 3]
+    assert jl.ranks[3].host == "host1" and jl.ranks[0].completed_seq == {"0": 80}
+    # a push carries the newest 32 finished steps of each rank (PUSH_STEPS)
+    assert jl.max_step == 39 and len(jl.steps) == 4 * 32 and min(k[2] for k in jl.steps) == 8
+    assert jl.groups["0"] == ("0-3", 4)
+
+
+def test_ingest_rejects_a_rank_that_is_not_a_number():
+    req = _push("j1", late_rank=None, steps=range(0, 3))
+    for rm in req.resource_metrics:
+        for kv in rm.resource.attributes:
+            if kv.key == "ringwatch.rank":
+                kv.value.string_value = "three"
+    jobs = Jobs()
+    assert jobs.ingest(req, WALL) > 0
+    assert jobs.jobs == {}
+
+
+def test_a_round_names_the_late_rank_and_a_healthy_job_nothing():
+    svc = Service(ServiceConfig(state_dir=None))
+    svc.jobs.ingest(_push("bad", late_rank=2), WALL)
+    svc.jobs.ingest(_push("good", late_rank=None), WALL)
+    changes = svc.analyze_once()
+    opened = [c.tracked.finding for c in changes if c.what == "opened"]
+    assert [(f.kind, f.ranks, f.hosts) for f in opened] == [("straggler", (2,), ("host1",))]
+    assert svc.store.current("good") == []
+    svc.control(pause=["straggler"])
+    svc.analyze_once()
+    assert svc.settings()["detectors"]["straggler"] is False
+
+
+@pytest.fixture
+def running(tmp_path):
+    svc = Service(ServiceConfig(otlp_listen="127.0.0.1:0", api_listen="127.0.0.1:0",
+                                state_dir=tmp_path / "state", token="t0k", window_s=60))
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+def _http(svc, path, body=None, token=None):
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"http://127.0.0.1:{svc.api.port}{path}",
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_api_control_findings_and_status(running):
+    svc = running
+    svc.jobs.ingest(_push("bad", late_rank=1), WALL)
+    svc.analyze_once()
+    code, body = _http(svc, "/api/v1/findings?state=open")
+    assert code == 200 and [t["finding"]["ranks"] for t in body["findings"]] == [[1]]
+    code, jobs = _http(svc, "/api/v1/jobs")
+    assert jobs["jobs"][0]["open_findings"] == 1 and jobs["jobs"][0]["ranks"] == 4
+    lines = status_lines(body["findings"], jobs["jobs"])
+    assert lines[0].startswith("job bad: 4 rank(s) on 2 host(s), step 39, 1 open finding(s)")
+    assert "straggler  compute straggler        1" in lines[-1]
+    assert _http(svc, "/api/v1/control", {"pause": ["hang"]})[0] == 401
+    code, settings = _http(svc, "/api/v1/control", {"pause": ["hang"],
+                                                      "thresholds": {"min_stall_s": 8}},
+                           token="t0k")
+    assert code == 200 and settings["detectors"]["hang"] is False
+    assert settings["thresholds"]["min_stall_s"] == 8
+    assert _http(svc, "/api/v1/control", {"pause": ["nope"]}, token="t0k")[0] == 400
+    assert _http(svc, "/api/v1/control", {"thresholds": {"min_stall_s": -1}},
+                 token="t0k")[0] == 400
+    fid = body["findings"][0]["id"]
+    code, t = _http(svc, f"/api/v1/findings/{fid}/resolve", {}, token="t0k")
+    assert code == 200 and t["state"] == "resolved"
+    assert _http(svc, "/api/v1/nothing")[0] == 404
+    with urllib.request.urlopen(f"http://127.0.0.1:{svc.api.port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert "ringwatch_serve_analysis_rounds_total 1.0" in text
