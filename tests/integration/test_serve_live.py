@@ -272,3 +272,18 @@ def test_central_unreachable_from_the_start(tmp_path):
     assert share < 0.05, share
     assert t_with < 2 * t_without, (t_with, t_without)
     assert rss1 - rss0 < 4_000, (rss0, rss1, rss)  # kB, while every push failed
+
+
+def test_a_slow_link_is_named_live(stack):
+    # 4 hosts of one rank; tp groups {0,1} {2,3} and dp groups {0,2} {1,3} cross different
+    # host sets, so the slow groups have one host in common: host2.
+    truth, _ = stack.run_cluster("--nproc", "4", "--hosts", "4", "--tp", "2", "--steps", "50",
+                                 "--fault", "link", "--victim-host", "2", "--at-step", "26",
+                                 "--rate-mbit", "50")
+    links = [(t, f) for t, f in stack.seen.values() if f["finding"]["kind"] == "slow_link"]
+    assert len(links) == 1, stack.seen
+    first_ns, tracked = links[0]
+    assert tracked["finding"]["hosts"] == ["host2"], tracked
+    lag_s = (first_ns - truth["onset_wall_ns"]) / 1e9
+    assert lag_s < 10, lag_s
+    assert not [f for _, f in stack.seen.values() if f["finding"]["kind"] == "straggler"]
