@@ -53,12 +53,18 @@ class OnlineWindow:
         self.noise_ms: float | None = None
         self.usual_bw: pl.DataFrame | None = None  # pg, usual_MBps
         self.baseline_until: int | None = None  # last step of the frozen baseline
+        #: The first step seen: the baseline is the steps after it (a window opened on a job
+        #: already at step 500 baselines on 500.., not on steps it never saw).
+        self.first_step: int | None = None
         self.dropped_rows = 0
 
     def add(self, rows: pl.DataFrame) -> None:
         """Take new rows (any ranks, any order); a ``(rank, idx)`` seen before is replaced."""
         if rows.is_empty():
             return
+        low = rows["step"].min()
+        if low is not None and self.baseline_until is None:
+            self.first_step = low if self.first_step is None else min(low, self.first_step)
         if self.rows is None:
             merged = rows
         else:
@@ -73,7 +79,8 @@ class OnlineWindow:
         if top is not None:
             keep = (pl.col("step") > top - self.keep_steps) | (pl.col("status") == "pending")
             if self.baseline_until is None:  # the first steps are still needed
-                keep = keep | (pl.col("step") <= self.warmup_steps + self.baseline_steps)
+                keep = keep | (pl.col("step") <= (self.first_step or 0) + self.warmup_steps
+                               + self.baseline_steps)
             unstepped = pl.col("step").is_null() & (
                 pl.int_range(pl.len()).reverse().over("rank") < self.keep_unstepped)
             df = df.filter(keep.fill_null(False) | unstepped)
@@ -83,14 +90,16 @@ class OnlineWindow:
     def _freeze_baselines(self) -> None:
         if self.baseline_until is not None or self.rows is None:
             return
-        last = self.warmup_steps + self.baseline_steps - 1
+        first = self.first_step or 0
+        last = first + self.warmup_steps + self.baseline_steps - 1
         top = self.rows["step"].max()
         if top is None or top <= last:  # wait until every rank is past the baseline
             return
         if self.rows.group_by("rank").agg(pl.col("step").max())["step"].min() <= last:
             return
         head = self.rows.filter(pl.col("step") <= last)
-        lat = compute_step_lateness(head)
+        # the analyzers count their warm-up from step 0: shift the head so it starts there
+        lat = compute_step_lateness(head).with_columns(pl.col("step") - first)
         scores = compute_straggler_scores(lat, warmup_steps=self.warmup_steps,
                                           baseline_steps=self.baseline_steps)
         if scores.is_empty():
@@ -98,8 +107,9 @@ class OnlineWindow:
         self.noise_ms = float(scores["noise_ms"][0])
         base = scores.filter(pl.col("step") < self.warmup_steps + self.baseline_steps)
         self.usual_delay = usual_delay(base)
-        self.usual_bw = usual_bandwidth(compute_group_bandwidth(head),
-                                        baseline_steps=self.baseline_steps)
+        self.usual_bw = usual_bandwidth(
+            compute_group_bandwidth(head).with_columns(pl.col("step") - first),
+            baseline_steps=self.baseline_steps)
         self.baseline_until = last
 
     def findings(self, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,

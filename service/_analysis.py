@@ -14,8 +14,9 @@ from __future__ import annotations
 from ringwatch.service._jobs import _STEP_ROW, JobLive
 
 
-def step_frame(jl: JobLive):
-    """The step totals as analyzer rows (one per rank, group and step, complete ones only)."""
+def step_frame(jl: JobLive, *, skip: set | None = None):
+    """The step totals as analyzer rows (one per rank, group and step, complete ones only;
+    none of ``skip``'s ``(rank, pg, step)``)."""
     import polars as pl
 
     from ringwatch._schema import polars_schema
@@ -25,14 +26,15 @@ def step_frame(jl: JobLive):
                             "t_start_ns", "t_end_ns", "mono_start_ns", "mono_end_ns",
                             "duration_ns", "step")}
     for (rank, pg, step), v in sorted(jl.steps.items()):
-        if any(k not in v for k in _STEP_ROW):
+        if any(k not in v for k in _STEP_ROW) or (skip and (rank, pg, step) in skip):
             continue
         live = jl.ranks.get(rank)
         members, size = jl.groups.get(pg, ("", 0))
         start = int(v["start_s"] * 1e9)
         busy = int(round(v["busy_s"] * 1e9))
         vals = (rank, None if live is None else live.local_rank,
-                "" if live is None else live.host, step, pg, members, size,
+                "" if live is None else live.host, step * 1024 + jl.pg_index.get(pg, 0), pg,
+                members, size,
                 jl.group_rank.get((rank, pg), 0), step, "step", False, None, int(v["nbytes"]),
                 "ok", start, int(v["end_s"] * 1e9), start, start + busy, busy, step)
         for c, x in zip(rows, vals, strict=True):
@@ -77,10 +79,42 @@ def frontier_frame(jl: JobLive, *, now_ns: int):
     return pl.DataFrame(rows, schema={c: schema[c] for c in cols})
 
 
+class LiveAnalysis:
+    """One job's analysis across rounds: the analyzers' online window, fed each step once.
+
+    The window freezes each rank's usual delay, the job's noise and each group's usual
+    bandwidth from the job's first steps, so a fault that lasts longer than the window is
+    still measured against the healthy start.
+    """
+
+    def __init__(self, *, keep_steps: int = 64):
+        from ringwatch.analyzers import OnlineWindow
+
+        self.window = OnlineWindow(keep_steps=keep_steps)
+        self.given: set[tuple[int, str, int]] = set()
+        self._pruned_at = -1
+
+    def feed(self, jl: JobLive) -> None:
+        rows = step_frame(jl, skip=self.given)
+        if rows.height:
+            self.window.add(rows)
+            self.given.update(zip(rows["rank"].to_list(), rows["pg"].to_list(),
+                                  rows["step"].to_list(), strict=True))
+        if jl.max_step - self._pruned_at >= self.window.keep_steps:
+            # the state keeps fewer steps than this: older keys can never come back
+            self._pruned_at = jl.max_step
+            edge = jl.max_step - 4 * self.window.keep_steps
+            self.given = {k for k in self.given if k[2] > edge}
+
+
 def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
                  detectors: frozenset[str] = frozenset({"hang", "straggler", "slow_link"}),
-                 thresholds: dict | None = None) -> tuple:
-    """Findings of one job now (same :class:`~ringwatch.analyzers.Finding` model)."""
+                 thresholds: dict | None = None, live: LiveAnalysis | None = None) -> tuple:
+    """Findings of one job now (same :class:`~ringwatch.analyzers.Finding` model).
+
+    With ``live`` (the service), stragglers and slow links come from its online window and
+    frozen baselines; without, from the state's steps alone (baselines from their first
+    steps)."""
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._hangs import stall_threshold_s
@@ -95,8 +129,15 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
                 for r, live in jl.ranks.items()}
         findings += detect_hangs(frontier_frame(jl, now_ns=now_ns), now_ns=now_ns,
                                  min_stall_s=stall, last_seen_ns=seen)
-    stragglers = detect_stragglers(steps) if "straggler" in detectors and steps.height else ()
-    links = detect_slow_links(steps) if "slow_link" in detectors and steps.height else ()
-    findings += explain_by_links(stragglers, links)
+    if live is not None:
+        live.feed(jl)
+        want = {"straggler", "imbalance"} if "straggler" in detectors else set()
+        want |= {"slow_link"} if "slow_link" in detectors else set()
+        findings += tuple(f for f in live.window.findings(now_ns=now_ns) if f.kind in want)
+    else:
+        stragglers = detect_stragglers(steps) if "straggler" in detectors and steps.height \
+            else ()
+        links = detect_slow_links(steps) if "slow_link" in detectors and steps.height else ()
+        findings += explain_by_links(stragglers, links)
     local = {r: live.local_rank for r, live in jl.ranks.items()}
     return with_local_ranks(findings, local)

@@ -49,6 +49,8 @@ class JobLive:
     last_push_ns: int = 0
     max_step: int = -1
     trimmed_at: int = -1
+    #: pg -> a small number, in order of first sight (rows' ``idx`` is step x 1024 + it).
+    pg_index: dict[str, int] = field(default_factory=dict)
 
 
 def _value(dp) -> float:
@@ -124,6 +126,7 @@ class Jobs:
                     pg = str(a["ringwatch.pg"])
                     jl.groups.setdefault(pg, (str(a.get("ringwatch.pg.ranks", "")),
                                               int(a.get("ringwatch.pg.size", 0))))
+                    jl.pg_index.setdefault(pg, len(jl.pg_index))
                     jl.group_rank[(rank, pg)] = int(a.get("ringwatch.pg.rank", 0))
                 except (KeyError, TypeError, ValueError):
                     bad += 1

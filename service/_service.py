@@ -71,6 +71,7 @@ class Service:
         self.analysis_errors = 0
         self.last_round_s: dict[str, float] = {}
         self.last_lag_s: dict[str, float] = {}
+        self.live: dict = {}  # job -> LiveAnalysis (its online window)
         self.receiver = None
         self.api = None
         self._thread: threading.Thread | None = None
@@ -82,7 +83,7 @@ class Service:
     # --- analysis -------------------------------------------------------------------------
     def analyze_once(self) -> list:
         """One round over every job; returns the store's changes."""
-        from ringwatch.service._analysis import analyze_live
+        from ringwatch.service._analysis import LiveAnalysis, analyze_live
 
         with self.lock:
             detectors = frozenset(self.config.detectors)
@@ -95,8 +96,11 @@ class Service:
             t0 = time.perf_counter()
             now = self.clock.wall_ns()
             try:
+                live = self.live.get(job)
+                if live is None:
+                    live = self.live[job] = LiveAnalysis()
                 findings = analyze_live(jl, now_ns=now, detectors=detectors,
-                                        thresholds=thresholds)
+                                        thresholds=thresholds, live=live)
             except Exception as exc:
                 self.analysis_errors += 1
                 log.warning("analysis of job %s failed: %s", job, exc, exc_info=True)
@@ -104,6 +108,8 @@ class Service:
             changes += self.store.update(job, findings, now_ns=now)
             self.last_round_s[job] = time.perf_counter() - t0
             self.last_lag_s[job] = (now - jl.last_push_ns) / 1e9
+        for gone in set(self.live) - set(self.jobs.jobs):
+            del self.live[gone]  # a job the state dropped
         changes += self.store.sweep(now_ns=self.clock.wall_ns())  # jobs that went quiet
         self.rounds += 1
         return changes

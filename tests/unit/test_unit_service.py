@@ -131,3 +131,14 @@ def test_api_control_findings_and_status(running):
     with urllib.request.urlopen(f"http://127.0.0.1:{svc.api.port}/metrics", timeout=5) as r:
         text = r.read().decode()
     assert "ringwatch_serve_analysis_rounds_total 1.0" in text
+
+
+def test_a_service_that_joins_a_job_at_step_500_baselines_on_what_it_saw():
+    svc = Service(ServiceConfig(state_dir=None))
+    for first in (500, 532):  # two pushes of 32 steps; the rank is late from step 545 on
+        svc.jobs.ingest(_push("mid", late_rank=3, steps=range(first, first + 32),
+                              late_from=545), WALL)
+        svc.analyze_once()
+    (t,) = svc.store.current("mid")
+    assert (t.finding.kind, t.finding.ranks) == ("straggler", (3,))
+    assert 545 <= t.finding.since_step <= 548
