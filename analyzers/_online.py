@@ -56,6 +56,9 @@ class OnlineWindow:
         #: The first step seen: the baseline is the steps after it (a window opened on a job
         #: already at step 500 baselines on 500.., not on steps it never saw).
         self.first_step: int | None = None
+        #: Structural imbalance, judged once on the baseline steps (a later window whose
+        #: first steps are all after a fault's onset would call the fault "structural").
+        self.imbalance: tuple[Finding, ...] = ()
         self.dropped_rows = 0
 
     def add(self, rows: pl.DataFrame) -> None:
@@ -107,6 +110,10 @@ class OnlineWindow:
         self.noise_ms = float(scores["noise_ms"][0])
         base = scores.filter(pl.col("step") < self.warmup_steps + self.baseline_steps)
         self.usual_delay = usual_delay(base)
+        self.imbalance = tuple(
+            f for f in detect_stragglers(head, warmup_steps=self.warmup_steps,
+                                         baseline_steps=self.baseline_steps)
+            if f.kind == "imbalance")
         self.usual_bw = usual_bandwidth(
             compute_group_bandwidth(head).with_columns(pl.col("step") - first),
             baseline_steps=self.baseline_steps)
@@ -121,14 +128,11 @@ class OnlineWindow:
         out = detect_hangs(ev, now_ns=now_ns, last_seen_ns=last_seen_ns,
                            min_stall_s=min_stall_s)
         if self.baseline_until is None:
-            # Not enough steps yet for a usual: only what the job's start itself shows.
-            out += tuple(f for f in detect_stragglers(ev, warmup_steps=self.warmup_steps,
-                                                      baseline_steps=self.baseline_steps)
-                         if f.kind == "imbalance")
-            return out
-        stragglers = detect_stragglers(ev, warmup_steps=self.warmup_steps,
-                                       baseline_steps=self.baseline_steps,
-                                       usual=self.usual_delay, noise_ms=self.noise_ms)
+            return out  # not enough steps yet for a usual, nor to call anything structural
+        stragglers = tuple(f for f in detect_stragglers(
+            ev, warmup_steps=self.warmup_steps, baseline_steps=self.baseline_steps,
+            usual=self.usual_delay, noise_ms=self.noise_ms) if f.kind != "imbalance")
+        stragglers += self.imbalance
         links = detect_slow_links(ev, baseline_steps=self.baseline_steps, usual=self.usual_bw)
         return out + explain_by_links(stragglers, links)
 

@@ -368,6 +368,7 @@ class ServeProcess:
 
     def __init__(self, window_s: float):
         self.otlp_port, self.api_port = _free_port(), _free_port()
+        self.failed_scrapes = 0
         self.log = tempfile.TemporaryFile()
         cmd = [sys.executable, "-m", "ringwatch._cli", "serve",
                "--otlp-listen", f"127.0.0.1:{self.otlp_port}",
@@ -378,20 +379,31 @@ class ServeProcess:
         deadline = time.monotonic() + 60
         while True:
             try:
-                self.metrics()
+                self.metrics(tries=1)
+                self.failed_scrapes = 0
                 return
-            except OSError:
+            except RuntimeError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     out = self.output()
                     self.stop()
                     raise RuntimeError(f"ringwatch serve did not start:\n{out}") from None
                 time.sleep(0.2)
 
-    def metrics(self) -> dict[str, float]:
-        """``/metrics`` as {'name{labels}': value}."""
+    def metrics(self, tries: int = 5) -> dict[str, float]:
+        """``/metrics`` as {'name{labels}': value} (a failed scrape is retried and counted)."""
         url = f"http://127.0.0.1:{self.api_port}/metrics"
-        with urllib.request.urlopen(url, timeout=30) as r:
-            text = r.read().decode()
+        for i in range(tries):
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r:
+                    text = r.read().decode()
+                break
+            except OSError as exc:
+                self.failed_scrapes += 1
+                if i == tries - 1 or self.proc.poll() is not None:
+                    raise RuntimeError(f"cannot scrape the service ({exc}); it "
+                                       f"{'exited' if self.proc.poll() is not None else 'runs'}"
+                                       f":\n{self.output()}") from exc
+                time.sleep(0.2)
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -583,6 +595,7 @@ def measure(pool: Pool, *, seconds: float, senders: int, window_s: float, warmup
             "lag_s_max": max(lags) if lags else None,
             "idle_analysis_s": idle_analysis, "idle_round_s": idle_whole,
             "analysis_errors": m1.get(_ERRORS, 0), "bad_answers": dict(snd.bad),
+            "failed_scrapes": svc.failed_scrapes,
         }
     finally:
         svc.stop()
@@ -753,7 +766,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_f(res['idle_round_s'], '.2f', 0)} s, lag "
                   f"{_f(res['lag_s_median'], '.2f', 0)} s, prefill {res['prefill_s']:.1f} s, "
                   f"load {res['load1']:.1f}"
-                  + (f", NOT 200: {res['bad_answers']}" if res["bad_answers"] else ""),
+                  + (f", NOT 200: {res['bad_answers']}" if res["bad_answers"] else "")
+                  + (f", {res['failed_scrapes']} scrape(s) retried" if res["failed_scrapes"]
+                     else ""),
                   flush=True)
     out = report(pools, results, window_s=args.window_s, step_s=args.step_s,
                  intervals=(1.0, 10.0))

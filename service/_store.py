@@ -121,12 +121,12 @@ class FindingsStore:
         Returns:
             The changes, in order: opened, updated and resolved findings.
         """
-        batch: dict[tuple, Finding] = {}
-        for f in findings:
-            k = identity_key(job, f)
-            if k not in batch or f.confidence > batch[k].confidence:
-                batch[k] = f
         with self._lock:
+            batch: dict[tuple, Finding] = {}
+            for f in findings:
+                k = self._open_link_key(job, f) or identity_key(job, f)
+                if k not in batch or f.confidence > batch[k].confidence:
+                    batch[k] = f
             now = self._clock.wall_ns() if now_ns is None else int(now_ns)
             self._job_ids.setdefault(job, {})
             seen: set[str] = set()
@@ -136,6 +136,20 @@ class FindingsStore:
             self._record(changes)
             self._flush_if_due()
             return changes
+
+    def _open_link_key(self, job: str, f: Finding) -> tuple | None:
+        """The key of the open slow link of ``job`` that shares a host with ``f``: the
+        analyzer narrows its suspects as more groups slow down (host0+host2, then host2),
+        which is the same fault, not a new one."""
+        if f.kind != "slow_link":
+            return None
+        hosts = set(f.hosts)
+        for k, tid in self._latest.items():
+            t = self._by_id.get(tid)
+            if (t is not None and k[0] == job and k[1] == "slow_link" and t.state == "open"
+                    and hosts & set(t.finding.hosts)):
+                return k
+        return None
 
     def sweep(self, *, now_ns: int | None = None) -> list[Change]:
         """Resolve the open findings of every job quiet for ``resolve_after_s`` (for jobs

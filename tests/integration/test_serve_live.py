@@ -129,8 +129,10 @@ def test_a_hang_is_named_live_within_ten_seconds(stack):
     assert (f["cls"], f["ranks"]) == ("never arrived", [1]), f
     lag_s = (first_ns - truth["onset_wall_ns"]) / 1e9
     assert lag_s < 10, lag_s
-    # the job went on after the hold: the hang is over, the store resolves it in time
-    assert tracked["state"] == "open"
+    assert "hang       never arrived            1 " in stack.status()
+    metrics = stack.get("/metrics")
+    assert f'ringwatch_hang_suspect{{cls="never arrived",host="{truth["host"]}",' \
+           f'job="{truth["job_id"]}",rank="1"}}' in metrics, metrics
 
 
 def test_a_healthy_run_shows_no_finding(stack):
@@ -287,3 +289,6 @@ def test_a_slow_link_is_named_live(stack):
     lag_s = (first_ns - truth["onset_wall_ns"]) / 1e9
     assert lag_s < 10, lag_s
     assert not [f for _, f in stack.seen.values() if f["finding"]["kind"] == "straggler"]
+    assert "slow_link" in stack.status() and "host2" in stack.status()
+    assert f'ringwatch_link_suspect{{host="host2",job="{truth["job_id"]}"}}' in \
+        stack.get("/metrics")

@@ -249,3 +249,18 @@ def test_memory_only_store_writes_nothing(tmp_path, clock, monkeypatch):
     store.close()
     assert list(tmp_path.iterdir()) == []
     assert [c.what for c in store.history()] == ["opened", "resolved"]
+
+
+def test_a_slow_link_whose_suspects_narrow_stays_one_finding():
+    store = FindingsStore(None, clock=FakeClock())
+    wide = Finding("slow_link", "slow communication", (0, 2), ("host0", "host2"), since_step=29)
+    narrow = Finding("slow_link", "slow communication", (0, 2, 3), ("host2",), since_step=29)
+    other = Finding("slow_link", "slow communication", (1,), ("host5",), since_step=40)
+    (opened,) = store.update("j", [wide])
+    changes = store.update("j", [narrow])
+    assert [c.what for c in changes] == ["updated"]
+    assert changes[0].tracked.id == opened.tracked.id
+    assert changes[0].tracked.finding.hosts == ("host2",)
+    assert [c.what for c in store.update("j", [narrow])] == []
+    assert [c.what for c in store.update("j", [narrow, other])] == ["opened"]
+    assert len(store.current("j", state="open")) == 2
