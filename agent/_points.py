@@ -117,10 +117,14 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None,
                   {"last_started_seq": s.last_started_seq.get(pg),
                    "last_completed_seq": s.last_completed_seq.get(pg)})
         done = -1 if steps_after is None else steps_after.get((s.job, s.rank), -1)
+        named = set()  # a group's member list rides on its first point of the push only
         for step, pg, t in completed_steps(s, PUSH_STEPS) if steps_after is not None else ():
             if step <= done:
                 continue
             members, size, grank = s.groups.get(pg, ("", 0, 0))
+            if pg in named:
+                members = ""
+            named.add(pg)
             _emit(out, "rank_step", res, {"pg": pg, "step": str(step), "pg_ranks": members,
                                           "pg_size": str(size), "group_rank": str(grank)},
                   {"count": t.count, "nbytes": t.nbytes, "busy_ns": t.busy_ns,

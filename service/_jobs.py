@@ -124,8 +124,9 @@ class Jobs:
                 try:
                     step = int(a["ringwatch.step"])
                     pg = str(a["ringwatch.pg"])
-                    jl.groups.setdefault(pg, (str(a.get("ringwatch.pg.ranks", "")),
-                                              int(a.get("ringwatch.pg.size", 0))))
+                    members = str(a.get("ringwatch.pg.ranks", ""))
+                    if members or pg not in jl.groups:  # sent on a group's first point only
+                        jl.groups[pg] = (members, int(a.get("ringwatch.pg.size", 0)))
                     jl.pg_index.setdefault(pg, len(jl.pg_index))
                     jl.group_rank[(rank, pg)] = int(a.get("ringwatch.pg.rank", 0))
                 except (KeyError, TypeError, ValueError):
