@@ -106,6 +106,7 @@ class Service:
                 log.warning("analysis of job %s failed: %s", job, exc, exc_info=True)
                 continue
             changes += self.store.update(job, findings, now_ns=now)
+            self._superseded(job, findings)
             self.last_round_s[job] = time.perf_counter() - t0
             self.last_lag_s[job] = (now - jl.last_push_ns) / 1e9
         for gone in set(self.live) - set(self.jobs.jobs):
@@ -113,6 +114,21 @@ class Service:
         changes += self.store.sweep(now_ns=self.clock.wall_ns())  # jobs that went quiet
         self.rounds += 1
         return changes
+
+    def _superseded(self, job: str, findings) -> None:
+        """Resolve the open stragglers a slow link now explains: before the link was clear,
+        its host's rank looked like a compute straggler (the analyzers fold it into the link
+        once both show, see ``explain_by_links``)."""
+        links = [f for f in findings if f.kind == "slow_link" and len(f.hosts) == 1]
+        for t in self.store.current(job, state="open"):
+            s = t.finding
+            if s.kind != "straggler" or s.since_step is None:
+                continue
+            for f in links:
+                if (s.hosts == f.hosts and f.since_step is not None
+                        and abs(s.since_step - f.since_step) <= 5):
+                    self.store.resolve(t.id)
+                    break
 
     def _loop(self) -> None:
         while not self.stop_event.wait(self.config.window_s):

@@ -288,7 +288,10 @@ def test_a_slow_link_is_named_live(stack):
     assert tracked["finding"]["hosts"] == ["host2"], tracked
     lag_s = (first_ns - truth["onset_wall_ns"]) / 1e9
     assert lag_s < 10, lag_s
-    assert not [f for _, f in stack.seen.values() if f["finding"]["kind"] == "straggler"]
+    # host2's rank can look like a straggler for a round before the link is clear; once it
+    # is, the link explains it and it is closed
+    still = stack.get("/api/v1/findings?state=open")["findings"]
+    assert [t["finding"]["kind"] for t in still] == ["slow_link"], still
     assert "slow_link" in stack.status() and "host2" in stack.status()
     assert f'ringwatch_link_suspect{{host="host2",job="{truth["job_id"]}"}}' in \
         stack.get("/metrics")

@@ -142,3 +142,15 @@ def test_a_service_that_joins_a_job_at_step_500_baselines_on_what_it_saw():
     (t,) = svc.store.current("mid")
     assert (t.finding.kind, t.finding.ranks) == ("straggler", (3,))
     assert 545 <= t.finding.since_step <= 548
+
+
+def test_a_straggler_that_a_slow_link_explains_later_is_resolved():
+    from ringwatch.analyzers._findings import Finding
+
+    svc = Service(ServiceConfig(state_dir=None))
+    s = Finding("straggler", "compute straggler", (2,), ("host2",), since_step=27)
+    svc.store.update("j", [s])
+    link = Finding("slow_link", "slow communication", (0, 2, 3), ("host2",), since_step=26)
+    svc.store.update("j", [link])
+    svc._superseded("j", [link])
+    assert [t.finding.kind for t in svc.store.current("j", state="open")] == ["slow_link"]
