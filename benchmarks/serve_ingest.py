@@ -513,28 +513,32 @@ def _round_items(pool: Pool):
 
 
 # --- one measurement ---------------------------------------------------------------------------
-def _rounds_timing(samples: list[tuple[float, dict]], window_s: float) -> tuple:
-    """(whole round s, analyzers s per round) from scrapes: when the rounds counter moved,
-    and the analysis gauge then."""
+def _rounds_timing(samples: list[tuple[float, dict, float]], window_s: float) -> tuple:
+    """From scrapes (time, metrics, service CPU s): (whole round s, analyzers s per round,
+    rounds seen, service CPU s per round) from when the rounds counter moved and the analysis
+    gauge then."""
     changes, analysis = [], []
     prev = None
-    for t, m in samples:
+    for t, m, cpu in samples:
         r = m.get(_ROUNDS)
         if prev is not None and r is not None and r > prev and _ANALYSIS in m:
-            changes.append((t, r))
+            changes.append((t, r, cpu))
             analysis.append(m[_ANALYSIS])
         prev = r if r is not None else prev
-    whole = None
+    whole = cpu_per_round = None
     if len(changes) >= 2 and changes[-1][1] > changes[0][1]:
-        interval = (changes[-1][0] - changes[0][0]) / (changes[-1][1] - changes[0][1])
-        whole = max(0.0, interval - window_s)
-    return whole, (statistics.median(analysis) if analysis else None), len(changes)
+        n = changes[-1][1] - changes[0][1]
+        whole = max(0.0, (changes[-1][0] - changes[0][0]) / n - window_s)
+        cpu_per_round = (changes[-1][2] - changes[0][2]) / n
+    return whole, (statistics.median(analysis) if analysis else None), len(changes), \
+        cpu_per_round
 
 
 def _scrape_for(svc: ServeProcess, seconds: float, every_s: float = 0.25) -> list:
     out, t_end = [], time.monotonic() + seconds
     while time.monotonic() < t_end:
-        out.append((time.monotonic(), svc.metrics()))
+        m = svc.metrics()
+        out.append((time.monotonic(), m, svc.cpu_s()))
         time.sleep(every_s)
     return out
 
@@ -549,7 +553,7 @@ def _scrape_rounds(svc: ServeProcess, *, min_s: float, max_s: float, every_s: fl
     while True:
         m = svc.metrics()
         now = time.monotonic()
-        out.append((now, m))
+        out.append((now, m, svc.cpu_s()))
         rounds = m.get(_ROUNDS, 0)
         first = rounds if first is None else first
         moved, elapsed = rounds - first, now - t0
@@ -579,9 +583,9 @@ def measure(pool: Pool, *, seconds: float, senders: int, window_s: float, warmup
         time.sleep(window_s)  # a round in progress ends with the answers it waited on
         idle = _scrape_rounds(svc, min_s=idle_min_s, max_s=idle_max_s)
         span = t1 - t0
-        whole, analysis, n_rounds = _rounds_timing(samples, window_s)
-        idle_whole, idle_analysis, _ = _rounds_timing(idle, window_s)
-        lags = [m[_LAG] for _, m in samples if _LAG in m]
+        whole, analysis, n_rounds, _ = _rounds_timing(samples, window_s)
+        idle_whole, idle_analysis, _, idle_cpu = _rounds_timing(idle, window_s)
+        lags = [m[_LAG] for _, m, _ in samples if _LAG in m]
         return {
             "ranks": pool.layout.world, "nodes": pool.layout.nodes, "load1": load1,
             "prefill_s": prefill_s, "span_s": span,
@@ -594,6 +598,7 @@ def measure(pool: Pool, *, seconds: float, senders: int, window_s: float, warmup
             "lag_s_median": statistics.median(lags) if lags else None,
             "lag_s_max": max(lags) if lags else None,
             "idle_analysis_s": idle_analysis, "idle_round_s": idle_whole,
+            "idle_round_cpu_s": idle_cpu,
             "analysis_errors": m1.get(_ERRORS, 0), "bad_answers": dict(snd.bad),
             "failed_scrapes": svc.failed_scrapes,
         }
@@ -608,25 +613,27 @@ def _median(rows: list[dict], key: str):
 
 
 def ranks_at_window(sizes: list[int], round_s: list[float | None], window_s: float):
-    """Job size at which a round takes ``window_s``: log-log interpolation between the measured
-    sizes around it, or extrapolation from the nearest two. (ranks, how) or (None, why)."""
+    """Job size at which a round takes ``window_s``: log-log interpolation between the two
+    measured sizes around it, or else extrapolation of a least-squares line through all of them.
+    (ranks, how) or (None, why)."""
     pts = sorted((r, t) for r, t in zip(sizes, round_s, strict=True) if t is not None and t > 0)
     if len(pts) < 2:
         return None, "fewer than two sizes with a round time"
-    pair, how = None, "interpolated"
-    for a, b in zip(pts, pts[1:], strict=False):
-        if a[1] <= window_s <= b[1]:
-            pair = (a, b)
-            break
-    if pair is None:
-        below = pts[-1][1] < window_s
-        pair = (pts[-2], pts[-1]) if below else (pts[0], pts[1])
-        how = "extrapolated"
-    (r0, t0), (r1, t1) = pair
-    if t1 <= t0:
+    for (r0, t0), (r1, t1) in zip(pts, pts[1:], strict=False):
+        if t0 <= window_s <= t1 and t1 > t0:
+            slope = math.log(t1 / t0) / math.log(r1 / r0)
+            return r0 * (window_s / t0) ** (1 / slope), \
+                f"interpolated {r0}-{r1}, round ~ ranks^{slope:.2f}"
+    xs = [math.log(r) for r, _ in pts]
+    ys = [math.log(t) for _, t in pts]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    if slope <= 0:
         return None, "round time does not grow with the size"
-    slope = math.log(t1 / t0) / math.log(r1 / r0)
-    return r0 * (window_s / t0) ** (1 / slope), f"{how}, round ~ ranks^{slope:.2f}"
+    side = "below" if pts[0][1] > window_s else "above"
+    return math.exp(mx + (math.log(window_s) - my) / slope), \
+        f"extrapolated {side} the sizes, fit round ~ ranks^{slope:.2f}"
 
 
 def _f(x, fmt: str = ".2f", width: int = 8) -> str:
@@ -640,11 +647,13 @@ def report(pools: dict[int, Pool], results: dict[int, list[dict]], *, window_s: 
     print("medians over runs; analyzers = ringwatch_serve_analysis_seconds (the analyzers' part "
           "of a round),")
     print("round = whole round from the rounds counter (snapshot copy + analyzers + store), "
-          "idle = after the senders stopped")
+          "idle = after the senders stopped,")
+    print("idle cpu = the service's CPU seconds per idle round (what the round costs, whatever "
+          "else runs on the machine)")
     head = (f"{'ranks':>6} {'nodes':>5} {'runs':>4} {'kB/push':>8} {'pts/push':>8} {'req/s':>7} "
             f"{'points/s':>9} {'MB/s':>6} {'serve%':>6} {'pts/cpu-s':>9} {'bench%':>6} "
             f"{'analyz s':>8} {'round s':>8} {'lag s':>6} {'idle an.':>8} {'idle rnd':>8} "
-            f"{'load':>5}")
+            f"{'idle cpu':>8} {'load':>5}")
     print(head)
     print("-" * len(head))
     summary = {}
@@ -661,24 +670,28 @@ def report(pools: dict[int, Pool], results: dict[int, list[dict]], *, window_s: 
               f"{med['mb_per_s']:>6.1f} {cpu:>6.1f} {per_cpu:>9.0f} "
               f"{med['bench_cpu_pct']:>6.1f} {_f(med['analysis_s'])} {_f(med['round_s'])} "
               f"{_f(med['lag_s_median'], '.2f', 6)} {_f(med['idle_analysis_s'])} "
-              f"{_f(med['idle_round_s'])} {med['load1']:>5.1f}")
+              f"{_f(med['idle_round_s'])} {_f(med['idle_round_cpu_s'])} "
+              f"{med['load1']:>5.1f}")
     pool0 = pools[sizes[0]]
     ingest = statistics.median(summary[r]["points_per_s"] for r in sizes)
     r_win, how = ranks_at_window(sizes, [summary[r]["idle_round_s"] for r in sizes], window_s)
     r_win_load, how_load = ranks_at_window(sizes, [summary[r]["round_s"] for r in sizes],
                                            window_s)
+    r_win_cpu, how_cpu = ranks_at_window(
+        sizes, [summary[r]["idle_round_cpu_s"] for r in sizes], window_s)
     print()
     fixed = pool0.points_per_rank(0)
     per_step = pool0.points_per_rank(1) - fixed
     print(f"points per rank per push P = {fixed:.1f} + {per_step:.0f} per new step carried "
           f"({per_step:.0f} = 5 gauges x 2 groups; {fixed:.1f} = the rank's counters and "
           f"frontier, and its share of the node's GPU/host/agent series)")
-    print(f"ingest: {ingest:.0f} points/s (median over sizes); analysis round = window "
-          f"({window_s:g} s) at {_f(r_win, '.0f', 0)} ranks idle ({how}), "
+    print(f"ingest: {ingest:.0f} points/s (median over sizes)")
+    print(f"analysis round = window ({window_s:g} s) at: {_f(r_win, '.0f', 0)} ranks idle "
+          f"({how}); {_f(r_win_cpu, '.0f', 0)} by its CPU time ({how_cpu}); "
           f"{_f(r_win_load, '.0f', 0)} under full ingest ({how_load})")
     derived = {"P_fixed": fixed, "P_per_step": per_step, "ingest_points_per_s": ingest,
-               "ranks_at_window_idle": r_win, "ranks_at_window_loaded": r_win_load,
-               "intervals": {}}
+               "ranks_at_window_idle": r_win, "ranks_at_window_cpu": r_win_cpu,
+               "ranks_at_window_loaded": r_win_load, "intervals": {}}
     for interval in intervals:
         new_steps = min(PUSH_STEPS, interval / step_s)
         p = pool0.points_per_rank(new_steps)
@@ -699,6 +712,20 @@ def report(pools: dict[int, Pool], results: dict[int, list[dict]], *, window_s: 
           f"its analysis round reaches the {window_s:g} s window at "
           f"{_f(r_win, '.0f', 0)} ranks; ranks per instance: {parts}")
     return {"per_size": summary, "derived": derived}
+
+
+def _revision() -> str:
+    """The checkout's commit, ``+changes`` when the measured code differs from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "service", "agent",
+                                "analyzers", "ringwatch"], cwd=root, text=True,
+                               capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown revision"
+    return (head or "unknown revision") + ("+changes" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -736,10 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("every size must be a multiple of --ranks-per-node")
     idle_min_s = 3.0 if args.quick else 6.0
 
-    print(f"ringwatch serve ingest: sizes {sizes}, {args.ranks_per_node} ranks and "
-          f"{args.gpus_per_node} GPUs per node, {args.senders} senders, {args.runs} run(s) of "
-          f"{args.seconds:g} s, window {args.window_s:g} s, {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"ringwatch serve ingest at {_revision()}: sizes {sizes}, {args.ranks_per_node} "
+          f"ranks and {args.gpus_per_node} GPUs per node, {args.senders} senders, "
+          f"{args.runs} run(s) of {args.seconds:g} s, window {args.window_s:g} s, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
     pools = {}
     for r in sizes:
         pools[r] = build_pool(Layout(r // args.ranks_per_node, args.ranks_per_node),
@@ -763,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res['points_per_s']:8.0f} points/s, service CPU "
                   f"{res['service_cpu_pct']:5.1f}%, analyzers {_f(res['analysis_s'], '.2f', 0)}"
                   f" s, round {_f(res['round_s'], '.2f', 0)} s, idle round "
-                  f"{_f(res['idle_round_s'], '.2f', 0)} s, lag "
+                  f"{_f(res['idle_round_s'], '.2f', 0)} s "
+                  f"({_f(res['idle_round_cpu_s'], '.2f', 0)} CPU s), lag "
                   f"{_f(res['lag_s_median'], '.2f', 0)} s, prefill {res['prefill_s']:.1f} s, "
                   f"load {res['load1']:.1f}"
                   + (f", NOT 200: {res['bad_answers']}" if res["bad_answers"] else "")

@@ -20,7 +20,7 @@ log = logging.getLogger("ringwatch.service")
 
 DETECTORS = ("hang", "straggler", "slow_link")
 #: Thresholds settable at run time, with their defaults (None: the analyzer's own).
-THRESHOLDS = {"min_stall_s": None}
+THRESHOLDS = {"min_stall_s": None, "min_gain_share": 0.05}
 
 
 @dataclass
@@ -83,7 +83,11 @@ class Service:
     # --- analysis -------------------------------------------------------------------------
     def analyze_once(self) -> list:
         """One round over every job; returns the store's changes."""
-        from ringwatch.service._analysis import LiveAnalysis, analyze_live
+        from ringwatch.service._analysis import (
+            LiveAnalysis,
+            analyze_live,
+            without_unplaced_links,
+        )
 
         with self.lock:
             detectors = frozenset(self.config.detectors)
@@ -105,6 +109,10 @@ class Service:
                 self.analysis_errors += 1
                 log.warning("analysis of job %s failed: %s", job, exc, exc_info=True)
                 continue
+            open_stragglers = [t.finding for t in self.store.current(job, state="open")
+                               if t.finding.kind == "straggler"]
+            findings = without_unplaced_links(findings, open_stragglers + [
+                f for f in findings if f.kind == "straggler"])
             changes += self.store.update(job, findings, now_ns=now)
             self._superseded(job, findings)
             self.last_round_s[job] = time.perf_counter() - t0
@@ -152,8 +160,10 @@ class Service:
         if bad:
             raise ValueError(f"unknown threshold(s): {', '.join(sorted(bad))}")
         for k, v in th.items():
-            if v is not None and (not isinstance(v, int | float) or v <= 0):
-                raise ValueError(f"{k} must be a positive number or null")
+            if v is not None and (not isinstance(v, int | float) or v < 0
+                                  or (v == 0 and k == "min_stall_s")):
+                raise ValueError(f"{k} must be a positive number (min_gain_share: 0 or "
+                                 "more) or null")
         with self.lock:
             self.config.detectors -= set(pause)
             self.config.detectors |= set(resume)

@@ -154,3 +154,23 @@ def test_a_straggler_that_a_slow_link_explains_later_is_resolved():
     svc.store.update("j", [link])
     svc._superseded("j", [link])
     assert [t.finding.kind for t in svc.store.current("j", state="open")] == ["slow_link"]
+
+
+def test_insignificant_stragglers_and_unplaced_links_are_not_shown():
+    from ringwatch.analyzers._findings import Finding
+    from ringwatch.service._analysis import without_unplaced_links
+
+    svc = Service(ServiceConfig(state_dir=None))
+    # 4 ms late in 100 ms steps: above the noise floor (2 ms), below 5% of the step
+    svc.jobs.ingest(_push("small", late_rank=2, late_ms=4.0), WALL)
+    svc.analyze_once()
+    assert svc.store.current("small") == []
+    svc.control(thresholds={"min_gain_share": 0})
+    svc.live.clear()
+    svc.analyze_once()
+    assert [t.finding.ranks for t in svc.store.current("small")] == [(2,)]
+    s = Finding("straggler", "compute straggler", (2,), ("host1",), since_step=31)
+    wide = Finding("slow_link", "slow communication", (0, 1, 2, 3), ("host0", "host1"),
+                   since_step=82)
+    placed = Finding("slow_link", "slow communication", (2, 3), ("host1",), since_step=82)
+    assert without_unplaced_links((wide, placed), [s]) == (placed,)
