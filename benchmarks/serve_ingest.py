@@ -1,7 +1,7 @@
 """Ingest throughput of one ``ringwatch serve``: OTLP pushes of N simulated nodes, as fast as
 the service takes them, and what its analysis loop makes of the job meanwhile.
 
-    .venv/bin/python benchmarks/serve_ingest.py                 # 64-1024 ranks, 3 runs, ~10 min
+    .venv/bin/python benchmarks/serve_ingest.py                 # 64-1024 ranks, 3 runs, ~11 min
     .venv/bin/python benchmarks/serve_ingest.py --quick         # smoke run, ~30 s
     .venv/bin/python benchmarks/serve_ingest.py --json out.json # also save every number
 
@@ -18,12 +18,12 @@ reading (synthetic values, the shapes of ``collectors/_synthetic.py``), turned i
 per node and two groups per rank, each with its own process-group name as torch gives them: a
 tensor-parallel group of the node's ranks (``0-7``) and a data-parallel group of the ranks with
 the same local rank on every node (``3,11,19,...``: strided, so its compact form grows with the
-node count; it rides on every step gauge). A step lasts ``--step-s`` (0.5 s): each rank runs the
-tp group's 4 collectives early in the step and the dp group's 4 buckets near its end, with a
-per-(rank, step) jitter that is the same in every push, so every node tells the same story
-about the same step. As the agent does (``steps_after``), a push carries only the finished steps
-not delivered yet: ``--push-interval-s / --step-s`` of them (2 by default: the live tests' 1 s
-pushes), at most ``PUSH_STEPS`` (32).
+node count; the agent sends it on a group's first step gauge of each push). A step lasts
+``--step-s`` (0.5 s): each rank runs the tp group's 4 collectives early in the step and the dp
+group's 4 buckets near its end, with a per-(rank, step) jitter that is the same in every push,
+so every node tells the same story about the same step. As the agent does (``steps_after``),
+a push carries only the finished steps not delivered yet: ``--push-interval-s / --step-s`` of
+them (2 by default: the live tests' 1 s pushes), at most ``PUSH_STEPS`` (32).
 
 Each node gets a pool of ``--pool`` pushes one push interval apart. The senders go through the
 job in rounds, every node once per round, round ``r`` carrying the steps of the ``r``-th push
@@ -53,7 +53,10 @@ and ``ringwatch_serve_analysis_lag_seconds``. A round first takes a deep copy of
 counter: a round starts ``window_s`` after the previous one ended, so it took the interval
 between two ends minus ``window_s``. After the timed span the senders stop and the rounds are
 timed again on the same state with no ingest competing for the interpreter (``idle``; scraped
-every 50 ms, at least 3 rounds or 6 s, 2 rounds after 20 s).
+every 50 ms, at least 3 rounds or 6 s, 2 rounds after 20 s), along with the service's CPU
+seconds per idle round: the round's cost, whatever else runs on the machine (the wall times
+spread with the load of a shared machine; this one hardly does). A scrape that fails is
+retried (counted in ``failed_scrapes``).
 
 Derived: ranks per instance at the default window. A rank sends ``P = fixed + per_step x new
 steps`` points per push (both measured on the pool: the rank's counters and frontier plus its
@@ -61,12 +64,15 @@ share of the node's GPU/host/agent series, and 5 gauges x 2 groups per step), ev
 interval ``I`` (the agent's default 10 s; the live tests use 1 s), ``I / step-s`` new steps. One
 instance carries ``min(ingest points/s / (P / I), R_window)`` ranks, where ingest is the median
 points/s over the sizes and ``R_window`` is the job size at which a whole idle round reaches
-``window_s``, interpolated between the measured sizes on a log-log scale (extrapolated from the
-nearest two when none brackets it). The same figure under full ingest is printed beside it.
-The ingest rate is measured with pushes of ``--push-interval-s``; step gauges cost the service
-more than the node's other points, so for another interval run with that ``--push-interval-s``.
+``window_s``, interpolated between the two measured sizes around it on a log-log scale (else
+extrapolated along a least-squares line through all sizes). The same size by the idle round's
+CPU time and by the round under full ingest are printed beside it. The ingest rate is measured
+with pushes of ``--push-interval-s``; the mix of step gauges and other points changes with the
+interval, so check another interval with that ``--push-interval-s`` (at 10 s: the same points/s,
+see ``benchmarks/README.md``).
 
-The benchmark's own process (senders, scrapes) shares the machine: its CPU is printed too.
+The benchmark's own process (senders, scrapes) shares the machine: its CPU is printed too, and
+the checkout's revision heads the output (the measured code is the working tree's).
 """
 
 from __future__ import annotations
