@@ -14,9 +14,9 @@ from __future__ import annotations
 from ringwatch.service._jobs import _STEP_ROW, JobLive
 
 
-def step_frame(jl: JobLive, *, skip: set | None = None):
-    """The step totals as analyzer rows (one per rank, group and step, complete ones only;
-    none of ``skip``'s ``(rank, pg, step)``)."""
+def step_frame(jl: JobLive, items=None):
+    """Step totals as analyzer rows, one per rank, group and step (complete ones only):
+    ``items`` (``((rank, pg, step), values)`` pairs), or every step the state keeps."""
     import polars as pl
 
     from ringwatch._schema import polars_schema
@@ -25,8 +25,8 @@ def step_frame(jl: JobLive, *, skip: set | None = None):
                             "group_rank", "seq", "op", "is_p2p", "peer", "nbytes", "status",
                             "t_start_ns", "t_end_ns", "mono_start_ns", "mono_end_ns",
                             "duration_ns", "step")}
-    for (rank, pg, step), v in sorted(jl.steps.items()):
-        if any(k not in v for k in _STEP_ROW) or (skip and (rank, pg, step) in skip):
+    for (rank, pg, step), v in sorted(jl.steps.items() if items is None else items):
+        if any(k not in v for k in _STEP_ROW):
             continue
         live = jl.ranks.get(rank)
         members, size = jl.groups.get(pg, ("", 0))
@@ -91,20 +91,12 @@ class LiveAnalysis:
         from ringwatch.analyzers import OnlineWindow
 
         self.window = OnlineWindow(keep_steps=keep_steps)
-        self.given: set[tuple[int, str, int]] = set()
-        self._pruned_at = -1
 
-    def feed(self, jl: JobLive) -> None:
-        rows = step_frame(jl, skip=self.given)
+    def feed(self, jl: JobLive, items) -> None:
+        """Add the step rows completed since the last round (:meth:`Jobs.take`)."""
+        rows = step_frame(jl, items)
         if rows.height:
             self.window.add(rows)
-            self.given.update(zip(rows["rank"].to_list(), rows["pg"].to_list(),
-                                  rows["step"].to_list(), strict=True))
-        if jl.max_step - self._pruned_at >= self.window.keep_steps:
-            # the state keeps fewer steps than this: older keys can never come back
-            self._pruned_at = jl.max_step
-            edge = jl.max_step - 4 * self.window.keep_steps
-            self.given = {k for k in self.given if k[2] > edge}
 
 
 #: A straggler is shown when fixing it would save at least this share of the job's step: a
@@ -134,28 +126,32 @@ def without_unplaced_links(findings: tuple, open_stragglers) -> tuple:
 
 def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
                  detectors: frozenset[str] = frozenset({"hang", "straggler", "slow_link"}),
-                 thresholds: dict | None = None, live: LiveAnalysis | None = None) -> tuple:
+                 thresholds: dict | None = None, live: LiveAnalysis | None = None,
+                 new_rows=()) -> tuple:
     """Findings of one job now (same :class:`~ringwatch.analyzers.Finding` model).
 
-    With ``live`` (the service), stragglers and slow links come from its online window and
-    frozen baselines; without, from the state's steps alone (baselines from their first
-    steps)."""
+    With ``live`` (the service), ``new_rows`` (from :meth:`Jobs.take`) join its online
+    window, and stragglers and slow links come from it, against frozen baselines; without,
+    from the steps the state keeps (baselines from their first steps)."""
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._hangs import stall_threshold_s
     from ringwatch.analyzers._links import explain_by_links
 
     th = thresholds or {}
-    steps = step_frame(jl)
+    if live is not None:
+        live.feed(jl, new_rows)
+        steps = live.window.rows if live.window.rows is not None else step_frame(jl, [])
+    else:
+        steps = step_frame(jl)
     findings: tuple = ()
     if "hang" in detectors:
         stall = stall_threshold_s(steps, th.get("min_stall_s", min_stall_s))
-        seen = {r: live.pushed_ns - int((live.log_age_s or 0) * 1e9)
-                for r, live in jl.ranks.items()}
+        seen = {r: rl.pushed_ns - int((rl.log_age_s or 0) * 1e9)
+                for r, rl in jl.ranks.items()}
         findings += detect_hangs(frontier_frame(jl, now_ns=now_ns), now_ns=now_ns,
                                  min_stall_s=stall, last_seen_ns=seen)
     if live is not None:
-        live.feed(jl)
         want = {"straggler", "imbalance"} if "straggler" in detectors else set()
         want |= {"slow_link"} if "slow_link" in detectors else set()
         found = tuple(f for f in live.window.findings(now_ns=now_ns) if f.kind in want)
@@ -165,5 +161,5 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
             else ()
         links = detect_slow_links(steps) if "slow_link" in detectors and steps.height else ()
         findings += explain_by_links(stragglers, links)
-    local = {r: live.local_rank for r, live in jl.ranks.items()}
+    local = {r: rl.local_rank for r, rl in jl.ranks.items()}
     return with_local_ranks(findings, local)

@@ -51,6 +51,8 @@ class JobLive:
     trimmed_at: int = -1
     #: pg -> a small number, in order of first sight (rows' ``idx`` is step x 1024 + it).
     pg_index: dict[str, int] = field(default_factory=dict)
+    #: (rank, pg, step) keys added since the analysis last took them.
+    fresh: set[tuple[int, str, int]] = field(default_factory=set)
 
 
 def _value(dp) -> float:
@@ -133,7 +135,12 @@ class Jobs:
                     bad += 1
                     continue
                 if step > jl.max_step - self.keep_steps:
-                    jl.steps.setdefault((rank, pg, step), {})[_STEP_FIELDS[name]] = v
+                    key = (rank, pg, step)
+                    row = jl.steps.get(key)
+                    if row is None:
+                        row = jl.steps[key] = {}
+                        jl.fresh.add(key)
+                    row[_STEP_FIELDS[name]] = v
                     jl.max_step = max(jl.max_step, step)
             elif name == "ringwatch.collective.started_seq":
                 rl.started_seq[str(a.get("ringwatch.pg", ""))] = int(v)
@@ -157,14 +164,41 @@ class Jobs:
         edge = jl.max_step - self.keep_steps
         for key in [k for k in jl.steps if k[2] <= edge]:
             del jl.steps[key]
+        jl.fresh = {k for k in jl.fresh if k[2] > edge}
 
     def snapshot(self, job: str):
-        """A copy of one job's state for an analysis round (taken under the lock)."""
+        """A full copy of one job's state, kept steps included (tests, diagnostics)."""
         import copy
 
         with self.lock:
             jl = self.jobs.get(job)
             return None if jl is None else copy.deepcopy(jl)
+
+    def take(self, job: str):
+        """What an analysis round needs, taken under the lock in time proportional to the
+        new data, not to the job: a copy of the job without its kept steps, and the step rows
+        completed since the last take (each handed over once).
+
+        Returns:
+            ``(view, rows)`` with ``rows`` a list of ``((rank, pg, step), values)``, or
+            ``(None, [])`` for an unknown job.
+        """
+        import copy
+
+        with self.lock:
+            jl = self.jobs.get(job)
+            if jl is None:
+                return None, []
+            done = [k for k in jl.fresh if all(f in jl.steps[k] for f in _STEP_ROW)]
+            rows = [(k, dict(jl.steps[k])) for k in done]
+            jl.fresh.difference_update(done)
+            steps, fresh = jl.steps, jl.fresh
+            jl.steps, jl.fresh = {}, set()
+            try:
+                view = copy.deepcopy(jl)
+            finally:
+                jl.steps, jl.fresh = steps, fresh
+        return view, rows
 
 
 def _n_points(m) -> int:

@@ -94,7 +94,7 @@ class Service:
             thresholds = dict(self.config.thresholds)
         changes = []
         for job in list(self.jobs.jobs):
-            jl = self.jobs.snapshot(job)
+            jl, rows = self.jobs.take(job)
             if jl is None:
                 continue
             t0 = time.perf_counter()
@@ -104,7 +104,7 @@ class Service:
                 if live is None:
                     live = self.live[job] = LiveAnalysis()
                 findings = analyze_live(jl, now_ns=now, detectors=detectors,
-                                        thresholds=thresholds, live=live)
+                                        thresholds=thresholds, live=live, new_rows=rows)
             except Exception as exc:
                 self.analysis_errors += 1
                 log.warning("analysis of job %s failed: %s", job, exc, exc_info=True)

@@ -281,11 +281,15 @@ def test_a_slow_link_is_named_live(stack):
     # host sets, so the slow groups have one host in common: host2.
     truth, _ = stack.run_cluster("--nproc", "4", "--hosts", "4", "--tp", "2", "--steps", "50",
                                  "--fault", "link", "--victim-host", "2", "--at-step", "26",
-                                 "--rate-mbit", "50")
+                                 "--rate-mbit", "50", "--", "--batch", "64",
+                                 "--step-sleep-ms", "60")
     links = [(t, f) for t, f in stack.seen.values() if f["finding"]["kind"] == "slow_link"]
     assert len(links) == 1, stack.seen
     first_ns, tracked = links[0]
-    assert tracked["finding"]["hosts"] == ["host2"], tracked
+    # the suspects may narrow as more groups slow down (host0+host2, then host2): one
+    # finding, and by the end it names host2
+    now = {t["id"]: t for t in stack.get("/api/v1/findings")["findings"]}
+    assert now[tracked["id"]]["finding"]["hosts"] == ["host2"], now
     lag_s = (first_ns - truth["onset_wall_ns"]) / 1e9
     assert lag_s < 10, lag_s
     # host2's rank can look like a straggler for a round before the link is clear; once it

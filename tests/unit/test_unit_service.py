@@ -166,7 +166,6 @@ def test_insignificant_stragglers_and_unplaced_links_are_not_shown():
     svc.analyze_once()
     assert svc.store.current("small") == []
     svc.control(thresholds={"min_gain_share": 0})
-    svc.live.clear()
     svc.analyze_once()
     assert [t.finding.ranks for t in svc.store.current("small")] == [(2,)]
     s = Finding("straggler", "compute straggler", (2,), ("host1",), since_step=31)
