@@ -14,54 +14,46 @@ from __future__ import annotations
 from ringwatch.service._jobs import _STEP_ROW, JobLive
 
 
+def _frame(rows: list[tuple]):
+    """Rows in :data:`~ringwatch._analyze.ANALYZED_COLUMNS` order as an analyzer frame."""
+    import polars as pl
+
+    from ringwatch._analyze import ANALYZED_COLUMNS
+    from ringwatch._schema import polars_schema
+
+    schema = polars_schema()
+    return pl.DataFrame(rows, schema={c: schema[c] for c in ANALYZED_COLUMNS}, orient="row")
+
+
 def step_frame(jl: JobLive, items=None):
     """Step totals as analyzer rows, one per rank, group and step (complete ones only):
     ``items`` (``((rank, pg, step), values)`` pairs), or every step the state keeps."""
-    import polars as pl
-
-    from ringwatch._schema import polars_schema
-
-    rows = {c: [] for c in ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_size",
-                            "group_rank", "seq", "op", "is_p2p", "peer", "nbytes", "status",
-                            "t_start_ns", "t_end_ns", "mono_start_ns", "mono_end_ns",
-                            "duration_ns", "step")}
-    for (rank, pg, step), v in sorted(jl.steps.items() if items is None else items):
+    rows = []
+    for (rank, pg, step), v in (jl.steps.items() if items is None else items):
         if any(k not in v for k in _STEP_ROW):
             continue
         live = jl.ranks.get(rank)
         members, size = jl.groups.get(pg, ("", 0))
         start = int(v["start_s"] * 1e9)
         busy = int(round(v["busy_s"] * 1e9))
-        vals = (rank, None if live is None else live.local_rank,
-                "" if live is None else live.host, step * 1024 + jl.pg_index.get(pg, 0), pg,
-                members, size,
-                jl.group_rank.get((rank, pg), 0), step, "step", False, None, int(v["nbytes"]),
-                "ok", start, int(v["end_s"] * 1e9), start, start + busy, busy, step)
-        for c, x in zip(rows, vals, strict=True):
-            rows[c].append(x)
-    schema = polars_schema()
-    return pl.DataFrame(rows, schema={c: schema[c] for c in rows})
+        rows.append((rank, None if live is None else live.local_rank,
+                     "" if live is None else live.host, step * 1024 + jl.pg_index.get(pg, 0),
+                     pg, members, size, jl.group_rank.get((rank, pg), 0), step, "step", False,
+                     None, int(v["nbytes"]), "ok", start, int(v["end_s"] * 1e9), start,
+                     start + busy, busy, step))
+    return _frame(rows)
 
 
-def frontier_frame(jl: JobLive, *, now_ns: int):
+def frontier_frame(jl: JobLive):
     """Per rank and group, its last finished collective and, when it has one in flight, that
     collective as pending (entered, never finished)."""
-    import polars as pl
-
-    from ringwatch._schema import polars_schema
-
-    cols = ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_size", "group_rank",
-            "seq", "op", "is_p2p", "peer", "nbytes", "status", "t_start_ns", "t_end_ns",
-            "mono_start_ns", "mono_end_ns", "duration_ns", "step")
-    rows = {c: [] for c in cols}
+    rows = []
 
     def add(rank, live, pg, seq, status, op, start):
         members, size = jl.groups.get(pg, ("", 0))
-        vals = (rank, live.local_rank, live.host, seq, pg, members or str(rank), size or 1,
-                jl.group_rank.get((rank, pg), 0), seq, op, False, None, None, status, start,
-                None, start, None, None, live.step)
-        for c, x in zip(cols, vals, strict=True):
-            rows[c].append(x)
+        rows.append((rank, live.local_rank, live.host, seq, pg, members or str(rank),
+                     size or 1, jl.group_rank.get((rank, pg), 0), seq, op, False, None, None,
+                     status, start, None, start, None, None, live.step))
 
     for rank, live in sorted(jl.ranks.items()):
         for pg in live.started_seq.keys() | live.completed_seq.keys():
@@ -75,8 +67,7 @@ def frontier_frame(jl: JobLive, *, now_ns: int):
                     add(rank, live, pg, entered, "pending", pend[1], pend[2])
                 else:  # finished between two reads of its log: counted as done
                     add(rank, live, pg, entered, "ok", "", None)
-    schema = polars_schema()
-    return pl.DataFrame(rows, schema={c: schema[c] for c in cols})
+    return _frame(rows)
 
 
 class LiveAnalysis:
@@ -149,7 +140,7 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
         stall = stall_threshold_s(steps, th.get("min_stall_s", min_stall_s))
         seen = {r: rl.pushed_ns - int((rl.log_age_s or 0) * 1e9)
                 for r, rl in jl.ranks.items()}
-        findings += detect_hangs(frontier_frame(jl, now_ns=now_ns), now_ns=now_ns,
+        findings += detect_hangs(frontier_frame(jl), now_ns=now_ns,
                                  min_stall_s=stall, last_seen_ns=seen)
     if live is not None:
         want = {"straggler", "imbalance"} if "straggler" in detectors else set()
