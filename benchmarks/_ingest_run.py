@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -13,20 +12,9 @@ import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 from _ingest_load import JOB, Pool
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from _procs import cpu_s, free_port
 
 
 def _self_cpu_s() -> float:
@@ -38,7 +26,7 @@ class ServeProcess:
     """``ringwatch serve`` in its own process, memory-only state."""
 
     def __init__(self, window_s: float):
-        self.otlp_port, self.api_port = _free_port(), _free_port()
+        self.otlp_port, self.api_port = free_port(), free_port()
         self.failed_scrapes = 0
         self.log = tempfile.TemporaryFile()
         cmd = [sys.executable, "-m", "ringwatch._cli", "serve",
@@ -83,7 +71,7 @@ class ServeProcess:
         return out
 
     def cpu_s(self) -> float:
-        return _cpu_s(self.proc.pid)
+        return cpu_s(self.proc.pid)
 
     def output(self) -> str:
         self.log.seek(0)

@@ -15,7 +15,6 @@ measured span after a warm-up, as a percentage of one core, and the median.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -26,12 +25,9 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from _procs import cpu_s, free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _receiver() -> tuple[ThreadingHTTPServer, list[int]]:
@@ -52,17 +48,9 @@ def _receiver() -> tuple[ThreadingHTTPServer, list[int]]:
     return srv, sizes
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def one_run(seconds: float, warmup_s: float, gpus: int, hz: float) -> dict:
     srv, sizes = _receiver()
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "ringwatch._cli", "agent", "--replay", f"synthetic:{gpus}",
            "--fast-interval-s", str(1 / hz), "--log-dir", "off",
            "--prometheus", f"127.0.0.1:{port}",
@@ -71,7 +59,7 @@ def one_run(seconds: float, warmup_s: float, gpus: int, hz: float) -> dict:
     try:
         time.sleep(warmup_s)
         scrape_bytes = 0
-        c0, t0 = _cpu_s(proc.pid), time.monotonic()
+        c0, t0 = cpu_s(proc.pid), time.monotonic()
         next_scrape = t0
         while time.monotonic() - t0 < seconds:
             if time.monotonic() >= next_scrape:
@@ -80,7 +68,7 @@ def one_run(seconds: float, warmup_s: float, gpus: int, hz: float) -> dict:
                     scrape_bytes = len(r.read())
                 next_scrape += 15
             time.sleep(0.2)
-        c1, t1 = _cpu_s(proc.pid), time.monotonic()
+        c1, t1 = cpu_s(proc.pid), time.monotonic()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
         samples = sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()

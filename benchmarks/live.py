@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from _procs import free_port
 
 PY = sys.executable
 SCENARIOS = {
@@ -36,18 +37,12 @@ SCENARIOS = {
 }
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rw(*args: str) -> list[str]:
     return [PY, "-m", "ringwatch._cli", *args]
 
 
 def one_run(kind: str, tmp: Path) -> dict:
-    otlp, api = _port(), _port()
+    otlp, api = free_port(), free_port()
     run = tmp / "run"
     (run / "logs").mkdir(parents=True)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}

@@ -60,13 +60,14 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _procs import free_port
 
 # Arms of (a): how the demo job is launched.
 ARMS = {
@@ -293,12 +294,6 @@ def step_table(res: dict) -> list[str]:
 
 
 # ---- (b) hook cost per collective ---------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _block(op: str, k: int, t, dist) -> tuple[int, int, int]:
     """``k`` calls of ``op`` on tensor ``t``; returns the nanoseconds elapsed, of CPU time of
     the whole process (all its threads: Gloo's, ringwatch's writer) and of this thread."""
