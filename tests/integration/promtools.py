@@ -269,3 +269,12 @@ def running_prometheus(targets: list[str], *, scrape_interval_s: float = 1.0, tm
         yield prom
     finally:
         prom.stop()
+
+
+def samples(text: str, name: str, **labels: str) -> list[float]:
+    """Values of the series of metric ``name`` in exposition ``text`` that carry ``labels``."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            out.append(float(line.rsplit(" ", 1)[1]))
+    return out

@@ -19,7 +19,7 @@ from ringwatch.collectors._recording import load_recording
 
 from jobtools import job_env, ringwatch_cmd, wait_for
 from otlp_receiver import OtlpReceiver, points
-from promtools import free_port, promtool_check_metrics, running_prometheus
+from promtools import free_port, promtool_check_metrics, running_prometheus, samples
 
 
 class Agent:
@@ -53,14 +53,6 @@ class Agent:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
-
-
-def _sample(text: str, name: str, **labels: str) -> list[float]:
-    out = []
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            out.append(float(line.rsplit(" ", 1)[1]))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +120,8 @@ def test_metrics_pass_promtool_and_a_real_prometheus_scrapes_them(live, tmp_path
     text = agent.scrape()
     ok, out = promtool_check_metrics(text)
     assert ok, out
-    assert len(_sample(text, "ringwatch_gpu_info", source="replay:synthetic")) == 2
-    assert _sample(text, "ringwatch_collectives_total", rank="3", op="all_reduce")
+    assert len(samples(text, "ringwatch_gpu_info", source="replay:synthetic")) == 2
+    assert samples(text, "ringwatch_collectives_total", rank="3", op="all_reduce")
     with running_prometheus([f"127.0.0.1:{agent.port}"], tmp_path=tmp_path) as prom:
         res = prom.wait_for('ringwatch_gpu_info{source="replay:synthetic"}')
         assert {r["metric"]["uuid"] for r in res} == {"GPU-synthetic-0000",
@@ -160,7 +152,7 @@ def test_record_then_replay_and_sigterm(tmp_path):
     again = Agent("--replay", str(rec), "--log-dir", "off", cwd=tmp_path)
     try:
         text = again.scrape()
-        assert _sample(text, "ringwatch_gpu_info", source="replay:replay:synthetic")
+        assert samples(text, "ringwatch_gpu_info", source="replay:replay:synthetic")
     finally:
         again.kill()
 
@@ -170,14 +162,14 @@ def test_an_unreachable_collector_costs_nothing_but_a_count(tmp_path):
     agent = Agent("--replay", "synthetic:2", "--otlp-endpoint", dead, "--export-interval-s",
                   "0.2", "--log-dir", "off", cwd=tmp_path)
     try:
-        wait_for(lambda: (_sample(agent.scrape(), "ringwatch_agent_errors_total",
+        wait_for(lambda: (samples(agent.scrape(), "ringwatch_agent_errors_total",
                                   cause="otlp_export") or [0])[0] >= 5, 30,
                  "five failed pushes counted")
         text = agent.scrape()
-        samples = _sample(text, "ringwatch_gpu_samples_total", gpu="0")[0]
+        before = samples(text, "ringwatch_gpu_samples_total", gpu="0")[0]
         time.sleep(1.0)
-        assert _sample(agent.scrape(), "ringwatch_gpu_samples_total", gpu="0")[0] >= \
-            samples + 15, "sampling goes on at 20 Hz while pushes fail"
+        assert samples(agent.scrape(), "ringwatch_gpu_samples_total", gpu="0")[0] >= \
+            before + 15, "sampling goes on at 20 Hz while pushes fail"
         rc, _, out = agent.terminate()
         assert rc == 0, out
     finally:
@@ -189,7 +181,7 @@ def test_once_prints_the_metrics_and_exits(tmp_path):
                                        "--log-dir", "off", "--host", "n"),
                          capture_output=True, text=True, env=job_env(), timeout=60)
     assert out.returncode == 0, out.stderr
-    assert _sample(out.stdout, "ringwatch_gpu_energy_joules_total", uuid="GPU-synthetic-0000")
+    assert samples(out.stdout, "ringwatch_gpu_energy_joules_total", uuid="GPU-synthetic-0000")
     ok, msg = promtool_check_metrics(out.stdout)
     assert ok, msg
 
@@ -198,9 +190,9 @@ def test_nvml_or_a_one_line_reason_and_the_host_anyway(tmp_path):
     out = subprocess.run(ringwatch_cmd("agent", "--once", "--log-dir", "off"),
                          capture_output=True, text=True, env=job_env(), timeout=60)
     assert out.returncode == 0, out.stderr
-    assert _sample(out.stdout, "ringwatch_host_cpu_seconds_total", mode="user")
+    assert samples(out.stdout, "ringwatch_host_cpu_seconds_total", mode="user")
     if Path("/dev/nvidiactl").exists():  # a GPU node: real readings, labelled nvml
-        assert _sample(out.stdout, "ringwatch_gpu_info", source="nvml"), out.stdout
+        assert samples(out.stdout, "ringwatch_gpu_info", source="nvml"), out.stdout
         return
     lines = [ln for ln in out.stderr.splitlines() if "NVML" in ln]
     assert len(lines) == 1 and "no NVIDIA driver" in lines[0], out.stderr

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from jobtools import job_env, need_netns, ringwatch_cmd
-from promtools import free_port
+from promtools import free_port, samples
 
 
 class Stack:
@@ -159,11 +159,7 @@ def _median(xs):
 
 def _agent_metric(port: int, name: str, **labels) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        return (samples(r.read().decode(), name, **labels) or [0.0])[0]
 
 
 def test_central_killed_mid_run_and_restarted(tmp_path):
