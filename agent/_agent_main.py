@@ -93,11 +93,7 @@ def run_agent(config: AgentConfig, *, once: bool = False, duration_s: float | No
     if once:
         sidecar.once()
         if config.otlp_endpoint:
-            from ringwatch.agent._otlp_export import OtlpPusher
-
-            pusher = OtlpPusher(sidecar.state, config.otlp_endpoint,
-                                headers=dict(config.otlp_headers),
-                                start_ns=sidecar.started_wall_ns)
+            pusher = sidecar.make_pusher()
             ok = pusher.push(sidecar.clock.wall_ns())
             pusher.close()
             if not ok:

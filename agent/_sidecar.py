@@ -152,17 +152,21 @@ class Sidecar:
         if self.tail is not None:
             self._start("logs", cfg.logs_interval_s, self.read_logs)
         if cfg.otlp_endpoint:
-            from ringwatch.agent._otlp_export import OtlpPusher
-
-            # A push never outlives its interval (the exporter retries within its timeout):
-            # a dead collector costs one failed push per interval, not a growing backlog.
-            self.pusher = OtlpPusher(self.state, cfg.otlp_endpoint,
-                                     headers=dict(cfg.otlp_headers),
-                                     timeout_s=max(0.5, min(5.0, cfg.export_interval_s)),
-                                     start_ns=self.started_wall_ns)
+            self.pusher = self.make_pusher()
             every_ns = int(cfg.export_interval_s * 1e9)
             self._start("export", cfg.export_interval_s,
                         lambda: self.pusher.push(self.clock.wall_ns(), interval_ns=every_ns))
+
+    def make_pusher(self):
+        """The OTLP pusher of :attr:`config`'s endpoint. A push never outlives its interval
+        (the exporter retries within its timeout): a dead collector costs one failed push
+        per interval, not a growing backlog."""
+        from ringwatch.agent._otlp_export import OtlpPusher
+
+        cfg = self.config
+        return OtlpPusher(self.state, cfg.otlp_endpoint, headers=dict(cfg.otlp_headers),
+                          timeout_s=max(0.5, min(5.0, cfg.export_interval_s)),
+                          start_ns=self.started_wall_ns)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop every thread, push a last export, close the recording and the device."""
