@@ -30,7 +30,8 @@ SERVICE_METRICS = {
     "ringwatch_serve_analysis_seconds": ("gauge", "Duration of a job's last analysis."),
     "ringwatch_serve_analysis_rounds_total": ("counter", "Analysis rounds run."),
     "ringwatch_serve_analysis_errors_total": ("counter", "Analyses that failed."),
-    "ringwatch_serve_requests_total": ("counter", "OTLP requests answered, per status."),
+    "ringwatch_serve_requests_total": ("counter", "OTLP requests answered, per protocol and "
+                                       "status (HTTP status or gRPC code)."),
     "ringwatch_serve_received_bytes_total": ("counter", "OTLP body bytes received."),
     "ringwatch_serve_points_total": ("counter", "OTLP data points decoded."),
     "ringwatch_serve_rejected_points_total": ("counter", "OTLP data points rejected."),
@@ -91,13 +92,17 @@ class ServiceCollector:
         fam("ringwatch_serve_analysis_rounds_total", []).add_metric([], s.rounds)
         fam("ringwatch_serve_analysis_errors_total", []).add_metric([], s.analysis_errors)
         fam("ringwatch_serve_jobs", []).add_metric([], len(s.jobs.jobs))
-        if s.receiver is not None:
-            st = s.receiver.stats()
-            for code, n in sorted(st.requests_total.items()):
-                fam("ringwatch_serve_requests_total", ["code"]).add_metric([str(code)], n)
-            fam("ringwatch_serve_received_bytes_total", []).add_metric([], st.bytes_total)
-            fam("ringwatch_serve_points_total", []).add_metric([], st.points_total)
-            fam("ringwatch_serve_rejected_points_total", []).add_metric([], st.rejected_total)
+        received = [(proto, r.stats()) for proto, r in (("http", s.receiver),
+                                                        ("grpc", s.grpc_receiver)) if r]
+        for proto, st in received:
+            for code, n in sorted(st.requests_total.items(), key=lambda kv: str(kv[0])):
+                fam("ringwatch_serve_requests_total", ["protocol", "code"]).add_metric(
+                    [proto, str(code)], n)
+        if received:
+            for name, attr in (("ringwatch_serve_received_bytes_total", "bytes_total"),
+                               ("ringwatch_serve_points_total", "points_total"),
+                               ("ringwatch_serve_rejected_points_total", "rejected_total")):
+                fam(name, []).add_metric([], sum(getattr(st, attr) for _, st in received))
         yield from fams.values()
 
 

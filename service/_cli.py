@@ -17,6 +17,7 @@ def cmd_serve(args) -> int:
     from ringwatch.service._service import Service, ServiceConfig
 
     cfg = ServiceConfig(otlp_listen=args.otlp_listen, api_listen=args.listen,
+                        otlp_grpc_listen=args.otlp_grpc_listen,
                         state_dir=None if args.state_dir == "off" else Path(args.state_dir),
                         window_s=args.window_s, token=args.token,
                         resolve_after_s=args.resolve_after_s)
@@ -26,9 +27,13 @@ def cmd_serve(args) -> int:
         service = Service(cfg).start()
     except OSError as exc:
         raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from None
     done = threading.Event()
     old = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    print(f"ringwatch serve: OTLP on http://{cfg.otlp_listen}/v1/metrics, API and /metrics on "
+    grpc = service.grpc_receiver
+    print(f"ringwatch serve: OTLP on http://{cfg.otlp_listen}/v1/metrics"
+          + (f" and grpc://{grpc.target}" if grpc else "") + ", API and /metrics on "
           f"http://{service.api.host}:{service.api.port}, findings in "
           f"{cfg.state_dir or '(memory)'}", file=sys.stderr, flush=True)
     try:
@@ -114,6 +119,9 @@ def add_parsers(sub) -> None:
                         "`ringwatch status`. Stops cleanly on SIGTERM.")
     sv.add_argument("--otlp-listen", default="127.0.0.1:4318", help="HOST:PORT of the OTLP "
                     "receiver (default loopback 127.0.0.1:4318)")
+    sv.add_argument("--otlp-grpc-listen", metavar="HOST:PORT", help="also receive OTLP/gRPC "
+                    "here (what a Collector's loadbalancing exporter sends; needs grpcio: "
+                    "pip install 'ringwatch[grpc]'); off by default")
     sv.add_argument("--listen", default="127.0.0.1:9410", help="HOST:PORT of /metrics and the "
                     "JSON API (default 127.0.0.1:9410)")
     sv.add_argument("--state-dir", default="ringwatch-serve", help="folder of the findings' "

@@ -100,7 +100,61 @@ Handler = Callable[[ExportMetricsServiceRequest, RequestInfo], "int | None"]
 """The metrics handler: (request, info) -> number of rejected data points, or None."""
 
 
-class OtlpReceiver:
+class _Intake:
+    """What the HTTP and gRPC receivers share: the handler call and the counters.
+
+    ``requests_total`` is keyed by the protocol's own status: the HTTP status (int) for
+    :class:`OtlpReceiver`, the gRPC status code name (``"OK"``, ``"UNAUTHENTICATED"``, ...)
+    for the gRPC one.
+    """
+
+    def __init__(self, handler: Handler, clock: Clock | None):
+        self.handler = handler
+        self.clock = clock or SystemClock()
+        self._lock = threading.Lock()
+        self._requests: Counter = Counter()
+        self._totals: Counter[str] = Counter()
+
+    def stats(self) -> ReceiverStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return ReceiverStats(
+                requests_total=types.MappingProxyType(dict(self._requests)),
+                bytes_total=self._totals["bytes"], points_total=self._totals["points"],
+                rejected_total=self._totals["rejected"],
+                handler_errors_total=self._totals["handler_errors"])
+
+    def _count(self, status: int | str | None = None, **totals: int) -> None:
+        with self._lock:
+            if status is not None:
+                self._requests[status] += 1
+            self._totals.update(totals)
+
+    def _deliver(self, req: ExportMetricsServiceRequest, info: RequestInfo) -> int | str:
+        """Hands a decoded request to the handler: the number of rejected points, or the
+        error message when the handler raised (logged once per exception type)."""
+        points = count_points(req)
+        self._count(points=points)
+        try:
+            result = self.handler(req, info)
+        except Exception as exc:  # noqa: BLE001 - a failing handler must not stop the server
+            name = type(exc).__qualname__
+            warn_once(f"service.receiver.handler.{name}",
+                      f"OTLP receiver: the metrics handler raised {name}: {exc}; answered "
+                      "as an internal error")
+            self._count(handler_errors=1)
+            return f"metrics handler failed ({name})"
+        rejected = 0
+        if isinstance(result, int) and not isinstance(result, bool):
+            rejected = max(0, min(result, points))
+        elif result is not None:
+            warn_once("service.receiver.handler.result", "OTLP receiver: the metrics handler "
+                      f"returned {type(result).__name__}, not int or None; taken as 0 rejected")
+        self._count(rejected=rejected)
+        return rejected
+
+
+class OtlpReceiver(_Intake):
     """OTLP/HTTP metrics endpoint: decodes each push and hands it to ``handler``.
 
     Args:
@@ -130,18 +184,14 @@ class OtlpReceiver:
             raise ValueError(f"receiver path must start with '/', got {path!r}")
         if min(max_request_bytes, max_decompressed_bytes) <= 0 or not read_timeout_s > 0:
             raise ValueError("receiver limits and read_timeout_s must be positive")
-        self.handler = handler
+        super().__init__(handler, clock)
         self.host = host
         self.path = path
         self.token = token.encode() if token else None
         self.max_request_bytes = max_request_bytes
         self.max_decompressed_bytes = max_decompressed_bytes
         self.read_timeout_s = float(read_timeout_s)
-        self.clock = clock or SystemClock()
         self._port = port
-        self._lock = threading.Lock()
-        self._requests: Counter[int] = Counter()
-        self._totals: Counter[str] = Counter()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -184,26 +234,11 @@ class OtlpReceiver:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self._port}{self.path}"
 
-    def stats(self) -> ReceiverStats:
-        """A snapshot of the counters."""
-        with self._lock:
-            return ReceiverStats(
-                requests_total=types.MappingProxyType(dict(self._requests)),
-                bytes_total=self._totals["bytes"], points_total=self._totals["points"],
-                rejected_total=self._totals["rejected"],
-                handler_errors_total=self._totals["handler_errors"])
-
     def __enter__(self) -> OtlpReceiver:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def _count(self, status: int | None = None, **totals: int) -> None:
-        with self._lock:
-            if status is not None:
-                self._requests[status] += 1
-            self._totals.update(totals)
 
     def _serve(self, body: bytes, kind: str, coding: str, remote: str,
                received_wall_ns: int) -> tuple[int, str, bytes]:
@@ -213,25 +248,11 @@ class OtlpReceiver:
                                          max_decompressed_bytes=self.max_decompressed_bytes)
         except RequestError as err:
             return (err.status, *encode_error(kind, err.status, err.message))
-        points = count_points(req)
-        self._count(points=points)
         info = RequestInfo(remote_addr=remote, content_type=kind, bytes_received=len(body),
                            received_wall_ns=received_wall_ns)
-        try:
-            result = self.handler(req, info)
-        except Exception as exc:  # noqa: BLE001 - a failing handler must not stop the server
-            name = type(exc).__qualname__
-            warn_once(f"service.receiver.handler.{name}",
-                      f"OTLP receiver: the metrics handler raised {name}: {exc}; answered 500")
-            self._count(handler_errors=1)
-            return (500, *encode_error(kind, 500, f"metrics handler failed ({name})"))
-        rejected = 0
-        if isinstance(result, int) and not isinstance(result, bool):
-            rejected = max(0, min(result, points))
-        elif result is not None:
-            warn_once("service.receiver.handler.result", "OTLP receiver: the metrics handler "
-                      f"returned {type(result).__name__}, not int or None; taken as 0 rejected")
-        self._count(rejected=rejected)
+        rejected = self._deliver(req, info)
+        if isinstance(rejected, str):
+            return (500, *encode_error(kind, 500, rejected))
         return 200, kind, encode_response(kind, rejected, f"{rejected} data points rejected")
 
 

@@ -29,6 +29,8 @@ class ServiceConfig:
 
     Attributes:
         otlp_listen: ``HOST:PORT`` of the OTLP/HTTP receiver (loopback by default).
+        otlp_grpc_listen: ``HOST:PORT`` of the OTLP/gRPC receiver, for a Collector's
+            ``loadbalancing`` exporter (None: none; needs ``grpcio``).
         api_listen: ``HOST:PORT`` of ``/metrics`` and ``/api/v1/...``.
         state_dir: Folder of the findings' Parquet files (None: memory only).
         window_s: Seconds between analysis rounds.
@@ -38,6 +40,7 @@ class ServiceConfig:
     """
 
     otlp_listen: str = "127.0.0.1:4318"
+    otlp_grpc_listen: str | None = None
     api_listen: str = "127.0.0.1:9410"
     state_dir: Path | None = Path("ringwatch-serve")
     window_s: float = 1.0
@@ -73,6 +76,7 @@ class Service:
         self.last_lag_s: dict[str, float] = {}
         self.live: dict = {}  # job -> LiveAnalysis (its online window)
         self.receiver = None
+        self.grpc_receiver = None
         self.api = None
         self._thread: threading.Thread | None = None
 
@@ -176,6 +180,20 @@ class Service:
 
     # --- life -----------------------------------------------------------------------------
     def start(self) -> Service:
+        """Binds the receivers and the API and starts the analysis loop; returns self.
+
+        Raises:
+            OSError: An address cannot be bound (what was started is stopped again).
+            ImportError: A gRPC receiver is asked for and ``grpcio`` is missing.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         from ringwatch.service._api import ApiServer
         from ringwatch.service._receiver import OtlpReceiver
 
@@ -183,18 +201,24 @@ class Service:
         self.receiver = OtlpReceiver(handler=self._on_request, host=host, port=port,
                                      token=self.config.token, clock=self.clock,
                                      max_decompressed_bytes=16 << 20).start()
+        if self.config.otlp_grpc_listen:
+            from ringwatch.service._grpc_receiver import OtlpGrpcReceiver
+
+            host, port = _split(self.config.otlp_grpc_listen)
+            self.grpc_receiver = OtlpGrpcReceiver(
+                handler=self._on_request, host=host, port=port, token=self.config.token,
+                clock=self.clock, max_request_bytes=16 << 20).start()
         host, port = _split(self.config.api_listen)
         self.api = ApiServer(self, host=host, port=port).start()
         self._thread = threading.Thread(target=self._loop, name="ringwatch-serve-analysis",
                                         daemon=True)
         self._thread.start()
-        return self
 
     def stop(self) -> None:
         self.stop_event.set()
         if self._thread is not None:
             self._thread.join(10)
-        for s in (self.receiver, self.api):
+        for s in (self.receiver, self.grpc_receiver, self.api):
             if s is not None:
                 s.stop()
         self.store.close()
