@@ -89,7 +89,7 @@ class ServeProcess:
 
 
 _POINTS = "ringwatch_serve_points_total"
-_OK = 'ringwatch_serve_requests_total{protocol="http",code="200"}'
+_OK = 'ringwatch_serve_requests_total{code="200",protocol="http"}'
 _BYTES = "ringwatch_serve_received_bytes_total"
 _ROUNDS = "ringwatch_serve_analysis_rounds_total"
 _ERRORS = "ringwatch_serve_analysis_errors_total"
