@@ -45,8 +45,8 @@ must be 200 (else the exit status is 2).
 
 Measurements, all from the service itself: accepted requests/s (``ringwatch_serve_requests_total
 {code="200",protocol="http"}``) and data points/s (``ringwatch_serve_points_total``) over the
-timed span; the service process's CPU (user + system from ``/proc/<pid>/stat``, all its threads) as a share of
-one core, and the points per CPU-second it implies; the analysis, scraped every 0.25 s:
+timed span; the service process's CPU (user + system from ``/proc/<pid>/stat``, all its
+threads) as a share of one core, and the points per CPU-second it implies; the analysis, scraped every 0.25 s:
 ``ringwatch_serve_analysis_seconds{job}`` (the analyzers' part of a round, one value per round)
 and ``ringwatch_serve_analysis_lag_seconds``. A round first takes a deep copy of the job's state
 (``Jobs.snapshot``), which that gauge leaves out, so the whole round is read from the rounds
