@@ -45,18 +45,18 @@ must be 200 (else the exit status is 2).
 
 Measurements, all from the service itself: accepted requests/s (``ringwatch_serve_requests_total
 {code="200",protocol="http"}``) and data points/s (``ringwatch_serve_points_total``) over the
-timed span; the service process's CPU (user + system from ``/proc/<pid>/stat``, all its
-threads) as a share of one core, and the points per CPU-second it implies; the analysis, scraped every 0.25 s:
-``ringwatch_serve_analysis_seconds{job}`` (the analyzers' part of a round, one value per round)
-and ``ringwatch_serve_analysis_lag_seconds``. A round first takes a deep copy of the job's state
-(``Jobs.snapshot``), which that gauge leaves out, so the whole round is read from the rounds
-counter: a round starts ``window_s`` after the previous one ended, so it took the interval
-between two ends minus ``window_s``. After the timed span the senders stop and the rounds are
-timed again on the same state with no ingest competing for the interpreter (``idle``; scraped
-every 50 ms, at least 3 rounds or 6 s, 2 rounds after 20 s), along with the service's CPU
-seconds per idle round: the round's cost, whatever else runs on the machine (the wall times
-spread with the load of a shared machine; this one hardly does). A scrape that fails is
-retried (counted in ``failed_scrapes``).
+timed span; the service process's CPU (user + system from ``/proc/<pid>/stat``, all its threads)
+as a share of one core, and the points per CPU-second it implies; the analysis, scraped every
+0.25 s: ``ringwatch_serve_analysis_seconds{job}`` (the analyzers' part of a round, one value per
+round) and ``ringwatch_serve_analysis_lag_seconds``. A round also takes the job's new rows from
+its state (``Jobs.take``), which that gauge leaves out, so the whole round is read from the
+rounds counter: a round starts ``window_s`` after the previous one ended, so it took the
+interval between two ends minus ``window_s``. After the timed span the senders stop and the
+rounds are timed again on the same state with no ingest competing for the interpreter (``idle``;
+scraped every 50 ms, at least 3 rounds or 6 s, 2 rounds after 20 s), along with the service's
+CPU seconds per idle round: the round's cost, whatever else runs on the machine (the wall times
+spread with the load of a shared machine; this one hardly does). A scrape that fails is retried
+(counted in ``failed_scrapes``).
 
 Derived: ranks per instance at the default window. A rank sends ``P = fixed + per_step x new
 steps`` points per push (both measured on the pool: the rank's counters and frontier plus its
