@@ -13,8 +13,11 @@ longest is the one reported (a slow link stays, a burst of load on the machine p
 suspects are then narrowed across groups: a link is shared by every slow group that crosses
 hosts (traffic inside one host does not use it) and by no healthy one, so the suspect hosts are
 the hosts common to every slow multi-host group, less the hosts of the healthy multi-host
-groups. With one world group (plain DDP) that leaves every host of the group: the finding says
-so and points at ``ringwatch probe``, whose pairwise matrix names the host or link. Jobs with
+groups. Suspects that tie (a slow host and its peer share every slow group) are told apart by
+their other groups: the faulty host's slow down too, if less than the ratio
+(:func:`narrow_by_other_groups`). With one world group (plain DDP) every host of the group
+stays a suspect: the finding says so and points at ``ringwatch probe``, whose pairwise matrix
+names the host or link. Jobs with
 several kinds of groups (tensor, pipeline and data parallel over different host sets) narrow it
 down by themselves.
 """
@@ -166,6 +169,44 @@ def suspect_hosts(groups: pl.DataFrame, *,
     return sorted(set.union(*slow)), "the slow groups share no host: more than one fault?", used
 
 
+def narrow_by_other_groups(hosts: list[str], used: list, groups: pl.DataFrame,
+                           bw: pl.DataFrame, since_step: int, *, steps: int = 10,
+                           ratio: float = 1.5) -> tuple[str, str] | None:
+    """One host among several suspects, from the groups that were not taken as slow.
+
+    Suspects tie when they are in the same slow groups (every group over a slow host's link
+    also crosses its peer's). The faulty host's link also carries its *other* groups, which
+    slow down too, sometimes less than the slow-group ratio (small, latency-bound transfers)
+    or in a run that began later; its peer's other groups do not slow at all. For each
+    suspect, its other multi-host groups' slowdown is their usual bandwidth over their median
+    over ``since_step`` and the ``steps - 1`` after it, the largest of them counting.
+
+    Returns (the host, the reason in words) when exactly one suspect's other groups slowed at
+    least ``ratio`` times and every other suspect's at least ``ratio`` times less than that;
+    None otherwise (also when a suspect has no other group to compare with).
+    """
+    after = (bw.filter(pl.col("step").is_between(since_step, since_step + steps - 1))
+             .group_by("pg").agg(pl.col("MBps").median().alias("_after")))
+    others = (groups.filter(pl.col("hosts").str.contains(",") & ~pl.col("pg").is_in(used))
+              .join(after, on="pg").filter(pl.col("_after") > 0)
+              .with_columns((pl.col("usual_MBps") / pl.col("_after")).alias("_x")))
+    worst: dict[str, tuple[float, str]] = {}
+    for pg, group_hosts, x in others.select("pg", "hosts", "_x").iter_rows():
+        for h in set(group_hosts.split(",")) & set(hosts):
+            if h not in worst or x > worst[h][0]:
+                worst[h] = (x, pg)
+    if set(worst) != set(hosts):
+        return None
+    ranked = sorted(worst.items(), key=lambda kv: -kv[1][0])
+    (top, (x_top, pg_top)), rest = ranked[0], ranked[1:]
+    if x_top < ratio or any(x * ratio > x_top for _, (x, _pg) in rest):
+        return None
+    why = (f"{top}'s other groups slowed too (pg {pg_top} {x_top:.1f}x slower from step "
+           f"{since_step}), "
+           + ", ".join(f"{h}'s hardly (pg {pg} {x:.1f}x)" for h, (x, pg) in rest))
+    return top, why
+
+
 def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
                       min_baseline_steps: int = 5, ratio: float = 2.0,
                       persist: int = 4, usual: pl.DataFrame | None = None
@@ -198,6 +239,12 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
     slow = slow.filter(pl.col("pg").is_in(used))
     ranks = sorted({r for pr in slow["pg_ranks"].to_list() for r in parse_ranks(pr)})
     first = slow.sort("since_step").row(0, named=True)
+    tie_broken = None
+    if len(hosts) > 1:
+        tie_broken = narrow_by_other_groups(hosts, used, groups, bw, first["since_step"])
+        if tie_broken is not None:
+            how = f"{how}; of those, {tie_broken[1]}"
+            hosts = [tie_broken[0]]
     lost_ns = 0.0
     evidence = []
     for g in slow.sort("since_step").iter_rows(named=True):
@@ -216,10 +263,12 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
                         "or link: a slow row is a sender side, a slow column a receiver "
                         "side, a single cell the link")
     worst = float((slow["usual_MBps"] / slow["slow_MBps"]).max())
+    # several suspects: half as sure; one named by its other groups only: three quarters
+    surety = 1.0 if len(hosts) == 1 and tie_broken is None else (
+        0.75 if tie_broken is not None else 0.5)
     return (Finding(
         kind="slow_link", cls="slow communication", ranks=tuple(ranks), hosts=tuple(hosts),
-        pg=first["pg"], confidence=min(1.0, (worst - 1) / ratio) / (1 if len(hosts) == 1
-                                                                     else 2),
+        pg=first["pg"], confidence=min(1.0, (worst - 1) / ratio) * surety,
         since_step=first["since_step"], detected_step=first["detected_step"],
         gain_s_per_step=lost_ns / 1e9, evidence=tuple(evidence)),)
 
@@ -273,4 +322,4 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
 
 
 __all__ = ["compute_group_bandwidth", "compute_slow_groups", "detect_slow_links",
-           "explain_by_links", "suspect_hosts", "usual_bandwidth"]
+           "explain_by_links", "narrow_by_other_groups", "suspect_hosts", "usual_bandwidth"]

@@ -180,3 +180,28 @@ def test_a_slow_link_without_one_host_to_blame_starting_with_a_straggler_is_its_
     assert {f.kind for f in explain_by_links((ended,), (late,))} == {"straggler", "slow_link"}
     other = Finding("straggler", "compute straggler", (0,), ("host9",), since_step=31)
     assert {f.kind for f in explain_by_links((other,), (wide,))} == {"straggler", "slow_link"}
+
+
+def _tied(mild: float) -> pl.DataFrame:
+    """host1's link: dp2 and dp3 (hosts 1, 3) 4x slower from step 20, tp0 (hosts 0, 1) only
+    ``mild`` times (small transfers): dp2 and dp3 alone name host1 and host3 alike."""
+    fault = job(LAYERED, slow_hosts=("host1",))
+    soft = job(LAYERED, slow_hosts=("host1",), slow=mild)
+    return pl.concat([fault.filter(pl.col("pg") != "tp0"),
+                      soft.filter(pl.col("pg") == "tp0")]).sort("rank", "idx")
+
+
+def test_tied_suspects_are_told_apart_by_their_other_groups():
+    (f,) = detect_slow_links(_tied(1.7))
+    assert f.hosts == ("host1",), f.evidence
+    assert "host1's other groups slowed too (pg tp0 1." in f.evidence[-1]  # ~1.7x
+    assert "host3's hardly (pg tp1 1.0x)" in f.evidence[-1]
+    assert 0.5 < f.confidence <= 0.75  # named by the other groups only: less sure
+    assert not any("ringwatch probe" in e for e in f.evidence)
+
+
+def test_tied_suspects_stay_tied_when_no_other_group_slowed():
+    (f,) = detect_slow_links(_tied(1.0))
+    assert f.hosts == ("host1", "host3")
+    assert any("ringwatch probe` over host1, host3" in e for e in f.evidence)
+    assert f.confidence <= 0.5
