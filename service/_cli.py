@@ -20,9 +20,11 @@ def cmd_serve(args) -> int:
                         otlp_grpc_listen=args.otlp_grpc_listen,
                         state_dir=None if args.state_dir == "off" else Path(args.state_dir),
                         window_s=args.window_s, token=args.token,
-                        resolve_after_s=args.resolve_after_s)
+                        resolve_after_s=args.resolve_after_s, max_jobs=args.max_jobs)
     if cfg.window_s <= 0:
         raise ConfigError("--window-s must be > 0")
+    if cfg.max_jobs < 1:
+        raise ConfigError("--max-jobs must be >= 1")
     try:
         service = Service(cfg).start()
     except OSError as exc:
@@ -130,6 +132,8 @@ def add_parsers(sub) -> None:
     sv.add_argument("--token", help="bearer token agents must send")
     sv.add_argument("--resolve-after-s", type=float, default=30.0,
                     help="a finding not seen for this long is resolved (default 30)")
+    sv.add_argument("--max-jobs", type=int, default=64, help="jobs held at once; one more "
+                    "evicts the one silent longest (default 64)")
     sv.add_argument("--duration-s", type=float, help="stop after this many seconds")
     sv.set_defaults(func=cmd_serve)
 

@@ -37,6 +37,7 @@ class ServiceConfig:
         token: Bearer token the agents must send (None: none asked).
         resolve_after_s: A finding not seen for this long is resolved.
         keep_steps: Steps of each job kept for analysis.
+        max_jobs: Jobs held at once; one more evicts the one silent longest.
     """
 
     otlp_listen: str = "127.0.0.1:4318"
@@ -47,6 +48,7 @@ class ServiceConfig:
     token: str | None = None
     resolve_after_s: float = 30.0
     keep_steps: int = 200
+    max_jobs: int = 64
     detectors: set[str] = field(default_factory=lambda: set(DETECTORS))
     thresholds: dict = field(default_factory=lambda: dict(THRESHOLDS))
 
@@ -65,7 +67,7 @@ class Service:
 
         self.config = config
         self.clock = clock or SystemClock()
-        self.jobs = Jobs(keep_steps=config.keep_steps)
+        self.jobs = Jobs(keep_steps=config.keep_steps, max_jobs=config.max_jobs)
         self.store = FindingsStore(config.state_dir, clock=self.clock,
                                    resolve_after_s=config.resolve_after_s)
         self.lock = threading.Lock()  # detectors and thresholds

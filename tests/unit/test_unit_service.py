@@ -144,3 +144,10 @@ def test_insignificant_stragglers_and_unplaced_links_are_not_shown():
                    since_step=82)
     placed = Finding("slow_link", "slow communication", (2, 3), ("host1",), since_step=82)
     assert without_unplaced_links((wide, placed), [s]) == (placed,)
+
+
+def test_max_jobs_bounds_the_jobs_held():
+    svc = Service(ServiceConfig(state_dir=None, max_jobs=2))
+    for i, job in enumerate(("a", "b", "c")):
+        svc.jobs.ingest(_push(job, late_rank=None, steps=range(0, 3)), WALL + i)
+    assert len(svc.jobs.jobs) == 2 and "c" in svc.jobs.jobs
