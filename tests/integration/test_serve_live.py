@@ -31,6 +31,7 @@ class Stack:
             "--export-interval-s", "1", "--logs-interval-s", "0.5", "--no-gpu"),
             env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.seen: dict[str, tuple[float, dict]] = {}
+        self.metrics_when_seen: dict[str, str] = {}  # finding id -> /metrics just after
 
     def _start_serve(self):
         proc = subprocess.Popen(ringwatch_cmd(
@@ -51,13 +52,20 @@ class Stack:
         return json.loads(body) if path.startswith(("/api", "/healthz")) else body
 
     def poll(self) -> None:
-        """Remember when each finding was first seen (wall ns)."""
+        """Remember when each finding was first seen (wall ns), and /metrics then: a finding
+        that clears (a hang that ends) is resolved 30 s after it was last seen, so what
+        /metrics showed while it was open is read when it shows up."""
         try:
             found = self.get("/api/v1/findings")["findings"]
         except OSError:
             return
         for t in found:
-            self.seen.setdefault(t["id"], (time.time_ns(), t))
+            if t["id"] not in self.seen:
+                self.seen[t["id"]] = (time.time_ns(), t)
+                try:
+                    self.metrics_when_seen[t["id"]] = self.get("/metrics")
+                except OSError:
+                    pass
 
     def run_cluster(self, *args: str, timeout_s: float = 240):
         env = job_env(RINGWATCH_FLUSH_INTERVAL_S="0.5")
@@ -130,7 +138,7 @@ def test_a_hang_is_named_live_within_ten_seconds(stack):
     lag_s = (first_ns - truth["onset_wall_ns"]) / 1e9
     assert lag_s < 10, lag_s
     assert "hang       never arrived            1 " in stack.status()
-    metrics = stack.get("/metrics")
+    metrics = stack.metrics_when_seen.get(tracked["id"], "")
     assert f'ringwatch_hang_suspect{{cls="never arrived",host="{truth["host"]}",' \
            f'job="{truth["job_id"]}",rank="1"}}' in metrics, metrics
 
