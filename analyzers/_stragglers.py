@@ -15,8 +15,17 @@ job's first ``baseline_steps`` steps, never below zero) and the excess is summed
 one-sided CUSUM (Page's test), so a large change is found in one or two steps and a small one
 in a few more, while single slow steps (noise spikes) do not add up. A straggler is a rank
 whose CUSUM passes ``threshold`` times the noise with its excess above ``slack`` times the
-noise in at least ``persist`` of its last ``persist + 1`` steps (2 of 3 by default). A rank
-late in most of the job's first ``baseline_steps`` steps is *structural imbalance* (more
+noise in at least ``persist`` of its last ``persist + 1`` steps (3 of 4 by default).
+
+Where the job is noisy (many ranks sharing few cores, a busy network) a straggler's delay can
+be about the size of the noise, and the sum takes many steps. A second signal, on the rank's
+own clock, confirms it sooner: its time *outside* collectives per step (forward, optimizer,
+data loading: :func:`compute_outside_ns`) against the step's median over ranks. A rank late
+(delay above its usual) in ``persist`` steps in a row while computing ``busier`` (1.5) times
+its peers' median, and that much more than its own usual ratio, is a compute straggler at
+once: a rank that computes longer and is waited for.
+
+A rank late in most of the job's first ``baseline_steps`` steps is *structural imbalance* (more
 work by design: a pipeline stage, a bigger shard), not a fault: its usual delay is high, so
 it is never a straggler too.
 
@@ -45,8 +54,10 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
 
     Returns:
         Columns ``rank``, ``host``, ``step``, ``collectives``, ``wait_ns`` (time spent waiting
-        for the last member, from durations) and ``last_arrivals`` (collectives where this
-        rank had the shortest duration), sorted by step then rank.
+        for the last member, from durations), ``last_arrivals`` (collectives where this
+        rank had the shortest duration) and ``compute_ns`` (the rank's time outside any
+        collective before each of the step's: :func:`compute_outside_ns`), sorted by step
+        then rank.
     """
     # Only the columns used: every filter and sort of the full-width frame copies all of
     # them (gigabytes at ten million rows).
@@ -63,9 +74,27 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
     per = df.group_by("rank", "step").agg(
         pl.col("host").first(), pl.len().alias("collectives"),
         (pl.col("duration_ns") == pl.col("_min")).sum().alias("last_arrivals"))
-    return per.join(wait, on=["rank", "step"]).select(
-        "rank", "host", "step", "collectives", "wait_ns", "last_arrivals",
+    return per.join(wait, on=["rank", "step"]).join(
+        compute_outside_ns(events), on=["rank", "step"], how="left").select(
+        "rank", "host", "step", "collectives", "wait_ns", "last_arrivals", "compute_ns",
     ).sort("step", "rank")
+
+
+def compute_outside_ns(events: pl.DataFrame) -> pl.DataFrame:
+    """Per (rank, step), ``compute_ns``: the rank's time outside collectives, on its own
+    monotonic clock: before each of the step's collectives, the time since the rank's
+    previous collective ended (if it had ended; overlapping ones count once). That is the
+    forward pass, the backward work not hidden under transfers, the optimizer and the data
+    loading: what a compute straggler spends longer on than its peers. No clock is compared
+    across ranks."""
+    df = (events.select("rank", "step", "mono_start_ns", "mono_end_ns")
+          .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null()
+                  & pl.col("mono_end_ns").is_not_null())
+          .sort("rank", "mono_start_ns"))
+    before = pl.col("mono_end_ns").shift(1).over("rank").cum_max().over("rank")
+    return df.with_columns((pl.col("mono_start_ns") - before).clip(lower_bound=0).fill_null(0)
+                           .alias("_gap")).group_by("rank", "step").agg(
+        pl.col("_gap").sum().alias("compute_ns"))
 
 
 def compute_group_lateness(events: pl.DataFrame, ranks: list[int], first_step: int,
@@ -128,10 +157,15 @@ def _noise_ms(delay: pl.DataFrame, floor_ms: float) -> float:
 
 
 def usual_delay(head: pl.DataFrame, *, min_steps: int = 1) -> pl.DataFrame:
-    """``rank``, ``usual_ms``: each rank's mean delay over ``head`` (rows with ``delay_ms``,
-    a job's first steps), at least 0; ranks with fewer than ``min_steps`` rows left out."""
+    """``rank``, ``usual_ms``, ``usual_compute_ratio``: each rank's mean delay over ``head``
+    (rows with ``delay_ms`` and ``compute_ratio``, a job's first steps), at least 0, and its
+    median compute ratio there (1 when unknown); ranks with fewer than ``min_steps`` rows
+    left out."""
+    ratio = (pl.col("compute_ratio").median() if "compute_ratio" in head.columns
+             else pl.lit(None, pl.Float64))
     return (head.group_by("rank").agg(
         pl.col("delay_ms").mean().clip(lower_bound=0.0).alias("usual_ms"),
+        ratio.fill_null(1.0).fill_nan(1.0).alias("usual_compute_ratio"),
         pl.len().alias("_n")).filter(pl.col("_n") >= min_steps).drop("_n"))
 
 
@@ -139,6 +173,7 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
                              baseline_steps: int = 20, min_baseline_steps: int = 5,
                              slack: float = 1.0, threshold: float = 6.0,
                              floor_ms: float = 2.0, persist: int = 3,
+                             busier: float = 1.5,
                              usual: pl.DataFrame | None = None,
                              noise_ms: float | None = None) -> pl.DataFrame:
     """Per (rank, step), how late the rank came and how far that is from its usual.
@@ -152,9 +187,14 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
         threshold: CUSUM level, in noise units, that makes a straggler.
         floor_ms: Least noise assumed (ms): a job that quiet does not flag 0.1 ms.
         persist: Steps with excess above slack needed among the last ``persist + 1``.
-        usual: ``rank``, ``usual_ms``: each rank's usual delay, when known from earlier data
-            (an online window passes what the job's first steps gave); by default the
-            mean over the first ``baseline_steps`` steps here, at least 0.
+        busier: A step where a rank came late (excess above 0) while its time outside
+            collectives was at least this many times the step's median over ranks (and
+            its own usual ratio) is *busy*; ``persist`` busy steps in a row make a
+            straggler without waiting for the CUSUM (``busy_run``).
+        usual: ``rank``, ``usual_ms`` (and ``usual_compute_ratio``): each rank's usual
+            delay and compute ratio, when known from earlier data (an online window passes
+            what the job's first steps gave); by default from the first ``baseline_steps``
+            steps here (the delay's mean, at least 0; the ratio's median).
         noise_ms: The job's noise, when known from earlier data; by default the pooled
             standard deviation of the delays in the first ``baseline_steps`` steps here.
 
@@ -164,15 +204,20 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
         median delay over its previous ``baseline_steps`` steps, at least 0; null until
         ``min_baseline_steps``), ``excess_ms``, ``cusum_ms``, ``run_start`` (first step of the
         current excess run), ``hits`` (steps of the last ``persist + 1`` with excess above
-        slack), ``noise_ms`` and ``score`` (``cusum_ms`` over the threshold: 1 or more with
-        ``persist`` hits is a straggler); sorted by rank then step. Empty without steps past
-        the warm-up.
+        slack), ``noise_ms``, ``score`` (``cusum_ms`` over the threshold: 1 or more with
+        ``persist`` hits is a straggler), ``compute_ms`` (time outside collectives),
+        ``compute_ratio`` (that over the step's median), ``usual_compute_ratio`` and
+        ``busy_run`` (busy steps in a row up to this one); sorted by rank then step. Empty
+        without steps past the warm-up.
     """
     df = lat.filter(pl.col("step") >= warmup_steps).with_columns(
-        (pl.col("wait_ns") / 1e6).alias("wait_ms"))
+        (pl.col("wait_ns") / 1e6).alias("wait_ms"),
+        (pl.col("compute_ns") / 1e6).alias("compute_ms"))
     if df.is_empty():
         return df
-    df = df.with_columns(pl.col("wait_ms").median().over("step").alias("median_wait_ms"))
+    df = df.with_columns(pl.col("wait_ms").median().over("step").alias("median_wait_ms"),
+                         (pl.col("compute_ms") / pl.col("compute_ms").median().over("step"))
+                         .fill_nan(None).alias("compute_ratio"))
     df = df.with_columns((pl.col("median_wait_ms") - pl.col("wait_ms")).alias("delay_ms")
                          ).sort("rank", "step")
     first = df["step"].min()
@@ -184,7 +229,10 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
         gate = first + min_baseline_steps  # a usual from these very rows needs some first
     else:
         gate = first
-    df = df.join(usual.select("rank", "usual_ms"), on="rank", how="left").with_columns(
+    if "usual_compute_ratio" not in usual.columns:
+        usual = usual.with_columns(pl.lit(1.0).alias("usual_compute_ratio"))
+    df = df.join(usual.select("rank", "usual_ms", "usual_compute_ratio"), on="rank",
+                 how="left").with_columns(
         pl.when(pl.col("step") >= gate).then(pl.col("usual_ms")).alias("usual_ms"))
     df = df.with_columns((pl.col("delay_ms") - pl.col("usual_ms")).alias("excess_ms"))
     # Page's CUSUM S_t = max(0, S_t-1 + x_t - k), as C_t - min(0, min_s<=t C_s).
@@ -193,16 +241,21 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
     df = df.with_columns((pl.col("_c") - pl.col("_c").cum_min().over("rank").clip(upper_bound=0.0)
                           ).alias("cusum_ms"))
     hit = (pl.col("excess_ms") > k).fill_null(False).cast(pl.Int32)
+    busy = ((pl.col("excess_ms") > 0) & (pl.col("compute_ratio") >= busier * pl.col(
+        "usual_compute_ratio").fill_null(1.0).clip(lower_bound=1.0))).fill_null(False)
     df = df.with_columns(
         hit.rolling_sum(window_size=persist + 1, min_samples=1).over("rank").alias("hits"),
-        (pl.col("cusum_ms") <= 0).cast(pl.Int32).cum_sum().over("rank").alias("_run"))
+        (pl.col("cusum_ms") <= 0).cast(pl.Int32).cum_sum().over("rank").alias("_run"),
+        busy.alias("_busy"), (~busy).cast(pl.Int32).cum_sum().over("rank").alias("_bseg"))
+    df = df.with_columns(pl.col("_busy").cast(pl.Int32).cum_sum().over("rank", "_bseg")
+                         .alias("busy_run"))
     df = df.with_columns(
         pl.col("step").filter(pl.col("cusum_ms") > 0).min().over("rank", "_run")
         .alias("run_start"),
         pl.lit(noise).alias("noise_ms"), (pl.col("cusum_ms") / h).alias("score"))
     return df.select("rank", "host", "step", "wait_ms", "median_wait_ms", "delay_ms",
                      "usual_ms", "excess_ms", "cusum_ms", "run_start", "hits", "noise_ms",
-                     "score")
+                     "score", "compute_ms", "compute_ratio", "usual_compute_ratio", "busy_run")
 
 
 def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: float,
@@ -255,9 +308,25 @@ def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float) -> tu
             f"rank arrived like its peers ({delay_ms / now:.0%} faster)",)
 
 
+def _change_lines(r: dict, threshold: float, persist: int) -> tuple[str, ...]:
+    """Why the change is on this rank: its summed excess, its time outside collectives."""
+    out = []
+    if r["score"] >= 1.0:
+        out.append(f"excess summed to {r['cusum_ms']:.0f} ms, over {threshold:g}x the noise: "
+                   "a change on this rank, its peers wait for it")
+    if r["compute_ratio"] is not None and r["busy_run"] >= 1:
+        out.append(f"it spent {r['compute_ms']:.0f} ms per step outside collectives, "
+                   f"{r['compute_ratio']:.1f}x the median rank (usually "
+                   f"{r['usual_compute_ratio']:.1f}x)"
+                   + (f", late in each of its last {r['busy_run']} steps: it computes longer"
+                      if r["busy_run"] >= persist else ""))
+    return tuple(out)
+
+
 def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_steps: int = 20,
                       min_baseline_steps: int = 5, slack: float = 1.0, threshold: float = 6.0,
-                      floor_ms: float = 2.0, persist: int = 3, imbalance_noise: float = 3.0,
+                      floor_ms: float = 2.0, persist: int = 3, busier: float = 1.5,
+                      imbalance_noise: float = 3.0,
                       min_delay_ms: float = 3.0, transient_steps: int = 8,
                       usual: pl.DataFrame | None = None,
                       noise_ms: float | None = None) -> tuple[Finding, ...]:
@@ -266,7 +335,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
     Args:
         events: Rows of one job (a whole log or an online window).
         warmup_steps, baseline_steps, min_baseline_steps, slack, threshold, floor_ms,
-            persist, usual, noise_ms: See :func:`compute_straggler_scores`.
+            persist, busier, usual, noise_ms: See :func:`compute_straggler_scores`.
         imbalance_noise: A rank whose median delay over the first ``baseline_steps`` steps is
             this many times the noise (and at least ``min_delay_ms``), while it waited least
             in half of them or more, is structural imbalance.
@@ -279,16 +348,16 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         At most one :class:`Finding` per rank, in order of onset: ``imbalance`` (class
         ``structural imbalance``, since the first step) or ``straggler`` (class ``compute
         straggler``) with ``since_step`` (the step its excess began), ``detected_step`` (the
-        step that made it conclusive), ``until_step`` (its last step, when it ended) and
-        ``gain_s_per_step`` (how much longer its peers
-        waited than it did per step since then: what the job would save if it arrived like
-        them).
+        step that made it conclusive: its CUSUM passed the threshold, or it came late while
+        busier than its peers for ``persist`` steps in a row), ``until_step`` (its last step,
+        when it ended) and ``gain_s_per_step`` (how much longer its peers waited than it did
+        per step since then: what the job would save if it arrived like them).
     """
     lat = compute_step_lateness(events)
     scores = compute_straggler_scores(
         lat, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
         min_baseline_steps=min_baseline_steps, slack=slack, threshold=threshold,
-        floor_ms=floor_ms, persist=persist, usual=usual, noise_ms=noise_ms)
+        floor_ms=floor_ms, persist=persist, busier=busier, usual=usual, noise_ms=noise_ms)
     if scores.is_empty():
         return ()
     noise = scores["noise_ms"][0]
@@ -307,14 +376,23 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
                       f"{noise:.1f} ms) and waited least in {r['late_share']:.0%} of them",
                       "from the job's first steps: more work by design (a pipeline stage, "
                       "a bigger shard), or a straggler from the start")))
-    hit = scores.filter((pl.col("score") >= 1.0) & (pl.col("hits") >= persist)
-                        & (pl.col("excess_ms") > slack * noise)
-                        & (pl.col("delay_ms") >= min_delay_ms)
-                        & ~pl.col("rank").is_in(imb["rank"].implode()))
+    summed = ((pl.col("score") >= 1.0) & (pl.col("hits") >= persist)
+              & (pl.col("excess_ms") > slack * noise))
+    busy = pl.col("busy_run") >= persist
+    hit = scores.filter((summed | busy) & (pl.col("delay_ms") >= min_delay_ms)
+                        & ~pl.col("rank").is_in(imb["rank"].implode())
+                        ).with_columns(busy.alias("_busy"))
     for r in hit.group_by("rank").agg(pl.all().sort_by("step").first()).iter_rows(named=True):
         mine = scores.filter(pl.col("rank") == r["rank"])
-        since = _late_since(mine.filter(pl.col("step").is_between(r["run_start"], r["step"])),
+        # the late streak the sum ends with; a busy run counts from its first step
+        first_busy = r["step"] - r["busy_run"] + 1
+        start = r["run_start"]
+        if start is None or start > r["step"]:  # no sum running at this step: a busy run
+            start = first_busy
+        since = _late_since(mine.filter(pl.col("step").is_between(start, r["step"])),
                             slack * noise)
+        if r["_busy"]:
+            since = start = min(since, first_busy)
         # It ends at its last late step before persist + 1 steps in a row without one;
         # still on at the end of the data: until None.
         ended = mine.filter((pl.col("step") > r["step"]) & (pl.col("hits") == 0))
@@ -326,8 +404,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         run = mine.filter(pl.col("step").is_between(
             since, mine["step"].max() if until is None else until))
         delay = float(run["delay_ms"].median())
-        transient = until is not None and until - r["run_start"] + 1 < transient_steps
-        groups = compute_group_lateness(events, [r["rank"]], r["run_start"], r["step"],
+        transient = until is not None and until - start + 1 < transient_steps
+        groups = compute_group_lateness(events, [r["rank"]], start, r["step"],
                                         min_delay_ms=min_delay_ms)
         on_time = groups.filter(~pl.col("late"))
         if not on_time.is_empty() and on_time.height < groups.height:
@@ -337,13 +415,13 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
             ranks=(r["rank"],),
             hosts=(r["host"],) if r["host"] else (), since_step=since,
             detected_step=r["step"], until_step=until,
-            confidence=min(1.0, 0.5 + 0.5 * (r["score"] - 1.0)) * (0.5 if transient else 1),
+            confidence=min(1.0, max(0.5 + 0.5 * (r["score"] - 1.0), 0.6 if r["_busy"] else 0)
+                           ) * (0.5 if transient else 1),
             gain_s_per_step=delay / 1e3,
             evidence=(f"rank {r['rank']} came {delay:.1f} ms per step after the median rank "
                       f"in steps {since}-{run['step'].max()} (usually "
                       f"{r['usual_ms']:.1f} ms; job noise {noise:.1f} ms)",
-                      f"excess summed to {r['cusum_ms']:.0f} ms, over {threshold:g}x the "
-                      f"noise: a change on this rank, its peers wait for it",
+                      *_change_lines(r, threshold, persist),
                       *_what_if(events, since, int(run["step"].max()), delay))))
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 

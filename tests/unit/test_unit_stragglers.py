@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import polars as pl
+
 from ringwatch.analyzers import (
     compute_step_lateness,
     compute_straggler_scores,
@@ -126,3 +128,56 @@ def test_since_is_the_late_streak_not_an_earlier_blip():
     assert r1[29]["cusum_ms"] > 0 and r1[32]["run_start"] == 27
     (f,) = detect_stragglers(ev)
     assert (f.since_step, f.detected_step) == (30, 32), f
+
+
+def busy_job(steps=50, *, onset=None, late=None, ranks=8, seed=0):
+    """A job whose noise is in its transfers, not its compute (as on a crowded machine): each
+    step every rank computes 45-55 ms, then one all-reduce that every rank leaves 5-45 ms
+    after the last arrival (uniform), and its next step starts when it left. From ``onset``
+    rank ``late`` computes 80-90 ms: it comes last by about the job's noise."""
+    rng = random.Random(seed)
+    rows, t = [], dict.fromkeys(range(ranks), 0)
+    for step in range(steps):
+        compute = {r: rng.uniform(45, 55) for r in range(ranks)}
+        if late is not None and step >= onset:
+            compute[late] = rng.uniform(80, 90)
+        starts = {r: t[r] + int(c * MS) for r, c in compute.items()}
+        last = max(starts.values())
+        for r in range(ranks):
+            t[r] = last + int(rng.uniform(5, 45) * MS)
+            x = row(r, step, step + 1, pg_ranks=f"0-{ranks - 1}", step=step,
+                    mono_start_ns=starts[r], mono_end_ns=t[r])
+            x["host"] = f"host{r // 4}"
+            rows.append(x)
+    return frame(rows)
+
+
+def test_time_outside_collectives_is_per_rank_and_counts_overlaps_once():
+    from ringwatch.analyzers._stragglers import compute_outside_ns
+
+    rows = []
+    for i, (a, b, step) in enumerate([(0, 10, 0), (5, 12, 0), (20, 25, 0), (55, 60, 1)]):
+        rows.append(row(0, i, i + 1, step=step, mono_start_ns=a * MS, mono_end_ns=b * MS))
+    rows.append(row(1, 0, 1, step=0, mono_start_ns=40 * MS, mono_end_ns=50 * MS))
+    got = {(r, s): v / MS for r, s, v in compute_outside_ns(frame(rows)).iter_rows()}
+    # rank 0: the 2nd starts inside the 1st (0), the 3rd 8 ms after both ended; step 1: 30 ms
+    assert got == {(0, 0): 8.0, (0, 1): 30.0, (1, 0): 0.0}
+    lat = compute_step_lateness(busy_job(steps=3)).filter(pl.col("step") > 0)  # 0: no before
+    assert lat["compute_ns"].min() >= 45 * MS and lat["compute_ns"].max() <= 55 * MS
+
+
+def test_a_rank_late_while_computing_longer_is_named_before_the_sum_passes():
+    ev = busy_job(onset=30, late=5)
+    sc = compute_straggler_scores(compute_step_lateness(ev))
+    at = {r["step"]: r for r in sc.filter(sc["rank"] == 5).iter_rows(named=True)}
+    assert at[32]["busy_run"] >= 3 and at[32]["compute_ratio"] >= 1.5
+    assert at[32]["score"] < 1.0  # the sum alone would still wait
+    (f,) = detect_stragglers(ev)
+    assert (f.ranks, f.cls, f.since_step, f.detected_step) == ((5,), "compute straggler", 30,
+                                                               32), f
+    assert any("outside collectives" in e and "it computes longer" in e for e in f.evidence)
+
+
+def test_a_noisy_healthy_job_has_no_busy_straggler():
+    for seed in range(5):
+        assert detect_stragglers(busy_job(seed=seed)) == (), seed
