@@ -426,5 +426,25 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 
-__all__ = ["compute_group_lateness", "compute_step_lateness", "compute_straggler_scores",
+#: Least what-if gain, as a share of the job's step time, a straggler must be worth.
+MIN_GAIN_SHARE = 0.05
+
+
+def significant(findings: tuple, events: pl.DataFrame,
+                min_share: float = MIN_GAIN_SHARE) -> tuple:
+    """``findings`` less the stragglers whose what-if gain is under ``min_share`` of the
+    job's typical step time (``events``' steps): a rank that costs the job 3% now and then on
+    a noisy machine is the job's noise, not a fault to act on. The online service and
+    ``ringwatch analyze`` apply the same rule."""
+    from ringwatch.analyzers._hangs import typical_step_s
+
+    step_s = typical_step_s(events) if events.height and min_share else None
+    if not step_s:
+        return findings
+    return tuple(f for f in findings if f.kind != "straggler" or f.gain_s_per_step is None
+                 or f.gain_s_per_step >= min_share * step_s)
+
+
+__all__ = ["MIN_GAIN_SHARE", "compute_group_lateness", "compute_step_lateness",
+           "compute_straggler_scores", "significant",
            "detect_stragglers"]

@@ -145,9 +145,20 @@ def detect_wall_ns(finding, truth: Mapping, marks: Mapping[int, Mapping[int, int
     return None
 
 
+def effective_onset(truth: Mapping, from_trigger: bool = False) -> Mapping:
+    """``truth`` with its onset moved to when the fault took effect on the victim, where the
+    run recorded it (``effect_step``: the first step a ``work`` straggler ran slowed; it takes
+    the runner's signal at its next step boundary, a step or two after the runner saw
+    ``onset_step``); unchanged with ``from_trigger`` or without the record."""
+    if from_trigger or truth.get("effect_step") is None:
+        return truth
+    return {**truth, "onset_step": truth["effect_step"],
+            "onset_wall_ns": truth.get("effect_wall_ns") or truth.get("onset_wall_ns")}
+
+
 def score_run(truth: Mapping, findings: Iterable, *,
               marks: Mapping[int, Mapping[int, int]] | None = None,
-              min_stall_s: float = 10.0) -> RunScore:
+              min_stall_s: float = 10.0, from_trigger: bool = False) -> RunScore:
     """Score one run's findings against its ground truth.
 
     Args:
@@ -156,11 +167,14 @@ def score_run(truth: Mapping, findings: Iterable, *,
         findings: The analyzers' findings for the run.
         marks: ``{rank: {step: wall ns when the step began}}`` from ``steps/rank-N.tsv``.
         min_stall_s: The hang analyzer's threshold the findings were made with (s).
+        from_trigger: Count latencies from the runner's trigger (``onset_step``) even where
+            the run recorded when the fault took effect (:func:`effective_onset`).
 
     Returns:
         The :class:`RunScore`.
     """
     marks = marks or {}
+    truth = effective_onset(truth, from_trigger)
     fault = truth["kind"]
     expected = EXPECTED_KIND[fault]
     onset = onset_wall_ns(truth, marks)

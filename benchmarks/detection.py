@@ -28,6 +28,11 @@ finding is held against the ground truth:
   count against culprit accuracy); recall = runs with a finding of the expected kind / runs
   (for imbalance: runs reported as imbalance); culprit accuracy = runs with a TP / runs with
   a finding of the expected kind.
+* onset: where the run recorded when the fault took effect on the victim (``effect_step``,
+  ``effect_wall_ns``: the first step a ``work`` straggler ran slowed; it takes the runner's
+  signal at its next step boundary, one or two steps after the runner saw ``onset_step``),
+  that; otherwise the ground truth's ``onset_step`` / ``onset_wall_ns``. ``--from-trigger``
+  scores from the trigger always.
 * latency, of a run's earliest TP: iterations = ``detected_step - onset_step``;
   seconds = detection point - onset. The detection point of a finding with a
   ``detected_step`` is the end of that step, read from the job's own step marks
@@ -68,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="FILE", help="save per-run details here")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     p.add_argument("--per-run", action="store_true", help="also print one line per run")
+    p.add_argument("--from-trigger", action="store_true",
+                   help="count latencies from the step the runner triggered the fault at, "
+                        "even where the run recorded the first step the fault took effect")
     p.add_argument("--min-stall-s", type=float,
                    help="hang analyzer threshold, s (default: the analyzer's own, 10)")
     g = p.add_argument_group("running the matrix first (benchmarks/scenarios.py)")
@@ -155,7 +163,7 @@ def read_marks(steps_dir: Path) -> dict[int, dict[int, int]]:
 
 
 def score_folder_run(source: Path, name: str, run_dir: Path, rec: dict | None,
-                     min_stall_s: float | None) -> dict:
+                     min_stall_s: float | None, from_trigger: bool = False) -> dict:
     """Analyse and score one run: a JSON-ready record with ``status`` ``scored`` or the reason
     it was not, and ``_score`` (the :class:`RunScore`) when scored."""
     from ringwatch._analyze import analyze_job
@@ -190,7 +198,7 @@ def score_folder_run(source: Path, name: str, run_dir: Path, rec: dict | None,
         return {**out, "status": why}
     findings = report["_findings"]
     marks = read_marks(run_dir / "steps")
-    score = score_run(truth, findings, marks=marks,
+    score = score_run(truth, findings, marks=marks, from_trigger=from_trigger,
                       min_stall_s=MIN_STALL_S if stall is None else stall)  # w/o detected_ns
     detail = score.to_dict()
     detail["findings"] = [{**f.to_dict(), **s} for f, s in zip(findings, detail["findings"],
@@ -364,7 +372,7 @@ def main(argv=None) -> int:
         runs += [(folder, *x) for x in found]
     records = []
     for i, (folder, name, run_dir, rec) in enumerate(runs, 1):
-        r = score_folder_run(folder, name, run_dir, rec, args.min_stall_s)
+        r = score_folder_run(folder, name, run_dir, rec, args.min_stall_s, args.from_trigger)
         n = len(r.get("findings", []))
         print(f"[{i}/{len(runs)}] {name}: "
               + (f"{n} finding(s)" if r["status"] == "scored" else r["status"]),

@@ -202,6 +202,8 @@ def main(argv=None) -> int:
             marks.write(f"{step}\t{time.time_ns()}\n")
         if _SLOW.is_set() and not slowed and args.slowdown_factor > 1:
             slowed = True
+            if marks is not None:  # the first step that runs slowed: the fault's effect
+                marks.write(f"slowed\t{step}\n")
             more = _extra_work(args, args.slowdown_factor)
             extra = more if extra is None else (lambda a=extra, b=more: (a(), b()))
             sleep_s *= args.slowdown_factor

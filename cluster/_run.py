@@ -71,7 +71,8 @@ def sweep(log: Callable[[str], None] = lambda _m: None) -> list[str]:
 
 
 def read_steps(steps_dir: Path) -> dict[int, tuple[int, list[tuple[int, int]]]]:
-    """The job's step marks: ``{rank: (pid, [(step, wall_ns), ...])}``."""
+    """The job's step marks: ``{rank: (pid, [(step, wall_ns), ...])}`` (other lines, such as
+    ``slowed<TAB>step``, are left to :func:`read_slowed_step`)."""
     out = {}
     for f in sorted(steps_dir.glob("rank-*.tsv")):
         pid, marks = 0, []
@@ -83,6 +84,20 @@ def read_steps(steps_dir: Path) -> dict[int, tuple[int, list[tuple[int, int]]]]:
                 marks.append((int(a), int(b)))
         out[int(f.stem.split("-")[1])] = (pid, marks)
     return out
+
+
+def read_slowed_step(steps_dir: Path, rank: int) -> int | None:
+    """The first step rank ``rank`` ran slowed (a ``work`` straggler takes the runner's signal
+    at its next step boundary, a step or two after the runner saw the onset step)."""
+    try:
+        text = (steps_dir / f"rank-{rank}.tsv").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        a, _, b = line.partition("\t")
+        if a == "slowed" and b.isdigit():
+            return int(b)
+    return None
 
 
 @dataclass(slots=True)
@@ -437,6 +452,13 @@ class Cluster:
             return
         self.truth["outcome"] = {"reason": reason, "returncodes": codes,
                                  "ended_wall_ns": time.time_ns()}
+        f = self.fault
+        if (self.truth.get("applied") and f.kind == "straggler"
+                and f.straggler_mode == "work"):
+            step = read_slowed_step(self.steps_dir, f.rank)
+            marks = dict(read_steps(self.steps_dir).get(f.rank, (0, []))[1])
+            self.truth["effect_step"] = step
+            self.truth["effect_wall_ns"] = None if step is None else marks.get(step)
         self._write_truth()
 
     def _write_truth(self) -> None:

@@ -23,7 +23,8 @@ ANALYZED_COLUMNS = ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_s
 
 
 def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
-                   min_stall_s: float | None = None) -> tuple:
+                   min_stall_s: float | None = None, min_gain_share: float | None = None
+                   ) -> tuple:
     """Every analyzer over one job's rows (a whole log or an online window): the findings.
 
     Args:
@@ -32,6 +33,8 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         last_seen_ns: ``rank -> newest flush`` heartbeats, when known.
         min_stall_s: How long a group must be stuck to be a hang (default: 5 s or 10 of
             the job's usual steps, whichever is longer).
+        min_gain_share: Least what-if gain of a straggler, as a share of the job's step
+            time (default ``MIN_GAIN_SHARE``, 5%; 0 keeps every straggler).
     """
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
@@ -42,7 +45,11 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         events = assign_rhythm_steps(events)  # no step marks: the rhythm's iterations
     findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
                             min_stall_s=min_stall_s)
-    findings += explain_by_links(detect_stragglers(events), detect_slow_links(events))
+    from ringwatch.analyzers._stragglers import MIN_GAIN_SHARE, significant
+
+    share = MIN_GAIN_SHARE if min_gain_share is None else min_gain_share
+    findings += significant(explain_by_links(detect_stragglers(events),
+                                             detect_slow_links(events)), events, share)
     local = dict(events.select("rank", "local_rank").unique("rank").iter_rows()) \
         if "local_rank" in events.columns else {}
     return with_local_ranks(findings, local)

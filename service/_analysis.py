@@ -92,19 +92,6 @@ class LiveAnalysis:
 
 #: A straggler is shown when fixing it would save at least this share of the job's step: a
 #: rank 2 ms late in 100 ms steps is real but not worth waking anyone for.
-MIN_GAIN_SHARE = 0.05
-
-
-def _significant(findings: tuple, steps, min_share: float) -> tuple:
-    from ringwatch.analyzers._hangs import typical_step_s
-
-    step_s = typical_step_s(steps) if steps.height else None
-    if not step_s or not min_share:
-        return findings
-    return tuple(f for f in findings if f.kind != "straggler" or f.gain_s_per_step is None
-                 or f.gain_s_per_step >= min_share * step_s)
-
-
 def without_unplaced_links(findings: tuple, open_stragglers) -> tuple:
     """Drop a slow link that names no one host while a compute straggler on one of those
     hosts is open: the straggler holds the group's transfers up, and the link evidence
@@ -128,6 +115,7 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._hangs import stall_threshold_s
     from ringwatch.analyzers._links import explain_by_links
+    from ringwatch.analyzers._stragglers import MIN_GAIN_SHARE, significant
 
     th = thresholds or {}
     if live is not None:
@@ -146,7 +134,7 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
         want = {"straggler", "imbalance"} if "straggler" in detectors else set()
         want |= {"slow_link"} if "slow_link" in detectors else set()
         found = tuple(f for f in live.window.findings(now_ns=now_ns) if f.kind in want)
-        findings += _significant(found, steps, th.get("min_gain_share", MIN_GAIN_SHARE))
+        findings += significant(found, steps, th.get("min_gain_share", MIN_GAIN_SHARE))
     else:
         stragglers = detect_stragglers(steps) if "straggler" in detectors and steps.height \
             else ()
