@@ -66,6 +66,18 @@ def test_straggler_true_positive_and_its_latency():
     assert s.latency_s == pytest.approx(4 * 0.4 - 0.05 + 0.001)  # 4 step starts later
 
 
+def test_latency_counts_from_when_the_fault_took_effect_where_recorded():
+    m = marks()
+    t = {**truth("straggler", rank=1), "effect_step": 22,
+         "effect_wall_ns": m[1][22]}  # the victim ran slowed from step 22
+    s = sc.score_run(t, [straggler(1, 24)], marks=m)
+    assert s.latency_steps == 2
+    assert s.latency_s == pytest.approx(3 * 0.4)  # step 25 began 3 steps after step 22 did
+    assert sc.score_run(t, [straggler(1, 24)], marks=m, from_trigger=True).latency_steps == 4
+    # no record (older runs, other faults): the trigger
+    assert sc.effective_onset({**t, "effect_step": None}) == {**t, "effect_step": None}
+
+
 def test_the_victims_mark_or_else_rank_0s():
     m = marks()
     del m[1][24]
