@@ -221,7 +221,7 @@ def test_analyzers_name_a_compute_straggler_within_a_few_steps(tmp_path):
     # the victim takes the signal at its next step boundary: its first slowed step is after
     # the step the runner saw
     effect = result.ground_truth["effect_step"]
-    assert onset < effect <= onset + 3 and result.ground_truth["effect_wall_ns"] > 0, \
+    assert onset <= effect <= onset + 3 and result.ground_truth["effect_wall_ns"] > 0, \
         result.ground_truth
     (f,) = _findings(result)
     assert (f.kind, f.cls, f.ranks, f.hosts) == ("straggler", "compute straggler", (3,),
