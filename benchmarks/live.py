@@ -86,10 +86,14 @@ def one_run(kind: str, tmp: Path) -> dict:
             (first_ns - truth["onset_wall_ns"]) / 1e9
         steps = None if f.get("detected_step") is None or truth.get("onset_step") is None \
             else f["detected_step"] - truth["onset_step"]
+        effect = truth.get("effect_step")  # a work straggler's first slowed step
         out["findings"].append({"kind": f["kind"], "cls": f["cls"], "ranks": f["ranks"],
                                 "hosts": f["hosts"], "seen_after_s": lag,
-                                "steps_after_onset": steps})
-    out["truth"] = {k: truth.get(k) for k in ("kind", "rank", "host", "onset_step")}
+                                "steps_after_onset": steps,
+                                "steps_after_effect": None if steps is None or effect is None
+                                else f["detected_step"] - effect})
+    out["truth"] = {k: truth.get(k) for k in ("kind", "rank", "host", "onset_step",
+                                              "effect_step")}
     return out
 
 
@@ -111,7 +115,8 @@ def main() -> None:
             print(f"{kind} run {i + 1}: {len(r['findings'])} finding(s); "
                   + "; ".join(f"{f['kind']} {f['cls']} ranks {f['ranks']} hosts {f['hosts']} "
                               f"seen {f['seen_after_s']} s after onset, detected "
-                              f"{f['steps_after_onset']} steps after"
+                              f"{f['steps_after_onset']} steps after ("
+                              f"{f['steps_after_effect']} after the first slowed step)"
                               for f in r["findings"]), flush=True)
     for kind, xs in lags.items():
         print(f"{kind}: median {statistics.median(xs):.1f} s from onset to the API "
