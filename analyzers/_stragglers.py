@@ -189,7 +189,8 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
         persist: Steps with excess above slack needed among the last ``persist + 1``.
         busier: A step where a rank came late (excess above 0) while its time outside
             collectives was at least this many times the step's median over ranks (and
-            its own usual ratio) is *busy*; ``persist`` busy steps in a row make a
+            its own usual ratio), longer than that median by enough to explain half of its
+            lateness at least, is *busy*; ``persist`` busy steps in a row make a
             straggler without waiting for the CUSUM (``busy_run``).
         usual: ``rank``, ``usual_ms`` (and ``usual_compute_ratio``): each rank's usual
             delay and compute ratio, when known from earlier data (an online window passes
@@ -241,12 +242,18 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
     df = df.with_columns((pl.col("_c") - pl.col("_c").cum_min().over("rank").clip(upper_bound=0.0)
                           ).alias("cusum_ms"))
     hit = (pl.col("excess_ms") > k).fill_null(False).cast(pl.Int32)
+    # late, and computing longer than its peers: by a share, and by enough to explain at
+    # least half of its lateness (a rank late for another reason is left to the sum)
+    extra = pl.col("compute_ms") - pl.col("compute_ms").median().over("step")
     busy = ((pl.col("excess_ms") > 0) & (pl.col("compute_ratio") >= busier * pl.col(
-        "usual_compute_ratio").fill_null(1.0).clip(lower_bound=1.0))).fill_null(False)
+        "usual_compute_ratio").fill_null(1.0).clip(lower_bound=1.0))
+        & (extra >= floor_ms) & (extra >= 0.5 * pl.col("delay_ms"))).fill_null(False)
     df = df.with_columns(
         hit.rolling_sum(window_size=persist + 1, min_samples=1).over("rank").alias("hits"),
         (pl.col("cusum_ms") <= 0).cast(pl.Int32).cum_sum().over("rank").alias("_run"),
-        busy.alias("_busy"), (~busy).cast(pl.Int32).cum_sum().over("rank").alias("_bseg"))
+        busy.alias("_busy"))
+    df = df.with_columns((~pl.col("_busy")).cast(pl.Int32).cum_sum().over("rank")
+                         .alias("_bseg"))
     df = df.with_columns(pl.col("_busy").cast(pl.Int32).cum_sum().over("rank", "_bseg")
                          .alias("busy_run"))
     df = df.with_columns(

@@ -246,16 +246,25 @@ def test_central_unreachable_from_the_start(tmp_path):
         proc = subprocess.Popen(ringwatch_cmd("cluster", "--run-dir", str(run), *args),
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
+        from ringwatch.agent._rank_tail import KEEP_STEPS
+        from ringwatch.cluster._run import read_steps
+
         rss = []  # kB, every 0.5 s while the job runs and every push fails
-        warm = None  # index of the first sample 5 s after the first segment was written
+        # index of the first sample once the agent holds all it keeps per rank (KEEP_STEPS
+        # steps, plus a few for its reading delay) and 5 s have passed since the first
+        # segment: before that its memory grows by design, after it must stay flat
+        warm = None
         t_logs = None
         while proc.poll() is None:
             rss.append(rss_kb())
             if t_logs is None and any((run / "logs").glob("*/rank-*/seg-*")):
                 t_logs = time.monotonic()
             if warm is None and t_logs is not None and time.monotonic() - t_logs > 5:
-                warm = len(rss) - 1
-                cpu_warm = (cpu_s(), time.monotonic())
+                marks = read_steps(run / "steps").get(0, (0, []))[1] \
+                    if (run / "steps").is_dir() else []
+                if marks and marks[-1][0] >= KEEP_STEPS + 10:
+                    warm = len(rss) - 1
+                    cpu_warm = (cpu_s(), time.monotonic())
             time.sleep(0.5)
         out, _ = proc.communicate()
         assert proc.returncode == 0, out
