@@ -22,8 +22,9 @@ be about the size of the noise, and the sum takes many steps. A second signal, o
 own clock, confirms it sooner: its time *outside* collectives per step (forward, optimizer,
 data loading: :func:`compute_outside_ns`) against the step's median over ranks. A rank late
 (delay above its usual) in ``persist`` steps in a row while computing ``busier`` (1.5) times
-its peers' median, and that much more than its own usual ratio, is a compute straggler at
-once: a rank that computes longer and is waited for.
+its peers' median, and that much more than its own usual ratio, with the extra time
+explaining at least half of its lateness, is a compute straggler at once: a rank that
+computes longer and is waited for.
 
 A rank late in most of the job's first ``baseline_steps`` steps is *structural imbalance* (more
 work by design: a pipeline stage, a bigger shard), not a fault: its usual delay is high, so
@@ -217,8 +218,9 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
     if df.is_empty():
         return df
     df = df.with_columns(pl.col("wait_ms").median().over("step").alias("median_wait_ms"),
-                         (pl.col("compute_ms") / pl.col("compute_ms").median().over("step"))
-                         .fill_nan(None).alias("compute_ratio"))
+                         pl.col("compute_ms").median().over("step").alias("_median_compute"))
+    df = df.with_columns((pl.col("compute_ms") / pl.col("_median_compute")).fill_nan(None)
+                         .alias("compute_ratio"))
     df = df.with_columns((pl.col("median_wait_ms") - pl.col("wait_ms")).alias("delay_ms")
                          ).sort("rank", "step")
     first = df["step"].min()
@@ -244,7 +246,7 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
     hit = (pl.col("excess_ms") > k).fill_null(False).cast(pl.Int32)
     # late, and computing longer than its peers: by a share, and by enough to explain at
     # least half of its lateness (a rank late for another reason is left to the sum)
-    extra = pl.col("compute_ms") - pl.col("compute_ms").median().over("step")
+    extra = pl.col("compute_ms") - pl.col("_median_compute")
     busy = ((pl.col("excess_ms") > 0) & (pl.col("compute_ratio") >= busier * pl.col(
         "usual_compute_ratio").fill_null(1.0).clip(lower_bound=1.0))
         & (extra >= floor_ms) & (extra >= 0.5 * pl.col("delay_ms"))).fill_null(False)

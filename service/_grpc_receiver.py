@@ -20,7 +20,6 @@ are handled at once and ``max_concurrent`` accepted in all (more are refused by 
 
 from __future__ import annotations
 
-import hmac
 from concurrent.futures import ThreadPoolExecutor
 
 from ringwatch._clock import Clock
@@ -97,14 +96,13 @@ class OtlpGrpcReceiver(_Intake):
                      ("grpc.max_send_message_length", 1 << 20),
                      ("grpc.so_reuseport", 0)])
         svc.add_MetricsServiceServicer_to_server(_Servicer(self), server)
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        where = self._host_port()
         try:
-            port = server.add_insecure_port(f"{host}:{self._port}")
+            port = server.add_insecure_port(where)
         except RuntimeError as exc:  # grpc >= 1.60 raises where older releases returned 0
-            raise OSError(f"cannot bind the OTLP/gRPC receiver to {host}:{self._port}: "
-                          f"{exc}") from exc
+            raise OSError(f"cannot bind the OTLP/gRPC receiver to {where}: {exc}") from exc
         if not port:
-            raise OSError(f"cannot bind the OTLP/gRPC receiver to {host}:{self._port}")
+            raise OSError(f"cannot bind the OTLP/gRPC receiver to {where}")
         self._port = port
         server.start()
         self._server = server
@@ -117,28 +115,14 @@ class OtlpGrpcReceiver(_Intake):
             server.stop(grace_s).wait()
 
     @property
-    def port(self) -> int:
-        """The bound port once started (the one asked for before)."""
-        return self._port
-
-    @property
     def target(self) -> str:
         """``host:port``, as a gRPC client dials it."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self._port}"
-
-    def __enter__(self) -> OtlpGrpcReceiver:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return self._host_port()
 
     def _authorized(self, metadata) -> bool:
         for key, value in metadata or ():
             if key.lower() == "authorization":
-                scheme, _, credential = str(value).strip().partition(" ")
-                given = credential.strip().encode("utf-8", "replace")
-                return scheme.lower() == "bearer" and hmac.compare_digest(given, self.token)
+                return self._bearer_ok(str(value), "utf-8")
         return False
 
 

@@ -115,6 +115,35 @@ class _Intake:
         self._requests: Counter = Counter()
         self._totals: Counter[str] = Counter()
 
+    def start(self):  # each receiver binds its own way
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (the one asked for before)."""
+        return self._port
+
+    def _host_port(self) -> str:
+        """``host:port`` with an IPv6 host in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self._port}"
+
+    def _bearer_ok(self, header: str, encoding: str) -> bool:
+        """Whether an ``Authorization`` value is ``Bearer <token>`` (constant-time compare).
+        ``encoding`` maps the value back to the bytes it arrived as."""
+        scheme, _, credential = header.strip().partition(" ")
+        given = credential.strip().encode(encoding, "replace")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self.token)
+
     def stats(self) -> ReceiverStats:
         """A snapshot of the counters."""
         with self._lock:
@@ -224,21 +253,9 @@ class OtlpReceiver(_Intake):
             self._thread.join()
 
     @property
-    def port(self) -> int:
-        """The bound port once started (the one asked for before)."""
-        return self._port
-
-    @property
     def url(self) -> str:
         """``http://host:port/path`` of this receiver."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self._port}{self.path}"
-
-    def __enter__(self) -> OtlpReceiver:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return f"http://{self._host_port()}{self.path}"
 
     def _serve(self, body: bytes, kind: str, coding: str, remote: str,
                received_wall_ns: int) -> tuple[int, str, bytes]:
@@ -327,7 +344,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         rcv = self.server.receiver
         if urlsplit(self.path).path != rcv.path:
             return self._error(404, f"no such path; POST metrics to {rcv.path}")
-        if rcv.token is not None and not self._authorized(rcv.token):
+        if rcv.token is not None and not self._authorized():
             return self._error(401, "missing or wrong bearer token",
                                extra=(("WWW-Authenticate", "Bearer"),))
         try:
@@ -354,11 +371,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return self._error(404, "no such path")
         self._error(405, "only POST is allowed", extra=(("Allow", "POST"),))
 
-    def _authorized(self, token: bytes) -> bool:
-        scheme, _, credential = self.headers.get("Authorization", "").strip().partition(" ")
+    def _authorized(self) -> bool:
         # Headers are decoded as latin-1 by http.client: every str maps back to bytes.
-        given = credential.strip().encode("latin-1", "replace")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given, token)
+        return self.server.receiver._bearer_ok(self.headers.get("Authorization", ""),
+                                               "latin-1")
 
     def _content_length(self, limit: int) -> int:
         if self.headers.get("Transfer-Encoding") is not None:
