@@ -92,7 +92,10 @@ def compute_outside_ns(events: pl.DataFrame) -> pl.DataFrame:
           .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null()
                   & pl.col("mono_end_ns").is_not_null())
           .sort("rank", "mono_start_ns"))
-    before = pl.col("mono_end_ns").shift(1).over("rank").cum_max().over("rank")
+    # the latest end among the rank's earlier collectives: the running maximum, one row back
+    # (one window and a shift over the sorted frame, not nested windows)
+    ended = pl.col("mono_end_ns").cum_max().over("rank")
+    before = pl.when(pl.col("rank") == pl.col("rank").shift(1)).then(ended.shift(1))
     return df.with_columns((pl.col("mono_start_ns") - before).clip(lower_bound=0).fill_null(0)
                            .alias("_gap")).group_by("rank", "step").agg(
         pl.col("_gap").sum().alias("compute_ns"))
