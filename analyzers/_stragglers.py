@@ -312,7 +312,8 @@ def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float) -> tu
     """The job's step time over ``first..last`` and what it would be without ``delay_ms``."""
     from ringwatch.analyzers._hangs import typical_step_s
 
-    step_s = typical_step_s(events.filter(pl.col("step").is_between(first, last + 1)))
+    step_s = typical_step_s(events.select("rank", "step", "mono_start_ns")  # not every column
+                            .filter(pl.col("step").is_between(first, last + 1)))
     if step_s is None:
         return ()
     now = step_s * 1e3
