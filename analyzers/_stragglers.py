@@ -45,6 +45,9 @@ import polars as pl
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._steps import _complete_collectives, _merged_ns
 
+#: The class of a straggler that ended within ``transient_steps`` of its start.
+HICCUP_CLASS = "transient straggler"
+
 
 def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
     """Per (rank, step), clock-free wait and last arrivals.
@@ -424,7 +427,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         if not on_time.is_empty() and on_time.height < groups.height:
             continue  # late to some groups only: delayed by another group's transfers
         findings.append(Finding(
-            kind="straggler", cls="transient straggler" if transient else "compute straggler",
+            kind="straggler", cls=HICCUP_CLASS if transient else "compute straggler",
             ranks=(r["rank"],),
             hosts=(r["host"],) if r["host"] else (), since_step=since,
             detected_step=r["step"], until_step=until,
@@ -443,6 +446,17 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
 MIN_GAIN_SHARE = 0.05
 
 
+def split_hiccups(findings: tuple) -> tuple[tuple, tuple]:
+    """``(findings, hiccups)``: the transient stragglers (:data:`HICCUP_CLASS`, ended within a
+    few steps while the job went on) apart from the rest.
+
+    A rank that fell behind for a few steps and caught up (a page-cache flush, a scheduler
+    hiccup, a garbage collection) is nothing to act on; a report lists hiccups as a tally per
+    rank, so one that recurs still shows, and keeps the findings for what needs a person."""
+    hiccups = tuple(f for f in findings if f.kind == "straggler" and f.cls == HICCUP_CLASS)
+    return tuple(f for f in findings if f not in hiccups), hiccups
+
+
 def significant(findings: tuple, events: pl.DataFrame,
                 min_share: float = MIN_GAIN_SHARE) -> tuple:
     """``findings`` less the stragglers whose what-if gain is under ``min_share`` of the
@@ -458,6 +472,6 @@ def significant(findings: tuple, events: pl.DataFrame,
                  or f.gain_s_per_step >= min_share * step_s)
 
 
-__all__ = ["MIN_GAIN_SHARE", "compute_group_lateness", "compute_step_lateness",
-           "compute_straggler_scores", "significant",
-           "detect_stragglers"]
+__all__ = ["HICCUP_CLASS", "MIN_GAIN_SHARE", "compute_group_lateness",
+           "compute_step_lateness", "compute_straggler_scores", "detect_stragglers",
+           "significant", "split_hiccups"]

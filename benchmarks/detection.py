@@ -19,7 +19,9 @@ finding is held against the ground truth:
   included, and gives ``rank not running`` once the peers' agents outlive it by the hang
   analyzer's ``silent_s``; the class is checked and reported, not part of the culprit
   match); link -> kind ``slow_link`` whose hosts include the victim host; imbalance -> kind
-  ``imbalance`` naming the victim rank; none -> no finding at all.
+  ``imbalance`` naming the victim rank; none -> no finding at all. Hiccups (transient
+  stragglers: behind for a few steps, then caught up; ``analyze_job``'s ``hiccups``) are
+  listed per run, not scored: ``ringwatch analyze`` reports them apart from the findings.
 * a finding is a true positive (TP) when it has the expected kind and names the victim; a
   *wrong culprit* when it has the expected kind but does not; a false positive (FP)
   otherwise (every finding on a healthy run; a straggler, hang or link finding on an
@@ -203,6 +205,7 @@ def score_folder_run(source: Path, name: str, run_dir: Path, rec: dict | None,
     detail = score.to_dict()
     detail["findings"] = [{**f.to_dict(), **s} for f, s in zip(findings, detail["findings"],
                                                                 strict=True)]
+    detail["hiccups"] = report["hiccups"]  # transient stragglers: reported, not findings
     return {**out, "status": "scored", "step_marks": bool(marks), **detail, "_score": score}
 
 
@@ -297,7 +300,10 @@ def run_lines(records: list[dict]) -> list[str]:
             lat.append(f"{r['latency_steps']} it")
         if r["latency_s"] is not None:
             lat.append(f"{r['latency_s']:.2f} s")
-        out.append(head + f"victim {victim}: {fs}" + (f"  [{', '.join(lat)}]" if lat else ""))
+        hic = "; ".join(f"rank {h['ranks'][0]} steps {h['since_step']}-{h['until_step']}"
+                        for h in r.get("hiccups", ()))
+        out.append(head + f"victim {victim}: {fs}" + (f"  [{', '.join(lat)}]" if lat else "")
+                   + (f"  (hiccups: {hic})" if hic else ""))
     return out
 
 

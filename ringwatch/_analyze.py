@@ -84,7 +84,9 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
 
     Post-mortem (default) the stall of a hang is measured up to the agents' newest write;
     ``online`` measures it up to now. ``probe``: a ``ringwatch probe`` result (loaded JSON)
-    over the job's hosts, see :func:`with_probe`.
+    over the job's hosts, see :func:`with_probe`. Transient stragglers (ranks that fell
+    behind for a few steps and caught up) are ``hiccups``, apart from the findings
+    (:func:`~ringwatch.analyzers._stragglers.split_hiccups`).
     """
     events = job.events(include_pending=True, columns=list(ANALYZED_COLUMNS))
     seen = job.last_write_ns()
@@ -93,15 +95,18 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     else:
         now_ns = max(seen.values())
     from ringwatch.analyzers import estimate_clock_offsets
+    from ringwatch.analyzers._stragglers import split_hiccups
 
-    findings = analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s)
+    findings, hiccups = split_hiccups(
+        analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s))
     if probe is not None:
         findings = with_probe(findings, probe)
     clocks = [{"host": h, "offset_ns": o, "error_ns": e} for h, o, e in
               estimate_clock_offsets(events).select("host", "offset_ns", "error_ns").iter_rows()]
     return {"job_id": job.job_id, "path": str(job.path), "ranks": sorted(job.ranks),
             "collectives": events.height, "as_of_ns": now_ns, "clock_offsets": clocks,
-            "findings": [f.to_dict() for f in findings], "_findings": findings}
+            "findings": [f.to_dict() for f in findings], "_findings": findings,
+            "hiccups": [f.to_dict() for f in hiccups], "_hiccups": hiccups}
 
 
 def _when(ns: int | None) -> str:
@@ -124,7 +129,7 @@ def report_lines(report: dict) -> list[str]:
     findings = report["_findings"]
     if not findings:
         lines.append("no findings: no group is stuck, nobody is waited for")
-        return lines
+        return lines + hiccup_lines(report.get("_hiccups", ()))
     lines.append(f"{len(findings)} finding(s):")
     for f in findings:
         when = [f"confidence {f.confidence:.2f}"]
@@ -138,7 +143,25 @@ def report_lines(report: dict) -> list[str]:
             when.append(f"fixing it saves ~{f.gain_s_per_step * 1e3:.1f} ms per step")
         lines.append(f"  {f.headline()}  ({', '.join(when)})")
         lines += [f"      {e}" for e in f.evidence]
-    return lines
+    return lines + hiccup_lines(report.get("_hiccups", ()))
+
+
+def hiccup_lines(hiccups) -> list[str]:
+    """A tally per rank of the transient stragglers: how often, when, what they cost."""
+    if not hiccups:
+        return []
+    per_rank: dict[int, list] = {}
+    for f in hiccups:
+        per_rank.setdefault(f.ranks[0], []).append(f)
+    out = [f"{len(hiccups)} hiccup(s), ranks that fell behind for a few steps and caught up "
+           "(not findings; one that recurs is worth a look):"]
+    for rank, fs in sorted(per_rank.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        where = f" on {fs[0].hosts[0]}" if fs[0].hosts else ""
+        spans = ", ".join(f"steps {f.since_step}-{f.until_step}"
+                          + (f" (~{f.gain_s_per_step * 1e3:.1f} ms per step)"
+                             if f.gain_s_per_step is not None else "") for f in fs)
+        out.append(f"  rank {rank}{where}: {len(fs)}x, {spans}")
+    return out
 
 
 def cmd_analyze(args) -> int:

@@ -106,6 +106,21 @@ def test_a_brief_slowdown_is_not_persistent():
         ("compute straggler", 30, 32, 49)
 
 
+def test_a_hiccup_is_reported_apart_from_the_findings():
+    from ringwatch._analyze import report_lines
+    from ringwatch.analyzers._stragglers import split_hiccups
+
+    brief = detect_stragglers(_brief((30, 31, 32, 33)))  # 4 steps behind, then caught up
+    assert split_hiccups(brief) == ((), brief) and brief[0].until_step == 33
+    long = detect_stragglers(_brief(tuple(range(30, 50))))
+    assert split_hiccups(long) == (long, ())
+    report = {"job_id": "j", "ranks": [0, 1, 2, 3], "collectives": 720, "as_of_ns": None,
+              "_findings": (), "_hiccups": brief + brief}
+    lines = report_lines(report)
+    assert lines[1].startswith("no findings") and lines[2].startswith("2 hiccup(s)"), lines
+    assert lines[3].startswith("  rank 1 on host0: 2x, steps 30-33 (~"), lines
+
+
 def test_scores_rise_with_the_excess_and_reset_after():
     sc = compute_straggler_scores(compute_step_lateness(_brief((30, 31))))
     r1 = {r["step"]: r for r in sc.filter(sc["rank"] == 1).iter_rows(named=True)}
