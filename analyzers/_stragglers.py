@@ -410,11 +410,19 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         if r["_busy"]:
             since = start = min(since, first_busy)
         # It ends at its last late step before persist + 1 steps in a row without one;
-        # still on at the end of the data: until None.
-        ended = mine.filter((pl.col("step") > r["step"]) & (pl.col("hits") == 0))
-        until = None if ended.is_empty() else int(
-            mine.filter((pl.col("step") < ended["step"].min())
-                        & (pl.col("excess_ms") > slack * noise))["step"].max())
+        # still on at the end of the data: until None. Late: over the noise, or a busy step
+        # (a straggler named by its compute time may never have passed the noise), and
+        # never before the step that made it conclusive.
+        late = (pl.col("excess_ms") > slack * noise) | (pl.col("busy_run") >= 1)
+        ended = mine.sort("step").filter(
+            (pl.col("step") > r["step"])
+            & (late.cast(pl.Int32).rolling_sum(persist + 1, min_samples=1) == 0))
+        until = None
+        if not ended.is_empty():
+            last_late = mine.filter(
+                pl.col("step").is_between(r["step"], ended["step"].min() - 1) & late
+            )["step"].max()
+            until = r["step"] if last_late is None else int(last_late)
         # What it costs: its median delay over all it has shown (the first late steps may
         # be partial: the slowdown can land mid-step)
         run = mine.filter(pl.col("step").is_between(

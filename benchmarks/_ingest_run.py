@@ -260,6 +260,8 @@ def measure(pool: Pool, *, seconds: float, senders: int, window_s: float, warmup
             "idle_round_cpu_s": idle_cpu,
             "analysis_errors": m1.get(_ERRORS, 0), "bad_answers": dict(snd.bad),
             "failed_scrapes": svc.failed_scrapes,
+            # the service logs a failed analysis with its traceback: keep it to read
+            "service_log_tail": svc.output() if m1.get(_ERRORS, 0) else None,
         }
     finally:
         svc.stop()

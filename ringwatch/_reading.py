@@ -96,6 +96,10 @@ def interpret(events, truth: dict, nproc: int) -> Reading:
     if late is not None:
         peers = statistics.median(v for r, v in wait[phase].items() if r != late)
         if late != already:
+            split = _late_at_some_groups(finished, late, onset)
+            if split is not None:
+                lines.append(split)
+                return Reading("network", None, lines)
             was = statistics.median(v for r, v in wait["before"].items() if r != late)
             lines.append(
                 f"reading: rank {late} arrives last at {last['after'][late]:.0%} of collectives "
@@ -123,6 +127,26 @@ def interpret(events, truth: dict, nproc: int) -> Reading:
                  + (f"; rank {most} arrives last most often, at {last[phase][most]:.0%} of "
                     "collectives)" if most is not None else ")"))
     return Reading("none", None, lines)
+
+
+def _late_at_some_groups(finished, rank: int, onset: int) -> str | None:
+    """The reading when ``rank`` comes late since ``onset`` to some of its groups only (a
+    compute straggler is late at every group it is in): its transfers in another group got
+    slower, every member of that group alike, which makes it late to the rest; else None."""
+    from ringwatch.analyzers._stragglers import compute_group_lateness
+
+    last = finished["step"].max()
+    if last is None or last < onset:
+        return None
+    groups = compute_group_lateness(finished, [rank], onset, int(last))
+    late = groups.filter("late")["pg"].to_list()
+    on_time = groups.filter(~groups["late"])["pg"].to_list()
+    if not late or not on_time:
+        return None
+    return (f"reading: rank {rank} comes late since the onset, but only to group(s) "
+            f"{', '.join(map(str, late))}; in {', '.join(map(str, on_time))} every member "
+            "is slowed alike: those transfers got slower (network), and it is late to the "
+            "rest because of them")
 
 
 def _phases_ms(phases) -> dict[str, dict[int, float]]:

@@ -205,3 +205,17 @@ def test_tied_suspects_stay_tied_when_no_other_group_slowed():
     assert f.hosts == ("host1", "host3")
     assert any("ringwatch probe` over host1, host3" in e for e in f.evidence)
     assert f.confidence <= 0.5
+
+
+def test_the_demo_reading_tells_a_slow_link_from_a_straggler():
+    from ringwatch._reading import interpret
+
+    # ranks 0-3 reach their dp all-reduce late because tp0 crosses the slow host: a rank
+    # late to some of its groups only is read as the network, not as a straggler
+    link = interpret(job(LAYERED, slow_hosts=("host1",), chain=True),
+                     {"kind": "link", "onset_step": 20}, 8)
+    assert (link.verdict, link.rank) == ("network", None), link.lines
+    assert "only to group(s) dp" in link.lines[-1] and "tp0" in link.lines[-1]
+    late = interpret(job(LAYERED, late=5, late_ms=30, chain=True),
+                     {"kind": "straggler", "onset_step": 20}, 8)
+    assert (late.verdict, late.rank) == ("straggler", 5), late.lines

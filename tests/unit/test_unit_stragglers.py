@@ -145,16 +145,17 @@ def test_since_is_the_late_streak_not_an_earlier_blip():
     assert (f.since_step, f.detected_step) == (30, 32), f
 
 
-def busy_job(steps=50, *, onset=None, late=None, ranks=8, seed=0):
+def busy_job(steps=50, *, onset=None, late=None, ranks=8, seed=0, until=None):
     """A job whose noise is in its transfers, not its compute (as on a crowded machine): each
     step every rank computes 45-55 ms, then one all-reduce that every rank leaves 5-45 ms
     after the last arrival (uniform), and its next step starts when it left. From ``onset``
-    rank ``late`` computes 80-90 ms: it comes last by about the job's noise."""
+    rank ``late`` computes 80-90 ms: it comes last by about the job's noise (up to step
+    ``until``, excluded, when given)."""
     rng = random.Random(seed)
     rows, t = [], dict.fromkeys(range(ranks), 0)
     for step in range(steps):
         compute = {r: rng.uniform(45, 55) for r in range(ranks)}
-        if late is not None and step >= onset:
+        if late is not None and step >= onset and (until is None or step < until):
             compute[late] = rng.uniform(80, 90)
         starts = {r: t[r] + int(c * MS) for r, c in compute.items()}
         last = max(starts.values())
@@ -191,6 +192,18 @@ def test_a_rank_late_while_computing_longer_is_named_before_the_sum_passes():
     assert (f.ranks, f.cls, f.since_step, f.detected_step) == ((5,), "compute straggler", 30,
                                                                32), f
     assert any("outside collectives" in e and "it computes longer" in e for e in f.evidence)
+
+
+def test_a_straggler_named_by_its_compute_time_ends_when_it_stops_being_late():
+    # Late from step 30 to 37 by about the job's noise: named by its compute time. With the
+    # noise taken larger (an online window's frozen baseline), its excess never passes it:
+    # the busy steps alone say when it ended (this used to crash, or end it before it was
+    # named).
+    ev = busy_job(onset=30, late=5, until=38)
+    for noise_ms in (None, 50.0, 200.0):
+        (f,) = detect_stragglers(ev, noise_ms=noise_ms)
+        assert (f.ranks, f.since_step, f.detected_step, f.until_step) == ((5,), 30, 32, 37), f
+        assert f.cls == "compute straggler" and f.gain_s_per_step > 0
 
 
 def test_a_noisy_healthy_job_has_no_busy_straggler():
