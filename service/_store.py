@@ -36,12 +36,16 @@ def identity_key(job: str, f: Finding) -> tuple:
     carries no identity). ``seq`` is never part of it, so a hang that moves on to another
     collective number (or is re-reported at the same one) keeps its key. A slow link is keyed
     by ``(job, "slow_link", hosts)`` only: its ranks, group and class follow whichever groups
-    are slow in the window, the suspect hosts are what it is about.
+    are slow in the window, the suspect hosts are what it is about. A straggler is keyed
+    without its class: one that ends within a few steps turns from ``compute straggler`` into
+    ``transient straggler`` (a hiccup) as it ends, and that report must resolve it, not open
+    a second finding.
     """
     hosts = tuple(sorted(set(f.hosts)))
     if f.kind == "slow_link":
         return (job, f.kind, hosts)
-    return (job, f.kind, f.cls, tuple(sorted(set(f.ranks))), hosts, f.pg)
+    cls = None if f.kind == "straggler" else f.cls
+    return (job, f.kind, cls, tuple(sorted(set(f.ranks))), hosts, f.pg)
 
 
 def _number(tid: str) -> int:

@@ -23,8 +23,8 @@ def hang(seq: int = 7, ranks=(1,), pg: str = "0", **kw) -> Finding:
                    seq=seq, confidence=0.9, since_ns=1, evidence=("rank 1 missing",), **kw)
 
 
-def straggler(rank: int = 3, **kw) -> Finding:
-    return Finding(kind="straggler", cls="compute straggler", ranks=(rank,), hosts=("h2",),
+def straggler(rank: int = 3, cls: str = "compute straggler", **kw) -> Finding:
+    return Finding(kind="straggler", cls=cls, ranks=(rank,), hosts=("h2",),
                    local_ranks=(None,), since_step=10, gain_s_per_step=0.25, **kw)
 
 
@@ -92,6 +92,16 @@ def test_until_step_resolves_at_once(clock):
     # A later episode of the same rank is a new occurrence.
     later = replace(straggler(), since_step=90, until_step=95)
     assert whats(store.update("j", [later])) == ["opened", "resolved"]
+
+
+def test_a_straggler_that_ends_as_a_hiccup_resolves_the_open_one(clock):
+    store = FindingsStore(None, clock=clock)
+    (o,) = store.update("j", [straggler()])
+    # it ends within a few steps: the analyzer now calls it transient, with its end
+    (res,) = store.update("j", [straggler(cls="transient straggler", until_step=14)])
+    assert (res.what, res.tracked.id) == ("resolved", o.tracked.id)
+    assert res.tracked.finding.cls == "transient straggler"
+    assert store.current("j", state="open") == [] and len(store.current("j")) == 1
 
 
 def test_hang_keeps_its_id_while_seq_moves(clock):
