@@ -46,15 +46,21 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
         (sum of their transfer times: the shortest member duration of each) and ``MBps``
         (``bytes / transfer_ns`` in MB/s); sorted by pg then step.
     """
-    df = events.filter((pl.col("status") == "ok") & pl.col("step").is_not_null()
-                       & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") > 0))
-    df = _complete_collectives(df, pl.col("duration_ns").min().alias("_xfer"),
-                               pl.col("host").unique().sort().str.join(",").alias("_hosts"))
+    # Only the columns used: every filter of the full-width frame copies all of them.
+    df = events.select("pg", "seq", "is_p2p", "pg_size", "pg_ranks", "group_rank", "host",
+                       "step", "status", "nbytes", "duration_ns").filter(
+        (pl.col("status") == "ok") & pl.col("step").is_not_null()
+        & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") > 0))
+    df = _complete_collectives(df, pl.col("duration_ns").min().alias("_xfer"))
+    # Every member recorded each of these collectives, so a group's hosts are the same for
+    # all of them: once per group, not a string per row.
+    hosts = df.group_by("pg").agg(pl.col("host").unique().sort().str.join(",").alias("hosts"))
     per = (df.filter(pl.col("group_rank") == 0)  # one row per collective
            .group_by("pg", "step").agg(
-               pl.col("pg_ranks").first(), pl.col("_hosts").first().alias("hosts"),
+               pl.col("pg_ranks").first(),
                pl.len().alias("collectives"), pl.col("nbytes").sum().alias("bytes"),
-               pl.col("_xfer").sum().alias("transfer_ns")))
+               pl.col("_xfer").sum().alias("transfer_ns"))
+           .join(hosts, on="pg", how="left"))
     return per.with_columns(
         (pl.col("bytes") / pl.col("transfer_ns").clip(lower_bound=1) * 1e3).alias("MBps"),
     ).select("pg", "pg_ranks", "hosts", "step", "collectives", "bytes", "transfer_ns",

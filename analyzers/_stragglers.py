@@ -70,11 +70,13 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
                       "mono_start_ns", "duration_ns")
         .filter((pl.col("status") == "ok") & pl.col("step").is_not_null()
                 & pl.col("duration_ns").is_not_null() & pl.col("mono_start_ns").is_not_null()),
-        pl.col("duration_ns").min().alias("_min"))
-    df = df.with_columns((pl.col("mono_start_ns") + pl.col("duration_ns") - pl.col("_min"))
-                         .alias("_wait_end"))
-    wait = _merged_ns(df.sort("rank", "step", "mono_start_ns"), "mono_start_ns", "_wait_end",
-                      ["rank", "step"]).rename({"merged_ns": "wait_ns"})
+        pl.col("duration_ns").min().alias("_min")
+    ).select("rank", "host", "step", "mono_start_ns", "duration_ns", "_min")
+    # the sort copies what it sorts: only the interval columns
+    wait = _merged_ns(df.select("rank", "step", "mono_start_ns", (
+        pl.col("mono_start_ns") + pl.col("duration_ns") - pl.col("_min")).alias("_wait_end")
+    ).sort("rank", "step", "mono_start_ns"), "mono_start_ns", "_wait_end",
+        ["rank", "step"]).rename({"merged_ns": "wait_ns"})
     per = df.group_by("rank", "step").agg(
         pl.col("host").first(), pl.len().alias("collectives"),
         (pl.col("duration_ns") == pl.col("_min")).sum().alias("last_arrivals"))

@@ -16,7 +16,8 @@ Cases, each run in a fresh Python process so that its peak memory (``ru_maxrss``
   ``analyze_events``: ``ringwatch analyze`` without its extras (clock offsets, a probe).
   The wall time counts from opening the logs to the findings.
 * ``postmortem-analyzed``: the same, reading only :data:`ANALYZED_COLUMNS` (the reader's
-  ``columns=``); its findings must equal the full read's.
+  ``columns=``) with the strings as categoricals (``categorical=True``), as ``ringwatch
+  analyze`` reads; its findings must equal the full read's.
 
 The injected culprits are checked against the findings and printed; a fault the analyzers do
 not find is reported as such (exit status 2), never tuned away: the generator is a scale
@@ -147,7 +148,9 @@ def child_postmortem(job_dir: str, columns: list[str] | None) -> dict:
 
     t0, c0 = time.perf_counter(), time.process_time()
     job = open_job(job_dir)
-    events = job.events(include_pending=True, columns=columns)
+    # the analyzed read is `ringwatch analyze`'s: its columns, strings as categoricals
+    events = job.events(include_pending=True, columns=columns,
+                        categorical=columns is not None)
     read_s, rss_read = time.perf_counter() - t0, _rss_mb()
     seen = job.last_write_ns()
     findings = analyze_events(events, now_ns=max(seen.values()), last_seen_ns=seen)

@@ -88,7 +88,8 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     behind for a few steps and caught up) are ``hiccups``, apart from the findings
     (:func:`~ringwatch.analyzers._stragglers.split_hiccups`).
     """
-    events = job.events(include_pending=True, columns=list(ANALYZED_COLUMNS))
+    events = job.events(include_pending=True, columns=list(ANALYZED_COLUMNS),
+                        categorical=True)
     seen = job.last_write_ns()
     if online or not seen:
         now_ns = time.time_ns()

@@ -58,6 +58,22 @@ def _one_chunk(columns: list):
     return pl.DataFrame(out)
 
 
+def _string_columns(columns) -> list[str]:
+    import polars as pl
+
+    schema = polars_schema()
+    return [c for c in columns if schema.get(c) == pl.String]
+
+
+def _as_categorical(df, categorical: bool):
+    """``df`` with its string columns of the schema as ``pl.Categorical`` (when asked)."""
+    import polars as pl
+
+    if not categorical:
+        return df
+    return df.with_columns(pl.col(_string_columns(df.columns)).cast(pl.Categorical))
+
+
 def select_segments(names: list[str]) -> list[str]:
     """The segment files to read among ``names``: widest ranges first, none overlapping.
 
@@ -197,7 +213,8 @@ class JobLogs:
             return df.rechunk()  # in order, no row twice: what unique + sort would give
         return df.unique("idx", keep="first").sort("idx")
 
-    def events(self, *, include_pending: bool = True, columns: list[str] | None = None):
+    def events(self, *, include_pending: bool = True, columns: list[str] | None = None,
+               categorical: bool = False):
         """All ranks' rows, by (rank, idx).
 
         Args:
@@ -205,21 +222,26 @@ class JobLogs:
             columns: Read only these columns of the schema (and ``rank``, ``idx``), in the
                 schema's order; None reads them all. Fewer columns, less memory: a
                 post-mortem pass over millions of rows reads what its analyzers use.
+            categorical: The string columns (host, pg, op, ...) as ``pl.Categorical``, cast
+                as they are read: a few hundred distinct values over millions of rows, 4
+                bytes a cell instead of a string view, and cheaper to group and join on.
 
         Raises:
             ValueError: ``columns`` names a column the schema does not have.
         """
         import polars as pl
 
-        fast = self._read_all(include_pending, self._columns(columns))
+        fast = self._read_all(include_pending, self._columns(columns), categorical)
         if fast is not None:
             return fast
-        frames = [self.rank_events(r, include_pending=include_pending, columns=columns)
+        frames = [_as_categorical(self.rank_events(r, include_pending=include_pending,
+                                                   columns=columns), categorical)
                   for r in self.ranks]
         if not frames:
             cols = self._columns(columns)
-            return pl.DataFrame(schema={c: t for c, t in polars_schema().items()
-                                        if cols is None or c in cols})
+            return _as_categorical(pl.DataFrame(schema={
+                c: t for c, t in polars_schema().items() if cols is None or c in cols}),
+                categorical)
         df = pl.concat(frames, how="vertical")
         del frames
         if _increasing(df, "rank", "idx"):
@@ -230,7 +252,8 @@ class JobLogs:
             return _one_chunk(columns)
         return df.sort("rank", "idx")
 
-    def _read_all(self, include_pending: bool, cols: tuple[str, ...] | None):
+    def _read_all(self, include_pending: bool, cols: tuple[str, ...] | None,
+                  categorical: bool = False):
         """:meth:`events` in one read of every file, or None where it might differ.
 
         Reading file by file costs a few ms each, and a job of thousands of ranks has
@@ -262,11 +285,16 @@ class JobLogs:
                 version = pl.read_parquet_metadata(path).get("ringwatch_schema_version")
                 if version is None or _major(version) != _major(SCHEMA_VERSION):
                     return None
-            df = (pl.scan_parquet(files, include_file_paths="_path", glob=False)
-                  .select(*want, "_path").collect())
+            scan = pl.scan_parquet(files, include_file_paths="_path", glob=False).select(
+                *want, "_path")
+            if categorical:
+                scan = scan.with_columns(pl.col(_string_columns(want)).cast(pl.Categorical))
+            df = scan.collect()
         except Exception:  # noqa: BLE001 - the per-rank path reads them one by one, reports
             return None
-        if list(df.schema.items())[:-1] != [(c, schema[c]) for c in want]:
+        expect = _as_categorical(pl.DataFrame(schema={c: schema[c] for c in want}),
+                                 categorical).schema
+        if list(df.schema.items())[:-1] != list(expect.items()):
             return None
         if not _increasing(df, "rank", "idx"):
             return None
