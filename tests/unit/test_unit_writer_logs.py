@@ -370,6 +370,31 @@ def test_events_of_several_ranks_sorted_by_rank_then_idx(tmp_path):
     assert job.rank_events(1)["rank"].unique().to_list() == [1]
 
 
+def test_events_with_categorical_strings_hold_the_same_rows(tmp_path, monkeypatch):
+    import polars as pl
+
+    from ringwatch._logs import JobLogs
+
+    for rk in (1, 0):
+        r = Rank(tmp_path, rk)
+        r.run(3)
+        r.flush()
+    job = open_job(tmp_path)
+    plain = job.events()
+    cols = ["host", "pg", "op", "seq", "status"]
+    for fast in (True, False):  # one read of every file, and the per-rank path
+        if not fast:
+            monkeypatch.setattr(JobLogs, "_read_all", lambda *a, **k: None)
+        cat = job.events(categorical=True)
+        strings = [c for c, t in plain.schema.items() if t == pl.String]
+        assert {"host", "pg", "op", "status"} <= set(strings)
+        assert all(cat[c].dtype == pl.Categorical for c in strings), cat.schema
+        assert cat.with_columns(pl.col(strings).cast(pl.String)).equals(plain)
+        part = job.events(columns=cols, categorical=True)
+        assert part.columns == [c for c in plain.columns if c in {"rank", "idx", *cols}]
+        assert part["op"].dtype == pl.Categorical and part["seq"].dtype == plain["seq"].dtype
+
+
 def test_rank_dirs_ignores_other_entries(tmp_path):
     (tmp_path / "rank-00000").mkdir()
     (tmp_path / "rank-00012").mkdir()
