@@ -25,6 +25,8 @@ SERVICE_METRICS = {
     "ringwatch_hang_suspect": ("gauge", "Confidence that a rank holds its group in a hang."),
     "ringwatch_link_suspect": ("gauge", "Confidence that a host's links are slow."),
     "ringwatch_whatif_gain_seconds": ("gauge", "Seconds per step fixing a finding would save."),
+    "ringwatch_straggler_hiccups_total": ("counter", "Transient stragglers per rank: late for "
+                                          "a few steps, then caught up."),
     "ringwatch_serve_analysis_lag_seconds": ("gauge", "Age of a job's newest push at its "
                                              "last analysis."),
     "ringwatch_serve_analysis_seconds": ("gauge", "Duration of a job's last analysis."),
@@ -89,6 +91,9 @@ class ServiceCollector:
             fam("ringwatch_serve_analysis_lag_seconds", ["job"]).add_metric([job], lag)
         for job, took in dict(s.last_round_s).items():
             fam("ringwatch_serve_analysis_seconds", ["job"]).add_metric([job], took)
+        for (job, rank, host), n in dict(s.hiccups).items():
+            fam("ringwatch_straggler_hiccups_total", ["job", "rank", "host"]).add_metric(
+                [job, str(rank), host], n)
         fam("ringwatch_serve_analysis_rounds_total", []).add_metric([], s.rounds)
         fam("ringwatch_serve_analysis_errors_total", []).add_metric([], s.analysis_errors)
         fam("ringwatch_serve_jobs", []).add_metric([], len(s.jobs.jobs))

@@ -74,6 +74,7 @@ class Service:
         self.stop_event = threading.Event()
         self.rounds = 0
         self.analysis_errors = 0
+        self.hiccups: dict[tuple[str, int, str], int] = {}  # (job, rank, host) -> count
         self.last_round_s: dict[str, float] = {}
         self.last_lag_s: dict[str, float] = {}
         self.live: dict = {}  # job -> LiveAnalysis (its online window)
@@ -119,12 +120,15 @@ class Service:
                                if t.finding.kind == "straggler"]
             findings = without_unplaced_links(findings, open_stragglers + [
                 f for f in findings if f.kind == "straggler"])
-            changes += self.store.update(job, findings, now_ns=now)
+            new = self.store.update(job, findings, now_ns=now)
+            self._count_hiccups(job, new)
+            changes += new
             self._superseded(job, findings)
             self.last_round_s[job] = time.perf_counter() - t0
             self.last_lag_s[job] = (now - jl.last_push_ns) / 1e9
         for gone in set(self.live) - set(self.jobs.jobs):
             del self.live[gone]  # a job the state dropped
+            self.hiccups = {k: n for k, n in self.hiccups.items() if k[0] != gone}
         changes += self.store.sweep(now_ns=self.clock.wall_ns())  # jobs that went quiet
         self.rounds += 1
         return changes
@@ -143,6 +147,17 @@ class Service:
                         and abs(s.since_step - f.since_step) <= 5):
                     self.store.resolve(t.id)
                     break
+
+    def _count_hiccups(self, job: str, changes) -> None:
+        """One more hiccup per rank for each transient straggler resolved in ``changes``."""
+        from ringwatch.analyzers._stragglers import HICCUP_CLASS
+
+        for c in changes:
+            f = c.tracked.finding
+            if c.what == "resolved" and f.kind == "straggler" and f.cls == HICCUP_CLASS:
+                for rank, host in zip(f.ranks, f.hosts or ("",) * len(f.ranks), strict=False):
+                    key = (job, rank, host)
+                    self.hiccups[key] = self.hiccups.get(key, 0) + 1
 
     def _loop(self) -> None:
         while not self.stop_event.wait(self.config.window_s):

@@ -151,3 +151,25 @@ def test_max_jobs_bounds_the_jobs_held():
     for i, job in enumerate(("a", "b", "c")):
         svc.jobs.ingest(_push(job, late_rank=None, steps=range(0, 3)), WALL + i)
     assert len(svc.jobs.jobs) == 2 and "c" in svc.jobs.jobs
+
+
+def test_a_hiccup_is_counted_per_rank_not_left_open():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ringwatch.service._api import ServiceCollector
+
+    svc = Service(ServiceConfig(state_dir=None))
+    # rank 1 late for steps 25-29 only, then on time again up to step 39
+    svc.jobs.ingest(_push("hic", late_rank=1, steps=range(0, 40), late_until=30), WALL)
+    svc.analyze_once()
+    assert svc.store.current("hic", state="open") == []
+    (t,) = svc.store.current("hic")
+    assert (t.finding.cls, t.finding.ranks, t.state) == ("transient straggler", (1,),
+                                                         "resolved")
+    assert svc.hiccups == {("hic", 1, "host0"): 1}
+    svc.analyze_once()  # the same ended episode seen again: not counted twice
+    assert svc.hiccups == {("hic", 1, "host0"): 1}
+    reg = CollectorRegistry()
+    reg.register(ServiceCollector(svc))
+    text = generate_latest(reg).decode()
+    assert 'ringwatch_straggler_hiccups_total{host="host0",job="hic",rank="1"} 1.0' in text
