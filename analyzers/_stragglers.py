@@ -416,7 +416,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         # (a straggler named by its compute time may never have passed the noise), and
         # never before the step that made it conclusive.
         late = (pl.col("excess_ms") > slack * noise) | (pl.col("busy_run") >= 1)
-        ended = mine.sort("step").filter(
+        ended = mine.filter(
             (pl.col("step") > r["step"])
             & (late.cast(pl.Int32).rolling_sum(persist + 1, min_samples=1) == 0))
         until = None
@@ -463,8 +463,13 @@ def split_hiccups(findings: tuple) -> tuple[tuple, tuple]:
     A rank that fell behind for a few steps and caught up (a page-cache flush, a scheduler
     hiccup, a garbage collection) is nothing to act on; a report lists hiccups as a tally per
     rank, so one that recurs still shows, and keeps the findings for what needs a person."""
-    hiccups = tuple(f for f in findings if f.kind == "straggler" and f.cls == HICCUP_CLASS)
-    return tuple(f for f in findings if f not in hiccups), hiccups
+    return (tuple(f for f in findings if not is_hiccup(f)),
+            tuple(f for f in findings if is_hiccup(f)))
+
+
+def is_hiccup(f: Finding) -> bool:
+    """Whether ``f`` is a transient straggler (:data:`HICCUP_CLASS`)."""
+    return f.kind == "straggler" and f.cls == HICCUP_CLASS
 
 
 def significant(findings: tuple, events: pl.DataFrame,
@@ -484,4 +489,4 @@ def significant(findings: tuple, events: pl.DataFrame,
 
 __all__ = ["HICCUP_CLASS", "MIN_GAIN_SHARE", "compute_group_lateness",
            "compute_step_lateness", "compute_straggler_scores", "detect_stragglers",
-           "significant", "split_hiccups"]
+           "is_hiccup", "significant", "split_hiccups"]

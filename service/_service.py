@@ -150,14 +150,13 @@ class Service:
 
     def _count_hiccups(self, job: str, changes) -> None:
         """One more hiccup per rank for each transient straggler resolved in ``changes``."""
-        from ringwatch.analyzers._stragglers import HICCUP_CLASS
+        from ringwatch.analyzers._stragglers import is_hiccup
 
         for c in changes:
             f = c.tracked.finding
-            if c.what == "resolved" and f.kind == "straggler" and f.cls == HICCUP_CLASS:
-                for rank, host in zip(f.ranks, f.hosts or ("",) * len(f.ranks), strict=False):
-                    key = (job, rank, host)
-                    self.hiccups[key] = self.hiccups.get(key, 0) + 1
+            if c.what == "resolved" and is_hiccup(f):  # a straggler: one rank, its host
+                key = (job, f.ranks[0], f.hosts[0] if f.hosts else "")
+                self.hiccups[key] = self.hiccups.get(key, 0) + 1
 
     def _loop(self) -> None:
         while not self.stop_event.wait(self.config.window_s):
