@@ -1,32 +1,17 @@
-"""In-process capture of collectives (``ringwatch.agent``).
+"""ringwatch's per-node agent, in two parts that run in different places.
 
-Public names: :func:`attach`, :func:`detach`, :func:`mark_step`. Importing this package does
-not import torch; the names load their implementation on first use.
+* :mod:`ringwatch.agent.capture`: the in-process capture, loaded into every training or serving
+  process (by ``ringwatch.attach()`` or ``ringwatch run``): the collective hooks, the recorder
+  and the background writer of the per-rank logs.
+* :mod:`ringwatch.agent.sidecar`: the node sidecar (``ringwatch agent``), a process of its own
+  beside the job: NVML, host and NIC counters, the ranks' log summaries, ``/metrics`` and OTLP.
+
+Public names (the capture's): :func:`attach`, :func:`detach`, :func:`mark_step`. Importing this
+package imports neither torch nor anything of the sidecar.
 """
 
 from __future__ import annotations
 
-
-def attach(**kwargs) -> bool:
-    """See :func:`ringwatch.agent._attach.attach`."""
-    from ringwatch.agent._attach import attach as _attach
-
-    return _attach(**kwargs)
-
-
-def detach() -> None:
-    """See :func:`ringwatch.agent._attach.detach`."""
-    from ringwatch.agent._attach import detach as _detach
-
-    _detach()
-
-
-def mark_step(step: int | None = None) -> int | None:
-    """See :func:`ringwatch.agent._attach.mark_step`."""
-    from ringwatch.agent._state import STATE
-
-    rec = STATE.recorder
-    return None if rec is None else rec.mark_step(step)
-
+from ringwatch.agent.capture import attach, detach, mark_step
 
 __all__ = ["attach", "detach", "mark_step"]

@@ -25,7 +25,7 @@ from ringwatch._schema import API_BACKFILL, parse_ranks
 _BYTES_IN_OPS = ("gather",)
 _BYTES_OUT_OPS = ("scatter",)
 _UNCOMPARED_OPS = ("all_to_all", "all_to_all_single", "unknown")
-# Ops that take several collective numbers (see ringwatch.agent._pg_hooks): the numbers just
+# Ops that take several collective numbers (see ringwatch.agent.capture._pg_hooks): the numbers just
 # below such an op's own are not holes.
 SEQ_WIDTH = {"monitored_barrier": 2}
 # Ops the Flight Recorder never lists.
@@ -253,8 +253,11 @@ def compare_flight_recorder(rank_events: pl.DataFrame, dump: dict) -> FrComparis
         if fams_fr != fams_rw and not aliased:
             mismatches.append(f"pg {key[0]} seq {key[1]}: op {fams_rw} vs recorder {fams_fr}")
             continue
+        sizes = [r["nbytes_in"] for r in rw[key] if r["nbytes_in"] is not None]
+        if not sizes:
+            continue  # sizes unknown to ringwatch: an op only the NCCL completion hook saw
         b_fr = sum(e.nbytes_in for e in fr[key])
-        b_rw = sum(r["nbytes_in"] or 0 for r in rw[key])
+        b_rw = sum(sizes)
         if b_fr != b_rw and "barrier" not in fams_rw:
             mismatches.append(f"pg {key[0]} seq {key[1]}: {b_rw} B in vs recorder {b_fr} B")
     live = common & set(rw_order)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ringwatch._schema import format_ranks
-from ringwatch.agent._node_state import NodeState
-from ringwatch.agent._otlp_export import metrics_data
-from ringwatch.agent._points import PUSH_STEPS, collect_points
-from ringwatch.agent._rank_tail import OpTotals, RankSummary, StepTotals
+from ringwatch.agent.sidecar._node_state import NodeState
+from ringwatch.agent.sidecar._otlp_export import metrics_data
+from ringwatch.agent.sidecar._points import PUSH_STEPS, collect_points
+from ringwatch.agent.sidecar._rank_tail import OpTotals, RankSummary, StepTotals
 
 JOB = "bench-job"
 STEP0 = 100_000  # first step of the simulated job; labels stay 6 digits wide

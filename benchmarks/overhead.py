@@ -46,6 +46,9 @@ Two measurements, taken side by side in one run.
     out, the mean (in the JSON) keeps it. One
     untimed round first warms up the hooks, the profiler and Gloo. The recorded rows (ringwatch)
     and profiler events are counted so that both arms are known to have seen every call.
+    ``--hook-backend nccl --hook-world N`` runs (b) on NCCL instead: one rank per GPU, a
+    1-float CUDA tensor, each block closed by ``torch.cuda.synchronize()`` (the CPU figures
+    are then the launch path: PyTorch's, NCCL's enqueue, and ringwatch's hooks).
 
 Run ``python benchmarks/overhead.py --help`` for the knobs; ``--quick`` is a smoke run.
 """
@@ -309,6 +312,10 @@ def _block(op: str, k: int, t, dist) -> tuple[int, int, int]:
             dist.broadcast(t, src=0)
     else:
         raise ValueError(op)
+    if t.is_cuda:  # the block ends when the GPU is done (CPU time stays the launch cost)
+        import torch
+
+        torch.cuda.synchronize(t.device)
     return (time.perf_counter_ns() - w0, time.process_time_ns() - p0,
             time.thread_time_ns() - t0)
 
@@ -344,9 +351,15 @@ def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> No
     import ringwatch
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if cfg["backend"] == "nccl":
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world,
+                                device_id=torch.device("cuda", rank))
+        t = torch.zeros(1, device="cuda")
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        t = torch.zeros(1)  # sums of zeros stay zero: every call does the same work
     k, rounds = cfg["k"], cfg["rounds"]
-    t = torch.zeros(1)  # sums of zeros stay zero: every call does the same work
     times = {a: {op: [] for op in HOOK_OPS} for a in HOOK_ARMS}
     prof_counts: list[dict[str, int]] = []
     log_root = Path(out_dir) / "logs"
@@ -397,10 +410,10 @@ def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> No
 def hook_cost(args, scratch: Path, say) -> dict:
     import torch.multiprocessing as mp
 
-    world = 2
-    cfg = {"k": args.k, "rounds": args.rounds}
-    say(f"(b) hook cost: {world} Gloo ranks, {args.rounds} rounds x {len(HOOK_ARMS)} arms x "
-        f"{len(HOOK_OPS)} ops, blocks of {args.k} calls (+1 warm-up round)")
+    world = args.hook_world
+    cfg = {"k": args.k, "rounds": args.rounds, "backend": args.hook_backend}
+    say(f"(b) hook cost: {world} {args.hook_backend} ranks, {args.rounds} rounds x "
+        f"{len(HOOK_ARMS)} arms x {len(HOOK_OPS)} ops, blocks of {args.k} calls (+1 warm-up round)")
     out_dir = Path(tempfile.mkdtemp(prefix="hook-", dir=scratch))
     try:
         t0 = time.perf_counter()
@@ -517,6 +530,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"(default {FULL['rounds']})")
     h.add_argument("--k", type=int, help=f"calls per timed block (default {FULL['k']})")
     h.add_argument("--skip-hook", action="store_true", help="skip (b)")
+    h.add_argument("--hook-backend", choices=("gloo", "nccl"), default="gloo",
+                   help="gloo (CPU tensors, the default) or nccl (a CUDA tensor per rank, "
+                   "GPU = rank)")
+    h.add_argument("--hook-world", type=int, default=2, help="ranks of (b) (default 2; one "
+                   "per GPU on nccl)")
     p.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     args = p.parse_args(argv)
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -565,7 +583,7 @@ def main(argv=None) -> int:
     if "hook_cost" in results:
         res = results["hook_cost"]
         c = res["config"]
-        print(f"(b) cost per collective, {c['world']}-rank Gloo, 1-float tensor, "
+        print(f"(b) cost per collective, {c['world']}-rank {c['backend']}, 1-float tensor, "
               f"{c['rounds']} rounds of {c['k']} calls")
         print("\n".join(hook_table(res)))
         if "step_overhead" in results:

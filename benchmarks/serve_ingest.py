@@ -12,8 +12,8 @@ agent's own code path from its state to the wire: a :class:`NodeState` holding, 
 :class:`RankSummary` (per-(group, op) totals, sequence frontier, step, log age) with the
 :class:`StepTotals` of its last finished steps, plus by default the node's 8 GPUs and its host
 reading (synthetic values, the shapes of ``collectors/_synthetic.py``), turned into points by
-``agent._points.collect_points``, into the SDK's ``MetricsData`` by
-``agent._otlp_export.metrics_data`` and into bytes by the SDK's ``encode_metrics`` ->
+``agent.sidecar._points.collect_points``, into the SDK's ``MetricsData`` by
+``agent.sidecar._otlp_export.metrics_data`` and into bytes by the SDK's ``encode_metrics`` ->
 ``SerializeToString()``: what ``OtlpPusher`` posts. The job has ``--ranks-per-node`` (8) ranks
 per node and two groups per rank, each with its own process-group name as torch gives them: a
 tensor-parallel group of the node's ranks (``0-7``) and a data-parallel group of the ranks with
@@ -87,7 +87,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ringwatch.agent._points import PUSH_STEPS
+from ringwatch.agent.sidecar._points import PUSH_STEPS
 
 from _ingest_load import Layout, Pool, build_pool
 from _ingest_run import measure

@@ -22,7 +22,7 @@ Faults, both optional:
 
 Everything is vectorised over ranks (one numpy pass per collective slot), so ten million rows
 take seconds. :func:`write_logs` lays a job out on disk as the agent does
-(``ringwatch.agent._writer``): ``<log_dir>/<job_id>/rank-NNNNN/`` with compacted segment
+(``ringwatch.agent.capture._writer``): ``<log_dir>/<job_id>/rank-NNNNN/`` with compacted segment
 files, ``pending.parquet`` for the rows in flight and ``meta.json`` with the heartbeat.
 """
 
@@ -41,7 +41,7 @@ from ringwatch._version import __version__
 
 # The writer's own helpers, so the files are byte-for-byte what an agent writes (zstd, the
 # schema-version key in the Parquet metadata, the rank folder's name).
-from ringwatch.agent._writer import _write_atomic, rank_dir
+from ringwatch.agent.capture._writer import _write_atomic, rank_dir
 
 MS = 1_000_000
 WORLD, TP = 0, 1  # slot kinds

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--result", metavar="FILE", help="rank 0 writes its JSON summary here")
     p.add_argument("--python-hook", action="store_true",
                    help="register PyTorch's Python allreduce comm hook (a cost reference)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (Gloo, the default) or cuda (NCCL, one GPU per rank: LOCAL_RANK)")
     return p.parse_args(argv)
 
 
@@ -112,7 +114,7 @@ def _slow_down(signum, frame) -> None:
     _SLOW.set()
 
 
-def _extra_work(args, factor: float):
+def _extra_work(args, factor: float, device="cpu"):
     """More compute by design for one rank: forward and backward of a local MLP like the plain
     model's, on ``(factor - 1) * batch`` samples, with no collective (the step's collectives stay
     the same on every rank)."""
@@ -121,11 +123,11 @@ def _extra_work(args, factor: float):
     layers = []
     for _ in range(args.layers):
         layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
-    local = torch.nn.Sequential(*layers)
+    local = torch.nn.Sequential(*layers).to(device)
     rows = max(1, round((factor - 1) * args.batch))
 
     def run() -> None:
-        local(torch.randn(rows, args.width)).square().mean().backward()
+        local(torch.randn(rows, args.width, device=device)).square().mean().backward()
         local.zero_grad(set_to_none=True)
 
     return run
@@ -162,14 +164,18 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGUSR1, _block_forever)
     signal.signal(signal.SIGUSR2, _slow_down)
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo")
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % args.tp:
         raise SystemExit(f"--tp {args.tp} does not divide world size {world}")
     if args.tp > 1:
         tp_group, dp_group = _groups(world, args.tp)
         torch.manual_seed(rank % args.tp)  # a tp shard is the same on all its dp replicas
-        model = DDP(_tp_blocks(args, tp_group, args.tp), process_group=dp_group,
+        model = DDP(_tp_blocks(args, tp_group, args.tp).to(device), process_group=dp_group,
                     bucket_cap_mb=args.bucket_cap_mb)
         data_seed = rank // args.tp  # the members of a tp group see the same samples
     else:
@@ -177,7 +183,7 @@ def main(argv=None) -> int:
         layers = []
         for _ in range(args.layers):
             layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
-        model = DDP(torch.nn.Sequential(*layers), bucket_cap_mb=args.bucket_cap_mb)
+        model = DDP(torch.nn.Sequential(*layers).to(device), bucket_cap_mb=args.bucket_cap_mb)
         data_seed = rank
     if args.python_hook:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -188,7 +194,7 @@ def main(argv=None) -> int:
     extra = None
     sleep_s = args.step_sleep_ms / 1e3
     if rank == args.extra_work_rank and args.extra_work_factor > 1:
-        extra = _extra_work(args, args.extra_work_factor)
+        extra = _extra_work(args, args.extra_work_factor, device)
         sleep_s *= args.extra_work_factor  # its host-side work grows alike
     slowed = False
     marks = None
@@ -204,19 +210,21 @@ def main(argv=None) -> int:
             slowed = True
             if marks is not None:  # the first step that runs slowed: the fault's effect
                 marks.write(f"slowed\t{step}\n")
-            more = _extra_work(args, args.slowdown_factor)
+            more = _extra_work(args, args.slowdown_factor, device)
             extra = more if extra is None else (lambda a=extra, b=more: (a(), b()))
             sleep_s *= args.slowdown_factor
         t0 = time.perf_counter()
         if extra is not None:
             extra()  # before the forward: this step's gradient buckets go out late
-        x = torch.randn(args.batch, args.width, generator=gen)
+        x = torch.randn(args.batch, args.width, generator=gen).to(device)
         loss = model(x).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sleep_s:
             time.sleep(sleep_s)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a step's time is the GPU's, not its launch's
         step_s.append(time.perf_counter() - t0)
     if marks is not None:
         marks.write(f"{args.steps}\t{time.time_ns()}\n")

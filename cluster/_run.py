@@ -227,7 +227,7 @@ class Cluster:
         base = dict(os.environ)
         base.update(spec.env)
         if spec.attach:
-            from ringwatch.agent._launch import child_env
+            from ringwatch.agent.capture._launch import child_env
 
             cfg = CaptureConfig.from_env(log_dir=self.log_dir, job_id=self.job_id,
                                          flush_interval_s=spec.flush_interval_s)

@@ -37,7 +37,7 @@ def _config(args):
 def cmd_run(args) -> int:
     from ringwatch._logs import open_job
     from ringwatch._summary import summary_lines
-    from ringwatch.agent._launch import jobs_since, run_command
+    from ringwatch.agent.capture._launch import jobs_since, run_command
 
     cmd = list(args.command)
     if cmd and cmd[0] == "--":
@@ -131,7 +131,7 @@ def cmd_cluster(args) -> int:
 
 def cmd_agent(args) -> int:
     from ringwatch._config import AgentConfig, parse_headers
-    from ringwatch.agent._agent_main import run_agent
+    from ringwatch.agent.sidecar._main import run_agent
 
     cfg = AgentConfig.from_env(
         fast_interval_s=args.fast_interval_s, slow_interval_s=args.slow_interval_s,

@@ -89,8 +89,8 @@ def _start_live(log_dir: Path, nproc: int):
     ports, and the node agent pushing to it every second (``nproc`` synthetic GPUs replayed,
     labelled so: this machine may have none; the ranks' summaries from their logs)."""
     from ringwatch._config import AgentConfig
-    from ringwatch.agent._agent_main import build_sidecar
-    from ringwatch.agent._prom_export import build_registry, serve_metrics
+    from ringwatch.agent.sidecar._main import build_sidecar
+    from ringwatch.agent.sidecar._prom_export import build_registry, serve_metrics
     from ringwatch.service._service import Service, ServiceConfig
 
     service = Service(ServiceConfig(otlp_listen="127.0.0.1:0", api_listen="127.0.0.1:0",
@@ -129,7 +129,7 @@ class LiveVerdict:
 
 
 def _agent_lines(sidecar, server) -> list[str]:
-    from ringwatch.agent._points import collect_points
+    from ringwatch.agent.sidecar._points import collect_points
 
     sidecar.read_logs()
     pts = collect_points(sidecar.state)

@@ -1,4 +1,4 @@
-"""Read the per-rank logs the agent writes (layout: :mod:`ringwatch.agent._writer`).
+"""Read the per-rank logs the agent writes (layout: :mod:`ringwatch.agent.capture._writer`).
 
 A job's folder is ``LOG_DIR/<job_id>/`` with one ``rank-<RANK>/`` folder per rank. Each rank's
 rows come from its segments (the widest non-overlapping ranges, so a crash during compaction

@@ -72,7 +72,7 @@ class MetricSpec:
         kind: :data:`COUNTER` (cumulative, monotonic) or :data:`GAUGE`.
         unit: UCUM unit for OpenTelemetry (``J``, ``W``, ``s``, ``By``, ``Hz``, ``Cel``, ``1``).
         help: One sentence for ``# HELP`` and the OTel description.
-        entity: Which reading the value comes from (see :mod:`ringwatch.agent._points`).
+        entity: Which reading the value comes from (see :mod:`ringwatch.agent.sidecar._points`).
         field: Attribute of that reading, in internal units.
         scale: Factor from the internal unit to the base unit (mJ -> J: 1e-3).
         labels: Labels of the point within its entity, besides the resource labels.

@@ -47,7 +47,7 @@ def main() -> None:
     ddp_hook = mode == "hook"
     assert ringwatch.attach(log_dir=log_dir, wrap_backend=True, ddp_hook=ddp_hook)
     if mode == "broken":
-        from ringwatch.agent import _wrapper_backend
+        from ringwatch.agent.capture import _wrapper_backend
 
         def broken(*args, **kwargs):
             raise RuntimeError("simulated failure")
@@ -268,7 +268,7 @@ def test_every_row_complete(jobs):
 def test_rewrite_backend_arg():
     import torch.distributed.distributed_c10d as c10d
 
-    from ringwatch.agent import _wrapper_backend
+    from ringwatch.agent.capture import _wrapper_backend
 
     init = c10d.init_process_group
 

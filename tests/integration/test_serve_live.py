@@ -246,7 +246,7 @@ def test_central_unreachable_from_the_start(tmp_path):
         proc = subprocess.Popen(ringwatch_cmd("cluster", "--run-dir", str(run), *args),
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
-        from ringwatch.agent._rank_tail import KEEP_STEPS
+        from ringwatch.agent.sidecar._rank_tail import KEEP_STEPS
         from ringwatch.cluster._run import read_steps
 
         rss = []  # kB, every 0.5 s while the job runs and every push fails

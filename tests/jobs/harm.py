@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ringwatch
-from ringwatch.agent import _recorder, _writer
+from ringwatch.agent.capture import _recorder, _writer
 
 CLASSES = {"Recorder": _recorder.Recorder, "SegmentWriter": _writer.SegmentWriter,
            "GroupInfo": _recorder.GroupInfo}

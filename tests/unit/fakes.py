@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ringwatch._clock import FakeClock
-from ringwatch.agent._recorder import Event, GroupInfo, RankIdentity, Recorder
+from ringwatch.agent.capture._recorder import Event, GroupInfo, RankIdentity, Recorder
 
 JOB = "job-unit"
 

@@ -3,10 +3,10 @@ encoder), for the service's tests."""
 
 from __future__ import annotations
 
-from ringwatch.agent._node_state import NodeState
-from ringwatch.agent._otlp_export import metrics_data
-from ringwatch.agent._points import collect_points
-from ringwatch.agent._rank_tail import RankSummary, StepTotals
+from ringwatch.agent.sidecar._node_state import NodeState
+from ringwatch.agent.sidecar._otlp_export import metrics_data
+from ringwatch.agent.sidecar._points import collect_points
+from ringwatch.agent.sidecar._rank_tail import RankSummary, StepTotals
 
 WALL = 1_800_000_000_000_000_000
 

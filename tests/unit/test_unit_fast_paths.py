@@ -110,7 +110,7 @@ def test_the_fast_read_steps_aside_and_the_result_stays_the_same(hung_job):
     seg = sorted(d.glob("seg-*.parquet"))[-1]
     pend = pl.read_parquet(d / PENDING_FILE)
     both = pl.concat([pl.read_parquet(seg), pend])
-    from ringwatch.agent._writer import _write_atomic
+    from ringwatch.agent.capture._writer import _write_atomic
 
     _write_atomic(both.sort("idx"), seg)
     logs = open_job(hung_job)

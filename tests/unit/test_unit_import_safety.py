@@ -82,7 +82,7 @@ for name in sorted(set(names)):
     except BaseException as exc:
         failed[name] = repr(exc)
 import torch.distributed as dist
-from ringwatch.agent._state import STATE
+from ringwatch.agent.capture._state import STATE
 wrapped = [n for n, v in vars(dist.ProcessGroup).items() if getattr(v, "_ringwatch", False)]
 wrapped += [n for n, v in vars(dist.Work).items() if getattr(v, "_ringwatch", False)]
 print(json.dumps({
@@ -101,12 +101,13 @@ def test_every_module_imports_without_side_effects(tmp_path):
     assert out["failed"] == {}
     mods = set(out["modules"])
     # The walk really reached every code folder, including the torch-side agent.
-    assert {"ringwatch._schema", "ringwatch._logs", "ringwatch.agent._recorder",
-            "ringwatch.agent._pg_hooks", "ringwatch.agent._nccl", "ringwatch.agent._writer",
+    assert {"ringwatch._schema", "ringwatch._logs", "ringwatch.agent.capture._recorder",
+            "ringwatch.agent.capture._pg_hooks", "ringwatch.agent.capture._nccl",
+            "ringwatch.agent.capture._writer", "ringwatch.agent.sidecar._sidecar",
             "ringwatch.analyzers._capture", "ringwatch.analyzers._steps",
             "ringwatch.collectors._nvml", "ringwatch.collectors._host",
-            "ringwatch.agent._sidecar", "ringwatch.agent._otlp_export",
-            "ringwatch.agent._prom_export"} <= mods
+            "ringwatch.agent.sidecar._otlp_export",
+            "ringwatch.agent.sidecar._prom_export"} <= mods
     assert out["nvml"] == [], "importing a module initialised NVML"
     before, after, names = out["threads"]
     assert after == before, names

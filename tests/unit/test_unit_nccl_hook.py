@@ -7,7 +7,7 @@ import datetime
 import pytest
 
 from ringwatch._clock import FakeClock
-from ringwatch.agent._nccl import backend_seq, on_work_info, poll_works
+from ringwatch.agent.capture._nccl import backend_seq, on_work_info, poll_works
 
 from fakes import (
     FakeOpType,

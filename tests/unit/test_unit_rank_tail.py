@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from ringwatch._clock import FakeClock
-from ringwatch.agent._node_state import NodeState
-from ringwatch.agent._points import collect_points
-from ringwatch.agent._rank_tail import RankLogTail, _Watermark
-from ringwatch.agent._writer import SegmentWriter, rank_dir
+from ringwatch.agent.capture._writer import SegmentWriter, rank_dir
+from ringwatch.agent.sidecar._node_state import NodeState
+from ringwatch.agent.sidecar._points import collect_points
+from ringwatch.agent.sidecar._rank_tail import RankLogTail, _Watermark
 
 from fakes import JOB, group, identity, issue_collective, recorder
 
@@ -111,7 +111,7 @@ def test_an_unreadable_segment_is_counted_and_the_rest_read(tmp_path):
 
 
 def test_finished_steps_are_summed_per_group_and_pushed_over_otlp_only(tmp_path):
-    from ringwatch.agent._prom_export import build_registry, exposition
+    from ringwatch.agent.sidecar._prom_export import build_registry, exposition
 
     r = Rank(tmp_path)
     tail = RankLogTail(tmp_path, clock=r.clock)
@@ -141,7 +141,7 @@ def test_finished_steps_are_summed_per_group_and_pushed_over_otlp_only(tmp_path)
 
 
 def test_overlapping_collectives_count_once_in_a_steps_busy_time():
-    from ringwatch.agent._rank_tail import StepTotals
+    from ringwatch.agent.sidecar._rank_tail import StepTotals
 
     t = StepTotals()
     for start, end in ((0, 10), (5, 20), (18, 25), (40, 50), (45, 48)):
@@ -152,7 +152,7 @@ def test_overlapping_collectives_count_once_in_a_steps_busy_time():
 def test_a_failed_push_sends_its_steps_again_and_a_delivered_step_never(tmp_path):
     from opentelemetry.sdk.metrics.export import MetricExportResult
 
-    from ringwatch.agent._otlp_export import OtlpPusher
+    from ringwatch.agent.sidecar._otlp_export import OtlpPusher
 
     r = Rank(tmp_path)
     for step in range(4):

@@ -6,7 +6,7 @@ import pytest
 
 from ringwatch._clock import FakeClock
 from ringwatch._schema import END_SOURCES, STATUSES
-from ringwatch.agent._recorder import GroupInfo, classify_error
+from ringwatch.agent.capture._recorder import GroupInfo, classify_error
 
 from fakes import FakePG, group, issue_collective, issue_p2p, recorder
 
@@ -529,7 +529,7 @@ def test_release_drops_every_reference_to_groups_and_works(rec):
 
 
 def test_backfill_hands_back_what_the_fr_does_not_hold_yet(rec):
-    from ringwatch.agent._backfill import backfill
+    from ringwatch.agent.capture._backfill import backfill
 
     from fakes import dump, fr_entry
 
@@ -554,7 +554,7 @@ def test_backfill_hands_back_what_the_fr_does_not_hold_yet(rec):
 
 
 def test_backfill_gives_up_with_a_placeholder(rec):
-    from ringwatch.agent._backfill import backfill
+    from ringwatch.agent.capture._backfill import backfill
 
     g = group(rec)
     g.handle.seq = 1

@@ -63,7 +63,7 @@ def test_vocabularies_have_no_duplicates():
 
 def test_op_names_used_by_the_agent_and_readers_are_schema_ops():
     from ringwatch._flight_recorder import _OPS
-    from ringwatch.agent._ops import OP_SPECS, OPTYPE_TO_OP
+    from ringwatch.agent.capture._ops import OP_SPECS, OPTYPE_TO_OP
 
     assert set(OPTYPE_TO_OP.values()) <= set(OPS)
     assert {s.op for s in OP_SPECS.values()} <= set(OPS)

@@ -10,10 +10,10 @@ import pytest
 from ringwatch._clock import FakeClock
 from ringwatch._config import AgentConfig, ConfigError
 from ringwatch._metrics import COUNTER, METRICS, POINT_LABELS, RESOURCE_LABELS
-from ringwatch.agent._otlp_export import metrics_data
-from ringwatch.agent._points import collect_points
-from ringwatch.agent._prom_export import build_registry, exposition
-from ringwatch.agent._sidecar import Sidecar
+from ringwatch.agent.sidecar._otlp_export import metrics_data
+from ringwatch.agent.sidecar._points import collect_points
+from ringwatch.agent.sidecar._prom_export import build_registry, exposition
+from ringwatch.agent.sidecar._sidecar import Sidecar
 from ringwatch.collectors._recording import (
     RecordingWriter,
     ReplayClient,

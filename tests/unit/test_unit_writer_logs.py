@@ -22,7 +22,7 @@ from ringwatch._logs import (
     select_segments,
 )
 from ringwatch._schema import COLUMN_NAMES, SCHEMA_VERSION, polars_schema
-from ringwatch.agent._writer import SegmentWriter, events_to_columns, rank_dir
+from ringwatch.agent.capture._writer import SegmentWriter, events_to_columns, rank_dir
 
 from fakes import JOB, group, identity, issue_collective, issue_p2p, recorder
 

@@ -1,8 +1,8 @@
 """Prometheus ``/metrics`` of the node sidecar, generated from the metric table.
 
 A custom collector (``prometheus_client``'s 4-line protocol) turns the points of
-:func:`ringwatch.agent._points.collect_points` into metric families at each scrape; nothing is
-registered globally: the agent's entry point builds the registry and passes it here.
+:func:`ringwatch.agent.sidecar._points.collect_points` into metric families at each scrape;
+nothing is registered globally: the agent's entry point builds the registry and passes it here.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ringwatch._metrics import COUNTER
-from ringwatch.agent._node_state import NodeState
-from ringwatch.agent._points import collect_points
+from ringwatch.agent.sidecar._node_state import NodeState
+from ringwatch.agent.sidecar._points import collect_points
 
 
 class NodeCollector:

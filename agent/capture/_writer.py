@@ -25,7 +25,7 @@ from ringwatch._clock import Clock, SystemClock
 from ringwatch._logs import FR_FILE, META_FILE, PENDING_FILE, SEGMENT_RE
 from ringwatch._schema import COLUMN_NAMES, SCHEMA_VERSION, polars_schema
 from ringwatch._version import __version__
-from ringwatch.agent._recorder import Event, RankIdentity
+from ringwatch.agent.capture._recorder import Event, RankIdentity
 
 __all__ = ["FR_FILE", "SegmentWriter", "events_to_columns", "rank_dir"]
 

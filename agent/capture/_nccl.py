@@ -22,8 +22,8 @@ import datetime
 from functools import partial
 
 from ringwatch._log import warn_once
-from ringwatch.agent._ops import OPTYPE_TO_OP
-from ringwatch.agent._recorder import GroupInfo, Recorder
+from ringwatch.agent.capture._ops import OPTYPE_TO_OP
+from ringwatch.agent.capture._recorder import GroupInfo, Recorder
 
 
 def backend_seq(pg) -> int | None:

@@ -10,7 +10,7 @@ def _ringwatch_boot():
     if os.environ.get("RINGWATCH_AUTOATTACH") != "1":
         return
     try:
-        from ringwatch.agent._bootstrap import install
+        from ringwatch.agent.capture._bootstrap import install
 
         install()
     except Exception as exc:  # noqa: BLE001

@@ -21,12 +21,12 @@ import torch.distributed.distributed_c10d as c10d
 from ringwatch._config import ENV_DISABLE, CaptureConfig
 from ringwatch._flight_recorder import dump_local
 from ringwatch._log import warn_once
-from ringwatch.agent import _ddp, _pg_hooks
-from ringwatch.agent._nccl import backend_seq
-from ringwatch.agent._recorder import RankIdentity, Recorder
-from ringwatch.agent._runtime import ExitHandlers, Runtime
-from ringwatch.agent._state import STATE
-from ringwatch.agent._writer import SegmentWriter, rank_dir
+from ringwatch.agent.capture import _ddp, _pg_hooks
+from ringwatch.agent.capture._nccl import backend_seq
+from ringwatch.agent.capture._recorder import RankIdentity, Recorder
+from ringwatch.agent.capture._runtime import ExitHandlers, Runtime
+from ringwatch.agent.capture._state import STATE
+from ringwatch.agent.capture._writer import SegmentWriter, rank_dir
 
 _LOCK = threading.RLock()
 _JOB_KEY = "ringwatch/job_id"
@@ -92,7 +92,7 @@ def _install_patches(cfg: CaptureConfig) -> None:
 
         STATE.handles.append(register_optimizer_step_post_hook(_on_optimizer_step))
     if cfg.wrap_backend:
-        from ringwatch.agent import _wrapper_backend
+        from ringwatch.agent.capture import _wrapper_backend
 
         _wrapper_backend.register()
     os.register_at_fork(after_in_child=_after_fork)
@@ -111,7 +111,7 @@ def _wrap_init(orig):
     def init_process_group(*args, **kwargs):
         cfg = STATE.config
         if cfg is not None and cfg.wrap_backend:
-            from ringwatch.agent._wrapper_backend import rewrite_backend_arg
+            from ringwatch.agent.capture._wrapper_backend import rewrite_backend_arg
 
             args, kwargs = rewrite_backend_arg(orig, args, kwargs)
         out = orig(*args, **kwargs)

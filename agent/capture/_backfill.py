@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ringwatch._flight_recorder import FrEntry, parse_entries
 from ringwatch._schema import API_BACKFILL
-from ringwatch.agent._recorder import GroupInfo, Recorder
+from ringwatch.agent.capture._recorder import GroupInfo, Recorder
 
 
 def index_entries(dump: dict | None) -> dict[tuple[str, int], FrEntry]:

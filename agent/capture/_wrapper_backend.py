@@ -51,9 +51,9 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from ringwatch._log import warn_once
-from ringwatch.agent._ops import OP_SPECS
-from ringwatch.agent._pg_hooks import _issue, _prepare, group_info
-from ringwatch.agent._state import STATE
+from ringwatch.agent.capture._ops import OP_SPECS
+from ringwatch.agent.capture._pg_hooks import _issue, _prepare, group_info
+from ringwatch.agent.capture._state import STATE
 
 BACKEND_NAME = "ringwatch"
 API = "backend"

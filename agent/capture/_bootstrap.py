@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from ringwatch.agent._import_hook import when_imported
+from ringwatch.agent.capture._import_hook import when_imported
 
 
 def _attach_after_torch(_module) -> None:
     try:
-        from ringwatch.agent._attach import attach
+        from ringwatch.agent.capture._attach import attach
 
         attach()
     except Exception as exc:  # noqa: BLE001 - never break the child's `import torch`

@@ -22,7 +22,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ringwatch._log import warn_once
-from ringwatch.agent._state import STATE
+from ringwatch.agent.capture._state import STATE
 
 
 def timed_allreduce_hook(process_group, bucket):

@@ -18,8 +18,8 @@ from collections import defaultdict
 
 from ringwatch._metrics import COUNTER, POINT_LABELS, RESOURCE_LABELS
 from ringwatch._version import __version__
-from ringwatch.agent._node_state import NodeState
-from ringwatch.agent._points import Point, collect_points
+from ringwatch.agent.sidecar._node_state import NodeState
+from ringwatch.agent.sidecar._points import Point, collect_points
 
 log = logging.getLogger("ringwatch.agent")
 

@@ -13,8 +13,8 @@ from collections import defaultdict
 from typing import NamedTuple
 
 from ringwatch._metrics import METRICS, MetricSpec
-from ringwatch.agent._node_state import NodeState
-from ringwatch.agent._rank_tail import completed_steps
+from ringwatch.agent.sidecar._node_state import NodeState
+from ringwatch.agent.sidecar._rank_tail import completed_steps
 
 #: Finished steps of each rank a push may carry: the ones not yet sent, up to this many (a
 #: collector down for fewer steps than this loses none of them).

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from ringwatch._clock import Clock, SystemClock
 from ringwatch._config import AgentConfig
-from ringwatch.agent._node_state import NodeState
+from ringwatch.agent.sidecar._node_state import NodeState
 from ringwatch.collectors._types import CollectorError, DeviceClient, HostReading
 
 log = logging.getLogger("ringwatch.agent")
@@ -36,7 +36,7 @@ class Sidecar:
         host_collector: Anything with ``read() -> HostReading`` (None: no host readings).
         clock: Time source of every schedule.
         recorder: A :class:`~ringwatch.collectors._recording.RecordingWriter`, or None.
-        tail: A :class:`~ringwatch.agent._rank_tail.RankLogTail`, or None.
+        tail: A :class:`~ringwatch.agent.sidecar._rank_tail.RankLogTail`, or None.
         sleep: ``sleep(seconds, stop_event)``; the default waits on the stop event.
     """
 
@@ -161,7 +161,7 @@ class Sidecar:
         """The OTLP pusher of :attr:`config`'s endpoint. A push never outlives its interval
         (the exporter retries within its timeout): a dead collector costs one failed push
         per interval, not a growing backlog."""
-        from ringwatch.agent._otlp_export import OtlpPusher
+        from ringwatch.agent.sidecar._otlp_export import OtlpPusher
 
         cfg = self.config
         return OtlpPusher(self.state, cfg.otlp_endpoint, headers=dict(cfg.otlp_headers),

@@ -1,7 +1,7 @@
 """Per-rank collective summaries for the node sidecar, read from the ranks' own logs.
 
 The in-process hooks already write every collective to Parquet segments beside the job
-(:mod:`ringwatch.agent._writer`). The sidecar reads each new segment once and keeps running
+(:mod:`ringwatch.agent.capture._writer`). The sidecar reads each new segment once and keeps running
 totals, instead of the training process pushing summaries itself. Three reasons:
 
 * the training process does no network I/O and loads no exporter: a slow or dead collector

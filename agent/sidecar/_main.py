@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from ringwatch._config import AgentConfig, ConfigError
-from ringwatch.agent._sidecar import Sidecar
+from ringwatch.agent.sidecar._sidecar import Sidecar
 
 
 def build_sidecar(config: AgentConfig, *, replay: str | Path | None = None,
@@ -24,7 +24,7 @@ def build_sidecar(config: AgentConfig, *, replay: str | Path | None = None,
     Raises:
         ConfigError: the recording to replay cannot be read, or holds no GPU.
     """
-    from ringwatch.agent._rank_tail import RankLogTail
+    from ringwatch.agent.sidecar._rank_tail import RankLogTail
     from ringwatch.collectors._host import HostCollector
     from ringwatch.collectors._types import CollectorError
 
@@ -83,7 +83,7 @@ def _synthetic(spec: str) -> Path:
 def run_agent(config: AgentConfig, *, once: bool = False, duration_s: float | None = None,
               **build) -> int:
     """Run the sidecar until a signal (or ``duration_s``), or one round with ``once``."""
-    from ringwatch.agent._prom_export import build_registry, exposition, serve_metrics
+    from ringwatch.agent.sidecar._prom_export import build_registry, exposition, serve_metrics
 
     sidecar = build_sidecar(config, **build)
     registry = build_registry(sidecar.state)

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from ringwatch._log import error_counts, warn_once
-from ringwatch.agent._recorder import Recorder
-from ringwatch.agent._writer import FR_FILE, SegmentWriter
+from ringwatch.agent.capture._recorder import Recorder
+from ringwatch.agent.capture._writer import FR_FILE, SegmentWriter
 
 SIGTERM_GRACE_S = 1.0
 FINAL_FLUSH_WAIT_S = 2.0
@@ -101,7 +101,7 @@ class Runtime:
         rec = self.rec
         try:
             if any(e.work is not None for e in list(rec.pending.values())):
-                from ringwatch.agent._nccl import poll_works
+                from ringwatch.agent.capture._nccl import poll_works
 
                 poll_works(rec)
             for g in rec.groups_snapshot():
@@ -135,7 +135,7 @@ class Runtime:
         gaps = self.rec.take_gaps()
         if not gaps:
             return
-        from ringwatch.agent._backfill import backfill
+        from ringwatch.agent.capture._backfill import backfill
 
         self._backfill_due = False
         self._last_backfill = now

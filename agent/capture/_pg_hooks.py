@@ -24,10 +24,17 @@ from functools import partial
 import torch.distributed as dist
 
 from ringwatch._log import warn_once
-from ringwatch.agent._nccl import backend_seq
-from ringwatch.agent._ops import OP_SPECS, OpSpec, buffer_stats, dtype_name, find_opts, root_of
-from ringwatch.agent._recorder import Event, GroupInfo, Recorder
-from ringwatch.agent._state import STATE
+from ringwatch.agent.capture._nccl import backend_seq
+from ringwatch.agent.capture._ops import (
+    OP_SPECS,
+    OpSpec,
+    buffer_stats,
+    dtype_name,
+    find_opts,
+    root_of,
+)
+from ringwatch.agent.capture._recorder import Event, GroupInfo, Recorder
+from ringwatch.agent.capture._state import STATE
 
 _C10D = "torch.distributed.distributed_c10d"
 # Frames skipped when looking for the torch.distributed function that issued a call.
@@ -80,7 +87,7 @@ def group_info(rec: Recorder, pg, ranks: list[int] | None = None) -> GroupInfo:
                      backend=backend, global_ranks=ranks, group_rank=pg.rank(), handle=pg)
     info = rec.add_group(info)
     if "nccl" in backend and STATE.config is not None and STATE.config.nccl_hook:
-        from ringwatch.agent._nccl import enable_completion_hook
+        from ringwatch.agent.capture._nccl import enable_completion_hook
 
         enable_completion_hook(rec, pg, info)
     return info
