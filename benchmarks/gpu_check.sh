@@ -75,7 +75,8 @@ for job in train-nccl train-nccl-idle; do
     $RW logs "$LOGS" --job "$job" --check || fail=1
     $RW analyze "$LOGS" --job "$job" || fail=1
 done
-"$PY" - "$LOGS" <<'EOF'
+# (from $WORK: the repository's own ringwatch/ folder must not shadow the installed package)
+(cd "$WORK" && "$PY" - "$LOGS") <<'EOF'
 import sys
 
 import polars as pl

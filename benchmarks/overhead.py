@@ -48,7 +48,10 @@ Two measurements, taken side by side in one run.
     and profiler events are counted so that both arms are known to have seen every call.
     ``--hook-backend nccl --hook-world N`` runs (b) on NCCL instead: one rank per GPU, a
     1-float CUDA tensor, each block closed by ``torch.cuda.synchronize()`` (the CPU figures
-    are then the launch path: PyTorch's, NCCL's enqueue, and ringwatch's hooks).
+    are then the launch path: PyTorch's, NCCL's enqueue, and ringwatch's hooks). The first
+    ``attach()`` turns NCCL's CUDA-event timing on for the group for good (PyTorch cannot turn
+    it off), so from the second round on ``bare`` includes the two events per collective that
+    ringwatch's timing needs.
 
 Run ``python benchmarks/overhead.py --help`` for the knobs; ``--quick`` is a smoke run.
 """

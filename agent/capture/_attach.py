@@ -61,6 +61,8 @@ def attach(*, log_dir: str | os.PathLike | None = None, job_id: str | None = Non
         if STATE.attached:
             return True
         STATE.config = cfg
+        if cfg.nccl_hook:
+            _time_nccl_works()
         try:
             _install_patches(cfg)
         except Exception as exc:  # noqa: BLE001
@@ -71,6 +73,17 @@ def attach(*, log_dir: str | os.PathLike | None = None, job_id: str | None = Non
     if dist.is_available() and dist.is_initialized():
         start_recording()
     return True
+
+
+def _time_nccl_works() -> None:
+    """NCCL groups created from now on time every work, which the completion hook needs; the
+    groups that exist already and were not, are remembered, so none of them gets the hook."""
+    from ringwatch.agent.capture._nccl import timing_from_creation
+
+    existing, new = timing_from_creation()
+    STATE.nccl_untimed = not new
+    if not existing and dist.is_available() and dist.is_initialized():
+        STATE.untimed_groups.update(c10d._world.pg_names)
 
 
 def _install_patches(cfg: CaptureConfig) -> None:
@@ -275,6 +288,10 @@ def detach() -> None:
         for handle in STATE.handles:
             handle.remove()
         STATE.handles.clear()
+        if STATE.recorder is not None:
+            from ringwatch.agent.capture._nccl import release_hooks
+
+            release_hooks(STATE.recorder)
         STATE.recorder = STATE.runtime = None
         STATE.attached = False
         STATE.start_failed = False

@@ -14,11 +14,22 @@ Collectives are matched to the events recorded at issue by sequence number; send
 numbers live on another counter, by direction and enqueue time. Where the hook is unavailable
 (one hook per group: someone else may hold it), events keep their ``Work`` and the writer
 thread polls ``is_completed()`` and ``_get_duration()``.
+
+The hook is only safe on a group whose every work is CUDA-timed: PyTorch's hook thread calls
+``getDuration()`` on each finished work, and a work created before timing was on makes it throw,
+which aborts the group's communicators (seen on an H200: attaching after a group had run
+collectives killed the job). So :func:`timing_from_creation` turns timing on for every group
+created after ``attach()`` (``TORCH_NCCL_ENABLE_TIMING``, read when a group is built), and a
+group that existed before, untimed, is polled instead of hooked. PyTorch keeps a hook for the
+group's life, so a hook is registered once per group and re-pointed at the recorder of a later
+``attach()``; reports of works issued before that attach are ignored (those come back from
+the Flight Recorder like any op issued while detached).
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 from functools import partial
 
 from ringwatch._log import warn_once
@@ -53,6 +64,58 @@ def _duration_ns(t) -> int | None:
     return None
 
 
+#: PyTorch's switch for CUDA-event timing of every NCCL work, read when a group is created.
+ENV_NCCL_TIMING = "TORCH_NCCL_ENABLE_TIMING"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def timing_from_creation() -> tuple[bool, bool]:
+    """Have every NCCL group created from now on time its works: sets
+    ``TORCH_NCCL_ENABLE_TIMING=1`` unless the environment already sets it (to anything).
+
+    Returns:
+        ``(existing, new)``: whether groups that exist already were created with timing on,
+        and whether groups created from now on will be. Both False only where the job itself
+        turned timing off.
+    """
+    before = os.environ.get(ENV_NCCL_TIMING)
+    if before is None:
+        os.environ[ENV_NCCL_TIMING] = "1"
+        return False, True
+    return _truthy(before), _truthy(before)
+
+
+class _Slot:
+    """Where a registered completion hook delivers: the live recorder and group record, or
+    nobody (``rec`` None) while detached."""
+
+    __slots__ = ("pg", "rec", "info")
+
+    def __init__(self, pg, rec: Recorder, info: GroupInfo):
+        self.pg, self.rec, self.info = pg, rec, info  # pg: kept alive with its hook
+
+
+#: id(process group) -> the slot of the hook ringwatch registered on it (at most one each).
+_SLOTS: dict[int, _Slot] = {}
+
+
+def _dispatch(slot: _Slot, wi) -> None:
+    rec, info = slot.rec, slot.info
+    if rec is not None and not rec.closed:
+        on_work_info(rec, info, wi)
+
+
+def release_hooks(rec: Recorder) -> None:
+    """Detach ``rec`` from every hook it receives (``detach()``); the hooks stay registered,
+    as PyTorch cannot remove them, and deliver to nobody until the next attach."""
+    for slot in _SLOTS.values():
+        if slot.rec is rec:
+            slot.rec = None
+
+
 def on_work_info(rec: Recorder, info: GroupInfo, wi) -> None:
     """Completion-hook callback (PyTorch's hook thread): never raises."""
     try:
@@ -61,7 +124,11 @@ def on_work_info(rec: Recorder, info: GroupInfo, wi) -> None:
         end = _steady_ns(rec, wi.time_finished)
         dev = _duration_ns(wi.active_duration)
         if op in ("send", "recv"):
+            if start is not None and start < info.hook_mono:
+                return  # issued before this attach: not ours to record
             rec.complete_p2p(info, op, mono_start=start, mono_end=end, device_ns=dev)
+        elif int(wi.seq) <= info.hook_from:
+            return  # issued before this attach: recovered from the Flight Recorder
         else:
             # Reserve issue-order slots for ops nobody announced before this report.
             rec.check_tail(info, backend_seq(info.handle))
@@ -71,8 +138,16 @@ def on_work_info(rec: Recorder, info: GroupInfo, wi) -> None:
         warn_once("nccl_hook_cb", f"NCCL completion hook failed: {exc!r}")
 
 
-def enable_completion_hook(rec: Recorder, pg, info: GroupInfo) -> bool:
-    """Turn on CUDA-event timing and register the completion hook on an NCCL group.
+def enable_completion_hook(rec: Recorder, pg, info: GroupInfo, *, timed: bool) -> bool:
+    """Turn on CUDA-event timing and, where it is safe, take the group's completion hook.
+
+    Args:
+        rec: The recorder.
+        pg: The NCCL process group.
+        info: Its record.
+        timed: Whether every work of the group so far was CUDA-timed (it was created with
+            ``TORCH_NCCL_ENABLE_TIMING`` on); otherwise the hook could abort the job
+            (module docstring) and the group is polled.
 
     Returns:
         True if the hook is in place; False means the poller will finish this group's events.
@@ -81,14 +156,28 @@ def enable_completion_hook(rec: Recorder, pg, info: GroupInfo) -> bool:
         pg._enable_collectives_timing()
     except Exception as exc:  # noqa: BLE001
         warn_once("nccl_timing", f"cannot enable NCCL collective timing: {exc!r}")
-    try:
-        pg._register_on_completion_hook(partial(on_work_info, rec, info))
-    except Exception as exc:  # noqa: BLE001 - one hook per group, or a backend without it
-        warn_once("nccl_hook", f"NCCL completion hook unavailable ({exc}); polling work "
-                  "objects instead (coarser end times)")
+    slot = _SLOTS.get(id(pg))
+    if slot is not None and slot.pg is pg:  # hooked by an earlier attach(): re-point it
+        slot.rec, slot.info = rec, info
+    elif not timed:
+        warn_once("nccl_untimed", f"NCCL group {info.name} existed before ringwatch attached "
+                  "and its collectives are not CUDA-timed, so PyTorch's completion hook would "
+                  "abort it: polling its works instead (coarser ends; C++-issued collectives "
+                  "come back from the Flight Recorder). Attach before init_process_group, or "
+                  f"set {ENV_NCCL_TIMING}=1, for the full capture")
         return False
+    else:
+        slot = _Slot(pg, rec, info)
+        try:
+            pg._register_on_completion_hook(partial(_dispatch, slot))
+        except Exception as exc:  # noqa: BLE001 - one hook per group, or a backend without it
+            warn_once("nccl_hook", f"NCCL completion hook unavailable ({exc}); polling work "
+                      "objects instead (coarser end times)")
+            return False
+        _SLOTS[id(pg)] = slot
     with rec.lock:
         info.hook_from = max(0, (backend_seq(pg) or 0) - info.p2p_adjust)
+        info.hook_mono = rec.clock.mono_ns()
         info.nccl_hook = True
     return True
 

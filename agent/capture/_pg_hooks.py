@@ -89,7 +89,8 @@ def group_info(rec: Recorder, pg, ranks: list[int] | None = None) -> GroupInfo:
     if "nccl" in backend and STATE.config is not None and STATE.config.nccl_hook:
         from ringwatch.agent.capture._nccl import enable_completion_hook
 
-        enable_completion_hook(rec, pg, info)
+        timed = not STATE.nccl_untimed and pg not in STATE.untimed_groups
+        enable_completion_hook(rec, pg, info, timed=timed)
     return info
 
 

@@ -49,8 +49,8 @@ class GroupInfo:
     __slots__ = (
         "key", "name", "desc", "backend", "global_ranks", "ranks_spec", "size", "group_rank",
         "coll_seq", "last_backend_seq", "p2p_adjust", "pair_seq", "gaps", "reserved", "by_seq",
-        "nccl_hook", "hook_from", "coalescing", "batch_seq", "last_hook_seq", "p2p_waiting",
-        "handle",
+        "nccl_hook", "hook_from", "hook_mono", "coalescing", "batch_seq", "last_hook_seq",
+        "p2p_waiting", "handle",
     )
 
     def __init__(self, *, key: Any, name: str, desc: str | None, backend: str,
@@ -72,6 +72,7 @@ class GroupInfo:
         self.by_seq: dict[int, list[Event]] = {}  # pending collectives awaiting the NCCL hook
         self.nccl_hook = False
         self.hook_from = 0  # collective numbers above this are reported by the NCCL hook
+        self.hook_mono = 0  # send/recv started before this (monotonic ns) are not reported
         self.coalescing: list[Event] | None = None
         self.batch_seq: int | None = None
         self.last_hook_seq: int | None = None

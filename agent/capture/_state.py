@@ -13,7 +13,8 @@ from typing import Any
 class AgentState:
     """Mutable singleton holding the live recorder and its runtime."""
 
-    __slots__ = ("recorder", "config", "runtime", "patched", "attached", "start_failed", "handles")
+    __slots__ = ("recorder", "config", "runtime", "patched", "attached", "start_failed", "handles",
+                 "untimed_groups", "nccl_untimed")
 
     def __init__(self) -> None:
         self.recorder: Any = None  # Recorder while capturing, else None
@@ -23,6 +24,9 @@ class AgentState:
         self.attached = False
         self.start_failed = False  # recording impossible (unwritable log dir): do not retry
         self.handles: list[Any] = []  # removable hook handles (optimizer step hook)
+        #: Process groups created before NCCL work timing was on (no completion hook on them).
+        self.untimed_groups: set[Any] = set()
+        self.nccl_untimed = False  # the job turned NCCL work timing off: no group is timed
 
 
 STATE = AgentState()

@@ -43,6 +43,59 @@ class FakePG:
         return len(self._ranks)
 
 
+class FakeNcclPG(FakePG):
+    """An NCCL group as far as timing and the completion hook go, with PyTorch's rules: a
+    work is CUDA-timed if timing was on when it was created (``timed_from_creation``, or
+    ``_enable_collectives_timing()`` before it); the hook can be registered once; and once it
+    is, every work that finishes is handed to it with its duration, which for an untimed work
+    throws and aborts the group (``aborted`` holds why)."""
+
+    def __init__(self, *args, timed_from_creation: bool = False, **kwargs):
+        self.timing = timed_from_creation
+        self.in_flight: list[tuple[int, bool]] = []  # (seq, timed)
+        self._seq = 0
+        super().__init__(*args, **kwargs)
+        self.hook = None
+        self.registrations = 0
+        self.aborted: str | None = None
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @seq.setter
+    def seq(self, value: int) -> None:  # each step of the counter is a work created now
+        self.in_flight += [(n, self.timing) for n in range(self._seq + 1, value + 1)]
+        self._seq = value
+
+    def _enable_collectives_timing(self) -> None:
+        self.timing = True
+
+    def _register_on_completion_hook(self, hook) -> None:
+        if self.hook is not None:
+            raise RuntimeError("ProcessGroupNCCL OnCompletion hook already registered")
+        self.hook = hook
+        self.registrations += 1
+
+    def issue(self) -> int:
+        """A collective nobody recorded (issued from C++, or while detached)."""
+        self.seq += 1
+        return self.seq
+
+    def finish_all(self) -> None:
+        """The watchdog notices every work in flight finished."""
+        done, self.in_flight = self.in_flight, []
+        for seq, timed in done:
+            if self.hook is None:
+                continue
+            if not timed:
+                self.aborted = "getDuration only works if timing was enabled"
+                return
+            self.hook(FakeWorkInfo(op_type=FakeOpType.ALLREDUCE, seq=seq,
+                                   time_started=us(1_000_000 + seq),
+                                   time_finished=us(1_000_010 + seq), active_duration=us(3)))
+
+
 def group(rec: Recorder | None = None, *, name: str = "0", ranks=(0, 1), group_rank: int = 0,
           backend: str = "gloo", desc: str | None = "default_pg", handle: Any = None,
           key: Any = None) -> GroupInfo:

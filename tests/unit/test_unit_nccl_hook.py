@@ -192,3 +192,105 @@ def test_poll_works_finishes_completed_works_only(rec, clock):
     assert untimed.status == "ok" and untimed.device_ns is None
     assert running.status == "pending" and no_work.status == "pending"
     assert rec.drain() == [done, failed, untimed]
+
+
+# ---- when the completion hook is safe (it aborts a group on any untimed work) -------------
+from ringwatch.agent.capture import _nccl  # noqa: E402
+
+from fakes import FakeNcclPG  # noqa: E402
+
+
+@pytest.fixture
+def slots(monkeypatch):
+    monkeypatch.setattr(_nccl, "_SLOTS", {})
+    return _nccl._SLOTS
+
+
+def nccl_group(rec, pg):
+    return group(rec, backend="nccl", handle=pg, name=pg.group_name)
+
+
+def test_a_group_created_timed_gets_the_hook_and_its_works_are_recorded(rec, slots):
+    pg = FakeNcclPG(timed_from_creation=True)
+    g = nccl_group(rec, pg)
+    assert _nccl.enable_completion_hook(rec, pg, g, timed=True)
+    ev = issue_collective(rec, g, pg=pg)
+    pg.finish_all()
+    assert pg.aborted is None and ev.status == "ok" and ev.end_source == "watchdog"
+
+
+def test_an_untimed_group_with_works_in_flight_is_polled_not_hooked(rec, slots):
+    """Attaching late: the group ran collectives without timing, some still in flight when
+    ringwatch arrives. Taking the hook then would abort the job (seen on a real GPU)."""
+    pg = FakeNcclPG()
+    pg.issue()  # before ringwatch: untimed
+    g = nccl_group(rec, pg)
+    assert not _nccl.enable_completion_hook(rec, pg, g, timed=False)
+    assert pg.hook is None and pg.timing and not g.nccl_hook
+    pg.issue()
+    pg.finish_all()
+    assert pg.aborted is None
+
+
+def test_the_hook_on_an_untimed_group_is_what_would_abort_it():
+    """The fake's rule, checked: a hook over an untimed work in flight aborts the group."""
+    pg = FakeNcclPG()
+    pg.issue()
+    pg._enable_collectives_timing()
+    pg._register_on_completion_hook(lambda wi: None)
+    pg.finish_all()
+    assert pg.aborted
+
+
+def test_a_second_attach_re_points_the_hook_and_skips_older_works(clock, slots):
+    pg = FakeNcclPG(timed_from_creation=True)
+    first = recorder(clock=clock)
+    assert _nccl.enable_completion_hook(first, pg, nccl_group(first, pg), timed=True)
+    for _ in range(3):
+        issue_collective(first, first.groups[pg], pg=pg)
+    pg.finish_all()
+    assert len(first.drain()) == 3
+    _nccl.release_hooks(first)  # detach()
+    pg.issue()  # issued while detached: nobody records it
+    pg.finish_all()
+    assert first.drain() == []
+    pg.issue()  # in flight across the next attach
+    second = recorder(clock=clock)
+    g2 = nccl_group(second, pg)
+    assert _nccl.enable_completion_hook(second, pg, g2, timed=False)  # timed=False: hooked
+    assert pg.registrations == 1 and g2.nccl_hook and g2.hook_from == 5
+    ev = issue_collective(second, g2, pg=pg)
+    assert ev.seq == 6
+    pg.finish_all()  # reports #5 (before this attach: ignored) and #6
+    rows = second.drain()
+    assert [r.seq for r in rows] == [6] and rows[0] is ev and pg.aborted is None
+
+
+def test_attach_turns_timing_on_for_groups_created_later(monkeypatch):
+    monkeypatch.delenv(_nccl.ENV_NCCL_TIMING, raising=False)
+    assert _nccl.timing_from_creation() == (False, True)
+    assert _nccl.ENV_NCCL_TIMING in __import__("os").environ
+    monkeypatch.setenv(_nccl.ENV_NCCL_TIMING, "0")  # the job turned it off: respected
+    assert _nccl.timing_from_creation() == (False, False)
+    monkeypatch.setenv(_nccl.ENV_NCCL_TIMING, "1")
+    assert _nccl.timing_from_creation() == (True, True)
+
+
+def test_attach_after_init_remembers_the_groups_that_were_not_timed(monkeypatch):
+    import types
+
+    from ringwatch.agent.capture import _attach
+    from ringwatch.agent.capture._state import STATE
+
+    old = FakeNcclPG(name="0")
+    monkeypatch.delenv(_nccl.ENV_NCCL_TIMING, raising=False)
+    monkeypatch.setattr(_attach.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(_attach.c10d, "_world", types.SimpleNamespace(pg_names={old: "0"}))
+    monkeypatch.setattr(STATE, "untimed_groups", set())
+    monkeypatch.setattr(STATE, "nccl_untimed", False)
+    _attach._time_nccl_works()
+    assert STATE.untimed_groups == {old} and not STATE.nccl_untimed
+    monkeypatch.setenv(_nccl.ENV_NCCL_TIMING, "1")  # set before the groups were made
+    monkeypatch.setattr(STATE, "untimed_groups", set())
+    _attach._time_nccl_works()
+    assert STATE.untimed_groups == set()
