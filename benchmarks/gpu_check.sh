@@ -6,7 +6,8 @@
 #
 # 1. NCCL capture: benchmarks/nccl_ops.py (every collective API once, sync and async, and DDP's
 #    C++-issued bucket all-reduces) with ringwatch attached; each call must be recorded with
-#    the device-side duration the NCCL completion hook reports.
+#    the device-side duration the NCCL completion hook reports. Then the same attached late,
+#    with untimed collectives in flight: the job must go on, every later call recorded.
 # 2. A training-like load under `ringwatch run`: the cluster's DDP job on NCCL (--device cuda),
 #    a compute-heavy phase, an idle gap, then an idle-heavy phase (host sleeps each step), while
 #    `ringwatch agent --record` samples NVML at 20 Hz: the recording lands in
@@ -16,7 +17,7 @@
 #    torch.profiler, CPU per collective on the calling thread.
 # 4. One `ringwatch agent --once` exposition of the real GPU.
 # Output under $OUT: report.txt (everything printed), nvml-recording.jsonl.gz, nccl-ops.json,
-# hook-cost.json, agent-once.prom, logs.tar.gz (the ringwatch logs of steps 1 and 2).
+# nccl-late-attach.json, hook-cost.json, agent-once.prom, logs.tar.gz (the ringwatch logs of steps 1 and 2).
 # Missing Python packages may travel as wheels in .whl/ (installed to a private folder), ringwatch's
 # own among them: `pip wheel --no-deps -w .whl .` here, so the GPU machine builds nothing.
 set -uo pipefail
@@ -54,6 +55,11 @@ LOGS="$WORK/logs"
 timeout 180 $TORCHRUN benchmarks/nccl_ops.py --log-dir "$LOGS" --out "$OUT/nccl-ops.json" \
     || fail=1
 $RW logs "$LOGS" --job nccl-ops --check || fail=1
+
+say "1b. NCCL capture attached late: 300 untimed all-reduces in flight when ringwatch arrives"
+timeout 180 $TORCHRUN benchmarks/nccl_ops.py --log-dir "$LOGS" --late-attach \
+    --out "$OUT/nccl-late-attach.json" || fail=1
+$RW logs "$LOGS" --job nccl-late-attach --check || fail=1
 
 say "2. training-like load on NCCL with the NVML recording"
 $RW agent --record "$OUT/nvml-recording.jsonl.gz" --log-dir "$LOGS" --prometheus off \

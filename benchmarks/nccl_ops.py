@@ -75,6 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--log-dir", required=True)
     p.add_argument("--out", required=True, help="rank 0 writes its report (JSON) here")
     p.add_argument("--ddp-steps", type=int, default=20)
+    p.add_argument("--late-attach", action="store_true",
+                   help="attach only after the group has run collectives, with hundreds of "
+                   "them still in flight (untimed): the job must go on, and ringwatch record "
+                   "what is issued after")
     args = p.parse_args(argv)
     import torch
     import torch.distributed as dist
@@ -84,10 +88,19 @@ def main(argv=None) -> int:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local)
     torch.cuda.set_device(dev)
-    if not ringwatch.attach(log_dir=args.log_dir, job_id="nccl-ops"):
+    job = "nccl-late-attach" if args.late_attach else "nccl-ops"
+    if args.late_attach:
+        dist.init_process_group("nccl", device_id=dev)
+        big = torch.ones(16 << 20, device=dev)  # 64 MiB: the queue takes a while to drain
+        in_flight = [dist.all_reduce(big, async_op=True) for _ in range(300)]
+    if not ringwatch.attach(log_dir=args.log_dir, job_id=job):
         print("ringwatch.attach() returned False", file=sys.stderr)
         return 1
-    dist.init_process_group("nccl", device_id=dev)
+    if args.late_attach:
+        for w in in_flight:
+            w.wait()
+    else:
+        dist.init_process_group("nccl", device_id=dev)
     rank, world = dist.get_rank(), dist.get_world_size()
     issued = _issue(dist, torch, dev, world, rank)
     _ddp_steps(torch, dev, args.ddp_steps)
@@ -99,7 +112,8 @@ def main(argv=None) -> int:
     if rank == 0:
         import polars as pl
 
-        df = ringwatch.read_events(Path(args.log_dir) / "nccl-ops").filter(pl.col("rank") == 0)
+        df = ringwatch.read_events(Path(args.log_dir) / job).filter(
+            (pl.col("rank") == 0) & pl.col("api").is_in(["ddp", *{a for a, _ in issued}]))
         table = (df.group_by("api", "op", "end_source", "status")
                  .agg(pl.len().alias("rows"),
                       pl.col("device_duration_ns").is_not_null().sum().alias("with_device"),
@@ -111,11 +125,11 @@ def main(argv=None) -> int:
             rows = df.filter((pl.col("api") == api) & (pl.col("op") == op))
             want = issued.count((api, op))
             timed = rows.filter(pl.col("device_duration_ns").is_not_null()).height
-            if rows.height < want or timed < want:
+            if rows.height < want or (timed < want and not args.late_attach):
                 missing.append({"api": api, "op": op, "issued": want, "rows": rows.height,
                                 "with_device_duration": timed})
         ddp = df.filter(pl.col("api") == "ddp")
-        report = {"world_size": world, "torch": torch.__version__,
+        report = {"late_attach": args.late_attach, "world_size": world, "torch": torch.__version__,
                   "gpu": torch.cuda.get_device_name(dev),
                   "nccl": ".".join(map(str, torch.cuda.nccl.version())),
                   "rows": df.height, "ddp_rows": ddp.height,
