@@ -14,7 +14,9 @@ Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -160,20 +162,69 @@ def dump_local() -> dict | None:
     return merged
 
 
-def load_dump(path: str | Path) -> dict:
-    """Read an FR dump written as JSON (ringwatch's copy) or pickle (PyTorch's own dumps).
+#: Largest dump read, bytes: PyTorch's own are a few MB for the default 2,000 entries.
+MAX_DUMP_BYTES = 512 << 20
+
+# Older PyTorch releases pickle typed lists through these helpers; they rebuild a plain list
+# (the value of ``restore_type_tag`` is the object itself). Nothing else is ever looked up.
+_LIST_BUILDERS = {("torch.jit._pickle", name) for name in (
+    "build_intlist", "build_doublelist", "build_boollist", "build_stringlist")}
+
+
+def _tagged(value, _tag=None):
+    return value
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only what pickle's opcodes make by themselves: dicts, lists, tuples, strings,
+    bytes, numbers, booleans and None. A pickle that names any class or function (the way
+    a malicious one runs code) is refused before anything is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _LIST_BUILDERS:
+            return list
+        if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
+            return _tagged
+        raise pickle.UnpicklingError(f"refused: the pickle names {module}.{name}; a Flight "
+                                     "Recorder dump holds only plain data")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused: the pickle refers to external objects")
+
+
+def loads_plain_pickle(data: bytes):
+    """Unpickle ``data`` into plain containers and scalars only (see :class:`_PlainUnpickler`).
 
     Raises:
-        ValueError: the file is neither.
+        pickle.UnpicklingError: the pickle names a class or function, or is malformed.
     """
-    data = Path(path).read_bytes()
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    import pickle
+    return _PlainUnpickler(io.BytesIO(data)).load()
 
+
+def load_dump(path: str | Path, *, max_bytes: int = MAX_DUMP_BYTES) -> dict:
+    """Read an FR dump written as JSON (ringwatch's copy, ``_dump_*_json``) or pickle (PyTorch's
+    own dumps). The pickle is read with a loader that builds plain data only: a planted file
+    can never run code.
+
+    Raises:
+        ValueError: the file is neither, names a class or function, is larger than
+            ``max_bytes``, or does not hold a dump (a dict).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path}: {size} bytes, over the {max_bytes} read for a Flight "
+                         "Recorder dump")
+    data = path.read_bytes()
     try:
-        return pickle.loads(data)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a Flight Recorder dump (JSON or pickle)") from exc
+        dump = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        try:
+            dump = loads_plain_pickle(data)
+        except Exception as exc:  # noqa: BLE001 - any malformed input is one answer
+            raise ValueError(f"{path}: not a Flight Recorder dump (JSON or plain pickle): "
+                             f"{exc}") from None
+    if not isinstance(dump, dict):
+        raise ValueError(f"{path}: not a Flight Recorder dump (a {type(dump).__name__}, "
+                         "not a mapping)")
+    return dump

@@ -158,3 +158,76 @@ def test_load_dump_garbage_raises_value_error(tmp_path):
     path.write_bytes(b"\x00\x01 definitely not a dump \xff")
     with pytest.raises(ValueError, match="not a Flight Recorder dump"):
         load_dump(path)
+
+
+class _Planted:
+    """What a malicious pickle does: on load, call a function of its choosing."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_planted_pickle_runs_no_code(tmp_path, wrapped):
+    marker = tmp_path / "marker"
+    payload = _Planted(marker)
+    obj = {"version": "2.10", "entries": [payload]} if wrapped else payload
+    path = tmp_path / "flight_recorder.json"
+    path.write_bytes(pickle.dumps(obj))
+    with pytest.raises(ValueError, match="refused: the pickle names"):
+        load_dump(path)
+    assert not marker.exists()
+    assert pickle.loads(path.read_bytes()) is not None and marker.exists()  # it was live
+
+
+def test_a_dump_pytorch_pickled_loads(tmp_path):
+    """A real dump: the generic Flight Recorder of a one-rank Gloo group, as PyTorch pickles it
+    (in a child process: no process group is left in this one)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "rank_0"
+    code = f"""
+import os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+store = dist.HashStore()
+dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+t = torch.ones(4)
+for _ in range(3):
+    dist.all_reduce(t)
+open({str(out)!r}, "wb").write(torch._C._distributed_c10d._dump_fr_trace(True, False))
+dist.destroy_process_group()
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
+    dump = load_dump(out)
+    entries = parse_entries(dump)
+    assert [(e.op, e.seq, e.nbytes_in) for e in entries] == [("all_reduce", i, 16)
+                                                             for i in (1, 2, 3)]
+
+
+def test_typed_lists_of_older_pytorch_pickles_load_as_lists():
+    from ringwatch._flight_recorder import loads_plain_pickle
+
+    # GLOBAL torch.jit._pickle build_intlist, applied to ([1, 2, 3],)
+    data = (b"\x80\x02ctorch.jit._pickle\nbuild_intlist\nq\x00]q\x01(K\x01K\x02K\x03e"
+            b"\x85q\x02Rq\x03.")
+    assert loads_plain_pickle(data) == [1, 2, 3]
+    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+        loads_plain_pickle(b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02R"
+                           b"q\x03.")
+
+
+def test_a_dump_that_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "fr.json"
+    path.write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match="not a mapping"):
+        load_dump(path)
+    big = tmp_path / "big"
+    big.write_bytes(b"{}" + b" " * 100)
+    with pytest.raises(ValueError, match="over the 10 read"):
+        load_dump(big, max_bytes=10)
