@@ -140,7 +140,7 @@ def cmd_agent(args) -> int:
         log_dir=args.log_dir, job_id=args.job_id, host=args.host,
         power_window_s=args.power_window_s, stale_after_s=args.stale_after_s,
         otlp_headers=parse_headers("--otlp-header", ",".join(args.otlp_header))
-        if args.otlp_header else None)
+        if args.otlp_header else None, token_file=args.token_file)
     return run_agent(cfg, once=args.once, duration_s=args.duration_s, replay=args.replay,
                      record=args.record, no_gpu=args.no_gpu, sysfs_root=args.sysfs_root)
 
@@ -254,10 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "http://127.0.0.1:4318/v1/metrics (default: none, or "
                     "OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT)")
     ag.add_argument("--otlp-header", action="append", metavar="KEY=VALUE",
-                    help="extra header of each push (repeatable), e.g. "
-                    "'authorization=Bearer TOKEN'")
+                    help="extra header of each push (repeatable), e.g. 'x-tenant=a'; not for "
+                    "secrets, which every local user sees on the command line: use "
+                    "--token-file")
+    ag.add_argument("--token-file", metavar="PATH", help="file holding the bearer token "
+                    "sent with each push (`ringwatch serve`'s token); default: the file "
+                    "named by RINGWATCH_AGENT_TOKEN_FILE, else RINGWATCH_AGENT_TOKEN")
     ag.add_argument("--prometheus", metavar="HOST:PORT", help="where /metrics is served "
-                    "(default 0.0.0.0:9400; 'off' for none)")
+                    "(default loopback 127.0.0.1:9400; 0.0.0.0:9400 for a scraper on "
+                    "another machine; 'off' for none)")
     ag.add_argument("--log-dir", help="root of the ranks' logs on this node (default "
                     "./ringwatch-logs; 'off' for none)")
     ag.add_argument("--job-id", help="job label of the GPU and host series (default: the "

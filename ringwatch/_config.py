@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 # --- environment variables (the only place their names appear) -------------------------------
@@ -33,6 +33,13 @@ ENV_AGENT_LOGS_INTERVAL_S = "RINGWATCH_AGENT_LOGS_INTERVAL_S"  # s: reading the 
 ENV_AGENT_EXPORT_INTERVAL_S = "RINGWATCH_AGENT_EXPORT_INTERVAL_S"  # s: between OTLP pushes
 ENV_AGENT_PROMETHEUS = "RINGWATCH_AGENT_PROMETHEUS"  # HOST:PORT of /metrics, "off": none
 ENV_AGENT_POWER_WINDOW_S = "RINGWATCH_AGENT_POWER_WINDOW_S"  # s: span of peak/min power
+ENV_AGENT_TOKEN = "RINGWATCH_AGENT_TOKEN"  # str: bearer token sent with each OTLP push
+ENV_AGENT_TOKEN_FILE = "RINGWATCH_AGENT_TOKEN_FILE"  # path: file holding that token
+# The central service (`ringwatch serve`, `ringwatch status`); secrets never go on argv:
+ENV_TOKEN = "RINGWATCH_TOKEN"  # str: bearer token of pushes and API changes (and reads)
+ENV_TOKEN_FILE = "RINGWATCH_TOKEN_FILE"  # path: file holding that token
+ENV_READ_TOKEN = "RINGWATCH_READ_TOKEN"  # str: bearer token that allows API reads only
+ENV_READ_TOKEN_FILE = "RINGWATCH_READ_TOKEN_FILE"  # path: file holding that token
 # OpenTelemetry's own variables, honoured as the SDK documents them:
 ENV_OTLP_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"  # URL of /v1/metrics
 ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"  # base URL; /v1/metrics is appended
@@ -188,13 +195,19 @@ class AgentConfig:
         export_interval_s: Seconds between OTLP pushes.
         otlp_endpoint: URL the OTLP/HTTP metrics go to (None: no push).
         otlp_headers: Extra headers of each push.
-        prometheus_listen: ``HOST:PORT`` of ``/metrics`` (None: not served).
+        prometheus_listen: ``HOST:PORT`` of ``/metrics`` (None: not served); loopback by
+            default, like ``ringwatch serve``: open it (``0.0.0.0:9400``) for a scraper on
+            another machine.
         log_dir: Root of the ranks' logs on this node (None: no collective summaries).
         job_id: Job label of the node's GPU and host series ("" : taken from the one job
             whose ranks run here, if only one does).
         host: Host name label (default: the machine's name).
         power_window_s: Span of the peak/min power gauges, seconds.
         stale_after_s: A rank whose log has not been written for this long is dropped.
+        token: Bearer token sent as ``authorization`` with each push (None: none); read from
+            ``token_file=`` (the ``--token-file`` flag), else the file named by
+            ``RINGWATCH_AGENT_TOKEN_FILE``, else ``RINGWATCH_AGENT_TOKEN``; never shown in
+            the config's repr.
     """
 
     fast_interval_s: float = 0.05
@@ -203,16 +216,18 @@ class AgentConfig:
     export_interval_s: float = 10.0
     otlp_endpoint: str | None = None
     otlp_headers: tuple[tuple[str, str], ...] = ()
-    prometheus_listen: str | None = "0.0.0.0:9400"
+    prometheus_listen: str | None = "127.0.0.1:9400"
     log_dir: Path | None = Path(DEFAULT_LOG_DIR)
     job_id: str = ""
     host: str = ""
     power_window_s: float = 10.0
     stale_after_s: float = 300.0
+    token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> AgentConfig:
-        """Defaults, then ``env`` (default ``os.environ``), then non-None ``overrides``.
+        """Defaults, then ``env`` (default ``os.environ``), then non-None ``overrides``
+        (``token_file=`` names a file holding the token).
 
         Raises:
             ConfigError: a variable or override is malformed.
@@ -240,6 +255,11 @@ class AgentConfig:
             kw["otlp_endpoint"] = env[ENV_OTLP_ENDPOINT].rstrip("/") + "/v1/metrics"
         if env.get(ENV_OTLP_HEADERS):
             kw["otlp_headers"] = parse_headers(ENV_OTLP_HEADERS, env[ENV_OTLP_HEADERS])
+        token_file = overrides.pop("token_file", None)
+        token = read_secret(env, file=token_file, value_var=ENV_AGENT_TOKEN,
+                            file_var=ENV_AGENT_TOKEN_FILE)
+        if token is not None:
+            kw["token"] = token
         kw.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(kw) - {f.name for f in fields(cls)}
         if unknown:
@@ -254,11 +274,40 @@ class AgentConfig:
             if getattr(cfg, key) <= 0:
                 raise ConfigError(f"{key} must be > 0")
         if cfg.prometheus_listen is not None:
-            port = cfg.prometheus_listen.rpartition(":")[2]
-            if not port.isdigit():
-                raise ConfigError(f"prometheus listen address {cfg.prometheus_listen!r}: "
-                                  "expected HOST:PORT")
+            from ringwatch._net import parse_listen
+
+            parse_listen(cfg.prometheus_listen)
         return cfg
+
+
+def read_secret(env: Mapping[str, str] | None = None, *, file: str | Path | None = None,
+                value_var: str, file_var: str) -> str | None:
+    """A bearer token from a file or the environment, never from argv: ``file`` (a
+    ``--token-file`` flag), else the file named by ``env[file_var]``, else
+    ``env[value_var]``; None when none is given. Surrounding whitespace (a file's trailing
+    newline) is dropped.
+
+    Raises:
+        ConfigError: The file cannot be read, or the token is empty or holds a character
+            that cannot travel in an HTTP header (outside printable ASCII, or a space).
+    """
+    env = os.environ if env is None else env
+    path = file if file is not None else env.get(file_var) or None
+    if path is not None:
+        try:
+            raw = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file {path}: "
+                              f"{exc.strerror or exc}") from None
+        where = f"token file {path}"
+    elif env.get(value_var):
+        raw, where = env[value_var], value_var
+    else:
+        return None
+    token = raw.strip()
+    if not token or not all(33 <= ord(c) <= 126 for c in token):
+        raise ConfigError(f"{where}: a token is one word of printable ASCII")
+    return token
 
 
 def parse_headers(name: str, raw: str) -> tuple[tuple[str, str], ...]:

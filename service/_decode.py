@@ -36,6 +36,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
+from ringwatch.service._http import RequestError
+
 try:  # googleapis-common-protos: a dependency of opentelemetry-exporter-otlp-proto-http
     from google.rpc.status_pb2 import Status as _RpcStatus
 except ImportError:  # pragma: no cover - then protobuf error bodies fall back to JSON
@@ -53,16 +55,7 @@ _JSON_DATA_KINDS = ("gauge", "sum", "histogram", "exponentialHistogram", "expone
 # HTTP status -> google.rpc.Code carried in the error body's ``code`` (Status.code is a gRPC
 # code, not an HTTP status; the HTTP status is on the status line).
 _RPC_CODES = {400: 3, 401: 16, 404: 5, 405: 12, 408: 4, 411: 3, 413: 8, 414: 3, 415: 3, 431: 3,
-               500: 13, 501: 12, 505: 12}
-
-
-class RequestError(Exception):
-    """A request the receiver refuses: ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"{status} {message}")
-        self.status = status
-        self.message = message
+               500: 13, 501: 12, 503: 14, 505: 12}
 
 
 def media_type(content_type: str | None) -> str:

@@ -128,11 +128,16 @@ class OtlpGrpcReceiver(_Intake):
 
 def _peer_address(peer: str) -> str:
     """``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` -> the address alone."""
+    from ringwatch._config import ConfigError
+    from ringwatch._net import parse_listen
+
     kind, _, rest = peer.partition(":")
     if kind not in ("ipv4", "ipv6"):
         return peer
-    addr = rest.rpartition(":")[0]
-    return addr.strip("[]")
+    try:
+        return parse_listen(rest, default_host="")[0]
+    except ConfigError:
+        return rest
 
 
 def _servicer_base():

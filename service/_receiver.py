@@ -1,5 +1,5 @@
 """The OTLP/HTTP metrics receiver of the central service, on the standard library's
-``ThreadingHTTPServer`` (one daemon thread per connection).
+``ThreadingHTTPServer`` (one daemon thread per connection, up to a cap: ``_http``).
 
 Protocol (https://opentelemetry.io/docs/specs/otlp/#otlphttp): ``POST <path>`` with
 ``application/x-protobuf`` or ``application/json`` (see ``_decode`` for OTLP/JSON), optionally
@@ -9,32 +9,23 @@ a ``google.rpc.Status`` (protobuf requests) or its JSON form ``{"code", "message
 requests and requests of another type); ``code`` is the gRPC code, the HTTP status is on the
 status line.
 
-Limits: ``Content-Length`` is required (411 otherwise; chunked transfer coding is not
-supported, which the OTLP exporters never need: they send whole bodies), a length over
-``max_request_bytes`` is a 413 before any body byte is read, and each request (headers and body)
-must arrive within ``read_timeout_s`` of the server starting to wait for it (after the accept,
-or after the previous answer on a keep-alive connection, so it is also the idle limit), so a
-slow client holds a thread for at most that long. Answers sent before the body was read close
-the connection. Memory per request in flight: up to ``max_request_bytes`` of body, up to
-``max_decompressed_bytes`` decompressed, and the decoded message (upb: up to ~35x the wire size
-for a body of empty data points). The number of threads is not capped: a flood of connections
-is bounded only by ``read_timeout_s``; put a proxy in front for the open internet.
+Limits (shared with the API server, see ``_http``): ``Content-Length`` is required (411
+otherwise; chunked transfer coding is not supported, which the OTLP exporters never need: they
+send whole bodies), a length over ``max_request_bytes`` is a 413 before any body byte is read,
+each request must arrive within ``read_timeout_s`` (408 after), and at most
+``max_connections`` connections are handled at once (one thread each; one more is answered 503
+and closed). Memory per request in flight: up to ``max_request_bytes`` of body, up to
+``max_decompressed_bytes`` decompressed, and the decoded message (upb: up to ~35x the wire
+size for a body of empty data points), so at most ``max_connections`` times that in all.
 """
 
 from __future__ import annotations
 
-import hmac
-import io
 import logging
-import socket
-import socketserver
 import threading
-import time
 import types
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -43,6 +34,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from ringwatch._clock import Clock, SystemClock
 from ringwatch._log import warn_once
+from ringwatch._net import join_host_port
 from ringwatch.service._decode import (
     RequestError,
     content_coding,
@@ -51,6 +43,13 @@ from ringwatch.service._decode import (
     encode_error,
     encode_response,
     media_type,
+)
+from ringwatch.service._http import (
+    BoundedHandler,
+    BoundedServer,
+    Counters,
+    bearer_ok,
+    serve_in_thread,
 )
 
 __all__ = ["OtlpReceiver", "ReceiverStats", "RequestError", "RequestInfo",
@@ -81,12 +80,15 @@ class ReceiverStats:
     """Counters of a receiver since it was built (a snapshot).
 
     Attributes:
-        requests_total: Answers sent (or attempted) by HTTP status; 408 counts bodies that
-            timed out. Connections that ended before a request line are not counted.
+        requests_total: Answers sent (or attempted) by HTTP status; 408 counts requests that
+            timed out with some bytes in, 503 connections refused at the cap. Connections
+            that ended before a request line are not counted.
         bytes_total: Request body bytes read, as received.
         points_total: Data points decoded (gauge, sum, histogram, exp. histogram, summary).
         rejected_total: Data points the handler reported as rejected.
         handler_errors_total: Requests whose handler raised (answered 500).
+        refused_total: Connections refused at the connection cap (also answered 503).
+        timeouts_total: Requests that did not arrive within the read timeout.
     """
 
     requests_total: Mapping[int, int]
@@ -94,6 +96,8 @@ class ReceiverStats:
     points_total: int
     rejected_total: int
     handler_errors_total: int
+    refused_total: int = 0
+    timeouts_total: int = 0
 
 
 Handler = Callable[[ExportMetricsServiceRequest, RequestInfo], "int | None"]
@@ -111,9 +115,7 @@ class _Intake:
     def __init__(self, handler: Handler, clock: Clock | None):
         self.handler = handler
         self.clock = clock or SystemClock()
-        self._lock = threading.Lock()
-        self._requests: Counter = Counter()
-        self._totals: Counter[str] = Counter()
+        self.counters = Counters()
 
     def start(self):  # each receiver binds its own way
         raise NotImplementedError
@@ -134,30 +136,25 @@ class _Intake:
 
     def _host_port(self) -> str:
         """``host:port`` with an IPv6 host in brackets."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self._port}"
+        return join_host_port(self.host, self._port)
 
     def _bearer_ok(self, header: str, encoding: str) -> bool:
         """Whether an ``Authorization`` value is ``Bearer <token>`` (constant-time compare).
         ``encoding`` maps the value back to the bytes it arrived as."""
-        scheme, _, credential = header.strip().partition(" ")
-        given = credential.strip().encode(encoding, "replace")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given, self.token)
+        return bearer_ok(header, self.token, encoding)
 
     def stats(self) -> ReceiverStats:
         """A snapshot of the counters."""
-        with self._lock:
-            return ReceiverStats(
-                requests_total=types.MappingProxyType(dict(self._requests)),
-                bytes_total=self._totals["bytes"], points_total=self._totals["points"],
-                rejected_total=self._totals["rejected"],
-                handler_errors_total=self._totals["handler_errors"])
+        by_status, totals = self.counters.snapshot()
+        return ReceiverStats(
+            requests_total=types.MappingProxyType(by_status),
+            bytes_total=totals.get("bytes", 0), points_total=totals.get("points", 0),
+            rejected_total=totals.get("rejected", 0),
+            handler_errors_total=totals.get("handler_errors", 0),
+            refused_total=totals.get("refused", 0), timeouts_total=totals.get("timeouts", 0))
 
     def _count(self, status: int | str | None = None, **totals: int) -> None:
-        with self._lock:
-            if status is not None:
-                self._requests[status] += 1
-            self._totals.update(totals)
+        self.counters.count(status, **totals)
 
     def _deliver(self, req: ExportMetricsServiceRequest, info: RequestInfo) -> int | str:
         """Hands a decoded request to the handler: the number of rejected points, or the
@@ -199,6 +196,7 @@ class OtlpReceiver(_Intake):
         max_request_bytes: Largest accepted Content-Length, bytes.
         max_decompressed_bytes: Largest body after decompression, bytes.
         read_timeout_s: Time a request may take to arrive (headers and body), seconds.
+        max_connections: Connections handled at once (one thread each); more get 503.
         clock: Source of ``received_wall_ns``.
 
     Raises:
@@ -208,10 +206,12 @@ class OtlpReceiver(_Intake):
     def __init__(self, *, handler: Handler, host: str = "127.0.0.1", port: int = 4318,
                  path: str = "/v1/metrics", token: str | None = None,
                  max_request_bytes: int = 8 << 20, max_decompressed_bytes: int = 64 << 20,
-                 read_timeout_s: float = 10, clock: Clock | None = None):
+                 read_timeout_s: float = 10, max_connections: int = 128,
+                 clock: Clock | None = None):
         if not path.startswith("/"):
             raise ValueError(f"receiver path must start with '/', got {path!r}")
-        if min(max_request_bytes, max_decompressed_bytes) <= 0 or not read_timeout_s > 0:
+        if min(max_request_bytes, max_decompressed_bytes, max_connections) <= 0 \
+                or not read_timeout_s > 0:
             raise ValueError("receiver limits and read_timeout_s must be positive")
         super().__init__(handler, clock)
         self.host = host
@@ -220,6 +220,7 @@ class OtlpReceiver(_Intake):
         self.max_request_bytes = max_request_bytes
         self.max_decompressed_bytes = max_decompressed_bytes
         self.read_timeout_s = float(read_timeout_s)
+        self.max_connections = max_connections
         self._port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -233,15 +234,18 @@ class OtlpReceiver(_Intake):
         """
         if self._server is not None:
             raise RuntimeError("OtlpReceiver already started")
-        cls = _Server6 if ":" in self.host else _Server
-        self._server = cls((self.host, self._port), _RequestHandler)
+        self._server = _Server((self.host, self._port), _RequestHandler, counters=self.counters,
+                               max_connections=self.max_connections,
+                               read_timeout_s=self.read_timeout_s)
         self._server.receiver = self
         self._port = self._server.server_address[1]
-        self._thread = threading.Thread(  # polls for stop() every 0.1 s
-            target=self._server.serve_forever, args=(0.1,), daemon=True,
-            name=f"ringwatch-otlp-receiver:{self._port}")
-        self._thread.start()
+        self._thread = serve_in_thread(self._server, f"ringwatch-otlp-receiver:{self._port}")
         return self
+
+    @property
+    def active_connections(self) -> int:
+        """Connections being handled now (0 when stopped)."""
+        return self._server.active if self._server is not None else 0
 
     def stop(self) -> None:
         """Stops accepting and closes the listening socket (idempotent). Requests in flight
@@ -273,67 +277,12 @@ class OtlpReceiver(_Intake):
         return 200, kind, encode_response(kind, rejected, f"{rejected} data points rejected")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # a burst of connections must not be refused at the backlog
+class _Server(BoundedServer):
     receiver: OtlpReceiver
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN (a reverse DNS lookup that can hang
-        # where DNS is unreachable); the name is only used for CGI, so it is skipped.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
 
-    def handle_error(self, request, client_address) -> None:
-        # Peers that reset or vanish mid-request are expected from a network; never a traceback.
-        log.debug("OTLP receiver: connection from %s failed", client_address, exc_info=True)
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket reader whose reads all end by one deadline (set per request), so a client
-    that trickles bytes cannot hold its thread beyond ``budget_s``."""
-
-    def __init__(self, sock: socket.socket, budget_s: float):
-        self._sock = sock
-        self._budget_s = budget_s
-        self._deadline = time.monotonic() + budget_s
-
-    def restart(self) -> None:
-        # Real time on purpose: it bounds real socket waits, whatever clock the service uses.
-        self._deadline = time.monotonic() + self._budget_s
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("request read deadline passed")
-        self._sock.settimeout(left)
-        return self._sock.recv_into(buf)
-
-
-class _RequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: every answer carries Content-Length
-    server_version = "ringwatch"
+class _RequestHandler(BoundedHandler):
     server: _Server
-
-    def version_string(self) -> str:  # the Server header, without the Python version
-        return self.server_version
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile.close()  # replaced: releases the socket's makefile reference
-        self._reader = _DeadlineReader(self.connection, self.server.receiver.read_timeout_s)
-        self.rfile = io.BufferedReader(self._reader)
-
-    def handle_one_request(self) -> None:
-        self._reader.restart()
-        super().handle_one_request()
 
     def __getattr__(self, name: str):
         if name.startswith("do_"):  # any method but POST: 405 on our path, 404 elsewhere
@@ -343,82 +292,35 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         rcv = self.server.receiver
         if urlsplit(self.path).path != rcv.path:
-            return self._error(404, f"no such path; POST metrics to {rcv.path}")
+            return self.error(404, f"no such path; POST metrics to {rcv.path}")
         if rcv.token is not None and not self._authorized():
-            return self._error(401, "missing or wrong bearer token",
-                               extra=(("WWW-Authenticate", "Bearer"),))
+            return self.error(401, "missing or wrong bearer token",
+                              extra=(("WWW-Authenticate", "Bearer"),))
         try:
-            length = self._content_length(rcv.max_request_bytes)
+            length = self.content_length(rcv.max_request_bytes, required=True)
             kind = media_type(self.headers.get("Content-Type"))
             coding = content_coding(self.headers.get("Content-Encoding"))
         except RequestError as err:
-            return self._error(err.status, err.message)
-        try:
-            body = self.rfile.read(length)
-        except TimeoutError:
-            return self._error(408, f"body not received within {rcv.read_timeout_s:g} s")
-        except OSError:  # reset by the peer: nobody to answer
-            self.close_connection = True
+            return self.error(err.status, err.message)
+        body = self.read_body(length)
+        if body is None:
             return None
         received_wall_ns = rcv.clock.wall_ns()
         rcv._count(bytes=len(body))
-        if len(body) < length:
-            return self._error(400, f"body ended after {len(body)} of {length} bytes")
-        self._reply(*rcv._serve(body, kind, coding, self.client_address[0], received_wall_ns))
+        self.reply(*rcv._serve(body, kind, coding, self.client_address[0], received_wall_ns))
 
     def _not_post(self) -> None:
         if urlsplit(self.path).path != self.server.receiver.path:
-            return self._error(404, "no such path")
-        self._error(405, "only POST is allowed", extra=(("Allow", "POST"),))
+            return self.error(404, "no such path")
+        self.error(405, "only POST is allowed", extra=(("Allow", "POST"),))
 
     def _authorized(self) -> bool:
         # Headers are decoded as latin-1 by http.client: every str maps back to bytes.
         return self.server.receiver._bearer_ok(self.headers.get("Authorization", ""),
                                                "latin-1")
 
-    def _content_length(self, limit: int) -> int:
-        if self.headers.get("Transfer-Encoding") is not None:
-            raise RequestError(411, "chunked transfer coding is not supported; "
-                                    "send Content-Length")
-        values = {v.strip() for v in self.headers.get_all("Content-Length") or ()}
-        if not values:
-            raise RequestError(411, "Content-Length required")
-        value = values.pop()
-        if values or not (value.isascii() and value.isdigit()):
-            raise RequestError(400, "bad Content-Length")
-        if len(value) > 18 or int(value) > limit:
-            raise RequestError(413, f"request body over the limit of {limit} bytes")
-        return int(value)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
-        # http.server's own refusals (bad request line, headers too long, ...): our body.
-        self._error(code, message or self.responses.get(code, ("error",))[0])
-
-    def _error(self, status: int, message: str, extra: tuple = ()) -> None:
-        """An error answer before the body was read (or with the body cut short): the
-        connection closes, since unread body bytes would be taken for the next request."""
-        ctype, body = encode_error(self._request_kind(), status, message)
-        self._reply(status, ctype, body, close=True, extra=extra)
-
-    def _reply(self, status: int, ctype: str, body: bytes, *, close: bool = False,
-               extra: tuple = ()) -> None:
-        self.server.receiver._count(int(status))
-        if close:
-            self.close_connection = True
-        try:
-            self.connection.settimeout(self.server.receiver.read_timeout_s)
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for key, value in extra:
-                self.send_header(key, value)
-            if close:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if getattr(self, "command", None) != "HEAD":
-                self.wfile.write(body)
-        except OSError:  # the peer went away: nothing to tell it
-            self.close_connection = True
+    def error_body(self, status: int, message: str) -> tuple[str, bytes]:
+        return encode_error(self._request_kind(), status, message)
 
     def _request_kind(self) -> str | None:
         headers = getattr(self, "headers", None)

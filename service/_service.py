@@ -1,20 +1,26 @@
 """``ringwatch serve``: the receiver, the per-job state, the analysis loop and the outputs.
 
-Threads: the OTLP receiver's (one per connection), the API server's, and one analysis loop
-that every ``window_s`` takes a copy of each job's state, runs the analyzers on it and hands
-the findings to the store (opened, updated, resolved; persisted to Parquet). Detectors can be
-paused and thresholds changed while it runs (:meth:`Service.control`).
+Threads: the OTLP receiver's and the API server's (one per connection, at most
+``max_connections`` each, plus one accepting thread each), and one analysis loop that every
+``window_s`` takes a copy of each job's state, runs the analyzers on it and hands the findings
+to the store (opened, updated, resolved; persisted to Parquet). Detectors can be paused and
+thresholds changed while it runs (:meth:`Service.control`).
+
+A job evicted by ``max_jobs`` leaves nothing behind: its state, its online window, its series
+(analysis lag and duration, hiccups) and its findings are dropped by the next round.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ringwatch._clock import Clock, SystemClock
+from ringwatch._net import parse_listen
 
 log = logging.getLogger("ringwatch.service")
 
@@ -34,10 +40,19 @@ class ServiceConfig:
         api_listen: ``HOST:PORT`` of ``/metrics`` and ``/api/v1/...``.
         state_dir: Folder of the findings' Parquet files (None: memory only).
         window_s: Seconds between analysis rounds.
-        token: Bearer token the agents must send (None: none asked).
+        token: Bearer token the agents must send and API changes need (None: none asked).
+        read_token: A second token that allows API reads only; giving one turns
+            ``auth_reads`` on.
+        auth_reads: GETs of ``/metrics`` and ``/api/v1`` need ``token`` (or ``read_token``).
         resolve_after_s: A finding not seen for this long is resolved.
         keep_steps: Steps of each job kept for analysis.
         max_jobs: Jobs held at once; one more evicts the one silent longest.
+        max_connections: Connections each HTTP port (OTLP, API) handles at once (a thread
+            each); more are answered 503.
+        read_timeout_s: Time an HTTP request may take to arrive, seconds.
+
+    Raises:
+        ValueError: Read authentication without ``token``, or a limit that is not positive.
     """
 
     otlp_listen: str = "127.0.0.1:4318"
@@ -45,17 +60,24 @@ class ServiceConfig:
     api_listen: str = "127.0.0.1:9410"
     state_dir: Path | None = Path("ringwatch-serve")
     window_s: float = 1.0
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
+    read_token: str | None = field(default=None, repr=False)
+    auth_reads: bool = False
     resolve_after_s: float = 30.0
     keep_steps: int = 200
     max_jobs: int = 64
+    max_connections: int = 128
+    read_timeout_s: float = 10.0
     detectors: set[str] = field(default_factory=lambda: set(DETECTORS))
     thresholds: dict = field(default_factory=lambda: dict(THRESHOLDS))
 
-
-def _split(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host or "127.0.0.1", int(port)
+    def __post_init__(self) -> None:
+        self.auth_reads = self.auth_reads or bool(self.read_token)
+        if self.auth_reads and not self.token:
+            raise ValueError("read authentication needs the service's token "
+                             "(RINGWATCH_TOKEN or --token-file)")
+        if self.max_connections < 1 or not self.read_timeout_s > 0:
+            raise ValueError("max_connections and read_timeout_s must be positive")
 
 
 class Service:
@@ -100,7 +122,9 @@ class Service:
             detectors = frozenset(self.config.detectors)
             thresholds = dict(self.config.thresholds)
         changes = []
-        for job in list(self.jobs.jobs):
+        with self.jobs.lock:
+            jobs = list(self.jobs.jobs)
+        for job in jobs:
             jl, rows = self.jobs.take(job)
             if jl is None:
                 continue
@@ -121,17 +145,31 @@ class Service:
             findings = without_unplaced_links(findings, open_stragglers + [
                 f for f in findings if f.kind == "straggler"])
             new = self.store.update(job, findings, now_ns=now)
-            self._count_hiccups(job, new)
+            self._count_hiccups(job, live.take_hiccups())
             changes += new
             self._superseded(job, findings)
             self.last_round_s[job] = time.perf_counter() - t0
             self.last_lag_s[job] = (now - jl.last_push_ns) / 1e9
-        for gone in set(self.live) - set(self.jobs.jobs):
-            del self.live[gone]  # a job the state dropped
-            self.hiccups = {k: n for k, n in self.hiccups.items() if k[0] != gone}
+        self._forget_evicted()
         changes += self.store.sweep(now_ns=self.clock.wall_ns())  # jobs that went quiet
         self.rounds += 1
         return changes
+
+    def _forget_evicted(self) -> None:
+        """Drop every per-job state of the jobs the state evicted (``max_jobs``): online
+        window, series, findings. Jobs the state never held (findings loaded from the state
+        folder after a restart, before their agents push again) are kept."""
+        evicted = self.jobs.drain_evicted()  # first: one evicted later waits for next round
+        with self.jobs.lock:  # the receivers' threads add and evict jobs meanwhile
+            held = set(self.jobs.jobs)
+        for job in evicted:
+            if job not in held:
+                self.store.forget_job(job)
+        for d in (self.live, self.last_round_s, self.last_lag_s):
+            for gone in set(d) - held:
+                d.pop(gone, None)
+        if any(k[0] not in held for k in self.hiccups):
+            self.hiccups = {k: n for k, n in self.hiccups.items() if k[0] in held}
 
     def _superseded(self, job: str, findings) -> None:
         """Resolve the open stragglers a slow link now explains: before the link was clear,
@@ -145,18 +183,15 @@ class Service:
             for f in links:
                 if (s.hosts == f.hosts and f.since_step is not None
                         and abs(s.since_step - f.since_step) <= 5):
-                    self.store.resolve(t.id)
+                    self.store.resolve(t.id, durable=False)  # written with the round
                     break
 
-    def _count_hiccups(self, job: str, changes) -> None:
-        """One more hiccup per rank for each transient straggler resolved in ``changes``."""
-        from ringwatch.analyzers._stragglers import is_hiccup
-
-        for c in changes:
-            f = c.tracked.finding
-            if c.what == "resolved" and is_hiccup(f):  # a straggler: one rank, its host
-                key = (job, f.ranks[0], f.hosts[0] if f.hosts else "")
-                self.hiccups[key] = self.hiccups.get(key, 0) + 1
+    def _count_hiccups(self, job: str, hiccups) -> None:
+        """One more hiccup per rank for each transient straggler the window reported first
+        this round (a hiccup is never a finding: see ``analyze_live``)."""
+        for f in hiccups:  # a straggler: one rank, its host
+            key = (job, f.ranks[0], f.hosts[0] if f.hosts else "")
+            self.hiccups[key] = self.hiccups.get(key, 0) + 1
 
     def _loop(self) -> None:
         while not self.stop_event.wait(self.config.window_s):
@@ -176,11 +211,14 @@ class Service:
             raise ValueError(f"unknown detector(s): {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(DETECTORS)}")
         th = thresholds or {}
+        if not isinstance(th, dict):
+            raise ValueError("thresholds must be an object of NAME: value")
         bad = set(th) - set(THRESHOLDS)
         if bad:
             raise ValueError(f"unknown threshold(s): {', '.join(sorted(bad))}")
         for k, v in th.items():
-            if v is not None and (not isinstance(v, int | float) or v < 0
+            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)
+                                  or not math.isfinite(v) or v < 0
                                   or (v == 0 and k == "min_stall_s")):
                 raise ValueError(f"{k} must be a positive number (min_gain_share: 0 or "
                                  "more) or null")
@@ -213,19 +251,23 @@ class Service:
         from ringwatch.service._api import ApiServer
         from ringwatch.service._receiver import OtlpReceiver
 
-        host, port = _split(self.config.otlp_listen)
+        cfg = self.config
+        host, port = parse_listen(cfg.otlp_listen)
         self.receiver = OtlpReceiver(handler=self._on_request, host=host, port=port,
-                                     token=self.config.token, clock=self.clock,
-                                     max_decompressed_bytes=16 << 20).start()
-        if self.config.otlp_grpc_listen:
+                                     token=cfg.token, clock=self.clock,
+                                     max_decompressed_bytes=16 << 20,
+                                     max_connections=cfg.max_connections,
+                                     read_timeout_s=cfg.read_timeout_s).start()
+        if cfg.otlp_grpc_listen:
             from ringwatch.service._grpc_receiver import OtlpGrpcReceiver
 
-            host, port = _split(self.config.otlp_grpc_listen)
+            host, port = parse_listen(cfg.otlp_grpc_listen)
             self.grpc_receiver = OtlpGrpcReceiver(
-                handler=self._on_request, host=host, port=port, token=self.config.token,
+                handler=self._on_request, host=host, port=port, token=cfg.token,
                 clock=self.clock, max_request_bytes=16 << 20).start()
-        host, port = _split(self.config.api_listen)
-        self.api = ApiServer(self, host=host, port=port).start()
+        host, port = parse_listen(cfg.api_listen)
+        self.api = ApiServer(self, host=host, port=port, max_connections=cfg.max_connections,
+                             read_timeout_s=cfg.read_timeout_s).start()
         self._thread = threading.Thread(target=self._loop, name="ringwatch-serve-analysis",
                                         daemon=True)
         self._thread.start()

@@ -6,6 +6,16 @@ store matches them to what it already tracks by an identity key (:func:`identity
 the new ones, updates the ones seen again and resolves the ones gone quiet for
 ``resolve_after_s``. The HTTP API reads :meth:`~FindingsStore.current` and
 :meth:`~FindingsStore.history` meanwhile: every method takes the store's one lock.
+
+Durability: the analysis loop's changes are written at most every ``flush_interval_s`` (a
+crash loses at most that much of them, and the next rounds find the same findings again); an
+operator's resolve is written before :meth:`~FindingsStore.resolve` returns, so an answered
+resolve survives a kill -9.
+
+Ids: ``<job>:<kind>:<run>-<n>``, with ``n`` counting up across restarts (from the largest
+loaded) and ``<run>`` the store's start time in seconds, base 36 (six characters): ids stay
+unique even when both state files are lost (or set aside as corrupt) and ``n`` starts at 1
+again.
 """
 
 from __future__ import annotations
@@ -49,10 +59,21 @@ def identity_key(job: str, f: Finding) -> tuple:
 
 
 def _number(tid: str) -> int:
+    """The counter of an id (``...:<run>-<n>``, or ``...:<n>`` as written before runs)."""
     try:
-        return int(tid.rsplit(":", 1)[-1])
+        return int(tid.rsplit(":", 1)[-1].rsplit("-", 1)[-1])
     except ValueError:
         return 0
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, d = divmod(n, 36)
+        out = digits[d] + out
+        if not n:
+            return out
 
 
 def _same_episode(old: Finding, new: Finding) -> bool:
@@ -100,6 +121,7 @@ class FindingsStore:
         self._latest: dict[tuple, str] = {}  # identity key -> id of its newest occurrence
         self._history: deque[Change] = deque(maxlen=history_limit)
         self._next_n = 1
+        self._run = _base36(self._clock.wall_ns() // 1_000_000_000)
         self._findings_dirty = self._history_dirty = False
         self._pending = False  # changes made since the last write
         self._last_write_ns: int | None = None
@@ -194,13 +216,20 @@ class FindingsStore:
         with self._lock:
             return sorted(self._job_ids)
 
-    def resolve(self, finding_id: str) -> TrackedFinding:
+    def resolve(self, finding_id: str, *, durable: bool = True) -> TrackedFinding:
         """Close one finding by hand (a resolved one is returned as it is).
 
         If its analyzer reports it again, it re-opens as a new occurrence.
 
+        Args:
+            finding_id: The tracked finding's id.
+            durable: Write the state files before returning (an operator's action); False
+                leaves it to the next due write (the analysis loop's own resolves).
+
         Raises:
             KeyError: no tracked finding has this id.
+            OSError: ``durable`` and the folder cannot be written (the finding is resolved
+                in memory, and written by a later round when the folder is back).
         """
         with self._lock:
             t = self._by_id.get(finding_id)
@@ -211,7 +240,13 @@ class FindingsStore:
             now = self._clock.wall_ns()
             t = self._put(replace(t, state="resolved", resolved_ns=now))
             self._record([Change("resolved", t, now)])
-            self._flush_if_due()
+            if durable:
+                try:
+                    self._write()
+                except pl.exceptions.PolarsError as e:
+                    raise OSError(f"cannot write {self._dir}: {e}") from None
+            else:
+                self._flush_if_due()
             return t
 
     def forget_job(self, job: str) -> int:
@@ -262,7 +297,8 @@ class FindingsStore:
                 and _same_episode(latest.finding, f):
             return []  # an ended episode already resolved
         n, self._next_n = self._next_n, self._next_n + 1
-        t = self._put(TrackedFinding(id=f"{job}:{f.kind}:{n}", job=job, state="open",
+        t = self._put(TrackedFinding(id=f"{job}:{f.kind}:{self._run}-{n}", job=job,
+                                     state="open",
                                      opened_ns=now, last_seen_ns=now, resolved_ns=None,
                                      updates=0, finding=f))
         self._latest[key] = t.id

@@ -77,7 +77,8 @@ class TrackedFinding:
     """One occurrence of a finding, from when it opened to when it resolved.
 
     Attributes:
-        id: Stable id, ``<job>:<kind>:<n>`` with ``n`` unique within the store.
+        id: Stable id, ``<job>:<kind>:<run>-<n>``: ``<run>`` the store's start (s, base 36),
+            ``n`` counting up within the store and across its restarts.
         job: The job it belongs to.
         state: ``open`` or ``resolved``.
         opened_ns: Wall clock (ns) when it was first reported.

@@ -55,15 +55,19 @@ def build_registry(state: NodeState):
 
 
 def serve_metrics(registry, listen: str):
-    """Serve ``/metrics`` on ``HOST:PORT`` in a daemon thread; returns ``(server, thread)``.
+    """Serve ``/metrics`` on ``HOST:PORT`` (loopback when no host is named) in a daemon
+    thread; returns ``(server, thread)``.
 
     Raises:
+        ConfigError: ``listen`` is not ``HOST:PORT``.
         OSError: The address cannot be bound (start-up fails with one line).
     """
     from prometheus_client import start_http_server
 
-    host, _, port = listen.rpartition(":")
-    return start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    from ringwatch._net import parse_listen
+
+    host, port = parse_listen(listen)
+    return start_http_server(port, addr=host, registry=registry)
 
 
 def exposition(registry) -> str:

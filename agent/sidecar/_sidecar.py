@@ -160,11 +160,15 @@ class Sidecar:
     def make_pusher(self):
         """The OTLP pusher of :attr:`config`'s endpoint. A push never outlives its interval
         (the exporter retries within its timeout): a dead collector costs one failed push
-        per interval, not a growing backlog."""
+        per interval, not a growing backlog. The config's token, when it has one, goes as
+        the ``authorization`` header (over one given with ``--otlp-header``)."""
         from ringwatch.agent.sidecar._otlp_export import OtlpPusher
 
         cfg = self.config
-        return OtlpPusher(self.state, cfg.otlp_endpoint, headers=dict(cfg.otlp_headers),
+        headers = dict(cfg.otlp_headers)
+        if cfg.token is not None:  # from a file or the environment, never from argv
+            headers["authorization"] = f"Bearer {cfg.token}"
+        return OtlpPusher(self.state, cfg.otlp_endpoint, headers=headers,
                           timeout_s=max(0.5, min(5.0, cfg.export_interval_s)),
                           start_ns=self.started_wall_ns)
 

@@ -60,12 +60,13 @@ def live(ddp_run, tmp_path_factory):
     """An agent replaying 2 synthetic GPUs and following the DDP job's logs, pushing OTLP
     every 0.5 s to a real receiver; yields (agent, receiver, logs) and stops it with SIGTERM."""
     logs, _, _ = ddp_run
+    cwd = tmp_path_factory.mktemp("agent")
+    (cwd / "token").write_text("s3cret\n")  # a file: a token on argv shows in `ps`
     with OtlpReceiver() as rx:
         agent = Agent("--replay", "synthetic:2", "--otlp-endpoint", rx.url,
-                      "--otlp-header", "authorization=Bearer s3cret",
+                      "--token-file", str(cwd / "token"),
                       "--export-interval-s", "0.5", "--logs-interval-s", "0.5",
-                      "--log-dir", str(logs), "--stale-after-s", "86400",
-                      cwd=tmp_path_factory.mktemp("agent"))
+                      "--log-dir", str(logs), "--stale-after-s", "86400", cwd=cwd)
         try:
             wait_for(lambda: len(rx.snapshot()) >= 3, 30, "three OTLP pushes")
             yield agent, rx, logs

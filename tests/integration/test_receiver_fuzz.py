@@ -290,26 +290,30 @@ def test_decoder_survives_100k_hostile_inputs():
 
 # --- over HTTP --------------------------------------------------------------------------------
 
-def _send(port: int, data: bytes, mode: str, *, stalled: list | None = None) -> None:
-    """One hostile connection: send ``data`` then close, reset, read, or stall."""
+def _send(port: int, data: bytes, mode: str, *, stalled: list | None = None,
+          timeout_s: float = 2) -> bytes:
+    """One hostile connection: send ``data`` then close, reset, read, or stall; returns what
+    the server answered in ``read`` mode (b"" otherwise, or when it reset)."""
     try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
     except OSError:
-        return
+        return b""
+    answer = b""
     try:
         if mode == "rst":
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.sendall(data)
         if mode == "stall" and stalled is not None:
             stalled.append(s)
-            return
+            return b""
         if mode == "read":
             s.shutdown(socket.SHUT_WR)
-            while s.recv(65536):
-                pass
+            while chunk := s.recv(65536):
+                answer += chunk
     except OSError:
         pass
     s.close()
+    return answer
 
 
 def _hostile(rng: random.Random, port: int, stalled: list) -> None:

@@ -18,10 +18,12 @@ from promtools import free_port, samples
 
 
 class Stack:
-    """`ringwatch serve` and one `ringwatch agent` on loopback, following ``run_dir/logs``."""
+    """`ringwatch serve` (with ``serve_args`` added) and one `ringwatch agent` on loopback,
+    following ``run_dir/logs``."""
 
-    def __init__(self, tmp_path, run_dir):
+    def __init__(self, tmp_path, run_dir, *, serve_args: tuple[str, ...] = ()):
         self.tmp, self.run_dir = tmp_path, run_dir
+        self.serve_args = serve_args
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.otlp, self.api = free_port(), free_port()
         self.serve = self._start_serve()
@@ -36,7 +38,8 @@ class Stack:
     def _start_serve(self):
         proc = subprocess.Popen(ringwatch_cmd(
             "serve", "--otlp-listen", f"127.0.0.1:{self.otlp}", "--listen",
-            f"127.0.0.1:{self.api}", "--state-dir", str(self.tmp / "state")),
+            f"127.0.0.1:{self.api}", "--state-dir", str(self.tmp / "state"),
+            *self.serve_args),
             env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         for _ in range(100):
             try:
@@ -73,6 +76,7 @@ class Stack:
                                               "--timeout-s", "200", *args),
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
+        self.cluster = proc  # stopped by stop() if a test ends while it runs
         t0 = time.monotonic()
         while proc.poll() is None and time.monotonic() - t0 < timeout_s:
             self.poll()
@@ -90,6 +94,14 @@ class Stack:
                               env=job_env(), timeout=30).stdout
 
     def stop(self) -> None:
+        cluster = getattr(self, "cluster", None)
+        if cluster is not None and cluster.poll() is None:
+            cluster.send_signal(signal.SIGTERM)  # it cleans its namespaces up on the way out
+            try:
+                cluster.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                cluster.kill()
+                cluster.communicate()
         for p in (self.agent, self.serve):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -155,3 +155,47 @@ def test_to_env_covers_every_field():
     assert set(env) <= env_names
     # Every field has its variable in the child's environment.
     assert len(env) == len(dataclasses.fields(CaptureConfig))
+
+
+@pytest.mark.parametrize("text,want", [
+    ("127.0.0.1:9410", ("127.0.0.1", 9410)), ("0.0.0.0:0", ("0.0.0.0", 0)),
+    ("node-7:4318", ("node-7", 4318)), ("[::1]:9410", ("::1", 9410)),
+    ("[::]:4317", ("::", 4317)), (":9400", ("127.0.0.1", 9400)), ("9400", ("127.0.0.1", 9400)),
+    (" localhost:65535 ", ("localhost", 65535)),
+])
+def test_parse_listen_reads_every_form(text, want):
+    from ringwatch._net import join_host_port, parse_listen
+
+    assert parse_listen(text) == want
+    assert parse_listen(join_host_port(*want)) == want
+
+
+@pytest.mark.parametrize("text", ["localhost", "host:", "host:http", "host:65536",
+                                  "host:-1", "::1:9410", "[::1]9410", "[::1]", "[]:1",
+                                  "host:123456", "host:1e3"])
+def test_parse_listen_refuses_a_bad_port_in_one_line(text):
+    from ringwatch._net import parse_listen
+
+    with pytest.raises(ConfigError) as err:
+        parse_listen(text)
+    assert "\n" not in str(err.value) and repr(text) in str(err.value)
+
+
+def test_agent_defaults_to_loopback_and_reads_its_token_from_a_file_or_the_env(tmp_path):
+    from ringwatch._config import AgentConfig
+
+    cfg = AgentConfig.from_env({})
+    assert cfg.prometheus_listen == "127.0.0.1:9400" and cfg.token is None
+    assert AgentConfig.from_env({_config.ENV_AGENT_TOKEN: "t-env"}).token == "t-env"
+    f = tmp_path / "agent-token"
+    f.write_text("t-file\n")
+    env = {_config.ENV_AGENT_TOKEN: "t-env", _config.ENV_AGENT_TOKEN_FILE: str(f)}
+    cfg = AgentConfig.from_env(env)
+    assert cfg.token == "t-file" and "t-file" not in repr(cfg)
+    flag = tmp_path / "flag-token"
+    flag.write_text("t-flag")
+    assert AgentConfig.from_env(env, token_file=flag).token == "t-flag"
+    with pytest.raises(ConfigError, match="cannot read the token file"):
+        AgentConfig.from_env({}, token_file=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="IPv6 host in brackets"):
+        AgentConfig.from_env({}, prometheus_listen="::1:9400")

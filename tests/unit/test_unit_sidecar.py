@@ -277,3 +277,22 @@ def test_docs_metrics_md_is_generated_from_the_table():
     path = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
     assert path.read_text() == metrics_markdown(), \
         "regenerate with: ringwatch schema --metrics > docs/metrics.md"
+
+
+def test_a_push_carries_the_token_read_from_a_file(recording, tmp_path):
+    from ringwatch.service._receiver import OtlpReceiver
+
+    f = tmp_path / "token"
+    f.write_text("s3cret\n")
+    seen = []
+    with OtlpReceiver(handler=lambda req, info: seen.append(req), port=0,
+                      token="s3cret") as rcv:
+        for token_file, ok in ((f, True), (None, False)):
+            cfg = AgentConfig.from_env({}, token_file=token_file)
+            clock = FakeClock()
+            s = _sidecar(recording, clock, otlp_endpoint=rcv.url, token=cfg.token)
+            s.once()
+            pusher = s.make_pusher()
+            assert pusher.push(clock.wall_ns()) is ok
+            pusher.close()
+        assert len(seen) == 1 and rcv.stats().requests_total[401] >= 1

@@ -274,3 +274,45 @@ def test_a_slow_link_whose_suspects_narrow_stays_one_finding():
     assert [c.what for c in store.update("j", [narrow])] == []
     assert [c.what for c in store.update("j", [narrow, other])] == ["opened"]
     assert len(store.current("j", state="open")) == 2
+
+
+def test_an_operator_resolve_is_written_before_it_returns(tmp_path, clock):
+    store = FindingsStore(tmp_path, clock=clock, flush_interval_s=3600)
+    (a,) = store.update("j", [hang()])  # the first change is written at once
+    (b,) = store.update("j", [straggler()])  # within the interval: only in memory
+    assert [t.id for t in FindingsStore(tmp_path, clock=clock).current()] == [a.tracked.id]
+    store.resolve(b.tracked.id)  # no flush, no close: as if killed right after the answer
+    back = {t.id: t.state for t in FindingsStore(tmp_path, clock=clock).current()}
+    assert back == {a.tracked.id: "open", b.tracked.id: "resolved"}
+    store.resolve(a.tracked.id, durable=False)  # the analysis loop's own: left to a flush
+    back = {t.id: t.state for t in FindingsStore(tmp_path, clock=clock).current()}
+    assert back[a.tracked.id] == "open"
+
+
+def test_a_resolve_that_cannot_be_written_says_so(tmp_path, clock):
+    store = FindingsStore(tmp_path, clock=clock)
+    (o,) = store.update("j", [hang()])
+    (tmp_path / "findings.parquet").unlink()
+    (tmp_path / "findings.parquet").mkdir()  # the file cannot be replaced, even by root
+    with pytest.raises(OSError):
+        store.resolve(o.tracked.id)
+    assert store.current("j")[0].state == "resolved"  # in memory all the same
+
+
+def test_ids_stay_unique_when_both_state_files_are_lost(tmp_path, clock):
+    import re
+
+    first = FindingsStore(tmp_path, clock=clock)
+    (a,) = first.update("j", [hang()])
+    first.close()
+    assert re.fullmatch(r"j:hang:[0-9a-z]{6}-1", a.tracked.id), a.tracked.id
+    for name in ("findings.parquet", "history.parquet"):
+        (tmp_path / name).unlink()
+    clock.advance(5 * S)  # a restart takes seconds
+    second = FindingsStore(tmp_path, clock=clock)
+    (b,) = second.update("j", [hang()])
+    assert b.tracked.id != a.tracked.id and b.tracked.id.endswith("-1")
+    second.close()
+    third = FindingsStore(tmp_path, clock=clock)  # files kept: the counter goes on
+    (c,) = third.update("j", [hang(pg="9")])
+    assert c.tracked.id.endswith("-2") and c.tracked.id != b.tracked.id
