@@ -430,7 +430,9 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         run = mine.filter(pl.col("step").is_between(
             since, mine["step"].max() if until is None else until))
         delay = float(run["delay_ms"].median())
-        transient = until is not None and until - start + 1 < transient_steps
+        # counted from the late streak (since), as a live reader counts it while it lasts
+        # (split_undecided): both call the same episodes hiccups
+        transient = until is not None and until - since + 1 < transient_steps
         groups = compute_group_lateness(events, [r["rank"]], start, r["step"],
                                         min_delay_ms=min_delay_ms)
         on_time = groups.filter(~pl.col("late"))
@@ -467,6 +469,25 @@ def split_hiccups(findings: tuple) -> tuple[tuple, tuple]:
             tuple(f for f in findings if is_hiccup(f)))
 
 
+def split_undecided(findings: tuple, *, newest_step: int | None, transient_steps: int = 8,
+                    data_ended: bool = False) -> tuple[tuple, tuple]:
+    """``(decided, undecided)``: a straggler still on (``until_step`` None) whose lateness
+    has lasted fewer than ``transient_steps`` steps up to ``newest_step`` may yet end as a
+    hiccup (:func:`split_hiccups`), so a live reader holds it back until it lasts that long
+    (or ``data_ended``: the job stopped sending steps, after which a post-mortem pass would
+    call it a straggler still on at the end). Holding back exactly what the post-mortem pass
+    would call a hiccup keeps the live findings and the post-mortem ones the same."""
+    if data_ended or newest_step is None:
+        return tuple(findings), ()
+
+    def young(f: Finding) -> bool:
+        return (f.kind == "straggler" and f.until_step is None and f.since_step is not None
+                and newest_step - f.since_step + 1 < transient_steps)
+
+    return (tuple(f for f in findings if not young(f)),
+            tuple(f for f in findings if young(f)))
+
+
 def is_hiccup(f: Finding) -> bool:
     """Whether ``f`` is a transient straggler (:data:`HICCUP_CLASS`)."""
     return f.kind == "straggler" and f.cls == HICCUP_CLASS
@@ -489,4 +510,4 @@ def significant(findings: tuple, events: pl.DataFrame,
 
 __all__ = ["HICCUP_CLASS", "MIN_GAIN_SHARE", "compute_group_lateness",
            "compute_step_lateness", "compute_straggler_scores", "detect_stragglers",
-           "is_hiccup", "significant", "split_hiccups"]
+           "is_hiccup", "significant", "split_hiccups", "split_undecided"]

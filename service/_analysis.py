@@ -82,12 +82,31 @@ class LiveAnalysis:
         from ringwatch.analyzers import OnlineWindow
 
         self.window = OnlineWindow(keep_steps=keep_steps)
+        self.last_rows_ns: int | None = None  # when step rows last came in
+        self._hiccups: dict[tuple[int, int | None], object] = {}  # (rank, since) -> Finding
+        self._fresh_hiccups: list = []
 
-    def feed(self, jl: JobLive, items) -> None:
+    def feed(self, jl: JobLive, items, *, now_ns: int) -> None:
         """Add the step rows completed since the last round (:meth:`Jobs.take`)."""
         rows = step_frame(jl, items)
         if rows.height:
             self.window.add(rows)
+            self.last_rows_ns = now_ns
+
+    def note_hiccups(self, hiccups) -> None:
+        """Remember the transient stragglers the window reports (each episode once)."""
+        for f in hiccups:
+            key = (f.ranks[0], f.since_step)
+            if key not in self._hiccups:
+                self._hiccups[key] = f
+                self._fresh_hiccups.append(f)
+        if len(self._hiccups) > 4096:  # episodes long gone from the window
+            self._hiccups = dict(list(self._hiccups.items())[-1024:])
+
+    def take_hiccups(self) -> list:
+        """The hiccups first reported since the last call."""
+        out, self._fresh_hiccups = self._fresh_hiccups, []
+        return out
 
 
 #: A straggler is shown when fixing it would save at least this share of the job's step: a
@@ -110,22 +129,33 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
 
     With ``live`` (the service), ``new_rows`` (from :meth:`Jobs.take`) join its online
     window, and stragglers and slow links come from it, against frozen baselines; without,
-    from the steps the state keeps (baselines from their first steps)."""
+    from the steps the state keeps (baselines from their first steps).
+
+    Stragglers follow the post-mortem's rules: a transient one (a hiccup) is no finding (the
+    window's hiccups go to ``live``, :meth:`LiveAnalysis.take_hiccups`), and one that has
+    lasted fewer steps than a hiccup can is held back until it lasts that long, or until the
+    job stops sending steps (``split_undecided``): a noisy healthy job shows nothing, and the
+    service and ``ringwatch analyze`` name the same stragglers."""
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._hangs import stall_threshold_s
     from ringwatch.analyzers._links import explain_by_links
-    from ringwatch.analyzers._stragglers import MIN_GAIN_SHARE, significant
+    from ringwatch.analyzers._stragglers import (
+        MIN_GAIN_SHARE,
+        significant,
+        split_hiccups,
+        split_undecided,
+    )
 
     th = thresholds or {}
     if live is not None:
-        live.feed(jl, new_rows)
+        live.feed(jl, new_rows, now_ns=now_ns)
         steps = live.window.rows if live.window.rows is not None else step_frame(jl, [])
     else:
         steps = step_frame(jl)
+    stall = stall_threshold_s(steps, th.get("min_stall_s", min_stall_s))
     findings: tuple = ()
     if "hang" in detectors:
-        stall = stall_threshold_s(steps, th.get("min_stall_s", min_stall_s))
         seen = {r: rl.pushed_ns - int((rl.log_age_s or 0) * 1e9)
                 for r, rl in jl.ranks.items()}
         findings += detect_hangs(frontier_frame(jl), now_ns=now_ns,
@@ -133,12 +163,17 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
     if live is not None:
         want = {"straggler", "imbalance"} if "straggler" in detectors else set()
         want |= {"slow_link"} if "slow_link" in detectors else set()
-        found = tuple(f for f in live.window.findings(now_ns=now_ns) if f.kind in want)
+        found, hiccups = split_hiccups(tuple(
+            f for f in live.window.findings(now_ns=now_ns) if f.kind in want))
+        live.note_hiccups(hiccups)
+        newest = steps["step"].max() if steps.height else None
+        ended = live.last_rows_ns is not None and now_ns - live.last_rows_ns >= stall * 1e9
+        found, _ = split_undecided(found, newest_step=newest, data_ended=ended)
         findings += significant(found, steps, th.get("min_gain_share", MIN_GAIN_SHARE))
     else:
         stragglers = detect_stragglers(steps) if "straggler" in detectors and steps.height \
             else ()
         links = detect_slow_links(steps) if "slow_link" in detectors and steps.height else ()
-        findings += explain_by_links(stragglers, links)
+        findings += split_hiccups(explain_by_links(stragglers, links))[0]
     local = {r: rl.local_rank for r, rl in jl.ranks.items()}
     return with_local_ranks(findings, local)

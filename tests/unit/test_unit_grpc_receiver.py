@@ -71,8 +71,8 @@ def test_collector_batches_and_splits_give_the_same_state_as_direct_pushes(servi
     """A collector's batch processor merges the resources of several agents into one request
     and may split one agent's push across requests; the job's state must not care."""
     direct = Service(ServiceConfig(state_dir=None))
-    node_a = agent_push("jb", late_rank=2, steps=range(0, 30))
-    node_b = agent_push("jc", late_rank=None, steps=range(0, 30))
+    node_a = agent_push("jb", late_rank=2, steps=range(0, 40))  # late 25-39
+    node_b = agent_push("jc", late_rank=None, steps=range(0, 40))
     for req in (node_a, node_b):
         direct.jobs.ingest(req, WALL)
     merged = ExportMetricsServiceRequest()

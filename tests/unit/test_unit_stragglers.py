@@ -209,3 +209,17 @@ def test_a_straggler_named_by_its_compute_time_ends_when_it_stops_being_late():
 def test_a_noisy_healthy_job_has_no_busy_straggler():
     for seed in range(5):
         assert detect_stragglers(busy_job(seed=seed)) == (), seed
+
+
+def test_a_live_reader_holds_back_what_may_still_end_as_a_hiccup():
+    from ringwatch.analyzers._findings import Finding
+    from ringwatch.analyzers._stragglers import split_undecided
+
+    young = Finding("straggler", "compute straggler", (2,), since_step=30)
+    ended = Finding("straggler", "compute straggler", (1,), since_step=5, until_step=20)
+    hang = Finding("hang", "never arrived", (3,), since_step=31)
+    # steps 30..36 late: 7 steps, one fewer than a hiccup can last
+    assert split_undecided((young, ended, hang), newest_step=36) == ((ended, hang), (young,))
+    assert split_undecided((young,), newest_step=37) == ((young,), ())  # 8 steps: decided
+    # the job stopped sending steps while it was late: what a post-mortem pass would say
+    assert split_undecided((young,), newest_step=36, data_ended=True) == ((young,), ())
