@@ -156,11 +156,19 @@ def test_a_hang_is_named_live_within_ten_seconds(stack):
 
 
 def test_a_healthy_run_shows_no_finding(stack):
-    stack.run_cluster("--nproc", "4", "--hosts", "2", "--steps", "60", "--fault", "none")
+    """A healthy job, live and post-mortem alike. Its ranks idle 40 ms a step outside
+    collectives, as a GPU job's host threads do while the GPU computes: four ranks that each
+    want a full core on a 2-core machine are not a healthy job (the scheduler really does slow
+    one of them for tens of steps under load, and both readers rightly call it a straggler)."""
+    stack.run_cluster("--nproc", "4", "--hosts", "2", "--steps", "60", "--fault", "none",
+                      "--", "--step-sleep-ms", "40")
     assert stack.seen == {}, stack.seen
     assert "no findings" in stack.status()
     jobs = stack.get("/api/v1/jobs")["jobs"]
     assert len(jobs) == 1 and jobs[0]["ranks"] == 4 and jobs[0]["max_step"] >= 55, jobs
+    post = subprocess.run(ringwatch_cmd("analyze", str(stack.run_dir / "logs"), "--json"),
+                          capture_output=True, text=True, env=job_env(), timeout=120)
+    assert post.returncode == 0 and json.loads(post.stdout)["findings"] == [], post.stdout
 
 
 def _step_times_s(run_dir, first: int, last: int) -> list[float]:
