@@ -12,6 +12,7 @@ Unreadable files (a disk that filled up, a foreign file) are skipped and reporte
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ RANK_DIR_RE = re.compile(r"^rank-(\d+)$")
 PENDING_FILE = "pending.parquet"
 META_FILE = "meta.json"
 FR_FILE = "flight_recorder.json"
+RESERVE_FILE = ".meta.reserve"  # held while the rank runs, given up for its final meta.json
+TMP_SUFFIX = ".tmp"  # a file being written; left behind only by a write cut short
+FULL_BELOW_BYTES = 64 * 1024  # less free space than this: the filesystem is full
 
 
 class LogError(ValueError):
@@ -74,6 +78,16 @@ def _as_categorical(df, categorical: bool):
     return df.with_columns(pl.col(_string_columns(df.columns)).cast(pl.Categorical))
 
 
+def folder_full(folder: str | Path) -> bool:
+    """Whether the filesystem of ``folder`` has (almost) no space, or no inode, left."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return (st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
+            or (st.f_files > 0 and st.f_favail == 0))
+
+
 def select_segments(names: list[str]) -> list[str]:
     """The segment files to read among ``names``: widest ranges first, none overlapping.
 
@@ -108,6 +122,14 @@ def rank_dirs(job_dir: Path) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
+def _mtime(path: Path) -> float | None:
+    """Modification time of ``path``, or None if it went away (a live writer's temporary)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
 def list_jobs(log_dir: str | Path) -> list[str]:
     """Job ids under ``log_dir``, oldest first (by the newest file of each job)."""
     root = Path(log_dir)
@@ -116,8 +138,9 @@ def list_jobs(log_dir: str | Path) -> list[str]:
     jobs = []
     for p in root.iterdir():
         if p.is_dir() and rank_dirs(p):
-            newest = max((f.stat().st_mtime for d in rank_dirs(p).values()
-                          for f in d.iterdir()), default=p.stat().st_mtime)
+            times = [t for d in rank_dirs(p).values() for f in d.iterdir()
+                     if (t := _mtime(f)) is not None]
+            newest = max(times, default=p.stat().st_mtime)
             jobs.append((newest, p.name))
     return [name for _, name in sorted(jobs)]
 
@@ -400,5 +423,5 @@ def read_events(log_dir: str | Path, job_id: str | None = None, *,
     return open_job(log_dir, job_id).events(include_pending=include_pending)
 
 
-__all__ = ["JobLogs", "LogError", "list_jobs", "open_job", "rank_dirs", "read_events",
-           "select_segments"]
+__all__ = ["JobLogs", "LogError", "folder_full", "list_jobs", "open_job", "rank_dirs",
+           "read_events", "select_segments"]

@@ -2,40 +2,77 @@
 
 from __future__ import annotations
 
-from ringwatch._logs import JobLogs
+from pathlib import Path
+
+from ringwatch._logs import RESERVE_FILE, TMP_SUFFIX, JobLogs, folder_full
 
 
 def summary_lines(job: JobLogs) -> list[str]:
-    """A few lines: where the logs are, rows per rank, anything lost or still pending."""
+    """A few lines: where the logs are, rows per rank, anything lost or still pending, and
+    how each rank's recording ended."""
     import polars as pl
 
     ev = job.events()
     meta = job.meta()
     lines = [f"job {job.job_id}: {len(job.ranks)} rank(s), {ev.height} collective rows "
              f"in {job.path}"]
+    per = {}
     if ev.height:
-        per = ev.group_by("rank").agg(
+        per = {r["rank"]: r for r in ev.group_by("rank").agg(
             pl.len().alias("rows"), (pl.col("status") == "pending").sum().alias("pending"),
             (pl.col("status") == "error").sum().alias("errors"),
             (pl.col("status") == "unknown").sum().alias("from_fr"),
-            pl.col("pg").n_unique().alias("groups")).sort("rank")
-        for r in per.iter_rows(named=True):
-            c = meta.get(r["rank"], {}).get("counters", {})
-            extra = []
-            if r["pending"]:
-                extra.append(f"{r['pending']} pending at exit")
-            if r["errors"]:
-                extra.append(f"{r['errors']} failed")
-            if r["from_fr"]:
-                extra.append(f"{r['from_fr']} from the Flight Recorder")
-            if c.get("dropped"):
-                extra.append(f"{c['dropped']} DROPPED")
-            if meta.get(r["rank"], {}).get("final") is False:
-                extra.append("no final flush (killed?)")
-            lines.append(f"  rank {r['rank']:>4}: {r['rows']:>7} rows, {r['groups']} group(s)"
-                         + (f"; {', '.join(extra)}" if extra else ""))
+            pl.col("pg").n_unique().alias("groups")).iter_rows(named=True)}
+    for rank in sorted(set(job.ranks) | set(per)):
+        r = per.get(rank, {"rows": 0, "groups": 0})
+        extra = []
+        if r.get("pending"):
+            extra.append(f"{r['pending']} pending at exit")
+        if r.get("errors"):
+            extra.append(f"{r['errors']} failed")
+        if r.get("from_fr"):
+            extra.append(f"{r['from_fr']} from the Flight Recorder")
+        extra += ending_notes(meta.get(rank), job.ranks.get(rank))
+        lines.append(f"  rank {rank:>4}: {r['rows']:>7} rows, {r['groups']} group(s)"
+                     + (f"; {', '.join(extra)}" if extra else ""))
     lines.extend(f"  unreadable: {p}" for p in job.problems)
+    if any(m.get("write_disk_full") or m.get("final") is False for m in meta.values()) \
+            and folder_full(job.path):
+        lines.append(f"  {job.path} is on a full filesystem now")
     return lines
+
+
+def ending_notes(meta: dict | None, folder: Path | None) -> list[str]:
+    """What a rank's ``meta.json`` (None: there is none) and its folder's files say about
+    rows it lost and how its recording ended."""
+    if meta is None:
+        return ["no meta.json: none written yet (killed before its first flush, or its "
+                "writes failed)"]
+    notes = []
+    write_dropped = meta.get("write_dropped") or 0
+    if meta.get("write_failures"):
+        why = "disk full" if meta.get("write_disk_full") else meta.get("write_error") or "error"
+        notes.append(f"log writes failed ({why}): {write_dropped} rows dropped")
+    other = (meta.get("counters", {}).get("dropped") or 0) - write_dropped
+    if other > 0:  # older logs count the rows of failed writes there too, unsplit
+        notes.append(f"{other} DROPPED" + (" (buffer full)" if "write_dropped" in meta else ""))
+    if meta.get("final") is False:
+        # The reserve is given up when the final meta is tried: still there, it never was.
+        if folder is not None and (folder / RESERVE_FILE).exists():
+            notes.append("no final meta.json: the rank was killed (or is still running)")
+        else:
+            notes.append("no final meta.json: the rank was killed, or its last write failed")
+    cut = _temporaries(folder)
+    if cut:
+        notes.append(f"{cut} temporary file(s) left (a write cut short, or under way)")
+    return notes
+
+
+def _temporaries(folder: Path | None) -> int:
+    try:
+        return sum(p.name.endswith(TMP_SUFFIX) for p in folder.iterdir()) if folder else 0
+    except OSError:
+        return 0
 
 
 def check_job(job: JobLogs) -> dict:

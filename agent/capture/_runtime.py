@@ -4,7 +4,8 @@ The writer thread wakes every ``flush_interval_s``: it polls NCCL works that hav
 hook, notices collectives issued from C++ since the last recorded one, fills them from the
 Flight Recorder (rate-limited), writes finished events as a segment and the in-flight ones as
 the pending snapshot. Nothing on this path can raise into the job: a failing write is logged
-once and its events are counted as dropped.
+once per cause (a full disk said plainly) and its events are counted as dropped, in
+``meta.json`` too; when space comes back, the next flush writes again.
 
 Exit: ``atexit`` and SIGTERM both run one final flush, which also closes in-flight events as
 ``pending``. A Python SIGTERM handler only runs when the main thread returns to the
@@ -26,12 +27,17 @@ from pathlib import Path
 
 from ringwatch._log import error_counts, warn_once
 from ringwatch.agent.capture._recorder import Recorder
-from ringwatch.agent.capture._writer import FR_FILE, SegmentWriter
+from ringwatch.agent.capture._writer import SegmentWriter, disk_full
 
 SIGTERM_GRACE_S = 1.0
 FINAL_FLUSH_WAIT_S = 2.0
 BACKFILL_RETRIES = 3  # flushes that look again for a collective missing from the FR
 CLOSE_WAIT_S = 20.0  # the SIGTERM handler's wait for the watcher's final flush
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class Runtime:
@@ -61,7 +67,10 @@ class Runtime:
         self._backfill_tries = 0
         self._close_lock = threading.RLock()
         self.closed_event = threading.Event()  # set once the final flush is written
-        self.write_failures = 0
+        self.write_failures = 0  # flushes that could not write everything
+        self.write_dropped = 0  # rows lost with them (also in the recorder's ``dropped``)
+        self.write_disk_full = False  # whether any of them failed on a full disk
+        self.write_error: str | None = None  # the latest failure, one line
         self.thread = threading.Thread(target=self._loop, name="ringwatch-writer", daemon=True)
 
     def start(self) -> None:
@@ -113,17 +122,45 @@ class Runtime:
         events = rec.drain()
         if final:
             events.extend(rec.finish_pending())
+        w = self.writer
+        failed: list[Exception] = []
+        written = w.rows_written
+        for write in (lambda: w.write(events),
+                      lambda: w.write_pending([] if final else rec.pending_snapshot()),
+                      lambda: w.compact() if final and w.small else None):
+            try:
+                write()
+            except Exception as exc:  # noqa: BLE001 - disk full, folder removed, ...
+                failed.append(exc)
+        # The events are lost only when their segment is not on disk (a failed compaction
+        # or pending snapshot loses nothing).
+        lost = len(events) if w.rows_written == written else 0
+        if failed:
+            self._write_failed(next((e for e in failed if disk_full(e)), failed[0]), lost)
         try:
-            self.writer.write(events)
-            self.writer.write_pending([] if final else rec.pending_snapshot())
-            if final and self.writer.small:
-                self.writer.compact()
-            self.writer.write_meta(self._meta(final))
-        except Exception as exc:  # noqa: BLE001 - disk full, folder removed, ...
-            self.write_failures += 1
-            rec.dropped += len(events)
-            warn_once("write", f"cannot write logs to {self.writer.dir}: {exc}; "
-                      "events are counted as dropped, the job goes on")
+            w.write_meta(self._meta(final))
+        except Exception as exc:  # noqa: BLE001
+            if not failed:
+                self._write_failed(exc, 0)
+            return
+        if self.write_failures and not failed and w.rows_written > written:
+            warn_once("write_back", f"log writes to {w.dir} succeed again; "
+                      f"{self.write_dropped} rows were dropped meanwhile (meta.json says so)")
+
+    def _write_failed(self, exc: Exception, lost: int) -> None:
+        """Count one flush whose writes failed, and say why (once per cause)."""
+        self.write_failures += 1
+        self.write_dropped += lost
+        self.rec.dropped += lost
+        full = disk_full(exc)
+        self.write_disk_full |= full
+        self.write_error = "disk full" if full else _one_line(exc)
+        if full:
+            warn_once("write_full", f"log folder {self.writer.dir} is full (no space left on "
+                      f"device): {self.write_dropped} rows dropped, the job goes on")
+        else:
+            warn_once("write", f"cannot write logs to {self.writer.dir}: {_one_line(exc)}; "
+                      f"{self.write_dropped} rows dropped, the job goes on")
 
     def _maybe_backfill(self, final: bool) -> None:
         if not self.config.fr_backfill:
@@ -164,6 +201,9 @@ class Runtime:
             "groups": [g.describe() for g in self.rec.groups_snapshot()],
             "counters": self.rec.counters(),
             "write_failures": self.write_failures,
+            "write_dropped": self.write_dropped,
+            "write_disk_full": self.write_disk_full,
+            "write_error": self.write_error,
             "warnings": error_counts(),
             "final": final,
             "written_ns": self.rec.clock.wall_ns(),  # a heartbeat: the flush's wall time
@@ -179,16 +219,13 @@ class Runtime:
             return None
         if not dump:
             return None
-        path = self.writer.dir / FR_FILE
         try:
-            self.writer.dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(dump))
-            os.replace(tmp, path)
+            return self.writer.write_flight_recorder(json.dumps(dump))
         except Exception as exc:  # noqa: BLE001
-            warn_once("fr_save", f"cannot save the Flight Recorder: {exc!r}")
+            why = ("its log folder is full (no space left on device)" if disk_full(exc)
+                   else _one_line(exc))
+            warn_once("fr_save", f"cannot save the Flight Recorder: {why}")
             return None
-        return path
 
     def close(self, *, wait: bool = True) -> bool:
         """Stop the thread and write everything (idempotent, never raises).
@@ -216,6 +253,7 @@ class Runtime:
             self.flush(final=True)
             if self.config.fr_dump:
                 self.save_flight_recorder()
+            self.writer.release_reserve()  # (the final meta gave it up unless it failed early)
             self.rec.closed = True
             self.rec.release()
         except Exception as exc:  # noqa: BLE001

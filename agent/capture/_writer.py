@@ -9,25 +9,81 @@ Layout of one rank's folder ``LOG_DIR/<job_id>/rank-<RANK:05d>/``:
 * ``pending.parquet``: the events still in flight at the last flush (what a hung rank was
   waiting for); replaced at each flush, removed when nothing is pending.
 * ``meta.json``: identity, versions, groups, counters.
+* ``.meta.reserve``: a few blocks held while the rank runs and given up for its final
+  ``meta.json`` when the disk is full, so that the rank still says how its run ended.
 
 Every file is written to a temporary name and renamed into place, so a rank killed at any
-instant leaves only complete files.
+instant leaves only complete files; a failed write removes its temporary file. Whether a write
+failed because the disk is full is told by :func:`disk_full`, whatever layer raised: an
+ENOSPC/EDQUOT anywhere in the cause chain, or, where polars reports it only in its own words, a
+folder with no space left (raised as :class:`DiskFullError`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ringwatch._clock import Clock, SystemClock
-from ringwatch._logs import FR_FILE, META_FILE, PENDING_FILE, SEGMENT_RE
+from ringwatch._logs import (
+    FR_FILE,
+    META_FILE,
+    PENDING_FILE,
+    RESERVE_FILE,
+    SEGMENT_RE,
+    folder_full,
+)
 from ringwatch._schema import COLUMN_NAMES, SCHEMA_VERSION, polars_schema
 from ringwatch._version import __version__
 from ringwatch.agent.capture._recorder import Event, RankIdentity
 
-__all__ = ["FR_FILE", "SegmentWriter", "events_to_columns", "rank_dir"]
+__all__ = ["FR_FILE", "DiskFullError", "SegmentWriter", "disk_full", "events_to_columns",
+           "rank_dir"]
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+RESERVE_BYTES = 64 * 1024  # room for the final meta.json (about 1 KB + 200 B per group)
+
+
+class DiskFullError(OSError):
+    """A log write failed because the log folder's filesystem is full (or over quota)."""
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception it was raised from is ENOSPC or EDQUOT."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path``: renamed onto it when the block succeeds, removed when
+    it fails. A failure whose cause chain names no full disk, in a folder with no space left,
+    is raised as :class:`DiskFullError`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except Exception as exc:
+        # Free space is read before the removal: the partial file's blocks count as used.
+        full = not disk_full(exc) and folder_full(tmp.parent)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
+        raise
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def rank_dir(log_dir: Path, job_id: str, rank: int) -> Path:
@@ -65,16 +121,14 @@ def events_to_columns(events: Iterable[Event], ident: RankIdentity,
 
 
 def _write_atomic(df, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.write_parquet(tmp, compression="zstd", statistics=True,
-                     metadata={"ringwatch_schema_version": SCHEMA_VERSION})
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        df.write_parquet(tmp, compression="zstd", statistics=True,
+                         metadata={"ringwatch_schema_version": SCHEMA_VERSION})
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 class SegmentWriter:
@@ -97,6 +151,7 @@ class SegmentWriter:
         self.small: list[int] = []  # single segments not yet compacted
         self.rows_written = 0
         self._made = False
+        self._reserved = False
 
     def _ensure_dir(self) -> None:
         if not self._made:
@@ -105,6 +160,28 @@ class SegmentWriter:
                         if (m := SEGMENT_RE.match(p.name))]
             self.next_seg = max(existing, default=0) + 1
             self._made = True
+            self._reserve()
+
+    def _reserve(self) -> None:
+        """Hold :data:`RESERVE_BYTES` for the final meta (none if the disk is full already)."""
+        path = self.dir / RESERVE_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+            self._reserved = True
+        except (OSError, AttributeError):  # full, or no posix_fallocate here
+            with suppress(OSError):
+                path.unlink(missing_ok=True)
+
+    def release_reserve(self) -> None:
+        """Give the reserved blocks back (after the final meta, or to make room for it)."""
+        if self._reserved:
+            self._reserved = False
+            with suppress(OSError):
+                (self.dir / RESERVE_FILE).unlink(missing_ok=True)
 
     def anchor(self) -> int:
         """``wall - monotonic`` now, in ns."""
@@ -159,7 +236,28 @@ class SegmentWriter:
         _write_atomic(self.frame(events), path)
 
     def write_meta(self, meta: dict) -> None:
-        """Replace the rank's meta file."""
+        """Replace the rank's meta file. The final one (``meta["final"]`` true) may use the
+        reserve: on a full disk, the reserve is given up and the write tried once more."""
+        final = meta.get("final") is True
+        try:
+            self._write_meta(meta)
+        except Exception as exc:
+            if not (final and self._reserved and disk_full(exc)):
+                raise
+            self.release_reserve()
+            self._write_meta(meta)
+        finally:
+            if final:
+                self.release_reserve()
+
+    def write_flight_recorder(self, text: str) -> Path:
+        """Save this process's Flight Recorder copy (JSON text) beside the log."""
+        self._ensure_dir()
+        path = self.dir / FR_FILE
+        _write_text_atomic(text, path)
+        return path
+
+    def _write_meta(self, meta: dict) -> None:
         self._ensure_dir()
         base = {
             "schema_version": SCHEMA_VERSION,
