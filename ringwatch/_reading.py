@@ -5,6 +5,9 @@ time spent waiting for a member that had not arrived yet. A compute straggler ar
 most collectives and waits for no one while its peers wait for it; a slow network lengthens
 every rank's collectives without making anyone wait for an arrival; a hang leaves ranks in
 collectives that one rank never entered. The full detectors build on the same figures.
+
+The verdict comes from the rows alone. What a run's ground truth says was injected is shown
+beside it (:func:`injected_line`), never read to reach it.
 """
 
 from __future__ import annotations
@@ -51,42 +54,112 @@ def frontier_lines(events, *, now_ns: int) -> list[str]:
     return out
 
 
-def interpret(events, truth: dict, nproc: int) -> Reading:
-    """What the captured collectives say, before and after the fault's onset.
+def injected_line(truth: dict) -> str:
+    """One line: what a run's ground truth says was injected, to show beside the reading."""
+    kind = truth.get("kind") or "none"
+    if kind == "none":
+        return "injected: nothing (a healthy run)"
+    who = (f" of rank {truth['rank']}" if truth.get("rank") is not None
+           else f" of {truth['host']}" if truth.get("host") else "")
+    step = truth.get("onset_step")
+    when = (" from the start" if kind == "imbalance"
+            else f" at step {step}" if step is not None else " (never applied)")
+    about = f": {truth['description']}" if truth.get("description") else ""
+    return f"injected: {kind}{who}{when}{about}"
+
+
+def read_run(events, truth: dict, nproc: int, *, last_seen_ns: dict[int, int] | None = None,
+             now_ns: int | None = None, min_stall_s: float | None = None) -> Reading:
+    """The demo's reading of a run: what was injected, on a line of its own, then the
+    verdict of :func:`interpret` from the rows. Of the ground truth only the onset step goes
+    on, as where the figures split into before and after; the kind of fault, its victim and
+    its outcome never reach the verdict."""
+    r = interpret(events, nproc, onset_step=truth.get("onset_step"),
+                  last_seen_ns=last_seen_ns, now_ns=now_ns, min_stall_s=min_stall_s)
+    return Reading(r.verdict, r.rank, [injected_line(truth), *r.lines])
+
+
+def interpret(events, nproc: int, *, onset_step: int | None = None,
+              last_seen_ns: dict[int, int] | None = None, now_ns: int | None = None,
+              min_stall_s: float | None = None) -> Reading:
+    """What the captured collectives say: a verdict from the rows alone.
+
+    A hang is a group stuck behind a collective that some member never entered, or that
+    none leaves (:func:`ringwatch.analyzers.detect_hangs`); otherwise the per-step figures
+    tell a compute straggler (late to every collective, waiting for no one), a rank slow
+    from the first step, the network (every rank's collectives longer, nobody late; or a
+    rank late because its groups cross the one host the link analyzer names) or nothing.
 
     Args:
         events: Every row of the job, pending ones included.
-        truth: The run's ground truth; only ``kind``, ``onset_step`` and ``outcome`` are read
-            (where the phases split, and whether to look for a hang).
         nproc: World size.
+        onset_step: Where to split the figures into a "before" and a "from" table (to show
+            a run around an injected fault's onset); used when both sides hold a step of
+            every rank, else the figures are read as one.
+        last_seen_ns: ``rank -> newest flush`` heartbeats (``JobLogs.last_write_ns()``).
+        now_ns: Wall clock a stall is measured up to (default: the newest heartbeat, else
+            the newest timestamp of the rows).
+        min_stall_s: How long a group must be stuck to be a hang (default: the analyzer's).
     """
     import polars as pl
 
     from ringwatch.analyzers import compute_phase_comm, compute_step_comm, compute_step_wait
 
-    kind = truth.get("kind")
     finished = events.filter(pl.col("status") != "pending")
     sc = compute_step_comm(finished)
-    if sc.is_empty():
-        return Reading("no data", None, ["no complete step recorded"])
     sw = compute_step_wait(finished)
-    onset = truth.get("onset_step") if kind in ("straggler", "hang", "link") else None
+    onset = onset_step
+    if onset is not None:
+        split = _phases_ms(compute_phase_comm(sc, onset))
+        if len(split["before"]) < nproc or len(split["after"]) < nproc:
+            onset = None  # a side without a step of every rank: nothing to compare
     comm = _phases_ms(compute_phase_comm(sc, onset))
     wait = _phases_ms(compute_phase_comm(sw, onset, value="wait_ns"))
-    exit_lag = _phases_ms(compute_phase_comm(sw, onset, value="exit_lag_ns"))
-    last = _last_share(sw, onset)
     lines = []
-    name = "healthy steps" if onset is not None else "all steps"
-    for phase, label in (("before", name), ("after", "fault steps")):
-        if comm[phase] and not (phase == "after" and kind == "hang"):
-            lines.append(f"{label:<14} median in collectives/waiting ms/step  "
+    labels = ["all steps"] if onset is None else [f"before step {onset}", f"from step {onset}"]
+    for phase, label in zip(("before", "after"), labels, strict=False):
+        if comm[phase]:
+            lines.append(f"{label:<16} median in collectives/waiting ms/step  "
                          f"{cells(comm[phase], wait[phase])}")
-    if kind == "hang":
-        lines.append("reading: the job stopped making progress; where each rank is:")
-        ended = (truth.get("outcome") or {}).get("ended_wall_ns") or _last_ns(events)
-        lines += [f"  {line}" for line in frontier_lines(events, now_ns=ended)]
-        return Reading("hang", _behind(events), lines)
-    with_base = onset is not None and len(comm["after"]) == nproc
+    if not events.is_empty():
+        if now_ns is None:
+            now_ns = max(last_seen_ns.values()) if last_seen_ns else _last_ns(events)
+        hang = _hang(events, now_ns, last_seen_ns, min_stall_s)
+        if hang is not None:
+            return Reading("hang", hang.ranks[0] if len(hang.ranks) == 1 else None,
+                           lines + _hang_lines(events, hang, now_ns))
+    if sc.is_empty():
+        return Reading("no data", None, lines + ["reading: no complete step recorded"])
+    exit_lag = _phases_ms(compute_phase_comm(sw, onset, value="exit_lag_ns"))
+    return _read_steps(finished, sw, comm, wait, exit_lag, onset, lines)
+
+
+def _hang(events, now_ns: int, last_seen_ns, min_stall_s):
+    """The root hang among the groups stuck at ``now_ns``, or None."""
+    from ringwatch.analyzers import detect_hangs
+
+    found = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
+                         min_stall_s=min_stall_s)
+    return found[0] if found else None
+
+
+def _hang_lines(events, hang, now_ns: int) -> list[str]:
+    who = (f"rank {hang.ranks[0]}" if len(hang.ranks) == 1
+           else f"ranks {', '.join(map(str, hang.ranks))}")
+    lines = [f"reading: the job stopped making progress at pg {hang.pg} #{hang.seq}: "
+             f"a hang ({hang.cls}), {who} behind it"]
+    lines += [f"  {e}" for e in hang.evidence]
+    lines.append("  where each rank is:")
+    lines += [f"    {line}" for line in frontier_lines(events, now_ns=now_ns)]
+    return lines
+
+
+def _read_steps(finished, sw, comm, wait, exit_lag, onset: int | None,
+                lines: list[str]) -> Reading:
+    """The reading of a job that kept going, from its per-step figures (split at
+    ``onset`` when it is not None)."""
+    last = _last_share(sw, onset)
+    with_base = onset is not None
     phase = "after" if with_base else "before"
     if len(wait[phase]) < 2:
         return Reading("no data", None, lines)
@@ -96,20 +169,21 @@ def interpret(events, truth: dict, nproc: int) -> Reading:
     if late is not None:
         peers = statistics.median(v for r, v in wait[phase].items() if r != late)
         if late != already:
-            split = _late_at_some_groups(finished, late, onset)
+            split = (_late_at_some_groups(finished, late, onset)
+                     or _behind_a_slow_link(finished, late))
             if split is not None:
                 lines.append(split)
                 return Reading("network", None, lines)
             was = statistics.median(v for r, v in wait["before"].items() if r != late)
             lines.append(
                 f"reading: rank {late} arrives last at {last['after'][late]:.0%} of collectives "
-                f"since the onset ({last['before'].get(late, 0):.0%} before); its peers wait "
+                f"from step {onset} ({last['before'].get(late, 0):.0%} before); its peers wait "
                 f"{peers:.1f} ms per step for it (was {was:.1f}), it waits "
                 f"{wait['after'][late]:.1f} ms: a straggler")
             return Reading("straggler", late, lines)
         lines.append(
             f"reading: rank {late} arrives last at {last[phase][late]:.0%} of collectives"
-            + (" before and after the onset" if with_base else "")
+            + (f" before and from step {onset}" if with_base else "")
             + f"; its peers wait {peers:.1f} ms per step for it, it waits "
             f"{wait[phase][late]:.1f} ms: slower from the first step (by design, or a "
             "straggler from the start)")
@@ -130,7 +204,7 @@ def interpret(events, truth: dict, nproc: int) -> Reading:
 
 
 def _late_at_some_groups(finished, rank: int, onset: int) -> str | None:
-    """The reading when ``rank`` comes late since ``onset`` to some of its groups only (a
+    """The reading when ``rank`` comes late from ``onset`` to some of its groups only (a
     compute straggler is late at every group it is in): its transfers in another group got
     slower, every member of that group alike, which makes it late to the rest; else None."""
     from ringwatch.analyzers._stragglers import compute_group_lateness
@@ -143,10 +217,27 @@ def _late_at_some_groups(finished, rank: int, onset: int) -> str | None:
     on_time = groups.filter(~groups["late"])["pg"].to_list()
     if not late or not on_time:
         return None
-    return (f"reading: rank {rank} comes late since the onset, but only to group(s) "
+    return (f"reading: rank {rank} comes late from step {onset}, but only to group(s) "
             f"{', '.join(map(str, late))}; in {', '.join(map(str, on_time))} every member "
             "is slowed alike: those transfers got slower (network), and it is late to the "
             "rest because of them")
+
+
+def _behind_a_slow_link(finished, rank: int) -> str | None:
+    """The reading when the link analyzer names ``rank``'s host, and only it, as the one
+    behind slower transfers: every group of the rank crosses that link, so it comes late to
+    all of them, as a compute straggler would; else None."""
+    import polars as pl
+
+    from ringwatch.analyzers import detect_slow_links
+
+    hosts = finished.filter(pl.col("rank") == rank)["host"].unique().to_list()
+    for f in detect_slow_links(finished):
+        if list(f.hosts) == hosts:
+            return (f"reading: rank {rank} comes late to its groups, but the transfers of "
+                    f"those crossing {hosts[0]} got slower: the network (a slow link there), "
+                    "not its compute")
+    return None
 
 
 def _phases_ms(phases) -> dict[str, dict[int, float]]:
@@ -197,13 +288,3 @@ def _last_ns(events) -> int:
 
     return int(events.select(pl.max_horizontal(pl.col("t_end_ns").max(),
                                                pl.col("t_start_ns").max())).item())
-
-
-def _behind(events) -> int | None:
-    """The one rank that issued fewest collectives (every rank issues the same sequence, so
-    per-rank issue order is comparable), or None when several are equally far behind."""
-    import polars as pl
-
-    top = events.group_by("rank").agg(pl.col("idx").max().alias("n"))
-    low = top.filter(pl.col("n") == pl.col("n").min())
-    return int(low["rank"][0]) if low.height == 1 and top.height > 1 else None

@@ -105,6 +105,7 @@ def test_rate_limited_link_raises_every_collective(tmp_path):
     assert truth["host"] == "host1" and truth["ranks_on_host"] == [2, 3]
     assert truth["onset_step"] >= 12 and truth["params"]["rate_mbit"] == 50
     ph = _phases(result)
+    assert ph.height == 4 and ph.null_count().sum_horizontal().item() == 0, ph
     # every rank's collectives slow down, not only the limited host's
     assert (ph["after_ns"] > 2 * ph["before_ns"]).all(), ph
 
@@ -127,6 +128,7 @@ def test_packet_loss_slows_collectives(tmp_path):
     assert rules and rules[0].count("numgen random mod 10000 < 1000 drop") == 2, rules
     assert "hook output" in rules[0] and "hook input" in rules[0]
     ph = _phases(result)
+    assert ph.height == 4 and ph.null_count().sum_horizontal().item() == 0, ph
     assert (ph["after_ns"] > 1.5 * ph["before_ns"]).all(), ph
 
 
@@ -150,7 +152,8 @@ def test_straggler_waits_least_on_loopback(tmp_path):
         pl.col("last_arrivals").sum() / pl.col("collectives").sum())
     share = dict(last.iter_rows())
     assert share[1] > 0.5 and all(share[r] < share[1] / 2 for r in peers), share
-    reading = interpret(events, result.ground_truth, 4)
+    seen = open_job(result.log_dir, result.job_id).last_write_ns()
+    reading = interpret(events, 4, onset_step=onset, last_seen_ns=seen)
     assert (reading.verdict, reading.rank) == ("straggler", 1), reading.lines
 
 
@@ -345,15 +348,19 @@ def test_scenario_runner_keeps_each_run_with_its_ground_truth(tmp_path):
         assert rec["mode"] == "netns" and rec["onset_step"] >= 12
         assert rec["hosts"] == (4 if rec["fault"] == "link" else 2), rec
         assert sorted(rec["after_ms"]) == sorted(rec["wait_after_ms"]) == ["0", "1", "2", "3"]
-        # the demo's simple reading is recorded (a baseline, not a detector: on the layered
-        # link layout it may well misread); the analyzers' verdicts are tested above
-        assert rec["reading"] in ("straggler", "slow from the start", "network", "hang",
-                                  "none", "no data"), rec
-        assert rec["reading_ok"] in (True, False), rec
+        # The demo's reading, from the logs alone: the straggler run names its victim. On the
+        # layered link layout the rank behind the slow host comes late, mostly only to the
+        # groups crossing it; under load, now and then to all of them, as a straggler would
+        # (once in 23 runs), where the link analyzer naming its host alone keeps it the
+        # network. The analyzers' own verdicts are tested above.
+        want = ("straggler", rec["rank"]) if rec["fault"] == "straggler" else ("network", None)
+        assert (rec["reading"], rec["reading_rank"]) == want, rec
+        assert rec["reading_ok"] is True, rec
         job = open_job(out / rec["name"] / "logs", truth["job_id"])
         checked = check_job(job)
         assert checked["ok"], (rec["name"], checked["lines"])
-    assert "reading right in" in text and "straggler-w4" in text and "link-w4" in text, text
+    assert "reading right in 2 of 2 run(s)" in text, text
+    assert "straggler-w4" in text and "link-w4" in text, text
     # A resumed run skips what is done
     rc, text = run_job([PY, str(REPO / "benchmarks" / "scenarios.py"), "--out", str(out),
                         "--worlds", "4", "--faults", "straggler,link", "--reps", "1",

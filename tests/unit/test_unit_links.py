@@ -212,10 +212,17 @@ def test_the_demo_reading_tells_a_slow_link_from_a_straggler():
 
     # ranks 0-3 reach their dp all-reduce late because tp0 crosses the slow host: a rank
     # late to some of its groups only is read as the network, not as a straggler
-    link = interpret(job(LAYERED, slow_hosts=("host1",), chain=True),
-                     {"kind": "link", "onset_step": 20}, 8)
+    link = interpret(job(LAYERED, slow_hosts=("host1",), chain=True), 8, onset_step=20)
     assert (link.verdict, link.rank) == ("network", None), link.lines
     assert "only to group(s) dp" in link.lines[-1] and "tp0" in link.lines[-1]
-    late = interpret(job(LAYERED, late=5, late_ms=30, chain=True),
-                     {"kind": "straggler", "onset_step": 20}, 8)
+    late = interpret(job(LAYERED, late=5, late_ms=30, chain=True), 8, onset_step=20)
     assert (late.verdict, late.rank) == ("straggler", 5), late.lines
+    # 4 hosts of one rank: every group of rank 1 crosses host1's slow link, so it may come
+    # late to all of them; the link analyzer names host1 alone, so it is still the network
+    four = {"tp0": [0, 1], "tp1": [2, 3], "dp0": [0, 2], "dp1": [1, 3]}
+    behind = interpret(job(four, per_host=1, slow_hosts=("host1",), late=1, late_ms=30), 4,
+                       onset_step=20)
+    assert (behind.verdict, behind.rank) == ("network", None), behind.lines
+    assert "crossing host1 got slower" in behind.lines[-1], behind.lines
+    alone = interpret(job(four, per_host=1, late=1, late_ms=30), 4, onset_step=20)
+    assert (alone.verdict, alone.rank) == ("straggler", 1), alone.lines
