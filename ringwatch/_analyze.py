@@ -137,7 +137,7 @@ def report_lines(report: dict) -> list[str]:
         if f.since_step is not None:
             when.append(f"since step {f.since_step}")
         if f.detected_step is not None:
-            when.append(f"clear by step {f.detected_step}")
+            when.append(f"detected at step {f.detected_step}")
         if f.since_ns is not None:
             when.append(_when(f.since_ns))
         if f.gain_s_per_step is not None:
