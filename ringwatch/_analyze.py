@@ -107,7 +107,8 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     return {"job_id": job.job_id, "path": str(job.path), "ranks": sorted(job.ranks),
             "collectives": events.height, "as_of_ns": now_ns, "clock_offsets": clocks,
             "findings": [f.to_dict() for f in findings], "_findings": findings,
-            "hiccups": [f.to_dict() for f in hiccups], "_hiccups": hiccups}
+            "hiccups": [f.to_dict() for f in hiccups], "_hiccups": hiccups,
+            "unreadable": list(job.problems)}
 
 
 def _when(ns: int | None) -> str:
@@ -127,6 +128,10 @@ def report_lines(report: dict) -> list[str]:
             f"{c['host']} {c['offset_ns'] / 1e6:+.2f} ms"
             + (f" (±{c['error_ns'] / 1e6:.2f})" if c["error_ns"] is not None else " (windows "
                "disagree)") for c in others))
+    bad = report.get("unreadable") or []
+    if bad:
+        lines.append(f"{len(bad)} file(s) could not be read (left out of the analysis):")
+        lines += [f"  {line}" for line in bad]
     findings = report["_findings"]
     if not findings:
         lines.append("no findings: no group is stuck, nobody is waited for")

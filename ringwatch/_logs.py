@@ -160,6 +160,8 @@ class JobLogs:
     job_id: str
     ranks: dict[int, Path]
     problems: list[str] = field(default_factory=list)
+    #: Ranks whose ``meta.json`` is there but unreadable (their heartbeat is unknown).
+    bad_meta: set[int] = field(default_factory=set)
 
     def _problem(self, line: str) -> None:
         if line not in self.problems:  # each read of the same bad file reports it once
@@ -340,11 +342,19 @@ class JobLogs:
         for rank, d in self.ranks.items():
             path = d / META_FILE
             try:
-                out[rank] = json.loads(path.read_text())
+                meta = json.loads(path.read_text())
             except FileNotFoundError:
                 continue
             except (OSError, ValueError) as exc:
                 self._problem(f"{path}: unreadable ({exc})")
+                self.bad_meta.add(rank)
+                continue
+            if not isinstance(meta, dict):
+                self._problem(f"{path}: unreadable (a JSON {type(meta).__name__}, not an "
+                              "object)")
+                self.bad_meta.add(rank)
+                continue
+            out[rank] = meta
         return out
 
     def last_write_ns(self) -> dict[int, int]:
@@ -356,8 +366,8 @@ class JobLogs:
             if isinstance(m.get("written_ns"), int):
                 out[rank] = m["written_ns"]
         for rank, d in self.ranks.items():
-            if rank in out:
-                continue
+            if rank in out or rank in self.bad_meta:
+                continue  # a damaged meta.json says nothing of when the rank last wrote
             try:
                 times = [p.stat().st_mtime_ns for p in d.iterdir() if p.is_file()]
             except OSError as exc:

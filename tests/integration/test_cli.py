@@ -120,3 +120,30 @@ def test_demo_shows_where_a_hang_stopped(tmp_path):
     (f,) = json.loads(an.stdout)["findings"]
     assert (f["kind"], f["cls"], f["ranks"], f["hosts"]) == (
         "hang", "never arrived", [1], ["host0"]), f
+
+
+def test_damaged_meta_files_are_named_and_make_no_hang(ddp_run, tmp_path):
+    """A job that exited cleanly, with two ranks' meta.json damaged and their files' times
+    reset (a copy): the analysis names the files and finds nothing; it never reads a damaged
+    heartbeat as a rank that stopped."""
+    import os
+
+    logs, _, _ = ddp_run
+    job = next(p for p in logs.iterdir() if p.is_dir())
+    copy = shutil.copytree(job, tmp_path / job.name)
+    rank_dirs = sorted(copy.glob("rank-*"))
+    (rank_dirs[1] / "meta.json").write_text("[1, 2, 3]")
+    (rank_dirs[2] / "meta.json").write_text("{not json")
+    for d in rank_dirs[1:3]:
+        for f in d.iterdir():
+            os.utime(f, ns=(10**18, 10**18))  # long before the other ranks
+    p = subprocess.run(ringwatch_cmd("analyze", str(copy), "--json"), capture_output=True,
+                       text=True, env=job_env(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["findings"] == [], report["findings"]
+    assert len(report["unreadable"]) == 2 and all(
+        "meta.json: unreadable" in line for line in report["unreadable"]), report
+    text = subprocess.run(ringwatch_cmd("analyze", str(copy)), capture_output=True, text=True,
+                          env=job_env(), timeout=120).stdout
+    assert "2 file(s) could not be read" in text and "a JSON list, not an object" in text
