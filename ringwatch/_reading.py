@@ -168,12 +168,14 @@ def _read_steps(finished, sw, comm, wait, exit_lag, onset: int | None,
                else late)
     if late is not None:
         peers = statistics.median(v for r, v in wait[phase].items() if r != late)
+        # late behind its own host's slower transfers (the link analyzer names that host
+        # alone), whether it looked late before the change too or not: the network
+        split = (_late_at_some_groups(finished, late, onset) if late != already else None) \
+            or _behind_a_slow_link(finished, late)
+        if split is not None:
+            lines.append(split)
+            return Reading("network", None, lines)
         if late != already:
-            split = (_late_at_some_groups(finished, late, onset)
-                     or _behind_a_slow_link(finished, late))
-            if split is not None:
-                lines.append(split)
-                return Reading("network", None, lines)
             was = statistics.median(v for r, v in wait["before"].items() if r != late)
             lines.append(
                 f"reading: rank {late} arrives last at {last['after'][late]:.0%} of collectives "

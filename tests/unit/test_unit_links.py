@@ -21,10 +21,11 @@ NBYTES = 1_000_000
 
 
 def job(groups: dict[str, list[int]], *, steps=40, onset=20, slow_hosts=(), slow=4.0,
-        late=None, late_ms=0.0, seed=0, per_host=2, chain=False):
+        late=None, late_ms=0.0, seed=0, per_host=2, chain=False, late_from=None):
     """Each step, one all_reduce of 1 MB per group. A transfer takes 10 ms (+-1); a group with
     a member on a host of ``slow_hosts`` and members on other hosts takes ``slow`` times as
-    long from ``onset`` on. Rank ``late`` arrives ``late_ms`` after its peers from ``onset``.
+    long from ``onset`` on. Rank ``late`` arrives ``late_ms`` after its peers from
+    ``late_from`` (default ``onset``).
     With ``chain`` the groups run one after the other within a step, so the members of a slow
     group come late to their next group by the extra transfer time.
     """
@@ -41,7 +42,7 @@ def job(groups: dict[str, list[int]], *, steps=40, onset=20, slow_hosts=(), slow
             if step >= onset and len(hosts) > 1 and hosts & set(slow_hosts):
                 xfer *= slow
             starts = {m: t0 + int((rng.uniform(0, 2) + behind[m]) * MS) for m in members}
-            if late in members and step >= onset:
+            if late in members and step >= (onset if late_from is None else late_from):
                 starts[late] = max(starts.values()) + int(late_ms * MS)
             end = max(starts.values()) + int(xfer * MS)
             if chain:
@@ -226,3 +227,11 @@ def test_the_demo_reading_tells_a_slow_link_from_a_straggler():
     assert "crossing host1 got slower" in behind.lines[-1], behind.lines
     alone = interpret(job(four, per_host=1, late=1, late_ms=30), 4, onset_step=20)
     assert (alone.verdict, alone.rank) == ("straggler", 1), alone.lines
+    # the same rank a little late already before the link slowed down (a loaded host): still
+    # the network, not "slow from the start"
+    before = interpret(job(four, per_host=1, slow_hosts=("host1",), late=1, late_ms=30,
+                           late_from=0), 4, onset_step=20)
+    assert (before.verdict, before.rank) == ("network", None), before.lines
+    imbalance = interpret(job(four, per_host=1, late=1, late_ms=30, late_from=0), 4,
+                          onset_step=20)
+    assert (imbalance.verdict, imbalance.rank) == ("slow from the start", 1), imbalance.lines
