@@ -352,7 +352,8 @@ def test_scenario_runner_keeps_each_run_with_its_ground_truth(tmp_path):
         # layered link layout the rank behind the slow host comes late, mostly only to the
         # groups crossing it; under load, now and then to all of them, as a straggler would
         # (twice in 25 runs, once a little late already before the onset), where the link
-        # analyzer naming its host alone keeps it the network. The analyzers' own verdicts are tested above.
+        # analyzer naming its host alone keeps it the network. The analyzers' own verdicts
+        # are tested above.
         want = ("straggler", rec["rank"]) if rec["fault"] == "straggler" else ("network", None)
         assert (rec["reading"], rec["reading_rank"]) == want, rec
         assert rec["reading_ok"] is True, rec
