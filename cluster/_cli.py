@@ -17,7 +17,7 @@ from ringwatch.cluster._spec import (
 
 
 def add_cluster_flags(p: argparse.ArgumentParser, *, nproc: int, hosts: int, steps: int,
-                      fault: str, at_step: int) -> None:
+                      fault: str, at_step: int, severity: float = 0.5) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--nproc", type=int, default=nproc, help=f"ranks (default {nproc})")
     g.add_argument("--hosts", type=int, default=hosts,
@@ -41,9 +41,9 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, nproc: int, hosts: int, ste
     f.add_argument("--straggler-mode", choices=STRAGGLER_MODES, default="stop",
                    help="straggler: stop = SIGSTOP/SIGCONT duty cycle (default); work = "
                    "--factor times the work per step from the onset on")
-    f.add_argument("--severity", type=float, default=0.5,
+    f.add_argument("--severity", type=float, default=severity,
                    help="straggler (stop): share of each period the rank is stopped "
-                   "(default 0.5)")
+                   f"(default {severity})")
     f.add_argument("--period-ms", type=float, default=100.0,
                    help="straggler: duty-cycle period (default 100 ms)")
     f.add_argument("--rate-mbit", type=float, default=None,

@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Gloo, 2 emulated hosts when root), inject a fault and show live what "
                        "ringwatch sees, ending with its reading and where the logs are.")
     d.add_argument("--log-dir", default="ringwatch-demo", help="where the run goes")
-    add_cluster_flags(d, nproc=4, hosts=2, steps=150, fault="straggler", at_step=50)
+    add_cluster_flags(d, nproc=4, hosts=2, steps=150, fault="straggler", at_step=50,
+                      severity=0.6)
     d.set_defaults(func=cmd_demo)
     return p
 
