@@ -6,21 +6,28 @@
   ``ringwatch``, and stops it on exit.
 * ``require_prometheus()`` fails (never skips) a test where either binary is missing: tests that
   need a real Prometheus run in CI, which installs the package.
+* ``running_alertmanager(config, tmp_path=...)`` starts a private Alertmanager (the Debian
+  package ``prometheus-alertmanager``) on a free 127.0.0.1 port, clustering off, and stops it on
+  exit; ``require_alertmanager()`` fails a test where it or ``amtool`` is missing.
+* ``running_webhook()`` is a webhook receiver on 127.0.0.1 that keeps every notification
+  Alertmanager posts to it.
 
-Only the standard library talks to Prometheus; proxies from the environment are ignored, since
-everything is on the loopback.
+Only the standard library talks to Prometheus and Alertmanager; proxies from the environment
+are ignored, since everything is on the loopback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.server
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -278,3 +285,176 @@ def samples(text: str, name: str, **labels: str) -> list[float]:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             out.append(float(line.rsplit(" ", 1)[1]))
     return out
+
+
+# --- Alertmanager ------------------------------------------------------------------------------
+
+ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+AMTOOL = "amtool"  # looked up on PATH (the same package puts it in /usr/bin)
+AM_INSTALL_HINT = "install the Debian package prometheus-alertmanager (tests/tools/require.sh does)"
+
+
+def require_alertmanager() -> None:
+    """Fail the calling test (never skip it) if ``/usr/bin/prometheus-alertmanager`` or
+    ``amtool`` is missing."""
+    missing = []
+    if not os.access(ALERTMANAGER, os.X_OK):
+        missing.append(ALERTMANAGER)
+    if shutil.which(AMTOOL) is None:
+        missing.append(AMTOOL)
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not found: {AM_INSTALL_HINT}", pytrace=False)
+
+
+class Alertmanager:
+    """A running Alertmanager (see ``running_alertmanager``); ``address`` is its
+    ``127.0.0.1:<port>``, what Prometheus's ``alerting`` section names."""
+
+    def __init__(self, proc: subprocess.Popen, address: str, log_path: Path, config_path: Path):
+        self.proc = proc
+        self.address = address
+        self.url = f"http://{address}"
+        self.log_path = log_path
+        self.config_path = config_path
+
+    def _request(self, path: str, *, timeout: float = 10) -> bytes:
+        try:
+            with _OPENER.open(self.url + path, timeout=timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+            raise RuntimeError(f"GET {path}: HTTP {e.code}: {body}") from None
+
+    def alerts(self) -> list[dict]:
+        """The alerts it holds (``/api/v2/alerts``: ``labels``, ``annotations``, ``status``,
+        ...), active, silenced and inhibited."""
+        return json.loads(self._request("/api/v2/alerts"))
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"alertmanager exited with status {self.proc.returncode}; "
+                                   f"its log:\n{self.log()}")
+            try:
+                self._request("/-/ready", timeout=2)
+                return
+            except (OSError, RuntimeError) as e:
+                last = str(e)
+            time.sleep(0.1)
+        raise RuntimeError(f"alertmanager at {self.url} not ready after {timeout_s} s ({last}); "
+                           f"its log:\n{self.log()}")
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after 10 s, and reap."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+
+
+@contextlib.contextmanager
+def running_alertmanager(config: dict, *, tmp_path: Path) -> Iterator[Alertmanager]:
+    """A private Alertmanager with ``config`` (a dict: written as JSON, which is YAML),
+    listening on a free 127.0.0.1 port, with its own storage folder under ``tmp_path`` and
+    clustering off (``--cluster.listen-address=``: no gossip port on 0.0.0.0:9094, which two
+    instances would fight over). Yields an ``Alertmanager`` once ``/-/ready`` answers
+    (RuntimeError with its log if that takes over 30 s or it exits); on exit it gets SIGTERM,
+    then SIGKILL after 10 s, and is reaped."""
+    require_alertmanager()
+    base = Path(tmp_path) / f"alertmanager-{time.monotonic_ns()}"
+    base.mkdir(parents=True)
+    config_path = base / "alertmanager.yml"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    log_path = base / "alertmanager.log"
+    am = None
+    for _attempt in range(3):  # the free port may be taken between the probe and the bind
+        address = f"127.0.0.1:{free_port()}"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [ALERTMANAGER, f"--config.file={config_path}",
+                 f"--storage.path={base / 'data'}", f"--web.listen-address={address}",
+                 "--cluster.listen-address="],
+                cwd=base, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent)
+        am = Alertmanager(proc, address, log_path, config_path)
+        try:
+            am._wait_ready(_START_TIMEOUT_S)
+            break
+        except RuntimeError:
+            am.stop()
+            if "address already in use" not in am.log():
+                raise
+    else:
+        raise RuntimeError(f"alertmanager found no free port; its log:\n{am.log()}")
+    try:
+        yield am
+    finally:
+        am.stop()
+
+
+class Webhook:
+    """What a ``running_webhook()`` received: ``notifications()`` are ``(path, payload)``
+    pairs, in the order they came (the payload is Alertmanager's webhook JSON: ``receiver``,
+    ``status``, ``alerts``, ``groupLabels``, ...)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._lock = threading.Lock()
+        self._received: list[tuple[str, dict]] = []
+
+    def _add(self, path: str, payload: dict) -> None:
+        with self._lock:
+            self._received.append((path, payload))
+
+    def notifications(self) -> list[tuple[str, dict]]:
+        with self._lock:
+            return list(self._received)
+
+    def alerts(self) -> list[tuple[str, dict]]:
+        """Every alert of every notification, as ``(path, alert)``."""
+        return [(path, a) for path, n in self.notifications() for a in n.get("alerts", [])]
+
+
+@contextlib.contextmanager
+def running_webhook() -> Iterator[Webhook]:
+    """A webhook receiver on a free 127.0.0.1 port: every POST's JSON body is kept with its
+    path and answered 200 (a body that is not JSON is kept as ``{"unparsed": text}``). Yields a
+    ``Webhook`` whose ``url`` is ``http://127.0.0.1:<port>``; stopped on exit."""
+    holder: dict[str, Webhook] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = {"unparsed": body.decode(errors="replace")}
+            holder["hook"]._add(self.path, payload)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    hook = holder["hook"] = Webhook(f"http://127.0.0.1:{server.server_address[1]}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hook
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

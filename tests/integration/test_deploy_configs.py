@@ -1,9 +1,12 @@
 """The deployment configs under deploy/: Prometheus scrape config and alerting rules (checked
-and exercised with promtool), and the OpenTelemetry Collector gateway config (no collector
+and exercised with promtool: deploy/prometheus/tests/*.yml hold a case where each alert fires
+and one where it does not), the runbook of every alert (docs/runbooks.md), the Alertmanager
+config (checked with amtool), and the OpenTelemetry Collector gateway config (no collector
 binary here: checked against the metric table as text).
 
-promtool runs from the repository root with the paths relative to it, as a person would run
-it; the config names its rule file relative to its own folder, which promtool resolves.
+promtool and amtool run from the repository root with the paths relative to it, as a person
+would run them; the config names its rule file relative to its own folder, and the rule tests
+theirs relative to theirs, which promtool resolves.
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from ringwatch._metrics import METRICS, POINT_LABELS, RESOURCE_LABELS
 from ringwatch.service._api import SERVICE_METRICS
 
-from promtools import PROMTOOL, require_prometheus
+from promtools import AMTOOL, PROMTOOL, require_alertmanager, require_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROM_DIR / "alerts.yml"
 CONFIG = PROM_DIR / "prometheus.yml"
+RULE_TESTS = PROM_DIR / "tests"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 GATEWAY = ROOT / "deploy" / "otelcol" / "agent-gateway.yaml"
 
 
@@ -71,133 +79,275 @@ def test_rules_use_only_exported_metric_names():
                  "ringwatch_link_suspect", "ringwatch_serve_analysis_lag_seconds",
                  "ringwatch_agent_errors_total", "ringwatch_gpu_xid_events_total",
                  "ringwatch_gpu_ecc_errors_total", "ringwatch_gpu_power_average_watts",
-                 "ringwatch_gpu_power_limit_watts", "ringwatch_gpu_throttle_seconds_total"):
+                 "ringwatch_gpu_power_limit_watts", "ringwatch_gpu_throttle_seconds_total",
+                 "ringwatch_gpu_info", "ringwatch_gpu_samples_total",
+                 "ringwatch_agent_cpu_seconds_total", "ringwatch_serve_analysis_rounds_total",
+                 "ringwatch_serve_analysis_errors_total", "ringwatch_serve_rejected_points_total",
+                 "ringwatch_serve_connections_refused_total"):
         assert name in used, name
 
 
-# Input series for `promtool test rules`, one sample every 15 s for 15 minutes.
-_SERVE = 'instance="serve-0:9410"'
-_GPU0 = 'job="j1",rank="0",host="h1",gpu="0",uuid="GPU-0",instance="h1"'
-SERIES = {
-    # a live job j1 with a hang, a straggler, an imbalance (never alerted) and a slow link
-    f'ringwatch_serve_analysis_lag_seconds{{job="j1",{_SERVE}}}': "2x60",
-    f'ringwatch_hang_suspect{{job="j1",rank="3",host="h1",cls="never arrived",{_SERVE}}}':
-        "0.9x60",
-    f'ringwatch_straggler_suspect{{job="j1",rank="5",host="h2",cls="compute straggler",'
-    f'{_SERVE}}}': "0.95x60",
-    f'ringwatch_straggler_suspect{{job="j1",rank="6",host="h2",cls="structural imbalance",'
-    f'{_SERVE}}}': "0.99x60",
-    f'ringwatch_link_suspect{{job="j1",host="h4",{_SERVE}}}': "0.5x60",
-    # a stale finding of a job this instance no longer analyses: no page
-    f'ringwatch_serve_analysis_lag_seconds{{job="jold",{_SERVE}}}': "900x60",
-    f'ringwatch_hang_suspect{{job="jold",rank="1",host="h9",cls="never arrived",{_SERVE}}}':
-        "1x60",
-    # j2 alive on the nodes but 45 s behind at the service; j3 ended long ago
-    f'ringwatch_serve_analysis_lag_seconds{{job="j2",{_SERVE}}}': "45x60",
-    'ringwatch_rank_log_age_seconds{job="j2",rank="0",host="h5",instance="h5"}': "2x60",
-    f'ringwatch_serve_analysis_lag_seconds{{job="j3",{_SERVE}}}': "500x60",
-    'ringwatch_rank_log_age_seconds{job="j3",rank="0",host="h6",instance="h6"}': "400x60",
-    f"ringwatch_serve_analysis_errors_total{{{_SERVE}}}": "0x60",
-    # agents: one failing its pushes from minute 5, one with old errors only, one down
-    'ringwatch_agent_errors_total{host="h6",cause="otlp_export",instance="h6"}': "0x20 1+1x40",
-    'ringwatch_agent_errors_total{host="h7",cause="nvml",instance="h7"}': "3x60",
-    'up{job="ringwatch-agent",instance="h9:9400"}': "0x60",
-    'up{job="ringwatch-agent",instance="h1:9400"}': "1x60",
-    # XIDs: 79 and 13 first seen at minute 11 (series born then), 31 counted long ago
-    'ringwatch_gpu_xid_events_total{job="j1",rank="3",host="h1",gpu="3",uuid="GPU-3",'
-    'xid="79",instance="h1"}': "_x44 1x16",
-    'ringwatch_gpu_xid_events_total{job="j1",rank="4",host="h1",gpu="4",uuid="GPU-4",'
-    'xid="13",instance="h1"}': "_x44 1x16",
-    'ringwatch_gpu_xid_events_total{job="j1",rank="2",host="h1",gpu="2",uuid="GPU-2",'
-    'xid="31",instance="h1"}': "2x60",
-    # ECC on an idle GPU (no job, no rank): one uncorrected at minute 10; corrected ones grow
-    'ringwatch_gpu_ecc_errors_total{host="h8",gpu="0",uuid="GPU-h8-0",type="ecc_uncorrected",'
-    'instance="h8"}': "0x40 1x20",
-    'ringwatch_gpu_ecc_errors_total{host="h8",gpu="0",uuid="GPU-h8-0",type="ecc_corrected",'
-    'instance="h8"}': "0+5x60",
-    # GPU 0 at 98.6% of its enforced limit, GPU 1 at 71%
-    f"ringwatch_gpu_power_average_watts{{{_GPU0}}}": "690x60",
-    f'ringwatch_gpu_power_limit_watts{{{_GPU0},kind="enforced"}}': "700x60",
-    f'ringwatch_gpu_power_limit_watts{{{_GPU0},kind="default"}}': "700x60",
-    'ringwatch_gpu_power_average_watts{job="j1",rank="1",host="h1",gpu="1",uuid="GPU-1",'
-    'instance="h1"}': "500x60",
-    'ringwatch_gpu_power_limit_watts{job="j1",rank="1",host="h1",gpu="1",uuid="GPU-1",'
-    'instance="h1",kind="enforced"}': "700x60",
-    # GPU 0 held down by heat 20% of the time; idle time (low_utilization) is not alerted
-    f'ringwatch_gpu_throttle_seconds_total{{{_GPU0},reason="thermal"}}': "0+3x60",
-    f'ringwatch_gpu_throttle_seconds_total{{{_GPU0},reason="low_utilization"}}': "0+15x60",
+# --- alert rules: conventions, runbooks, `promtool test rules` ---------------------------------
+
+SEVERITIES = ("critical", "warning", "info")
+ANNOTATIONS = {"summary", "description", "runbook_url"}
+
+
+def alert_rules(path: Path = RULES) -> dict[str, dict]:
+    """Every alerting rule of ``path``, by name (recording rules have none)."""
+    out: dict[str, dict] = {}
+    for group in yaml.safe_load(path.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                assert rule["alert"] not in out, f"alert {rule['alert']} defined twice"
+                out[rule["alert"]] = rule
+    return out
+
+
+def metric_names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\bringwatch_[a-z0-9_]*[a-z0-9]\b|\bup\b", expr))
+
+
+def rule_test_cases(files: list[Path]) -> list[dict]:
+    """Every ``alert_rule_test`` case of the ``promtool test rules`` files, each with the
+    metric names of its test group's input series (``inputs``) and its file."""
+    cases = []
+    for f in files:
+        for group in yaml.safe_load(f.read_text()).get("tests") or []:
+            inputs = {re.match(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", s["series"]).group(1)
+                      for s in group.get("input_series") or []}
+            for case in group.get("alert_rule_test") or []:
+                cases.append({**case, "inputs": inputs, "file": f.name})
+    return cases
+
+
+def missing_rule_tests(rules: dict[str, dict], cases: list[dict]) -> list[str]:
+    """What each alert lacks: a case where it fires (``exp_alerts`` not empty), and a case where
+    it does not (``exp_alerts`` empty) over input series its expression reads: a quiet case
+    with none of its inputs would prove nothing."""
+    problems = []
+    for name, rule in sorted(rules.items()):
+        mine = [c for c in cases if c.get("alertname") == name]
+        if not any(c.get("exp_alerts") for c in mine):
+            problems.append(f"{name}: no case where it fires")
+        reads = metric_names_in(rule["expr"])
+        if not any(not c.get("exp_alerts") and c["inputs"] & reads for c in mine):
+            problems.append(f"{name}: no case where it does not fire over its own inputs "
+                            f"({', '.join(sorted(reads))})")
+    unknown = sorted({c.get("alertname") for c in cases} - set(rules))
+    problems += [f"{n}: tested but not in alerts.yml" for n in unknown]
+    return problems
+
+
+def test_alerts_follow_the_mixin_conventions():
+    rules = alert_rules()
+    assert len(rules) >= 15, sorted(rules)
+    for name, rule in rules.items():
+        assert re.fullmatch(r"Ringwatch[A-Z][A-Za-z]+", name), name
+        assert rule.get("labels", {}).get("severity") in SEVERITIES, (name, rule.get("labels"))
+        assert set(rule.get("annotations", {})) == ANNOTATIONS, (name, rule.get("annotations"))
+        assert rule["annotations"]["runbook_url"] == f"docs/runbooks.md#{name.lower()}", name
+    # the brief's classes of alert, each at its severity
+    expected = {
+        "RingwatchHang": "critical", "RingwatchStraggler": "warning",
+        "RingwatchSlowLink": "warning", "RingwatchGpuXidCritical": "critical",
+        "RingwatchGpuXid": "info", "RingwatchGpuEccUncorrected": "critical",
+        "RingwatchGpuFellOffBus": "critical", "RingwatchGpuThrottling": "warning",
+        "RingwatchAgentsAbsent": "critical", "RingwatchServeAbsent": "critical",
+        "RingwatchServeAnalysisErrors": "warning", "RingwatchAnalysisLag": "warning",
+        "RingwatchServeRejectedPoints": "warning",
+        "RingwatchServeConnectionsRefused": "warning",
+    }
+    got = {n: rules[n]["labels"]["severity"] for n in expected if n in rules}
+    assert got == expected
+    # the absent() guards of the findings and of the agents' series
+    assert rules["RingwatchServeAbsent"]["expr"].strip() == \
+        "absent(ringwatch_serve_analysis_rounds_total)"
+    assert rules["RingwatchAgentsAbsent"]["expr"].strip() == \
+        "absent(ringwatch_agent_cpu_seconds_total)"
+
+
+def _runbook_sections() -> dict[str, str]:
+    text = RUNBOOKS.read_text()
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def test_every_alert_has_its_runbook_section():
+    rules = alert_rules()
+    sections = _runbook_sections()
+    assert set(sections) == set(rules), (set(rules) ^ set(sections))
+    for name, body in sections.items():
+        # GitHub's anchor of "## RingwatchHang" is #ringwatchhang: the rule's runbook_url
+        assert re.fullmatch(r"[A-Za-z]+", name), name
+        for part in ("**Meaning.**", "**Confirm.**", "**Act.**"):
+            assert part in body, f"{name}: no {part}"
+        confirm = body[body.index("**Confirm.**"):body.index("**Act.**")]
+        assert re.search(r"\bringwatch (status|analyze|logs|agent|probe)\b", confirm), \
+            f"{name}: no ringwatch command to confirm it"
+    # the summary table lists every alert once, at its severity
+    table = dict(re.findall(r"^\| \[(Ringwatch\w+)\]\(#\w+\) \| (\w+) \|", RUNBOOKS.read_text(),
+                            flags=re.M))
+    assert table == {n: r["labels"]["severity"] for n, r in rules.items()}
+
+
+def test_promtool_rule_tests_pass():
+    files = sorted(RULE_TESTS.glob("*.yml"))
+    assert files, RULE_TESTS
+    rc, out = promtool("test", "rules", *(str(f.relative_to(ROOT)) for f in files))
+    assert rc == 0, out
+    assert out.count("SUCCESS") == len(files) and "FAILED" not in out, out
+
+
+def test_every_alert_has_a_firing_and_a_quiet_case():
+    problems = missing_rule_tests(alert_rules(), rule_test_cases(sorted(RULE_TESTS.glob("*.yml"))))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_coverage_check_catches_an_untested_alert(tmp_path):
+    rules = alert_rules()
+    cases = rule_test_cases(sorted(RULE_TESTS.glob("*.yml")))
+    new = {"RingwatchNew": {"alert": "RingwatchNew", "expr": "ringwatch_serve_jobs > 100"}}
+    assert missing_rule_tests({**rules, **new}, cases) == ["RingwatchNew: no case where it fires",
+                                                          "RingwatchNew: no case where it does "
+                                                          "not fire over its own inputs "
+                                                          "(ringwatch_serve_jobs)"]
+    # a quiet case over inputs the expression does not read does not count
+    hang = [c for c in cases if c["alertname"] == "RingwatchHang"]
+    blind = [{**c, "inputs": {"up"}} if not c["exp_alerts"] else c for c in hang]
+    assert missing_rule_tests({"RingwatchHang": rules["RingwatchHang"]}, blind) == [
+        "RingwatchHang: no case where it does not fire over its own inputs "
+        "(ringwatch_hang_suspect, ringwatch_serve_analysis_lag_seconds)"]
+    firing_only = [c for c in hang if c["exp_alerts"]]
+    assert missing_rule_tests({"RingwatchHang": rules["RingwatchHang"]}, firing_only)
+
+
+# A healthy fleet, as Prometheus would hold it, for 40 minutes (one sample every 15 s): one
+# serve instance analysing a live job j1, two nodes whose agents report two GPUs each, a rank
+# per GPU. Every alert's input is there, at healthy values, except the series that only exist
+# when something is wrong (open findings, XIDs, agent errors).
+_SERVE = 'job="ringwatch-serve",instance="serve-0:9410"'
+HEALTHY = {
+    f"ringwatch_serve_analysis_rounds_total{{{_SERVE}}}": "0+15x160",
+    f"ringwatch_serve_analysis_errors_total{{{_SERVE}}}": "0x160",
+    f"ringwatch_serve_rejected_points_total{{{_SERVE}}}": "0x160",
+    f'ringwatch_serve_connections_refused_total{{{_SERVE},server="otlp_http"}}': "0x160",
+    f'ringwatch_serve_connections_refused_total{{{_SERVE},server="api"}}': "0x160",
+    f"up{{{_SERVE}}}": "1x160",
+    'ringwatch_serve_analysis_lag_seconds{job="j1",instance="serve-0:9410"}': "0.8x160",
 }
-_FIRING = ('count by (alertname, job, rank, host, gpu, xid, reason, cause) '
-           '(ALERTS{alertstate="firing"})')
+for _h in ("h1", "h2"):
+    _inst = f'instance="{_h}:9400"'
+    HEALTHY[f'up{{job="ringwatch-agent",{_inst}}}'] = "1x160"
+    HEALTHY[f'ringwatch_agent_cpu_seconds_total{{job="j1",host="{_h}",{_inst}}}'] = "0+0.1x160"
+    for _g in ("0", "1"):
+        _rank = str(2 * int(_h[1]) - 2 + int(_g))
+        _gpu = f'job="j1",rank="{_rank}",host="{_h}",gpu="{_g}",uuid="GPU-{_h}-{_g}",{_inst}'
+        HEALTHY[f'ringwatch_gpu_info{{{_gpu},pci_bus_id="0000:1{_g}:00.0"}}'] = "1x160"
+        HEALTHY[f"ringwatch_gpu_samples_total{{{_gpu}}}"] = "0+300x160"
+        HEALTHY[f'ringwatch_gpu_ecc_errors_total{{{_gpu},type="ecc_uncorrected"}}'] = "0x160"
+        HEALTHY[f'ringwatch_gpu_ecc_errors_total{{{_gpu},type="ecc_corrected"}}'] = "0+1x160"
+        HEALTHY[f"ringwatch_gpu_power_average_watts{{{_gpu}}}"] = "560x160"
+        HEALTHY[f'ringwatch_gpu_power_limit_watts{{{_gpu},kind="enforced"}}'] = "700x160"
+        HEALTHY[f'ringwatch_gpu_power_limit_watts{{{_gpu},kind="default"}}'] = "700x160"
+        for _reason, _per_step in (("power", "0.6"), ("thermal", "0"),
+                                   ("low_utilization", "0.2")):
+            HEALTHY[f'ringwatch_gpu_throttle_seconds_total{{{_gpu},reason="{_reason}"}}'] = \
+                f"0+{_per_step}x160"
+        HEALTHY[f'ringwatch_rank_log_age_seconds{{job="j1",rank="{_rank}",host="{_h}",'
+                f'{_inst}}}'] = "1x160"
+#: Series that exist only when something is wrong.
+ONLY_WHEN_WRONG = {"ringwatch_hang_suspect", "ringwatch_straggler_suspect",
+                   "ringwatch_link_suspect", "ringwatch_gpu_xid_events_total",
+                   "ringwatch_agent_errors_total"}
 
 
-def _firing(*alerts: dict) -> list[dict]:
-    return [{"labels": "{" + ",".join(f'{k}="{v}"' for k, v in sorted(a.items())) + "}",
-             "value": 1} for a in alerts]
-
-
-def test_alert_rules_fire_as_intended(tmp_path):
-    at_30s = _firing(
-        {"alertname": "RingwatchHang", "job": "j1", "rank": "3", "host": "h1"},
-        # A counter Prometheus has seen for less than 10 minutes counts as new: right after
-        # Prometheus starts, every XID series already counted alerts once.
-        {"alertname": "RingwatchGpuXid", "job": "j1", "rank": "2", "host": "h1", "gpu": "2",
-         "xid": "31"},
-    )
-    at_13m = _firing(
-        {"alertname": "RingwatchHang", "job": "j1", "rank": "3", "host": "h1"},
-        {"alertname": "RingwatchStraggler", "job": "j1", "rank": "5", "host": "h2"},
-        {"alertname": "RingwatchSlowLink", "job": "j1", "host": "h4"},
-        {"alertname": "RingwatchAnalysisLag", "job": "j2"},
-        {"alertname": "RingwatchAgentErrors", "host": "h6", "cause": "otlp_export"},
-        {"alertname": "RingwatchAgentDown", "job": "ringwatch-agent"},
-        {"alertname": "RingwatchGpuXidCritical", "job": "j1", "rank": "3", "host": "h1",
-         "gpu": "3", "xid": "79"},
-        {"alertname": "RingwatchGpuXid", "job": "j1", "rank": "4", "host": "h1", "gpu": "4",
-         "xid": "13"},
-        {"alertname": "RingwatchGpuEccUncorrected", "host": "h8", "gpu": "0"},
-        {"alertname": "RingwatchGpuPowerAtLimit", "job": "j1", "rank": "0", "host": "h1",
-         "gpu": "0"},
-        {"alertname": "RingwatchGpuThrottling", "job": "j1", "rank": "0", "host": "h1",
-         "gpu": "0", "reason": "thermal"},
-    )
-    hang = {
-        "eval_time": "13m", "alertname": "RingwatchHang",
-        "exp_alerts": [{
-            "exp_labels": {"severity": "page", "job": "j1", "rank": "3", "host": "h1",
-                           "cls": "never arrived", "instance": "serve-0:9410"},
-            "exp_annotations": {
-                "summary": "Job j1 hangs on rank 3 (host h1)",
-                "description": "ringwatch serve names rank 3 on host h1 as holding its process "
-                               "group in a hang in job j1 (never arrived, confidence 0.90); the "
-                               "other members wait in the collective. Evidence: `ringwatch "
-                               "status --url http://serve-0:9410 --job j1`."}}]}
-    ecc = {  # a GPU with no job and no rank: the optional parts of the text are left out
-        "eval_time": "13m", "alertname": "RingwatchGpuEccUncorrected",
-        "exp_alerts": [{
-            "exp_labels": {"severity": "critical", "host": "h8", "gpu": "0",
-                           "uuid": "GPU-h8-0", "type": "ecc_uncorrected", "instance": "h8"},
-            "exp_annotations": {
-                "summary": "Uncorrected ECC errors on GPU 0 of h8",
-                "description": "GPU 0 (GPU-h8-0) on host h8, had 1 uncorrected ECC error(s) in "
-                               "the last 10 minutes: the job's results on it may be corrupt and "
-                               "the process has likely been killed."}}]}
+def test_a_healthy_fleet_fires_nothing(tmp_path):
+    rules = alert_rules()
+    read = set().union(*(metric_names_in(r["expr"]) for r in rules.values()))
+    given = {re.match(r"[a-z_]+", s).group(0) for s in HEALTHY}
+    # every series an alert reads is in the healthy fleet, or only exists when things go wrong
+    assert read - given == ONLY_WHEN_WRONG, read - given
+    times = ["15s", "1m", "5m", "10m", "15m", "20m", "30m", "39m"]
     spec = {
         "rule_files": [str(RULES)],
         "evaluation_interval": "15s",
         "tests": [{
             "interval": "15s",
-            "input_series": [{"series": s, "values": v} for s, v in SERIES.items()],
-            "promql_expr_test": [{"expr": _FIRING, "eval_time": "30s", "exp_samples": at_30s},
-                                 {"expr": _FIRING, "eval_time": "13m", "exp_samples": at_13m}],
-            "alert_rule_test": [hang, ecc],
+            "input_series": [{"series": s, "values": v} for s, v in HEALTHY.items()],
+            # nothing firing, nothing even pending
+            "promql_expr_test": [{"expr": "ALERTS", "eval_time": t, "exp_samples": []}
+                                 for t in times],
         }],
     }
-    path = tmp_path / "alerts_test.json"  # JSON is YAML: promtool reads it as is
+    path = tmp_path / "healthy_test.json"  # JSON is YAML: promtool reads it as is
     path.write_text(json.dumps(spec, indent=1))
     rc, out = promtool("test", "rules", str(path))
     assert rc == 0, out
     assert "SUCCESS" in out, out
+    # ...and the same fleet with one GPU lost at minute 20 does fire: the check can fail
+    lost = 'ringwatch_gpu_samples_total{job="j1",rank="1",host="h1",gpu="1",uuid="GPU-h1-1",' \
+           'instance="h1:9400"}'
+    assert lost in HEALTHY
+    spec["tests"][0]["input_series"] = [
+        {"series": s, "values": "0+300x80 24000x80" if s == lost else v}
+        for s, v in HEALTHY.items()]
+    path.write_text(json.dumps(spec, indent=1))
+    rc, out = promtool("test", "rules", str(path))
+    assert rc != 0 and 'alertname="RingwatchGpuFellOffBus"' in out, out
+
+
+# --- Alertmanager --------------------------------------------------------------------------
+
+def amtool(*args: str) -> tuple[int, str, str]:
+    require_alertmanager()
+    p = subprocess.run([shutil.which(AMTOOL) or AMTOOL, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    return p.returncode, p.stdout.strip(), p.stderr.strip()
+
+
+def test_amtool_check_config_is_clean():
+    rc, out, err = amtool("check-config", str(ALERTMANAGER_CONFIG.relative_to(ROOT)))
+    assert rc == 0, out + err
+    assert "SUCCESS" in out and "3 receivers" in out, out
+
+
+def test_alertmanager_routes_by_severity_and_groups_by_job():
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    assert config["route"]["group_by"] == ["job"]
+    used = {r["labels"]["severity"] for r in alert_rules().values()}
+    assert used == set(SEVERITIES)
+    cfg = f"--config.file={ALERTMANAGER_CONFIG.relative_to(ROOT)}"
+    for severity in SEVERITIES:
+        rc, out, err = amtool("config", "routes", "test", cfg, f"severity={severity}",
+                              "job=j1", "alertname=RingwatchHang")
+        assert rc == 0 and out == f"ringwatch-{severity}", (severity, out, err)
+    # an alert without a severity is not dropped
+    rc, out, err = amtool("config", "routes", "test", cfg, "alertname=Other")
+    assert rc == 0 and out == "ringwatch-warning", (out, err)
+    # every receiver is a webhook that reports resolutions of the alerts that page
+    for receiver in config["receivers"]:
+        assert set(receiver) == {"name", "webhook_configs"}, receiver
+        assert [w["url"].rsplit("/", 1)[1] for w in receiver["webhook_configs"]] == \
+            [receiver["name"]]
+
+
+def test_alertmanager_inhibitions_name_real_alerts():
+    names = set(alert_rules())
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    assert config.get("inhibit_rules")
+    for rule in config["inhibit_rules"]:
+        for key in ("source_matchers", "target_matchers"):
+            for matcher in rule[key]:
+                m = re.fullmatch(r'alertname(=~|=)"(.+)"', matcher)
+                assert m, matcher
+                op, value = m.groups()
+                hits = {n for n in names if (re.fullmatch(value, n) if op == "=~"
+                                             else n == value)}
+                assert hits, f"{matcher} matches no alert of alerts.yml"
+        # labels compared between source and target exist on the source alert's series
+        for label in rule.get("equal", []):
+            assert label in {"job", "host", "uuid", "gpu", "instance"}, label
 
 
 # --- OpenTelemetry Collector gateway ---------------------------------------------------------

@@ -8,12 +8,18 @@
 # Each line below: a command the tests run, and the Debian package that brings it.
 #   prometheus, promtool  prometheus   a real Prometheus scrapes the agent and the service;
 #                                      promtool lints metrics and tests the alert rules
+#   prometheus-alertmanager, amtool
+#                         prometheus-alertmanager
+#                                      a real Alertmanager delivers the alerts to a webhook;
+#                                      amtool checks its config and routes
 #   ip, tc                iproute2     emulated hosts: network namespaces, veth, tc tbf
 #   nft                   nftables     packet loss on an emulated host's link
 set -euo pipefail
 NEEDS=(
     "/usr/bin/prometheus prometheus"
     "promtool prometheus"
+    "/usr/bin/prometheus-alertmanager prometheus-alertmanager"
+    "amtool prometheus-alertmanager"
     "ip iproute2"
     "tc iproute2"
     "nft nftables"
@@ -37,8 +43,9 @@ missing=$(missing_packages)
 [ -z "$missing" ] && exit 0
 if [ "$check_only" = 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing what the tests need: $missing" >&2
-    # Prometheus from Debian would start a system service on :9090 where an init system runs;
-    # the tests start their own on free loopback ports, so no recommends (node exporter) either.
+    # Prometheus and Alertmanager from Debian would start system services on :9090 and :9093
+    # where an init system runs; the tests start their own on free loopback ports, so no
+    # recommends (node exporter) either.
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
     # shellcheck disable=SC2086  # one word per package
