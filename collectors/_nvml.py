@@ -289,6 +289,11 @@ class NvmlClient:
             ecc_corrected_total=as_int(values["ecc_corrected_total"]),
             ecc_uncorrected_total=as_int(values["ecc_uncorrected_total"]),
             pcie_replay_total=as_int(values["pcie_replay_total"]),
+            remapped_rows_correctable_total=as_int(values["remapped_rows_correctable_total"]),
+            remapped_rows_uncorrectable_total=as_int(
+                values["remapped_rows_uncorrectable_total"]),
+            row_remap_pending=as_int(values["row_remap_pending"]),
+            row_remap_failed=as_int(values["row_remap_failed"]),
             nvlinks=tuple(self._nvlink(gpu, link, values) for link in links),
             xid_total=xid,
         )

@@ -153,6 +153,13 @@ SLOW_FIELDS = (
                                    ("NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC"))),
     FieldSpec("pcie_replay_total", "pcie_replay_total", "NVML_FI_DEV_PCIE_REPLAY_COUNTER", 94,
               fallback=Fallback("nvmlDeviceGetPcieReplayCounter")),
+    # Row remapping (A100 and newer): absent on older GPUs, where the field reads None.
+    FieldSpec("remapped_rows_correctable_total", "remapped_rows_correctable_total",
+              "NVML_FI_DEV_REMAPPED_COR", 142),
+    FieldSpec("remapped_rows_uncorrectable_total", "remapped_rows_uncorrectable_total",
+              "NVML_FI_DEV_REMAPPED_UNC", 143),
+    FieldSpec("row_remap_pending", "row_remap_pending", "NVML_FI_DEV_REMAPPED_PENDING", 144),
+    FieldSpec("row_remap_failed", "row_remap_failed", "NVML_FI_DEV_REMAPPED_FAILURE", 145),
 )
 
 

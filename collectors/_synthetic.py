@@ -80,7 +80,8 @@ def write_synthetic_recording(path: str | Path, *, gpus: int = 8, seconds: float
                     temperature_c=62 + int(3 * math.sin(sec / 10)), throttle_reasons_mask=0,
                     throttle_time_ns={"power": sec * 40_000_000, "thermal": 0},
                     ecc_corrected_total=0, ecc_uncorrected_total=0, pcie_replay_total=0,
-                    nvlinks=links, xid_total={}))
+                    remapped_rows_correctable_total=0, remapped_rows_uncorrectable_total=0,
+                    row_remap_pending=0, row_remap_failed=0, nvlinks=links, xid_total={}))
             nic_bytes += 1_200_000_000
             w.host(now, HostReading(nics=(NicReading(
                 name="ib0-synthetic", rx_bytes=nic_bytes, tx_bytes=nic_bytes,

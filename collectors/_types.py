@@ -84,6 +84,13 @@ class SlowReading:
     ecc_corrected_total: int | None = None
     ecc_uncorrected_total: int | None = None
     pcie_replay_total: int | None = None
+    #: Rows of memory remapped to spares since manufacture (Ampere and newer), for correctable
+    #: and uncorrectable errors; a remap waiting for the next GPU reset; a remap that failed
+    #: (no spare left: the GPU needs service).
+    remapped_rows_correctable_total: int | None = None
+    remapped_rows_uncorrectable_total: int | None = None
+    row_remap_pending: int | None = None
+    row_remap_failed: int | None = None
     nvlinks: tuple[NvLinkReading, ...] = ()
     #: XID events seen since the agent started, per XID code.
     xid_total: dict[int, int] = field(default_factory=dict)

@@ -107,6 +107,8 @@ _LIMIT_HELP = "GPU power limit: enforced (out-of-band limits included), default,
 _CLOCK_HELP = "GPU clock frequency, SM or memory."
 _UTIL_HELP = "Fraction of the last sample period the GPU (or its memory) was busy."
 _ECC_HELP = "Volatile ECC errors since the driver loaded, corrected or uncorrected."
+_REMAP_HELP = ("Rows of GPU memory remapped to spare rows since manufacture, for correctable "
+               "or uncorrectable errors.")
 _NVLINK_BYTES_HELP = "NVLink data bytes since the counters were reset, per link and direction."
 _NVLINK_ERR_HELP = "NVLink errors per link: CRC, replay and recovery."
 _NIC_BYTES_HELP = "Bytes through a network interface, per direction."
@@ -169,6 +171,16 @@ METRICS: tuple[MetricSpec, ...] = (
        "gpu", "ecc_uncorrected_total", type="ecc_uncorrected"),
     _m("ringwatch_gpu_pcie_replays_total", "hw.gpu.pcie.replays", COUNTER, "{replay}",
        "PCIe replays of the GPU's link.", "gpu", "pcie_replay_total"),
+    _m("ringwatch_gpu_remapped_rows_total", "hw.gpu.memory.remapped_rows", COUNTER, "{row}",
+       _REMAP_HELP, "gpu", "remapped_rows_correctable_total", type="correctable"),
+    _m("ringwatch_gpu_remapped_rows_total", "hw.gpu.memory.remapped_rows", COUNTER, "{row}",
+       _REMAP_HELP, "gpu", "remapped_rows_uncorrectable_total", type="uncorrectable"),
+    _m("ringwatch_gpu_row_remap_pending", "hw.gpu.memory.row_remap.pending", GAUGE, "1",
+       "1 while a row remap waits for the next GPU reset to take effect.", "gpu",
+       "row_remap_pending"),
+    _m("ringwatch_gpu_row_remap_failed", "hw.gpu.memory.row_remap.failed", GAUGE, "1",
+       "1 once a row remap failed (no spare row left): the GPU needs service.", "gpu",
+       "row_remap_failed"),
     _m("ringwatch_gpu_xid_events_total", "hw.gpu.xid.events", COUNTER, "{event}",
        "XID events seen since the agent started, per XID code.", "gpu", "xid_total",
        key_label="xid"),

@@ -247,6 +247,8 @@ for _h in ("h1", "h2"):
         HEALTHY[f"ringwatch_gpu_samples_total{{{_gpu}}}"] = "0+300x160"
         HEALTHY[f'ringwatch_gpu_ecc_errors_total{{{_gpu},type="ecc_uncorrected"}}'] = "0x160"
         HEALTHY[f'ringwatch_gpu_ecc_errors_total{{{_gpu},type="ecc_corrected"}}'] = "0+1x160"
+        HEALTHY[f"ringwatch_gpu_row_remap_pending{{{_gpu}}}"] = "0x160"
+        HEALTHY[f"ringwatch_gpu_row_remap_failed{{{_gpu}}}"] = "0x160"
         HEALTHY[f"ringwatch_gpu_power_average_watts{{{_gpu}}}"] = "560x160"
         HEALTHY[f'ringwatch_gpu_power_limit_watts{{{_gpu},kind="enforced"}}'] = "700x160"
         HEALTHY[f'ringwatch_gpu_power_limit_watts{{{_gpu},kind="default"}}'] = "700x160"

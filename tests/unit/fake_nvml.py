@@ -72,6 +72,10 @@ class FakeGpu:
     ecc_corrected: int = 0
     ecc_uncorrected: int = 0
     pcie_replay: int = 0
+    remapped_cor: int = 0
+    remapped_unc: int = 0
+    remap_pending: int = 0
+    remap_failed: int = 0
     links: dict[int, FakeLink] = field(default_factory=dict)
     #: pynvml function name (``nvmlDeviceGetMemoryInfo_v2`` for the versioned call) -> the
     #: NVML return code it raises.
@@ -120,6 +124,7 @@ def gpu_state(index: int) -> FakeGpu:
         util_gpu=97 - i, util_mem=41 + i, temperature_c=63 + i, event_reasons=0x4 | i,
         violation_ns={policy: (policy + 1) * 1_000_000 + i for policy in POLICIES},
         ecc_corrected=5 + i, ecc_uncorrected=i, pcie_replay=17 + i,
+        remapped_cor=2 + i, remapped_unc=i, remap_pending=i % 2, remap_failed=0,
         # Links 0 and 2 active, 1 inactive; the far end of link n of GPU i is GPU i+1 (mod 8).
         links={link: FakeLink(remote_bus=f"00000000:{0x18 + (i + 1) % 8:02X}:00.0",
                               tx_kib=1000 * (link + 1) + i, rx_kib=2000 * (link + 1) + i,
@@ -173,6 +178,14 @@ def ecc_disabled(node: FakeNode, index: int) -> FakeNode:
     gpu.field_fails[real.NVML_FI_DEV_ECC_SBE_VOL_TOTAL] = real.NVML_ERROR_NOT_SUPPORTED
     gpu.field_fails[real.NVML_FI_DEV_ECC_DBE_VOL_TOTAL] = real.NVML_ERROR_NOT_SUPPORTED
     gpu.fails["nvmlDeviceGetTotalEccErrors"] = real.NVML_ERROR_NOT_SUPPORTED
+    return node
+
+
+def row_remapping_not_supported(node: FakeNode, index: int) -> FakeNode:
+    """GPU ``index`` predates row remapping (a V100, say): its four fields are unsupported."""
+    for fid in (real.NVML_FI_DEV_REMAPPED_COR, real.NVML_FI_DEV_REMAPPED_UNC,
+                real.NVML_FI_DEV_REMAPPED_PENDING, real.NVML_FI_DEV_REMAPPED_FAILURE):
+        node.gpus[index].field_fails[fid] = real.NVML_ERROR_NOT_SUPPORTED
     return node
 
 
@@ -420,5 +433,9 @@ def _field(gpu: FakeGpu, field_id: int, scope: int) -> tuple[int, str, int] | No
         real.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: (ull, "ullVal", gpu.ecc_corrected),
         real.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: (ull, "ullVal", gpu.ecc_uncorrected),
         real.NVML_FI_DEV_PCIE_REPLAY_COUNTER: (uint, "uiVal", gpu.pcie_replay),
+        real.NVML_FI_DEV_REMAPPED_COR: (uint, "uiVal", gpu.remapped_cor),
+        real.NVML_FI_DEV_REMAPPED_UNC: (uint, "uiVal", gpu.remapped_unc),
+        real.NVML_FI_DEV_REMAPPED_PENDING: (uint, "uiVal", gpu.remap_pending),
+        real.NVML_FI_DEV_REMAPPED_FAILURE: (uint, "uiVal", gpu.remap_failed),
     }
     return simple.get(field_id)

@@ -111,6 +111,10 @@ def test_healthy_slow_read_of_every_field(open_clients, caplog):
         ecc_corrected_total=6,
         ecc_uncorrected_total=1,
         pcie_replay_total=18,
+        remapped_rows_correctable_total=3,
+        remapped_rows_uncorrectable_total=1,
+        row_remap_pending=1,
+        row_remap_failed=0,
         nvlinks=(
             NvLinkReading(link=0, remote_pci_bus_id="00000000:1A:00.0", tx_bytes=1001 * 1024,
                           rx_bytes=2001 * 1024, crc_errors=1, replay_errors=11,
@@ -171,6 +175,19 @@ def test_unsupported_field_reads_none_and_the_others_still_come(open_clients, ca
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     # An unsupported function is not called again.
     assert node.nvml.nvmlDeviceGetPowerUsage.call_count == 1
+
+
+def test_a_gpu_without_row_remapping_reads_none_quietly(open_clients, caplog):
+    caplog.set_level(logging.DEBUG, "ringwatch.collectors")
+    node = fake.row_remapping_not_supported(fake.healthy(2), 0)
+    client = start(node, open_clients)
+    client.devices()
+    old, new = client.read_slow(0), client.read_slow(1)
+    assert (old.remapped_rows_correctable_total, old.remapped_rows_uncorrectable_total,
+            old.row_remap_pending, old.row_remap_failed) == (None, None, None, None)
+    assert (new.remapped_rows_correctable_total, new.row_remap_pending) == (3, 1)
+    assert old.ecc_corrected_total == 5  # the rest of the batch is read
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_average_power_falls_back_to_power_usage(open_clients):
