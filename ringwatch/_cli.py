@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ringwatch.service._cli import add_parsers as add_service_parsers
 
     add_service_parsers(sub)
+    from ringwatch.dashboards._cli import add_parsers as add_dashboard_parsers
+    add_dashboard_parsers(sub)
 
     d = sub.add_parser("demo", help="a local cluster with an injected fault, watched live",
                        description="Launch a small local cluster (4 ranks of a real DDP job on "
