@@ -104,7 +104,8 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
         findings = with_probe(findings, probe)
     clocks = [{"host": h, "offset_ns": o, "error_ns": e} for h, o, e in
               estimate_clock_offsets(events).select("host", "offset_ns", "error_ns").iter_rows()]
-    return {"job_id": job.job_id, "path": str(job.path), "ranks": sorted(job.ranks),
+    return {"job_id": job.job_id, "kind": getattr(job, "kind", "ringwatch logs"),
+            "path": str(job.path), "ranks": sorted(job.ranks),
             "collectives": events.height, "as_of_ns": now_ns, "clock_offsets": clocks,
             "findings": [f.to_dict() for f in findings], "_findings": findings,
             "hiccups": [f.to_dict() for f in hiccups], "_hiccups": hiccups,
@@ -118,7 +119,10 @@ def _when(ns: int | None) -> str:
 
 
 def report_lines(report: dict) -> list[str]:
-    lines = [f"job {report['job_id']}: {len(report['ranks'])} rank(s), "
+    kind = report.get("kind", "ringwatch logs")
+    lines = [f"job {report['job_id']}"
+             + ("" if kind == "ringwatch logs" else f" ({kind}, {report['path']})")
+             + f": {len(report['ranks'])} rank(s), "
              f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
     clocks = report.get("clock_offsets", [])
     others = [c for c in clocks if c["error_ns"] != 0]
@@ -171,16 +175,47 @@ def hiccup_lines(hiccups) -> list[str]:
 
 
 def cmd_analyze(args) -> int:
-    from ringwatch._logs import open_job
+    """Every source under ``args.paths``, analysed; one report each.
 
-    job = open_job(args.log_dir, args.job)
+    Exit 1 (one line) when nothing there could be read. ``--json`` prints the report of a
+    single source as one object (files no reader could use in its ``unreadable``); several
+    sources give ``{"reports": [...], "unreadable": [...]}``.
+    """
+    import sys
+
+    from ringwatch.inputs import open_sources
+
+    opened = open_sources(args.paths, args.job)
+    if not opened.sources:
+        where = ", ".join(str(p) for p in args.paths)
+        print(f"ringwatch analyze: nothing ringwatch reads under {where} (ringwatch logs, "
+              "Flight Recorder dumps, profiler traces or a collective table)", file=sys.stderr)
+        for line in opened.unreadable:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     probe = None
     if args.probe:
         probe = json.loads(Path(args.probe).read_text())
-    report = analyze_job(job, online=args.online, min_stall_s=args.min_stall_s, probe=probe)
+    reports = []
+    for source in opened.sources:
+        report = analyze_job(source, online=args.online, min_stall_s=args.min_stall_s,
+                             probe=probe)
+        if len(opened.sources) == 1:
+            report["unreadable"] = opened.unreadable + report["unreadable"]
+        reports.append(report)
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in reports]
     if args.json:
-        print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")},
-                         indent=1))
-    else:
-        print("\n".join(report_lines(report)))
+        doc = public[0] if len(public) == 1 else {"reports": public,
+                                                  "unreadable": opened.unreadable}
+        print(json.dumps(doc, indent=1))
+        return 0
+    lines: list[str] = []
+    if len(reports) > 1 and opened.unreadable:
+        lines.append(f"{len(opened.unreadable)} file(s) could not be read:")
+        lines += [f"  {line}" for line in opened.unreadable]
+    for i, report in enumerate(reports):
+        if i:
+            lines.append("")
+        lines += report_lines(report)
+    print("\n".join(lines))
     return 0

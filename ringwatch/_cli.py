@@ -173,10 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--json", action="store_true", help="machine-readable output")
     lg.set_defaults(func=cmd_logs)
 
-    an = sub.add_parser("analyze", help="find hangs, stragglers and slow links in a job's logs",
-                        description="Run the analyzers over a job's logs (post-mortem, or "
-                        "--online on a running job's folder) and print the findings.")
-    an.add_argument("log_dir", help="the log root (or one job's folder)")
+    an = sub.add_parser("analyze", help="find hangs, stragglers and slow links in a job's logs "
+                        "or traces", description="Run the analyzers over a job's logs "
+                        "(post-mortem, or --online on a running job's folder) or over what "
+                        "PyTorch and other tools left (Flight Recorder dumps, profiler "
+                        "traces, a collective table; docs/inputs.md) and print the findings.")
+    an.add_argument("paths", nargs="+", metavar="PATH", help="ringwatch's log root or a "
+                    "job's folder; or folders, files or glob patterns of other inputs")
     an.add_argument("--job", help="job id (default: the most recently written)")
     an.add_argument("--online", action="store_true",
                     help="measure stalls up to now, not up to the agents' newest write")

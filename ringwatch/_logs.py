@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ringwatch._schema import SCHEMA_VERSION, polars_schema
 
@@ -156,6 +157,7 @@ class JobLogs:
         problems: One line per file that could not be read.
     """
 
+    kind: ClassVar[str] = "ringwatch logs"
     path: Path
     job_id: str
     ranks: dict[int, Path]
