@@ -23,8 +23,8 @@ ANALYZED_COLUMNS = ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_s
 
 
 def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
-                   min_stall_s: float | None = None, min_gain_share: float | None = None
-                   ) -> tuple:
+                   min_stall_s: float | None = None, min_gain_share: float | None = None,
+                   progress=None) -> tuple:
     """Every analyzer over one job's rows (a whole log or an online window): the findings.
 
     Args:
@@ -35,21 +35,33 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
             the job's usual steps, whichever is longer).
         min_gain_share: Least what-if gain of a straggler, as a share of the job's step
             time (default ``MIN_GAIN_SHARE``, 5%; 0 keeps every straggler).
+        progress: ``progress(what, done, total)`` before each pass (see
+            :mod:`ringwatch._report._progress`).
     """
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._links import explain_by_links
     from ringwatch.analyzers._rhythm import assign_rhythm_steps
 
+    def stage(i: int, what: str) -> None:
+        if progress is not None:
+            progress(f"analysing: {what}", i, 4)
+
     if events.height and events["step"].is_null().all():
+        stage(0, "the rhythm's steps")
         events = assign_rhythm_steps(events)  # no step marks: the rhythm's iterations
+    stage(1, "hangs")
     findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
                             min_stall_s=min_stall_s)
     from ringwatch.analyzers._stragglers import MIN_GAIN_SHARE, significant
 
     share = MIN_GAIN_SHARE if min_gain_share is None else min_gain_share
-    findings += significant(explain_by_links(detect_stragglers(events),
-                                             detect_slow_links(events)), events, share)
+    stage(2, "stragglers")
+    stragglers = detect_stragglers(events)
+    stage(3, "slow links")
+    findings += significant(explain_by_links(stragglers, detect_slow_links(events)), events,
+                            share)
+    stage(4, "done")
     local = dict(events.select("rank", "local_rank").unique("rank").iter_rows()) \
         if "local_rank" in events.columns else {}
     return with_local_ranks(findings, local)
@@ -79,7 +91,8 @@ def with_probe(findings: tuple, probe_doc: dict) -> tuple:
 
 
 def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
-                probe: dict | None = None) -> dict:
+                probe: dict | None = None, plots: bool = False, recordings=(),
+                progress=None) -> dict:
     """Findings of every analyzer over one job's logs.
 
     Post-mortem (default) the stall of a hang is measured up to the agents' newest write;
@@ -87,9 +100,18 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     over the job's hosts, see :func:`with_probe`. Transient stragglers (ranks that fell
     behind for a few steps and caught up) are ``hiccups``, apart from the findings
     (:func:`~ringwatch.analyzers._stragglers.split_hiccups`).
+
+    ``plots``: add ``_plots``, the report page's plots (:mod:`ringwatch._report`), with
+    ``recordings`` (loaded ``ringwatch agent --record`` files) aligned on the job's steps.
+    ``progress``: ``progress(what, done, total)`` as files are read and passes run.
     """
-    events = job.events(include_pending=True, columns=list(ANALYZED_COLUMNS),
-                        categorical=True)
+    read = {"columns": list(ANALYZED_COLUMNS), "categorical": True}
+    if progress is not None and getattr(job, "kind", None) == "ringwatch logs":
+        read["progress"] = lambda done, total: progress(
+            f"reading {job.job_id}'s files", done, total)
+    elif progress is not None:
+        progress(f"reading {job.job_id} ({getattr(job, 'kind', '?')})", 0, None)
+    events = job.events(include_pending=True, **read)
     seen = job.last_write_ns()
     if online or not seen:
         now_ns = time.time_ns()
@@ -99,17 +121,26 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     from ringwatch.analyzers._stragglers import split_hiccups
 
     findings, hiccups = split_hiccups(
-        analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s))
+        analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s,
+                       progress=progress))
     if probe is not None:
         findings = with_probe(findings, probe)
     clocks = [{"host": h, "offset_ns": o, "error_ns": e} for h, o, e in
               estimate_clock_offsets(events).select("host", "offset_ns", "error_ns").iter_rows()]
+    extra = {}
+    if plots:
+        from ringwatch._report import job_plots
+
+        if progress is not None:
+            progress("plots", 0, None)
+        extra["_plots"] = job_plots(events, findings, hiccups, probe=probe,
+                                    recordings=recordings)
     return {"job_id": job.job_id, "kind": getattr(job, "kind", "ringwatch logs"),
             "path": str(job.path), "ranks": sorted(job.ranks),
             "collectives": events.height, "as_of_ns": now_ns, "clock_offsets": clocks,
             "findings": [f.to_dict() for f in findings], "_findings": findings,
             "hiccups": [f.to_dict() for f in hiccups], "_hiccups": hiccups,
-            "unreadable": list(job.problems)}
+            "unreadable": list(job.problems), **extra}
 
 
 def _when(ns: int | None) -> str:
@@ -179,10 +210,13 @@ def cmd_analyze(args) -> int:
 
     Exit 1 (one line) when nothing there could be read. ``--json`` prints the report of a
     single source as one object (files no reader could use in its ``unreadable``); several
-    sources give ``{"reports": [...], "unreadable": [...]}``.
+    sources give ``{"reports": [...], "unreadable": [...]}``. ``--html FILE`` also writes
+    the reports as one self-contained page. On a terminal the summary is a coloured table
+    and a progress bar shows on stderr; piped, the plain lines of :func:`report_lines`.
     """
     import sys
 
+    from ringwatch._report import progress_for
     from ringwatch.inputs import open_sources
 
     opened = open_sources(args.paths, args.job)
@@ -196,18 +230,32 @@ def cmd_analyze(args) -> int:
     probe = None
     if args.probe:
         probe = json.loads(Path(args.probe).read_text())
+    recordings = _recordings(getattr(args, "gpu_recording", None) or [])
+    html = getattr(args, "html", None)
     reports = []
-    for source in opened.sources:
-        report = analyze_job(source, online=args.online, min_stall_s=args.min_stall_s,
-                             probe=probe)
-        if len(opened.sources) == 1:
-            report["unreadable"] = opened.unreadable + report["unreadable"]
-        reports.append(report)
+    with progress_for(sys.stderr) as progress:
+        for source in opened.sources:
+            report = analyze_job(source, online=args.online, min_stall_s=args.min_stall_s,
+                                 probe=probe, plots=html is not None, recordings=recordings,
+                                 progress=progress)
+            if len(opened.sources) == 1:
+                report["unreadable"] = opened.unreadable + report["unreadable"]
+            reports.append(report)
+    if html is not None:
+        from ringwatch._report import write_html
+
+        write_html(html, reports, unreadable=opened.unreadable if len(reports) > 1 else [])
+        print(f"ringwatch analyze: report written to {html}", file=sys.stderr)
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in reports]
     if args.json:
         doc = public[0] if len(public) == 1 else {"reports": public,
                                                   "unreadable": opened.unreadable}
         print(json.dumps(doc, indent=1))
+        return 0
+    if sys.stdout.isatty():
+        from ringwatch._report._term import print_reports
+
+        print_reports(reports, opened.unreadable if len(reports) > 1 else [])
         return 0
     lines: list[str] = []
     if len(reports) > 1 and opened.unreadable:
@@ -219,3 +267,18 @@ def cmd_analyze(args) -> int:
         lines += report_lines(report)
     print("\n".join(lines))
     return 0
+
+
+def _recordings(paths: list[str]) -> list:
+    """``ringwatch agent --record`` files, loaded (a bad one is a one-line error)."""
+    from ringwatch._config import ConfigError
+    from ringwatch.collectors._recording import load_recording
+    from ringwatch.collectors._types import CollectorError
+
+    out = []
+    for p in paths:
+        try:
+            out.append(load_recording(p))
+        except (OSError, CollectorError) as exc:
+            raise ConfigError(f"--gpu-recording {p}: {exc}") from exc
+    return out

@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "job's hosts: its findings join the report and narrow the passive "
                     "link suspects")
     an.add_argument("--json", action="store_true", help="the findings as JSON")
+    an.add_argument("--html", metavar="FILE", help="also write the report as one "
+                    "self-contained HTML page (findings and plots, nothing fetched when "
+                    "viewed; docs/report.md)")
+    an.add_argument("--gpu-recording", metavar="FILE", nargs="+", action="extend",
+                    help="`ringwatch agent --record` recordings of the job's nodes: GPU "
+                    "power over the steps in the --html page (aligned on wall time)")
     an.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("schema", help="print the event schema")

@@ -241,7 +241,7 @@ class JobLogs:
         return df.unique("idx", keep="first").sort("idx")
 
     def events(self, *, include_pending: bool = True, columns: list[str] | None = None,
-               categorical: bool = False):
+               categorical: bool = False, progress=None):
         """All ranks' rows, by (rank, idx).
 
         Args:
@@ -252,18 +252,22 @@ class JobLogs:
             categorical: The string columns (host, pg, op, ...) as ``pl.Categorical``, cast
                 as they are read: a few hundred distinct values over millions of rows, 4
                 bytes a cell instead of a string view, and cheaper to group and join on.
+            progress: ``progress(done, total)`` as files (or ranks) are read.
 
         Raises:
             ValueError: ``columns`` names a column the schema does not have.
         """
         import polars as pl
 
-        fast = self._read_all(include_pending, self._columns(columns), categorical)
+        fast = self._read_all(include_pending, self._columns(columns), categorical, progress)
         if fast is not None:
             return fast
-        frames = [_as_categorical(self.rank_events(r, include_pending=include_pending,
-                                                   columns=columns), categorical)
-                  for r in self.ranks]
+        frames = []
+        for i, r in enumerate(self.ranks):
+            if progress is not None:
+                progress(i, len(self.ranks))
+            frames.append(_as_categorical(self.rank_events(
+                r, include_pending=include_pending, columns=columns), categorical))
         if not frames:
             cols = self._columns(columns)
             return _as_categorical(pl.DataFrame(schema={
@@ -280,7 +284,7 @@ class JobLogs:
         return df.sort("rank", "idx")
 
     def _read_all(self, include_pending: bool, cols: tuple[str, ...] | None,
-                  categorical: bool = False):
+                  categorical: bool = False, progress=None):
         """:meth:`events` in one read of every file, or None where it might differ.
 
         Reading file by file costs a few ms each, and a job of thousands of ranks has
@@ -308,7 +312,9 @@ class JobLogs:
         if not files:
             return None
         try:
-            for path in files:
+            for i, path in enumerate(files):
+                if progress is not None and i % 64 == 0:
+                    progress(i, len(files))
                 version = pl.read_parquet_metadata(path).get("ringwatch_schema_version")
                 if version is None or _major(version) != _major(SCHEMA_VERSION):
                     return None
@@ -316,6 +322,8 @@ class JobLogs:
                 *want, "_path")
             if categorical:
                 scan = scan.with_columns(pl.col(_string_columns(want)).cast(pl.Categorical))
+            if progress is not None:
+                progress(len(files), len(files))  # checked; decoding them all at once
             df = scan.collect()
         except Exception:  # noqa: BLE001 - the per-rank path reads them one by one, reports
             return None
