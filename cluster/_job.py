@@ -18,7 +18,10 @@ receives it ``--slowdown-factor`` times the work from its next step on (a comput
 appearing mid-run, as a throttled GPU or a busy host would).
 
 ``--attach DIR`` calls ``ringwatch.attach(log_dir=DIR)`` in the script (the one-line use)
-instead of relying on ``ringwatch run``. Rank 0 prints one JSON line at the end: steps, median
+instead of relying on ``ringwatch run``. ``--profile-dir DIR`` traces every step with
+``torch.profiler`` (CPU ops, and CUDA with ``--device cuda``; shapes recorded) and writes
+``DIR/rank-<R>.json.gz`` at the end (a Chrome trace, what ``ringwatch analyze`` reads as
+profiler traces). Rank 0 prints one JSON line at the end: steps, median
 step time and DDP's bucket count.
 """
 
@@ -55,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--result", metavar="FILE", help="rank 0 writes its JSON summary here")
     p.add_argument("--python-hook", action="store_true",
                    help="register PyTorch's Python allreduce comm hook (a cost reference)")
+    p.add_argument("--profile-dir", metavar="DIR",
+                   help="trace the steps with torch.profiler, DIR/rank-R.json.gz at the end")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (Gloo, the default) or cuda (NCCL, one GPU per rank: LOCAL_RANK)")
     return p.parse_args(argv)
@@ -203,6 +208,16 @@ def main(argv=None) -> int:
         marks = open(os.path.join(args.step_log, f"rank-{rank}.tsv"), "a", buffering=1)
         marks.write(f"pid\t{os.getpid()}\n")
     step_s = []
+    prof = None
+    if args.profile_dir:
+        from torch.profiler import ProfilerAction, ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                         else [])
+        # a schedule (always recording) is what makes the profiler mark ProfilerStep#N
+        prof = profile(activities=acts, record_shapes=True,
+                       schedule=lambda _step: ProfilerAction.RECORD)
+        prof.start()
     for step in range(args.steps):
         if marks is not None:
             marks.write(f"{step}\t{time.time_ns()}\n")
@@ -226,6 +241,12 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a step's time is the GPU's, not its launch's
         step_s.append(time.perf_counter() - t0)
+        if prof is not None:
+            prof.step()  # the spans ProfilerStep#<step>
+    if prof is not None:
+        prof.stop()
+        os.makedirs(args.profile_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(args.profile_dir, f"rank-{rank}.json.gz"))
     if marks is not None:
         marks.write(f"{args.steps}\t{time.time_ns()}\n")
         marks.close()
