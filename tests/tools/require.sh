@@ -14,6 +14,8 @@
 #                                      amtool checks its config and routes
 #   ip, tc                iproute2     emulated hosts: network namespaces, veth, tc tbf
 #   nft                   nftables     packet loss on an emulated host's link
+#   chromium              chromium     the --html report loaded headless: no console error,
+#                                      every plot drawn, nothing fetched; docs/report.png
 set -euo pipefail
 NEEDS=(
     "/usr/bin/prometheus prometheus"
@@ -23,6 +25,7 @@ NEEDS=(
     "ip iproute2"
     "tc iproute2"
     "nft nftables"
+    "chromium chromium"
 )
 check_only=0
 [ "${1:-}" = "--check" ] && check_only=1
