@@ -17,6 +17,10 @@ rank R F times the work by design (compute and host-side sleep); SIGUSR2 gives t
 receives it ``--slowdown-factor`` times the work from its next step on (a compute straggler
 appearing mid-run, as a throttled GPU or a busy host would).
 
+``--fr-dump PREFIX`` writes each rank's Flight Recorder to ``PREFIX<rank>`` on a stall or an
+error, and ``--fault-in-job MODE:RANKS@STEP`` blocks, kills or desynchronises ranks from inside
+at an exact step (see :mod:`ringwatch.cluster._fr_dump`).
+
 ``--attach DIR`` calls ``ringwatch.attach(log_dir=DIR)`` in the script (the one-line use)
 instead of relying on ``ringwatch run``. ``--profile-dir DIR`` traces every step with
 ``torch.profiler`` (CPU ops, and CUDA with ``--device cuda``; shapes recorded) and writes
@@ -34,6 +38,8 @@ import signal
 import statistics
 import threading
 import time
+
+from ringwatch.cluster import _fr_dump
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="trace the steps with torch.profiler, DIR/rank-R.json.gz at the end")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (Gloo, the default) or cuda (NCCL, one GPU per rank: LOCAL_RANK)")
+    _fr_dump.add_args(p)
     return p.parse_args(argv)
 
 
@@ -208,6 +215,8 @@ def main(argv=None) -> int:
         marks = open(os.path.join(args.step_log, f"rank-{rank}.tsv"), "a", buffering=1)
         marks.write(f"pid\t{os.getpid()}\n")
     step_s = []
+    faults = _fr_dump.parse_in_job_faults(args.fault_in_job)
+    dumper = _fr_dump.start(args, rank)
     prof = None
     if args.profile_dir:
         from torch.profiler import ProfilerAction, ProfilerActivity, profile
@@ -221,6 +230,7 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         if marks is not None:
             marks.write(f"{step}\t{time.time_ns()}\n")
+        fault = _fr_dump.at_step_start(step, rank, faults, dumper, args.bcast_per_step)
         if _SLOW.is_set() and not slowed and args.slowdown_factor > 1:
             slowed = True
             if marks is not None:  # the first step that runs slowed: the fault's effect
@@ -234,6 +244,7 @@ def main(argv=None) -> int:
         x = torch.randn(args.batch, args.width, generator=gen).to(device)
         loss = model(x).square().mean()
         loss.backward()
+        _fr_dump.after_backward(step, fault, faults, loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sleep_s:
@@ -247,6 +258,7 @@ def main(argv=None) -> int:
         prof.stop()
         os.makedirs(args.profile_dir, exist_ok=True)
         prof.export_chrome_trace(os.path.join(args.profile_dir, f"rank-{rank}.json.gz"))
+    _fr_dump.finish(dumper)
     if marks is not None:
         marks.write(f"{args.steps}\t{time.time_ns()}\n")
         marks.close()

@@ -24,7 +24,7 @@ ANALYZED_COLUMNS = ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_s
 
 def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
                    min_stall_s: float | None = None, min_gain_share: float | None = None,
-                   progress=None) -> tuple:
+                   progress=None, dumped_ns: dict[int, int] | None = None) -> tuple:
     """Every analyzer over one job's rows (a whole log or an online window): the findings.
 
     Args:
@@ -37,6 +37,9 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
             time (default ``MIN_GAIN_SHARE``, 5%; 0 keeps every straggler).
         progress: ``progress(what, done, total)`` before each pass (see
             :mod:`ringwatch._report._progress`).
+        dumped_ns: ``rank -> wall ns`` of each rank's Flight Recorder dump when the rows come
+            from dumps: hangs are then attributed from the dumps alone
+            (:func:`~ringwatch.analyzers._fr_hangs.detect_dump_hangs`).
     """
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
@@ -51,8 +54,13 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         stage(0, "the rhythm's steps")
         events = assign_rhythm_steps(events)  # no step marks: the rhythm's iterations
     stage(1, "hangs")
-    findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
-                            min_stall_s=min_stall_s)
+    if dumped_ns is not None:
+        from ringwatch.analyzers._fr_hangs import detect_dump_hangs
+
+        findings = detect_dump_hangs(events, dumped_ns=dumped_ns)
+    else:
+        findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
+                                min_stall_s=min_stall_s)
     from ringwatch.analyzers._stragglers import MIN_GAIN_SHARE, significant
 
     share = MIN_GAIN_SHARE if min_gain_share is None else min_gain_share
@@ -106,6 +114,11 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     ``progress``: ``progress(what, done, total)`` as files are read and passes run.
     """
     read = {"columns": list(ANALYZED_COLUMNS), "categorical": True}
+    dumps = getattr(job, "kind", None) == "flight recorder dumps"
+    if dumps:  # hangs from dumps alone also compare the members' dtypes and sizes
+        from ringwatch.analyzers._fr_hangs import DUMP_COLUMNS
+
+        read["columns"] += [c for c in DUMP_COLUMNS if c not in ANALYZED_COLUMNS]
     if progress is not None and getattr(job, "kind", None) == "ringwatch logs":
         read["progress"] = lambda done, total: progress(
             f"reading {job.job_id}'s files", done, total)
@@ -122,7 +135,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
 
     findings, hiccups = split_hiccups(
         analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s,
-                       progress=progress))
+                       progress=progress, dumped_ns=seen if dumps else None))
     if probe is not None:
         findings = with_probe(findings, probe)
     clocks = [{"host": h, "offset_ns": o, "error_ns": e} for h, o, e in

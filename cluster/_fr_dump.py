@@ -1,0 +1,160 @@
+"""The workload's Flight Recorder dumps and its in-job faults (``ringwatch.cluster._job``).
+
+PyTorch dumps its Flight Recorder on a timeout only for NCCL (``TORCH_NCCL_DUMP_ON_TIMEOUT``);
+a Gloo job gets the same here: :class:`FrDumper` writes the rank's recorder to
+``prefix + rank`` (PyTorch's own naming, as ``TORCH_FR_DUMP_TEMP_FILE``), a pickle
+(``_dump_fr_trace``) or JSON (``_dump_fr_trace_json``), from a watchdog thread when no step has
+started for ``after_s`` seconds (then ends the rank ``after_s`` later, as NCCL's watchdog tears a
+job down after its dump), or when an exception is about to end the rank (a collective that
+failed because a peer is gone).
+
+In-job faults (``--fault-in-job MODE:RANKS@STEP``) make ranks misbehave at the start of a step,
+from inside the process, at an exact step: ``block`` (the main thread blocks for good before
+its next collective, as a stuck data loader would), ``kill`` (SIGKILL itself, as a crash or the
+OOM killer would), ``mismatch`` (that step every rank all-reduces its loss, these ranks call
+broadcast instead: a desynchronised collective).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+IN_JOB_FAULTS = ("block", "kill", "mismatch")
+
+
+def add_args(p) -> None:
+    """The workload's options for dumps and in-job faults."""
+    p.add_argument("--fr-dump", metavar="PREFIX",
+                   help="dump the Flight Recorder to PREFIX<rank> on a stall or an error")
+    p.add_argument("--fr-json", action="store_true", help="dump JSON instead of a pickle")
+    p.add_argument("--fr-dump-after-s", type=float, default=5.0,
+                   help="a stall this long (no step started) dumps; as long again ends the rank")
+    p.add_argument("--fault-in-job", action="append", default=[], metavar="MODE:RANKS@STEP",
+                   help=f"one of {', '.join(IN_JOB_FAULTS)} for these ranks (a comma list) "
+                        "at the start of that step (repeatable)")
+    p.add_argument("--bcast-per-step", action="store_true",
+                   help="broadcast a flag from rank 0 at the start of every step")
+
+
+def parse_in_job_faults(specs: list[str]) -> dict[int, dict[int, str]]:
+    """``["block:1,2@8"]`` -> ``{8: {1: "block", 2: "block"}}`` (step -> rank -> mode).
+
+    Raises:
+        ValueError: a spec is not ``MODE:RANKS@STEP`` with a known mode.
+    """
+    out: dict[int, dict[int, str]] = {}
+    for spec in specs:
+        mode, _, rest = spec.partition(":")
+        ranks, _, step = rest.partition("@")
+        try:
+            rs = [int(r) for r in ranks.split(",")]
+        except ValueError:
+            rs = []
+        if mode not in IN_JOB_FAULTS or not rs or not step.isdigit():
+            raise ValueError(f"--fault-in-job {spec!r}: expected MODE:RANKS@STEP with MODE one "
+                             f"of {', '.join(IN_JOB_FAULTS)}")
+        for r in rs:
+            out.setdefault(int(step), {})[r] = mode
+    return out
+
+
+class FrDumper:
+    """This rank's Flight Recorder written once to ``prefix + rank`` (see module docstring)."""
+
+    def __init__(self, prefix: str, rank: int, *, as_json: bool, after_s: float):
+        self.path = f"{prefix}{rank}"
+        self.as_json, self.after_s = as_json, after_s
+        self.progress = time.monotonic()
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._done = False
+
+    def dump(self) -> None:
+        import torch
+
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            c10d = torch._C._distributed_c10d
+            if self.as_json:
+                data = c10d._dump_fr_trace_json(True, False)  # collectives, not only active
+            else:
+                data = c10d._dump_fr_trace(True, False, False)  # no stack traces
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            tmp = self.path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(data if isinstance(data, bytes) else data.encode())
+            os.replace(tmp, self.path)
+
+    def start(self) -> None:
+        """Start the watchdog, and dump before an uncaught exception ends the rank."""
+        threading.Thread(target=self._watch, name="fr-watchdog", daemon=True).start()
+        previous = sys.excepthook
+
+        def hook(*exc) -> None:
+            try:
+                self.dump()
+            finally:
+                previous(*exc)
+
+        sys.excepthook = hook
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(0.1):
+            if time.monotonic() - self.progress >= self.after_s:
+                self.dump()
+                if not self.stopped.wait(self.after_s):
+                    os._exit(3)
+                return
+
+
+def start(args, rank: int) -> FrDumper | None:
+    """A started dumper when ``--fr-dump`` is given."""
+    if not args.fr_dump:
+        return None
+    d = FrDumper(args.fr_dump, rank, as_json=args.fr_json, after_s=args.fr_dump_after_s)
+    d.start()
+    return d
+
+
+def at_step_start(step: int, rank: int, faults: dict[int, dict[int, str]],
+                  dumper: FrDumper | None, bcast: bool) -> str | None:
+    """What the workload does as a step starts: progress for the watchdog, this rank's
+    in-job fault (returned: ``mismatch`` acts later in the step), the per-step broadcast."""
+    if dumper is not None:
+        dumper.progress = time.monotonic()
+    mode = faults.get(step, {}).get(rank)
+    if mode == "block":
+        threading.Event().wait()
+    elif mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if bcast:
+        import torch
+        import torch.distributed as dist
+
+        dist.broadcast(torch.zeros(1), src=0)
+    return mode
+
+
+def after_backward(step: int, mode: str | None, faults: dict[int, dict[int, str]],
+                   loss) -> None:
+    """At a fault's step, every rank all-reduces its loss; a ``mismatch`` rank broadcasts."""
+    if step not in faults:
+        return
+    import torch.distributed as dist
+
+    t = loss.detach().reshape(1).clone()
+    if mode == "mismatch":
+        dist.broadcast(t, src=0)
+    else:
+        dist.all_reduce(t)
+
+
+def finish(dumper: FrDumper | None) -> None:
+    if dumper is not None:
+        dumper.stopped.set()
