@@ -475,12 +475,13 @@ def open_traces(files: list[Path], job_id: str | None) -> list[FrameSource]:
     return sources
 
 
-def _text_head(path: Path, head: bytes) -> bytes:
+def _text_head(path: Path, head: bytes) -> bytes | None:
+    """The first bytes of the text (None: gzip data that does not decompress)."""
     if head[:2] == b"\x1f\x8b":
         try:
             return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head)
         except zlib.error:
-            return b""
+            return None
     return head
 
 
@@ -489,7 +490,10 @@ def sniff(path: Path, head: bytes) -> bool:
     name = path.name.lower()
     if not (name.endswith(".json") or name.endswith(".json.gz")):
         return False
-    text = _text_head(path, head).lstrip()
+    text = _text_head(path, head)
+    if text is None:  # a damaged .json.gz: read, so that the damage is told
+        return name.endswith(".json.gz")
+    text = text.lstrip()
     if not text.startswith(b"{"):
         return False
     return any(k in text for k in (b'"traceEvents"', b'"schemaVersion"',
