@@ -105,9 +105,10 @@ def read_table(path: Path, problems: list[str]):
                 {"true": True, "1": True, "false": False, "0": False}, default=None,
                 return_dtype=pl.Boolean)
         elif df.schema[c] == pl.String and t != pl.String:
-            col = col.str.strip_chars().cast(pl.Float64, strict=False)
-            col = pl.when(col == col.round()).then(col).otherwise(None)  # 1.5 is no rank
-            col = pl.when(col.abs() < 2.0**63).then(col.cast(pl.Int64)).otherwise(None)
+            text = col.str.strip_chars()
+            num = text.cast(pl.Float64, strict=False)  # "3.0" is 3; 1.5 is no rank
+            num = pl.when((num == num.round()) & (num.abs() < 2.0**53)).then(num)
+            col = pl.coalesce(text.str.to_integer(strict=False), num.cast(pl.Int64))
         casts.append(pl.col(c).alias(f"_raw_{c}"))
         casts.append(col.cast(t, strict=False).alias(c))
     df = df.with_columns(casts)
