@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-KINDS = ("hang", "straggler", "slow_link", "imbalance")
+KINDS = ("hang", "straggler", "slow_link", "imbalance", "power_headroom")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ from ringwatch.analyzers._steps import _complete_collectives, _merged_ns
 
 #: The class of a straggler that ended within ``transient_steps`` of its start.
 HICCUP_CLASS = "transient straggler"
+#: The class of a straggler whose GPU was held down (power, heat, clocks) in its late steps:
+#: given by :func:`ringwatch.analyzers._power_throttle.attribute_throttling` from NVML data.
+THROTTLED_CLASS = "throttled straggler"
+#: Every class a straggler finding can have.
+STRAGGLER_CLASSES = ("compute straggler", HICCUP_CLASS, THROTTLED_CLASS)
 
 
 def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
@@ -508,6 +513,7 @@ def significant(findings: tuple, events: pl.DataFrame,
                  or f.gain_s_per_step >= min_share * step_s)
 
 
-__all__ = ["HICCUP_CLASS", "MIN_GAIN_SHARE", "compute_group_lateness",
+__all__ = ["HICCUP_CLASS", "MIN_GAIN_SHARE", "STRAGGLER_CLASSES", "THROTTLED_CLASS",
+           "compute_group_lateness",
            "compute_step_lateness", "compute_straggler_scores", "detect_stragglers",
            "is_hiccup", "significant", "split_hiccups", "split_undecided"]

@@ -1,0 +1,198 @@
+"""What-if: the step-time cost of a power cap, and how many nodes fit in a power budget.
+
+**A cap of ``c`` watts per GPU** (:func:`estimate_cap_cost`). First-order model, stated so it
+can be argued with:
+
+1. Only compute phases pay. Communication phases draw well under a cap that matters (they
+   wait on the network) and keep their length.
+2. A compute phase whose mean power ``P`` exceeds ``c`` must lower its clocks until it draws
+   ``c``. Power above the GPU's floor (``P_idle``: its lowest observed power, the 1st
+   percentile of its series) scales as the clock ratio to the power ``alpha``:
+   ``P(f) = P_idle + (P - P_idle) * (f / f0) ** alpha``. So the clock ratio it needs is
+   ``r = ((c - P_idle) / (P - P_idle)) ** (1 / alpha)``.
+3. A compute-bound phase's length scales as ``1 / r``; the step grows by
+   ``compute_s * (1 / r - 1)``. Memory-bound work slows less, so this is an upper bound of
+   the cost for the given ``alpha``.
+
+``alpha = 1`` (clock alone, voltage fixed) gives the largest slowdown; with voltage following
+the clock (DVFS) dynamic power goes as ``f * V**2`` and ``alpha`` approaches 3: both ends are
+reported. The model is checked against the data where it can be (:func:`check_cap_model`): at
+``c`` = the enforced limit it predicts which steps were held down, and the power-cap violation
+counters say how long they really were.
+
+**Oversubscription in POLCA's manner** (:func:`estimate_oversubscription`): ``N`` nodes fit a
+budget ``B`` when the probability that their summed power exceeds ``B`` is at most
+``epsilon``. With each node's power distributed as measured (mean ``mu``, standard deviation
+``sigma``) and nodes correlated with coefficient ``rho`` (their synchrony), the sum has mean
+``N mu`` and variance ``N sigma**2 (1 + (N - 1) rho)``; the largest ``N`` with
+``N mu + z(1 - epsilon) * sqrt(var) <= B`` (normal approximation, good for the sums of many
+nodes). A synchronous training job (``rho`` near 1) gets about ``B / q(1 - epsilon)``, its
+nodes' peaks adding up; unsynchronised inference (``rho`` near 0) gets more, their bursts
+averaging out. ``rho`` is the measured correlation between nodes where the data has several,
+else between the GPUs of one node (the same job's nodes swing as its GPUs do).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+import polars as pl
+
+
+@dataclass(frozen=True)
+class CapCost:
+    """The modelled cost of a cap of ``cap_w`` per GPU.
+
+    Attributes:
+        cap_w: The cap (W per GPU).
+        steps: (rank, step) pairs modelled.
+        capped_share: Share of them whose compute phase drew more than the cap.
+        step_s: The job's median step time now (s).
+        added_s_per_step: Added time per step, median over steps of the slowest rank's
+            added time (the job waits for it): for ``alpha`` = 1 (the bound) and 3.
+        cost_share: ``added_s_per_step`` (alpha 1) over ``step_s``.
+        alpha: The exponents modelled, ``(1.0, 3.0)``.
+    """
+
+    cap_w: float
+    steps: int
+    capped_share: float
+    step_s: float
+    added_s_per_step: tuple[float, float]
+    cost_share: float
+    alpha: tuple[float, float] = (1.0, 3.0)
+
+
+def _added_s(compute_s, compute_w, cap_w, idle_w, alpha):
+    over = compute_w > cap_w
+    ratio = np.ones_like(compute_w)
+    denom = np.maximum(compute_w - idle_w, 1e-9)
+    ratio[over] = np.clip((cap_w - idle_w[over]) / denom[over], 1e-3, 1.0) ** (1 / alpha)
+    return compute_s * (1 / ratio - 1), over
+
+
+def estimate_cap_cost(step_energy: pl.DataFrame, cap_w: float, *,
+                      idle_w: dict[tuple[str, int], float] | None = None) -> CapCost:
+    """The step-time cost of capping every GPU at ``cap_w`` (module docstring's model).
+
+    Args:
+        step_energy: :func:`~ringwatch.analyzers._power_phase.compute_step_energy`.
+        cap_w: Cap per GPU (W).
+        idle_w: ``(host, gpu)`` -> floor power (W); default: each GPU's lowest phase power.
+    """
+    se = step_energy.filter(pl.col("compute_power_w").is_not_null())
+    if se.is_empty():
+        return CapCost(cap_w, 0, 0.0, 0.0, (0.0, 0.0), 0.0)
+    if idle_w is None:
+        floor = se.group_by("host", "gpu").agg(pl.min_horizontal(
+            pl.col("comm_power_w").min(), pl.col("compute_power_w").min()).alias("idle"))
+        idle_w = {(h, g): w for h, g, w in floor.iter_rows()}
+    idle = np.array([idle_w.get((h, g), 0.0) for h, g in se.select("host", "gpu").iter_rows()])
+    cs, cw = se["compute_s"].to_numpy(), se["compute_power_w"].to_numpy()
+    added = []
+    over = None
+    for a in (1.0, 3.0):
+        add, over = _added_s(cs, cw, cap_w, idle, a)
+        per_step = se.select("step").with_columns(pl.Series("a", add)).group_by("step").agg(
+            pl.col("a").max())
+        added.append(float(per_step["a"].median()))
+    step_s = float(se.group_by("step").agg(pl.col("step_s").max())["step_s"].median())
+    return CapCost(cap_w=cap_w, steps=se.height, capped_share=float(over.mean()),
+                   step_s=step_s, added_s_per_step=(added[0], added[1]),
+                   cost_share=added[0] / step_s if step_s else 0.0)
+
+
+def check_cap_model(step_energy: pl.DataFrame, throttle: pl.DataFrame,
+                    limits_w: dict[tuple[str, int], float]) -> pl.DataFrame:
+    """The model at each GPU's enforced limit against its power-cap violation counter.
+
+    Returns:
+        ``host``, ``gpu``, ``predicted_share`` (share of its time in compute phases drawing
+        more than its limit: what the model says was held down) and ``observed_share``
+        (``power_share`` of :func:`~ringwatch.analyzers._power_headroom.compute_throttle`).
+    """
+    rows = []
+    for (h, g), d in step_energy.filter(pl.col("compute_power_w").is_not_null()).group_by(
+            "host", "gpu"):
+        lim = limits_w.get((h, g))
+        if lim is None:
+            continue
+        over = d.filter(pl.col("compute_power_w") > lim)["compute_s"].sum()
+        obs = throttle.filter((pl.col("host") == h) & (pl.col("gpu") == g))
+        rows.append((h, g, float(over / d["step_s"].sum()),
+                     None if obs.is_empty() else obs["power_share"][0]))
+    return pl.DataFrame(rows, schema={"host": pl.Utf8, "gpu": pl.Int64,
+                                      "predicted_share": pl.Float64,
+                                      "observed_share": pl.Float64}, orient="row")
+
+
+@dataclass(frozen=True)
+class Oversubscription:
+    """How many nodes like the measured ones fit a budget.
+
+    Attributes:
+        budget_w: The budget ``B``.
+        epsilon: Allowed probability of the nodes' sum exceeding it.
+        node_limit_w: One node's summed enforced limits.
+        node_mean_w, node_std_w: The measured node power's mean and standard deviation.
+        rho: Correlation between nodes used.
+        nodes_nameplate: ``floor(B / node_limit_w)``: provisioned at the limits.
+        nodes_synchronous: ``floor(B / q(1 - epsilon))``: every node at its own high
+            quantile at once (rho = 1, the measured distribution, no normal approximation).
+        nodes: The estimate at the measured ``rho``.
+        gain: ``nodes / nodes_nameplate - 1``.
+    """
+
+    budget_w: float
+    epsilon: float
+    node_limit_w: float | None
+    node_mean_w: float
+    node_std_w: float
+    rho: float
+    nodes_nameplate: int | None
+    nodes_synchronous: int
+    nodes: int
+    gain: float | None
+
+
+def _fits(n: int, mu: float, sd: float, rho: float, z: float, budget: float) -> bool:
+    return n * mu + z * sd * math.sqrt(n * (1 + (n - 1) * rho)) <= budget
+
+
+def estimate_oversubscription(node_power_w: np.ndarray, *, rho: float, budget_w: float,
+                              epsilon: float = 0.01, node_limit_w: float | None = None
+                              ) -> Oversubscription:
+    """Nodes that fit ``budget_w`` at violation probability ``epsilon`` (module docstring).
+
+    Args:
+        node_power_w: One node's summed power over time (a grid's node sum).
+        rho: Correlation between nodes (0: independent, 1: in step).
+        budget_w: The budget (W).
+        epsilon: Allowed violation probability.
+        node_limit_w: The node's summed enforced limits, for the nameplate count.
+    """
+    p = np.asarray(node_power_w, dtype=float)
+    mu, sd = float(p.mean()), float(p.std())
+    rho = min(1.0, max(0.0, rho))
+    z = NormalDist().inv_cdf(1 - epsilon)
+    q = float(np.quantile(p, 1 - epsilon))
+    sync = int(budget_w // q) if q > 0 else 0
+    lo, hi = 0, max(1, int(budget_w // max(mu, 1e-9)) + 1)  # the mean alone bounds it
+    while lo < hi:  # the largest n that fits: fits(n) is monotone in n
+        mid = (lo + hi + 1) // 2
+        if _fits(mid, mu, sd, rho, z, budget_w):
+            lo = mid
+        else:
+            hi = mid - 1
+    plate = int(budget_w // node_limit_w) if node_limit_w else None
+    return Oversubscription(budget_w=budget_w, epsilon=epsilon, node_limit_w=node_limit_w,
+                            node_mean_w=mu, node_std_w=sd, rho=rho, nodes_nameplate=plate,
+                            nodes_synchronous=sync, nodes=lo,
+                            gain=(lo / plate - 1) if plate else None)
+
+
+__all__ = ["CapCost", "Oversubscription", "check_cap_model", "estimate_cap_cost",
+           "estimate_oversubscription"]
