@@ -60,11 +60,15 @@ class DumpHangThresholds:
 
 def compute_usual_pause_ns(events: pl.DataFrame, *, min_gaps: int = 5) -> int | None:
     """The job's usual longest pause (ns): per rank, the longest gap between the issue times
-    of consecutive collectives in its record; the median over ranks with ``min_gaps`` gaps.
-    ``None`` when no rank has enough."""
+    of consecutive collectives in the later half of its record (the earlier half of a short
+    record holds the start-up: process groups, DDP's construction); the median over ranks with
+    ``min_gaps`` such gaps. ``None`` when no rank has enough."""
     df = (events.select("rank", "idx", "t_issue_ns").filter(pl.col("t_issue_ns").is_not_null())
           .sort("rank", "idx")
-          .with_columns(pl.col("t_issue_ns").diff().over("rank").alias("_gap")))
+          .with_columns(pl.col("t_issue_ns").diff().over("rank").alias("_gap"),
+                        pl.int_range(pl.len()).over("rank").alias("_i"),
+                        pl.len().over("rank").alias("_n")))
+    df = df.filter(pl.col("_i") >= pl.col("_n") // 2)
     per = df.group_by("rank").agg(pl.col("_gap").max(), pl.col("_gap").count().alias("_n"))
     per = per.filter(pl.col("_n") >= min_gaps)["_gap"].drop_nulls()
     return None if per.is_empty() else int(per.median())

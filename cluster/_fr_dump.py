@@ -12,18 +12,24 @@ In-job faults (``--fault-in-job MODE:RANKS@STEP``) make ranks misbehave at the s
 from inside the process, at an exact step: ``block`` (the main thread blocks for good before
 its next collective, as a stuck data loader would), ``kill`` (SIGKILL itself, as a crash or the
 OOM killer would), ``mismatch`` (that step every rank all-reduces its loss, these ranks call
-broadcast instead: a desynchronised collective).
+broadcast instead: a desynchronised collective), ``cut`` (every packet entering the rank's
+emulated host is dropped from then on, with nftables in the host's network namespace: with
+``--bcast-per-step`` the rank is cut inside that step's broadcast, which its peers finish; a
+leaf of Gloo's broadcast tree, e.g. rank 1 or 3 of 4 with root 0, so that no peer relays
+through it).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 
-IN_JOB_FAULTS = ("block", "kill", "mismatch")
+IN_JOB_FAULTS = ("block", "kill", "mismatch", "cut")
+CUT_TABLE = "ringwatch_cut"
 
 
 def add_args(p) -> None:
@@ -133,12 +139,29 @@ def at_step_start(step: int, rank: int, faults: dict[int, dict[int, str]],
         threading.Event().wait()
     elif mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif mode == "cut":
+        cut_ingress(os.environ.get("GLOO_SOCKET_IFNAME", ""))
     if bcast:
         import torch
         import torch.distributed as dist
 
         dist.broadcast(torch.zeros(1), src=0)
     return mode
+
+
+def cut_ingress(ifname: str) -> None:
+    """Drop every packet entering ``ifname`` (this emulated host's link) with nftables.
+
+    Raises:
+        RuntimeError: no emulated host (loopback: cutting ``lo`` would cut every rank).
+    """
+    if not ifname or ifname == "lo":
+        raise RuntimeError("fault cut needs emulated hosts (network namespaces)")
+    for cmd in (["add", "table", "inet", CUT_TABLE],
+                ["add", "chain", "inet", CUT_TABLE, "in",
+                 "{ type filter hook input priority 0; }"],
+                ["add", "rule", "inet", CUT_TABLE, "in", "iifname", ifname, "drop"]):
+        subprocess.run(["nft", *cmd], check=True, capture_output=True)
 
 
 def after_backward(step: int, mode: str | None, faults: dict[int, dict[int, str]],
