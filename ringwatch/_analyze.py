@@ -20,6 +20,9 @@ ANALYZED_COLUMNS = ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_s
                     "group_rank", "seq", "op", "is_p2p", "peer", "nbytes", "status",
                     "t_start_ns", "t_end_ns", "mono_start_ns", "mono_end_ns", "duration_ns",
                     "step")
+#: Passes a progress bar counts (rhythm and hangs, stragglers, slow links, clock offsets, and
+#: the page's plots when asked for).
+PASSES = 5
 
 
 def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
@@ -48,7 +51,7 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
 
     def stage(i: int, what: str) -> None:
         if progress is not None:
-            progress(f"analysing: {what}", i, 4)
+            progress(f"analysing: {what}", i, PASSES)
 
     if events.height and events["step"].is_null().all():
         stage(0, "the rhythm's steps")
@@ -69,7 +72,6 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
     stage(3, "slow links")
     findings += significant(explain_by_links(stragglers, detect_slow_links(events)), events,
                             share)
-    stage(4, "done")
     local = dict(events.select("rank", "local_rank").unique("rank").iter_rows()) \
         if "local_rank" in events.columns else {}
     return with_local_ranks(findings, local)
@@ -138,6 +140,8 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
                        progress=progress, dumped_ns=seen if dumps else None))
     if probe is not None:
         findings = with_probe(findings, probe)
+    if progress is not None:
+        progress("analysing: host clock offsets", PASSES - 1, PASSES)
     clocks = [{"host": h, "offset_ns": o, "error_ns": e} for h, o, e in
               estimate_clock_offsets(events).select("host", "offset_ns", "error_ns").iter_rows()]
     extra = {}
@@ -145,7 +149,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
         from ringwatch._report import job_plots
 
         if progress is not None:
-            progress("plots", 0, None)
+            progress("plots for the page", PASSES, PASSES)
         extra["_plots"] = job_plots(events, findings, hiccups, probe=probe,
                                     recordings=recordings)
     return {"job_id": job.job_id, "kind": getattr(job, "kind", "ringwatch logs"),

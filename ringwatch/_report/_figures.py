@@ -202,8 +202,11 @@ def job_plots(events: pl.DataFrame, findings, hiccups=(), *, probe: dict | None 
     late = step_lateness_ms(events)
     wait, comm = culprit_timelines(late, findings, hiccups)
     extra = (probe_matrix(probe),) if probe is not None else ()
+    who = culprit(findings)
+    power = power_plots(recordings, step_starts_ns(events), events,
+                        who[0] if who is not None else None)
     return (lateness_heatmap(late), wait, comm, bandwidth_plot(events, findings), *extra,
-            *power_plots(recordings, step_starts_ns(events)))
+            *power)
 
 
 __all__ = ["bandwidth_plot", "culprit", "culprit_timelines", "job_plots", "lateness_heatmap",

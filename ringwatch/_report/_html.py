@@ -19,7 +19,7 @@ h3{font-size:15px;margin:14px 0 4px}.meta{color:#555;margin:2px 0}
 .finding .head{font-weight:600}.finding .when{color:#444;font-size:13px}
 .gain{color:#b71c1c;font-weight:600}.finding ul{margin:4px 0 0 0;padding-left:20px}
 .ok{background:#e8f5e9;border-left:5px solid #43a047;padding:8px 12px}
-.plots{display:flex;flex-wrap:wrap;gap:14px}
+.plots{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
 figure.plot{background:#fff;margin:0;padding:8px 10px;box-shadow:0 1px 2px #0002;width:740px;
  box-sizing:border-box}figure.plot svg{width:100%;height:auto;display:block}
 figcaption{font-weight:600}.note{color:#555;font-size:12px;margin:2px 0 4px}

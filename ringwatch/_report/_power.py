@@ -22,6 +22,8 @@ MAX_POINTS = 2000
 PHASE_BINS = 20
 #: Most step boundaries marked on the whole-job plot.
 MAX_MARKS = 24
+#: Most ranks drawn on the per-step plot (the culprit first).
+MAX_RANK_LINES = 8
 
 
 def _power_w(r) -> float | None:
@@ -50,15 +52,24 @@ def _fmt_s(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%H:%M:%S")
 
 
-def power_plots(recordings, steps: list[tuple[int, int]]) -> tuple[LinePlot, ...]:
-    """Power over the job and power within a step; ``()`` without recordings.
+def power_plots(recordings, steps: list[tuple[int, int]], events=None,
+                culprit: int | None = None) -> tuple[LinePlot, ...]:
+    """Power over the job, within a step and per step; ``()`` without recordings.
 
     Args:
         recordings: Loaded recordings (:class:`~ringwatch.collectors._recording.Recording`).
         steps: ``(step, wall ns of its start)``, by step (:func:`step_starts_ns`).
+        events: The job's rows, for the per-step energy of each rank's GPU (none: that plot
+            is left out).
+        culprit: A rank to highlight on the per-step plot.
     """
     if not recordings:
         return ()
+    per_step = () if events is None else (step_power_plot(recordings, events, culprit),)
+    return _sample_plots(recordings, steps) + per_step
+
+
+def _sample_plots(recordings, steps: list[tuple[int, int]]) -> tuple[LinePlot, ...]:
     keys = (("power", "GPU power over the job's steps", "seconds since the first step", "W"),
             ("power-step", "GPU power within a step (mean over the job's steps)",
              "ms into the step", "W (mean)"))
@@ -130,4 +141,50 @@ def _phase_profile(key, inside, steps, step_ns: float) -> LinePlot:
                          "readings past a step's median length left out")
 
 
-__all__ = ["gpu_power_samples", "power_plots"]
+
+
+def step_power_plot(recordings, events, culprit: int | None = None) -> LinePlot:
+    """Each rank's GPU power per step from the energy counter, and the median rank's power
+    while computing and while communicating
+    (:func:`~ringwatch.analyzers._power_phase.compute_step_energy`)."""
+    import polars as pl
+
+    from ringwatch.analyzers._power import compute_energy_intervals, recording_frames
+    from ringwatch.analyzers._power_phase import compute_step_energy
+
+    key = ("power-per-step", "GPU power per step, from the energy counter", "training step",
+           "W (step mean)")
+    frames = [recording_frames(r)[0] for r in recordings]
+    fast = pl.concat(frames, how="diagonal_relaxed") if frames else None
+    if fast is None or fast.is_empty():
+        return empty_line(*key, "the recording(s) hold no energy reading")
+    se = compute_step_energy(compute_energy_intervals(fast), events)
+    if se.is_empty():
+        hosts = sorted(set(fast["host"].unique().to_list()))
+        return empty_line(*key, "no step of a rank whose GPU is in the recording(s) is "
+                          f"covered by its readings (recorded hosts: {', '.join(hosts)}; a "
+                          "rank's GPU is its local rank on its host)")
+    ranks = sorted(se["rank"].unique().to_list(), key=lambda r: (r != culprit, r))
+    series = []
+    for r in ranks[:MAX_RANK_LINES]:
+        one = se.filter(pl.col("rank") == r).sort("step")
+        series.append(Series(f"rank {r} ({one['host'][0]} gpu{one['gpu'][0]})",
+                             tuple(float(s) for s in one["step"]),
+                             tuple(None if v is None else round(v, 2)
+                                   for v in one["power_w"].to_list()),
+                             highlight=r == culprit))
+    med = se.group_by("step").agg(pl.col("compute_power_w").median(),
+                                  pl.col("comm_power_w").median()).sort("step")
+    xs = tuple(float(s) for s in med["step"])
+    for col, name in (("compute_power_w", "computing (median rank)"),
+                      ("comm_power_w", "in collectives (median rank)")):
+        series.append(Series(name, xs, tuple(None if v is None else round(v, 2)
+                                             for v in med[col].to_list())))
+    note = ("energy over time of each step, split between the rank's collectives and the "
+            "rest; steps fully covered by readings")
+    if len(ranks) > MAX_RANK_LINES:
+        note += f"; {len(ranks) - MAX_RANK_LINES} more rank(s) not drawn"
+    return LinePlot(*key, tuple(series), note=note)
+
+
+__all__ = ["gpu_power_samples", "power_plots", "step_power_plot"]

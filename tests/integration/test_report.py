@@ -151,7 +151,7 @@ def test_page_of_the_h200_capture_draws_power_over_the_steps(tmp_path):
     # one rank, no culprit: those plots say why instead of drawing nothing
     for key in ("lateness", "timeline-wait", "timeline-comm"):
         assert plots[key]["empty"] and plots[key]["drawn"] == 0, plots[key]
-    for key in ("bandwidth", "power", "power-step"):
+    for key in ("bandwidth", "power", "power-step", "power-per-step"):
         assert plots[key]["empty"] is None and plots[key]["drawn"] == plots[key]["declared"]
         assert plots[key]["drawn"] > 0, plots[key]
     # the 150 steps of ~175 ms at 20 Hz: some 27 s of readings, over 500 of them

@@ -94,6 +94,11 @@ def test_plots_of_a_one_rank_job_say_why_they_are_empty(h200):
     html = render(plots["timeline-wait"])
     assert 'data-points="0"' in html and "Nothing to draw: no straggler" in html
     assert plots["bandwidth"].points == 150 and "probe" not in plots
+    # the rank's GPU per step from the energy counter: the rank, then its two phases
+    per_step = plots["power-per-step"]
+    assert [x.name for x in per_step.series] == ["rank 0 (vm gpu0)", "computing (median rank)",
+                                                 "in collectives (median rank)"]
+    assert per_step.series[0].points >= 140  # of the 150 steps, those the readings cover
 
 
 def test_svg_draws_what_the_plot_holds():
