@@ -143,8 +143,9 @@ def compute_energy_intervals(fast: pl.DataFrame, *, max_power_w: float = 5000.0)
             wrap only when unfolding it gives at most this; otherwise a reset.
 
     Returns:
-        Columns ``host``, ``gpu``, ``t_start_ns``, ``t_end_ns`` (the samples at which the
-        counter took its value and its next one), ``energy_j`` (the increment) and
+        Columns ``host``, ``gpu``, ``t_start_ns``, ``t_end_ns`` (when the counter took its
+        value and its next one: the midpoint between the sample that first showed a value
+        and the sample before it), ``energy_j`` (the increment) and
         ``power_w`` (``energy_j`` over the interval), sorted by host, gpu, t_start_ns. A
         counter that repeats its value makes one longer interval, not a zero one; a reset
         interval is left out.
@@ -155,7 +156,11 @@ def compute_energy_intervals(fast: pl.DataFrame, *, max_power_w: float = 5000.0)
         t = g["t_ns"].to_numpy()
         e = g["energy_mj"].to_numpy().astype(np.float64)
         keep = np.concatenate([[True], np.diff(e) != 0])
-        t, e = t[keep], e[keep]
+        # the counter moved somewhere between the sample before and the one that saw it:
+        # the midpoint is the unbiased guess (the sample's own time is up to a period late)
+        seen = t.copy()
+        seen[1:] = np.where(keep[1:], (t[:-1] + t[1:]) // 2, t[1:])
+        t, e = seen[keep], e[keep]
         if len(e) < 2:
             continue
         d, _, _ = _unwrap(t, e, max_power_w)

@@ -237,5 +237,50 @@ def summarize_phase_power(step_energy: pl.DataFrame) -> dict[str, pl.DataFrame]:
     return {"rank": per_rank, "node": node, "job": job}
 
 
-__all__ = ["compute_rank_phases", "compute_step_energy", "rank_gpus", "split_rank_energy",
+
+
+def fit_phase_power(intervals: pl.DataFrame, events: pl.DataFrame, *,
+                    gpu_of: dict[int, tuple[str, int]] | None = None) -> pl.DataFrame:
+    """Each rank's compute and communication power, resolved below the counter's resolution.
+
+    Each energy interval of the rank's GPU inside the rank's run mixes the two phases: its
+    mean power is ``P_compute * (1 - f) + P_comm * f`` with ``f`` the share of it the rank
+    spent in collectives. Over many intervals, falling at every phase of the step, a least
+    squares fit of that line gives both powers even where each phase is shorter than an
+    interval (two levels assumed: a phase whose power varies within it gets its mean).
+
+    Returns:
+        Columns ``rank``, ``host``, ``gpu``, ``intervals`` (used), ``compute_fit_w``,
+        ``comm_fit_w`` and ``r2`` (share of the intervals' power variance the fit explains);
+        null powers where the intervals do not mix the phases enough to separate them.
+    """
+    rows = []
+    ev = events.select("rank", "t_start_ns", "t_end_ns").drop_nulls()
+    for r, host, gpu in rank_gpus(events, gpu_of).iter_rows():
+        mine = ev.filter(pl.col("rank") == r)
+        if mine.is_empty():
+            continue
+        lo, hi = mine["t_start_ns"].min(), mine["t_end_ns"].max()
+        iv = intervals.filter((pl.col("host") == host) & (pl.col("gpu") == gpu)
+                              & (pl.col("t_start_ns") >= lo) & (pl.col("t_end_ns") <= hi))
+        a, b = iv["t_start_ns"].to_numpy(), iv["t_end_ns"].to_numpy()
+        us, ue = _union(mine["t_start_ns"].to_numpy(), mine["t_end_ns"].to_numpy())
+        f = (_cumulative(b, us, ue) - _cumulative(a, us, ue)) / np.maximum(b - a, 1)
+        p = iv["power_w"].to_numpy()
+        comp = comm = r2 = None
+        if len(p) >= 4 and f.std() > 0.05:
+            x = np.column_stack([1 - f, f])
+            coef, *_ = np.linalg.lstsq(x, p, rcond=None)
+            comp, comm = float(coef[0]), float(coef[1])
+            var = float(p.var())
+            r2 = 1 - float(np.mean((p - x @ coef) ** 2)) / var if var > 0 else None
+        rows.append((r, host, gpu, len(p), comp, comm, r2))
+    return pl.DataFrame(rows, schema={"rank": pl.Int32, "host": pl.Utf8, "gpu": pl.Int64,
+                                      "intervals": pl.Int64, "compute_fit_w": pl.Float64,
+                                      "comm_fit_w": pl.Float64, "r2": pl.Float64},
+                        orient="row")
+
+
+__all__ = ["compute_rank_phases", "compute_step_energy", "fit_phase_power", "rank_gpus",
+           "split_rank_energy",
            "summarize_phase_power"]

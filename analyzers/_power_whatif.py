@@ -22,21 +22,24 @@ counters say how long they really were.
 
 **Oversubscription in POLCA's manner** (:func:`estimate_oversubscription`): ``N`` nodes fit a
 budget ``B`` when the probability that their summed power exceeds ``B`` is at most
-``epsilon``. With each node's power distributed as measured (mean ``mu``, standard deviation
-``sigma``) and nodes correlated with coefficient ``rho`` (their synchrony), the sum has mean
-``N mu`` and variance ``N sigma**2 (1 + (N - 1) rho)``; the largest ``N`` with
-``N mu + z(1 - epsilon) * sqrt(var) <= B`` (normal approximation, good for the sums of many
-nodes). A synchronous training job (``rho`` near 1) gets about ``B / q(1 - epsilon)``, its
-nodes' peaks adding up; unsynchronised inference (``rho`` near 0) gets more, their bursts
-averaging out. ``rho`` is the measured correlation between nodes where the data has several,
-else between the GPUs of one node (the same job's nodes swing as its GPUs do).
+``epsilon``. Each node's power is distributed as measured (mean ``mu``, ``1 - epsilon``
+quantile ``q``) and nodes are correlated with coefficient ``rho`` (their synchrony): the sum
+has mean ``N mu`` and a spread that grows as ``sqrt(rho N**2 + (1 - rho) N)`` times one node's
+(its standard deviation's factor for equicorrelated nodes). The sum's ``1 - epsilon`` quantile
+is taken as ``N mu + sqrt(rho N**2 + (1 - rho) N) * (q - mu)``: exact at ``rho = 1`` (every
+node at its own quantile at once: ``N q``) and the normal approximation of a sum of many
+independent nodes at ``rho = 0`` (``q - mu`` standing for ``z * sigma``, read from the measured
+distribution rather than assumed). ``N`` is the largest with that quantile within ``B``. A
+synchronous training job (``rho`` near 1) gets ``B / q``, its nodes' peaks adding up;
+unsynchronised inference (``rho`` near 0) gets more, its bursts averaging out. ``rho`` is the
+measured correlation between nodes where the data has several, else between the GPUs of one
+node (the same job's nodes swing as its GPUs do).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 import polars as pl
@@ -141,7 +144,7 @@ class Oversubscription:
         rho: Correlation between nodes used.
         nodes_nameplate: ``floor(B / node_limit_w)``: provisioned at the limits.
         nodes_synchronous: ``floor(B / q(1 - epsilon))``: every node at its own high
-            quantile at once (rho = 1, the measured distribution, no normal approximation).
+            quantile at once (rho = 1).
         nodes: The estimate at the measured ``rho``.
         gain: ``nodes / nodes_nameplate - 1``.
     """
@@ -158,8 +161,8 @@ class Oversubscription:
     gain: float | None
 
 
-def _fits(n: int, mu: float, sd: float, rho: float, z: float, budget: float) -> bool:
-    return n * mu + z * sd * math.sqrt(n * (1 + (n - 1) * rho)) <= budget
+def _fits(n: int, mu: float, excess: float, rho: float, budget: float) -> bool:
+    return n * mu + excess * math.sqrt(rho * n * n + (1 - rho) * n) <= budget
 
 
 def estimate_oversubscription(node_power_w: np.ndarray, *, rho: float, budget_w: float,
@@ -177,13 +180,12 @@ def estimate_oversubscription(node_power_w: np.ndarray, *, rho: float, budget_w:
     p = np.asarray(node_power_w, dtype=float)
     mu, sd = float(p.mean()), float(p.std())
     rho = min(1.0, max(0.0, rho))
-    z = NormalDist().inv_cdf(1 - epsilon)
     q = float(np.quantile(p, 1 - epsilon))
     sync = int(budget_w // q) if q > 0 else 0
     lo, hi = 0, max(1, int(budget_w // max(mu, 1e-9)) + 1)  # the mean alone bounds it
     while lo < hi:  # the largest n that fits: fits(n) is monotone in n
         mid = (lo + hi + 1) // 2
-        if _fits(mid, mu, sd, rho, z, budget_w):
+        if _fits(mid, mu, max(q - mu, 0.0), rho, budget_w):
             lo = mid
         else:
             hi = mid - 1

@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_service_parsers(sub)
     from ringwatch.dashboards._cli import add_parsers as add_dashboard_parsers
     add_dashboard_parsers(sub)
+    from ringwatch._power_cli import add_parsers as add_power_parsers
+    add_power_parsers(sub)
 
     d = sub.add_parser("demo", help="a local cluster with an injected fault, watched live",
                        description="Launch a small local cluster (4 ranks of a real DDP job on "
