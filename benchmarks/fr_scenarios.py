@@ -86,14 +86,19 @@ def ringwatch_reading(fr_dir: Path) -> dict:
             "ranks": sorted(opened.sources[0].ranks)}
 
 
-def fr_trace_reading(fr_dir: Path) -> str:
-    """What PyTorch's ``fr_trace`` says on the dumps, in a few words."""
+def fr_trace_reading(fr_dir: Path, *extra: str) -> str:
+    """What PyTorch's ``fr_trace`` says on the dumps, in a few words (when it stops at missing
+    dumps, what it says with ``--allow-incomplete-ranks`` too)."""
     try:
         p = subprocess.run([sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace",
-                            str(fr_dir), "-p", PREFIX], capture_output=True, text=True,
+                            str(fr_dir), "-p", PREFIX, *extra], capture_output=True, text=True,
                            timeout=120)
     except subprocess.TimeoutExpired:
         return "timed out"
+    if not extra and "Missing dump files" in p.stdout + p.stderr:
+        missing = re.findall(r"Missing dump files from ranks (\{[^}]*\})", p.stdout + p.stderr)
+        return (f"missing dumps {missing[0] if missing else '?'}; with "
+                f"--allow-incomplete-ranks: {fr_trace_reading(fr_dir, '--allow-incomplete-ranks')}")
     text = p.stdout + p.stderr
     said = []
     for pat in (r"missing ranks: (\{[^}]*\})", r"Culprit rank (\d+)", r"(Error type: \w+)"):

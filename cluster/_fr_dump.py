@@ -5,8 +5,11 @@ a Gloo job gets the same here: :class:`FrDumper` writes the rank's recorder to
 ``prefix + rank`` (PyTorch's own naming, as ``TORCH_FR_DUMP_TEMP_FILE``), a pickle
 (``_dump_fr_trace``) or JSON (``_dump_fr_trace_json``), from a watchdog thread when no step has
 started for ``after_s`` seconds (then ends the rank ``after_s`` later, as NCCL's watchdog tears a
-job down after its dump), or when an exception is about to end the rank (a collective that
-failed because a peer is gone).
+job down after its dump), when an exception is about to end the rank (a collective that
+failed because a peer is gone), or when the launcher ends the rank with SIGTERM (``torchrun``
+tears the other ranks down as soon as one dies, often before their own collective fails: the
+signal is blocked in every thread from the start, :func:`guard_sigterm`, and taken by the
+dumper's thread).
 
 In-job faults (``--fault-in-job MODE:RANKS@STEP``) make ranks misbehave at the start of a step,
 from inside the process, at an exact step: ``block`` (the main thread blocks for good before
@@ -100,6 +103,8 @@ class FrDumper:
     def start(self) -> None:
         """Start the watchdog, and dump before an uncaught exception ends the rank."""
         threading.Thread(target=self._watch, name="fr-watchdog", daemon=True).start()
+        if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
+            threading.Thread(target=self._on_term, name="fr-sigterm", daemon=True).start()
         previous = sys.excepthook
 
         def hook(*exc) -> None:
@@ -110,6 +115,13 @@ class FrDumper:
 
         sys.excepthook = hook
 
+    def _on_term(self) -> None:
+        signal.sigwait({signal.SIGTERM})
+        try:
+            self.dump()
+        finally:
+            os._exit(128 + signal.SIGTERM)
+
     def _watch(self) -> None:
         while not self.stopped.wait(0.1):
             if time.monotonic() - self.progress >= self.after_s:
@@ -117,6 +129,13 @@ class FrDumper:
                 if not self.stopped.wait(self.after_s):
                     os._exit(3)
                 return
+
+
+def guard_sigterm(args) -> None:
+    """With ``--fr-dump``: block SIGTERM in this thread and every thread started after it (call
+    first thing, before torch starts any), for :meth:`FrDumper.start`'s thread to take."""
+    if args.fr_dump:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 def start(args, rank: int) -> FrDumper | None:

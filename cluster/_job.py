@@ -165,6 +165,7 @@ def _groups(world: int, tp: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _fr_dump.guard_sigterm(args)
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
