@@ -123,7 +123,8 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
         read["columns"] += [c for c in DUMP_COLUMNS if c not in ANALYZED_COLUMNS]
     if progress is not None and getattr(job, "kind", None) == "ringwatch logs":
         read["progress"] = lambda done, total: progress(
-            f"reading {job.job_id}'s files", done, total)
+            f"reading {job.job_id}'s files" if done < total
+            else f"decoding {job.job_id}'s rows", done, total)
     elif progress is not None:
         progress(f"reading {job.job_id} ({getattr(job, 'kind', '?')})", 0, None)
     events = job.events(include_pending=True, **read)
