@@ -145,7 +145,9 @@ def compute_energy_intervals(fast: pl.DataFrame, *, max_power_w: float = 5000.0)
     Returns:
         Columns ``host``, ``gpu``, ``t_start_ns``, ``t_end_ns`` (when the counter took its
         value and its next one: the midpoint between the sample that first showed a value
-        and the sample before it), ``energy_j`` (the increment) and
+        and the sample before it; the
+        first value's own start is unknown, so the first interval starts at the first
+        change), ``energy_j`` (the increment) and
         ``power_w`` (``energy_j`` over the interval), sorted by host, gpu, t_start_ns. A
         counter that repeats its value makes one longer interval, not a zero one; a reset
         interval is left out.
@@ -160,6 +162,9 @@ def compute_energy_intervals(fast: pl.DataFrame, *, max_power_w: float = 5000.0)
         # the midpoint is the unbiased guess (the sample's own time is up to a period late)
         seen = t.copy()
         seen[1:] = np.where(keep[1:], (t[:-1] + t[1:]) // 2, t[1:])
+        # the first value was taken at some unknown time before the first sample: intervals
+        # run between observed changes only
+        keep[0] = False
         t, e = seen[keep], e[keep]
         if len(e) < 2:
             continue

@@ -210,7 +210,9 @@ def detect_power_headroom(headroom: pl.DataFrame, throttle: pl.DataFrame, *,
     q = _q_name(max(thresholds.quantiles))
     tag = " (synthetic data)" if synthetic else ""
     out = []
-    for r in headroom.filter(pl.col("scope").is_in(["gpu", "node", "job"])).iter_rows(named=True):
+    rated = (headroom.filter(pl.col("scope").is_in(["gpu", "node", "job"]))
+             if "scope" in headroom.columns else headroom.clear())
+    for r in rated.iter_rows(named=True):
         h = r[f"headroom_{q}_w"]
         if h is None or r["limit_w"] is None or h >= thresholds.min_headroom_share * r["limit_w"]:
             continue

@@ -9,7 +9,8 @@ its GPU's figures there are compared with the same GPU before it fell behind and
 peers' GPUs over the same time:
 
 - *held down*: its power or thermal violation time is at least ``throttled_share`` of the
-  late span and exceeds its peers' median by half that;
+  late span and at least twice its peers' median there (GPUs all held down alike slow every
+  rank alike: no cause of one straggler);
 - *clocks down*: its median SM clock in the late span is at least ``clock_drop`` under its own
   median before, and its peers' clocks did not fall by half as much.
 
@@ -69,7 +70,7 @@ def gpu_throttle_evidence(fast: pl.DataFrame, slow: pl.DataFrame, host: str, gpu
             continue
         others = sorted(p.get(reason) or 0.0 for p in peer_held)
         med = others[len(others) // 2] if others else 0.0
-        if v >= thresholds.throttled_share and v - med >= thresholds.throttled_share / 2:
+        if v >= thresholds.throttled_share and v >= 2 * med:
             lines.append(f"GPU {host}/{gpu} held down for {reason} {v:.0%} of its late steps' "
                          f"time (peers' median {med:.0%}; NVML violation counter)")
     now = _clock(fast, host, gpu, *late)
