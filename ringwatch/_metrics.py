@@ -59,6 +59,7 @@ POINT_LABELS = {
     "pg_ranks": "ringwatch.pg.ranks",
     "pg_size": "ringwatch.pg.size",
     "group_rank": "ringwatch.pg.rank",
+    "phase": "ringwatch.phase",
 }
 
 
@@ -105,6 +106,8 @@ def _m(prom, otel, kind, unit, help_, entity, field_, scale=1.0, /, labels=(), k
 _MHZ, _MILLI, _MICRO, _NANO = 1e6, 1e-3, 1e-6, 1e-9
 _LIMIT_HELP = "GPU power limit: enforced (out-of-band limits included), default, min, max."
 _CLOCK_HELP = "GPU clock frequency, SM or memory."
+_PHASE_HELP = ("GPU power while its rank computes or is in collectives, from the energy counter "
+               "over the agent's phase window.")
 _UTIL_HELP = "Fraction of the last sample period the GPU (or its memory) was busy."
 _ECC_HELP = "Volatile ECC errors since the driver loaded, corrected or uncorrected."
 _REMAP_HELP = ("Rows of GPU memory remapped to spare rows since manufacture, for correctable "
@@ -134,6 +137,19 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("ringwatch_gpu_power_min_watts", "hw.gpu.power.min", GAUGE, "W",
        "Lowest instantaneous power over the agent's power window.",
        "gpu", "power_min_mw", _MILLI),
+    _m("ringwatch_gpu_power_p99_watts", "hw.gpu.power.p99", GAUGE, "W",
+       "99th percentile of the instantaneous power over the agent's power window.",
+       "gpu", "power_p99_mw", _MILLI),
+    _m("ringwatch_gpu_power_headroom_watts", "hw.gpu.power.headroom", GAUGE, "W",
+       "Enforced power limit minus the 99th percentile of the power over the power window.",
+       "gpu", "power_headroom_mw", _MILLI),
+    _m("ringwatch_gpu_power_ramp_watts_per_second", "hw.gpu.power.ramp", GAUGE, "W/s",
+       "Largest change of the instantaneous power between two updates over the power window, "
+       "per second.", "gpu", "power_ramp_mw_per_s", _MILLI),
+    _m("ringwatch_gpu_phase_power_watts", "hw.gpu.power.phase", GAUGE, "W", _PHASE_HELP,
+       "gpu", "power_compute_mw", _MILLI, phase="compute"),
+    _m("ringwatch_gpu_phase_power_watts", "hw.gpu.power.phase", GAUGE, "W", _PHASE_HELP,
+       "gpu", "power_comm_mw", _MILLI, phase="comm"),
     _m("ringwatch_gpu_clock_hertz", "hw.gpu.clock", GAUGE, "Hz", _CLOCK_HELP,
        "gpu", "sm_clock_mhz", _MHZ, clock="sm"),
     _m("ringwatch_gpu_clock_hertz", "hw.gpu.clock", GAUGE, "Hz", _CLOCK_HELP,

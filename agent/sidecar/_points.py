@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from ringwatch._metrics import METRICS, MetricSpec
 from ringwatch.agent.sidecar._node_state import NodeState
+from ringwatch.agent.sidecar._power_window import phase_figures, window_figures
 from ringwatch.agent.sidecar._rank_tail import completed_steps
 
 #: Finished steps of each rank a push may carry: the ones not yet sent, up to this many (a
@@ -81,6 +82,8 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None,
         errors = dict(state.errors)
         late = state.late_ticks
     gpu_rank = _gpu_rank(state)
+    with state.lock:
+        rank_comm = {(s.job, s.rank): list(s.recent) for s in ranks}
     source = state.source
     for g in gpus:
         ident = g.identity
@@ -89,7 +92,11 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None,
                ("rank", "" if rank is None else str(rank)), ("uuid", ident.uuid))
         peak, low = g.power_extremes_mw()
         values = {**_fields(ident), **_fields(g.slow), **_fields(g.fast),
-                  "power_peak_mw": peak, "power_min_mw": low, "samples": g.samples, "info": 1}
+                  "power_peak_mw": peak, "power_min_mw": low, "samples": g.samples, "info": 1,
+                  **window_figures(g.window, g.slow.power_limit_enforced_mw if g.slow
+                                   else None)}
+        if rank is not None and (job, rank) in rank_comm:
+            values.update(phase_figures(g.energy, rank_comm[(job, rank)]))
         info = {"name": ident.name, "pci_bus_id": ident.pci_bus_id or "",
                 "driver": ident.driver_version or "",
                 "mig": "" if ident.mig_enabled is None else str(ident.mig_enabled).lower(),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ _COLUMNS = ["idx", "pg", "pg_ranks", "pg_size", "group_rank", "op", "is_p2p", "s
             "status", "nbytes", "t_issue_ns", "t_start_ns", "t_end_ns", "duration_ns", "step"]
 #: Steps of per-step totals kept per rank (the newest).
 KEEP_STEPS = 64
+#: Finished collectives' intervals kept per rank (the newest), for the phase power split.
+RECENT_COLLECTIVES = 4096
 
 
 class _Watermark:
@@ -123,6 +126,8 @@ class RankSummary:
     groups: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     segments: _Watermark = field(default_factory=_Watermark)
     rows: _Watermark = field(default_factory=_Watermark)
+    #: (t_start_ns, t_end_ns) of its newest finished collectives, for the phase power split.
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_COLLECTIVES))
 
 
 def _seg_range(name: str) -> range:
@@ -254,6 +259,8 @@ def _consume(s: RankSummary, frame) -> None:
             t.gap_ns += start - s.last_end_ns
         if end is not None:
             s.last_end_ns = max(end, s.last_end_ns or end)
+            if start is not None:
+                s.recent.append((start, end))
         if r["step"] is not None and not r["is_p2p"]:
             _add_step(s, r)
     while len(s.steps) > KEEP_STEPS:

@@ -76,10 +76,10 @@ class Sidecar:
 
     # --- one round of each schedule ---------------------------------------------------
     def sample_fast(self) -> None:
-        now = self.clock.mono_ns()
+        now, wall = self.clock.mono_ns(), self.clock.wall_ns()
         for index in list(self.state.gpus):
             r = self.client.read_fast(index)
-            self.state.record_fast(index, r, now)
+            self.state.record_fast(index, r, now, wall)
             if self.recorder is not None:
                 self.recorder.fast(index, now, r)
 

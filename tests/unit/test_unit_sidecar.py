@@ -31,7 +31,9 @@ from ringwatch.collectors._types import (
     SlowReading,
 )
 
-_DERIVED = {"gpu": {"power_peak_mw", "power_min_mw", "samples", "info"}, "ib": {"active"},
+_DERIVED = {"gpu": {"power_peak_mw", "power_min_mw", "samples", "info", "power_p99_mw",
+                    "power_headroom_mw", "power_ramp_mw_per_s", "power_compute_mw",
+                    "power_comm_mw"}, "ib": {"active"},
             "rank_op": {"count", "nbytes", "busy_ns", "gap_ns"},
             "rank_pg": {"last_started_seq", "last_completed_seq"},
             "rank": {"pending_ns", "step", "log_age_ns"},
