@@ -97,7 +97,7 @@ def fr_trace_reading(fr_dir: Path, *extra: str) -> str:
         return "timed out"
     if not extra and "Missing dump files" in p.stdout + p.stderr:
         missing = re.findall(r"Missing dump files from ranks (\{[^}]*\})", p.stdout + p.stderr)
-        return (f"missing dumps {missing[0] if missing else '?'}; with "
+        return (f"missing dumps {missing[-1] if missing else '?'}; with "
                 f"--allow-incomplete-ranks: {fr_trace_reading(fr_dir, '--allow-incomplete-ranks')}")
     text = p.stdout + p.stderr
     said = []

@@ -10,10 +10,12 @@ read. What differs between them and between the two encodings, and how it is rea
 - ``entries``: absent from a JSON dump when empty (and from a pickle dumped without
   collectives).
 - ``pg_config``: ``{pg name: {"name", "desc", "ranks": "[0, 1]"}}`` (``ranks`` a string, or a
-  list in hand-made dumps); older dumps map a name to ``(desc, ranks)``. Gloo's recorder leaves
-  it empty (``{"": {"ranks": "[]"}}``): a group's members are then the ranks whose dumps show
-  its collectives, and the world group's the ranks ``0..highest`` (a rank without a dump whose
-  number lies below the highest is still seen; a missing highest rank is not).
+  list in hand-made dumps); older dumps map a name to ``(desc, ranks)``. Gloo's recorder keeps
+  one entry named ``""`` whose ranks are the last group's it saw (``"[0, 1, 2, 3]"`` in a job
+  with the world group only, ``"[]"`` once subgroups exist): a group's members are then the
+  ranks whose dumps show its collectives, and the world group's the ranks ``0..highest`` of
+  those known (dumps, any ``pg_config`` list): a rank without a dump is seen when its number
+  lies below the highest or a ``pg_config`` lists it, not otherwise.
 - ``state``: ``completed`` / ``started`` / ``scheduled``. Gloo records no start or completion
   (every entry says ``scheduled``) and marks a finished collective ``retired``.
 
@@ -151,9 +153,9 @@ class FrDumps:
             if isinstance(cfg, dict):
                 for name, value in cfg.items():
                     rs = _ranks_of(value)
+                    world |= set(rs)  # Gloo's one entry, named "", lists them at times
                     if name != "" and rs:
                         config.setdefault(str(name), rs)
-                        world |= set(rs)
             for e in d.dump.get("entries") or []:
                 pg = e.get("process_group") or ("", None)
                 name = str(pg[0])

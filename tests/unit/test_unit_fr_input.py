@@ -94,6 +94,11 @@ def test_members_from_pg_config_else_from_the_dumps(tmp_path):
     # older layout: name -> (desc, ranks)
     old = {0: dump([entry(1, pg="5", desc="x")], pg_config={"5": ("x", "[0, 4]")})}
     assert open_dumps(sorted(write(tmp_path / "c", old).iterdir()))[0].members()["5"] == [0, 4]
+    # Gloo's one entry named "": its ranks widen the world (a missing highest rank is seen)
+    gl = {r: dump([entry(1)], pg_config={"": {"name": "", "desc": "", "ranks": "[0, 1, 2, 3]"}})
+          for r in (0, 1, 2)}
+    assert open_dumps(sorted(write(tmp_path / "d", gl).iterdir()))[0].members() == {
+        "0": [0, 1, 2, 3]}
 
 
 def test_rank_from_the_dump_else_the_name_and_times(tmp_path):
