@@ -145,7 +145,7 @@ class Service:
             findings = without_unplaced_links(findings, open_stragglers + [
                 f for f in findings if f.kind == "straggler"])
             new = self.store.update(job, findings, now_ns=now)
-            self._count_hiccups(job, live.take_hiccups())
+            self._count_hiccups(job, live.take_hiccups(), jl)
             changes += new
             self._superseded(job, findings)
             self.last_round_s[job] = time.perf_counter() - t0
@@ -186,12 +186,19 @@ class Service:
                     self.store.resolve(t.id, durable=False)  # written with the round
                     break
 
-    def _count_hiccups(self, job: str, hiccups) -> None:
+    def _count_hiccups(self, job: str, hiccups, jl=None) -> None:
         """One more hiccup per rank for each transient straggler the window reported first
-        this round (a hiccup is never a finding: see ``analyze_live``)."""
+        this round (a hiccup is never a finding: see ``analyze_live``). Every rank of the job
+        whose host is known starts at 0, as Prometheus advises for labelled counters: the
+        series exist before the first hiccup, so ``increase()`` sees that one too and a
+        per-rank panel shows the ranks that had none."""
         for f in hiccups:  # a straggler: one rank, its host
             key = (job, f.ranks[0], f.hosts[0] if f.hosts else "")
             self.hiccups[key] = self.hiccups.get(key, 0) + 1
+        if jl is not None:
+            for rank, rl in list(jl.ranks.items()):
+                if rl.host:
+                    self.hiccups.setdefault((job, rank, rl.host), 0)
 
     def _loop(self) -> None:
         while not self.stop_event.wait(self.config.window_s):

@@ -164,10 +164,12 @@ def test_a_hiccup_is_counted_per_rank_not_left_open():
     svc.analyze_once()
     # a hiccup is no finding, open or resolved, as in the post-mortem report
     assert svc.store.current("hic") == [] and svc.store.history("hic") == []
-    assert svc.hiccups == {("hic", 1, "host0"): 1}
+    others = {("hic", 0, "host0"): 0, ("hic", 2, "host1"): 0, ("hic", 3, "host1"): 0}  # from 0
+    assert svc.hiccups == {("hic", 1, "host0"): 1, **others}
     svc.analyze_once()  # the same ended episode seen again: not counted twice
-    assert svc.hiccups == {("hic", 1, "host0"): 1}
+    assert svc.hiccups == {("hic", 1, "host0"): 1, **others}
     reg = CollectorRegistry()
     reg.register(ServiceCollector(svc))
     text = generate_latest(reg).decode()
     assert 'ringwatch_straggler_hiccups_total{host="host0",job="hic",rank="1"} 1.0' in text
+    assert 'ringwatch_straggler_hiccups_total{host="host0",job="hic",rank="0"} 0.0' in text
