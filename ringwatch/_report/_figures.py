@@ -155,7 +155,9 @@ def bandwidth_plot(events: pl.DataFrame, findings=()) -> LinePlot:
     series = []
     for pg, ranks, hosts, _ in shown:
         one = bw.filter(pl.col("pg") == pg).sort("step")
-        series.append(Series(f"pg {pg} (ranks {ranks}; {hosts})",
+        names = str(hosts).split(",")
+        where = hosts if len(names) <= 3 else f"{len(names)} hosts"
+        series.append(Series(f"pg {pg} (ranks {ranks}; {where})",
                              tuple(float(s) for s in one["step"]),
                              tuple(round(float(v), 3) for v in one["MBps"]),
                              highlight=str(pg) in slow))

@@ -16,7 +16,8 @@ h3{font-size:15px;margin:14px 0 4px}.meta{color:#555;margin:2px 0}
 .finding{background:#fff;border-left:5px solid #d62728;padding:8px 12px;margin:8px 0;
  box-shadow:0 1px 2px #0002}.finding.hang{border-color:#7b1fa2}
 .finding.slow_link{border-color:#f28e2b}.finding.imbalance{border-color:#4e79a7}
-.finding .head{font-weight:600}.finding .when{color:#444;font-size:13px}
+.finding .head{font-weight:600}.finding li{overflow-wrap:anywhere}
+.finding .when{color:#444;font-size:13px}
 .gain{color:#b71c1c;font-weight:600}.finding ul{margin:4px 0 0 0;padding-left:20px}
 .ok{background:#e8f5e9;border-left:5px solid #43a047;padding:8px 12px}
 .plots{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
@@ -65,6 +66,25 @@ def finding_html(f, hiccup: bool = False) -> str:
             f"<ul>{evidence}</ul></div>")
 
 
+def _clocks_html(offsets: list[dict]) -> str:
+    """The host clock offsets: a table, folded away (with its range shown) beyond a few."""
+    clocks = [c for c in offsets if c["error_ns"] != 0]
+    if not clocks:
+        return ""
+    ref = next((c["host"] for c in offsets if c["error_ns"] == 0), "?")
+    rows = "".join(
+        f"<tr><td>{escape(c['host'])}</td><td>{c['offset_ns'] / 1e6:+.2f} ms</td><td>"
+        + (f"±{c['error_ns'] / 1e6:.2f} ms" if c["error_ns"] is not None
+           else "windows disagree") + "</td></tr>" for c in clocks)
+    table = f'<table class="clocks">{rows}</table>'
+    head = f"<h3>Host clocks against {escape(ref)}'s</h3>"
+    if len(clocks) <= 8:
+        return head + table
+    ms = [c["offset_ns"] / 1e6 for c in clocks]
+    return (f"{head}<details><summary>{len(clocks)} hosts, offsets from {min(ms):+.2f} to "
+            f"{max(ms):+.2f} ms</summary>{table}</details>")
+
+
 def report_html(report: dict, plots) -> str:
     """One report's section: what was read, findings, hiccups, unreadable files, plots."""
     from ringwatch._analyze import hiccup_lines
@@ -75,13 +95,7 @@ def report_html(report: dict, plots) -> str:
            f'<p class="meta">{escape(kind)}: {escape(str(report["path"]))}</p>'
            f'<p class="meta">{len(report["ranks"])} rank(s), {report["collectives"]} '
            f"collective rows, as of {escape(_when(report['as_of_ns']))}</p>"]
-    clocks = [c for c in report.get("clock_offsets", []) if c["error_ns"] != 0]
-    if clocks:
-        rows = "".join(
-            f"<tr><td>{escape(c['host'])}</td><td>{c['offset_ns'] / 1e6:+.2f} ms</td><td>"
-            + (f"±{c['error_ns'] / 1e6:.2f} ms" if c["error_ns"] is not None
-               else "windows disagree") + "</td></tr>" for c in clocks)
-        out.append(f'<h3>Host clocks</h3><table class="clocks">{rows}</table>')
+    out.append(_clocks_html(report.get("clock_offsets", [])))
     bad = report.get("unreadable") or []
     if bad:
         out.append(f"<h3>{len(bad)} file(s) could not be read (left out of the analysis)</h3>"

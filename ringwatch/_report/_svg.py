@@ -198,7 +198,7 @@ def render_grid(g: Grid) -> str:
     values = [v for row in g.values for v in row if v is not None]
     lo = 0.0 if not g.low_is_bad else min(values)
     hi = max(values) if max(values) > lo else lo + 1.0
-    label_w = max(LEFT, 8 + 7 * max(len(r) for r in g.rows))
+    label_w = max(LEFT, 30 + 7 * max(len(r) for r in g.rows))
     n_rows, n_cols = len(g.rows), len(g.cols)
     cell_h = max(3.0, min(28.0, 360 / n_rows))
     pw = W - label_w - RIGHT
@@ -223,7 +223,9 @@ def render_grid(g: Grid) -> str:
     for i in range(0, n_rows, row_every):
         out.append(f'<text class="tick" x="{label_w - 6}" y="{TOP + (i + 0.5) * cell_h + 4:.1f}"'
                    f' text-anchor="end">{escape(g.rows[i])}</text>')
-    col_every = max(1, math.ceil(n_cols / 16))
+    # a label every so many columns, so that neighbours do not overlap (~6.5 px a character)
+    widest = 6.5 * max(len(c) for c in g.cols) + 10
+    col_every = max(1, math.ceil(widest / cell_w), math.ceil(n_cols / 16))
     for j in range(0, n_cols, col_every):
         out.append(f'<text class="tick" x="{label_w + (j + 0.5) * cell_w:.1f}" '
                    f'y="{TOP + ph + 15:.1f}" text-anchor="middle">{escape(g.cols[j])}</text>')

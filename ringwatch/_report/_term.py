@@ -31,7 +31,11 @@ def report_renderables(report: dict) -> list:
                          f"collective rows, as of {_when(report['as_of_ns'])}")
     out: list = [head]
     clocks = [c for c in report.get("clock_offsets", []) if c["error_ns"] != 0]
-    if clocks:
+    if len(clocks) > 8:
+        ms = [c["offset_ns"] / 1e6 for c in clocks]
+        out.append(Text(f"host clocks: {len(clocks)} hosts, offsets from {min(ms):+.2f} to "
+                        f"{max(ms):+.2f} ms (--json lists them)", style="dim"))
+    elif clocks:
         out.append(Text("host clocks: " + ", ".join(
             f"{c['host']} {c['offset_ns'] / 1e6:+.2f} ms"
             + (f" (±{c['error_ns'] / 1e6:.2f})" if c["error_ns"] is not None
