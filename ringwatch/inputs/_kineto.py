@@ -164,21 +164,69 @@ class RankTrace:
     world_size: int | None = None
 
 
-class _Times:
-    """Trace ``ts``/``dur`` (µs, float) to wall ns (``baseTimeNanoseconds`` + ts)."""
-
-    def __init__(self, base_ns: int):
-        self.base_ns = base_ns
-
-    @staticmethod
-    def rel(ev: dict) -> tuple[int, int] | None:
-        ts, dur = ev.get("ts"), ev.get("dur", 0)
-        if not isinstance(ts, (int, float)) or not isinstance(dur, (int, float)) or \
-                isinstance(ts, bool) or not math.isfinite(ts) or not math.isfinite(dur) \
-                or dur < 0:
+def _span(ev: dict) -> tuple[int, int] | None:
+    """An event's (start, end) in ns of the trace's clock (``ts``/``dur`` are µs floats)."""
+    ts, dur = ev.get("ts"), ev.get("dur", 0)
+    for v in (ts, dur):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return None
-        start = round(ts * 1000)
-        return start, start + round(dur * 1000)
+    if dur < 0:
+        return None
+    start = round(ts * 1000)
+    return start, start + round(dur * 1000)
+
+
+@dataclass
+class _Events:
+    """One trace's events of interest, by kind (each span as (start ns, end ns, event))."""
+
+    steps: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, N)
+    host_ops: list[tuple[int, int, dict]] = field(default_factory=list)  # issuing CPU ops
+    rpc: dict[int, tuple[int, dict]] = field(default_factory=dict)  # External id -> op
+    gloo: list[tuple[int, int, dict]] = field(default_factory=list)
+    kernels: list[tuple[int, int, dict]] = field(default_factory=list)
+    thread_names: dict[int, str] = field(default_factory=dict)
+    bad: int = 0  # without a usable ts/dur
+    pid: int | None = None
+
+
+def _sort_events(events: list[dict]) -> _Events:
+    out = _Events()
+    for ev in events:
+        name = ev.get("name")
+        if not isinstance(name, str):
+            continue
+        if ev.get("ph") == "M":
+            tid = _int(ev.get("tid"))
+            if name == "thread_name" and isinstance(ev.get("args"), dict) and tid is not None:
+                out.thread_names[tid] = str(ev["args"].get("name", ""))
+            continue
+        if ev.get("ph") != "X":
+            continue
+        t = _span(ev)
+        if t is None:
+            out.bad += 1
+            continue
+        args = ev.get("args") if isinstance(ev.get("args"), dict) else {}
+        if name.startswith("ProfilerStep#"):
+            n = _int(name[len("ProfilerStep#"):])
+            if n is not None:
+                out.steps.append((t[0], t[1], n))
+        elif name == "record_param_comms":
+            out.host_ops.append((*t, ev))
+            eid = _int(args.get("External id"))
+            if eid is not None:
+                out.rpc[eid] = (t[0], ev)
+        elif name.startswith("c10d::"):
+            out.host_ops.append((*t, ev))
+        elif name.startswith("gloo:"):
+            out.gloo.append((*t, ev))
+        elif name.startswith("nccl") and ev.get("cat") == "kernel":
+            out.kernels.append((*t, ev))
+        if out.pid is None and ev.get("cat") == "cpu_op":
+            pid = _int(ev.get("pid"))
+            out.pid = pid if pid is not None and 0 <= pid < 1 << 31 else None
+    return out
 
 
 def _gloo_pgs(spans: list[dict], names: dict[int, str], pgs: list[dict]) -> dict:
@@ -222,53 +270,11 @@ def read_rank_trace(path: Path) -> RankTrace:
     pg_by_name = {str(p.get("pg_name")): p for p in pgs}
     backend = str(info.get("backend") or "")
 
-    steps: list[tuple[int, int, int]] = []
-    host_ops: list[tuple[int, int, dict]] = []  # (start, end, event) issuing collectives
-    rpc: dict[int, tuple[int, dict]] = {}  # External id -> (issue, record_param_comms event)
-    gloo: list[tuple[int, int, dict]] = []
-    kernels: list[tuple[int, int, dict]] = []
-    thread_names: dict[int, str] = {}
-    bad = 0
-    pid = None
-    for ev in scan.events:
-        name = ev.get("name")
-        if not isinstance(name, str):
-            continue
-        if ev.get("ph") == "M":
-            if name == "thread_name" and isinstance(ev.get("args"), dict):
-                tid = _int(ev.get("tid"))
-                if tid is not None:
-                    thread_names[tid] = str(ev["args"].get("name", ""))
-            continue
-        if ev.get("ph") != "X":
-            continue
-        t = _Times.rel(ev)
-        if t is None:
-            bad += 1
-            continue
-        args = ev.get("args") if isinstance(ev.get("args"), dict) else {}
-        if name.startswith("ProfilerStep#"):
-            n = _int(name[len("ProfilerStep#"):])
-            if n is not None:
-                steps.append((t[0], t[1], n))
-        elif name == "record_param_comms":
-            host_ops.append((*t, ev))
-            eid = _int(args.get("External id"))
-            if eid is not None:
-                rpc[eid] = (t[0], ev)
-        elif name.startswith("c10d::"):
-            host_ops.append((*t, ev))
-        elif name.startswith("gloo:"):
-            gloo.append((*t, ev))
-        elif name.startswith("nccl") and (ev.get("cat") in ("kernel", "gpu_user_annotation")
-                                           or "Collective name" in args):
-            kernels.append((*t, ev))
-        if pid is None and ev.get("cat") == "cpu_op":
-            pid = _int(ev.get("pid"))
-    if bad:
-        out.problems.append(f"{path}: {bad} collective event(s) without a usable ts/dur "
+    evs = _sort_events(scan.events)
+    if evs.bad:
+        out.problems.append(f"{path}: {evs.bad} collective event(s) without a usable ts/dur "
                             "left out")
-    pid = _fits(pid) if pid is not None and 0 <= pid < 1 << 31 else 0
+    pid = evs.pid or 0
 
     def row(op: str, start: int, end: int, issue: int, **kw) -> dict:
         return {"rank": rank, "world_size": out.world_size, "host": host, "pid": pid,
@@ -277,10 +283,25 @@ def read_rank_trace(path: Path) -> RankTrace:
                 "mono_start_ns": start, "mono_end_ns": end, "duration_ns": end - start,
                 "end_source": "wait", "api": "profiler", **kw}
 
+    if evs.kernels:
+        _nccl_rows(out, evs, pg_by_name, row)
+    if evs.gloo:
+        _gloo_rows(out, evs.gloo, evs.host_ops, evs.thread_names, pgs, backend, row)
+    _assign_steps(out.rows, evs.steps)
+    if out.rows:
+        out.last_ns = max(r["t_end_ns"] for r in out.rows)
+    if evs.steps:
+        out.last_ns = max(out.last_ns or 0, base + max(s[1] for s in evs.steps))
+    return out
+
+
+def _nccl_rows(out: RankTrace, evs: _Events, pg_by_name: dict, row) -> None:
+    """Rows of the NCCL kernels that carry (or whose launch carries) collective metadata."""
+    rank, path = out.rank, out.path
     cut_unfixed = 0
-    for start, end, ev in kernels:
+    for start, end, ev in evs.kernels:
         args = ev.get("args") or {}
-        src = rpc.get(_int(args.get("External id")) or -1)
+        src = evs.rpc.get(_int(args.get("External id")) or -1)
         meta = dict(src[1].get("args") or {}) if src else {}
         meta.update({k: v for k, v in args.items() if v not in (None, "")})
         if "Collective name" not in meta:
@@ -311,30 +332,22 @@ def read_rank_trace(path: Path) -> RankTrace:
         elif op == "recv":
             peer = _int(meta.get("Src Rank"))
         issue = src[0] if src else start
-        kernels_row = row(op, start, end, min(issue, start), backend="nccl", pg=pg,
-                          pg_desc=meta.get("Process Group Description") or
-                          pg_by_name.get(pg, {}).get("pg_desc"),
-                          pg_ranks=format_ranks(ranks), pg_size=size,
-                          group_rank=ranks.index(rank), seq=_fits(_int(meta.get("Seq"))),
-                          peer=peer, dtype=dtype,
-                          numel=max((n for n in (n_in, n_out) if n is not None), default=None),
-                          nbytes_in=b_in, nbytes_out=b_out,
-                          nbytes=max((b for b in (b_in, b_out) if b is not None), default=None),
-                          device_duration_ns=end - start)
-        out.rows.append(kernels_row)
+        out.rows.append(row(op, start, end, min(issue, start), backend="nccl", pg=pg,
+                            pg_desc=meta.get("Process Group Description") or
+                            pg_by_name.get(pg, {}).get("pg_desc"),
+                            pg_ranks=format_ranks(ranks), pg_size=size,
+                            group_rank=ranks.index(rank), seq=_fits(_int(meta.get("Seq"))),
+                            peer=peer, dtype=dtype,
+                            numel=max((n for n in (n_in, n_out) if n is not None),
+                                      default=None),
+                            nbytes_in=b_in, nbytes_out=b_out,
+                            nbytes=max((b for b in (b_in, b_out) if b is not None),
+                                       default=None),
+                            device_duration_ns=end - start))
     if cut_unfixed:
         out.problems.append(f"{path}: {cut_unfixed} NCCL kernel(s) left out: their group's "
                             "ranks are cut short in the trace and distributedInfo does not "
                             "list the group (or the rank is not in it)")
-
-    if gloo:
-        _gloo_rows(out, gloo, host_ops, thread_names, pgs, backend, row)
-    _assign_steps(out.rows, steps)
-    if out.rows:
-        out.last_ns = max(r["t_end_ns"] for r in out.rows)
-    if steps:
-        out.last_ns = max(out.last_ns or 0, base + max(s[1] for s in steps))
-    return out
 
 
 def _gloo_rows(out: RankTrace, gloo, host_ops, thread_names, pgs, backend, row) -> None:
