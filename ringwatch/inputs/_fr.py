@@ -63,6 +63,8 @@ def sniff(path: Path, head: bytes) -> bool:
         # any pickle: a dump, or a file that must be named rather than passed over
         return True
     text = head.lstrip()
+    if b'"traceEvents"' in text or b'"schemaVersion"' in text:
+        return False  # a profiler trace: its distributedInfo has a pg_config too
     return text[:1] == b"{" and any(k in text for k in _JSON_KEYS)
 
 

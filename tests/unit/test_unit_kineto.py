@@ -323,3 +323,13 @@ def test_read_rank_trace_of_a_trace_without_collectives(tmp_path):
     assert read_rank_trace(path).rows == []
     src = open_sources([str(tmp_path)]).sources[0]
     assert any("no collective" in p for p in src.problems)
+
+
+def test_a_plain_json_trace_is_a_trace_not_a_flight_recorder_dump(tmp_path):
+    """A CPU trace's head holds distributedInfo.pg_config, a Flight Recorder key too."""
+    text = gzip.decompress((DATA / "gloo-ddp-2ranks" / "rank-0.json.gz").read_bytes())
+    assert b'"pg_config"' in text[:HEAD_BYTES]
+    (tmp_path / "rank-0.json").write_bytes(text)
+    opened = open_sources([str(tmp_path)])
+    assert [s.kind for s in opened.sources] == ["profiler traces"], opened
+    assert opened.sources[0].events().height == 6
