@@ -2,7 +2,9 @@
 
 A job's GPUs are the ones its agent attributes to it (the agent labels a node's GPUs with the
 job whose ranks write there), so job power and energy per step exist only where an agent
-follows the job's logs. Later sections (headroom against the limits) go after the last row.
+follows the job's logs. The headroom rows read the agent's window figures (enforced limit minus
+the 99th percentile of the power over its power window), the time held down for power or heat,
+and each GPU's power while its rank computes and while it is in collectives.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ POWER = agent("gpu", "power_instant_mw")
 PEAK = agent("gpu", "power_peak_mw")
 TROUGH = agent("gpu", "power_min_mw")
 LIMIT = agent("gpu", "power_limit_enforced_mw")
+P99 = agent("gpu", "power_p99_mw")
+HEADROOM = agent("gpu", "power_headroom_mw")
+RAMP = agent("gpu", "power_ramp_mw_per_s")
+COMPUTE = agent("gpu", "power_compute_mw")
+COMM = agent("gpu", "power_comm_mw")
+THROTTLE_TIME = agent("gpu", "throttle_time_ns")
+#: Violation counters that mean held down for power or heat.
+HELD = "~power|board_limit|thermal"
 
 IN_JOB = (("job", "$job"), ("job", "!"))  # the selected jobs, never GPUs of no job
 H = {"host": "$host"}
@@ -64,4 +74,31 @@ def build():
                            q(per_gpu(PEAK.sel(**H)), GPU_LEGEND + " peak"),
                            q(per_gpu(TROUGH.sel(**H)), GPU_LEGEND + " trough"), min_val=0,
                            dashed=".* trough$"))
+    # Grafana has no W/s unit: watts, with "per second" in the title
+    b.add(timeseries_panel("Ramp rate per GPU, per second", "Largest change of each GPU's "
+                           "instantaneous power between two updates over the power window, "
+                           "in watts per second.",
+                           "watt", q(per_gpu(RAMP.sel(**H)), GPU_LEGEND), min_val=0))
+    b.row("Headroom")
+    b.add(timeseries_panel("Headroom per GPU", "Enforced limit minus the 99th percentile of "
+                           "each GPU's power over the agent's power window.", "watt",
+                           q(per_gpu(HEADROOM.sel(**H)), GPU_LEGEND)))
+    b.add(timeseries_panel("Node headroom", "Each host's summed enforced limits minus its "
+                           "GPUs' summed 99th percentiles: a lower bound (the GPUs' peaks "
+                           "need not coincide; `ringwatch power` gives the quantile of the "
+                           "sum).", "watt",
+                           q(f"{by('sum', ['host'], per_gpu(LIMIT.sel(**H)))} - "
+                             f"{by('sum', ['host'], per_gpu(P99.sel(**H)))}", "{{host}}")))
+    b.add(timeseries_panel("Time held down for power or heat", "Share of each interval each "
+                           "GPU's clocks were held down by its power cap, the board limit or "
+                           "heat (NVML violation counters).", "percentunit",
+                           q(per_gpu(THROTTLE_TIME.rate(reason=HELD, **H), "reason"),
+                             GPU_LEGEND + " {{reason}}"), min_val=0))
+    b.add(timeseries_panel("Power computing and in collectives", "Each GPU's power while its "
+                           "rank computes and while it is in collectives (dashed), from the "
+                           "energy counter over the agent's phase window and the rank's "
+                           "newest collectives. Only GPUs whose rank the agent follows.",
+                           "watt", q(per_gpu(COMPUTE.sel(**H)), GPU_LEGEND + " computing"),
+                           q(per_gpu(COMM.sel(**H)), GPU_LEGEND + " in collectives"),
+                           min_val=0, dashed=".* in collectives$"))
     return b.build()

@@ -55,9 +55,12 @@ def _emit(out: list, entity: str, resource: tuple, labels: dict, values: dict) -
 
 
 def _gpu_rank(state: NodeState) -> dict[int, tuple[str, int]]:
-    """GPU index -> (job, rank) where exactly one live rank has that local rank."""
+    """GPU index -> (job, rank) where exactly one live rank has that local rank. Where some
+    ranks' logs name this host, only those count: the others ran on other hosts sharing the
+    log folder (their local ranks are other machines' GPUs)."""
     by_local: dict[int, list] = defaultdict(list)
-    for s in state.ranks.values():
+    here = [s for s in state.ranks.values() if s.host == state.host]
+    for s in here or state.ranks.values():
         if s.local_rank is not None:
             by_local[s.local_rank].append((s.job, s.rank))
     return {k: v[0] for k, v in by_local.items() if len(v) == 1}
