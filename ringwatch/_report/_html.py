@@ -45,6 +45,14 @@ def _when(ns) -> str:
     return when(ns)
 
 
+def _long(line: str, most: int = 400) -> str:
+    """``line`` escaped; past ``most`` characters (thousands of ranks) the rest folded."""
+    if len(line) <= most:
+        return escape(line)
+    return (f"{escape(line[:most])}… <details><summary>the whole line ({len(line)} "
+            f"characters)</summary>{escape(line)}</details>")
+
+
 def finding_html(f, hiccup: bool = False) -> str:
     when = [f"confidence {f.confidence:.2f}"]
     if f.since_step is not None:
@@ -59,7 +67,7 @@ def finding_html(f, hiccup: bool = False) -> str:
     if f.gain_s_per_step is not None:
         gain = (f' <span class="gain">fixing it saves ~{f.gain_s_per_step * 1e3:.1f} ms per '
                 "step</span>")
-    evidence = "".join(f"<li>{escape(e)}</li>" for e in f.evidence)
+    evidence = "".join(f"<li>{_long(e)}</li>" for e in f.evidence)
     return (f'<div class="finding {escape(f.kind)}{" hiccup" if hiccup else ""}">'
             f'<div class="head">{escape(f.headline())}</div>'
             f'<div class="when">{escape(", ".join(when))}{gain}</div>'

@@ -7,13 +7,16 @@ pseudo-terminal, nothing on a pipe, and the plain lines unchanged when piped.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import re
 import select
 import shutil
+import struct
 import subprocess
+import termios
 from pathlib import Path
 
 import pytest
@@ -158,14 +161,17 @@ def test_page_of_the_h200_capture_draws_power_over_the_steps(tmp_path):
     assert plots["power"]["drawn"] > 500, plots["power"]
 
 
-def _on_pty(cmd: list[str], *, stderr_tty: bool) -> tuple[str, str]:
-    """Run ``cmd`` with stdout on a pipe and stderr on a pseudo-terminal (or a pipe)."""
+def _on_pty(cmd: list[str], *, stderr_tty: bool, stdout_tty: bool = False) -> tuple[str, str]:
+    """Run ``cmd`` with stdout on a pipe (or the terminal) and stderr on a pseudo-terminal (or
+    a pipe); what went to the terminal is returned as stderr."""
     if not stderr_tty:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=job_env())
         assert p.returncode == 0, p.stderr
         return p.stdout, p.stderr
     main, sub = pty.openpty()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sub, env=job_env())
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    proc = subprocess.Popen(cmd, stdout=sub if stdout_tty else subprocess.PIPE, stderr=sub,
+                            env=job_env())
     os.close(sub)
     err = b""
     while True:
@@ -179,7 +185,7 @@ def _on_pty(cmd: list[str], *, stderr_tty: bool) -> tuple[str, str]:
         if not chunk:
             break
         err += chunk
-    out = proc.stdout.read().decode()
+    out = "" if stdout_tty else proc.stdout.read().decode()
     assert proc.wait(timeout=60) == 0, err
     os.close(main)
     return out, err.decode(errors="replace")
@@ -191,10 +197,20 @@ def test_progress_bar_on_a_terminal_and_nothing_on_a_pipe(straggler_run):
     out_tty, err_tty = _on_pty(cmd, stderr_tty=True)
     out_pipe, err_pipe = _on_pty(cmd, stderr_tty=False)
     # the bar redraws a few times a second: a run this short shows the first and last stages
-    assert "reading run's files" in err_tty and "4/4" in err_tty, err_tty
-    assert "analysing: done" in err_tty and "━" in err_tty, err_tty
+    assert re.search(r"(reading run's files|decoding run's rows)\W.*4/4", err_tty), err_tty
+    assert re.search(r"analysing: [a-z ]+\W.*[0-5]/5", err_tty) and "━" in err_tty, err_tty
     assert "\x1b[" in err_tty  # drawn with terminal control sequences
     assert err_pipe == "", err_pipe
     # stdout is a pipe both times: the plain lines, the same
     assert out_tty == out_pipe and out_pipe.startswith("job run: 4 rank(s)"), out_pipe
     assert "\x1b[" not in out_pipe
+
+
+def test_summary_on_a_terminal_is_a_coloured_table(straggler_run):
+    _, result = straggler_run
+    _, screen = _on_pty(ringwatch_cmd("analyze", str(result.log_dir)), stderr_tty=True,
+                        stdout_tty=True)
+    assert re.search(r"\d finding\(s\)", screen) and "saves per step" in screen, screen
+    assert "straggler (compute straggler)" in screen and "rank 3 (local 1) on host1" in screen
+    assert "\x1b[1;31m" in screen  # the straggler's kind in bold red
+    assert "┃" in screen or "│" in screen  # table borders
