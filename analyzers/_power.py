@@ -134,6 +134,33 @@ def _unwrap(t_ns: np.ndarray, e: np.ndarray, max_power_w: float) -> tuple[np.nda
     return d, wraps, resets
 
 
+def energy_intervals(t_ns: np.ndarray, energy_mj: np.ndarray, *, max_power_w: float = 5000.0
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`compute_energy_intervals` of one GPU on arrays (the agent's path, no frame):
+    ``(t_start_ns, t_end_ns, energy_j)`` of the intervals between the counter's observed
+    changes, each change timed at the midpoint of the sample that showed it and the one
+    before; wraps unfolded, resets dropped."""
+    t = np.asarray(t_ns, dtype=np.int64)
+    e = np.asarray(energy_mj, dtype=np.float64)
+    empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    if len(e) < 3:
+        return empty
+    keep = np.concatenate([[True], np.diff(e) != 0])
+    # the counter moved somewhere between the sample before and the one that saw it:
+    # the midpoint is the unbiased guess (the sample's own time is up to a period late)
+    seen = t.copy()
+    seen[1:] = np.where(keep[1:], (t[:-1] + t[1:]) // 2, t[1:])
+    # the first value was taken at some unknown time before the first sample: intervals
+    # run between observed changes only
+    keep[0] = False
+    t, e = seen[keep], e[keep]
+    if len(e) < 2:
+        return empty
+    d, _, _ = _unwrap(t, e, max_power_w)
+    ok = ~np.isnan(d)
+    return t[:-1][ok], t[1:][ok], d[ok] / 1e3
+
+
 def compute_energy_intervals(fast: pl.DataFrame, *, max_power_w: float = 5000.0) -> pl.DataFrame:
     """Per GPU, the intervals between changes of its energy counter and the power over each.
 
@@ -155,25 +182,12 @@ def compute_energy_intervals(fast: pl.DataFrame, *, max_power_w: float = 5000.0)
     out = []
     for (host, gpu), g in fast.filter(pl.col("energy_mj").is_not_null()).group_by(
             "host", "gpu", maintain_order=True):
-        t = g["t_ns"].to_numpy()
-        e = g["energy_mj"].to_numpy().astype(np.float64)
-        keep = np.concatenate([[True], np.diff(e) != 0])
-        # the counter moved somewhere between the sample before and the one that saw it:
-        # the midpoint is the unbiased guess (the sample's own time is up to a period late)
-        seen = t.copy()
-        seen[1:] = np.where(keep[1:], (t[:-1] + t[1:]) // 2, t[1:])
-        # the first value was taken at some unknown time before the first sample: intervals
-        # run between observed changes only
-        keep[0] = False
-        t, e = seen[keep], e[keep]
-        if len(e) < 2:
+        t0, t1, e_j = energy_intervals(g["t_ns"].to_numpy(), g["energy_mj"].to_numpy(),
+                                       max_power_w=max_power_w)
+        if not len(e_j):
             continue
-        d, _, _ = _unwrap(t, e, max_power_w)
-        ok = ~np.isnan(d)
-        dt = np.diff(t)
-        out.append(pl.DataFrame({
-            "host": host, "gpu": gpu, "t_start_ns": t[:-1][ok], "t_end_ns": t[1:][ok],
-            "energy_j": d[ok] / 1e3, "power_w": d[ok] / 1e3 / (dt[ok] / 1e9)}))
+        out.append(pl.DataFrame({"host": host, "gpu": gpu, "t_start_ns": t0, "t_end_ns": t1,
+                                 "energy_j": e_j, "power_w": e_j / ((t1 - t0) / 1e9)}))
     if not out:
         return pl.DataFrame(schema={"host": pl.Utf8, "gpu": pl.Int64, "t_start_ns": pl.Int64,
                                     "t_end_ns": pl.Int64, "energy_j": pl.Float64,
@@ -273,4 +287,5 @@ def compute_power_grid(fast: pl.DataFrame, *, step_s: float | None = None,
 
 
 __all__ = ["AVERAGE_WINDOW_S", "FAST_COLUMNS", "GpuSampling", "compute_energy_intervals",
+           "energy_intervals",
            "compute_power_grid", "compute_sampling", "recording_frames"]

@@ -108,13 +108,18 @@ def split_rank_energy(intervals: pl.DataFrame, comm_starts: np.ndarray, comm_end
         ``comm_covered_s`` (of it, in communication): cumulative from the first interval, one
         value per ``at_ns``; differences between two times are the figures of that span.
     """
-    a = intervals["t_start_ns"].to_numpy()
-    b = intervals["t_end_ns"].to_numpy()
-    p = intervals["power_w"].to_numpy()
+    return split_energy(intervals["t_start_ns"].to_numpy(), intervals["t_end_ns"].to_numpy(),
+                        intervals["power_w"].to_numpy(), comm_starts, comm_ends, at_ns)
+
+
+def split_energy(a: np.ndarray, b: np.ndarray, p: np.ndarray, comm_starts: np.ndarray,
+                 comm_ends: np.ndarray, at_ns: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`split_rank_energy` on arrays: intervals ``[a, b)`` of power ``p`` (W)."""
     us, ue = _union(np.asarray(comm_starts), np.asarray(comm_ends))
     lo, hi = (a[0], b[-1]) if len(a) else (0, 0)
     inner = us[(us > lo) & (us < hi)], ue[(ue > lo) & (ue < hi)]
-    cuts = np.unique(np.concatenate([a, b, *inner]))
+    cuts = np.sort(np.concatenate([a, b, *inner]))
+    cuts = cuts[np.concatenate([[True], np.diff(cuts) != 0])] if len(cuts) else cuts
     mid = (cuts[:-1] + cuts[1:]) / 2
     k = np.searchsorted(a, mid, side="right") - 1
     has = (k >= 0) & (mid < b[np.clip(k, 0, None)])  # a reset gap has no data
@@ -285,5 +290,5 @@ def fit_phase_power(intervals: pl.DataFrame, events: pl.DataFrame, *,
 
 
 __all__ = ["compute_rank_phases", "compute_step_energy", "fit_phase_power", "rank_gpus",
-           "split_rank_energy",
+           "split_energy", "split_rank_energy",
            "summarize_phase_power"]

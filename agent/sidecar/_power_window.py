@@ -40,29 +40,28 @@ def window_figures(window, limit_mw: int | None) -> dict:
 def phase_figures(energy, comm) -> dict:
     """``power_compute_mw`` and ``power_comm_mw`` of one GPU from ``energy`` (``(wall ns,
     energy mJ)`` pairs, oldest first) and its rank's collectives ``comm`` (``(start, end)``
-    wall ns), over the time both cover; nothing where that time holds no phase of one kind."""
+    wall ns), over the time both cover; nothing where that time holds no phase of one kind.
+    Arrays only (no frame): this runs per GPU at every export."""
     import numpy as np
-    import polars as pl
 
-    from ringwatch.analyzers._power import compute_energy_intervals
-    from ringwatch.analyzers._power_phase import split_rank_energy
+    from ringwatch.analyzers._power import energy_intervals
+    from ringwatch.analyzers._power_phase import split_energy
 
-    pts = list(energy)
-    spans = list(comm)
-    if len(pts) < 3 or not spans:
+    if len(energy) < 3 or not comm:
         return {}
-    fast = pl.DataFrame({"host": "", "gpu": 0, "t_ns": [t for t, _ in pts],
-                         "energy_mj": [e for _, e in pts]})
-    iv = compute_energy_intervals(fast)
-    if iv.is_empty():
+    pts = np.array(energy, dtype=np.int64)
+    a, b, e_j = energy_intervals(pts[:, 0], pts[:, 1])
+    if not len(e_j):
         return {}
-    starts = np.array([s for s, _ in spans], dtype=np.int64)
-    ends = np.array([e for _, e in spans], dtype=np.int64)
-    a = max(int(iv["t_start_ns"][0]), int(starts.min()))
-    b = min(int(iv["t_end_ns"][-1]), int(ends.max()))
-    if b <= a:
+    spans = np.array(comm, dtype=np.int64)
+    spans = spans[spans[:, 1] > a[0]]  # older collectives add nothing
+    if not len(spans):
         return {}
-    c = split_rank_energy(iv, starts, ends, np.array([a, b]))
+    lo, hi = max(int(a[0]), int(spans[:, 0].min())), min(int(b[-1]), int(spans[:, 1].max()))
+    if hi <= lo:
+        return {}
+    c = split_energy(a, b, e_j / ((b - a) / 1e9), spans[:, 0], spans[:, 1],
+                     np.array([lo, hi]))
     d = {k: float(v[1] - v[0]) for k, v in c.items()}
     comm_s, all_s = d["comm_covered_s"], d["covered_s"]
     out = {}
