@@ -52,7 +52,7 @@ def report_renderables(report: dict) -> list:
     else:
         table = Table(title=f"{len(findings)} finding(s)", title_justify="left",
                       show_lines=True, expand=False)
-        for name, kw in (("kind", {}), ("who", {"overflow": "fold"}),
+        for name, kw in (("kind", {"no_wrap": True}), ("who", {"no_wrap": True}),
                          ("since step", {"justify": "right"}),
                          ("detected", {"justify": "right"}),
                          ("confidence", {"justify": "right"}),
