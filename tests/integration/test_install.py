@@ -43,6 +43,11 @@ def test_a_plain_install_runs_analyze_serve_and_the_agent(tmp_path):
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     assert (report["collectives"], report["findings"]) == (1200, []), report
+    page = tmp_path / "report.html"  # the page's package and the summary's rich are installed
+    p = _run([rw, "analyze", str(job), "--html", str(page)], cwd=tmp_path)
+    assert p.returncode == 0 and "<svg" in page.read_text(), p.stderr
+    p = _run([py, "-c", "import rich.progress, rich.table"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
     p = _run([rw, "logs", str(H200_LOGS / "nccl-ops"), "--check"], cwd=tmp_path)
     assert p.returncode == 0 and "flight recorder rank 0: OK" in p.stdout, p.stdout + p.stderr
     p = _run([rw, "serve", "--help"], cwd=tmp_path)
