@@ -157,3 +157,30 @@ def test_phase_comm_compares_medians_before_and_after_onset():
     assert ph.rows() == [(0, 10e6, 30e6, 20e6, 4, 4), (1, 10e6, 10e6, 0.0, 4, 4)]
     none = compute_phase_comm(pl.DataFrame(rows), None, warmup_steps=0)
     assert none["after_ns"].is_null().all() and none["steps_before"].to_list() == [10, 10]
+
+
+def test_in_job_faults_parse_and_bad_ones_fail():
+    from ringwatch.cluster._fr_dump import parse_in_job_faults
+
+    assert parse_in_job_faults(["block:1,2@8", "kill:3@9"]) == {
+        8: {1: "block", 2: "block"}, 9: {3: "kill"}}
+    assert parse_in_job_faults([]) == {}
+    for bad in ("nap:1@3", "block:@3", "block:1", "block:x@3", "block:1@-2"):
+        with pytest.raises(ValueError, match="MODE:RANKS@STEP"):
+            parse_in_job_faults([bad])
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_fr_dumper_writes_pytorchs_dump_once_as_pytorch_names_it(tmp_path, as_json):
+    from ringwatch._flight_recorder import load_dump
+    from ringwatch.cluster._fr_dump import FrDumper
+
+    d = FrDumper(str(tmp_path / "fr" / "nccl_trace_rank_"), 3, as_json=as_json, after_s=60)
+    d.dump()
+    path = tmp_path / "fr" / "nccl_trace_rank_3"
+    head = path.read_bytes()[:1]
+    assert head == (b"{" if as_json else b"\x80")
+    assert load_dump(path)["version"].startswith("2.")
+    path.unlink()
+    d.dump()  # once only
+    assert not path.exists() and list((tmp_path / "fr").iterdir()) == []
