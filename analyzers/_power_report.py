@@ -131,7 +131,8 @@ def analyze_power(fast: pl.DataFrame, slow: pl.DataFrame, events: pl.DataFrame |
         pl.col("power_limit_enforced_mw").min()).drop_nulls().iter_rows()}
     cap = None
     if step_energy is not None and not step_energy.is_empty():
-        cap_check = check_cap_model(step_energy, throttle, limits)
+        cap_check = check_cap_model(step_energy, slow, fast,
+                                    tolerance=thresholds.min_headroom_share)
         if cap_w is None and limits:
             cap_w = 0.9 * min(limits.values())
         if cap_w is not None:

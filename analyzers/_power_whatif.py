@@ -16,9 +16,10 @@ can be argued with:
 
 ``alpha = 1`` (clock alone, voltage fixed) gives the largest slowdown; with voltage following
 the clock (DVFS) dynamic power goes as ``f * V**2`` and ``alpha`` approaches 3: both ends are
-reported. The model is checked against the data where it can be (:func:`check_cap_model`): at
-``c`` = the enforced limit it predicts which steps were held down, and the power-cap violation
-counters say how long they really were.
+reported. The model's premise is checked against the data where it can be
+(:func:`check_cap_model`): a GPU held down by its limit draws its limit, so the time it drew
+the limit in force is the time the model says it was held down, and the power-cap violation
+counter says how long it really was.
 
 **Oversubscription in POLCA's manner** (:func:`estimate_oversubscription`): ``N`` nodes fit a
 budget ``B`` when the probability that their summed power exceeds ``B`` is at most
@@ -108,28 +109,71 @@ def estimate_cap_cost(step_energy: pl.DataFrame, cap_w: float, *,
                    cost_share=added[0] / step_s if step_s else 0.0)
 
 
-def check_cap_model(step_energy: pl.DataFrame, throttle: pl.DataFrame,
-                    limits_w: dict[tuple[str, int], float]) -> pl.DataFrame:
-    """The model at each GPU's enforced limit against its power-cap violation counter.
+def check_cap_model(step_energy: pl.DataFrame, slow: pl.DataFrame,
+                    fast: pl.DataFrame | None = None, *,
+                    tolerance: float = 0.05) -> pl.DataFrame:
+    """The model's premise against the power-cap violation counter, where the data has one.
+
+    The model says a GPU held down by a limit draws that limit. So the time a GPU spent at
+    the limit in force (within ``tolerance`` under it: the power manager keeps the GPU just
+    below) is the time it predicts held down; the counter says how long it really was. Power
+    is the instantaneous field where the data has it (a step mean or a 100 ms energy interval
+    straddling a phase boundary falls under the limit), else the energy intervals'.
+
+    Args:
+        step_energy: :func:`~ringwatch.analyzers._power_phase.compute_step_energy` (the span
+            of each GPU's steps is compared).
+        slow: The slow frame (limits in force over time, violation counters).
+        fast: The fast frame, for the instantaneous field.
+        tolerance: Share under the limit still counted as at it.
 
     Returns:
-        ``host``, ``gpu``, ``predicted_share`` (share of its time in compute phases drawing
-        more than its limit: what the model says was held down) and ``observed_share``
-        (``power_share`` of :func:`~ringwatch.analyzers._power_headroom.compute_throttle`).
+        ``host``, ``gpu``, ``predicted_share`` (share of the span at the limit),
+        ``observed_share`` (the counter's ``power_share`` over the span; null where the GPU
+        has no counter).
     """
+    from ringwatch.analyzers._power import compute_energy_intervals
+    from ringwatch.analyzers._power_headroom import compute_throttle
+
     rows = []
-    for (h, g), d in step_energy.filter(pl.col("compute_power_w").is_not_null()).group_by(
-            "host", "gpu"):
-        lim = limits_w.get((h, g))
-        if lim is None:
+    lim = slow.select("host", "gpu", "t_ns", "power_limit_enforced_mw").drop_nulls().sort(
+        "t_ns")
+    for (h, g), d in step_energy.group_by("host", "gpu"):
+        mine = lim.filter((pl.col("host") == h) & (pl.col("gpu") == g)).select(
+            "t_ns", (pl.col("power_limit_enforced_mw") / 1e3).alias("limit_w"))
+        if mine.is_empty():
             continue
-        over = d.filter(pl.col("compute_power_w") > lim)["compute_s"].sum()
-        obs = throttle.filter((pl.col("host") == h) & (pl.col("gpu") == g))
-        rows.append((h, g, float(over / d["step_s"].sum()),
+        span = (int(d["t_start_ns"].min()), int(d["t_end_ns"].max()))
+        pts = None
+        if fast is not None:
+            pts = fast.filter((pl.col("host") == h) & (pl.col("gpu") == g)
+                              & pl.col("t_ns").is_between(*span)
+                              & pl.col("power_instant_mw").is_not_null()).select(
+                "t_ns", (pl.col("power_instant_mw") / 1e3).alias("p"), pl.lit(1.0).alias("w"))
+        if pts is None or pts.is_empty():
+            src = fast if fast is not None else pl.DataFrame()
+            iv = compute_energy_intervals(src.filter((pl.col("host") == h)
+                                                     & (pl.col("gpu") == g))) \
+                if not src.is_empty() else pl.DataFrame()
+            if iv.is_empty():
+                continue
+            pts = iv.filter(pl.col("t_start_ns").is_between(*span)).select(
+                pl.col("t_start_ns").alias("t_ns"), pl.col("power_w").alias("p"),
+                (pl.col("t_end_ns") - pl.col("t_start_ns")).cast(pl.Float64).alias("w"))
+        # the limit is read at ~1 Hz: a change happened somewhere between two readings, so
+        # the tightest of the readings around a sample could have been in force
+        pts = pts.sort("t_ns").join_asof(mine, on="t_ns", strategy="backward").join_asof(
+            mine.rename({"limit_w": "_next"}), on="t_ns", strategy="forward").with_columns(
+            pl.min_horizontal("limit_w", "_next").alias("limit_w"))
+        at = pts.filter(pl.col("p") >= (1 - tolerance) * pl.col("limit_w"))["w"].sum()
+        obs = compute_throttle(slow.filter((pl.col("host") == h) & (pl.col("gpu") == g)),
+                               start_ns=span[0], end_ns=span[1])
+        rows.append((h, g, float(at / pts["w"].sum()) if pts.height else 0.0,
                      None if obs.is_empty() else obs["power_share"][0]))
     return pl.DataFrame(rows, schema={"host": pl.Utf8, "gpu": pl.Int64,
                                       "predicted_share": pl.Float64,
-                                      "observed_share": pl.Float64}, orient="row")
+                                      "observed_share": pl.Float64}, orient="row").sort(
+        "host", "gpu")
 
 
 @dataclass(frozen=True)

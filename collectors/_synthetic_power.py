@@ -8,7 +8,9 @@ collectives, ``comm_w`` while it has one in flight (its collectives' wall-clock 
 power, at 1 ms) and the instantaneous field both change only every ``update_s`` (so half of
 20 Hz samples repeat), slow readings at 1 Hz with the enforced limit and the cumulative
 violation counters. A ``throttle`` window per rank caps that rank's GPU at ``cap_w`` while it
-computes, lowers its SM clock and counts the capped time as power violation time.
+computes (its enforced limit is lowered to ``cap_w`` over the window, as an operator or a
+domain power service would), lowers its SM clock and counts the capped time as power
+violation time.
 
 Every recording made here has ``origin = "synthetic"``: replayed, its series say
 ``source="replay:synthetic"``; analyzed, the reports say synthetic.
@@ -109,7 +111,9 @@ def phase_recordings(events: pl.DataFrame, model: PhasePowerModel = PhasePowerMo
             for ts in np.arange(t_lo, t_hi, 1e9 / model.slow_hz).astype(np.int64):
                 i = int(min((ts - t_lo) // fine_ns, len(t) - 1))
                 st.append(int(ts - t_lo))
-                sv.append(SlowReading(power_limit_enforced_mw=int(model.limit_w * 1e3),
+                capped = r in model.throttle and model.throttle[r][0] <= ts < model.throttle[r][1]
+                limit = model.cap_w if capped else model.limit_w  # the limit lowered
+                sv.append(SlowReading(power_limit_enforced_mw=int(limit * 1e3),
                                       temperature_c=60, throttle_reasons_mask=4 if held[i] else 0,
                                       throttle_time_ns={"power": int(held_ns[i]), "thermal": 0}))
             slow[local] = (st, sv)

@@ -112,3 +112,19 @@ def test_a_synthetic_recording_file_replays_as_synthetic(tmp_path):
     rec = load_recording(paths[0])
     assert rec.origin == "synthetic" and ReplayClient(rec).source == "replay:synthetic"
     assert len(rec.fast[0][0]) == len(phase_recordings(job(steps=10, late=None))[0].fast[0][0])
+
+
+def test_the_cap_model_premise_against_the_violation_counter():
+    from ringwatch.analyzers._power_whatif import check_cap_model
+
+    ev = job()
+    onset_ns = ev.filter(pl.col("step") == 25)["t_start_ns"].min()
+    fast, slow = frames(phase_recordings(ev, PhasePowerModel(throttle={1: (onset_ns, 2**62)})))
+    se = compute_step_energy(compute_energy_intervals(fast), ev)
+    check = {(r["host"], r["gpu"]): r for r in check_cap_model(se, slow, fast).iter_rows(
+        named=True)}
+    held = check[("host0", 1)]  # rank 1's GPU, its limit lowered to 420 W from step 25
+    assert held["observed_share"] > 0.3
+    assert held["predicted_share"] == pytest.approx(held["observed_share"], abs=0.06)
+    for key in (("host0", 0), ("host1", 0), ("host1", 1)):
+        assert check[key]["predicted_share"] == 0 and check[key]["observed_share"] == 0
