@@ -23,6 +23,9 @@ from ringwatch.analyzers._links import (
     suspect_hosts,
 )
 from ringwatch.analyzers._online import OnlineWindow
+from ringwatch.analyzers._power_headroom import PowerThresholds
+from ringwatch.analyzers._power_report import PowerReport, analyze_power
+from ringwatch.analyzers._power_throttle import attribute_throttling
 from ringwatch.analyzers._probe import detect_probe_links, read_probe_matrix
 from ringwatch.analyzers._rhythm import (
     Rhythm,
@@ -52,5 +55,6 @@ __all__ = [
     "compute_iteration_times", "infer_rhythm", "compute_group_bandwidth",
     "compute_slow_groups", "detect_slow_links", "suspect_hosts", "align_clocks",
     "compute_host_pairs", "estimate_clock_offsets", "OnlineWindow",
-    "assign_rhythm_steps", "detect_probe_links", "read_probe_matrix",
+    "assign_rhythm_steps", "detect_probe_links", "read_probe_matrix", "PowerThresholds",
+    "PowerReport", "analyze_power", "attribute_throttling",
 ]
