@@ -112,6 +112,29 @@ def fr_trace_reading(fr_dir: Path, *extra: str) -> str:
     return "no mismatch reported"
 
 
+def with_members(fr_dir: Path, out: Path) -> Path:
+    """Copies of the dumps as pickles whose ``pg_config`` lists each group's members (as NCCL's
+    recorder fills it; Gloo's does not), the members being those ringwatch inferred: what
+    ``fr_trace`` needs to get past its first lookup on Gloo dumps."""
+    import pickle
+
+    from ringwatch.inputs import open_sources
+
+    src = open_sources([fr_dir]).sources[0]
+    members = src.members()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    descs = {str(e["process_group"][0]): e["process_group"][1]
+             for d in src.ranks.values() for e in d.dump.get("entries") or []}
+    for r, d in src.ranks.items():
+        dump = dict(d.dump)
+        dump["pg_config"] = {pg: {"name": pg, "desc": descs.get(pg, ""), "ranks": str(rs)}
+                             for pg, rs in members.items()}
+        dump.setdefault("entries", [])
+        (out / f"{PREFIX}{r}").write_bytes(pickle.dumps(dump))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/ringwatch-fr-bench"))
@@ -141,7 +164,10 @@ def main(argv=None) -> int:
                    "named": sorted(rw["top"]), "confidence": rw["confidence"],
                    "innocent": sorted(rw["top"] - culprits),
                    "ok": culprits <= rw["top"] and not rw["top"] - culprits,
-                   "fr_trace": fr_trace_reading(fr_dir), "wall_s": time.monotonic() - t0,
+                   "fr_trace": fr_trace_reading(fr_dir),
+                   "fr_trace_members": fr_trace_reading(with_members(
+                       fr_dir, fr_dir.parent / "fr-members")),
+                   "wall_s": time.monotonic() - t0,
                    "ringwatch": rw["lines"]}
             rows.append(row)
             print(f"[{name}/{fmt}] {row['wall_s']:.0f} s", file=sys.stderr)
@@ -152,13 +178,14 @@ def main(argv=None) -> int:
                 shutil.rmtree(dst, ignore_errors=True)
                 shutil.copytree(fr_dir, dst)
     print("| scenario | format | culprits injected | dumps from | ringwatch (top confidence) "
-          "| innocent at top | fr_trace |")
-    print("|---|---|---|---|---|---|---|")
+          "| innocent at top | fr_trace | fr_trace, members filled in |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         tuned = " (tuned)" if r["tuned_on"] else ""
         conf = "" if r["confidence"] is None else f" @ {r['confidence']:.2f}"
         print(f"| {r['scenario']}{tuned} | {r['format']} | {r['culprits']} | {r['dumps']} | "
-              f"{r['named']}{conf} | {len(r['innocent'])} | {r['fr_trace']} |")
+              f"{r['named']}{conf} | {len(r['innocent'])} | {r['fr_trace']} | "
+              f"{r['fr_trace_members']} |")
     ok = all(r["ok"] for r in rows)
     print(f"\n{sum(r['ok'] for r in rows)}/{len(rows)} runs: every culprit named at top "
           "confidence and no innocent rank there" + ("" if ok else " (FAILED)"))
