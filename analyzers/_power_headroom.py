@@ -149,6 +149,36 @@ def compute_headroom(grid: pl.DataFrame, slow: pl.DataFrame, *,
     return pl.DataFrame(rows)
 
 
+def compute_window_headroom(grid: pl.DataFrame, slow: pl.DataFrame, *, window_s: float,
+                            thresholds: PowerThresholds = DEFAULT_THRESHOLDS) -> pl.DataFrame:
+    """The least headroom over consecutive windows of ``window_s`` (a budget is violated in
+    its worst minute, not on average).
+
+    Returns:
+        Per ``scope`` (``gpu``, ``node``, ``job``) and ``name``: ``windows`` (full windows of
+        the grid), ``worst_start_ns`` (the window with the least headroom at the highest
+        quantile), ``limit_w`` and, per quantile, ``worst_headroom_pXX_w`` and
+        ``median_headroom_pXX_w`` (over windows). Empty when the grid holds no full window.
+    """
+    if len(grid) < 2:
+        return pl.DataFrame()
+    dt = (grid["t_ns"][1] - grid["t_ns"][0]) / 1e9
+    cells = max(2, int(round(window_s / dt)))
+    parts = [compute_headroom(grid.slice(i, cells), slow, thresholds=thresholds).with_columns(
+        pl.lit(int(grid["t_ns"][i])).alias("start_ns"))
+        for i in range(0, len(grid) - cells + 1, cells)]
+    if not parts:
+        return pl.DataFrame()
+    qs = [_q_name(q) for q in thresholds.quantiles]
+    top = f"headroom_{qs[-1]}_w"
+    df = pl.concat(parts, how="diagonal_relaxed")
+    return df.group_by("scope", "name", maintain_order=True).agg(
+        pl.len().alias("windows"), pl.col("start_ns").sort_by(top).first().alias(
+            "worst_start_ns"), pl.col("limit_w").min(),
+        *(pl.col(f"headroom_{q}_w").min().alias(f"worst_headroom_{q}_w") for q in qs),
+        *(pl.col(f"headroom_{q}_w").median().alias(f"median_headroom_{q}_w") for q in qs))
+
+
 def grid_phases(grid: pl.DataFrame, events: pl.DataFrame, gpus: pl.DataFrame
                 ) -> dict[str, np.ndarray]:
     """``host/gpu`` -> True where the GPU's rank spent more than half of the grid cell in
@@ -238,4 +268,5 @@ def detect_power_headroom(headroom: pl.DataFrame, throttle: pl.DataFrame, *,
 
 
 __all__ = ["DEFAULT_THRESHOLDS", "POWER_REASONS", "THERMAL_REASONS", "PowerThresholds",
-           "compute_headroom", "compute_throttle", "detect_power_headroom", "grid_phases"]
+           "compute_headroom", "compute_throttle", "compute_window_headroom",
+           "detect_power_headroom", "grid_phases"]

@@ -21,6 +21,7 @@ from ringwatch.analyzers._power_headroom import (
     PowerThresholds,
     compute_headroom,
     compute_throttle,
+    compute_window_headroom,
     detect_power_headroom,
     grid_phases,
 )
@@ -52,6 +53,8 @@ class PowerReport:
         synthetic: The samples were generated, not measured (said in every output).
         sampling: Per GPU, how it was sampled (:class:`GpuSampling`).
         headroom: :func:`compute_headroom` rows.
+        headroom_window: :func:`compute_window_headroom` rows (the worst ``window_s``).
+        window_s: The window of ``headroom_window``.
         throttle: :func:`compute_throttle` rows.
         swing: Per node and for the job (:class:`Swing`).
         phases: ``rank``/``node``/``job`` frames of :func:`summarize_phase_power` and
@@ -66,6 +69,8 @@ class PowerReport:
     synthetic: bool
     sampling: tuple[GpuSampling, ...]
     headroom: pl.DataFrame
+    headroom_window: pl.DataFrame
+    window_s: float
     throttle: pl.DataFrame
     swing: tuple[Swing, ...]
     phases: dict[str, pl.DataFrame]
@@ -82,6 +87,7 @@ class PowerReport:
         return {"synthetic": self.synthetic,
                 "sampling": [asdict(s) for s in self.sampling],
                 "headroom": rows(self.headroom), "throttle": rows(self.throttle),
+                "headroom_window": rows(self.headroom_window), "window_s": self.window_s,
                 "swing": [asdict(s) for s in self.swing],
                 "phases": {k: rows(v) for k, v in self.phases.items()},
                 "cap": asdict(self.cap) if self.cap else None,
@@ -94,6 +100,7 @@ class PowerReport:
 def analyze_power(fast: pl.DataFrame, slow: pl.DataFrame, events: pl.DataFrame | None = None,
                   *, synthetic: bool = False, thresholds: PowerThresholds = DEFAULT_THRESHOLDS,
                   cap_w: float | None = None, budget_w: float | None = None,
+                  window_s: float = 60.0,
                   gpu_of: dict[int, tuple[str, int]] | None = None) -> PowerReport:
     """Run every power analyzer over ``fast``/``slow`` (and ``events``, the job's rows, for
     the phase-resolved figures).
@@ -107,6 +114,7 @@ def analyze_power(fast: pl.DataFrame, slow: pl.DataFrame, events: pl.DataFrame |
         cap_w: Per-GPU cap of the what-if (default: 90% of the lowest enforced limit).
         budget_w: Budget of the oversubscription estimate (default: :data:`NAMEPLATE_NODES`
             nodes at their summed limits).
+        window_s: Window of the worst-window headroom (s).
         gpu_of: ``rank -> (host, gpu)`` where a rank's GPU is not its ``local_rank``.
     """
     sampling = compute_sampling(fast)
@@ -159,8 +167,10 @@ def analyze_power(fast: pl.DataFrame, slow: pl.DataFrame, events: pl.DataFrame |
                                          epsilon=thresholds.epsilon, node_limit_w=node_limit)
     findings = detect_power_headroom(headroom, throttle, thresholds=thresholds,
                                      synthetic=synthetic)
+    window = compute_window_headroom(grid, slow, window_s=window_s, thresholds=thresholds)
     return PowerReport(synthetic=synthetic, sampling=sampling, headroom=headroom,
-                       throttle=throttle, swing=swing, phases=phases, cap=cap,
+                       headroom_window=window, window_s=window_s, throttle=throttle,
+                       swing=swing, phases=phases, cap=cap,
                        cap_check=cap_check, oversubscription=over, findings=findings)
 
 

@@ -94,7 +94,8 @@ def attribute_throttling(findings: tuple[Finding, ...], events: pl.DataFrame,
                          fast: pl.DataFrame, slow: pl.DataFrame, *,
                          thresholds: PowerThresholds = DEFAULT_THRESHOLDS,
                          gpu_of: dict[int, tuple[str, int]] | None = None,
-                         warmup_steps: int = 2) -> tuple[Finding, ...]:
+                         warmup_steps: int = 2,
+                         synthetic: bool = False) -> tuple[Finding, ...]:
     """``findings`` with each straggler whose GPU was held down during its late steps made a
     ``throttled straggler``, its evidence extended (module docstring); the rest unchanged.
 
@@ -105,6 +106,7 @@ def attribute_throttling(findings: tuple[Finding, ...], events: pl.DataFrame,
         thresholds: ``throttled_share`` and ``clock_drop``.
         gpu_of: ``rank -> (host, gpu)`` where a rank's GPU is not its ``local_rank``.
         warmup_steps: Steps left out of the "before" span.
+        synthetic: The power frames were generated: every evidence line added says so.
     """
     targets = [f for f in findings if f.kind == "straggler" and f.cls != HICCUP_CLASS
                and f.since_step is not None and len(f.ranks) == 1]
@@ -131,6 +133,8 @@ def attribute_throttling(findings: tuple[Finding, ...], events: pl.DataFrame,
         peers = [v for k, v in gpus.items() if k != r and v != gpus[r]]
         lines = gpu_throttle_evidence(fast, slow, *gpus[r], span, before, peers,
                                       thresholds=thresholds)
+        if synthetic:
+            lines = tuple(f"{x} (synthetic data)" for x in lines)
         out.append(replace(f, cls=THROTTLED_CLASS, evidence=(*f.evidence, *lines))
                    if lines else f)
     return tuple(out)

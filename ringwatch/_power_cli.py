@@ -32,6 +32,8 @@ def add_parsers(sub) -> None:
                    "(default 90%% of the enforced limit)")
     p.add_argument("--budget-w", type=float, help="power budget of the oversubscription "
                    "estimate, W (default: 100 nodes at their limits)")
+    p.add_argument("--window-s", type=float, default=60.0,
+                   help="window of the worst-window headroom, seconds (default 60)")
     p.add_argument("--epsilon", type=float, default=0.01,
                    help="allowed probability of exceeding the budget (default 0.01)")
     p.add_argument("--min-headroom-share", type=float, default=0.05,
@@ -101,12 +103,14 @@ def cmd_power(args) -> int:
     th = PowerThresholds(epsilon=args.epsilon, min_headroom_share=args.min_headroom_share,
                          throttled_share=args.throttled_share)
     report = analyze_power(fast, slow, events, synthetic=synthetic, thresholds=th,
-                           cap_w=args.cap_w, budget_w=args.budget_w)
+                           cap_w=args.cap_w, budget_w=args.budget_w,
+                           window_s=args.window_s)
     stragglers = ()
     if events is not None and not events.is_empty():
         found, _ = split_hiccups(detect_stragglers(events))
         stragglers = attribute_throttling(tuple(f for f in found if f.kind == "straggler"),
-                                          events, fast, slow, thresholds=th)
+                                          events, fast, slow, thresholds=th,
+                                          synthetic=synthetic)
     if args.json:
         d = report.to_dict()
         d["findings"] += [f.to_dict() for f in stragglers]
@@ -144,6 +148,13 @@ def summary_lines(report, recs, stragglers=()) -> list[str]:
                          for q in qs)
         out.append(f"  {r['scope']:<12} {r['name']:<14} limit {_w(r['limit_w'])}  mean "
                    f"{_w(r['mean_w'])}  {figs}")
+    if not report.headroom_window.is_empty():
+        q = qs[-1]
+        out.append(f"  worst {report.window_s:g} s window (least {q} headroom):")
+        for r in report.headroom_window.iter_rows(named=True):
+            out.append(f"  {r['scope']:<12} {r['name']:<14} {_w(r[f'worst_headroom_{q}_w'])}"
+                       f" (median window {_w(r[f'median_headroom_{q}_w'])}, "
+                       f"{r['windows']} windows)")
     for r in report.throttle.iter_rows(named=True):
         out.append(f"  throttled {r['host']}/{r['gpu']}: power {r['power_share'] or 0:.1%}, "
                    f"thermal {r['thermal_share'] or 0:.1%} of {r['window_s']:.0f} s")

@@ -310,3 +310,18 @@ def test_frames_from_a_recording(tmp_path):
     assert fast.height == 2 * 61 and set(fast["gpu"]) == {0, 1}
     assert "throttle_power_ns" in slow.columns
     assert fast["t_ns"].min() == rec.started_wall_ns
+
+
+def test_the_worst_window_by_hand():
+    from ringwatch.analyzers._power_headroom import compute_window_headroom
+
+    grid = pl.DataFrame({"t_ns": [0, 100 * MS, 200 * MS, 300 * MS, 400 * MS],
+                         "h/0": [100.0, 150.0, 450.0, 480.0, 999.0]})
+    slow = slow_frame("h", 0, [0, 400], 500.0)
+    w = compute_window_headroom(grid, slow, window_s=0.2,
+                                thresholds=PowerThresholds(quantiles=(0.5,)))
+    gpu = w.filter(pl.col("scope") == "gpu").row(0, named=True)
+    # two full windows of two cells (the fifth cell is no full window): medians 125, 465
+    assert gpu["windows"] == 2 and gpu["worst_start_ns"] == 200 * MS
+    assert gpu["worst_headroom_p50_w"] == pytest.approx(500 - 465)
+    assert gpu["median_headroom_p50_w"] == pytest.approx(500 - (125 + 465) / 2)
