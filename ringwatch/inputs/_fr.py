@@ -102,6 +102,18 @@ def _ranks_of(value) -> list[int]:
     return []
 
 
+_P2P_RE = re.compile(r"(?:send|recv) (\d+)(->|<-)(\d+)")
+
+
+def _peer(profiling_name: str, members: list[int]) -> int | None:
+    """The other side's global rank of ``nccl:send 0->1`` / ``nccl:recv 1<-0`` (group ranks)."""
+    m = _P2P_RE.search(profiling_name)
+    if not m:
+        return None
+    other = int(m.group(3))
+    return members[other] if 0 <= other < len(members) else None
+
+
 def _desc_of(value) -> str | None:
     if isinstance(value, dict):
         return value.get("desc") or None
@@ -207,7 +219,9 @@ class FrDumps:
                     "pg": fe.pg, "pg_desc": fe.pg_desc, "pg_ranks": format_ranks(ms),
                     "pg_size": len(ms), "group_rank": ms.index(r) if r in ms else -1,
                     "seq": (fe.p2p_seq if fe.is_p2p else fe.seq) or None, "op": fe.op,
-                    "is_p2p": fe.is_p2p, "peer": None, "root": None, "dtype": fe.dtype,
+                    "is_p2p": fe.is_p2p,
+                    "peer": _peer(fe.profiling_name, ms) if fe.is_p2p else None,
+                    "root": None, "dtype": fe.dtype,
                     "numel": fe.numel_in, "nbytes_in": fe.nbytes_in,
                     "nbytes_out": fe.nbytes_out, "nbytes": max(fe.nbytes_in, fe.nbytes_out),
                     "async_op": None, "api": API_BACKFILL, "status": status,

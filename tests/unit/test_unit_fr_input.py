@@ -199,3 +199,15 @@ def test_logs_check_reads_a_planted_flight_recorder_copy_safely(tmp_path, capsys
     out = capsys.readouterr().out
     assert not marker.exists()
     assert "flight_recorder.json: unreadable" in out and "refused" in out, out
+
+
+def test_point_to_point_entries_name_the_peer_by_global_rank(tmp_path):
+    cfg = {"3": {"name": "3", "desc": "pp", "ranks": "[4, 6]"}}
+    send = entry(1, pg="3", desc="pp", op="send 0->1", backend="nccl")
+    recv = entry(1, pg="3", desc="pp", op="recv 1<-0", backend="nccl")
+    for e in (send, recv):
+        e["is_p2p"], e["p2p_seq_id"], e["collective_seq_id"] = True, 7, 0
+    d = {4: dump([send], pg_config=cfg), 6: dump([recv], pg_config=cfg)}
+    ev = open_dumps(sorted(write(tmp_path, d).iterdir()))[0].events().sort("rank")
+    assert ev.select("rank", "op", "peer", "seq", "is_p2p").rows() == [
+        (4, "send", 6, 7, True), (6, "recv", 4, 7, True)]
