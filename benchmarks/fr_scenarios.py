@@ -38,6 +38,7 @@ from pathlib import Path
 PREFIX = "nccl_trace_rank_"
 SCENARIOS = {
     # name: (tp, hosts, in-job faults, culprits, per-step broadcast, tuned on it)
+    "healthy": (1, 1, [], set(), False, False),
     "block": (1, 1, ["block:2@{s}"], {2}, False, True),
     "block2": (2, 1, ["block:1,2@{s}"], {1, 2}, False, True),
     "kill": (1, 1, ["kill:2@{s}"], {2}, False, False),
@@ -61,6 +62,9 @@ def run_scenario(name: str, fmt: str, out: Path, *, steps: int, at_step: int,
         args.append("--fr-json")
     if bcast:
         args += ["--bcast-per-step", "--step-sleep-ms", "20"]
+    if not faults:  # healthy: every rank dumps on demand mid-run, collectives in flight
+        args += ["--fr-dump-at-s", "1.5"]
+        steps = max(steps, 200)
     spec = ClusterSpec(run_dir=run_dir, nproc=4, hosts=hosts, tp=tp, steps=steps,
                        netns="on" if hosts > 1 else "off", attach=False, timeout_s=120,
                        job_args=tuple(args))
@@ -163,7 +167,8 @@ def main(argv=None) -> int:
                    "culprits": sorted(culprits), "dumps": rw.get("ranks", []),
                    "named": sorted(rw["top"]), "confidence": rw["confidence"],
                    "innocent": sorted(rw["top"] - culprits),
-                   "ok": culprits <= rw["top"] and not rw["top"] - culprits,
+                   "ok": culprits <= rw["top"] and not rw["top"] - culprits
+                   and (bool(culprits) or rw["confidence"] is None),
                    "fr_trace": fr_trace_reading(fr_dir),
                    "fr_trace_members": fr_trace_reading(with_members(
                        fr_dir, fr_dir.parent / "fr-members")),

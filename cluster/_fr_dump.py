@@ -42,6 +42,9 @@ def add_args(p) -> None:
     p.add_argument("--fr-json", action="store_true", help="dump JSON instead of a pickle")
     p.add_argument("--fr-dump-after-s", type=float, default=5.0,
                    help="a stall this long (no step started) dumps; as long again ends the rank")
+    p.add_argument("--fr-dump-at-s", type=float, default=None,
+                   help="also dump once this long after the start, the job going on (an "
+                        "on-demand dump of a running job)")
     p.add_argument("--fault-in-job", action="append", default=[], metavar="MODE:RANKS@STEP",
                    help=f"one of {', '.join(IN_JOB_FAULTS)} for these ranks (a comma list) "
                         "at the start of that step (repeatable)")
@@ -74,9 +77,10 @@ def parse_in_job_faults(specs: list[str]) -> dict[int, dict[int, str]]:
 class FrDumper:
     """This rank's Flight Recorder written once to ``prefix + rank`` (see module docstring)."""
 
-    def __init__(self, prefix: str, rank: int, *, as_json: bool, after_s: float):
+    def __init__(self, prefix: str, rank: int, *, as_json: bool, after_s: float,
+                 at_s: float | None = None):
         self.path = f"{prefix}{rank}"
-        self.as_json, self.after_s = as_json, after_s
+        self.as_json, self.after_s, self.at_s = as_json, after_s, at_s
         self.progress = time.monotonic()
         self.stopped = threading.Event()
         self._lock = threading.Lock()
@@ -123,7 +127,11 @@ class FrDumper:
             os._exit(128 + signal.SIGTERM)
 
     def _watch(self) -> None:
-        while not self.stopped.wait(0.1):
+        t0 = time.monotonic()
+        while not self.stopped.wait(0.01 if self.at_s is not None else 0.1):
+            if self.at_s is not None and time.monotonic() - t0 >= self.at_s:
+                self.dump()  # on demand: the job goes on
+                return
             if time.monotonic() - self.progress >= self.after_s:
                 self.dump()
                 if not self.stopped.wait(self.after_s):
@@ -142,7 +150,8 @@ def start(args, rank: int) -> FrDumper | None:
     """A started dumper when ``--fr-dump`` is given."""
     if not args.fr_dump:
         return None
-    d = FrDumper(args.fr_dump, rank, as_json=args.fr_json, after_s=args.fr_dump_after_s)
+    d = FrDumper(args.fr_dump, rank, as_json=args.fr_json, after_s=args.fr_dump_after_s,
+                 at_s=args.fr_dump_at_s)
     d.start()
     return d
 
