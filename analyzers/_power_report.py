@@ -61,6 +61,7 @@ class PowerReport:
             ``fit`` (:func:`fit_phase_power`); empty without a job.
         cap: The cap what-if, when a cap was asked for (or the model at 90% of the
             limit where none was).
+        cap_fit: The same from each rank's fitted phase levels (:func:`fit_phase_power`).
         cap_check: :func:`check_cap_model` rows (empty without a job).
         oversubscription: The POLCA-style estimate from the first node's power.
         findings: ``power_headroom`` findings (and, from the caller, throttled stragglers).
@@ -75,6 +76,7 @@ class PowerReport:
     swing: tuple[Swing, ...]
     phases: dict[str, pl.DataFrame]
     cap: CapCost | None
+    cap_fit: CapCost | None
     cap_check: pl.DataFrame
     oversubscription: Oversubscription | None
     findings: tuple[Finding, ...]
@@ -91,6 +93,7 @@ class PowerReport:
                 "swing": [asdict(s) for s in self.swing],
                 "phases": {k: rows(v) for k, v in self.phases.items()},
                 "cap": asdict(self.cap) if self.cap else None,
+                "cap_fit": asdict(self.cap_fit) if self.cap_fit else None,
                 "cap_check": rows(self.cap_check),
                 "oversubscription": asdict(self.oversubscription)
                 if self.oversubscription else None,
@@ -137,7 +140,7 @@ def analyze_power(fast: pl.DataFrame, slow: pl.DataFrame, events: pl.DataFrame |
     headroom = compute_headroom(grid, slow, thresholds=thresholds, fast=fast, phases=gmask)
     limits = {(h, g): w / 1e3 for h, g, w in slow.group_by("host", "gpu").agg(
         pl.col("power_limit_enforced_mw").min()).drop_nulls().iter_rows()}
-    cap = None
+    cap = cap_fit = None
     if step_energy is not None and not step_energy.is_empty():
         cap_check = check_cap_model(step_energy, slow, fast,
                                     tolerance=thresholds.min_headroom_share)
@@ -145,6 +148,8 @@ def analyze_power(fast: pl.DataFrame, slow: pl.DataFrame, events: pl.DataFrame |
             cap_w = 0.9 * min(limits.values())
         if cap_w is not None:
             cap = estimate_cap_cost(step_energy, cap_w)
+            if "fit" in phases:
+                cap_fit = estimate_cap_cost(step_energy, cap_w, levels=phases["fit"])
     swing = compute_swing(grid, step_spans=spans, thresholds=thresholds)
     over = None
     nodes = [s for s in swing if s.scope == "node"]
@@ -170,7 +175,7 @@ def analyze_power(fast: pl.DataFrame, slow: pl.DataFrame, events: pl.DataFrame |
     window = compute_window_headroom(grid, slow, window_s=window_s, thresholds=thresholds)
     return PowerReport(synthetic=synthetic, sampling=sampling, headroom=headroom,
                        headroom_window=window, window_s=window_s, throttle=throttle,
-                       swing=swing, phases=phases, cap=cap,
+                       swing=swing, phases=phases, cap=cap, cap_fit=cap_fit,
                        cap_check=cap_check, oversubscription=over, findings=findings)
 
 

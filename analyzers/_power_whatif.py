@@ -54,8 +54,8 @@ class CapCost:
         cap_w: The cap (W per GPU).
         steps: (rank, step) pairs modelled.
         capped_share: Share of them whose compute phase drew more than the cap.
-        step_s: The job's median step time now (s).
-        added_s_per_step: Added time per step, median over steps of the slowest rank's
+        step_s: The job's mean step time now (s).
+        added_s_per_step: Added time per step, the mean over steps of the slowest rank's
             added time (the job waits for it): for ``alpha`` = 1 (the bound) and 3.
         cost_share: ``added_s_per_step`` (alpha 1) over ``step_s``.
         alpha: The exponents modelled, ``(1.0, 3.0)``.
@@ -79,15 +79,26 @@ def _added_s(compute_s, compute_w, cap_w, idle_w, alpha):
 
 
 def estimate_cap_cost(step_energy: pl.DataFrame, cap_w: float, *,
-                      idle_w: dict[tuple[str, int], float] | None = None) -> CapCost:
+                      idle_w: dict[tuple[str, int], float] | None = None,
+                      levels: pl.DataFrame | None = None) -> CapCost:
     """The step-time cost of capping every GPU at ``cap_w`` (module docstring's model).
 
     Args:
         step_energy: :func:`~ringwatch.analyzers._power_phase.compute_step_energy`.
         cap_w: Cap per GPU (W).
         idle_w: ``(host, gpu)`` -> floor power (W); default: each GPU's lowest phase power.
+        levels: :func:`~ringwatch.analyzers._power_phase.fit_phase_power`: each rank's
+            fitted compute and communication power stands for every step's (the per-step
+            split blurs phases shorter than the counter's resolution towards the step's mean,
+            which hides what a cap would cut).
     """
     se = step_energy.filter(pl.col("compute_power_w").is_not_null())
+    if levels is not None:
+        fit = levels.filter(pl.col("compute_fit_w").is_not_null()).select(
+            "rank", "compute_fit_w", "comm_fit_w")
+        se = se.join(fit, on="rank", how="inner").with_columns(
+            pl.col("compute_fit_w").alias("compute_power_w"),
+            pl.col("comm_fit_w").alias("comm_power_w"))
     if se.is_empty():
         return CapCost(cap_w, 0, 0.0, 0.0, (0.0, 0.0), 0.0)
     if idle_w is None:
@@ -102,8 +113,8 @@ def estimate_cap_cost(step_energy: pl.DataFrame, cap_w: float, *,
         add, over = _added_s(cs, cw, cap_w, idle, a)
         per_step = se.select("step").with_columns(pl.Series("a", add)).group_by("step").agg(
             pl.col("a").max())
-        added.append(float(per_step["a"].median()))
-    step_s = float(se.group_by("step").agg(pl.col("step_s").max())["step_s"].median())
+        added.append(float(per_step["a"].mean()))
+    step_s = float(se.group_by("step").agg(pl.col("step_s").max())["step_s"].mean())
     return CapCost(cap_w=cap_w, steps=se.height, capped_share=float(over.mean()),
                    step_s=step_s, added_s_per_step=(added[0], added[1]),
                    cost_share=added[0] / step_s if step_s else 0.0)

@@ -186,10 +186,11 @@ def summary_lines(report, recs, stragglers=()) -> list[str]:
                    f"{per_step}, ramps up to +{s.ramp_up_max_w_per_s:.0f} / "
                    f"-{s.ramp_down_max_w_per_s:.0f} W/s, {band}"
                    + (f", dominant {s.dominant_hz:.2g} Hz" if s.dominant_hz else "") + sync)
-    if report.cap:
-        c = report.cap
-        out.append(f"what-if cap {c.cap_w:.0f} W per GPU: {c.capped_share:.0%} of steps' "
-                   f"compute above it; +{c.added_s_per_step[0] * 1e3:.1f} ms per step "
+    for c, how in ((report.cap, "per-step split"), (report.cap_fit, "fitted phase levels")):
+        if c is None:
+            continue
+        out.append(f"what-if cap {c.cap_w:.0f} W per GPU ({how}): {c.capped_share:.0%} of "
+                   f"steps' compute above it; +{c.added_s_per_step[0] * 1e3:.1f} ms per step "
                    f"({c.cost_share:.1%} of {c.step_s * 1e3:.0f} ms) at most, "
                    f"+{c.added_s_per_step[1] * 1e3:.1f} ms with voltage scaling")
     for r in report.cap_check.iter_rows(named=True):

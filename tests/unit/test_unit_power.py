@@ -296,8 +296,13 @@ def test_cap_cost_by_hand():
     c = estimate_cap_cost(se, 500.0)
     # idle 100 W; step 0 needs (500-100)/(600-100) = 0.8 of its clock: 0.6/0.8 - 0.6 s more
     assert c.capped_share == 0.5
-    assert c.added_s_per_step[0] == pytest.approx((0.6 / 0.8 - 0.6) / 2)  # median of 0.15, 0
+    assert c.added_s_per_step[0] == pytest.approx((0.6 / 0.8 - 0.6) / 2)  # mean of 0.15, 0
     assert c.added_s_per_step[1] == pytest.approx((0.6 / 0.8 ** (1 / 3) - 0.6) / 2)
+    assert c.cost_share == pytest.approx(c.added_s_per_step[0] / 1.0)
+    # from fitted levels: rank 0 computes at 600 W, communicates at 100 W, every step
+    levels = pl.DataFrame({"rank": [0], "compute_fit_w": [600.0], "comm_fit_w": [100.0]})
+    f = estimate_cap_cost(se, 500.0, levels=levels)
+    assert f.capped_share == 1.0 and f.added_s_per_step[0] == pytest.approx(0.6 / 0.8 - 0.6)
 
 
 def test_frames_from_a_recording(tmp_path):
