@@ -244,7 +244,8 @@ def compute_power_grid(fast: pl.DataFrame, *, step_s: float | None = None,
     Each GPU's series (its :func:`compute_sampling` source: the energy counter's piecewise
     constant power, else the instantaneous field held, else the 1 s average held) is averaged
     over each grid cell ``[t, t + step_s)``, so no GPU's value is invented between its
-    updates. The grid spans the time every GPU has data.
+    updates. The grid spans the time every GPU has data; an interval dropped at a counter
+    reset (a driver reload) adds no energy to the cells it spans.
 
     Args:
         fast: The fast frame.
@@ -263,9 +264,13 @@ def compute_power_grid(fast: pl.DataFrame, *, step_s: float | None = None,
         g = fast.filter((pl.col("host") == s.host) & (pl.col("gpu") == s.gpu))
         if s.source == "energy":
             iv = compute_energy_intervals(g)
-            bounds = np.concatenate([iv["t_start_ns"].to_numpy(), iv["t_end_ns"].to_numpy()[-1:]])
-            cum = np.concatenate([[0.0], np.cumsum(iv["energy_j"].to_numpy())])
-            # drop reset gaps: a cumulative over contiguous intervals only
+            # each interval's two ends, so that a dropped (reset) interval is a gap that adds
+            # no energy rather than one stretched over its neighbour
+            e = iv["energy_j"].to_numpy()
+            after = np.cumsum(e)
+            bounds = np.column_stack([iv["t_start_ns"].to_numpy(),
+                                      iv["t_end_ns"].to_numpy()]).ravel()
+            cum = np.column_stack([after - e, after]).ravel()
         else:
             c = "power_instant_mw" if s.source == "instant" else "power_average_mw"
             h = g.filter(pl.col(c).is_not_null())
