@@ -48,7 +48,7 @@ SCENARIOS = {
 
 
 def run_scenario(name: str, fmt: str, out: Path, *, steps: int, at_step: int,
-                 stall_s: float) -> Path:
+                 stall_s: float, fr_buffer: int | None = None) -> Path:
     """Run one scenario; return the folder of its dumps."""
     from ringwatch.cluster import ClusterSpec, run_cluster
 
@@ -67,7 +67,8 @@ def run_scenario(name: str, fmt: str, out: Path, *, steps: int, at_step: int,
         steps = max(steps, 200)
     spec = ClusterSpec(run_dir=run_dir, nproc=4, hosts=hosts, tp=tp, steps=steps,
                        netns="on" if hosts > 1 else "off", attach=False, timeout_s=120,
-                       job_args=tuple(args))
+                       job_args=tuple(args),
+                       env={} if fr_buffer is None else {"TORCH_FR_BUFFER_SIZE": str(fr_buffer)})
     run_cluster(spec)
     for tmp in fr_dir.glob("*.tmp"):
         tmp.unlink()
@@ -148,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--at-step", type=int, default=6)
     ap.add_argument("--stall-s", type=float, default=3.0,
                     help="the job's watchdog dumps after this long without a step")
+    ap.add_argument("--fr-buffer", type=int, help="TORCH_FR_BUFFER_SIZE for the job (entries "
+                    "kept per rank; PyTorch's default 2000)")
     ap.add_argument("--keep", type=Path, help="copy each scenario's dumps to KEEP/<name>-<fmt>")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
         for fmt in args.formats.split(","):
             t0 = time.monotonic()
             fr_dir = run_scenario(name, fmt, args.out, steps=args.steps,
-                                  at_step=args.at_step, stall_s=args.stall_s)
+                                  at_step=args.at_step, stall_s=args.stall_s,
+                                  fr_buffer=args.fr_buffer)
             rw = ringwatch_reading(fr_dir)
             culprits = SCENARIOS[name][3]
             row = {"scenario": name, "format": fmt, "tuned_on": SCENARIOS[name][5],

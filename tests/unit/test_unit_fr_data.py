@@ -38,6 +38,11 @@ def test_real_dumps_name_the_culprit_and_no_innocent_at_top_confidence(name, tmp
     assert sorted(src.ranks) == want["dumps"]
     report = analyze_job(src)
     fs = report["_findings"]
+    if not want["culprits"]:  # dumped on demand mid-run: collectives in flight, no hang
+        ev = src.events()
+        assert ev.filter(pl.col("status") == "pending")["rank"].n_unique() == 4
+        assert fs == (), [f.headline() for f in fs]
+        return
     best = max(f.confidence for f in fs)
     top = {r for f in fs if f.confidence == best for r in f.ranks}
     assert best == 1.0 and top == set(want["culprits"]), [f.headline() for f in fs]
@@ -50,7 +55,7 @@ def test_real_dumps_name_the_culprit_and_no_innocent_at_top_confidence(name, tmp
 
 
 def test_both_formats_of_one_scenario_read_alike():
-    for name in ("block", "kill", "mismatch"):
+    for name in ("block", "kill"):
         a = open_sources([DATA / f"{name}-pickle"]).sources[0].events()
         b = open_sources([DATA / f"{name}-json"]).sources[0].events()
         for ev in (a, b):
