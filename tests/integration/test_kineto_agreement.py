@@ -40,8 +40,8 @@ def test_traces_and_logs_of_a_straggler_run_name_the_same_rank(tmp_path):
     assert _stragglers(from_traces) == {1}, from_traces["findings"]
 
     # The traces hold the gradient all-reduces of the logs: per rank, the same ones in
-    # order, step by step, over the steps both saw (the trace has more: DDP's bucket
-    # rebuild broadcasts, issued from C++ where ringwatch's hooks do not see them).
+    # order, step by step (DDP's construction, before the profiler starts, is in the logs
+    # alone: recovered from the Flight Recorder, with no step).
     logs = open_job(result.log_dir, result.job_id).events()
     ev = source.events()
     assert sorted(ev["rank"].unique()) == [0, 1, 2, 3]
