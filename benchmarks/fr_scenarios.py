@@ -15,12 +15,14 @@ or a collective fails. Then, on the same dumps:
 - ``python -m torch.distributed.flight_recorder.fr_trace DIR -p nccl_trace_rank_``: what it
   says (the missing ranks and culprits it prints, or why it stopped).
 
-Scenarios: ``block`` (rank 2's main thread blocks for good), ``block2`` (with ``--tp 2``, ranks
-1 and 2 block, one in each tensor-parallel group), ``kill`` (rank 2 SIGKILLs itself), ``mismatch``
-(rank 2 calls broadcast where the others all-reduce), ``stuck`` (on emulated hosts, root only:
-every packet entering rank 3's host is dropped just before a broadcast from rank 0 that its
-peers finish). ``block`` and ``block2`` are the ones the thresholds were set on; the others were
-run once after. Acceptance: every culprit named at top confidence, no innocent rank there.
+Scenarios: ``healthy`` (no fault: every rank dumps once mid-run, collectives in flight, and
+the job goes on; the pass is no finding at all), ``block`` (rank 2's main thread blocks for
+good), ``block2`` (with ``--tp 2``, ranks 1 and 2 block, one in each tensor-parallel group),
+``kill`` (rank 2 SIGKILLs itself), ``mismatch`` (rank 2 calls broadcast where the others
+all-reduce), ``stuck`` (on emulated hosts, root only: every packet entering rank 3's host is
+dropped just before a broadcast from rank 0 that its peers finish). ``block`` and ``block2``
+are the ones the thresholds were set on; the others were run once after. Acceptance: every
+culprit named at top confidence, no innocent rank there (``healthy``: no finding).
 """
 
 from __future__ import annotations
