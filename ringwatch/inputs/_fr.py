@@ -205,6 +205,8 @@ class FrDumps:
                     status = "ok"
                 elif fe.retired:
                     status = "ok" if gloo else "error"
+                elif not fe.state:
+                    status = "unknown"  # an entry that records no state at all
                 else:
                     status = "pending"
                 if status == "pending" and not include_pending:

@@ -47,7 +47,7 @@ def dump(entries: list[dict], *, pg_config: dict | None = None, **extra) -> dict
                                                 "last_completed_collective": 0})
         s["last_enqueued_collective"] = max(s["last_enqueued_collective"],
                                             e["collective_seq_id"])
-        if e["retired"]:
+        if e.get("retired"):
             s["last_completed_collective"] = e["collective_seq_id"]
     return {"version": "2.10",
             "pg_config": pg_config or {"": {"name": "", "desc": "", "ranks": "[]"}},

@@ -211,3 +211,12 @@ def test_point_to_point_entries_name_the_peer_by_global_rank(tmp_path):
     ev = open_dumps(sorted(write(tmp_path, d).iterdir()))[0].events().sort("rank")
     assert ev.select("rank", "op", "peer", "seq", "is_p2p").rows() == [
         (4, "send", 6, 7, True), (6, "recv", 4, 7, True)]
+
+
+def test_an_entry_without_state_or_retired_is_unknown_not_pending(tmp_path):
+    e = entry(1)
+    del e["state"], e["retired"], e["time_discovered_started_ns"]
+    del e["time_discovered_completed_ns"], e["input_dtypes"], e["output_dtypes"]
+    ev = open_dumps(sorted(write(tmp_path, {0: dump([e])}).iterdir()))[0].events()
+    assert ev.select("status", "dtype", "t_start_ns").rows() == [("unknown", None,
+                                                                  T0 + GAP_NS)]
