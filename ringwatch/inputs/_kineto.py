@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ringwatch._schema import format_ranks
 from ringwatch.inputs import Reader
+from ringwatch.inputs._gloo_groups import GLOO_THREADS, Unmapped, resolve, thread_runs
 from ringwatch.inputs._rows import FrameSource, conform, empty_frame
 from ringwatch.inputs._trace_scan import scan_trace
 
@@ -36,8 +38,6 @@ NAMES = ("gloo:", "c10d::", "record_param_comms", "ProfilerStep#", "nccl", "thre
 TOP_KEYS = ("distributedInfo", "baseTimeNanoseconds", "host_name")
 #: Kineto's cut of "Process Group Ranks".
 TRUNCATED_RANKS = 30
-#: Gloo worker threads per process group (``ProcessGroupGloo.Options.threads`` default).
-GLOO_THREADS = 2
 _RANK_RE = re.compile(r"rank[-_]?(\d+)", re.IGNORECASE)
 
 # Collective names (Kineto "Collective name", c10d op names, gloo span names) with the
@@ -162,6 +162,11 @@ class RankTrace:
     problems: list[str] = field(default_factory=list)
     last_ns: int | None = None
     world_size: int | None = None
+    base_ns: int = 0
+    steps: list[tuple[int, int, int]] = field(default_factory=list)
+    #: Gloo spans whose threads this trace alone cannot map to groups, and how to emit them.
+    unmapped: Unmapped | None = None
+    emit_gloo: Callable[[dict], None] | None = None
 
 
 def _span(ev: dict) -> tuple[int, int] | None:
@@ -283,16 +288,22 @@ def read_rank_trace(path: Path) -> RankTrace:
                 "mono_start_ns": start, "mono_end_ns": end, "duration_ns": end - start,
                 "end_source": "wait", "api": "profiler", **kw}
 
+    out.base_ns, out.steps = base, evs.steps
     if evs.kernels:
         _nccl_rows(out, evs, pg_by_name, row)
     if evs.gloo:
         _gloo_rows(out, evs.gloo, evs.host_ops, evs.thread_names, pgs, backend, row)
-    _assign_steps(out.rows, evs.steps)
+    _finish(out)
+    return out
+
+
+def _finish(out: RankTrace) -> None:
+    """Steps of the rows, and the newest time the trace shows."""
+    _assign_steps(out.rows, out.steps)
     if out.rows:
         out.last_ns = max(r["t_end_ns"] for r in out.rows)
-    if evs.steps:
-        out.last_ns = max(out.last_ns or 0, base + max(s[1] for s in evs.steps))
-    return out
+    if out.steps:
+        out.last_ns = max(out.last_ns or 0, out.base_ns + max(s[1] for s in out.steps))
 
 
 def _nccl_rows(out: RankTrace, evs: _Events, pg_by_name: dict, row) -> None:
@@ -359,12 +370,22 @@ def _gloo_rows(out: RankTrace, gloo, host_ops, thread_names, pgs, backend, row) 
             by_tid = {ev.get("tid"): {"pg_name": "0", "pg_desc": "default_pg",
                                       "ranks": list(range(out.world_size or 0))}
                       for _, _, ev in gloo}
-        else:
-            out.problems.append(
-                f"{out.path}: {len(gloo)} Gloo span(s) left out: their process groups "
-                f"cannot be told apart ({len({ev.get('tid') for _, _, ev in gloo})} worker "
-                f"threads for {len(pgs)} group(s) in distributedInfo)")
+        else:  # told apart with the other ranks' traces, or never (open_traces)
+            matched = _match_gloo(gloo, host_ops)
+            runs = thread_runs([ev.get("tid") for _, _, ev in gloo])
+            sigs = [Counter((_family(op_of(ev["name"])), _numel((ev.get("args") or {})
+                                                               .get("Input Dims")))
+                            for _, _, _, ev, _ in matched if ev.get("tid") in run)
+                    for run in runs]
+            out.unmapped = Unmapped(rank, runs, [p for p in pgs if "gloo" in str(
+                p.get("backend_config", "gloo"))], sigs)
+            out.emit_gloo = lambda by_tid: _emit_gloo(out, matched, by_tid, row)
             return
+    _emit_gloo(out, _match_gloo(gloo, host_ops), by_tid, row)
+
+
+def _match_gloo(gloo, host_ops) -> list[tuple[int, int, int, dict, dict | None]]:
+    """(issue, start, end, span, issuing op or None) of each span, in issue order."""
     rpc_ops = [h for h in host_ops if h[2].get("name") == "record_param_comms"]
     issuers = sorted(rpc_ops or [h for h in host_ops if h[2]["name"].startswith("c10d::")],
                      key=lambda h: h[0])
@@ -383,8 +404,14 @@ def _gloo_rows(out: RankTrace, gloo, host_ops, thread_names, pgs, backend, row) 
             matched.append((issue, s, e, ev, hev))
     for q in waiting.values():
         matched += [(s, s, e, ev, None) for s, e, ev in q]
+    return sorted(matched, key=lambda m: (m[0], m[1]))
+
+
+def _emit_gloo(out: RankTrace, matched, by_tid: dict, row) -> None:
+    """The rows of the matched Gloo spans, their groups by worker thread (``by_tid``)."""
+    rank = out.rank
     no_group = 0
-    for issue, start, end, ev, hev in sorted(matched, key=lambda m: (m[0], m[1])):
+    for issue, start, end, ev, hev in matched:
         pg = by_tid.get(ev.get("tid"))
         ranks = pg.get("ranks") if pg else None
         if not isinstance(ranks, list) or rank not in ranks:
@@ -452,6 +479,30 @@ def _job_frame(traces: list[RankTrace]):
     return df.with_columns(pl.int_range(pl.len()).over("rank").cast(pl.Int64).alias("idx"))
 
 
+def _map_gloo_threads(traces: list[RankTrace]) -> list[str]:
+    """Emit the Gloo rows of the ranks whose worker threads only all the traces together
+    map to groups (:mod:`ringwatch.inputs._gloo_groups`); problems for those they cannot."""
+    todo = [t for t in traces if t.unmapped is not None]
+    if not todo:
+        return []
+    busy = {r["pg"] for t in traces if t.unmapped is None for r in t.rows
+            if r.get("backend") == "gloo"}
+    maps = resolve([t.unmapped for t in todo], busy)
+    problems = []
+    for t in todo:
+        if maps is not None:
+            t.emit_gloo(maps[t.rank])
+            _finish(t)
+            t.unmapped = None
+            continue
+        n = sum(sum(sig.values()) for sig in t.unmapped.sigs)
+        problems.append(f"{t.path}: {n} Gloo span(s) left out: their process groups cannot "
+                        f"be told apart ({sum(len(r) for r in t.unmapped.runs)} worker "
+                        f"threads for {len(t.unmapped.groups)} Gloo group(s), and the ranks' "
+                        "traces together do not tell which groups were idle)")
+    return problems
+
+
 def open_traces(files: list[Path], job_id: str | None) -> list[FrameSource]:
     """The traces as sources: one per folder (one rank per file)."""
     by_dir: dict[Path, list[Path]] = {}
@@ -471,12 +522,16 @@ def open_traces(files: list[Path], job_id: str | None) -> list[FrameSource]:
                 problems.append(f"{f}: rank {t.rank} again (first in {ranks[t.rank]}); left "
                                 "out")
                 continue
-            if not t.rows:
-                problems.append(f"{f}: no collective in it (a trace of rank {t.rank} without "
-                                "NCCL kernels or Gloo spans)")
-                continue
             ranks[t.rank] = f
             traces.append(t)
+        problems += _map_gloo_threads(traces)
+        for t in list(traces):
+            if not t.rows:
+                if t.unmapped is None:
+                    problems.append(f"{t.path}: no collective in it (a trace of rank {t.rank} "
+                                    "without NCCL kernels or Gloo spans)")
+                del ranks[t.rank]
+                traces.remove(t)
         jid = job_id or folder.name or str(folder)
         df = _job_frame(traces)
         import polars as pl

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import polars as pl
@@ -15,6 +16,7 @@ import pytest
 from ringwatch._analyze import ANALYZED_COLUMNS, analyze_job
 from ringwatch._schema import OPS, polars_schema
 from ringwatch.inputs import HEAD_BYTES, open_sources
+from ringwatch.inputs._gloo_groups import Unmapped, resolve, thread_runs
 from ringwatch.inputs._kineto import READER, op_of, parse_ranks_arg, read_rank_trace, sniff
 from ringwatch.inputs._trace_scan import scan_trace
 
@@ -66,13 +68,65 @@ def test_two_gloo_groups_are_told_apart_by_their_worker_threads():
     assert set(ag["nbytes_in"]) == {40} and set(ag["nbytes_out"]) == {80}
 
 
-def test_groups_that_cannot_be_told_apart_are_a_problem_not_rows():
-    opened = open_sources([str(DATA / "gloo-tp2-4ranks")])
-    src = opened.sources[0]
-    assert src.events().height == 0
-    assert len([p for p in src.problems if "cannot be told apart" in p]) == 4, src.problems
-    report = analyze_job(src)
-    assert report["findings"] == [] and report["unreadable"] == src.problems
+def test_gloo_groups_of_a_dp_by_tp_job_are_told_apart_across_ranks():
+    """dp x tp on 4 ranks: each rank has the world, a tp and a dp group, but only two groups'
+    worker threads in its trace (the world was idle): the ranks' traces together say so."""
+    src = _only([DATA / "gloo-tp2-4ranks"])
+    assert src.problems == []
+    ev = src.events()
+    got = {(r, pg): (desc, ranks, ops, n) for r, pg, desc, ranks, ops, n in ev.group_by(
+        "rank", "pg", "pg_desc", "pg_ranks").agg(pl.col("op").unique().sort(), pl.len())
+        .iter_rows()}
+    for rank in range(4):
+        tp, dp = rank // 2, rank % 2
+        assert got[(rank, str(1 + tp))] == (f"tp{tp}", f"{2 * tp}-{2 * tp + 1}",
+                                            ["all_reduce"], 3)
+        assert got[(rank, str(3 + dp))] == (f"dp{dp}", f"{dp},{dp + 2}",
+                                            ["all_reduce", "broadcast"], 5)
+    assert len(got) == 8  # nothing on the world group
+    # the members of each group agree on what they did, in order
+    for pg in ("1", "2", "3", "4"):
+        per = [g.sort("seq")["op"].to_list() for _, g in ev.filter(pl.col("pg") == pg)
+               .group_by("rank")]
+        assert len(per) == 2 and per[0] == per[1]
+
+
+def test_gloo_threads_that_no_answer_maps_are_a_problem_not_rows():
+    a = Counter({("all_reduce", 4): 3})
+    b = Counter({("all_reduce", 8): 3})
+    world = {"pg_name": "0", "ranks": [0, 1]}
+    g1 = {"pg_name": "1", "ranks": [0, 1]}
+    g2 = {"pg_name": "2", "ranks": [0, 1]}
+    one = [Unmapped(r, [(10, 11)], [world, g1, g2], [a]) for r in (0, 1)]
+    assert resolve(one, set()) is None  # any of the three could be the busy one
+    assert resolve(one, {"1"}) == {r: {10: g1, 11: g1} for r in (0, 1)}  # busy elsewhere: 1
+    two = [Unmapped(r, [(10, 11), (20, 21)], [world, g1, g2], [a, b]) for r in (0, 1)]
+    assert resolve(two, set()) is None  # the idle one could be any of the three
+    # dp x tp: only the world left idle gives every rank as many groups as thread runs
+    world4 = {"pg_name": "0", "ranks": [0, 1, 2, 3]}
+    tp = [{"pg_name": f"tp{i}", "ranks": [2 * i, 2 * i + 1]} for i in (0, 1)]
+    dp = [{"pg_name": f"dp{i}", "ranks": [i, i + 2]} for i in (0, 1)]
+    four = [Unmapped(r, [(10 * r, 10 * r + 1), (10 * r + 5, 10 * r + 6)],
+                     [world4, tp[r // 2], dp[r % 2]], [a, b]) for r in range(4)]
+    maps = resolve(four, set())
+    assert {r: sorted({g["pg_name"] for g in m.values()}) for r, m in maps.items()} == {
+        0: ["dp0", "tp0"], 1: ["dp1", "tp0"], 2: ["dp0", "tp1"], 3: ["dp1", "tp1"]}
+    assert maps[3][30] is tp[1] and maps[3][35] is dp[1]
+    disagree = four[:3] + [Unmapped(3, four[3].runs, four[3].groups, [b, a])]
+    assert resolve(disagree, set()) is None
+    assert thread_runs([5, 3, 4, 9, 10, 11, 12, 20]) == [(3, 4), (5,), (9, 10), (11, 12),
+                                                         (20,)]
+
+
+def test_gloo_spans_without_an_answer_are_named_in_problems(tmp_path):
+    folder = tmp_path / "j"
+    folder.mkdir()
+    shutil.copy(DATA / "gloo-tp2-4ranks" / "rank-0.json.gz", folder)
+    # one rank alone: world idle, or tp0, or dp0? its trace cannot say
+    src = open_sources([str(folder)]).sources[0]
+    assert src.events().height == 0 and src.ranks == {}
+    assert len(src.problems) == 1 and "cannot be told apart" in src.problems[0], src.problems
+    assert analyze_job(src)["findings"] == []
 
 
 def test_analyze_runs_on_real_traces_without_findings():
