@@ -4,7 +4,8 @@ A ``gloo:<op>`` span names no group. Each Gloo group has its own ``GLOO_THREADS`
 threads, started as the group is made, and ``distributedInfo.pg_config`` lists a rank's groups
 in the order they were made; so a rank's worker threads sorted by id, in runs of
 ``GLOO_THREADS``, are its groups in order, less the groups whose threads did nothing while
-traced (an idle world group beside dp and tp groups, say). Which groups those are is read from
+traced (an idle world group beside dp and tp groups, say; a group with one thread busy and
+one idle is not told apart). Which groups those are is read from
 all the ranks together: the fewest group names that, left out on every rank, leave each rank
 as many groups as it has thread runs, and give every remaining group's members the same
 collectives (op and element count) on the threads it is mapped to. One such set: the threads
@@ -29,7 +30,7 @@ class Unmapped:
 
     Attributes:
         rank: The rank.
-        runs: Its worker threads, sorted, in runs of ``GLOO_THREADS`` consecutive ids.
+        runs: Its worker threads, sorted, in runs of ``GLOO_THREADS``.
         groups: Its Gloo groups (``pg_config`` entries), in the order they were made.
         sigs: Per run, the collectives on its threads: ``Counter((op family, numel))``.
     """
@@ -41,14 +42,11 @@ class Unmapped:
 
 
 def thread_runs(tids: list[int]) -> list[tuple[int, ...]]:
-    """Sorted thread ids in runs of consecutive ids, each cut in pieces of ``GLOO_THREADS``."""
-    runs: list[list[int]] = []
-    for t in sorted(set(tids)):
-        if runs and t == runs[-1][-1] + 1:
-            runs[-1].append(t)
-        else:
-            runs.append([t])
-    return [tuple(r[i:i + GLOO_THREADS]) for r in runs for i in range(0, len(r), GLOO_THREADS)]
+    """Thread ids sorted, in runs of ``GLOO_THREADS``: one run per group, in the order the
+    groups were made. Ids are not consecutive within a group (the ranks on one host start
+    threads at the same time, from one pool of ids), only in the same order."""
+    ids = sorted(set(tids))
+    return [tuple(ids[i:i + GLOO_THREADS]) for i in range(0, len(ids), GLOO_THREADS)]
 
 
 def resolve(unmapped: list[Unmapped], busy: set[str]) -> dict[int, dict[int, dict]] | None:
