@@ -42,6 +42,7 @@ class Bar:
                                   BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                   console=Console(file=stream), transient=True)
         self._task = None
+        self._what: str | None = None
 
     def __enter__(self) -> Bar:
         self._progress.start()
@@ -53,6 +54,11 @@ class Bar:
 
     def __call__(self, what: str, done: int, total: int | None) -> None:
         self._progress.update(self._task, description=what, completed=done, total=total)
+        if what != self._what or done == total:
+            # Drawn at once, not at the next of the 10 redraws a second: a stage shorter
+            # than that is still seen, and so is its end.
+            self._what = what
+            self._progress.refresh()
 
 
 class _Quiet:
