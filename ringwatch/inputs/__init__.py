@@ -80,17 +80,13 @@ class Opened:
 
 
 def readers() -> list[Reader]:
-    """The readers, most specific first (the first whose ``sniff`` says yes takes a file)."""
-    out: list[Reader] = []
-    for module in ("_fr", "_kineto", "_table"):
-        try:
-            mod = __import__(f"ringwatch.inputs.{module}", fromlist=["READER"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"ringwatch.inputs.{module}":
-                raise
-            continue
-        out.append(mod.READER)
-    return out
+    """The readers, most specific first (the first whose ``sniff`` says yes takes a file).
+    Imported here, when inputs are opened: none loads at ``import ringwatch``."""
+    from ringwatch.inputs._fr import READER as FR
+    from ringwatch.inputs._kineto import READER as KINETO
+    from ringwatch.inputs._table import READER as TABLE
+
+    return [FR, KINETO, TABLE]
 
 
 def _head(path: Path) -> bytes:
