@@ -505,6 +505,8 @@ def _map_gloo_threads(traces: list[RankTrace]) -> list[str]:
 
 def open_traces(files: list[Path], job_id: str | None) -> list[FrameSource]:
     """The traces as sources: one per folder (one rank per file)."""
+    import polars as pl
+
     by_dir: dict[Path, list[Path]] = {}
     for f in files:
         by_dir.setdefault(Path(f).parent, []).append(Path(f))
@@ -533,10 +535,7 @@ def open_traces(files: list[Path], job_id: str | None) -> list[FrameSource]:
                 del ranks[t.rank]
                 traces.remove(t)
         jid = job_id or folder.name or str(folder)
-        df = _job_frame(traces)
-        import polars as pl
-
-        df = df.with_columns(pl.lit(jid).alias("job_id"))
+        df = _job_frame(traces).with_columns(pl.lit(jid).alias("job_id"))
         sources.append(FrameSource(KIND, folder if len(fs) > 1 else fs[0], jid,
                                    dict(sorted(ranks.items())), problems, df,
                                    {t.rank: t.last_ns for t in traces if t.last_ns}))
