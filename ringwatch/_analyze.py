@@ -167,6 +167,21 @@ def _when(ns: int | None) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def when_parts(f, *, until: bool = False) -> list[str]:
+    """A finding's confidence and when it was seen, as the reports print them (``until``:
+    with the step it ended at, where it ended)."""
+    when = [f"confidence {f.confidence:.2f}"]
+    if f.since_step is not None:
+        when.append(f"since step {f.since_step}")
+    if until and f.until_step is not None:
+        when.append(f"until step {f.until_step}")
+    if f.detected_step is not None:
+        when.append(f"detected at step {f.detected_step}")
+    if f.since_ns is not None:
+        when.append(_when(f.since_ns))
+    return when
+
+
 def report_lines(report: dict) -> list[str]:
     kind = report.get("kind", "ringwatch logs")
     lines = [f"job {report['job_id']}"
@@ -191,13 +206,7 @@ def report_lines(report: dict) -> list[str]:
         return lines + hiccup_lines(report.get("_hiccups", ()))
     lines.append(f"{len(findings)} finding(s):")
     for f in findings:
-        when = [f"confidence {f.confidence:.2f}"]
-        if f.since_step is not None:
-            when.append(f"since step {f.since_step}")
-        if f.detected_step is not None:
-            when.append(f"detected at step {f.detected_step}")
-        if f.since_ns is not None:
-            when.append(_when(f.since_ns))
+        when = when_parts(f)
         if f.gain_s_per_step is not None:
             when.append(f"fixing it saves ~{f.gain_s_per_step * 1e3:.1f} ms per step")
         lines.append(f"  {f.headline()}  ({', '.join(when)})")

@@ -54,15 +54,9 @@ def _long(line: str, most: int = 400) -> str:
 
 
 def finding_html(f, hiccup: bool = False) -> str:
-    when = [f"confidence {f.confidence:.2f}"]
-    if f.since_step is not None:
-        when.append(f"since step {f.since_step}")
-    if f.until_step is not None:
-        when.append(f"until step {f.until_step}")
-    if f.detected_step is not None:
-        when.append(f"detected at step {f.detected_step}")
-    if f.since_ns is not None:
-        when.append(_when(f.since_ns))
+    from ringwatch._analyze import when_parts
+
+    when = when_parts(f, until=True)
     gain = ""
     if f.gain_s_per_step is not None:
         gain = (f' <span class="gain">fixing it saves ~{f.gain_s_per_step * 1e3:.1f} ms per '
