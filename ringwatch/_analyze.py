@@ -100,6 +100,27 @@ def with_probe(findings: tuple, probe_doc: dict) -> tuple:
     return tuple(out) + probed
 
 
+def with_power(findings: tuple, events, recordings) -> tuple:
+    """``findings`` read against the job's GPU recordings: a straggler whose GPU was held
+    down in its late steps becomes a ``throttled straggler``, and the power analyzers'
+    ``power_headroom`` findings join (labelled synthetic where a recording was generated).
+    See docs/power.md."""
+    import polars as pl
+
+    from ringwatch.analyzers._power import recording_frames
+    from ringwatch.analyzers._power_report import analyze_power
+    from ringwatch.analyzers._power_throttle import attribute_throttling
+
+    synthetic = any(r.origin != "nvml" for r in recordings)
+    frames = [recording_frames(r) for r in recordings]
+    fast = pl.concat([f for f, _ in frames], how="diagonal_relaxed")
+    slow = pl.concat([s for _, s in frames], how="diagonal_relaxed")
+    plain = events.with_columns(pl.col(pl.Categorical).cast(pl.Utf8))
+    findings = attribute_throttling(findings, plain, fast, slow, synthetic=synthetic)
+    power = analyze_power(fast, slow, plain, synthetic=synthetic)
+    return tuple(findings) + tuple(power.findings)
+
+
 def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
                 probe: dict | None = None, plots: bool = False, recordings=(),
                 progress=None) -> dict:
@@ -141,6 +162,8 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
                        progress=progress, dumped_ns=seen if dumps else None))
     if probe is not None:
         findings = with_probe(findings, probe)
+    if recordings:
+        findings = with_power(findings, events, recordings)
     if progress is not None:
         progress("analysing: host clock offsets", PASSES - 1, PASSES)
     clocks = [{"host": h, "offset_ns": o, "error_ns": e} for h, o, e in

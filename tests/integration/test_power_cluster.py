@@ -83,3 +83,24 @@ def test_ringwatch_power_on_the_run_prints_headroom_labelled_synthetic(run, caps
     d = json.loads(capsys.readouterr().out)
     assert d["synthetic"] is True and {s["origin"] for s in d["sources"]} == {"synthetic"}
     assert {r["scope"] for r in d["headroom"]} >= {"gpu", "node", "job", "gpu:compute"}
+
+
+def test_analyze_with_the_gpu_recordings_names_the_throttled_straggler(run, tmp_path,
+                                                                       capsys):
+    """`ringwatch analyze --gpu-recording` reads the same recordings as `ringwatch power`:
+    the straggler whose GPU is held down from the onset is a throttled straggler there too,
+    said to be synthetic; without the recordings it is a compute straggler."""
+    ev = ringwatch.read_events(run.log_dir, run.job_id)
+    truth = json.loads((run.log_dir.parent / "ground_truth.json").read_text())
+    model = PhasePowerModel(throttle={1: (truth["onset_wall_ns"], 2**62)})
+    paths = write_phase_recordings(ev, tmp_path / "power", model)
+    assert main(["analyze", str(run.log_dir), "--json"]) == 0
+    plain = [f for f in json.loads(capsys.readouterr().out)["findings"]
+             if f["kind"] == "straggler"]
+    assert [(f["ranks"], f["cls"]) for f in plain] == [([1], "compute straggler")]
+    assert main(["analyze", str(run.log_dir), "--json", "--gpu-recording",
+                 *map(str, paths)]) == 0
+    found = [f for f in json.loads(capsys.readouterr().out)["findings"]
+             if f["kind"] == "straggler"]
+    assert [(f["ranks"], f["cls"]) for f in found] == [([1], "throttled straggler")]
+    assert any("held down for power" in e and "synthetic" in e for e in found[0]["evidence"])
