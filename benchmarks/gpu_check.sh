@@ -16,7 +16,8 @@
 # 3. The hot path on CUDA tensors: benchmarks/overhead.py (b) on NCCL, bare vs ringwatch vs
 #    torch.profiler, CPU per collective on the calling thread.
 # 4. One `ringwatch agent --once` exposition of the real GPU.
-# Output under $OUT: report.txt (everything printed), nvml-recording.jsonl.gz, nccl-ops.json,
+# Output under $OUT: report.txt (everything printed), nvml-recording.jsonl.gz, power-<job>.json
+# (`ringwatch power` over the recording and each phase's logs), nccl-ops.json,
 # nccl-late-attach.json, hook-cost.json, agent-once.prom, logs.tar.gz (the ringwatch logs of steps 1 and 2).
 # Missing Python packages may travel as wheels in .whl/ (installed to a private folder), ringwatch's
 # own among them: `pip wheel --no-deps -w .whl .` here, so the GPU machine builds nothing.
@@ -79,7 +80,11 @@ kill -TERM "$AGENT"; wait "$AGENT"
 ls -la "$OUT/nvml-recording.jsonl.gz"
 for job in train-nccl train-nccl-idle; do
     $RW logs "$LOGS" --job "$job" --check || fail=1
-    $RW analyze "$LOGS" --job "$job" || fail=1
+    $RW analyze "$LOGS" --job "$job" --gpu-recording "$OUT/nvml-recording.jsonl.gz" || fail=1
+    # power: headroom, phase power, energy per step, swing and the cap what-if (docs/power.md)
+    $RW power "$OUT/nvml-recording.jsonl.gz" "$LOGS" --job "$job" || fail=1
+    $RW power "$OUT/nvml-recording.jsonl.gz" "$LOGS" --job "$job" --json \
+        > "$OUT/power-$job.json" || fail=1
 done
 # (from $WORK: the repository's own ringwatch/ folder must not shadow the installed package)
 (cd "$WORK" && "$PY" - "$LOGS") <<'EOF'
