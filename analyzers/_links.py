@@ -30,7 +30,13 @@ import polars as pl
 
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
-from ringwatch.analyzers._steps import _complete_collectives
+from ringwatch.analyzers._steps import (
+    SLICE_ROWS,
+    _collective_stats,
+    _complete_collectives,
+    _complete_in_slice,
+    _slices,
+)
 
 
 def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
@@ -46,25 +52,43 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
         (sum of their transfer times: the shortest member duration of each) and ``MBps``
         (``bytes / transfer_ns`` in MB/s); sorted by pg then step.
     """
-    # Only the columns used: every filter of the full-width frame copies all of them.
-    df = events.select("pg", "seq", "is_p2p", "pg_size", "pg_ranks", "group_rank", "host",
-                       "step", "status", "nbytes", "duration_ns").filter(
-        (pl.col("status") == "ok") & pl.col("step").is_not_null()
-        & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") > 0))
-    df = _complete_collectives(df, pl.col("duration_ns").min().alias("_xfer"))
+    # Only the columns used: every filter of the full-width frame copies all of them. A
+    # whole log goes by slices of steps (figures per (pg, step); each collective's transfer
+    # time and member count from all the rows: _collective_stats).
+    cols = ["pg", "seq", "is_p2p", "pg_size", "pg_ranks", "group_rank", "host", "step",
+            "status", "nbytes", "duration_ns"]
+    keep = ((pl.col("status") == "ok") & pl.col("step").is_not_null()
+            & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") > 0))
+    xfer = pl.col("duration_ns").min().alias("_xfer")
+    slices = _slices(events, "step", SLICE_ROWS)
+    if slices is None:
+        parts = [_bandwidth_parts(_complete_collectives(
+            events.select(cols).filter(keep), xfer))]
+    else:
+        stats = _collective_stats(events.select(cols), keep, xfer)
+        parts = [_bandwidth_parts(_complete_in_slice(
+            events.select(cols).filter(keep & pl.col("step").is_between(lo, hi)), stats))
+            for lo, hi in slices]
     # Every member recorded each of these collectives, so a group's hosts are the same for
     # all of them: once per group, not a string per row.
-    hosts = df.group_by("pg").agg(pl.col("host").unique().sort().str.join(",").alias("hosts"))
-    per = (df.filter(pl.col("group_rank") == 0)  # one row per collective
-           .group_by("pg", "step").agg(
-               pl.col("pg_ranks").first(),
-               pl.len().alias("collectives"), pl.col("nbytes").sum().alias("bytes"),
-               pl.col("_xfer").sum().alias("transfer_ns"))
-           .join(hosts, on="pg", how="left"))
+    hosts = pl.concat([h for _, h in parts]).group_by("pg").agg(
+        pl.col("host").unique().sort().str.join(",").alias("hosts"))
+    per = pl.concat([p for p, _ in parts]).join(hosts, on="pg", how="left")
     return per.with_columns(
         (pl.col("bytes") / pl.col("transfer_ns").clip(lower_bound=1) * 1e3).alias("MBps"),
     ).select("pg", "pg_ranks", "hosts", "step", "collectives", "bytes", "transfer_ns",
              "MBps").sort("pg", "step")
+
+
+def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per (pg, step) of complete collectives with ``_xfer``: sizes and transfer times; and
+    the (pg, host) pairs."""
+    per = (df.filter(pl.col("group_rank") == 0)  # one row per collective
+           .group_by("pg", "step").agg(
+               pl.col("pg_ranks").first(),
+               pl.len().alias("collectives"), pl.col("nbytes").sum().alias("bytes"),
+               pl.col("_xfer").sum().alias("transfer_ns")))
+    return per, df.select("pg", "host").unique()
 
 
 def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = 20,

@@ -80,6 +80,53 @@ def _complete_collectives(df: pl.DataFrame, *cols: pl.Expr) -> pl.DataFrame:
                     & (pl.col("_n") == pl.col("pg_size"))))
 
 
+#: Rows a whole-log pass holds at once: the per-step passes over more rows than this run
+#: over slices of steps (or of ranks), whose small per-(rank, step) or per-(pg, step)
+#: results concatenate to the whole. Their working set (filters, windows, sorts) grows with
+#: the rows held: ten million rows at once took ~1.5 GB over the frame itself.
+SLICE_ROWS = 1_000_000
+
+_KEY = ["pg", "seq", "is_p2p"]
+
+
+def _slices(df: pl.DataFrame, col: str, rows: int) -> list[tuple[int, int]] | None:
+    """Inclusive ``col`` ranges of about ``rows`` rows each (whole values: a value's rows
+    stay in one range), in order; None when the frame fits one."""
+    if df.height <= rows:
+        return None
+    counts = df.group_by(col).len().drop_nulls(col).sort(col)
+    out: list[tuple[int, int]] = []
+    lo, held = None, 0
+    for value, n in counts.iter_rows():
+        if lo is None:
+            lo = value
+        held += n
+        if held >= rows:
+            out.append((lo, value))
+            lo, held = None, 0
+    if lo is not None:
+        out.append((lo, counts[col][-1]))
+    return out if len(out) > 1 else None
+
+
+def _collective_stats(events: pl.DataFrame, keep: pl.Expr, *cols: pl.Expr) -> pl.DataFrame:
+    """Per collective ``(pg, seq, is_p2p)`` of the rows ``keep`` selects (collectives only,
+    with a seq): ``_n`` (rows) and ``cols``, what :func:`_complete_collectives` computes per
+    row, as a table of one row per collective (a slice of steps joins it: a collective whose
+    members recorded different steps is still counted whole)."""
+    return (events.lazy().filter(keep).group_by(_KEY).agg(pl.len().alias("_n"), *cols)
+            .filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
+            .collect(engine="streaming"))
+
+
+def _complete_in_slice(df: pl.DataFrame, stats: pl.DataFrame) -> pl.DataFrame:
+    """:func:`_complete_collectives` of a slice of the rows, the per-collective figures from
+    ``stats`` (:func:`_collective_stats` of all of them): the same rows, in the same order,
+    with the same columns."""
+    return (df.join(stats, on=_KEY, how="inner", maintain_order="left")
+            .filter(pl.col("_n") == pl.col("pg_size")))
+
+
 def compute_step_comm(events: pl.DataFrame) -> pl.DataFrame:
     """Collective time per (rank, step) from the ``step`` column.
 

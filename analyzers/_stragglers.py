@@ -43,7 +43,14 @@ from __future__ import annotations
 import polars as pl
 
 from ringwatch.analyzers._findings import Finding
-from ringwatch.analyzers._steps import _complete_collectives, _merged_ns
+from ringwatch.analyzers._steps import (
+    SLICE_ROWS,
+    _collective_stats,
+    _complete_collectives,
+    _complete_in_slice,
+    _merged_ns,
+    _slices,
+)
 
 #: The class of a straggler that ended within ``transient_steps`` of its start.
 HICCUP_CLASS = "transient straggler"
@@ -69,14 +76,34 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
         then rank.
     """
     # Only the columns used: every filter and sort of the full-width frame copies all of
-    # them (gigabytes at ten million rows).
-    df = _complete_collectives(
-        events.select("rank", "host", "step", "pg", "seq", "is_p2p", "pg_size", "status",
-                      "mono_start_ns", "duration_ns")
-        .filter((pl.col("status") == "ok") & pl.col("step").is_not_null()
-                & pl.col("duration_ns").is_not_null() & pl.col("mono_start_ns").is_not_null()),
-        pl.col("duration_ns").min().alias("_min")
-    ).select("rank", "host", "step", "mono_start_ns", "duration_ns", "_min")
+    # them (gigabytes at ten million rows). A whole log goes by slices of steps: every
+    # figure is per (rank, step), and each collective's shortest duration and member count
+    # come from all the rows (_collective_stats).
+    cols = ["rank", "host", "step", "pg", "seq", "is_p2p", "pg_size", "status",
+            "mono_start_ns", "duration_ns"]
+    keep = ((pl.col("status") == "ok") & pl.col("step").is_not_null()
+            & pl.col("duration_ns").is_not_null() & pl.col("mono_start_ns").is_not_null())
+    shortest = pl.col("duration_ns").min().alias("_min")
+    slices = _slices(events, "step", SLICE_ROWS)
+    if slices is None:
+        parts = [_lateness_parts(_complete_collectives(
+            events.select(cols).filter(keep), shortest))]
+    else:
+        stats = _collective_stats(events.select(cols), keep, shortest)
+        parts = [_lateness_parts(_complete_in_slice(
+            events.select(cols).filter(keep & pl.col("step").is_between(lo, hi)), stats))
+            for lo, hi in slices]
+    per = pl.concat([p for p, _ in parts])
+    wait = pl.concat([w for _, w in parts])
+    return per.join(wait, on=["rank", "step"]).join(
+        compute_outside_ns(events), on=["rank", "step"], how="left").select(
+        "rank", "host", "step", "collectives", "wait_ns", "last_arrivals", "compute_ns",
+    ).sort("step", "rank")
+
+
+def _lateness_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per (rank, step) of complete collectives with ``_min``: the counts, and ``wait_ns``."""
+    df = df.select("rank", "host", "step", "mono_start_ns", "duration_ns", "_min")
     # the sort copies what it sorts: only the interval columns
     wait = _merged_ns(df.select("rank", "step", "mono_start_ns", (
         pl.col("mono_start_ns") + pl.col("duration_ns") - pl.col("_min")).alias("_wait_end")
@@ -85,10 +112,7 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
     per = df.group_by("rank", "step").agg(
         pl.col("host").first(), pl.len().alias("collectives"),
         (pl.col("duration_ns") == pl.col("_min")).sum().alias("last_arrivals"))
-    return per.join(wait, on=["rank", "step"]).join(
-        compute_outside_ns(events), on=["rank", "step"], how="left").select(
-        "rank", "host", "step", "collectives", "wait_ns", "last_arrivals", "compute_ns",
-    ).sort("step", "rank")
+    return per, wait
 
 
 def compute_outside_ns(events: pl.DataFrame) -> pl.DataFrame:
@@ -98,9 +122,18 @@ def compute_outside_ns(events: pl.DataFrame) -> pl.DataFrame:
     forward pass, the backward work not hidden under transfers, the optimizer and the data
     loading: what a compute straggler spends longer on than its peers. No clock is compared
     across ranks."""
-    df = (events.select("rank", "step", "mono_start_ns", "mono_end_ns")
-          .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null()
-                  & pl.col("mono_end_ns").is_not_null())
+    keep = (pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null()
+            & pl.col("mono_end_ns").is_not_null())
+    # per rank: slices of ranks are exact
+    slices = None if events["rank"].null_count() else _slices(events, "rank", SLICE_ROWS)
+    if slices is not None:
+        return pl.concat([_outside_ns(events.filter(pl.col("rank").is_between(lo, hi)), keep)
+                          for lo, hi in slices])
+    return _outside_ns(events, keep)
+
+
+def _outside_ns(events: pl.DataFrame, keep: pl.Expr) -> pl.DataFrame:
+    df = (events.select("rank", "step", "mono_start_ns", "mono_end_ns").filter(keep)
           .sort("rank", "mono_start_ns"))
     # the latest end among the rank's earlier collectives: the running maximum, one row back
     # (one window and a shift over the sorted frame, not nested windows)

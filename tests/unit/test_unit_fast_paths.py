@@ -192,3 +192,38 @@ def test_complete_collectives_equals_the_two_filter_version():
     got = _complete_collectives(ev, *cols)
     assert got.equals(want)
     assert 0 < got.height < ev.height - 50
+
+
+@pytest.mark.parametrize("rows", [1, 700, 2500])
+def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
+    """The straggler and link passes over slices of steps (and of ranks) give what one pass
+    over every row gives: collectives whose members recorded different steps, incomplete
+    ones and point-to-point rows included."""
+    from ringwatch.analyzers import _links, _stragglers
+    from ringwatch.analyzers._links import compute_group_bandwidth, detect_slow_links
+    from ringwatch.analyzers._stragglers import compute_step_lateness, detect_stragglers
+
+    job = synthetic.SyntheticJob(ranks=16, steps=40, tp_size=4, seed=2, straggler=3,
+                                 straggler_step=20)
+    ev = synthetic.job_frame(job)
+    rng = random.Random(rows)
+    p2p = ev.sample(n=30, seed=5).with_columns(pl.lit(True).alias("is_p2p"))
+    ev = pl.concat([ev.filter(pl.Series([rng.random() > 0.01 for _ in range(ev.height)])),
+                    p2p]).sort("rank", "idx")
+    # a member that marked one collective with the next step
+    ev = ev.with_columns(pl.when((pl.col("rank") == 5) & (pl.col("seq") == 7))
+                         .then(pl.col("step") + 1).otherwise(pl.col("step")).alias("step"))
+    ev = ev.with_columns(pl.col("host", "pg", "pg_ranks", "op", "status").cast(pl.Categorical))
+
+    def run():
+        return (compute_step_lateness(ev), compute_group_bandwidth(ev), detect_stragglers(ev),
+                detect_slow_links(ev))
+
+    want = run()
+    monkeypatch.setattr(_stragglers, "SLICE_ROWS", rows)
+    monkeypatch.setattr(_links, "SLICE_ROWS", rows)
+    got = run()
+    assert got[0].schema == want[0].schema and got[0].equals(want[0])
+    assert got[1].schema == want[1].schema and got[1].equals(want[1])
+    assert got[2] == want[2] and got[3] == want[3]
+    assert want[2]  # the straggler is found
