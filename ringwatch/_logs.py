@@ -34,6 +34,14 @@ class LogError(ValueError):
     """No readable ringwatch log where one was expected."""
 
 
+#: Files decoded by one read of :meth:`JobLogs.events`' fast path. Each read's rows are made
+#: one chunk per column before the next read, so the file-sized chunks (thousands of small
+#: pieces) are never all held at once; the reads' chunks are then joined into one per column
+#: (analyzers run slower over many chunks, and some operations copy the whole frame to join
+#: them).
+FILES_PER_READ = 500
+
+
 def _major(version: str) -> str:
     return str(version).split(".", 1)[0]
 
@@ -285,15 +293,16 @@ class JobLogs:
 
     def _read_all(self, include_pending: bool, cols: tuple[str, ...] | None,
                   categorical: bool = False, progress=None):
-        """:meth:`events` in one read of every file, or None where it might differ.
+        """:meth:`events` in a few reads of many files, or None where it might differ.
 
         Reading file by file costs a few ms each, and a job of thousands of ranks has
-        thousands of files. This reads them all in one call (in rank order, each rank's
-        segments then its pending rows) and keeps the result only where the per-rank path
-        would give the very same rows: every file of this schema version and readable with
-        the same columns, every row in its own rank's folder, and (rank, idx) strictly
-        increasing, so that no pending row repeats a segment's, no row is there twice and
-        nothing needs sorting. Otherwise None: the per-rank path reads (and reports).
+        thousands of files. This reads them :data:`FILES_PER_READ` at a time (in rank
+        order, each rank's segments then its pending rows) and keeps the result only where
+        the per-rank path would give the very same rows: every file of this schema version
+        and readable with the same columns, every row in its own rank's folder, and (rank,
+        idx) strictly increasing (within each read and across them), so that no pending row
+        repeats a segment's, no row is there twice and nothing needs sorting. Otherwise
+        None: the per-rank path reads (and reports).
         """
         import polars as pl
 
@@ -318,15 +327,41 @@ class JobLogs:
                 version = pl.read_parquet_metadata(path).get("ringwatch_schema_version")
                 if version is None or _major(version) != _major(SCHEMA_VERSION):
                     return None
-            scan = pl.scan_parquet(files, include_file_paths="_path", glob=False).select(
-                *want, "_path")
-            if categorical:
-                scan = scan.with_columns(pl.col(_string_columns(want)).cast(pl.Categorical))
             if progress is not None:
-                progress(len(files), len(files))  # checked; decoding them all at once
-            df = scan.collect()
+                progress(len(files), len(files))  # checked; decoding them
+            parts = []
+            for i in range(0, len(files), FILES_PER_READ):
+                part = self._read_files(files[i:i + FILES_PER_READ], want, owner,
+                                        categorical)
+                if part is None:
+                    return None
+                if parts and not _increasing(pl.concat([parts[-1].tail(1), part.head(1)]),
+                                             "rank", "idx"):
+                    return None
+                parts.append(part)
         except Exception:  # noqa: BLE001 - the per-rank path reads them one by one, reports
             return None
+        if len(parts) == 1:
+            return parts[0]
+        columns = pl.concat(parts, rechunk=False).get_columns()
+        del parts, part
+        return _one_chunk(columns)
+
+    @staticmethod
+    def _read_files(files: list[str], want: list[str], owner: dict[str, int],
+                    categorical: bool):
+        """The rows of ``files`` in one read, one chunk per column, or None where
+        :meth:`_read_all` must step aside (see there)."""
+        import polars as pl
+
+        schema = polars_schema()
+        scan = pl.scan_parquet(files, include_file_paths="_path", glob=False).select(
+            *want, "_path")
+        # the file path of every row as a categorical: a few hundred MB less than string
+        # views at ten million rows
+        strings = _string_columns(want) if categorical else []
+        scan = scan.with_columns(pl.col(*strings, "_path").cast(pl.Categorical))
+        df = scan.collect()
         expect = _as_categorical(pl.DataFrame(schema={c: schema[c] for c in want}),
                                  categorical).schema
         if list(df.schema.items())[:-1] != list(expect.items()):

@@ -227,3 +227,28 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
     assert got[1].schema == want[1].schema and got[1].equals(want[1])
     assert got[2] == want[2] and got[3] == want[3]
     assert want[2]  # the straggler is found
+
+
+@pytest.mark.parametrize("files", [1, 2, 7])
+def test_reads_of_a_few_files_each_equal_one_read(monkeypatch, hung_job, files):
+    """The fast path in several reads gives the rows of one read, and steps aside as one
+    read does: a row repeated across two reads is caught at their boundary."""
+    from ringwatch import _logs
+
+    logs = open_job(hung_job)
+    want = logs.events(categorical=True)
+    monkeypatch.setattr(_logs, "FILES_PER_READ", files)
+    logs = open_job(hung_job)
+    assert logs._read_all(True, None) is not None
+    got = logs.events(categorical=True)
+    assert got.schema == want.schema and got.equals(want)
+    assert got.n_chunks("all") == [1] * got.width
+    assert got.equals(per_rank(logs).with_columns(
+        pl.col("host", "pg", "pg_ranks", "op", "status", "dtype").cast(pl.Categorical)))
+    # the last segment of rank 2 repeated as a pending file: the two fall in different reads
+    d = logs.ranks[2]
+    seg = sorted(d.glob("seg-*.parquet"))[-1]
+    shutil.copy(seg, d / PENDING_FILE)
+    logs = open_job(hung_job)
+    assert logs._read_all(True, None) is None
+    assert logs.events().equals(per_rank(logs))
