@@ -39,12 +39,15 @@ def test_the_phase_split_matches_the_collective_timeline(run):
     ev = ringwatch.read_events(run.log_dir, run.job_id)
     fast = pl.concat([recording_frames(r)[0] for r in phase_recordings(ev)])
     se = compute_step_energy(compute_energy_intervals(fast), ev)
-    # each (rank, step)'s time in collectives is the one the analyzers read from the rows
-    # (merged on the rank's monotonic clock), to a microsecond
+    # each (rank, step)'s time in collectives is the one the analyzers read from the rows:
+    # the split merges the wall-clock intervals (what the GPU samples are joined on), the
+    # analyzers the monotonic ones; the two clocks agree to a microsecond plus what NTP may
+    # slew the wall clock by over the interval (the kernel's limit: 500 ppm)
     sc = compute_step_comm(ev)
     j = se.join(sc, on=["rank", "step"])
     assert j.height == se.height >= 4 * 55
-    assert (j["comm_s"] - j["comm_ns"] / 1e9).abs().max() < 1e-6
+    off = (j["comm_s"] - j["comm_ns"] / 1e9).abs() - (1e-6 + 500e-6 * j["comm_ns"] / 1e9)
+    assert off.max() < 0, j.filter(off >= 0)
     # the synthetic GPUs draw more while their ranks compute than while they communicate
     per = se.group_by("rank").agg(
         (pl.col("compute_energy_j").sum() / pl.col("compute_s").sum()).alias("compute"),
