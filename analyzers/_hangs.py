@@ -64,9 +64,11 @@ def _ranks(rs) -> str:
 def typical_step_s(events: pl.DataFrame) -> float | None:
     """The job's usual step time (s): per rank, the median time between the first
     collectives of consecutive steps; the median over ranks. ``None`` without two steps."""
-    firsts = (events.select("rank", "step", "mono_start_ns")
+    # streamed: the filtered rows are never all held (millions of rows in a whole log)
+    firsts = (events.lazy().select("rank", "step", "mono_start_ns")
               .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
-              .group_by("rank", "step").agg(pl.col("mono_start_ns").min()).sort("rank", "step"))
+              .group_by("rank", "step").agg(pl.col("mono_start_ns").min())
+              .collect(engine="streaming").sort("rank", "step"))
     # diff within each rank: the frame is sorted by rank, so no window per rank is needed
     same = pl.col("rank").eq_missing(pl.col("rank").shift(1))
     firsts = firsts.with_columns(

@@ -85,24 +85,24 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
             & pl.col("duration_ns").is_not_null() & pl.col("mono_start_ns").is_not_null())
     shortest = pl.col("duration_ns").min().alias("_min")
     slices = _slices(events, "step", SLICE_ROWS)
+    outside = compute_outside_ns(events)
     if slices is None:
         parts = [_lateness_parts(_complete_collectives(
-            events.select(cols).filter(keep), shortest))]
+            events.select(cols).filter(keep), shortest), outside)]
     else:
         stats = _collective_stats(events.select(cols), keep, shortest)
         parts = [_lateness_parts(_complete_in_slice(
-            events.select(cols).filter(keep & pl.col("step").is_between(lo, hi)), stats))
-            for lo, hi in slices]
-    per = pl.concat([p for p, _ in parts])
-    wait = pl.concat([w for _, w in parts])
-    return per.join(wait, on=["rank", "step"]).join(
-        compute_outside_ns(events), on=["rank", "step"], how="left").select(
+            events.select(cols).filter(keep & pl.col("step").is_between(lo, hi)), stats),
+            outside.filter(pl.col("step").is_between(lo, hi))) for lo, hi in slices]
+    return pl.concat(parts).select(
         "rank", "host", "step", "collectives", "wait_ns", "last_arrivals", "compute_ns",
     ).sort("step", "rank")
 
 
-def _lateness_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Per (rank, step) of complete collectives with ``_min``: the counts, and ``wait_ns``."""
+def _lateness_parts(df: pl.DataFrame, outside: pl.DataFrame) -> pl.DataFrame:
+    """Per (rank, step) of complete collectives with ``_min``: the counts, ``wait_ns`` and
+    ``compute_ns`` (from ``outside``), joined per slice (joins of whole-log tables of
+    millions of (rank, step) rows cost more than the slices)."""
     df = df.select("rank", "host", "step", "mono_start_ns", "duration_ns", "_min")
     # the sort copies what it sorts: only the interval columns
     wait = _merged_ns(df.select("rank", "step", "mono_start_ns", (
@@ -112,7 +112,7 @@ def _lateness_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     per = df.group_by("rank", "step").agg(
         pl.col("host").first(), pl.len().alias("collectives"),
         (pl.col("duration_ns") == pl.col("_min")).sum().alias("last_arrivals"))
-    return per, wait
+    return per.join(wait, on=["rank", "step"]).join(outside, on=["rank", "step"], how="left")
 
 
 def compute_outside_ns(events: pl.DataFrame) -> pl.DataFrame:
@@ -272,7 +272,6 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
     first = df["step"].min()
     head = df.filter(pl.col("step") < first + baseline_steps)
     noise = _noise_ms(head, floor_ms) if noise_ms is None else noise_ms
-    k, h = slack * noise, threshold * noise
     if usual is None:
         usual = usual_delay(head, min_steps=min_baseline_steps)
         gate = first + min_baseline_steps  # a usual from these very rows needs some first
@@ -280,7 +279,26 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
         gate = first
     if "usual_compute_ratio" not in usual.columns:
         usual = usual.with_columns(pl.lit(1.0).alias("usual_compute_ratio"))
-    df = df.join(usual.select("rank", "usual_ms", "usual_compute_ratio"), on="rank",
+    usual = usual.select("rank", "usual_ms", "usual_compute_ratio")
+    # The rest is per rank: a whole log goes by slices of ranks (windows over millions of
+    # (rank, step) rows hold several copies of them).
+    slices = None if df["rank"].null_count() else _slices(df, "rank", SLICE_ROWS // 4)
+    if slices is None:
+        return _rank_scores(df, usual, gate=gate, noise=noise, slack=slack,
+                            threshold=threshold, floor_ms=floor_ms, persist=persist,
+                            busier=busier)
+    return pl.concat([_rank_scores(df.filter(pl.col("rank").is_between(lo, hi)), usual,
+                                   gate=gate, noise=noise, slack=slack, threshold=threshold,
+                                   floor_ms=floor_ms, persist=persist, busier=busier)
+                      for lo, hi in slices])
+
+
+def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: float,
+                 slack: float, threshold: float, floor_ms: float, persist: int,
+                 busier: float) -> pl.DataFrame:
+    """:func:`compute_straggler_scores` from each rank's usual on (rows of whole ranks)."""
+    k, h = slack * noise, threshold * noise
+    df = df.join(usual, on="rank",
                  how="left").with_columns(
         pl.when(pl.col("step") >= gate).then(pl.col("usual_ms")).alias("usual_ms"))
     df = df.with_columns((pl.col("delay_ms") - pl.col("usual_ms")).alias("excess_ms"))
