@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from ringwatch.analyzers._steps import _complete_collectives
+from ringwatch.analyzers._steps import SLICE_ROWS, _complete_collectives, _slices
 
 
 def compute_host_pairs(events: pl.DataFrame, *, small_share: float = 0.5) -> pl.DataFrame:
@@ -49,24 +49,15 @@ def compute_host_pairs(events: pl.DataFrame, *, small_share: float = 0.5) -> pl.
         the most the estimate can be off; null when the windows do not agree).
     """
     # Only the columns used: a filter of the full-width frame copies all of them (a
-    # gigabyte at ten million rows).
-    df = events.select("pg", "seq", "is_p2p", "pg_size", "host", "status", "t_start_ns",
-                       "t_end_ns").filter(
-        (pl.col("status") == "ok") & pl.col("t_start_ns").is_not_null()
-        & pl.col("t_end_ns").is_not_null() & pl.col("seq").is_not_null())
-    df = _complete_collectives(df)
-    # Per host, its last arrival and first exit: the tightest bounds its members give.
-    one = (df.select("pg", "seq", "host", "t_start_ns", "t_end_ns")
-           .group_by("pg", "seq", "host")
-           .agg(pl.col("t_start_ns").max().alias("s"), pl.col("t_end_ns").min().alias("e")))
-    # Each collective's first host against each of its other hosts (a star, not every pair:
-    # rows grow with the hosts, not with their square; the spanning tree needs no more).
-    first = one.group_by("pg", "seq").agg(pl.col("host").min().alias("_a"))
-    a = one.join(first, on=["pg", "seq"]).filter(pl.col("host") == pl.col("_a")).drop("_a")
-    pairs = a.join(one, on=["pg", "seq"], suffix="_b").filter(pl.col("host") < pl.col("host_b"))
-    pairs = pairs.with_columns(
-        (pl.col("s") - pl.col("e_b")).alias("lo"), (pl.col("e") - pl.col("s_b")).alias("hi"))
-    pairs = pairs.with_columns((pl.col("hi") - pl.col("lo")).alias("w"))
+    # gigabyte at ten million rows). Everything up to the pairs' windows is per collective:
+    # a whole log goes by slices of collective numbers (each holds whole collectives).
+    cols = ["pg", "seq", "is_p2p", "pg_size", "host", "status", "t_start_ns", "t_end_ns"]
+    keep = ((pl.col("status") == "ok") & pl.col("t_start_ns").is_not_null()
+            & pl.col("t_end_ns").is_not_null() & pl.col("seq").is_not_null())
+    slices = _slices(events, "seq", SLICE_ROWS)
+    pairs = pl.concat([_pair_windows(events.select(cols).filter(
+        keep if r is None else keep & pl.col("seq").is_between(*r)))
+        for r in ([None] if slices is None else slices)])
     # Keep each pair's narrowest windows (the small, fast collectives).
     pairs = pairs.filter(pl.col("w") <= pl.col("w").quantile(small_share).over("host", "host_b"))
     out = pairs.group_by("host", "host_b").agg(
@@ -81,6 +72,24 @@ def compute_host_pairs(events: pl.DataFrame, *, small_share: float = 0.5) -> pl.
                             err.alias("error_ns")).rename({"host": "host_a"}).select(
         "host_a", "host_b", "collectives", "offset_ns", "low_ns", "high_ns", "spread_ns",
         "error_ns").sort("host_a", "host_b")
+
+
+def _pair_windows(df: pl.DataFrame) -> pl.DataFrame:
+    """Per collective of ``df`` (whole collectives' rows), its first host against each of
+    its others: ``lo``, ``hi`` (the offset window) and ``w`` (its width)."""
+    df = _complete_collectives(df)
+    # Per host, its last arrival and first exit: the tightest bounds its members give.
+    one = (df.select("pg", "seq", "host", "t_start_ns", "t_end_ns")
+           .group_by("pg", "seq", "host")
+           .agg(pl.col("t_start_ns").max().alias("s"), pl.col("t_end_ns").min().alias("e")))
+    # Each collective's first host against each of its other hosts (a star, not every pair:
+    # rows grow with the hosts, not with their square; the spanning tree needs no more).
+    first = one.group_by("pg", "seq").agg(pl.col("host").min().alias("_a"))
+    a = one.join(first, on=["pg", "seq"]).filter(pl.col("host") == pl.col("_a")).drop("_a")
+    pairs = a.join(one, on=["pg", "seq"], suffix="_b").filter(pl.col("host") < pl.col("host_b"))
+    pairs = pairs.with_columns(
+        (pl.col("s") - pl.col("e_b")).alias("lo"), (pl.col("e") - pl.col("s_b")).alias("hi"))
+    return pairs.with_columns((pl.col("hi") - pl.col("lo")).alias("w"))
 
 
 _OFFSETS = {"host": pl.Utf8, "offset_ns": pl.Int64, "via": pl.Utf8, "collectives": pl.UInt32,

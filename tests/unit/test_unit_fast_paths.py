@@ -199,7 +199,8 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
     """The straggler and link passes over slices of steps (and of ranks) give what one pass
     over every row gives: collectives whose members recorded different steps, incomplete
     ones and point-to-point rows included."""
-    from ringwatch.analyzers import _links, _stragglers
+    from ringwatch.analyzers import _clocks, _links, _stragglers
+    from ringwatch.analyzers._clocks import compute_host_pairs
     from ringwatch.analyzers._links import compute_group_bandwidth, detect_slow_links
     from ringwatch.analyzers._stragglers import compute_step_lateness, detect_stragglers
 
@@ -217,12 +218,14 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
 
     def run():
         return (compute_step_lateness(ev), compute_group_bandwidth(ev), detect_stragglers(ev),
-                detect_slow_links(ev))
+                detect_slow_links(ev), compute_host_pairs(ev))
 
     want = run()
-    monkeypatch.setattr(_stragglers, "SLICE_ROWS", rows)
-    monkeypatch.setattr(_links, "SLICE_ROWS", rows)
+    for module in (_stragglers, _links, _clocks):
+        monkeypatch.setattr(module, "SLICE_ROWS", rows)
     got = run()
+    assert got[4].schema == want[4].schema and got[4].equals(want[4])
+    assert want[4].height  # the hosts' pairs are exercised
     assert got[0].schema == want[0].schema and got[0].equals(want[0])
     assert got[1].schema == want[1].schema and got[1].equals(want[1])
     assert got[2] == want[2] and got[3] == want[3]
@@ -230,14 +233,18 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
 
 
 @pytest.mark.parametrize("files", [1, 2, 7])
-def test_reads_of_a_few_files_each_equal_one_read(monkeypatch, hung_job, files):
-    """The fast path in several reads gives the rows of one read, and steps aside as one
-    read does: a row repeated across two reads is caught at their boundary."""
+@pytest.mark.parametrize("groups", [1, 3, 40])
+def test_reads_of_a_few_files_each_equal_one_read(monkeypatch, hung_job, files, groups):
+    """The fast path in several reads (of files, of columns) gives the rows of one read, and
+    steps aside as one read does: a row repeated across two reads is caught at their
+    boundary."""
     from ringwatch import _logs
 
+    monkeypatch.setattr(_logs, "COLUMN_GROUPS", 1)
     logs = open_job(hung_job)
     want = logs.events(categorical=True)
     monkeypatch.setattr(_logs, "FILES_PER_READ", files)
+    monkeypatch.setattr(_logs, "COLUMN_GROUPS", groups)
     logs = open_job(hung_job)
     assert logs._read_all(True, None) is not None
     got = logs.events(categorical=True)
