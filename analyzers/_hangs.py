@@ -20,6 +20,7 @@ import polars as pl
 
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
+from ringwatch.analyzers._steps import SLICE_ROWS, _slices
 
 MIN_STALL_S = 5.0  # a collective in flight this long, with the group stuck behind it ...
 STALL_STEPS = 10.0  # ... and this many of the job's usual steps
@@ -39,17 +40,26 @@ def compute_frontier(events: pl.DataFrame) -> pl.DataFrame:
         still in flight, null if none), ``pending_op``, ``pending_start_ns`` and
         ``pending_step``; sorted by pg then rank.
     """
-    df = events.select("pg", "rank", "pg_ranks", "host", "seq", "status", "op", "t_start_ns",
-                       "step", "is_p2p").filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
+    keep = ~pl.col("is_p2p") & pl.col("seq").is_not_null()
     pending = pl.col("status") == "pending"
-    base = df.group_by("pg", "rank").agg(
-        pl.col("pg_ranks").first(), pl.col("host").first(),
-        pl.col("seq").max().alias("entered_seq"),
-        pl.col("seq").filter(~pending).max().alias("finished_seq"))
+
+    def frontier(rows: pl.DataFrame) -> pl.DataFrame:
+        return rows.filter(keep).group_by("pg", "rank").agg(
+            pl.col("pg_ranks").first(), pl.col("host").first(),
+            pl.col("seq").max().alias("entered_seq"),
+            pl.col("seq").filter(~pending).max().alias("finished_seq"))
+
+    # per (pg, rank): a whole log goes by slices of ranks (the filter copies what it keeps)
+    narrow = events.select("pg", "rank", "pg_ranks", "host", "seq", "status", "is_p2p")
+    slices = None if events["rank"].null_count() else _slices(narrow, "rank", SLICE_ROWS)
+    base = frontier(narrow) if slices is None else pl.concat(
+        [frontier(narrow.filter(pl.col("rank").is_between(lo, hi))) for lo, hi in slices])
+    df = events.select("pg", "rank", "seq", "status", "op", "t_start_ns", "step",
+                       "is_p2p").filter(keep & pending)
     # The pending rows apart: few of them, and none at all in a healthy job.
     first_pending = pl.col("seq").min()
     at_first = pl.col("seq") == first_pending
-    pend = df.filter(pending).group_by("pg", "rank").agg(
+    pend = df.group_by("pg", "rank").agg(
         first_pending.alias("pending_seq"),
         pl.col("op").filter(at_first).first().alias("pending_op"),
         pl.col("t_start_ns").filter(at_first).min().alias("pending_start_ns"),

@@ -199,8 +199,9 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
     """The straggler and link passes over slices of steps (and of ranks) give what one pass
     over every row gives: collectives whose members recorded different steps, incomplete
     ones and point-to-point rows included."""
-    from ringwatch.analyzers import _clocks, _links, _stragglers
+    from ringwatch.analyzers import _clocks, _hangs, _links, _stragglers
     from ringwatch.analyzers._clocks import compute_host_pairs
+    from ringwatch.analyzers._hangs import compute_frontier
     from ringwatch.analyzers._links import compute_group_bandwidth, detect_slow_links
     from ringwatch.analyzers._stragglers import compute_step_lateness, detect_stragglers
 
@@ -218,14 +219,15 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
 
     def run():
         return (compute_step_lateness(ev), compute_group_bandwidth(ev), detect_stragglers(ev),
-                detect_slow_links(ev), compute_host_pairs(ev))
+                detect_slow_links(ev), compute_host_pairs(ev), compute_frontier(ev))
 
     want = run()
-    for module in (_stragglers, _links, _clocks):
+    for module in (_stragglers, _links, _clocks, _hangs):
         monkeypatch.setattr(module, "SLICE_ROWS", rows)
     got = run()
     assert got[4].schema == want[4].schema and got[4].equals(want[4])
     assert want[4].height  # the hosts' pairs are exercised
+    assert got[5].schema == want[5].schema and got[5].equals(want[5])
     assert got[0].schema == want[0].schema and got[0].equals(want[0])
     assert got[1].schema == want[1].schema and got[1].equals(want[1])
     assert got[2] == want[2] and got[3] == want[3]
