@@ -119,16 +119,16 @@ def _merge(config: dict, extra: dict) -> dict:
     return config
 
 
-class Prometheus:
-    """A running Prometheus (see ``running_prometheus``)."""
+class _Server:
+    """A server process started by a test: its HTTP requests, log, readiness and stop."""
+
+    NAME = "server"
 
     def __init__(self, proc: subprocess.Popen, url: str, log_path: Path, config_path: Path):
         self.proc = proc
         self.url = url
         self.log_path = log_path
         self.config_path = config_path
-
-    # -- HTTP API -----------------------------------------------------------------------------
 
     def _request(self, path: str, *, method: str = "GET", timeout: float = 10) -> bytes:
         req = urllib.request.Request(self.url + path, method=method)
@@ -138,6 +138,49 @@ class Prometheus:
         except urllib.error.HTTPError as e:
             body = e.read().decode(errors="replace")
             raise RuntimeError(f"{method} {path}: HTTP {e.code}: {body}") from None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.NAME} exited with status {self.proc.returncode}; "
+                               f"its log:\n{self.log()}")
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                self._request("/-/ready", timeout=2)
+                return
+            except (OSError, RuntimeError) as e:
+                last = str(e)
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.NAME} at {self.url} not ready after {timeout_s} s ({last}); "
+                           f"its log:\n{self.log()}")
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after 10 s, and reap."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+
+
+class Prometheus(_Server):
+    """A running Prometheus (see ``running_prometheus``)."""
+
+    NAME = "prometheus"
+
+    # -- HTTP API -----------------------------------------------------------------------------
 
     def _api(self, path: str, **params: str) -> dict | list:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
@@ -176,43 +219,6 @@ class Prometheus:
     def reload(self) -> None:
         """Re-read the configuration file (after editing ``config_path``)."""
         self._request("/-/reload", method="POST")
-
-    # -- process ------------------------------------------------------------------------------
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def _check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited with status {self.proc.returncode}; "
-                               f"its log:\n{self.log()}")
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            self._check_alive()
-            try:
-                self._request("/-/ready", timeout=2)
-                return
-            except (OSError, RuntimeError) as e:
-                last = str(e)
-            time.sleep(0.1)
-        raise RuntimeError(f"prometheus at {self.url} not ready after {timeout_s} s ({last}); "
-                           f"its log:\n{self.log()}")
-
-    def stop(self) -> None:
-        """SIGTERM, SIGKILL after 10 s, and reap."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
 
 
 @contextlib.contextmanager
@@ -306,61 +312,20 @@ def require_alertmanager() -> None:
         pytest.fail(f"{' and '.join(missing)} not found: {AM_INSTALL_HINT}", pytrace=False)
 
 
-class Alertmanager:
+class Alertmanager(_Server):
     """A running Alertmanager (see ``running_alertmanager``); ``address`` is its
     ``127.0.0.1:<port>``, what Prometheus's ``alerting`` section names."""
 
-    def __init__(self, proc: subprocess.Popen, address: str, log_path: Path, config_path: Path):
-        self.proc = proc
-        self.address = address
-        self.url = f"http://{address}"
-        self.log_path = log_path
-        self.config_path = config_path
+    NAME = "alertmanager"
 
-    def _request(self, path: str, *, timeout: float = 10) -> bytes:
-        try:
-            with _OPENER.open(self.url + path, timeout=timeout) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as e:
-            body = e.read().decode(errors="replace")
-            raise RuntimeError(f"GET {path}: HTTP {e.code}: {body}") from None
+    def __init__(self, proc: subprocess.Popen, address: str, log_path: Path, config_path: Path):
+        super().__init__(proc, f"http://{address}", log_path, config_path)
+        self.address = address
 
     def alerts(self) -> list[dict]:
         """The alerts it holds (``/api/v2/alerts``: ``labels``, ``annotations``, ``status``,
         ...), active, silenced and inhibited."""
         return json.loads(self._request("/api/v2/alerts"))
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"alertmanager exited with status {self.proc.returncode}; "
-                                   f"its log:\n{self.log()}")
-            try:
-                self._request("/-/ready", timeout=2)
-                return
-            except (OSError, RuntimeError) as e:
-                last = str(e)
-            time.sleep(0.1)
-        raise RuntimeError(f"alertmanager at {self.url} not ready after {timeout_s} s ({last}); "
-                           f"its log:\n{self.log()}")
-
-    def stop(self) -> None:
-        """SIGTERM, SIGKILL after 10 s, and reap."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
 
 
 @contextlib.contextmanager
