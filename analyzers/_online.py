@@ -6,13 +6,24 @@ pure analyzers as the post-mortem pass over them. What the post-mortem pass read
 job's first steps (each rank's usual delay, the job's noise, each group's usual bandwidth) is
 taken once, when the first ``warmup_steps + baseline_steps`` steps are in, and kept: later
 windows compare against the job's start, not against a window that may hold nothing but the
-fault. Memory is the window (``keep_steps`` x the rows of a step) plus a row per rank and per
-group; nothing grows with the job's length.
+fault. Structural imbalance is judged on those first steps only: a window whose oldest steps
+all lie after a fault's onset would take the fault for "more work by design".
+
+A straggler that outlasts the window stays one episode: the window remembers, per rank, the
+step its lateness began (and the step it was detected at), so the finding keeps the ``since``
+the post-mortem pass gives it while the window slides on. :meth:`OnlineWindow.state` and
+:meth:`OnlineWindow.restore` carry the baselines and those episodes across a restart of the
+service, so a window reopened mid-fault compares against the healthy start, not the fault.
+
+Memory is the window (``keep_steps`` x the rows of a step) plus a row per rank and per group;
+nothing grows with the job's length.
 
 The caller owns the clock (``now_ns``) and the transport; the window does no I/O.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import polars as pl
 
@@ -30,6 +41,9 @@ from ringwatch.analyzers._stragglers import (
     detect_stragglers,
     usual_delay,
 )
+
+#: Steps an open straggler episode is remembered for while the window does not report it.
+GRACE_STEPS = 8
 
 
 class OnlineWindow:
@@ -59,6 +73,9 @@ class OnlineWindow:
         #: Structural imbalance, judged once on the baseline steps (a later window whose
         #: first steps are all after a fault's onset would call the fault "structural").
         self.imbalance: tuple[Finding, ...] = ()
+        #: rank -> (since_step, detected_step, newest step it was seen at) of its straggler
+        #: episode still going on.
+        self.episodes: dict[int, tuple[int, int | None, int | None]] = {}
         self.dropped_rows = 0
 
     def add(self, rows: pl.DataFrame) -> None:
@@ -129,12 +146,91 @@ class OnlineWindow:
                            min_stall_s=min_stall_s)
         if self.baseline_until is None:
             return out  # not enough steps yet for a usual, nor to call anything structural
-        stragglers = tuple(f for f in detect_stragglers(
+        stragglers = self._episodes(detect_stragglers(
             ev, warmup_steps=self.warmup_steps, baseline_steps=self.baseline_steps,
-            usual=self.usual_delay, noise_ms=self.noise_ms) if f.kind != "imbalance")
+            usual=self.usual_delay, noise_ms=self.noise_ms, imbalance=False))
         stragglers += self.imbalance
         links = detect_slow_links(ev, baseline_steps=self.baseline_steps, usual=self.usual_bw)
         return out + explain_by_links(stragglers, links)
+
+    def _episodes(self, found: tuple[Finding, ...]) -> tuple[Finding, ...]:
+        """Stragglers of this window as episodes of the job: one still late since before the
+        window's oldest step keeps the onset it was first seen with. An episode ends when
+        its finding does, or when ``GRACE_STEPS`` newer steps came without it (a window
+        just reopened, or too young to score, says nothing about it yet)."""
+        oldest, newest = self.rows["step"].min(), self.rows["step"].max()
+        out, going = [], {}
+        for f in found:
+            rank = f.ranks[0]
+            known = self.episodes.get(rank)
+            if known is not None and oldest is not None and f.since_step is not None \
+                    and known[0] <= f.since_step <= oldest + self.warmup_steps + 2:
+                # the window's sum starts at its oldest step: the episode began before it
+                f = replace(f, since_step=known[0], detected_step=known[1])
+            if f.until_step is None:
+                going[rank] = (f.since_step, f.detected_step, newest)
+            out.append(f)
+        for rank, (since, detected, seen) in self.episodes.items():
+            seen = newest if seen is None else seen  # restored: the grace starts now
+            if rank not in going and all(f.ranks[0] != rank for f in found) \
+                    and newest is not None and newest - seen < GRACE_STEPS:
+                going[rank] = (since, detected, seen)
+        self.episodes = going
+        return tuple(out)
+
+    def state(self) -> dict:
+        """The baselines and open episodes, as JSON-able data (see :meth:`restore`)."""
+        def rows(df):
+            return None if df is None else df.to_dicts()
+
+        return {"version": 1, "first_step": self.first_step,
+                "baseline_until": self.baseline_until, "noise_ms": self.noise_ms,
+                "usual_delay": rows(self.usual_delay), "usual_bw": rows(self.usual_bw),
+                "imbalance": [f.to_dict() for f in self.imbalance],
+                "episodes": [[r, *e] for r, e in sorted(self.episodes.items())]}
+
+    def restore(self, state: dict) -> None:
+        """Take back what :meth:`state` gave (a window reopened after a restart). Raises
+        ``ValueError`` (nothing taken) on a state that is not one."""
+        try:
+            if state.get("version") != 1:
+                raise ValueError(f"unknown version {state.get('version')!r}")
+            first, until = state["first_step"], state["baseline_until"]
+            noise = state["noise_ms"]
+            usual = None if state["usual_delay"] is None else pl.DataFrame(
+                state["usual_delay"], schema={"rank": pl.Int32, "usual_ms": pl.Float64,
+                                              "usual_compute_ratio": pl.Float64})
+            bw = None if state["usual_bw"] is None else pl.DataFrame(
+                state["usual_bw"], schema={"pg": pl.Utf8, "usual_MBps": pl.Float64})
+            imbalance = tuple(_finding(d) for d in state["imbalance"])
+            # the step each was last seen at is not kept: the grace starts again
+            episodes = {int(r): (int(s), _int_or_none(d), None)
+                        for r, s, d, *_ in state["episodes"]}
+            for v in (first, until):
+                if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                    raise ValueError(f"step {v!r} is not an integer")
+            if noise is not None and not (isinstance(noise, (int, float)) and noise >= 0):
+                raise ValueError(f"noise {noise!r}")
+        except (KeyError, TypeError, AttributeError, pl.exceptions.PolarsError) as exc:
+            raise ValueError(f"not a window state: {exc!r}") from exc
+        self.first_step, self.baseline_until = first, until
+        self.noise_ms = None if noise is None else float(noise)
+        self.usual_delay, self.usual_bw = usual, bw
+        self.imbalance, self.episodes = imbalance, episodes
+
+
+def _int_or_none(v) -> int | None:
+    return None if v is None else int(v)
+
+
+def _finding(d: dict) -> Finding:
+    """A :class:`Finding` from its ``to_dict``."""
+    if not isinstance(d, dict):
+        raise TypeError(f"finding {d!r}")
+    d = dict(d)
+    for k in ("ranks", "hosts", "local_ranks", "evidence"):
+        d[k] = tuple(d.get(k) or ())
+    return Finding(**d)
 
 
 __all__ = ["OnlineWindow"]

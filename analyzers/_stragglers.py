@@ -403,7 +403,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
                       imbalance_noise: float = 3.0,
                       min_delay_ms: float = 3.0, transient_steps: int = 8,
                       usual: pl.DataFrame | None = None,
-                      noise_ms: float | None = None) -> tuple[Finding, ...]:
+                      noise_ms: float | None = None,
+                      imbalance: bool = True) -> tuple[Finding, ...]:
     """Ranks their peers wait for: a change (straggler) or there from the start (imbalance).
 
     Args:
@@ -417,6 +418,10 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         transient_steps: A straggler whose excess ended within this many steps of its start
             (the logs go on without it) is a ``transient straggler``: a hiccup, not a rank to
             replace.
+        imbalance: Judge structural imbalance on the first steps of ``events``. An online
+            window passes False: its first steps are only the oldest it still holds (a
+            straggler that outlasts the window would turn into "imbalance" there); it judges
+            imbalance once, on the job's own first steps, and passes their ``usual``.
 
     Returns:
         At most one :class:`Finding` per rank, in order of onset: ``imbalance`` (class
@@ -437,7 +442,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
     noise = scores["noise_ms"][0]
     findings = []
     imb = _imbalanced(scores, baseline_steps=baseline_steps, imbalance_noise=imbalance_noise,
-                      min_delay_ms=min_delay_ms)
+                      min_delay_ms=min_delay_ms) if imbalance else scores.select("rank").clear()
     for r in imb.iter_rows(named=True):
         findings.append(Finding(
             kind="imbalance", cls="structural imbalance", ranks=(r["rank"],),

@@ -49,6 +49,8 @@ SERVICE_METRICS = {
     "ringwatch_serve_analysis_seconds": ("gauge", "Duration of a job's last analysis."),
     "ringwatch_serve_analysis_rounds_total": ("counter", "Analysis rounds run."),
     "ringwatch_serve_analysis_errors_total": ("counter", "Analyses that failed."),
+    "ringwatch_serve_window_state_errors_total": (
+        "counter", "Saved window states (baselines) that could not be read or written."),
     "ringwatch_serve_requests_total": ("counter", "OTLP requests answered, per protocol and "
                                        "status (HTTP status or gRPC code)."),
     "ringwatch_serve_received_bytes_total": ("counter", "OTLP body bytes received."),
@@ -123,6 +125,7 @@ class ServiceCollector:
                 [job, str(rank), host], n)
         fam("ringwatch_serve_analysis_rounds_total", []).add_metric([], s.rounds)
         fam("ringwatch_serve_analysis_errors_total", []).add_metric([], s.analysis_errors)
+        fam("ringwatch_serve_window_state_errors_total", []).add_metric([], s.windows.errors)
         fam("ringwatch_serve_jobs", []).add_metric([], len(s.jobs.jobs))
         fam("ringwatch_serve_jobs_evicted_total", []).add_metric([], s.jobs.evicted_total)
         servers = [(n, x) for n, x in (("otlp_http", s.receiver), ("api", s.api)) if x]

@@ -100,6 +100,9 @@ class Service:
         self.last_round_s: dict[str, float] = {}
         self.last_lag_s: dict[str, float] = {}
         self.live: dict = {}  # job -> LiveAnalysis (its online window)
+        from ringwatch.service._windows import WindowStates
+
+        self.windows = WindowStates(config.state_dir)  # their baselines, across restarts
         self.receiver = None
         self.grpc_receiver = None
         self.api = None
@@ -134,8 +137,10 @@ class Service:
                 live = self.live.get(job)
                 if live is None:
                     live = self.live[job] = LiveAnalysis()
+                    self.windows.load(job, live.window)
                 findings = analyze_live(jl, now_ns=now, detectors=detectors,
                                         thresholds=thresholds, live=live, new_rows=rows)
+                self.windows.save(job, live.window)
             except Exception as exc:
                 self.analysis_errors += 1
                 log.warning("analysis of job %s failed: %s", job, exc, exc_info=True)
@@ -165,6 +170,7 @@ class Service:
         for job in evicted:
             if job not in held:
                 self.store.forget_job(job)
+                self.windows.forget(job)
         for d in (self.live, self.last_round_s, self.last_lag_s):
             for gone in set(d) - held:
                 d.pop(gone, None)

@@ -1,0 +1,149 @@
+"""A straggler that outlasts the online window stays one finding, with the post-mortem's onset:
+as the window slides past it, whatever a push carries, and across a restart of the service.
+
+The rows are a real run (``tests/data/long/``): 4 Gloo ranks on 2 emulated hosts, 400 steps,
+rank 2 doing twice the work from step 40 to the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ringwatch._analyze import analyze_events
+from ringwatch.analyzers._online import GRACE_STEPS, OnlineWindow
+from ringwatch.analyzers._stragglers import split_hiccups, split_undecided
+from ringwatch.service._service import Service, ServiceConfig
+from ringwatch.service._windows import WindowStates
+
+from pushes import WALL
+from pushes import agent_push as _push
+
+RUN = Path(__file__).resolve().parents[1] / "data" / "long" / "straggler-work-400.parquet"
+
+
+def _key(f):
+    return (f.kind, f.cls, f.ranks, f.since_step, f.detected_step, f.until_step)
+
+
+@pytest.fixture(scope="module")
+def run():
+    ev = pl.read_parquet(RUN)
+    now = int(ev["t_end_ns"].max())
+    found, _ = split_hiccups(analyze_events(ev, now_ns=now))
+    return ev, now, found
+
+
+def _rounds(ev, now, chunk: int, *, restart_at: int | None = None, restore: bool = True):
+    """Each round's straggler findings of a window fed ``chunk`` steps at a time, as the
+    service shows them (hiccups apart, young ones held back); at ``restart_at`` the window is
+    replaced by a new one, given the old one's state through JSON when ``restore``."""
+    w, out = OnlineWindow(), []
+    for lo in range(0, ev["step"].max() + 1, chunk):
+        if restart_at is not None and lo == restart_at:
+            saved = json.loads(json.dumps(w.state()))
+            w = OnlineWindow()
+            if restore:
+                w.restore(saved)
+        w.add(ev.filter(pl.col("step").is_between(lo, lo + chunk - 1)))
+        got = tuple(f for f in w.findings(now_ns=now) if f.kind in ("straggler", "imbalance"))
+        got, _ = split_undecided(split_hiccups(got)[0], newest_step=lo + chunk - 1)
+        out.append((lo + chunk - 1, tuple(_key(f) for f in got)))
+    return out
+
+
+def test_the_post_mortem_names_the_straggler_from_its_onset(run):
+    _, _, found = run
+    (f,) = found
+    assert (f.kind, f.cls, f.ranks, f.until_step) == ("straggler", "compute straggler", (2,),
+                                                       None)
+    assert 40 <= f.since_step <= 43
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 60])
+def test_it_stays_open_to_the_end_with_the_same_onset_whatever_a_push_carries(run, chunk):
+    ev, now, (whole,) = run
+    rounds = _rounds(ev, now, chunk)
+    shown = [i for i, (_, fs) in enumerate(rounds) if fs]
+    assert shown, "never shown"
+    # from its first showing to the last step (400, far past the 64-step window), every round
+    # shows it, as the post-mortem does
+    assert all(fs == (_key(whole),) for _, fs in rounds[shown[0]:])
+    assert rounds[shown[0]][0] <= whole.detected_step + 8 + chunk
+
+
+@pytest.mark.parametrize("chunk,restart_at", [(1, 200), (60, 180), (7, 203)])
+def test_a_window_restored_mid_fault_keeps_the_straggler(run, chunk, restart_at):
+    ev, now, (whole,) = run
+    rounds = _rounds(ev, now, chunk, restart_at=restart_at)
+    after = [fs for last, fs in rounds if last >= restart_at]
+    # a just-reopened window may be too young to score for a step or two, never longer than
+    # the grace an episode is remembered for; then the same finding, never "imbalance"
+    young = next(i for i, fs in enumerate(after) if fs)
+    assert young * chunk < GRACE_STEPS
+    assert all(fs == (_key(whole),) for fs in after[young:])
+
+
+def test_without_its_state_a_window_reopened_mid_fault_loses_the_onset(run):
+    # what the saved state is for: re-baselined on the fault, the window cannot tell the
+    # straggler's onset any more (it reports nothing, or a later onset)
+    ev, now, (whole,) = run
+    rounds = _rounds(ev, now, 1, restart_at=200, restore=False)
+    assert all(fs != (_key(whole),) for last, fs in rounds if last >= 200)
+
+
+GOOD = {"version": 1, "first_step": 0, "baseline_until": 21, "noise_ms": 2.0,
+        "usual_delay": [{"rank": 0, "usual_ms": 0.5, "usual_compute_ratio": 1.0}],
+        "usual_bw": None, "imbalance": [], "episodes": [[2, 41, 43, 100]]}
+
+
+@pytest.mark.parametrize("change", [{"version": 2}, {"first_step": "x"}, {"noise_ms": -1},
+                                    {"imbalance": [[1]]}, {"episodes": [[1]]},
+                                    {"usual_delay": [{"rank": "a"}]}, {"episodes": None}])
+def test_restore_refuses_what_is_not_a_window_state(change):
+    w = OnlineWindow()
+    w.restore(GOOD)
+    assert w.baseline_until == 21 and w.episodes == {2: (41, 43, None)}
+    w = OnlineWindow()
+    with pytest.raises(ValueError):
+        w.restore({**GOOD, **change})
+    assert w.baseline_until is None and w.episodes == {}  # nothing taken
+
+
+def test_a_corrupt_saved_state_is_set_aside_and_counted(tmp_path):
+    states = WindowStates(tmp_path)
+    w = OnlineWindow()
+    states.save("job-a", w)
+    (path,) = (tmp_path / "windows").glob("*.json")
+    path.write_text("{not json")
+    assert not states.load("job-a", OnlineWindow())
+    assert states.errors == 1 and list((tmp_path / "windows").glob("*.corrupt-*"))
+    assert not states.load("job-a", OnlineWindow())  # gone: a fresh window, no new error
+    assert states.errors == 1
+
+
+def test_a_service_killed_mid_fault_keeps_the_straggler_not_imbalance(tmp_path):
+    """Two services on one state folder, the first never closed (as after kill -9): the job's
+    rank 3 is late from step 30 to the end (step 299)."""
+    def feed(svc, steps, per_push):
+        seen = []
+        for lo in range(steps.start, steps.stop, per_push):
+            svc.jobs.ingest(_push("long", late_rank=3, late_from=30,
+                                  steps=range(lo, min(steps.stop, lo + per_push))), WALL)
+            svc.analyze_once()
+            seen.append([(t.id, t.finding.kind, t.finding.ranks, t.finding.since_step)
+                         for t in svc.store.current("long", state="open")])
+        return seen
+
+    first = Service(ServiceConfig(state_dir=tmp_path))
+    before = feed(first, range(0, 150), 1)
+    opened = before[-1]
+    assert [(k, r) for _, k, r, _ in opened] == [("straggler", (3,))]
+    first.store.flush()  # its open findings on disk, as its periodic flush does
+    second = Service(ServiceConfig(state_dir=tmp_path))  # the first is never closed
+    after = feed(second, range(150, 300), 60)
+    assert all(seen == opened for seen in after)  # same id, same onset, no imbalance
+    assert second.windows.errors == 0
