@@ -50,11 +50,11 @@ def compute_rank_phases(events: pl.DataFrame) -> pl.DataFrame:
         previous step's end; the first step from its first collective's start) and
         ``comm_ns`` (time with a collective in flight inside the span), sorted by rank, step.
     """
-    from ringwatch.analyzers._rhythm import assign_rhythm_steps
+    from ringwatch.analyzers._rhythm import assign_rhythm_steps, unmarked
 
     df = events.select("rank", "step", "idx", "pg", "op", "nbytes", "peer", "mono_start_ns",
                        "mono_end_ns", "t_start_ns", "t_end_ns")
-    if df["step"].is_null().all():
+    if unmarked(df):
         df = assign_rhythm_steps(df)
     df = df.filter(pl.col("step").is_not_null() & pl.col("t_start_ns").is_not_null()
                    & pl.col("t_end_ns").is_not_null())

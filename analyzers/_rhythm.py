@@ -174,19 +174,30 @@ def compute_iteration_times(events: pl.DataFrame) -> pl.DataFrame:
     return pl.concat(out).sort("rank", "iteration")
 
 
+def unmarked(events: pl.DataFrame) -> bool:
+    """Whether the job marked no steps: no rank's rows carry more than one step number. A
+    job with no optimizer and no step marks (a custom loop, a serving engine) has every row
+    at one step (the agent's counter never moves: 0), or none."""
+    if events.is_empty():
+        return False
+    most = events.group_by("rank").agg(pl.col("step").drop_nulls().n_unique())["step"].max()
+    return most is None or most <= 1
+
+
 def assign_rhythm_steps(events: pl.DataFrame) -> pl.DataFrame:
     """``events`` with ``step`` filled from the rhythm where the job marked no steps.
 
     Each rank's rows from the start of matched iteration ``i`` to the start of the next get
     step ``i`` (interludes included in the iteration before them; rows before the first
     matched iteration, the warm-up, stay null). Ranks of one job issue the same collectives,
-    so iteration ``i`` is the same work on every rank. Rows that already carry a step, and
-    ranks without a rhythm, are left as they are.
+    so iteration ``i`` is the same work on every rank. A rank whose rows carry more than one
+    step number marked its steps; its rows, and those of ranks without a rhythm, are left as
+    they are. One step number on every row of a rank is no mark (see :func:`unmarked`).
     """
     out = []
     events = events.with_row_index("_row")
     for _, rows in events.group_by("rank", maintain_order=True):
-        if rows["step"].is_not_null().any():
+        if rows["step"].drop_nulls().n_unique() > 1:
             out.append(rows)
             continue
         rh = infer_rhythm(rows)

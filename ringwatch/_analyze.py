@@ -47,15 +47,15 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._links import explain_by_links
-    from ringwatch.analyzers._rhythm import assign_rhythm_steps
+    from ringwatch.analyzers._rhythm import assign_rhythm_steps, unmarked
 
     def stage(i: int, what: str) -> None:
         if progress is not None:
             progress(f"analysing: {what}", i, PASSES)
 
-    if events.height and events["step"].is_null().all():
+    if unmarked(events):  # no step marks (every row at one step, or none): the rhythm's
         stage(0, "the rhythm's steps")
-        events = assign_rhythm_steps(events)  # no step marks: the rhythm's iterations
+        events = assign_rhythm_steps(events)  # iterations are the steps
     stage(1, "hangs")
     if dumped_ns is not None:
         from ringwatch.analyzers._fr_hangs import detect_dump_hangs

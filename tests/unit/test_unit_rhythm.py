@@ -161,3 +161,26 @@ def test_gradient_accumulation_makes_one_iteration_of_its_micro_batches():
     rh = infer_rhythm(s.frame())
     assert rh.found and rh.period == len(step) == 14
     assert len(rh.starts) == 12 and rh.steps_agree is True
+
+
+def test_a_job_whose_every_row_carries_step_0_is_read_by_its_rhythm():
+    # zero-code attach on a loop with no optimizer and no marks: the agent's step counter
+    # never moves, every row says step 0; that is no mark, and the rhythm gives the steps
+    import polars as pl
+    from test_unit_stragglers import job
+
+    from ringwatch._analyze import analyze_events
+    from ringwatch.analyzers._rhythm import unmarked
+
+    marked = job(steps=60, onset=30, late=1, late_ms=15)
+    zero = marked.with_columns(pl.lit(0, pl.Int64).alias("step"))
+    assert unmarked(zero) and not unmarked(marked)
+    assert unmarked(marked.with_columns(pl.lit(None, pl.Int64).alias("step")))
+    found = [f for f in analyze_events(zero, now_ns=int(zero["t_end_ns"].max()))
+             if f.kind == "straggler"]
+    assert [f.ranks for f in found] == [(1,)]
+    (whole,) = [f for f in analyze_events(marked, now_ns=int(marked["t_end_ns"].max()))
+                if f.kind == "straggler"]
+    # the rhythm numbers iterations from the first one it matched: the onset is the same
+    # iteration, up to that shift
+    assert abs(found[0].since_step - whole.since_step) <= 2
