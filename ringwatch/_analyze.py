@@ -225,7 +225,8 @@ def report_lines(report: dict) -> list[str]:
         lines += [f"  {line}" for line in bad]
     findings = report["_findings"]
     if not findings:
-        lines.append("no findings: no group is stuck, nobody is waited for")
+        lines.append("no findings: no group is stuck, no rank or group slows the job beyond "
+                     "its noise")
         return lines + hiccup_lines(report.get("_hiccups", ()))
     lines.append(f"{len(findings)} finding(s):")
     for f in findings:

@@ -108,7 +108,8 @@ def report_html(report: dict, plots) -> str:
         out.append(f"<h3>{len(findings)} finding(s)</h3>")
         out += [finding_html(f) for f in findings]
     else:
-        out.append('<p class="ok">No findings: no group is stuck, nobody is waited for.</p>')
+        out.append('<p class="ok">No findings: no group is stuck, no rank or group slows the '
+                   'job beyond its noise.</p>')
     hiccups = report.get("_hiccups", ())
     if hiccups:
         lines = hiccup_lines(hiccups)

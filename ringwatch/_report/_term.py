@@ -47,7 +47,8 @@ def report_renderables(report: dict) -> list:
         out += [Text(f"  {line}", style="yellow") for line in bad]
     findings = report["_findings"]
     if not findings:
-        out.append(Text("no findings: no group is stuck, nobody is waited for",
+        out.append(Text("no findings: no group is stuck, no rank or group slows the job "
+                        "beyond its noise",
                         style="bold green"))
     else:
         table = Table(title=f"{len(findings)} finding(s)", title_justify="left",
