@@ -95,8 +95,8 @@ def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = 20,
                     min_baseline_steps: int = 5) -> pl.DataFrame:
     """``pg``, ``usual_MBps``: each group's median bandwidth over its first ``baseline_steps``
     steps (groups with fewer than ``min_baseline_steps`` of them are left out)."""
-    first = pl.col("step").min().over("pg")
-    return (bw.filter(pl.col("step") < first + baseline_steps)
+    seen = pl.col("step").rank("dense").over("pg")  # steps seen, whatever their numbers
+    return (bw.filter(seen <= baseline_steps)
             .group_by("pg").agg(pl.col("MBps").median().alias("usual_MBps"),
                                 pl.len().alias("_n"))
             .filter(pl.col("_n") >= min_baseline_steps).drop("_n").sort("pg"))

@@ -258,25 +258,29 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
         ``busy_run`` (busy steps in a row up to this one); sorted by rank then step. Empty
         without steps past the warm-up.
     """
-    df = lat.filter(pl.col("step") >= warmup_steps).with_columns(
-        (pl.col("wait_ns") / 1e6).alias("wait_ms"),
-        (pl.col("compute_ns") / 1e6).alias("compute_ms"))
+    # Steps are counted in steps seen, not by their numbers: a job resumed at step 50,000,
+    # or one that numbers its steps 0, 10, 20..., has its warm-up and baseline in its first
+    # steps all the same. The warm-up is left out where the baselines come from these rows.
+    df = lat.with_columns((pl.col("step").rank("dense") - 1).alias("_n"))
+    if usual is None:
+        df = df.filter(pl.col("_n") >= warmup_steps).with_columns(pl.col("_n") - warmup_steps)
+    df = df.with_columns((pl.col("wait_ns") / 1e6).alias("wait_ms"),
+                         (pl.col("compute_ns") / 1e6).alias("compute_ms"))
     if df.is_empty():
-        return df
+        return df.drop("_n")
     df = df.with_columns(pl.col("wait_ms").median().over("step").alias("median_wait_ms"),
                          pl.col("compute_ms").median().over("step").alias("_median_compute"))
     df = df.with_columns((pl.col("compute_ms") / pl.col("_median_compute")).fill_nan(None)
                          .alias("compute_ratio"))
     df = df.with_columns((pl.col("median_wait_ms") - pl.col("wait_ms")).alias("delay_ms")
                          ).sort("rank", "step")
-    first = df["step"].min()
-    head = df.filter(pl.col("step") < first + baseline_steps)
+    head = df.filter(pl.col("_n") < baseline_steps)
     noise = _noise_ms(head, floor_ms) if noise_ms is None else noise_ms
     if usual is None:
         usual = usual_delay(head, min_steps=min_baseline_steps)
-        gate = first + min_baseline_steps  # a usual from these very rows needs some first
+        gate = min_baseline_steps  # a usual from these very rows needs some steps first
     else:
-        gate = first
+        gate = 0
     if "usual_compute_ratio" not in usual.columns:
         usual = usual.with_columns(pl.lit(1.0).alias("usual_compute_ratio"))
     usual = usual.select("rank", "usual_ms", "usual_compute_ratio")
@@ -300,7 +304,7 @@ def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: flo
     k, h = slack * noise, threshold * noise
     df = df.join(usual, on="rank",
                  how="left").with_columns(
-        pl.when(pl.col("step") >= gate).then(pl.col("usual_ms")).alias("usual_ms"))
+        pl.when(pl.col("_n") >= gate).then(pl.col("usual_ms")).alias("usual_ms"))
     df = df.with_columns((pl.col("delay_ms") - pl.col("usual_ms")).alias("excess_ms"))
     # Page's CUSUM S_t = max(0, S_t-1 + x_t - k), as C_t - min(0, min_s<=t C_s).
     c = (pl.col("excess_ms") - k).fill_null(0.0).cum_sum().over("rank")
@@ -335,8 +339,7 @@ def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: f
                 min_delay_ms: float) -> pl.DataFrame:
     """Ranks late in most of the job's first steps: ``rank``, ``host``, ``delay_ms``
     (median), ``late_share`` (steps where it waited least), ``first_step``, ``last_step``."""
-    first = scores["step"].min()
-    head = scores.filter(pl.col("step") < first + baseline_steps)
+    head = scores.filter(pl.col("step").rank("dense") <= baseline_steps)  # steps seen
     least = head.filter(pl.col("wait_ms") == pl.col("wait_ms").min().over("step"))
     share = least.group_by("rank").agg(pl.len().alias("_late"))
     n = head["step"].n_unique()
@@ -464,7 +467,10 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
     for r in hit.group_by("rank").agg(pl.all().sort_by("step").first()).iter_rows(named=True):
         mine = scores.filter(pl.col("rank") == r["rank"])
         # the late streak the sum ends with; a busy run counts from its first step
-        first_busy = r["step"] - r["busy_run"] + 1
+        steps = mine["step"]  # counted in steps seen, whatever their numbers
+        at = steps.search_sorted(r["step"])
+        first_busy = steps[max(0, at - r["busy_run"] + 1)] if r["busy_run"] >= 1 \
+            else r["step"] + 1  # no busy run: after this step
         start = r["run_start"]
         if start is None or start > r["step"]:  # no sum running at this step: a busy run
             start = first_busy
@@ -493,7 +499,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         delay = float(run["delay_ms"].median())
         # counted from the late streak (since), as a live reader counts it while it lasts
         # (split_undecided): both call the same episodes hiccups
-        transient = until is not None and until - since + 1 < transient_steps
+        transient = until is not None and run.height < transient_steps
         groups = compute_group_lateness(events, [r["rank"]], start, r["step"],
                                         min_delay_ms=min_delay_ms)
         on_time = groups.filter(~pl.col("late"))
