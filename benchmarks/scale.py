@@ -149,8 +149,11 @@ def child_postmortem(job_dir: str, columns: list[str] | None) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     job = open_job(job_dir)
     # the analyzed read is `ringwatch analyze`'s: its columns, strings as categoricals
-    events = job.events(include_pending=True, columns=columns,
-                        categorical=columns is not None)
+    from ringwatch.analyzers._timing import TIMING_COLUMNS, with_analysis_durations
+
+    events = with_analysis_durations(job.events(
+        include_pending=True, columns=None if columns is None else [*columns, *TIMING_COLUMNS],
+        categorical=columns is not None))
     read_s, rss_read = time.perf_counter() - t0, _rss_mb()
     seen = job.last_write_ns()
     findings = analyze_events(events, now_ns=max(seen.values()), last_seen_ns=seen)

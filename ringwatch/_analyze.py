@@ -136,7 +136,11 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     ``recordings`` (loaded ``ringwatch agent --record`` files) aligned on the job's steps.
     ``progress``: ``progress(what, done, total)`` as files are read and passes run.
     """
-    read = {"columns": list(ANALYZED_COLUMNS), "categorical": True}
+    from ringwatch.analyzers._timing import TIMING_COLUMNS, with_analysis_durations
+
+    # the device's durations, or none where only the watchdog saw the end, folded into
+    # duration_ns as soon as read (analyzers/_timing.py)
+    read = {"columns": [*ANALYZED_COLUMNS, *TIMING_COLUMNS], "categorical": True}
     dumps = getattr(job, "kind", None) == "flight recorder dumps"
     if dumps:  # hangs from dumps alone also compare the members' dtypes and sizes
         from ringwatch.analyzers._fr_hangs import DUMP_COLUMNS
@@ -148,7 +152,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
             else f"decoding {job.job_id}'s rows", done, total)
     elif progress is not None:
         progress(f"reading {job.job_id} ({getattr(job, 'kind', '?')})", 0, None)
-    events = job.events(include_pending=True, **read)
+    events = with_analysis_durations(job.events(include_pending=True, **read))
     seen = job.last_write_ns()
     if online or not seen:
         now_ns = time.time_ns()

@@ -32,7 +32,8 @@ from ringwatch._logs import META_FILE, PENDING_FILE, RANK_DIR_RE, SEGMENT_RE, se
 log = logging.getLogger("ringwatch.agent")
 
 _COLUMNS = ["idx", "pg", "pg_ranks", "pg_size", "group_rank", "op", "is_p2p", "seq",
-            "status", "nbytes", "t_issue_ns", "t_start_ns", "t_end_ns", "duration_ns", "step"]
+            "status", "nbytes", "t_issue_ns", "t_start_ns", "t_end_ns", "duration_ns",
+            "device_duration_ns", "end_source", "step"]
 #: Steps of per-step totals kept per rank (the newest).
 KEEP_STEPS = 64
 #: Finished collectives' intervals kept per rank (the newest), for the phase power split.
@@ -76,11 +77,15 @@ class StepTotals:
 
     ``busy_ns`` is the time inside at least one of them: overlapping collectives (DDP's
     buckets in flight together) count once, so a rank that waits for a late peer in four
-    buckets at the same time waits once, as it does.
+    buckets at the same time waits once, as it does. Collectives timed on the device (NCCL's
+    CUDA events) add their device durations instead (``device_ns``: one group's kernels run
+    one after the other on its stream), and those whose end only the NCCL watchdog saw add
+    nothing: that end is up to ~100 ms late (see ``ringwatch.analyzers._timing``).
     """
 
     count: int = 0
     nbytes: int = 0
+    device_ns: int = 0  # summed device durations
     closed_ns: int = 0  # merged time of the intervals before the open one
     open_start_ns: int | None = None
     open_end_ns: int | None = None
@@ -90,8 +95,8 @@ class StepTotals:
     @property
     def busy_ns(self) -> int:
         if self.open_start_ns is None:
-            return self.closed_ns
-        return self.closed_ns + self.open_end_ns - self.open_start_ns
+            return self.closed_ns + self.device_ns
+        return self.closed_ns + self.device_ns + self.open_end_ns - self.open_start_ns
 
     def add(self, start: int | None, end: int | None) -> None:
         if start is None or end is None:
@@ -253,7 +258,7 @@ def _consume(s: RankSummary, frame) -> None:
         t = s.ops.setdefault((pg, r["op"]), OpTotals())
         t.count += 1
         t.nbytes += r["nbytes"] or 0
-        t.busy_ns += r["duration_ns"] or 0
+        t.busy_ns += _timed_ns(r) or 0
         start, end = r["t_start_ns"], r["t_end_ns"]
         if start is not None and s.last_end_ns is not None and start > s.last_end_ns:
             t.gap_ns += start - s.last_end_ns
@@ -274,11 +279,22 @@ def _add_step(s: RankSummary, r: dict) -> None:
     t.count += 1
     t.nbytes += r["nbytes"] or 0
     start, end = r["t_start_ns"], r["t_end_ns"]
-    t.add(start, end)
+    if r.get("device_duration_ns") is not None:
+        t.device_ns += r["device_duration_ns"]
+    elif r.get("end_source") != "watchdog":
+        t.add(start, end)
     if start is not None:
         t.first_start_ns = start if t.first_start_ns is None else min(start, t.first_start_ns)
     if end is not None:
         t.last_end_ns = end if t.last_end_ns is None else max(end, t.last_end_ns)
+
+
+def _timed_ns(r: dict) -> int | None:
+    """A row's time in the collective as the analyzers read it: the device's, none for an
+    end only the watchdog saw, else the host's."""
+    if r.get("device_duration_ns") is not None:
+        return r["device_duration_ns"]
+    return None if r.get("end_source") == "watchdog" else r["duration_ns"]
 
 
 def completed_steps(s: RankSummary, last: int) -> list[tuple[int, str, StepTotals]]:
