@@ -27,6 +27,8 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, nproc: int, hosts: int, ste
                    "or auto (on when root; default)")
     g.add_argument("--tp", type=int, default=1,
                    help="ranks per tensor-parallel group; > 1 gives dp x tp process groups")
+    g.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages; > 1 gives dp x tp x pp (send/recv between stages)")
     g.add_argument("--steps", type=int, default=steps, help=f"training steps (default {steps})")
     g.add_argument("--timeout-s", type=float, default=600.0, help="end the run after this long")
     f = p.add_argument_group("fault")
@@ -78,7 +80,7 @@ def spec_from_args(args, run_dir: Path, job_args: tuple[str, ...] = ()):
     from ringwatch.cluster._spec import ClusterSpec
 
     return ClusterSpec(run_dir=run_dir, nproc=args.nproc, hosts=args.hosts, netns=args.netns,
-                       tp=args.tp, steps=args.steps, job_args=job_args,
+                       tp=args.tp, pp=args.pp, steps=args.steps, job_args=job_args,
                        timeout_s=args.timeout_s)
 
 

@@ -68,6 +68,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="trace the steps with torch.profiler, DIR/rank-R.json.gz at the end")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (Gloo, the default) or cuda (NCCL, one GPU per rank: LOCAL_RANK)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages (send/recv between them; see cluster/_pipeline.py)")
+    p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step (--pp)")
+    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
+                   help="pipeline schedule (--pp)")
+    p.add_argument("--last-stage-factor", type=float, default=1.0,
+                   help="the last stage does this many times the compute, by design (--pp)")
+    p.add_argument("--vary-seq", type=float, default=1.0,
+                   help="micro-batch rows drawn from [batch/S, batch*S] per replica (--pp)")
+    p.add_argument("--first-step", type=int, default=None,
+                   help="mark steps from this number (ringwatch.mark_step), as a job resumed "
+                        "from a checkpoint numbers them")
+    p.add_argument("--no-optimizer", action="store_true",
+                   help="update the weights by hand: no optimizer step, no step marks")
     _fr_dump.add_args(p)
     return p.parse_args(argv)
 
@@ -77,8 +91,9 @@ def _block_forever(signum, frame) -> None:
     threading.Event().wait()
 
 
-def _tp_blocks(args, tp_group, tp_size: int):
-    """Megatron-style blocks: column-parallel linear, ReLU, row-parallel linear."""
+def _tp_blocks(args, tp_group, tp_size: int, n_blocks: int | None = None):
+    """Megatron-style blocks (``--layers`` of them, or ``n_blocks``): column-parallel linear,
+    ReLU, row-parallel linear."""
     import torch
     import torch.distributed as dist
 
@@ -115,7 +130,7 @@ def _tp_blocks(args, tp_group, tp_size: int):
             h = torch.relu(self.up(ReduceInBackward.apply(x)))
             return ReduceInForward.apply(self.down(h))
 
-    return torch.nn.Sequential(*[Block() for _ in range(args.layers)])
+    return torch.nn.Sequential(*[Block() for _ in range(n_blocks or args.layers)])
 
 
 _SLOW = threading.Event()
@@ -136,9 +151,9 @@ def _extra_work(args, factor: float, device="cpu"):
     for _ in range(args.layers):
         layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
     local = torch.nn.Sequential(*layers).to(device)
-    rows = max(1, round((factor - 1) * args.batch))
 
-    def run() -> None:
+    def run(batch: int | None = None) -> None:  # batch: a micro-batch's rows
+        rows = max(1, round((factor - 1) * (batch or args.batch)))
         local(torch.randn(rows, args.width, device=device)).square().mean().backward()
         local.zero_grad(set_to_none=True)
 
@@ -185,7 +200,15 @@ def main(argv=None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % args.tp:
         raise SystemExit(f"--tp {args.tp} does not divide world size {world}")
-    if args.tp > 1:
+    pipe = None
+    if args.pp > 1:
+        from ringwatch.cluster import _pipeline
+
+        lay = _pipeline.check(world, args.tp, args.pp)
+        tp_group, dp_group = _pipeline.make_groups(lay)
+        pipe = _pipeline.PipelineStep(args, lay, tp_group, dp_group, _tp_blocks, device)
+        model, data_seed = pipe.model, rank
+    elif args.tp > 1:
         tp_group, dp_group = _groups(world, args.tp)
         torch.manual_seed(rank % args.tp)  # a tp shard is the same on all its dp replicas
         model = DDP(_tp_blocks(args, tp_group, args.tp).to(device), process_group=dp_group,
@@ -198,7 +221,7 @@ def main(argv=None) -> int:
             layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
         model = DDP(torch.nn.Sequential(*layers).to(device), bucket_cap_mb=args.bucket_cap_mb)
         data_seed = rank
-    if args.python_hook:
+    if args.python_hook and pipe is None:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         model.register_comm_hook(None, default_hooks.allreduce_hook)
@@ -209,6 +232,15 @@ def main(argv=None) -> int:
     if rank == args.extra_work_rank and args.extra_work_factor > 1:
         extra = _extra_work(args, args.extra_work_factor, device)
         sleep_s *= args.extra_work_factor  # its host-side work grows alike
+    if pipe is not None and pipe.lay.last and args.last_stage_factor > 1:  # by design
+        more = _extra_work(args, args.last_stage_factor, device)
+        extra = more if extra is None else (lambda b=None, a=extra, c=more: (a(b), c(b)))
+        sleep_s *= args.last_stage_factor
+    marker = None
+    if args.first_step is not None:
+        import ringwatch
+
+        marker = ringwatch.mark_step  # a no-op when ringwatch is not attached
     slowed = False
     marks = None
     if args.step_log:
@@ -237,18 +269,31 @@ def main(argv=None) -> int:
             if marks is not None:  # the first step that runs slowed: the fault's effect
                 marks.write(f"slowed\t{step}\n")
             more = _extra_work(args, args.slowdown_factor, device)
-            extra = more if extra is None else (lambda a=extra, b=more: (a(), b()))
+            extra = more if extra is None else (lambda b=None, a=extra, c=more: (a(b), c(b)))
             sleep_s *= args.slowdown_factor
+        if marker is not None:
+            marker(args.first_step + step)
         t0 = time.perf_counter()
-        if extra is not None:
-            extra()  # before the forward: this step's gradient buckets go out late
-        x = torch.randn(args.batch, args.width, generator=gen).to(device)
-        loss = model(x).square().mean()
-        loss.backward()
-        _fr_dump.after_backward(step, fault, faults, loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if sleep_s:
+        if pipe is not None:  # the extra work goes into every micro-batch's forward
+            pipe.extra, pipe.sleep_s = extra, sleep_s
+            pipe.step(step)
+        else:
+            if extra is not None:
+                extra()  # before the forward: this step's gradient buckets go out late
+            x = torch.randn(args.batch, args.width, generator=gen).to(device)
+            loss = model(x).square().mean()
+            loss.backward()
+            _fr_dump.after_backward(step, fault, faults, loss)
+        if args.no_optimizer:  # by hand: nothing ringwatch counts as a step
+            with torch.no_grad():
+                for prm in model.parameters():
+                    if prm.grad is not None:
+                        prm.add_(prm.grad, alpha=-0.01)
+                        prm.grad = None
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if sleep_s and pipe is None:  # a pipeline spends it in its micro-batches
             time.sleep(sleep_s)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a step's time is the GPU's, not its launch's
@@ -263,7 +308,8 @@ def main(argv=None) -> int:
     if marks is not None:
         marks.write(f"{args.steps}\t{time.time_ns()}\n")
         marks.close()
-    info = model._get_ddp_logging_data()  # refreshed at sampled iterations (10, 20, ...)
+    info = {} if pipe is not None else model._get_ddp_logging_data()  # refreshed at
+    # sampled iterations (10, 20, ...)
 
     def count(sizes) -> int:
         return len([s for s in str(sizes or "").split(",") if s.strip()])
@@ -271,7 +317,8 @@ def main(argv=None) -> int:
     first = count(info.get("bucket_sizes"))
     buckets = count(info.get("rebuilt_bucket_sizes")) or first
     if rank == 0:
-        out = {"world_size": world, "steps": args.steps, "tp": args.tp, "buckets": buckets,
+        out = {"world_size": world, "steps": args.steps, "tp": args.tp, "pp": args.pp,
+               "buckets": buckets,
                "buckets_first_step": first,
                "median_step_s": statistics.median(step_s[1:] or step_s), "pid": os.getpid()}
         line = json.dumps(out)

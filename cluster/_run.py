@@ -218,7 +218,7 @@ class Cluster:
 
     def _launch(self) -> None:
         spec, f = self.spec, self.fault
-        job_args = ["--steps", str(spec.steps), "--tp", str(spec.tp),
+        job_args = ["--steps", str(spec.steps), "--tp", str(spec.tp), "--pp", str(spec.pp),
                     "--step-log", str(self.steps_dir), *spec.job_args]
         if f.kind == "imbalance":
             job_args += ["--extra-work-rank", str(f.rank), "--extra-work-factor", str(f.factor)]
@@ -442,7 +442,9 @@ class Cluster:
             "onset_wall_ns": self._t0_ns if f.kind == "imbalance" else None,
             "onset_step": 0 if f.kind == "imbalance" else None,
             "cleared_wall_ns": None, "where": None,
-            "world_size": spec.nproc, "hosts": spec.hosts, "tp": spec.tp, "steps": spec.steps,
+            "world_size": spec.nproc, "hosts": spec.hosts, "tp": spec.tp, "pp": spec.pp,
+            "role": _role(spec, f.rank) if f.rank is not None and f.kind in (
+                "straggler", "hang", "imbalance") else None, "steps": spec.steps,
             "mode": self.mode, "launched_wall_ns": self._t0_ns,
             "outcome": None,
         }
@@ -488,3 +490,11 @@ def run_cluster(spec: ClusterSpec, fault: FaultSpec | None = None, **kw) -> RunR
     cluster = Cluster(spec, fault, **kw)
     with cluster:
         return cluster.run()
+
+
+def _role(spec, rank: int) -> dict:
+    """A rank's place in the job's dp x tp x pp layout (as ``cluster/_pipeline.py`` lays it
+    out: tp index fastest, then replica, then stage)."""
+    dp = spec.nproc // (spec.tp * spec.pp)
+    return {"stage": rank // (dp * spec.tp), "replica": rank % (dp * spec.tp) // spec.tp,
+            "tp_index": rank % spec.tp, "dp": dp, "tp": spec.tp, "pp": spec.pp}

@@ -118,6 +118,8 @@ class ClusterSpec:
         netns: ``on``: one network namespace per host joined by a bridge (needs root);
             ``off``: all on loopback, hosts only as labels; ``auto``: ``on`` when root.
         tp: Ranks per "tensor-parallel" group (1: plain DDP; > 1: dp × tp process groups).
+        pp: Pipeline stages (1: none; > 1: dp × tp × pp, send/recv between the stages, see
+            :mod:`ringwatch.cluster._pipeline`).
         steps: Training steps.
         job_args: Extra arguments for the workload (``ringwatch.cluster._job``).
         job_id: ringwatch job id of the run (default: derived from the run folder's name).
@@ -132,6 +134,7 @@ class ClusterSpec:
     hosts: int = 1
     netns: str = "auto"
     tp: int = 1
+    pp: int = 1
     steps: int = 60
     job_args: tuple[str, ...] = ()
     job_id: str | None = None
@@ -150,6 +153,9 @@ class ClusterSpec:
             raise ValueError(f"{self.hosts} hosts: at most 250")
         if self.tp < 1 or self.nproc % self.tp:
             raise ValueError(f"tp {self.tp}: expected a divisor of {self.nproc} ranks")
+        if self.pp < 1 or self.nproc % (self.tp * self.pp):
+            raise ValueError(f"tp {self.tp} x pp {self.pp}: expected a divisor of "
+                             f"{self.nproc} ranks")
         if self.netns not in NETNS_MODES:
             raise ValueError(f"netns {self.netns!r}: expected one of {', '.join(NETNS_MODES)}")
         if self.steps < 1:

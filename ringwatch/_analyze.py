@@ -27,7 +27,8 @@ PASSES = 5
 
 def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
                    min_stall_s: float | None = None, min_gain_share: float | None = None,
-                   progress=None, dumped_ns: dict[int, int] | None = None) -> tuple:
+                   progress=None, dumped_ns: dict[int, int] | None = None,
+                   layout=None) -> tuple:
     """Every analyzer over one job's rows (a whole log or an online window): the findings.
 
     Args:
@@ -43,6 +44,10 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         dumped_ns: ``rank -> wall ns`` of each rank's Flight Recorder dump when the rows come
             from dumps: hangs are then attributed from the dumps alone
             (:func:`~ringwatch.analyzers._fr_hangs.detect_dump_hangs`).
+        layout: The job's :class:`~ringwatch.analyzers._layout.Layout` (default: inferred
+            from the rows). With a pipeline, stragglers and imbalance come from each rank's
+            unblocked time against its stage's (:mod:`ringwatch.analyzers._work`): lateness
+            at collectives would blame a slow stage's neighbours, blocked in their receives.
     """
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
@@ -69,6 +74,17 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
     share = MIN_GAIN_SHARE if min_gain_share is None else min_gain_share
     stage(2, "stragglers")
     stragglers = detect_stragglers(events)
+    if layout is None:
+        from ringwatch.analyzers._layout import infer_layout
+
+        layout = infer_layout(events)
+    if layout.pp > 1 and "async_op" in events.columns:
+        from ringwatch.analyzers._work import detect_work_findings
+
+        hosts = {int(r): str(h) for r, h in events.select("rank", "host").unique("rank")
+                 .iter_rows() if r is not None and h is not None}
+        stragglers = tuple(f for f in stragglers if f.kind not in ("straggler", "imbalance")
+                           ) + detect_work_findings(events, layout.peers_frame(), hosts=hosts)
     stage(3, "slow links")
     findings += significant(explain_by_links(stragglers, detect_slow_links(events)), events,
                             share)
@@ -123,7 +139,7 @@ def with_power(findings: tuple, events, recordings) -> tuple:
 
 def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
                 probe: dict | None = None, plots: bool = False, recordings=(),
-                progress=None) -> dict:
+                progress=None, layout: str | None = None) -> dict:
     """Findings of every analyzer over one job's logs.
 
     Post-mortem (default) the stall of a hang is measured up to the agents' newest write;
@@ -135,12 +151,16 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     ``plots``: add ``_plots``, the report page's plots (:mod:`ringwatch._report`), with
     ``recordings`` (loaded ``ringwatch agent --record`` files) aligned on the job's steps.
     ``progress``: ``progress(what, done, total)`` as files are read and passes run.
+    ``layout``: a declared layout (``tp=4,pp=2,dp=2``), else inferred from the groups.
     """
     from ringwatch.analyzers._timing import TIMING_COLUMNS, with_analysis_durations
 
     # the device's durations, or none where only the watchdog saw the end, folded into
     # duration_ns as soon as read (analyzers/_timing.py)
-    read = {"columns": [*ANALYZED_COLUMNS, *TIMING_COLUMNS], "categorical": True}
+    from ringwatch.analyzers._work import WORK_COLUMNS
+
+    read = {"columns": [*ANALYZED_COLUMNS, *TIMING_COLUMNS, *WORK_COLUMNS],
+            "categorical": True}
     dumps = getattr(job, "kind", None) == "flight recorder dumps"
     if dumps:  # hangs from dumps alone also compare the members' dtypes and sizes
         from ringwatch.analyzers._fr_hangs import DUMP_COLUMNS
@@ -159,11 +179,13 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     else:
         now_ns = max(seen.values())
     from ringwatch.analyzers import estimate_clock_offsets
+    from ringwatch.analyzers._layout import infer_layout, parse_layout
     from ringwatch.analyzers._stragglers import split_hiccups
 
+    lay = infer_layout(events) if layout is None else parse_layout(layout, len(job.ranks))
     findings, hiccups = split_hiccups(
         analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s,
-                       progress=progress, dumped_ns=seen if dumps else None))
+                       progress=progress, dumped_ns=seen if dumps else None, layout=lay))
     if probe is not None:
         findings = with_probe(findings, probe)
     if recordings:
@@ -183,6 +205,10 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     return {"job_id": job.job_id, "kind": getattr(job, "kind", "ringwatch logs"),
             "path": str(job.path), "ranks": sorted(job.ranks),
             "collectives": events.height, "as_of_ns": now_ns, "clock_offsets": clocks,
+            "layout": {"dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "source": lay.source,
+                       "stages": {str(r): s for r, s in sorted(lay.stage.items())}
+                       if lay.pp > 1 else None, "notes": list(lay.notes),
+                       "text": lay.describe()},
             "findings": [f.to_dict() for f in findings], "_findings": findings,
             "hiccups": [f.to_dict() for f in hiccups], "_hiccups": hiccups,
             "unreadable": list(job.problems), **extra}
@@ -215,6 +241,9 @@ def report_lines(report: dict) -> list[str]:
              + ("" if kind == "ringwatch logs" else f" ({kind}, {report['path']})")
              + f": {len(report['ranks'])} rank(s), "
              f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
+    lay = report.get("layout")
+    if lay and (lay["pp"] > 1 or lay["tp"] > 1 or lay["source"] == "declared"):
+        lines.append(f"layout: {lay['text']}")
     clocks = report.get("clock_offsets", [])
     others = [c for c in clocks if c["error_ns"] != 0]
     if others:
@@ -292,7 +321,7 @@ def cmd_analyze(args) -> int:
         for source in opened.sources:
             report = analyze_job(source, online=args.online, min_stall_s=args.min_stall_s,
                                  probe=probe, plots=html is not None, recordings=recordings,
-                                 progress=progress)
+                                 progress=progress, layout=getattr(args, "layout", None))
             if len(opened.sources) == 1:
                 report["unreadable"] = opened.unreadable + report["unreadable"]
             reports.append(report)

@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--gpu-recording", metavar="FILE", nargs="+", action="extend",
                     help="`ringwatch agent --record` recordings of the job's nodes: GPU "
                     "power over the steps in the --html page (aligned on wall time)")
+    an.add_argument("--layout", metavar="SPEC", help="the job's parallel layout, e.g. "
+                    "tp=4,pp=2,dp=2 (tensor-parallel index fastest, then replica, then stage, "
+                    "as Megatron lays ranks out); by default inferred from the groups and "
+                    "send/recv pairs")
     an.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("schema", help="print the event schema")

@@ -1,0 +1,254 @@
+"""Who does more work per step than its symmetric peers, which role is the bottleneck by design,
+and whether the extra work wanders from rank to rank: from each rank's *unblocked* time.
+
+A rank's step lasts from its first communication of a step to its first of the next. Within it,
+the time blocked in communication (a blocking collective, a receive, a wait: rows not issued
+asynchronously) is time it waited for someone; the rest is its own work (compute, host code,
+launching). On a pipeline this is the figure that reads the job right: a slow stage's
+neighbours block in their receives, so their work stays what it was, while the slow rank's work
+grows. Lateness at collectives alone (:mod:`ringwatch.analyzers._stragglers`) would blame the
+neighbours too: blocked in a receive, they come late to their own data-parallel all-reduce.
+
+Compared within the rank's *role* (its pipeline stage: :mod:`ringwatch.analyzers._layout`),
+whose ranks do the same work by construction:
+
+* **straggler**: a rank whose work exceeds its role's median by more than the job's noise in
+  most steps, from the first step or from a later onset (a one-sided CUSUM, as the lateness
+  detector's);
+* **structural imbalance**: a role whose median work stays above the other roles' (a heavier
+  last stage), named with its cost per step;
+* **workload imbalance**: ranks of a role whose work differs by a lot from step to step while
+  no one rank is the one behind (sequence lengths, expert routing), with its size.
+
+A job whose every collective is asynchronous (DDP's gradient buckets: the wait for them is in
+the backward pass, not in a row) shows every rank's work as its whole step, alike on all ranks:
+this analyzer finds nothing there and the lateness detector does the work.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from ringwatch.analyzers._findings import Finding
+from ringwatch.analyzers._steps import _merged_ns
+
+#: Columns this analyzer reads besides those of ``ANALYZED_COLUMNS``.
+WORK_COLUMNS = ("async_op",)
+
+
+def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
+    """Per (rank, step): ``step_ms`` (first communication of the step to the first of the
+    next, the rank's monotonic clock), ``blocked_ms`` (time in blocking communication, overlaps
+    once) and ``work_ms`` (the difference). Empty without ``async_op`` or steps."""
+    if "async_op" not in events.columns:
+        return pl.DataFrame(schema={"rank": pl.Int32, "step": pl.Int64, "step_ms": pl.Float64,
+                                    "blocked_ms": pl.Float64, "work_ms": pl.Float64})
+    rows = events.filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
+    starts = (rows.group_by("rank", "step").agg(pl.col("mono_start_ns").min().alias("_s"))
+              .sort("rank", "step")
+              .with_columns((pl.col("_s").shift(-1).over("rank") - pl.col("_s"))
+                            .alias("_dur")))
+    blk = (rows.filter((pl.col("async_op") == False) & pl.col("mono_end_ns").is_not_null()  # noqa: E712
+                       & (pl.col("mono_end_ns") >= pl.col("mono_start_ns")))
+           .sort("rank", "step", "mono_start_ns"))
+    busy = _merged_ns(blk, "mono_start_ns", "mono_end_ns", ["rank", "step"])
+    return (starts.filter(pl.col("_dur").is_not_null() & (pl.col("_dur") > 0))
+            .join(busy, on=["rank", "step"], how="left")
+            .with_columns(pl.col("merged_ns").fill_null(0))
+            .select(pl.col("rank").cast(pl.Int32), "step",
+                    (pl.col("_dur") / 1e6).alias("step_ms"),
+                    (pl.col("merged_ns") / 1e6).alias("blocked_ms"),
+                    ((pl.col("_dur") - pl.col("merged_ns")).clip(lower_bound=0) / 1e6)
+                    .alias("work_ms"))
+            .sort("rank", "step"))
+
+
+def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *, warmup_steps: int = 2,
+                         baseline_steps: int = 20, floor_ms: float = 1.0,
+                         floor_share: float = 0.02, threshold: float = 6.0,
+                         slack: float = 1.0, persist: int = 3, start_share: float = 0.75,
+                         role_share: float = 0.10, wander_share: float = 0.10,
+                         min_gain_share: float = 0.05,
+                         hosts: dict[int, str] | None = None) -> tuple[Finding, ...]:
+    """Stragglers, structural and workload imbalance from the ranks' unblocked time.
+
+    Args:
+        events: Rows of one job (with ``async_op``).
+        roles: ``rank``, ``role`` (:meth:`~ringwatch.analyzers._layout.Layout.peers_frame`).
+        warmup_steps: Leading steps (seen) left out.
+        baseline_steps: Steps (seen) after the warm-up that give the noise and show a rank
+            behind from the start.
+        floor_ms, floor_share: Least noise: the larger of ``floor_ms`` and ``floor_share``
+            of the job's median step (a job that quiet does not flag a tenth of a ms; a job
+            of 2 ms steps is not judged on 2 ms).
+        threshold, slack, persist: The CUSUM, as the lateness detector's: excess over the
+            role's median above ``slack`` x noise in ``persist`` of the last ``persist + 1``
+            steps, summed past ``threshold`` x noise.
+        start_share: A rank over its role's median by more than ``threshold`` x noise in this
+            share of the baseline steps is behind from the start.
+        role_share: A role whose median work exceeds the other roles' by this share of the
+            step (and ``threshold`` x noise) is the bottleneck by design.
+        wander_share: Within a role, a median spread (max minus min work, per step) of
+            this share of the step, with no rank the one behind in half the steps or more,
+            is workload imbalance.
+        min_gain_share: Least extra work of a straggler, as a share of the job's step.
+        hosts: ``rank -> host`` for the findings.
+    """
+    work = compute_step_work(events)
+    if work.is_empty():
+        return ()
+    hosts = hosts or {}
+    work = work.join(roles, on="rank", how="left").with_columns(pl.col("role").fill_null(0))
+    work = work.with_columns((pl.col("step").rank("dense") - 1).alias("_n"))
+    work = work.filter(pl.col("_n") >= warmup_steps).with_columns(pl.col("_n") - warmup_steps)
+    if work.is_empty():
+        return ()
+    step_ms = float(work["step_ms"].median())
+    work = work.with_columns(
+        pl.col("work_ms").median().over("step", "role").alias("_role_ms"),
+        pl.len().over("step", "role").alias("_peers"))
+    work = work.with_columns((pl.col("work_ms") - pl.col("_role_ms")).alias("excess_ms"))
+    head = work.filter((pl.col("_n") < baseline_steps) & (pl.col("_peers") > 1))
+    # a robust spread (1.4826 x the median absolute deviation): a rank behind from the start
+    # is in these steps too, and must not widen the noise it is judged against
+    mad = head.select((pl.col("excess_ms") - pl.col("excess_ms").median()).abs().median()
+                      ).item() if head.height > 1 else None
+    noise = max(floor_ms, floor_share * step_ms, 0.0 if mad is None else 1.4826 * float(mad))
+    out: list[Finding] = []
+    named = set()
+    for f in _behind(work, noise, threshold=threshold, slack=slack, persist=persist,
+                     start_share=start_share, baseline_steps=baseline_steps, hosts=hosts,
+                     least_ms=min_gain_share * step_ms):
+        named.add(f.ranks[0])
+        out.append(f)
+    out += _bottleneck_role(work, noise, step_ms, threshold=threshold, share=role_share,
+                            hosts=hosts)
+    out += _wandering(work.filter(~pl.col("rank").is_in(list(named))), noise, step_ms,
+                      share=wander_share, threshold=threshold, hosts=hosts)
+    return tuple(out)
+
+
+def _behind(work: pl.DataFrame, noise: float, *, threshold: float, slack: float,
+            persist: int, start_share: float, baseline_steps: int,
+            hosts: dict[int, str], least_ms: float, min_steps: int = 8) -> list[Finding]:
+    """Ranks whose work exceeds their role's: from the start, or since an onset (CUSUM)."""
+    k, h = slack * noise, threshold * noise
+    df = work.filter(pl.col("_peers") > 2).sort("rank", "step")
+    if df.is_empty():
+        return []
+    c = (pl.col("excess_ms") - k).cum_sum().over("rank")
+    df = df.with_columns(c.alias("_c"))
+    df = df.with_columns((pl.col("_c") - pl.col("_c").cum_min().over("rank")
+                          .clip(upper_bound=0.0)).alias("cusum_ms"),
+                         (pl.col("excess_ms") > k).cast(pl.Int32)
+                         .rolling_sum(persist + 1, min_samples=1).over("rank").alias("_hits"))
+    out = []
+    for (rank,), mine in df.partition_by("rank", as_dict=True, maintain_order=True).items():
+        head = mine.filter(pl.col("_n") < baseline_steps)
+        steps = mine["step"].to_list()
+        if head.height >= persist and (head["excess_ms"] > h).mean() >= start_share:
+            since, detected = steps[0], head["step"][persist - 1]
+            how = "from the job's first steps"
+        else:
+            hit = mine.filter((pl.col("cusum_ms") >= h) & (pl.col("_hits") >= persist))
+            if hit.is_empty():
+                continue
+            detected = int(hit["step"][0])
+            # the late streak that the sum ends with
+            late = (mine["excess_ms"] > k).to_list()
+            i = steps.index(detected)
+            while i > 0 and (late[i - 1] or (i > 1 and late[i - 2])):
+                i -= 1 if late[i - 1] else 2
+            since = steps[i]
+            how = f"since step {since}"
+        run = mine.filter(pl.col("step") >= since)
+        if run.height < min_steps:  # a few steps at the end of the data: not yet a fault
+            continue
+        extra = float(run["excess_ms"].median())
+        if extra <= max(k, least_ms):  # real, but not worth a finding
+            continue
+        role = int(mine["role"][0])
+        peers = int(mine["_peers"].max()) - 1
+        out.append(Finding(
+            kind="straggler", cls="compute straggler", ranks=(int(rank),),
+            hosts=(hosts[rank],) if rank in hosts else (), since_step=int(since),
+            detected_step=int(detected),
+            confidence=min(1.0, 0.5 + extra / (4 * threshold * noise)),
+            gain_s_per_step=extra / 1e3,
+            evidence=(f"rank {rank} worked {extra:.1f} ms per step longer than the median of "
+                      f"its {peers} symmetric peer(s) (role {role}: same stage, same work by "
+                      f"construction) {how} (job noise {noise:.1f} ms)",
+                      "time not blocked in communication: its peers and pipeline "
+                      "neighbours wait for it, it waits for no one")))
+    return out
+
+
+def _bottleneck_role(work: pl.DataFrame, noise: float, step_ms: float, *, threshold: float,
+                     share: float, hosts: dict[int, str]) -> list[Finding]:
+    """The role whose work stays above the others' (by design: a heavier stage)."""
+    per = work.group_by("step", "role").agg(pl.col("work_ms").median().alias("_w"))
+    if per["role"].n_unique() < 2:
+        return []
+    per = per.with_columns(
+        (pl.col("_w") - pl.col("_w").median().over("step")).alias("_over"))
+    roles = per.group_by("role").agg(pl.col("_over").median(), pl.col("_w").median(),
+                                     (pl.col("_over") > 0).mean().alias("_share"))
+    top = roles.sort("_over", descending=True).row(0, named=True)
+    others = float(roles.filter(pl.col("role") != top["role"])["_w"].median())
+    extra = top["_w"] - others
+    # balanced, every stage would do the stages' mean; the pipeline runs at its slowest's pace
+    gain_ms = step_ms * (top["_w"] - float(roles["_w"].mean())) / top["_w"]
+    if extra < max(threshold * noise, share * step_ms) or top["_share"] < 0.75:
+        return []
+    ranks = sorted(int(r) for r in work.filter(pl.col("role") == top["role"])["rank"].unique())
+    return [Finding(
+        kind="imbalance", cls="structural imbalance", ranks=tuple(ranks),
+        hosts=tuple(dict.fromkeys(hosts[r] for r in ranks if r in hosts)),
+        since_step=int(work["step"].min()), detected_step=int(work["step"].max()),
+        confidence=min(1.0, extra / (2 * max(threshold * noise, share * step_ms))),
+        gain_s_per_step=gain_ms / 1e3,
+        evidence=(f"stage {top['role']} (ranks {_span(ranks)}) is the bottleneck: "
+                  f"{top['_w']:.1f} ms of work per step against {others:.1f} ms on the other "
+                  f"stages, +{extra:.1f} ms per step, in {top['_share']:.0%} of the steps",
+                  f"the pipeline runs at its pace: balanced stages would take the step from "
+                  f"{step_ms:.0f} to ~{step_ms - gain_ms:.0f} ms",
+                  "every rank of the stage alike, from the first steps: more work by design "
+                  "(the loss, an output layer, more layers); rebalance the layers"))]
+
+
+def _wandering(work: pl.DataFrame, noise: float, step_ms: float, *, share: float,
+               threshold: float, hosts: dict[int, str]) -> list[Finding]:
+    """Roles whose ranks' work differs a lot step to step, no one rank the one behind."""
+    out = []
+    df = work.filter(pl.col("_peers") > 1)
+    for (role,), rows in df.partition_by("role", as_dict=True, maintain_order=True).items():
+        per = rows.group_by("step").agg(
+            (pl.col("work_ms").max() - pl.col("work_ms").min()).alias("_spread"),
+            (pl.col("work_ms").max() - pl.col("work_ms").mean()).alias("_lost"),
+            pl.col("rank").sort_by("work_ms").last().alias("_top"))
+        spread, lost = float(per["_spread"].median()), float(per["_lost"].median())
+        top_share = float(per["_top"].value_counts()["count"].max()) / per.height
+        # judged on the step alone: the job's noise is this very spread
+        if spread < share * step_ms or top_share >= 0.5:
+            continue
+        ranks = sorted(int(r) for r in rows["rank"].unique())
+        out.append(Finding(
+            kind="imbalance", cls="workload imbalance", ranks=tuple(ranks),
+            hosts=tuple(dict.fromkeys(hosts[r] for r in ranks if r in hosts)),
+            since_step=int(rows["step"].min()), detected_step=int(rows["step"].max()),
+            confidence=min(1.0, spread / (2 * share * step_ms)),
+            gain_s_per_step=lost / 1e3,
+            evidence=(f"in stage {role} (ranks {_span(ranks)}) the busiest rank worked "
+                      f"{spread:.1f} ms per step more than the least busy one (median over "
+                      f"steps; {lost:.1f} ms over the mean, what the others wait), and it was "
+                      f"a different rank from step to step (none in more than "
+                      f"{top_share:.0%} of the steps)",
+                      "data-dependent work (sequence lengths, expert routing): balance the "
+                      "batches by tokens, not a rank to replace")))
+    return out
+
+
+def _span(ranks: list[int]) -> str:
+    from ringwatch._schema import format_ranks
+
+    return format_ranks(ranks)

@@ -1,0 +1,212 @@
+"""The local cluster's hybrid-parallel workload: data x tensor x pipeline parallel on Gloo.
+
+Ranks are laid out as Megatron lays them out by default, tensor-parallel index fastest, then
+data-parallel, then pipeline stage: ``rank = stage * (dp * tp) + replica * tp + tp_index``.
+Each stage holds ``--layers / pp`` blocks (Megatron-style tensor-parallel blocks when tp > 1,
+their all-reduces in the tp group); activations go forward and gradients back over
+``send``/``recv`` between the ranks of consecutive stages with the same replica and tp index
+(sends asynchronous, receives blocking); after the pipeline, each stage's gradients are
+all-reduced over its data-parallel group (one flat buffer), then the SGD update.
+
+Schedules (``--schedule``): ``gpipe`` (every micro-batch forward, then every one backward) or
+``1f1b`` (after ``pp - stage - 1`` warm-up forwards, one forward then one backward).
+
+``--step-sleep-ms`` is spent in the micro-batches (a third in each forward, two thirds in each
+backward), as a GPU's compute keeps the host idle. Workloads with imbalance by design:
+``--last-stage-factor F`` gives the last stage F times the compute and the idle time of the
+others (the loss and the embedding's output layer); ``--vary-seq S`` draws the micro-batches'
+rows from ``[batch/S, batch*S]`` per replica and step (sequence lengths that vary), the same on
+every stage and tp peer of a replica, different between replicas: who comes last moves from
+replica to replica, step to step.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One rank's place in a dp x tp x pp job."""
+
+    rank: int
+    world: int
+    tp: int
+    pp: int
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+    @property
+    def stage(self) -> int:
+        return self.rank // (self.dp * self.tp)
+
+    @property
+    def replica(self) -> int:
+        return self.rank % (self.dp * self.tp) // self.tp
+
+    @property
+    def tp_index(self) -> int:
+        return self.rank % self.tp
+
+    def at(self, stage: int) -> int:
+        """The rank at ``stage`` with this rank's replica and tp index."""
+        return stage * self.dp * self.tp + self.replica * self.tp + self.tp_index
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.pp - 1
+
+
+def check(world: int, tp: int, pp: int) -> Layout:
+    """This rank's layout; SystemExit when tp x pp does not divide the world."""
+    import torch.distributed as dist
+
+    if world % (tp * pp):
+        raise SystemExit(f"--tp {tp} x --pp {pp} does not divide world size {world}")
+    return Layout(dist.get_rank(), world, tp, pp)
+
+
+def make_groups(lay: Layout):
+    """Every tp group and every dp group, created on all ranks in the same order; this
+    rank's ``(tp group or None, dp group or None)``."""
+    import torch.distributed as dist
+
+    mine_tp = mine_dp = None
+    per_stage = lay.dp * lay.tp
+    if lay.tp > 1:
+        for s in range(lay.pp):
+            for d in range(lay.dp):
+                first = s * per_stage + d * lay.tp
+                g = dist.new_group(list(range(first, first + lay.tp)),
+                                   group_desc=f"tp-s{s}-d{d}")
+                if (lay.stage, lay.replica) == (s, d):
+                    mine_tp = g
+    if lay.dp > 1:
+        for s in range(lay.pp):
+            for t in range(lay.tp):
+                members = [s * per_stage + d * lay.tp + t for d in range(lay.dp)]
+                g = dist.new_group(members, group_desc=f"dp-s{s}-t{t}")
+                if (lay.stage, lay.tp_index) == (s, t):
+                    mine_dp = g
+    return mine_tp, mine_dp
+
+
+class PipelineStep:
+    """One training step of this rank's stage: ``step(n)`` runs the schedule, the gradient
+    all-reduce and the update. ``extra(rows)`` (or None) is more compute per micro-batch of
+    ``rows`` samples (a fault or a heavier stage)."""
+
+    def __init__(self, args, lay: Layout, tp_group, dp_group, blocks_fn, device):
+        import torch
+
+        self.args, self.lay, self.dp_group, self.device = args, lay, dp_group, device
+        per = max(1, args.layers // lay.pp)
+        torch.manual_seed(1000 * lay.stage + lay.tp_index)  # a shard is the same on replicas
+        if lay.tp > 1:
+            self.model = blocks_fn(args, tp_group, lay.tp, per).to(device)
+        else:
+            layers = []
+            for _ in range(per):
+                layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
+            self.model = torch.nn.Sequential(*layers).to(device)
+        self.params = [p for p in self.model.parameters()]
+        self.extra = None
+        #: Host-side time per step (s), as a GPU's compute keeps the host idle: spread over
+        #: the micro-batches, a third in each forward, two thirds in each backward.
+        self.sleep_s = 0.0
+
+    def _rows(self, step: int, m: int) -> int:
+        spread = self.args.vary_seq
+        if spread <= 1:
+            return self.args.batch
+        # one draw per replica and step: a replica's whole batch is long or short that step
+        rng = random.Random(step * 1_000_003 + self.lay.replica)
+        lo, hi = max(1, round(self.args.batch / spread)), round(self.args.batch * spread)
+        return rng.randint(lo, hi)
+
+    def step(self, n: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        lay, args = self.lay, self.args
+        prev = None if lay.first else lay.at(lay.stage - 1)
+        nxt = None if lay.last else lay.at(lay.stage + 1)
+        mbs = args.micro_batches
+        inputs, outputs, sizes = [None] * mbs, [None] * mbs, [args.batch] * mbs
+        # sends do not block (isend, waited at the end of the step): with blocking sends two
+        # neighbours that both send first (1F1B's steady state) wait for each other for good
+        sent = []
+
+        def send(t, dst: int) -> None:
+            sent.append((dist.isend(t, dst=dst), t))
+
+        def forward(m: int) -> None:
+            rows = self._rows(n, m)
+            if prev is None:
+                g = torch.Generator().manual_seed(n * 1_000_003 + m * 1009 + lay.replica)
+                x = torch.randn(rows, args.width, generator=g).to(self.device)
+            else:
+                x = torch.empty(rows, args.width, device=self.device)
+                dist.recv(x, src=prev)
+                x.requires_grad_()
+            if self.extra is not None:
+                self.extra(rows)
+            if self.sleep_s:  # the idle time grows with the micro-batch's rows
+                time.sleep(self.sleep_s * rows / args.batch / (3 * mbs))
+            y = self.model(x)
+            if nxt is not None:
+                send(y.detach().contiguous(), nxt)
+            inputs[m], outputs[m] = x, y.square().mean() if nxt is None else y
+            sizes[m] = rows
+
+        def backward(m: int) -> None:
+            y = outputs[m]
+            if self.sleep_s:
+                time.sleep(2 * self.sleep_s * sizes[m] / args.batch / (3 * mbs))
+            if nxt is None:
+                y.backward()
+            else:
+                grad = torch.empty_like(y)
+                dist.recv(grad, src=nxt)
+                y.backward(grad)
+            if prev is not None:
+                send(inputs[m].grad.contiguous(), prev)
+            inputs[m] = outputs[m] = None
+
+        if args.schedule == "gpipe":
+            for m in range(mbs):
+                forward(m)
+            for m in range(mbs):
+                backward(m)
+        else:  # 1F1B: warm-up forwards, then one forward one backward, then the rest
+            warm = min(mbs, lay.pp - lay.stage - 1)
+            for m in range(warm):
+                forward(m)
+            for m in range(warm, mbs):
+                forward(m)
+                backward(m - warm)
+            for m in range(mbs - warm, mbs):
+                backward(m)
+        for work, _ in sent:
+            work.wait()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.dp_group is not None and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= lay.dp
+            at = 0
+            for g in grads:
+                g.copy_(flat[at:at + g.numel()].view_as(g))
+                at += g.numel()
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None

@@ -1,0 +1,108 @@
+"""Hybrid-parallel jobs: the layout from the groups and send/recv pairs, and the verdicts from
+each rank's unblocked time against its stage's, on real runs (``tests/data/pipeline/``: 8 Gloo
+ranks, dp x tp x pp = 2 x 2 x 2, 1F1B)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ringwatch._analyze import analyze_events
+from ringwatch.analyzers._layout import infer_layout, parse_layout
+from ringwatch.analyzers._stragglers import split_hiccups
+from ringwatch.analyzers._work import compute_step_work
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "pipeline"
+
+
+def _run(name: str) -> pl.DataFrame:
+    return pl.read_parquet(DATA / f"{name}.parquet")
+
+
+def _findings(ev: pl.DataFrame, **kw):
+    return split_hiccups(analyze_events(ev, now_ns=int(ev["t_end_ns"].max()), **kw))[0]
+
+
+def test_the_layout_is_read_from_the_groups_and_the_pipeline():
+    lay = infer_layout(_run("healthy"))
+    assert (lay.dp, lay.tp, lay.pp, lay.source) == (2, 2, 2, "inferred")
+    # tp index fastest, then replica, then stage: stage 0 holds ranks 0-3
+    assert lay.stage == {0: 0, 1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 1, 7: 1}
+    assert len(lay.tp_groups) == len(lay.dp_groups) == 4
+    assert lay.describe() == "dp=2 x tp=2 x pp=2 (inferred from the groups and send/recv pairs)"
+
+
+def test_a_job_without_send_recv_is_one_role():
+    ev = _run("healthy").filter(~pl.col("is_p2p"))
+    assert set(infer_layout(ev).stage.values()) == {0}
+
+
+def test_send_recv_that_chain_no_path_give_no_stages():
+    ev = _run("healthy")
+    # rank 0 also sends to rank 7 and rank 3: a star, not a chain
+    extra = ev.filter(pl.col("is_p2p") & (pl.col("rank") == 0)).head(2).with_columns(
+        pl.Series("peer", [7, 3], dtype=pl.Int32))
+    lay = infer_layout(pl.concat([ev, extra]))
+    assert lay.pp == 1 and lay.notes
+
+
+@pytest.mark.parametrize("spec,stage_of_5", [("tp=2,pp=2,dp=2", 1), ("pp=2", 1),
+                                             ("tp=2,pp=4", 2)])
+def test_a_declared_layout(spec, stage_of_5):
+    lay = parse_layout(spec, 8)
+    assert lay.source == "declared" and lay.stage[5] == stage_of_5
+
+
+@pytest.mark.parametrize("spec", ["tp=3", "tp=2,pp=2,dp=4", "tp=x", "mp=2", "tp=0"])
+def test_a_declared_layout_that_does_not_fit_is_refused(spec):
+    with pytest.raises(ValueError):
+        parse_layout(spec, 8)
+
+
+def test_unblocked_time_reads_the_pipeline_right():
+    # a receive waits for the neighbour stage: blocked, not work; isends are not waits
+    w = compute_step_work(_run("strag-mid")).filter(pl.col("step") >= 30)
+    per = dict(w.group_by("rank").agg(pl.col("work_ms").median()).iter_rows())
+    peers = [per[r] for r in (4, 6, 7)]
+    assert per[5] > 1.5 * max(peers)
+    # its pipeline neighbours (ranks 0, 1) block in their receives: their work is as ever
+    assert max(per[0], per[1]) < 1.2 * max(per[2], per[3])
+
+
+def test_healthy_gives_no_finding():
+    assert _findings(_run("healthy")) == ()
+
+
+def test_a_straggler_mid_run_is_named_against_its_stage():
+    (f,) = _findings(_run("strag-mid"))
+    assert (f.kind, f.cls, f.ranks) == ("straggler", "compute straggler", (5,))
+    assert 25 <= f.since_step <= 27 and f.detected_step <= 28  # injected at step 25
+
+
+def test_a_replica_slow_from_the_first_step_is_a_straggler_not_imbalance():
+    (f,) = _findings(_run("strag-0"))
+    assert (f.kind, f.cls, f.ranks) == ("straggler", "compute straggler", (3,))
+    assert f.since_step <= 3 and "first steps" in f.evidence[0]
+
+
+def test_a_heavier_last_stage_is_structural_imbalance_naming_the_stage():
+    (f,) = _findings(_run("laststage"))
+    assert (f.kind, f.cls, f.ranks) == ("imbalance", "structural imbalance", (4, 5, 6, 7))
+    assert "stage 1" in f.evidence[0] and f.gain_s_per_step > 0
+
+
+def test_varying_sequence_lengths_are_workload_imbalance_not_a_fault():
+    fs = _findings(_run("varyseq"))
+    assert fs and all((f.kind, f.cls) == ("imbalance", "workload imbalance") for f in fs)
+
+
+def test_without_the_layout_the_lateness_detector_cannot_tell():
+    # what the layout buys: read as one role with lateness alone (the DDP rules), the same
+    # straggler run is not named (its neighbours, blocked in receives, look late too)
+    from ringwatch.analyzers._layout import Layout
+
+    flat = Layout(stage={r: 0 for r in range(8)})
+    assert [f.ranks for f in _findings(_run("strag-mid"), layout=flat)
+            if f.kind == "straggler"] != [(5,)]
