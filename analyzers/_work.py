@@ -48,9 +48,24 @@ def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
               .sort("rank", "step")
               .with_columns((pl.col("_s").shift(-1).over("rank") - pl.col("_s"))
                             .alias("_dur")))
-    blk = (rows.filter((pl.col("async_op") == False) & pl.col("mono_end_ns").is_not_null()  # noqa: E712
+    done = rows.filter(pl.col("mono_end_ns").is_not_null()
                        & (pl.col("mono_end_ns") >= pl.col("mono_start_ns")))
-           .sort("rank", "step", "mono_start_ns"))
+    blk = done.filter(pl.col("async_op") == False).select(  # noqa: E712
+        "rank", "step", "mono_start_ns", "mono_end_ns")
+    # The step's asynchronous ops (DDP's buckets, isends) are waited for before the step
+    # ends: from the rank's last own activity before the last of them completes (its last
+    # issue, or the end of its last blocking op) to that completion, it is blocked.
+    last_async = (done.filter(pl.col("async_op") == True)  # noqa: E712
+                  .group_by("rank", "step").agg(pl.col("mono_end_ns").max().alias("_ae")))
+    free = pl.when(pl.col("async_op") == False).then(pl.col("mono_end_ns")  # noqa: E712
+                                                     ).otherwise(pl.col("mono_start_ns"))
+    waits = (done.join(last_async, on=["rank", "step"])
+             .filter(pl.col("mono_start_ns") <= pl.col("_ae"))
+             .group_by("rank", "step").agg(free.max().alias("_free"), pl.col("_ae").first())
+             .filter(pl.col("_ae") > pl.col("_free"))
+             .select("rank", "step", pl.col("_free").alias("mono_start_ns"),
+                     pl.col("_ae").alias("mono_end_ns")))
+    blk = pl.concat([blk, waits], how="vertical_relaxed").sort("rank", "step", "mono_start_ns")
     busy = _merged_ns(blk, "mono_start_ns", "mono_end_ns", ["rank", "step"])
     return (starts.filter(pl.col("_dur").is_not_null() & (pl.col("_dur") > 0))
             .join(busy, on=["rank", "step"], how="left")
@@ -116,7 +131,7 @@ def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *, warmup_st
     noise = max(floor_ms, floor_share * step_ms, 0.0 if mad is None else 1.4826 * float(mad))
     out: list[Finding] = []
     named = set()
-    for f in _behind(work, noise, threshold=threshold, slack=slack, persist=persist,
+    for f in _behind(events, work, noise, threshold=threshold, slack=slack, persist=persist,
                      start_share=start_share, baseline_steps=baseline_steps, hosts=hosts,
                      least_ms=min_gain_share * step_ms):
         named.add(f.ranks[0])
@@ -128,14 +143,15 @@ def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *, warmup_st
     return tuple(out)
 
 
-def _behind(work: pl.DataFrame, noise: float, *, threshold: float, slack: float,
-            persist: int, start_share: float, baseline_steps: int,
+def _behind(events: pl.DataFrame, work: pl.DataFrame, noise: float, *, threshold: float,
+            slack: float, persist: int, start_share: float, baseline_steps: int,
             hosts: dict[int, str], least_ms: float, min_steps: int = 8) -> list[Finding]:
     """Ranks whose work exceeds their role's: from the start, or since an onset (CUSUM)."""
     k, h = slack * noise, threshold * noise
     df = work.filter(pl.col("_peers") > 2).sort("rank", "step")
     if df.is_empty():
         return []
+    steps_ms = work.group_by("step").agg(pl.col("step_ms").median())
     c = (pl.col("excess_ms") - k).cum_sum().over("rank")
     df = df.with_columns(c.alias("_c"))
     df = df.with_columns((pl.col("_c") - pl.col("_c").cum_min().over("rank")
@@ -165,10 +181,14 @@ def _behind(work: pl.DataFrame, noise: float, *, threshold: float, slack: float,
         if run.height < min_steps:  # a few steps at the end of the data: not yet a fault
             continue
         extra = float(run["excess_ms"].median())
+        now_ms = float(steps_ms.filter(pl.col("step") >= since)["step_ms"].median())
         if extra <= max(k, least_ms):  # real, but not worth a finding
             continue
         role = int(mine["role"][0])
         peers = int(mine["_peers"].max()) - 1
+        peer_ranks = sorted(int(r) for r in work.filter((pl.col("role") == role)
+                                                        & (pl.col("rank") != rank))
+                            ["rank"].unique())
         out.append(Finding(
             kind="straggler", cls="compute straggler", ranks=(int(rank),),
             hosts=(hosts[rank],) if rank in hosts else (), since_step=int(since),
@@ -179,8 +199,24 @@ def _behind(work: pl.DataFrame, noise: float, *, threshold: float, slack: float,
                       f"its {peers} symmetric peer(s) (role {role}: same stage, same work by "
                       f"construction) {how} (job noise {noise:.1f} ms)",
                       "time not blocked in communication: its peers and pipeline "
-                      "neighbours wait for it, it waits for no one")))
+                      "neighbours wait for it, it waits for no one",
+                      _what_if_line(events, int(rank), peer_ranks, int(since), now_ms,
+                                    extra))))
     return out
+
+
+def _what_if_line(events: pl.DataFrame, rank: int, peers: list[int], since: int,
+                  now_ms: float, extra: float) -> str:
+    """The step time with the rank fixed: by replay of the steps' dependency graph
+    (:mod:`ringwatch.analyzers._replay`), else the step less its extra work."""
+    from ringwatch.analyzers._replay import replay_fixed_step_ms
+
+    fixed = replay_fixed_step_ms(events, rank, peers, since)
+    if fixed is not None:
+        return (f"the job's step took {now_ms:.0f} ms since then; ~{fixed:.0f} ms with this "
+                "rank working like its peers (replay of the steps' dependencies)")
+    return (f"the job's step took {now_ms:.0f} ms since then; ~{now_ms - extra:.0f} ms with "
+            "this rank working like its peers (if every rank waits for all of it)")
 
 
 def _bottleneck_role(work: pl.DataFrame, noise: float, step_ms: float, *, threshold: float,

@@ -370,3 +370,27 @@ def test_scenario_runner_keeps_each_run_with_its_ground_truth(tmp_path):
                         "--worlds", "4", "--faults", "straggler,link", "--reps", "1",
                         "--resume"], cwd=tmp_path, env=job_env(), timeout=60)
     assert rc == 0 and text.count("done before, skipped") == 2, text
+
+
+def test_a_pipeline_job_reads_as_one_and_its_straggler_is_named_against_its_stage(tmp_path):
+    """dp x tp x pp = 2 x 2 x 2 over 1F1B send/recv: the layout is found from the groups and
+    the send/recv chains, and a rank of stage 1 doing twice the work from step 12 is the one
+    straggler (its pipeline neighbours, blocked in their receives, are not)."""
+    need_netns()
+    spec = ClusterSpec(run_dir=tmp_path / "run", nproc=8, hosts=2, tp=2, pp=2, steps=36,
+                       netns="on", job_args=("--step-sleep-ms", "40"))
+    result = run_cluster(spec, FaultSpec(kind="straggler", rank=6, straggler_mode="work",
+                                         at_step=12, factor=2))
+    assert result.ok, result
+    assert result.ground_truth["role"] == {"stage": 1, "replica": 1, "tp_index": 0, "dp": 2,
+                                           "tp": 2, "pp": 2}
+    from ringwatch._analyze import analyze_job
+
+    report = analyze_job(open_job(result.log_dir, result.job_id))
+    assert (report["layout"]["dp"], report["layout"]["tp"], report["layout"]["pp"]) == (2, 2, 2)
+    from ringwatch.cluster._run import read_slowed_step
+
+    slowed = read_slowed_step(result.run_dir / "steps", 6)
+    (f,) = [f for f in report["_findings"] if f.kind in ("straggler", "hang", "slow_link")]
+    assert (f.kind, f.ranks) == ("straggler", (6,)), report["findings"]
+    assert abs(f.since_step - slowed) <= 3

@@ -1,0 +1,157 @@
+"""Hybrid-parallel jobs on the local cluster, scored: layout, stragglers on any role, imbalance.
+
+Each run is a real `ringwatch cluster` job, dp x tp x pp on Gloo (``cluster/_pipeline.py``: 1F1B
+over 4 micro-batches, 40 ms of host idle time per step in the micro-batches), tp = pp = 2, 4
+ranks per emulated host, 60 steps, then `ringwatch analyze --json` on its logs. Cases:
+
+* ``none``: healthy; right when there is no finding;
+* ``laststage``: the last stage does 2x the work by design; right with one structural
+  imbalance naming the last stage's ranks and no fault finding;
+* ``varyseq``: each replica's batch drawn from 16-64 rows per step; right with workload
+  imbalance and no fault finding;
+* ``straggler``: a random rank does 2x the work from step 25 on; right when that rank alone is
+  named a straggler, its onset within 3 steps of the first slowed step;
+* ``strag0``: a random rank does 2x the work from the first step; right when that rank alone
+  is named a straggler from the first steps (since step 3 at the latest).
+
+Every run keeps its folder under ``--out``; ``--rescore`` reads them again with the current
+analyzers.
+
+    .venv/bin/python benchmarks/hybrid.py --out /tmp/hyb --worlds 8 --reps 2
+    .venv/bin/python benchmarks/hybrid.py --out /tmp/hyb --rescore
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PY = sys.executable
+CASES = ("none", "laststage", "varyseq", "straggler", "strag0")
+ONSET = 25
+
+
+def _cluster_args(case: str, world: int, victim: int) -> list[str]:
+    base = ["--nproc", str(world), "--hosts", str(world // 4), "--tp", "2", "--pp", "2",
+            "--steps", "60"]
+    job = ["--step-sleep-ms", "40"]
+    if case == "laststage":
+        return base + ["--fault", "none", "--", *job, "--last-stage-factor", "2"]
+    if case == "varyseq":
+        return base + ["--fault", "none", "--", *job, "--vary-seq", "2"]
+    if case == "straggler":
+        return base + ["--fault", "straggler", "--straggler-mode", "work", "--victim-rank",
+                       str(victim), "--at-step", str(ONSET), "--", *job]
+    if case == "strag0":
+        return base + ["--fault", "imbalance", "--victim-rank", str(victim), "--", *job]
+    return base + ["--fault", "none", "--", *job]
+
+
+def _slowed_step(run: Path, rank: int) -> int | None:
+    try:
+        for line in (run / "steps" / f"rank-{rank}.tsv").read_text().splitlines():
+            key, _, val = line.partition("\t")
+            if key == "slowed":
+                return int(val)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def score(run: Path) -> dict:
+    """The run's verdict against what was injected."""
+    meta = json.loads((run / "case.json").read_text())
+    case, world, victim = meta["case"], meta["world"], meta["victim"]
+    proc = subprocess.run([PY, "-m", "ringwatch._cli", "analyze", "--json", str(run / "logs")],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        return {**meta, "right": False, "why": f"analyze failed: {proc.stderr[-300:]}"}
+    rep = json.loads(proc.stdout)
+    fs = rep["findings"]
+    faults = [f for f in fs if f["kind"] in ("straggler", "hang", "slow_link")]
+    lay = rep.get("layout") or {}
+    out = {**meta, "layout": lay.get("text"), "findings": [
+        (f["kind"], f["cls"], f["ranks"], f["since_step"]) for f in fs]}
+    dp = world // 4
+    last_stage = list(range(world - 2 * dp, world))
+    if (lay.get("dp"), lay.get("tp"), lay.get("pp")) != (dp, 2, 2):
+        return {**out, "right": False, "why": f"layout {lay.get('text')}"}
+    if case == "none":
+        right = not fs
+    elif case == "laststage":
+        right = (not faults and len(fs) == 1 and fs[0]["cls"] == "structural imbalance"
+                 and fs[0]["ranks"] == last_stage)
+    elif case == "varyseq":
+        right = not faults and bool(fs) and all(f["cls"] == "workload imbalance" for f in fs)
+    else:
+        onset = _slowed_step(run, victim) if case == "straggler" else 0
+        out["onset"] = onset
+        named = [f for f in faults if f["kind"] == "straggler"]
+        right = (len(faults) == 1 and len(named) == 1 and named[0]["ranks"] == [victim]
+                 and onset is not None and named[0]["since_step"] is not None
+                 and abs(named[0]["since_step"] - onset) <= 3)
+        if right and named:
+            out["latency_steps"] = named[0]["detected_step"] - onset
+    return {**out, "right": bool(right)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--worlds", default="8")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--rescore", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    rng = random.Random(args.seed)
+    runs: list[Path] = []
+    if args.rescore:
+        runs = sorted(p.parent for p in out.glob("*/case.json"))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for world in (int(w) for w in args.worlds.split(",")):
+            for rep in range(args.reps):
+                for case in args.cases.split(","):
+                    victim = rng.randrange(world)
+                    run = out / f"{case}-w{world}-r{rep}"
+                    subprocess.run([PY, "-m", "ringwatch._cli", "cluster", "--clean"],
+                                   capture_output=True, check=False)
+                    t0 = time.monotonic()
+                    proc = subprocess.run(
+                        [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run),
+                         *_cluster_args(case, world, victim)],
+                        capture_output=True, text=True, check=False)
+                    (run / "case.json").write_text(json.dumps(
+                        {"case": case, "world": world, "victim": victim if case in (
+                            "straggler", "strag0") else None, "rc": proc.returncode}))
+                    print(f"{run.name}: rc {proc.returncode} in {time.monotonic() - t0:.0f} s",
+                          flush=True)
+                    runs.append(run)
+    results = [score(r) for r in runs]
+    with open(out / "scores.jsonl", "w") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    print(f"\n{'run':<22} {'right':<6} findings")
+    for r in results:
+        print(f"{Path(str(r.get('case'))).name + '-w' + str(r['world']):<22} "
+              f"{'yes' if r['right'] else 'NO':<6} {r.get('findings', r.get('why'))}")
+    by: dict[str, list[bool]] = {}
+    for r in results:
+        by.setdefault(f"{r['case']}-w{r['world']}", []).append(r["right"])
+    print("\nright per case: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in by.items()))
+    lat = [r["latency_steps"] for r in results if "latency_steps" in r]
+    if lat:
+        print(f"straggler detection latency (steps after the onset): {sorted(lat)}")
+    print(f"total: {sum(r['right'] for r in results)}/{len(results)} right")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
