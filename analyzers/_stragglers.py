@@ -417,7 +417,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         imbalance_noise: A rank whose median delay over the first ``baseline_steps`` steps is
             this many times the noise (and at least ``min_delay_ms``), while it waited least
             in half of them or more, is structural imbalance.
-        min_delay_ms: Least delay (ms) worth a finding.
+        min_delay_ms: Least delay (ms) worth a finding. It and ``floor_ms`` shrink to
+            :data:`DELAY_SHARE` and :data:`FLOOR_SHARE` of the job's step where those are less.
         transient_steps: A straggler whose excess ended within this many steps of its start
             (the logs go on without it) is a ``transient straggler``: a hiccup, not a rank to
             replace.
@@ -435,6 +436,14 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         when it ended) and ``gain_s_per_step`` (how much longer its peers waited than it did
         per step since then: what the job would save if it arrived like them).
     """
+    from ringwatch.analyzers._hangs import typical_step_s
+
+    # the absolute floors scale down with a fast job's step (µs collectives, ms steps):
+    # 2 ms of noise and 3 ms of delay are nothing in a 100 ms step, everything in a 2 ms one
+    step_s = typical_step_s(events)
+    if step_s is not None:
+        floor_ms = min(floor_ms, FLOOR_SHARE * step_s * 1e3)
+        min_delay_ms = min(min_delay_ms, DELAY_SHARE * step_s * 1e3)
     lat = compute_step_lateness(events)
     scores = compute_straggler_scores(
         lat, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
@@ -523,6 +532,10 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
 
 #: Least what-if gain, as a share of the job's step time, a straggler must be worth.
 MIN_GAIN_SHARE = 0.05
+#: The noise floor and the least delay, as shares of the job's step, when that is less than
+#: ``floor_ms`` / ``min_delay_ms`` (a fast job's floors scale with its step).
+FLOOR_SHARE = 0.05
+DELAY_SHARE = 0.075
 
 
 def split_hiccups(findings: tuple) -> tuple[tuple, tuple]:

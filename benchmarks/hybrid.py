@@ -63,6 +63,16 @@ def _slowed_step(run: Path, rank: int) -> int | None:
     return None
 
 
+def _step_ms(run: Path) -> float:
+    """The median step time (ms) of a run after its warm-up, from its logs."""
+    from ringwatch._logs import list_jobs, open_job
+    from ringwatch.analyzers._work import compute_step_work
+
+    job = open_job(run / "logs", list_jobs(run / "logs")[0])
+    w = compute_step_work(job.events(include_pending=True))
+    return float(w.filter(w["step"] >= 5)["step_ms"].median())
+
+
 def score(run: Path) -> dict:
     """The run's verdict against what was injected."""
     meta = json.loads((run / "case.json").read_text())
@@ -97,6 +107,13 @@ def score(run: Path) -> dict:
                  and abs(named[0]["since_step"] - onset) <= 3)
         if right and named:
             out["latency_steps"] = named[0]["detected_step"] - onset
+        if named:  # the what-if: "... ~N ms with this rank working like its peers (...)"
+            import re
+
+            m = re.search(r"~(\d+) ms with this rank", " ".join(named[0]["evidence"]))
+            out["whatif_ms"] = int(m.group(1)) if m else None
+            out["whatif_how"] = "replay" if "replay" in " ".join(named[0]["evidence"]) \
+                else "fallback"
     return {**out, "right": bool(right)}
 
 
@@ -150,6 +167,18 @@ def main(argv=None) -> int:
     if lat:
         print(f"straggler detection latency (steps after the onset): {sorted(lat)}")
     print(f"total: {sum(r['right'] for r in results)}/{len(results)} right")
+    # the what-if against the same job run without the fault (the healthy runs' step time)
+    healthy = {}
+    for r, run in zip(results, runs, strict=True):
+        if r["case"] == "none":
+            healthy.setdefault(r["world"], []).append(_step_ms(run))
+    for r in results:
+        base = healthy.get(r["world"])
+        if r.get("whatif_ms") and base:
+            truth = sorted(base)[len(base) // 2]
+            print(f"what-if {r['case']}-w{r['world']} victim {r['victim']}: predicted "
+                  f"{r['whatif_ms']} ms ({r['whatif_how']}), healthy runs {truth:.0f} ms: "
+                  f"{(r['whatif_ms'] - truth) / truth:+.1%}")
     return 0
 
 

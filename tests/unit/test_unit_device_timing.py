@@ -115,3 +115,17 @@ def test_read_raw_the_watchdog_ends_would_move_the_onset(run):
     raw = [_verdict(gpu_shaped(ev, seed=s).drop("device_duration_ns", "end_source"), now)
            for s in (0, 1, 2)]
     assert sum(v != _verdict(ev, now) for v in raw) >= 1
+
+
+@pytest.mark.parametrize("shrink", [10, 100])
+def test_the_same_job_100x_faster_gets_the_same_verdict(run, shrink):
+    # µs collectives and ms steps (a GPU job's scale): the noise floor and the least delay
+    # scale with the job's step, so the verdict is the one of the ms-scale run; the
+    # watchdog's ends stay 10-100 ms late (longer than a whole step here) and are not read
+    ev, now = run
+    cols = ("t_start_ns", "t_end_ns", "mono_start_ns", "mono_end_ns", "duration_ns")
+    fast = ev.with_columns([pl.col(c) // shrink for c in cols])
+    gpu = with_analysis_durations(gpu_shaped(fast, seed=shrink))
+    got = _verdict(gpu, int(fast["t_end_ns"].max()) + 200 * MS)
+    assert [v[:3] for v in got] == [("straggler", "compute straggler", (2,))]
+    assert abs(got[0][3] - _verdict(ev, now)[0][3]) <= 1
