@@ -35,12 +35,15 @@ class Layout:
         pp: Pipeline stages (1: none found).
         tp: Ranks per tensor-parallel group (1: none found).
         dp: Data-parallel replicas of a stage (1: none found).
+        replica: ``rank -> its tensor-parallel group`` (the ranks that share one batch; an
+            index), when there are such groups.
         tp_groups, dp_groups: The groups (pg names) of each kind.
         source: ``inferred`` or ``declared``.
         notes: What could not be placed, in words.
     """
 
     stage: dict[int, int]
+    replica: dict[int, int] | None = None
     pp: int = 1
     tp: int = 1
     dp: int = 1
@@ -56,9 +59,13 @@ class Layout:
         return f"dp={self.dp} x tp={self.tp} x pp={self.pp} ({how})"
 
     def peers_frame(self) -> pl.DataFrame:
-        """``rank``, ``role``: the symmetry class of each rank (its stage)."""
-        return pl.DataFrame({"rank": list(self.stage), "role": list(self.stage.values())},
-                            schema={"rank": pl.Int32, "role": pl.Int32})
+        """``rank``, ``role`` (the symmetry class of each rank: its stage) and ``replica``
+        (its tensor-parallel group, or the rank itself)."""
+        rep = self.replica or {}
+        ranks = list(self.stage)
+        return pl.DataFrame({"rank": ranks, "role": [self.stage[r] for r in ranks],
+                             "replica": [rep.get(r, 100_000 + r) for r in ranks]},
+                            schema={"rank": pl.Int32, "role": pl.Int32, "replica": pl.Int32})
 
 
 def parse_layout(spec: str, world: int) -> Layout:
@@ -80,8 +87,9 @@ def parse_layout(spec: str, world: int) -> Layout:
     if dp < 1 or tp * pp * dp != world:
         raise ValueError(f"layout {spec!r}: tp x pp x dp must be the {world} ranks")
     per_stage = dp * tp
-    return Layout(stage={r: r // per_stage for r in range(world)}, pp=pp, tp=tp, dp=dp,
-                  source="declared")
+    return Layout(stage={r: r // per_stage for r in range(world)},
+                  replica={r: r // tp for r in range(world)} if tp > 1 else None,
+                  pp=pp, tp=tp, dp=dp, source="declared")
 
 
 def infer_layout(events: pl.DataFrame) -> Layout:
@@ -90,7 +98,13 @@ def infer_layout(events: pl.DataFrame) -> Layout:
     stage, notes = _stages(events, ranks)
     pp = len(set(stage.values()))
     tp_groups, dp_groups, tp, dp = _stage_groups(events, stage, len(ranks))
-    return Layout(stage=stage, pp=pp, tp=tp, dp=dp, tp_groups=tp_groups,
+    replica = None
+    if tp_groups:
+        specs = dict(events.filter(pl.col("pg").cast(pl.Utf8).is_in(list(tp_groups)))
+                     .select(pl.col("pg").cast(pl.Utf8), pl.col("pg_ranks").cast(pl.Utf8))
+                     .unique("pg").iter_rows())
+        replica = {r: i for i, pg in enumerate(sorted(specs)) for r in parse_ranks(specs[pg])}
+    return Layout(stage=stage, replica=replica, pp=pp, tp=tp, dp=dp, tp_groups=tp_groups,
                   dp_groups=dp_groups, notes=notes)
 
 

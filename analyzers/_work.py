@@ -82,7 +82,7 @@ def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *, warmup_st
                          baseline_steps: int = 20, floor_ms: float = 1.0,
                          floor_share: float = 0.02, threshold: float = 6.0,
                          slack: float = 1.0, persist: int = 3, start_share: float = 0.75,
-                         role_share: float = 0.10, wander_share: float = 0.10,
+                         role_share: float = 0.10, wander_share: float = 0.05,
                          min_gain_share: float = 0.05,
                          hosts: dict[int, str] | None = None) -> tuple[Finding, ...]:
     """Stragglers, structural and workload imbalance from the ranks' unblocked time.
@@ -103,9 +103,10 @@ def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *, warmup_st
             share of the baseline steps is behind from the start.
         role_share: A role whose median work exceeds the other roles' by this share of the
             step (and ``threshold`` x noise) is the bottleneck by design.
-        wander_share: Within a role, a median spread (max minus min work, per step) of
-            this share of the step, with no rank the one behind in half the steps or more,
-            is workload imbalance.
+        wander_share: Within a role, replicas whose work spreads (max minus min, median over
+            steps) by this share of the step, with no replica on top far more often than
+            chance would put it, and (with tensor-parallel groups) whose peers move together,
+            are workload imbalance (:func:`_wandering`).
         min_gain_share: Least extra work of a straggler, as a share of the job's step.
         hosts: ``rank -> host`` for the findings.
     """
@@ -138,7 +139,10 @@ def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *, warmup_st
         out.append(f)
     out += _bottleneck_role(work, noise, step_ms, threshold=threshold, share=role_share,
                             hosts=hosts)
-    out += _wandering(work.filter(~pl.col("rank").is_in(list(named))), noise, step_ms,
+    # the replicas of a named straggler are left out whole (its tensor-parallel peers wait
+    # for it: their work is not theirs to judge)
+    gone = work.filter(pl.col("rank").is_in(list(named)))["replica"].unique().implode()
+    out += _wandering(work.filter(~pl.col("replica").is_in(gone)), noise, step_ms,
                       share=wander_share, threshold=threshold, hosts=hosts)
     return tuple(out)
 
@@ -170,12 +174,18 @@ def _behind(events: pl.DataFrame, work: pl.DataFrame, noise: float, *, threshold
             if hit.is_empty():
                 continue
             detected = int(hit["step"][0])
-            # the late streak that the sum ends with
-            late = (mine["excess_ms"] > k).to_list()
-            i = steps.index(detected)
-            while i > 0 and (late[i - 1] or (i > 1 and late[i - 2])):
-                i -= 1 if late[i - 1] else 2
-            since = steps[i]
+            # the onset: the split of the rank's steps up to a few past the detection where
+            # the mean excess after it most exceeds the mean before it (a single change
+            # point; a slow drift of noise before the fault does not pull it back)
+            xs = mine["excess_ms"].to_list()
+            i_det = steps.index(detected)
+            end = min(len(xs), i_det + persist + 1)
+            best, since = None, detected
+            for i in range(0, i_det + 1):  # i = 0: late all along (the role's median is 0)
+                after = xs[i:end]
+                gap = sum(after) / len(after) - (sum(xs[:i]) / i if i else 0.0)
+                if best is None or gap > best:
+                    best, since = gap, steps[i]
             how = f"since step {since}"
         run = mine.filter(pl.col("step") >= since)
         if run.height < min_steps:  # a few steps at the end of the data: not yet a fault
@@ -234,7 +244,11 @@ def _bottleneck_role(work: pl.DataFrame, noise: float, step_ms: float, *, thresh
     extra = top["_w"] - others
     # balanced, every stage would do the stages' mean; the pipeline runs at its slowest's pace
     gain_ms = step_ms * (top["_w"] - float(roles["_w"].mean())) / top["_w"]
-    if extra < max(threshold * noise, share * step_ms) or top["_share"] < 0.75:
+    # a role's median over its ranks and steps is far steadier than one rank's step: the
+    # noise counts for the role's size, the step share is the floor
+    n_role = work.filter(pl.col("role") == top["role"])["rank"].n_unique()
+    if extra < max(threshold * noise / max(1.0, n_role ** 0.5), share * step_ms) \
+            or top["_share"] < 0.75:
         return []
     ranks = sorted(int(r) for r in work.filter(pl.col("role") == top["role"])["rank"].unique())
     return [Finding(
@@ -253,32 +267,54 @@ def _bottleneck_role(work: pl.DataFrame, noise: float, step_ms: float, *, thresh
 
 
 def _wandering(work: pl.DataFrame, noise: float, step_ms: float, *, share: float,
-               threshold: float, hosts: dict[int, str]) -> list[Finding]:
-    """Roles whose ranks' work differs a lot step to step, no one rank the one behind."""
+               threshold: float, hosts: dict[int, str], min_f: float = 4.0) -> list[Finding]:
+    """Roles whose replicas' work differs step to step, no one replica the one behind.
+
+    With tensor-parallel groups (the ranks that share a batch), the test is how much more the
+    work differs between replicas than within them, step by step (the variance ratio of a
+    one-way analysis of variance, its median over steps at least ``min_f``): a batch that is
+    longer makes every rank of its replica work longer alike, noise does not. Without them,
+    each rank is its own replica and the spread alone is judged. Either way the replicas'
+    spread must be ``share`` of the step.
+    """
     out = []
     df = work.filter(pl.col("_peers") > 1)
     for (role,), rows in df.partition_by("role", as_dict=True, maintain_order=True).items():
-        per = rows.group_by("step").agg(
-            (pl.col("work_ms").max() - pl.col("work_ms").min()).alias("_spread"),
-            (pl.col("work_ms").max() - pl.col("work_ms").mean()).alias("_lost"),
-            pl.col("rank").sort_by("work_ms").last().alias("_top"))
+        reps = rows.group_by("step", "replica").agg(
+            pl.col("work_ms").mean().alias("_m"), pl.col("work_ms").var().alias("_v"),
+            pl.len().alias("_k"))
+        per = reps.group_by("step").agg(
+            (pl.col("_m").max() - pl.col("_m").min()).alias("_spread"),
+            (pl.col("_m").max() - pl.col("_m").mean()).alias("_lost"),
+            (pl.col("_m").var() * pl.col("_k").first() / pl.col("_v").mean()).alias("_f"),
+            pl.col("replica").sort_by("_m").last().alias("_top"))
+        if per.height < 3 or reps["replica"].n_unique() < 2:
+            continue
         spread, lost = float(per["_spread"].median()), float(per["_lost"].median())
         top_share = float(per["_top"].value_counts()["count"].max()) / per.height
-        # judged on the step alone: the job's noise is this very spread
-        if spread < share * step_ms or top_share >= 0.5:
+        shared = bool((reps["_k"] > 1).all())
+        f_ratio = float(per["_f"].drop_nulls().drop_nans().median() or 0.0) if shared else None
+        # judged on the step (and the replicas' agreement): the job's noise is this spread
+        # no one replica behind: none on top much more often than chance would put it
+        top_limit = min(0.9, 1 / reps["replica"].n_unique() + 0.3)
+        if spread < share * step_ms or top_share >= top_limit or (
+                f_ratio is not None and f_ratio < min_f):
             continue
         ranks = sorted(int(r) for r in rows["rank"].unique())
+        why = (f"its tensor-parallel peers moved together ({f_ratio:.0f}x the variance "
+               "between replicas as within)" if f_ratio is not None else
+               "its ranks' work differed alike")
         out.append(Finding(
             kind="imbalance", cls="workload imbalance", ranks=tuple(ranks),
             hosts=tuple(dict.fromkeys(hosts[r] for r in ranks if r in hosts)),
             since_step=int(rows["step"].min()), detected_step=int(rows["step"].max()),
             confidence=min(1.0, spread / (2 * share * step_ms)),
             gain_s_per_step=lost / 1e3,
-            evidence=(f"in stage {role} (ranks {_span(ranks)}) the busiest rank worked "
+            evidence=(f"in stage {role} (ranks {_span(ranks)}) the busiest replica worked "
                       f"{spread:.1f} ms per step more than the least busy one (median over "
-                      f"steps; {lost:.1f} ms over the mean, what the others wait), and it was "
-                      f"a different rank from step to step (none in more than "
-                      f"{top_share:.0%} of the steps)",
+                      f"steps; {lost:.1f} ms over the mean, what the others wait), a "
+                      f"different replica from step to step (none in more than "
+                      f"{top_share:.0%} of the steps); {why}",
                       "data-dependent work (sequence lengths, expert routing): balance the "
                       "batches by tokens, not a rank to replace")))
     return out
