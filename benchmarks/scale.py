@@ -150,9 +150,11 @@ def child_postmortem(job_dir: str, columns: list[str] | None) -> dict:
     job = open_job(job_dir)
     # the analyzed read is `ringwatch analyze`'s: its columns, strings as categoricals
     from ringwatch.analyzers._timing import TIMING_COLUMNS, with_analysis_durations
+    from ringwatch.analyzers._work import WORK_COLUMNS
 
+    extra = [*TIMING_COLUMNS, *WORK_COLUMNS]  # as analyze_job reads
     events = with_analysis_durations(job.events(
-        include_pending=True, columns=None if columns is None else [*columns, *TIMING_COLUMNS],
+        include_pending=True, columns=None if columns is None else [*columns, *extra],
         categorical=columns is not None))
     read_s, rss_read = time.perf_counter() - t0, _rss_mb()
     seen = job.last_write_ns()
