@@ -6,12 +6,13 @@
 * :mod:`ringwatch.agent.sidecar`: the node sidecar (``ringwatch agent``), a process of its own
   beside the job: NVML, host and NIC counters, the ranks' log summaries, ``/metrics`` and OTLP.
 
-Public names (the capture's): :func:`attach`, :func:`detach`, :func:`mark_step`. Importing this
+Public names (the capture's): :func:`attach`, :func:`detach`, :func:`mark_step`,
+:func:`attach_communicator`. Importing this
 package imports neither torch nor anything of the sidecar.
 """
 
 from __future__ import annotations
 
-from ringwatch.agent.capture import attach, detach, mark_step
+from ringwatch.agent.capture import attach, attach_communicator, detach, mark_step
 
-__all__ = ["attach", "detach", "mark_step"]
+__all__ = ["attach", "attach_communicator", "detach", "mark_step"]

@@ -15,6 +15,8 @@
 #    job's logs back.
 # 3. The hot path on CUDA tensors: benchmarks/overhead.py (b) on NCCL, bare vs ringwatch vs
 #    torch.profiler, CPU per collective on the calling thread.
+#    3b. A stand-in serving communicator (vLLM's GroupCoordinator methods) on CUDA tensors
+#    through ringwatch.attach_communicator: each call recorded with its CUDA-event time.
 # 4. One `ringwatch agent --once` exposition of the real GPU.
 # Output under $OUT: report.txt (everything printed), nvml-recording.jsonl.gz, power-<job>.json
 # (`ringwatch power` over the recording and each phase's logs), nccl-ops.json,
@@ -110,6 +112,46 @@ EOF
 say "3. hook cost per collective on CUDA tensors (NCCL)"
 timeout 300 "$PY" benchmarks/overhead.py --skip-step --hook-backend nccl --hook-world 1 \
     --rounds 9 --k 2000 --json "$OUT/hook-cost.json" || fail=1
+
+say "3b. a serving engine's own communicator on CUDA tensors (attach_communicator)"
+# a stand-in with vLLM's GroupCoordinator methods whose all_reduce runs a matmul on the GPU
+# (no torch.distributed inside, as a custom all-reduce kernel): every call must come back with
+# the device time the CUDA events measured
+(cd "$WORK" && timeout 120 "$PY" - "$WORK/logs/communicator") <<'EOF' || fail=1
+import sys
+
+import torch
+
+import ringwatch
+
+
+class Coordinator:
+    ranks, rank_in_group, unique_name = [0], 0, "tp:0"
+
+    def all_reduce(self, input_):
+        return input_ @ input_
+
+
+import torch.distributed as dist
+
+ringwatch.attach(log_dir=sys.argv[1], job_id="communicator")
+# a serving process has torch.distributed up (recording starts with it); one rank here
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+c = Coordinator()
+ringwatch.attach_communicator(c)
+x = torch.randn(2048, 2048, device="cuda")
+for _ in range(50):
+    x = c.all_reduce(x) / 2048
+torch.cuda.synchronize()
+ringwatch.detach()
+df = ringwatch.read_events(sys.argv[1], "communicator")
+mine = df.filter(df["api"] == "communicator")
+timed = mine["device_duration_ns"].drop_nulls()
+print("communicator rows", mine.height, "with device time", timed.len(),
+      "median device us", timed.median() / 1e3 if timed.len() else None)
+assert mine.height == 50 and timed.len() == 50, "every call with its device time"
+dist.destroy_process_group()
+EOF
 
 say "4. one agent round on the real GPU"
 $RW agent --once --log-dir off --prometheus off > "$OUT/agent-once.prom" || fail=1

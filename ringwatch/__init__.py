@@ -15,7 +15,7 @@ from __future__ import annotations
 from ringwatch._config import CaptureConfig, ConfigError
 from ringwatch._schema import COLUMNS, OPS, SCHEMA_VERSION, STATUSES, format_ranks, parse_ranks
 from ringwatch._version import __version__
-from ringwatch.agent import attach, detach, mark_step
+from ringwatch.agent import attach, attach_communicator, detach, mark_step
 
 
 def read_events(log_dir, job_id: str | None = None, *, include_pending: bool = True):
@@ -27,6 +27,7 @@ def read_events(log_dir, job_id: str | None = None, *, include_pending: bool = T
 
 __all__ = [
     "COLUMNS", "OPS", "SCHEMA_VERSION", "STATUSES", "CaptureConfig", "ConfigError",
-    "__version__", "attach", "detach", "format_ranks", "mark_step", "parse_ranks",
+    "__version__", "attach", "attach_communicator", "detach", "format_ranks", "mark_step",
+    "parse_ranks",
     "read_events",
 ]

@@ -1,7 +1,8 @@
 """In-process capture of collectives (``ringwatch.agent.capture``): the code that runs inside
 the job's processes.
 
-Public names: :func:`attach`, :func:`detach`, :func:`mark_step`. Importing this package does
+Public names: :func:`attach`, :func:`detach`, :func:`mark_step`, :func:`attach_communicator`.
+Importing this package does
 not import torch; the names load their implementation on first use.
 """
 
@@ -30,4 +31,11 @@ def mark_step(step: int | None = None) -> int | None:
     return None if rec is None else rec.mark_step(step)
 
 
-__all__ = ["attach", "detach", "mark_step"]
+def attach_communicator(comm, **kwargs):
+    """See :func:`ringwatch.agent.capture._communicator.attach_communicator`."""
+    from ringwatch.agent.capture._communicator import attach_communicator as _attach
+
+    return _attach(comm, **kwargs)
+
+
+__all__ = ["attach", "attach_communicator", "detach", "mark_step"]
