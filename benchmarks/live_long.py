@@ -11,7 +11,9 @@ Reported, and checked (exit status 1 when one fails):
 * the straggler is opened for rank 2 and, from then to the end of the job, every poll the
   service answered shows it open; the service never shows it as imbalance;
 * after the restart it is the same finding (same id) with the same onset;
-* `ringwatch analyze` names the same rank, class and onset.
+* `ringwatch analyze` names the same rank and class, and an onset within 3 steps of the
+  service's (both estimate it: the service against the frozen baseline of the job's first
+  steps, analyze against a rolling one).
 
     .venv/bin/python benchmarks/live_long.py --steps 1000
 """
@@ -116,9 +118,11 @@ def main(argv=None) -> int:
     checks["one id, one onset across the restart"] = len(ids) == 1 and len(since) == 1
     checks["killed and restarted mid-fault"] = killed_at is not None and any(
         t > killed_at and p is not None for t, p in polls)
-    checks["analyze agrees (rank, class, onset)"] = bool(pm) and len(since) == 1 and (
-        pm[0]["ranks"], pm[0]["cls"], pm[0]["since_step"]) == (
-        [VICTIM], "compute straggler", next(iter(since)))
+    # the onset is an estimate on both sides (the service's from the frozen baseline of the
+    # job's first steps, analyze's from a rolling one): within 3 steps, the detection target
+    checks["analyze agrees (rank, class, onset within 3 steps)"] = bool(pm) and len(
+        since) == 1 and (pm[0]["ranks"], pm[0]["cls"]) == ([VICTIM], "compute straggler") \
+        and abs(pm[0]["since_step"] - next(iter(since))) <= 3
     down = sum(1 for _, p in polls if p is None)
     print(json.dumps({"steps": a.steps, "job_s": round(job_end - t0, 1),
                       "polls": len(polls), "polls_unanswered": down,

@@ -109,8 +109,10 @@ class LiveAnalysis:
         return out
 
 
-#: A straggler is shown when fixing it would save at least this share of the job's step: a
-#: rank 2 ms late in 100 ms steps is real but not worth waking anyone for.
+#: Least quiet time (s) of a job's step rows before only its hangs are reported.
+QUIET_MIN_S = 10.0
+
+
 def without_unplaced_links(findings: tuple, open_stragglers) -> tuple:
     """Drop a slow link that names no one host while a compute straggler on one of those
     hosts is open: the straggler holds the group's transfers up, and the link evidence
@@ -160,7 +162,13 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
                 for r, rl in jl.ranks.items()}
         findings += detect_hangs(frontier_frame(jl), now_ns=now_ns,
                                  min_stall_s=stall, last_seen_ns=seen)
-    if live is not None:
+    # A job whose steps stopped coming (it ended, or it is hung) has nobody slow now: once
+    # its rows have been quiet for twice the hang threshold, only hangs are reported, and
+    # its stragglers and slow links resolve after the store's silence (a straggler that
+    # outlasts the window would otherwise stay open for as long as the job's state does).
+    quiet = live is not None and live.last_rows_ns is not None and \
+        now_ns - live.last_rows_ns >= max(2 * stall, QUIET_MIN_S) * 1e9
+    if live is not None and not quiet:
         want = {"straggler", "imbalance"} if "straggler" in detectors else set()
         want |= {"slow_link"} if "slow_link" in detectors else set()
         found, hiccups = split_hiccups(tuple(
@@ -170,7 +178,7 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
         ended = live.last_rows_ns is not None and now_ns - live.last_rows_ns >= stall * 1e9
         found, _ = split_undecided(found, newest_step=newest, data_ended=ended)
         findings += significant(found, steps, th.get("min_gain_share", MIN_GAIN_SHARE))
-    else:
+    elif live is None:
         stragglers = detect_stragglers(steps) if "straggler" in detectors and steps.height \
             else ()
         links = detect_slow_links(steps) if "slow_link" in detectors and steps.height else ()
