@@ -146,12 +146,17 @@ def test_a_hang_is_named_live_within_ten_seconds(stack):
     assert hangs, stack.seen
     first_ns, tracked = hangs[0]
     f = tracked["finding"]
-    assert (f["cls"], f["ranks"]) == ("never arrived", [1]), f
+    # The injector's signal blocks the victim's main thread wherever it is: nearly always
+    # before its next collective ("never arrived"), sometimes inside the wait of one it had
+    # issued, whose end it then never records ("stuck in the collective", 1 run in ~5 on a
+    # loaded machine). Either way the hang is rank 1's, and nobody else's.
+    assert f["ranks"] == [1], f
+    assert f["cls"] in ("never arrived", "stuck in the collective"), f
     lag_s = (first_ns - truth["onset_wall_ns"]) / 1e9
     assert lag_s < 10, lag_s
-    assert "hang       never arrived            1 " in stack.status()
+    assert f"hang       {f['cls']:<24} 1 " in stack.status()
     metrics = stack.metrics_when_seen.get(tracked["id"], "")
-    assert f'ringwatch_hang_suspect{{cls="never arrived",host="{truth["host"]}",' \
+    assert f'ringwatch_hang_suspect{{cls="{f["cls"]}",host="{truth["host"]}",' \
            f'job="{truth["job_id"]}",rank="1"}}' in metrics, metrics
 
 
