@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from ringwatch.cluster._run import read_slowed_step
+
 PY = sys.executable
 CASES = ("none", "laststage", "varyseq", "straggler", "strag0")
 ONSET = 25
@@ -50,17 +52,6 @@ def _cluster_args(case: str, world: int, victim: int) -> list[str]:
     if case == "strag0":
         return base + ["--fault", "imbalance", "--victim-rank", str(victim), "--", *job]
     return base + ["--fault", "none", "--", *job]
-
-
-def _slowed_step(run: Path, rank: int) -> int | None:
-    try:
-        for line in (run / "steps" / f"rank-{rank}.tsv").read_text().splitlines():
-            key, _, val = line.partition("\t")
-            if key == "slowed":
-                return int(val)
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def _step_ms(run: Path) -> float:
@@ -99,7 +90,7 @@ def score(run: Path) -> dict:
     elif case == "varyseq":
         right = not faults and bool(fs) and all(f["cls"] == "workload imbalance" for f in fs)
     else:
-        onset = _slowed_step(run, victim) if case == "straggler" else 0
+        onset = read_slowed_step(run / "steps", victim) if case == "straggler" else 0
         out["onset"] = onset
         named = [f for f in faults if f["kind"] == "straggler"]
         right = (len(faults) == 1 and len(named) == 1 and named[0]["ranks"] == [victim]
