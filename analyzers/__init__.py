@@ -45,6 +45,7 @@ from ringwatch.analyzers._stragglers import (
     compute_straggler_scores,
     detect_stragglers,
 )
+from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS, ThresholdError, Thresholds
 
 __all__ = [
     "ConsistencyReport", "FrComparison", "GroupCheck", "check_consistency",
@@ -56,5 +57,6 @@ __all__ = [
     "compute_slow_groups", "detect_slow_links", "suspect_hosts", "align_clocks",
     "compute_host_pairs", "estimate_clock_offsets", "OnlineWindow",
     "assign_rhythm_steps", "detect_probe_links", "read_probe_matrix", "PowerThresholds",
+    "DEFAULT_THRESHOLDS", "Thresholds", "ThresholdError",
     "PowerReport", "analyze_power", "attribute_throttling",
 ]

@@ -114,7 +114,8 @@ def estimate_clock_offsets(events: pl.DataFrame, *, reference: str | None = None
     """
     pairs = compute_host_pairs(events, small_share=small_share)
     if reference is None:
-        r0 = events.filter(pl.col("rank") == events["rank"].min())
+        low = events["rank"].min() if events.height else None
+        r0 = events.filter(pl.col("rank") == low) if low is not None else events.clear()
         reference = r0["host"][0] if r0.height else None
     if reference is None:
         return pl.DataFrame(schema=_OFFSETS)

@@ -21,10 +21,15 @@ import polars as pl
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._steps import SLICE_ROWS, _slices
+from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
+from ringwatch.analyzers._thresholds import Thresholds
 
-MIN_STALL_S = 5.0  # a collective in flight this long, with the group stuck behind it ...
-STALL_STEPS = 10.0  # ... and this many of the job's usual steps
-SILENT_S = 10.0  # an agent silent this much longer than its peers' newest flush
+# a collective in flight this long, with the group stuck behind it, and this many of the
+# job's usual steps; an agent silent this much longer than its peers' newest flush
+# (:class:`~ringwatch.analyzers._thresholds.Thresholds`)
+MIN_STALL_S = _D.stall_floor_s
+STALL_STEPS = _D.stall_steps
+SILENT_S = _D.silent_s
 
 
 def compute_frontier(events: pl.DataFrame) -> pl.DataFrame:
@@ -87,14 +92,17 @@ def typical_step_s(events: pl.DataFrame) -> float | None:
     return None if per.is_empty() else float(per.median()) / 1e9
 
 
-def stall_threshold_s(events: pl.DataFrame, min_stall_s: float | None = None) -> float:
+def stall_threshold_s(events: pl.DataFrame, min_stall_s: float | None = None,
+                      thresholds: Thresholds = _D) -> float:
     """How long a group must be stuck to be a hang: ``min_stall_s`` when given, else
-    :data:`MIN_STALL_S` or :data:`STALL_STEPS` usual steps, whichever is longer (a job with
-    minute-long steps is not hung after 5 s)."""
+    ``thresholds``' (:meth:`~ringwatch.analyzers._thresholds.Thresholds.stall_s`: by default
+    5 s or 10 usual steps, whichever is longer; a job with minute-long steps is not hung
+    after 5 s)."""
     if min_stall_s is not None:
         return min_stall_s
-    step = typical_step_s(events)
-    return MIN_STALL_S if step is None else max(MIN_STALL_S, STALL_STEPS * step)
+    if thresholds.min_stall_s is not None:
+        return thresholds.min_stall_s
+    return thresholds.stall_s(typical_step_s(events))
 
 
 def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float | None = None,

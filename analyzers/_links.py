@@ -37,6 +37,7 @@ from ringwatch.analyzers._steps import (
     _complete_in_slice,
     _slices,
 )
+from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 
 def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
@@ -102,9 +103,11 @@ def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = 20,
             .filter(pl.col("_n") >= min_baseline_steps).drop("_n").sort("pg"))
 
 
-def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = 20,
-                        min_baseline_steps: int = 5, ratio: float = 2.0,
-                        persist: int = 4, usual: pl.DataFrame | None = None) -> pl.DataFrame:
+def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps,
+                        min_baseline_steps: int = _D.min_baseline_steps,
+                        ratio: float = _D.link_ratio,
+                        persist: int = _D.link_persist_steps,
+                        usual: pl.DataFrame | None = None) -> pl.DataFrame:
     """Per group: its usual bandwidth, and its longest run of ``persist`` or more slow steps.
 
     Args:
@@ -237,9 +240,10 @@ def narrow_by_other_groups(hosts: list[str], used: list, groups: pl.DataFrame,
     return top, why
 
 
-def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = 20,
-                      min_baseline_steps: int = 5, ratio: float = 2.0,
-                      persist: int = 4, usual: pl.DataFrame | None = None
+def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps,
+                      min_baseline_steps: int = _D.min_baseline_steps,
+                      ratio: float = _D.link_ratio,
+                      persist: int = _D.link_persist_steps, usual: pl.DataFrame | None = None
                       ) -> tuple[Finding, ...]:
     """Slow communication: groups whose transfer bandwidth dropped, and the suspect hosts.
 

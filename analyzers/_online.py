@@ -28,7 +28,7 @@ from dataclasses import replace
 import polars as pl
 
 from ringwatch.analyzers._findings import Finding
-from ringwatch.analyzers._hangs import detect_hangs
+from ringwatch.analyzers._hangs import detect_hangs, stall_threshold_s
 from ringwatch.analyzers._links import (
     compute_group_bandwidth,
     detect_slow_links,
@@ -39,29 +39,39 @@ from ringwatch.analyzers._stragglers import (
     compute_step_lateness,
     compute_straggler_scores,
     detect_stragglers,
+    scaled_floors_ms,
     usual_delay,
 )
+from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
+from ringwatch.analyzers._thresholds import Thresholds
 
-#: Steps an open straggler episode is remembered for while the window does not report it.
-GRACE_STEPS = 8
+# the lateness scores' own arguments, of all the stragglers' thresholds
+_SCORE_ARGS = ("warmup_steps", "baseline_steps", "min_baseline_steps", "slack", "threshold",
+               "floor_ms", "persist", "busier")
+
+#: Steps an open straggler episode is remembered for while the window does not report it
+#: (the default; :attr:`Thresholds.grace_steps`).
+GRACE_STEPS = _D.grace_steps
 
 
 class OnlineWindow:
     """One job's newest rows and the baselines of its first steps.
 
     Args:
-        keep_steps: Steps kept (at least ``warmup_steps + baseline_steps``).
-        warmup_steps, baseline_steps: As in the post-mortem analyzers.
+        keep_steps: Steps kept (at least the thresholds' ``warmup_steps + baseline_steps``;
+            more when :meth:`findings` is given thresholds that need more).
+        thresholds: The analyzers' :class:`~ringwatch.analyzers._thresholds.Thresholds`, as
+            post-mortem; :meth:`findings` may change them (the service's control API).
         keep_unstepped: Rows without a step kept per rank (the newest).
     """
 
-    def __init__(self, *, keep_steps: int = 64, warmup_steps: int = 2,
-                 baseline_steps: int = 20, keep_unstepped: int = 256):
-        if keep_steps < warmup_steps + baseline_steps:
+    def __init__(self, *, keep_steps: int = 64, thresholds: Thresholds = _D,
+                 keep_unstepped: int = 256):
+        self.thresholds = thresholds
+        if keep_steps < self.warmup_steps + self.baseline_steps:
             raise ValueError(f"keep_steps {keep_steps}: at least warmup_steps + "
-                             f"baseline_steps ({warmup_steps + baseline_steps})")
-        self.keep_steps, self.warmup_steps = keep_steps, warmup_steps
-        self.baseline_steps, self.keep_unstepped = baseline_steps, keep_unstepped
+                             f"baseline_steps ({self.warmup_steps + self.baseline_steps})")
+        self.keep_steps, self.keep_unstepped = keep_steps, keep_unstepped
         self.rows: pl.DataFrame | None = None
         self.usual_delay: pl.DataFrame | None = None  # rank, usual_ms
         self.noise_ms: float | None = None
@@ -77,6 +87,14 @@ class OnlineWindow:
         #: episode still going on.
         self.episodes: dict[int, tuple[int, int | None, int | None]] = {}
         self.dropped_rows = 0
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.thresholds.warmup_steps
+
+    @property
+    def baseline_steps(self) -> int:
+        return self.thresholds.baseline_steps
 
     def add(self, rows: pl.DataFrame) -> None:
         """Take new rows (any ranks, any order); a ``(rank, idx)`` seen before is replaced."""
@@ -120,43 +138,54 @@ class OnlineWindow:
         head = self.rows.filter(pl.col("step") <= last)
         # the analyzers count their warm-up from step 0: shift the head so it starts there
         lat = compute_step_lateness(head).with_columns(pl.col("step") - first)
-        scores = compute_straggler_scores(lat, warmup_steps=self.warmup_steps,
-                                          baseline_steps=self.baseline_steps)
+        args = self.thresholds.straggler_args()
+        score_args = {k: v for k, v in args.items() if k in _SCORE_ARGS}
+        # the noise floor scales with the job's step, as in detect_stragglers
+        score_args["floor_ms"], _ = scaled_floors_ms(
+            head, args["floor_ms"], args["min_delay_ms"], floor_share=args["floor_share"],
+            delay_share=args["delay_share"])
+        scores = compute_straggler_scores(lat, **score_args)
         if scores.is_empty():
             return
         self.noise_ms = float(scores["noise_ms"][0])
         base = scores.filter(pl.col("step") < self.warmup_steps + self.baseline_steps)
         self.usual_delay = usual_delay(base)
         self.imbalance = tuple(
-            f for f in detect_stragglers(head, warmup_steps=self.warmup_steps,
-                                         baseline_steps=self.baseline_steps)
-            if f.kind == "imbalance")
+            f for f in detect_stragglers(head, **args) if f.kind == "imbalance")
         self.usual_bw = usual_bandwidth(
             compute_group_bandwidth(head).with_columns(pl.col("step") - first),
-            baseline_steps=self.baseline_steps)
+            baseline_steps=self.baseline_steps,
+            min_baseline_steps=self.thresholds.min_baseline_steps)
         self.baseline_until = last
 
     def findings(self, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
-                 min_stall_s: float | None = None) -> tuple[Finding, ...]:
-        """Every analyzer over the window, as of ``now_ns``."""
+                 min_stall_s: float | None = None,
+                 thresholds: Thresholds | None = None) -> tuple[Finding, ...]:
+        """Every analyzer over the window, as of ``now_ns`` (with ``thresholds`` from now on,
+        when given)."""
+        if thresholds is not None:
+            self.thresholds = thresholds
+            self.keep_steps = max(self.keep_steps, self.warmup_steps + self.baseline_steps)
         if self.rows is None:
             return ()
         ev = self.rows
+        th = self.thresholds
         out = detect_hangs(ev, now_ns=now_ns, last_seen_ns=last_seen_ns,
-                           min_stall_s=min_stall_s)
+                           min_stall_s=stall_threshold_s(ev, min_stall_s, th),
+                           silent_s=th.silent_s)
         if self.baseline_until is None:
             return out  # not enough steps yet for a usual, nor to call anything structural
         stragglers = self._episodes(detect_stragglers(
-            ev, warmup_steps=self.warmup_steps, baseline_steps=self.baseline_steps,
-            usual=self.usual_delay, noise_ms=self.noise_ms, imbalance=False))
+            ev, **th.straggler_args(), usual=self.usual_delay, noise_ms=self.noise_ms,
+            imbalance=False))
         stragglers += self.imbalance
-        links = detect_slow_links(ev, baseline_steps=self.baseline_steps, usual=self.usual_bw)
+        links = detect_slow_links(ev, **th.link_args(), usual=self.usual_bw)
         return out + explain_by_links(stragglers, links)
 
     def _episodes(self, found: tuple[Finding, ...]) -> tuple[Finding, ...]:
         """Stragglers of this window as episodes of the job: one still late since before the
         window's oldest step keeps the onset it was first seen with. An episode ends when
-        its finding does, or when ``GRACE_STEPS`` newer steps came without it (a window
+        its finding does, or when ``grace_steps`` newer steps came without it (a window
         just reopened, or too young to score, says nothing about it yet)."""
         oldest, newest = self.rows["step"].min(), self.rows["step"].max()
         out, going = [], {}
@@ -173,7 +202,7 @@ class OnlineWindow:
         for rank, (since, detected, seen) in self.episodes.items():
             seen = newest if seen is None else seen  # restored: the grace starts now
             if rank not in going and all(f.ranks[0] != rank for f in found) \
-                    and newest is not None and newest - seen < GRACE_STEPS:
+                    and newest is not None and newest - seen < self.thresholds.grace_steps:
                 going[rank] = (since, detected, seen)
         self.episodes = going
         return tuple(out)

@@ -51,6 +51,7 @@ from ringwatch.analyzers._steps import (
     _merged_ns,
     _slices,
 )
+from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 #: The class of a straggler that ended within ``transient_steps`` of its start.
 HICCUP_CLASS = "transient straggler"
@@ -216,11 +217,14 @@ def usual_delay(head: pl.DataFrame, *, min_steps: int = 1) -> pl.DataFrame:
         pl.len().alias("_n")).filter(pl.col("_n") >= min_steps).drop("_n"))
 
 
-def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = 2,
-                             baseline_steps: int = 20, min_baseline_steps: int = 5,
-                             slack: float = 1.0, threshold: float = 6.0,
-                             floor_ms: float = 2.0, persist: int = 3,
-                             busier: float = 1.5,
+def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps,
+                             baseline_steps: int = _D.baseline_steps,
+                             min_baseline_steps: int = _D.min_baseline_steps,
+                             slack: float = _D.cusum_slack,
+                             threshold: float = _D.cusum_threshold,
+                             floor_ms: float = _D.noise_floor_ms,
+                             persist: int = _D.persist_steps,
+                             busier: float = _D.busier_ratio,
                              usual: pl.DataFrame | None = None,
                              noise_ms: float | None = None) -> pl.DataFrame:
     """Per (rank, step), how late the rank came and how far that is from its usual.
@@ -400,11 +404,32 @@ def _change_lines(r: dict, threshold: float, persist: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_steps: int = 20,
-                      min_baseline_steps: int = 5, slack: float = 1.0, threshold: float = 6.0,
-                      floor_ms: float = 2.0, persist: int = 3, busier: float = 1.5,
-                      imbalance_noise: float = 3.0,
-                      min_delay_ms: float = 3.0, transient_steps: int = 8,
+def scaled_floors_ms(events: pl.DataFrame, floor_ms: float, min_delay_ms: float, *,
+                     floor_share: float = _D.noise_floor_share,
+                     delay_share: float = _D.min_delay_share) -> tuple[float, float]:
+    """``(floor_ms, min_delay_ms)`` scaled down with a fast job's step (µs collectives, ms
+    steps): 2 ms of noise and 3 ms of delay are nothing in a 100 ms step, everything in a
+    2 ms one. Each becomes its share of the job's typical step where that is less."""
+    from ringwatch.analyzers._hangs import typical_step_s
+
+    step_s = typical_step_s(events)
+    if step_s is None:
+        return floor_ms, min_delay_ms
+    return (min(floor_ms, floor_share * step_s * 1e3),
+            min(min_delay_ms, delay_share * step_s * 1e3))
+
+
+def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps,
+                      baseline_steps: int = _D.baseline_steps,
+                      min_baseline_steps: int = _D.min_baseline_steps,
+                      slack: float = _D.cusum_slack, threshold: float = _D.cusum_threshold,
+                      floor_ms: float = _D.noise_floor_ms,
+                      floor_share: float = _D.noise_floor_share,
+                      persist: int = _D.persist_steps, busier: float = _D.busier_ratio,
+                      imbalance_noise: float = _D.imbalance_noise,
+                      min_delay_ms: float = _D.min_delay_ms,
+                      delay_share: float = _D.min_delay_share,
+                      transient_steps: int = _D.transient_steps,
                       usual: pl.DataFrame | None = None,
                       noise_ms: float | None = None,
                       imbalance: bool = True) -> tuple[Finding, ...]:
@@ -418,7 +443,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
             this many times the noise (and at least ``min_delay_ms``), while it waited least
             in half of them or more, is structural imbalance.
         min_delay_ms: Least delay (ms) worth a finding. It and ``floor_ms`` shrink to
-            :data:`DELAY_SHARE` and :data:`FLOOR_SHARE` of the job's step where those are less.
+            ``delay_share`` and ``floor_share`` of the job's step where those are less.
         transient_steps: A straggler whose excess ended within this many steps of its start
             (the logs go on without it) is a ``transient straggler``: a hiccup, not a rank to
             replace.
@@ -436,14 +461,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
         when it ended) and ``gain_s_per_step`` (how much longer its peers waited than it did
         per step since then: what the job would save if it arrived like them).
     """
-    from ringwatch.analyzers._hangs import typical_step_s
-
-    # the absolute floors scale down with a fast job's step (µs collectives, ms steps):
-    # 2 ms of noise and 3 ms of delay are nothing in a 100 ms step, everything in a 2 ms one
-    step_s = typical_step_s(events)
-    if step_s is not None:
-        floor_ms = min(floor_ms, FLOOR_SHARE * step_s * 1e3)
-        min_delay_ms = min(min_delay_ms, DELAY_SHARE * step_s * 1e3)
+    floor_ms, min_delay_ms = scaled_floors_ms(events, floor_ms, min_delay_ms,
+                                              floor_share=floor_share, delay_share=delay_share)
     lat = compute_step_lateness(events)
     scores = compute_straggler_scores(
         lat, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
@@ -530,12 +549,9 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = 2, baseline_s
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 
-#: Least what-if gain, as a share of the job's step time, a straggler must be worth.
-MIN_GAIN_SHARE = 0.05
-#: The noise floor and the least delay, as shares of the job's step, when that is less than
-#: ``floor_ms`` / ``min_delay_ms`` (a fast job's floors scale with its step).
-FLOOR_SHARE = 0.05
-DELAY_SHARE = 0.075
+#: Least what-if gain, as a share of the job's step time, a straggler must be worth
+#: (:attr:`Thresholds.min_gain_share <ringwatch.analyzers._thresholds.Thresholds>`).
+MIN_GAIN_SHARE = _D.min_gain_share
 
 
 def split_hiccups(findings: tuple) -> tuple[tuple, tuple]:
@@ -549,7 +565,8 @@ def split_hiccups(findings: tuple) -> tuple[tuple, tuple]:
             tuple(f for f in findings if is_hiccup(f)))
 
 
-def split_undecided(findings: tuple, *, newest_step: int | None, transient_steps: int = 8,
+def split_undecided(findings: tuple, *, newest_step: int | None,
+                    transient_steps: int = _D.transient_steps,
                     data_ended: bool = False) -> tuple[tuple, tuple]:
     """``(decided, undecided)``: a straggler still on (``until_step`` None) whose lateness
     has lasted fewer than ``transient_steps`` steps up to ``newest_step`` may yet end as a
@@ -591,4 +608,4 @@ def significant(findings: tuple, events: pl.DataFrame,
 __all__ = ["HICCUP_CLASS", "MIN_GAIN_SHARE", "STRAGGLER_CLASSES", "THROTTLED_CLASS",
            "compute_group_lateness",
            "compute_step_lateness", "compute_straggler_scores", "detect_stragglers",
-           "is_hiccup", "significant", "split_hiccups", "split_undecided"]
+           "is_hiccup", "scaled_floors_ms", "significant", "split_hiccups", "split_undecided"]

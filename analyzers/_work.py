@@ -31,6 +31,7 @@ import polars as pl
 
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._steps import _merged_ns
+from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 #: Columns this analyzer reads besides those of ``ANALYZED_COLUMNS``.
 WORK_COLUMNS = ("async_op",)
@@ -78,12 +79,17 @@ def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
             .sort("rank", "step"))
 
 
-def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *, warmup_steps: int = 2,
-                         baseline_steps: int = 20, floor_ms: float = 1.0,
-                         floor_share: float = 0.02, threshold: float = 6.0,
-                         slack: float = 1.0, persist: int = 3, start_share: float = 0.75,
-                         role_share: float = 0.10, wander_share: float = 0.05,
-                         min_gain_share: float = 0.05,
+def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *,
+                         warmup_steps: int = _D.warmup_steps,
+                         baseline_steps: int = _D.baseline_steps,
+                         floor_ms: float = _D.work_floor_ms,
+                         floor_share: float = _D.work_floor_share,
+                         threshold: float = _D.cusum_threshold,
+                         slack: float = _D.cusum_slack, persist: int = _D.persist_steps,
+                         start_share: float = _D.work_start_share,
+                         role_share: float = _D.role_share,
+                         wander_share: float = _D.wander_share,
+                         min_gain_share: float = _D.min_gain_share,
                          hosts: dict[int, str] | None = None) -> tuple[Finding, ...]:
     """Stragglers, structural and workload imbalance from the ranks' unblocked time.
 

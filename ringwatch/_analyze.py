@@ -28,17 +28,17 @@ PASSES = 5
 def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
                    min_stall_s: float | None = None, min_gain_share: float | None = None,
                    progress=None, dumped_ns: dict[int, int] | None = None,
-                   layout=None) -> tuple:
+                   layout=None, thresholds=None) -> tuple:
     """Every analyzer over one job's rows (a whole log or an online window): the findings.
 
     Args:
         events: Rows of one job (``JobLogs.events(include_pending=True)``).
         now_ns: Wall clock the stall of a hang is measured up to.
         last_seen_ns: ``rank -> newest flush`` heartbeats, when known.
-        min_stall_s: How long a group must be stuck to be a hang (default: 5 s or 10 of
-            the job's usual steps, whichever is longer).
+        min_stall_s: How long a group must be stuck to be a hang (overrides the
+            thresholds'; by default 5 s or 10 of the job's usual steps, whichever is longer).
         min_gain_share: Least what-if gain of a straggler, as a share of the job's step
-            time (default ``MIN_GAIN_SHARE``, 5%; 0 keeps every straggler).
+            time (overrides the thresholds'; by default 5%; 0 keeps every straggler).
         progress: ``progress(what, done, total)`` before each pass (see
             :mod:`ringwatch._report._progress`).
         dumped_ns: ``rank -> wall ns`` of each rank's Flight Recorder dump when the rows come
@@ -48,11 +48,16 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
             from the rows). With a pipeline, stragglers and imbalance come from each rank's
             unblocked time against its stage's (:mod:`ringwatch.analyzers._work`): lateness
             at collectives would blame a slow stage's neighbours, blocked in their receives.
+        thresholds: The analyzers' :class:`~ringwatch.analyzers._thresholds.Thresholds`
+            (default: :data:`~ringwatch.analyzers._thresholds.DEFAULT_THRESHOLDS`).
     """
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._links import explain_by_links
     from ringwatch.analyzers._rhythm import assign_rhythm_steps, unmarked
+    from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS
+
+    th = thresholds or DEFAULT_THRESHOLDS
 
     def stage(i: int, what: str) -> None:
         if progress is not None:
@@ -67,13 +72,16 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
 
         findings = detect_dump_hangs(events, dumped_ns=dumped_ns)
     else:
-        findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
-                                min_stall_s=min_stall_s)
-    from ringwatch.analyzers._stragglers import MIN_GAIN_SHARE, significant
+        from ringwatch.analyzers._hangs import stall_threshold_s
 
-    share = MIN_GAIN_SHARE if min_gain_share is None else min_gain_share
+        findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
+                                min_stall_s=stall_threshold_s(events, min_stall_s, th),
+                                silent_s=th.silent_s)
+    from ringwatch.analyzers._stragglers import significant
+
+    share = th.min_gain_share if min_gain_share is None else min_gain_share
     stage(2, "stragglers")
-    stragglers = detect_stragglers(events)
+    stragglers = detect_stragglers(events, **th.straggler_args())
     if layout is None:
         from ringwatch.analyzers._layout import infer_layout
 
@@ -84,10 +92,11 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         hosts = {int(r): str(h) for r, h in events.select("rank", "host").unique("rank")
                  .iter_rows() if r is not None and h is not None}
         stragglers = tuple(f for f in stragglers if f.kind not in ("straggler", "imbalance")
-                           ) + detect_work_findings(events, layout.peers_frame(), hosts=hosts)
+                           ) + detect_work_findings(events, layout.peers_frame(), hosts=hosts,
+                                                    **th.work_args())
     stage(3, "slow links")
-    findings += significant(explain_by_links(stragglers, detect_slow_links(events)), events,
-                            share)
+    findings += significant(explain_by_links(stragglers, detect_slow_links(
+        events, **th.link_args())), events, share)
     local = dict(events.select("rank", "local_rank").unique("rank").iter_rows()) \
         if "local_rank" in events.columns else {}
     return with_local_ranks(findings, local)
@@ -139,7 +148,7 @@ def with_power(findings: tuple, events, recordings) -> tuple:
 
 def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
                 probe: dict | None = None, plots: bool = False, recordings=(),
-                progress=None, layout: str | None = None) -> dict:
+                progress=None, layout: str | None = None, thresholds=None) -> dict:
     """Findings of every analyzer over one job's logs.
 
     Post-mortem (default) the stall of a hang is measured up to the agents' newest write;
@@ -152,6 +161,8 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     ``recordings`` (loaded ``ringwatch agent --record`` files) aligned on the job's steps.
     ``progress``: ``progress(what, done, total)`` as files are read and passes run.
     ``layout``: a declared layout (``tp=4,pp=2,dp=2``), else inferred from the groups.
+    ``thresholds``: the analyzers' :class:`~ringwatch.analyzers._thresholds.Thresholds`;
+    the report's ``thresholds`` lists those that differ from the defaults.
     """
     from ringwatch.analyzers._timing import TIMING_COLUMNS, with_analysis_durations
 
@@ -185,7 +196,8 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     lay = infer_layout(events) if layout is None else parse_layout(layout, len(job.ranks))
     findings, hiccups = split_hiccups(
         analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s,
-                       progress=progress, dumped_ns=seen if dumps else None, layout=lay))
+                       progress=progress, dumped_ns=seen if dumps else None, layout=lay,
+                       thresholds=thresholds))
     if probe is not None:
         findings = with_probe(findings, probe)
     if recordings:
@@ -211,6 +223,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
                        "text": lay.describe()},
             "findings": [f.to_dict() for f in findings], "_findings": findings,
             "hiccups": [f.to_dict() for f in hiccups], "_hiccups": hiccups,
+            "thresholds": thresholds.changed() if thresholds is not None else {},
             "unreadable": list(job.problems), **extra}
 
 
@@ -241,6 +254,9 @@ def report_lines(report: dict) -> list[str]:
              + ("" if kind == "ringwatch logs" else f" ({kind}, {report['path']})")
              + f": {len(report['ranks'])} rank(s), "
              f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
+    if report.get("thresholds"):
+        lines.append("thresholds (not the defaults): " + ", ".join(
+            f"{k}={v}" for k, v in sorted(report["thresholds"].items())))
     lay = report.get("layout")
     if lay and (lay["pp"] > 1 or lay["tp"] > 1 or lay["source"] == "declared"):
         lines.append(f"layout: {lay['text']}")
@@ -303,6 +319,7 @@ def cmd_analyze(args) -> int:
     from ringwatch._report import progress_for
     from ringwatch.inputs import open_sources
 
+    thresholds = thresholds_from_args(args)  # a bad one is answered before any reading
     opened = open_sources(args.paths, args.job)
     if not opened.sources:
         where = ", ".join(str(p) for p in args.paths)
@@ -321,7 +338,8 @@ def cmd_analyze(args) -> int:
         for source in opened.sources:
             report = analyze_job(source, online=args.online, min_stall_s=args.min_stall_s,
                                  probe=probe, plots=html is not None, recordings=recordings,
-                                 progress=progress, layout=getattr(args, "layout", None))
+                                 progress=progress, layout=getattr(args, "layout", None),
+                                 thresholds=thresholds)
             if len(opened.sources) == 1:
                 report["unreadable"] = opened.unreadable + report["unreadable"]
             reports.append(report)
@@ -351,6 +369,32 @@ def cmd_analyze(args) -> int:
         lines += report_lines(report)
     print("\n".join(lines))
     return 0
+
+
+def add_threshold_args(parser) -> None:
+    """``--thresholds FILE`` and ``--threshold NAME=VALUE`` (``ringwatch analyze``, ``serve``)."""
+    parser.add_argument("--thresholds", metavar="FILE", help="the analyzers' thresholds from "
+                        "a TOML file (top level or a [thresholds] table; names in "
+                        "docs/thresholds.md)")
+    parser.add_argument("--threshold", action="append", metavar="NAME=VALUE",
+                        help="set one threshold (repeatable, after --thresholds), e.g. "
+                        "cusum_threshold=8 or min_stall_s=120; 'default' puts one back")
+
+
+def thresholds_from_args(args):
+    """The thresholds ``--thresholds FILE`` and ``--threshold NAME=VALUE`` (in that order)
+    give, over the defaults; None when neither is used. A bad one is a one-line error."""
+    from ringwatch._config import ConfigError
+    from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS, ThresholdError
+
+    files, items = getattr(args, "thresholds", None), getattr(args, "threshold", None) or []
+    if not files and not items:
+        return None
+    try:
+        th = DEFAULT_THRESHOLDS.with_file(files) if files else DEFAULT_THRESHOLDS
+        return th.with_assignments(items)
+    except ThresholdError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _recordings(paths: list[str]) -> list:

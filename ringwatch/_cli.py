@@ -86,6 +86,11 @@ def cmd_analyze(args) -> int:
 def cmd_schema(args) -> int:
     from ringwatch._schema import COLUMNS, SCHEMA_VERSION, schema_markdown
 
+    if args.thresholds:
+        from ringwatch.analyzers._thresholds import thresholds_markdown
+
+        sys.stdout.write(thresholds_markdown())
+        return 0
     if args.metrics:
         from ringwatch._metrics import metrics_markdown
 
@@ -155,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringwatch", description="Observability for distributed "
                                 "training: every collective of every rank.")
     p.add_argument("--version", action="version", version=f"ringwatch {__version__}")
+    from ringwatch._analyze import add_threshold_args
+
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a command (e.g. torchrun ...) with ringwatch attached",
@@ -187,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a collective must be in flight, its group stuck behind "
                     "it, to count as a hang (default: 5 s or 10 of the job's usual steps, "
                     "whichever is longer)")
+    add_threshold_args(an)
     an.add_argument("--probe", metavar="FILE", help="a `ringwatch probe` result over the "
                     "job's hosts: its findings join the report and narrow the passive "
                     "link suspects")
@@ -207,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--markdown", action="store_true", help="as docs/schema.md")
     s.add_argument("--metrics", action="store_true", help="the agent's metric table, as "
                    "docs/metrics.md")
+    s.add_argument("--thresholds", action="store_true", help="the analyzers' thresholds, as "
+                   "docs/thresholds.md")
     s.set_defaults(func=cmd_schema)
 
     pr = sub.add_parser("probe", help="pairwise point-to-point bandwidth/latency test over "

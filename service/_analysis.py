@@ -125,7 +125,7 @@ def without_unplaced_links(findings: tuple, open_stragglers) -> tuple:
 
 def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
                  detectors: frozenset[str] = frozenset({"hang", "straggler", "slow_link"}),
-                 thresholds: dict | None = None, live: LiveAnalysis | None = None,
+                 thresholds=None, live: LiveAnalysis | None = None,
                  new_rows=()) -> tuple:
     """Findings of one job now (same :class:`~ringwatch.analyzers.Finding` model).
 
@@ -137,31 +137,31 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
     window's hiccups go to ``live``, :meth:`LiveAnalysis.take_hiccups`), and one that has
     lasted fewer steps than a hiccup can is held back until it lasts that long, or until the
     job stops sending steps (``split_undecided``): a noisy healthy job shows nothing, and the
-    service and ``ringwatch analyze`` name the same stragglers."""
+    service and ``ringwatch analyze`` name the same stragglers.
+
+    ``thresholds``: the analyzers' :class:`~ringwatch.analyzers._thresholds.Thresholds` (or a
+    ``{name: value}`` mapping over the defaults), as ``ringwatch analyze`` takes them."""
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._hangs import stall_threshold_s
     from ringwatch.analyzers._links import explain_by_links
-    from ringwatch.analyzers._stragglers import (
-        MIN_GAIN_SHARE,
-        significant,
-        split_hiccups,
-        split_undecided,
-    )
+    from ringwatch.analyzers._stragglers import significant, split_hiccups, split_undecided
+    from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS, Thresholds
 
-    th = thresholds or {}
+    th = thresholds if isinstance(thresholds, Thresholds) else \
+        DEFAULT_THRESHOLDS.with_values(thresholds or {})
     if live is not None:
         live.feed(jl, new_rows, now_ns=now_ns)
         steps = live.window.rows if live.window.rows is not None else step_frame(jl, [])
     else:
         steps = step_frame(jl)
-    stall = stall_threshold_s(steps, th.get("min_stall_s", min_stall_s))
+    stall = stall_threshold_s(steps, min_stall_s, th)
     findings: tuple = ()
     if "hang" in detectors:
         seen = {r: rl.pushed_ns - int((rl.log_age_s or 0) * 1e9)
                 for r, rl in jl.ranks.items()}
         findings += detect_hangs(frontier_frame(jl), now_ns=now_ns,
-                                 min_stall_s=stall, last_seen_ns=seen)
+                                 min_stall_s=stall, last_seen_ns=seen, silent_s=th.silent_s)
     # A job whose steps stopped coming (it ended, or it is hung) has nobody slow now: once
     # its rows have been quiet for twice the hang threshold, only hangs are reported, and
     # its stragglers and slow links resolve after the store's silence (a straggler that
@@ -172,16 +172,18 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
         want = {"straggler", "imbalance"} if "straggler" in detectors else set()
         want |= {"slow_link"} if "slow_link" in detectors else set()
         found, hiccups = split_hiccups(tuple(
-            f for f in live.window.findings(now_ns=now_ns) if f.kind in want))
+            f for f in live.window.findings(now_ns=now_ns, thresholds=th) if f.kind in want))
         live.note_hiccups(hiccups)
         newest = steps["step"].max() if steps.height else None
         ended = live.last_rows_ns is not None and now_ns - live.last_rows_ns >= stall * 1e9
-        found, _ = split_undecided(found, newest_step=newest, data_ended=ended)
-        findings += significant(found, steps, th.get("min_gain_share", MIN_GAIN_SHARE))
+        found, _ = split_undecided(found, newest_step=newest, data_ended=ended,
+                                   transient_steps=th.transient_steps)
+        findings += significant(found, steps, th.min_gain_share)
     elif live is None:
-        stragglers = detect_stragglers(steps) if "straggler" in detectors and steps.height \
-            else ()
-        links = detect_slow_links(steps) if "slow_link" in detectors and steps.height else ()
+        stragglers = detect_stragglers(steps, **th.straggler_args()) \
+            if "straggler" in detectors and steps.height else ()
+        links = detect_slow_links(steps, **th.link_args()) \
+            if "slow_link" in detectors and steps.height else ()
         findings += split_hiccups(explain_by_links(stragglers, links))[0]
     local = {r: rl.local_rank for r, rl in jl.ranks.items()}
     return with_local_ranks(findings, local)

@@ -39,6 +39,8 @@ def _tokens(args) -> tuple[str | None, str | None]:
 
 
 def cmd_serve(args) -> int:
+    from ringwatch._analyze import thresholds_from_args
+    from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS
     from ringwatch.service._service import Service, ServiceConfig
 
     token, read_token = _tokens(args)
@@ -57,7 +59,8 @@ def cmd_serve(args) -> int:
                         window_s=args.window_s, token=token, read_token=read_token,
                         auth_reads=args.auth_reads, resolve_after_s=args.resolve_after_s,
                         max_jobs=args.max_jobs, max_connections=args.max_connections,
-                        read_timeout_s=args.read_timeout_s)
+                        read_timeout_s=args.read_timeout_s,
+                        thresholds=thresholds_from_args(args) or DEFAULT_THRESHOLDS)
     try:
         service = Service(cfg).start()
     except OSError as exc:
@@ -131,7 +134,11 @@ def cmd_status(args) -> int:
             k, sep, v = item.partition("=")
             if not sep:
                 raise ConfigError(f"--threshold {item!r}: expected NAME=VALUE")
-            th[k] = None if v in ("", "default") else float(v)
+            try:
+                th[k] = None if v in ("", "default") else float(v)
+            except ValueError:
+                raise ConfigError(f"--threshold {item!r}: expected a number or "
+                                  "'default'") from None
         print(json.dumps(_call(f"{base}/api/v1/control", {
             "pause": args.pause or [], "resume": args.resume or [], "thresholds": th},
             token=token), indent=1))
@@ -153,6 +160,8 @@ def cmd_status(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from ringwatch._analyze import add_threshold_args
+
     sv = sub.add_parser("serve", help="the central service: receive the agents' OTLP, find "
                         "hangs, stragglers and slow links live",
                         description="Receive what the node agents push (OTLP/HTTP), analyse "
@@ -182,6 +191,7 @@ def add_parsers(sub) -> None:
     sv.add_argument("--max-jobs", type=int, default=64, help="jobs held at once; one more "
                     "evicts the one silent longest, with its series and findings (default 64)")
     sv.add_argument("--duration-s", type=float, help="stop after this many seconds")
+    add_threshold_args(sv)  # changed at run time: ringwatch status --threshold
     sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="the live findings of a running `ringwatch serve`")
@@ -195,8 +205,8 @@ def add_parsers(sub) -> None:
     _token_flags(st, "the service's bearer token, sent with changes (and with reads, when "
                  "the service asks for one)")
     st.add_argument("--threshold", action="append", metavar="NAME=VALUE",
-                    help="change a threshold at run time, e.g. min_stall_s=8 ('default' "
-                    "restores the analyzer's own)")
+                    help="change a threshold at run time, e.g. min_stall_s=8 (any of "
+                    "docs/thresholds.md; 'default' restores the default)")
     st.set_defaults(func=cmd_status)
 
 

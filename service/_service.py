@@ -13,7 +13,6 @@ A job evicted by ``max_jobs`` leaves nothing behind: its state, its online windo
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,12 +20,11 @@ from pathlib import Path
 
 from ringwatch._clock import Clock, SystemClock
 from ringwatch._net import parse_listen
+from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS, Thresholds
 
 log = logging.getLogger("ringwatch.service")
 
 DETECTORS = ("hang", "straggler", "slow_link")
-#: Thresholds settable at run time, with their defaults (None: the analyzer's own).
-THRESHOLDS = {"min_stall_s": None, "min_gain_share": 0.05}
 
 
 @dataclass
@@ -69,7 +67,7 @@ class ServiceConfig:
     max_connections: int = 128
     read_timeout_s: float = 10.0
     detectors: set[str] = field(default_factory=lambda: set(DETECTORS))
-    thresholds: dict = field(default_factory=lambda: dict(THRESHOLDS))
+    thresholds: Thresholds = DEFAULT_THRESHOLDS
 
     def __post_init__(self) -> None:
         self.auth_reads = self.auth_reads or bool(self.read_token)
@@ -123,7 +121,7 @@ class Service:
 
         with self.lock:
             detectors = frozenset(self.config.detectors)
-            thresholds = dict(self.config.thresholds)
+            thresholds = self.config.thresholds
         changes = []
         with self.jobs.lock:
             jobs = list(self.jobs.jobs)
@@ -223,27 +221,19 @@ class Service:
         if unknown:
             raise ValueError(f"unknown detector(s): {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(DETECTORS)}")
-        th = thresholds or {}
-        if not isinstance(th, dict):
-            raise ValueError("thresholds must be an object of NAME: value")
-        bad = set(th) - set(THRESHOLDS)
-        if bad:
-            raise ValueError(f"unknown threshold(s): {', '.join(sorted(bad))}")
-        for k, v in th.items():
-            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)
-                                  or not math.isfinite(v) or v < 0
-                                  or (v == 0 and k == "min_stall_s")):
-                raise ValueError(f"{k} must be a positive number (min_gain_share: 0 or "
-                                 "more) or null")
         with self.lock:
+            # validated as a whole (ThresholdError is a ValueError): nothing changes on a
+            # bad name or value
+            th = self.config.thresholds.with_values(thresholds or {})
             self.config.detectors -= set(pause)
             self.config.detectors |= set(resume)
-            self.config.thresholds.update(th)
+            self.config.thresholds = th
             return self.settings()
 
     def settings(self) -> dict:
         return {"detectors": {d: d in self.config.detectors for d in DETECTORS},
-                "thresholds": dict(self.config.thresholds), "window_s": self.config.window_s}
+                "thresholds": self.config.thresholds.to_dict(),
+                "window_s": self.config.window_s}
 
     # --- life -----------------------------------------------------------------------------
     def start(self) -> Service:
