@@ -87,8 +87,43 @@ def _gap_period(tail: np.ndarray, base: int, max_period: int) -> int:
     return base
 
 
+def _mask_rare_sizes(sig: list[tuple]) -> list[tuple]:
+    """Signatures with the size left out where that exact signature is rare (under a
+    quarter of its (group, op, peer)'s rows): the varying sizes of a batch that changes step
+    by step match one another, a fixed one (a count exchange) stays apart."""
+    from collections import Counter
+
+    full = Counter(sig)
+    kind = Counter((g, o, p) for g, o, _, p in sig)
+    return [(g, o, n if full[(g, o, n, p)] * 4 >= kind[(g, o, p)] else None, p)
+            for g, o, n, p in sig]
+
+
+def _size_change_period(sig: list[tuple], a: int, b: int, base: int,
+                        max_period: int) -> tuple[int, int] | None:
+    """``(period, first boundary)`` from where the sizes change in ``[a, b)``: the greatest
+    common divisor of the distances between changes, when it is a multiple of ``base`` that
+    at least ``MIN_REPEATS`` changes show; else None."""
+    from math import gcd
+
+    at = [j for j in range(max(a, 1), b) if sig[j] != sig[j - 1]]
+    if len(at) < MIN_REPEATS:
+        return None
+    g = 0
+    for x, y in zip(at, at[1:], strict=False):
+        g = gcd(g, y - x)
+    if g <= base or g % base or g > max_period:
+        return None
+    return g, at[0] % g
+
+
 def infer_rhythm(rows: pl.DataFrame, *, max_period: int = 4096) -> Rhythm:
     """The rhythm of one rank's collectives.
+
+    The signatures carry the sizes; where that finds no rhythm, or one that leaves most of
+    the collectives unmatched (sizes that vary step by step: continuous batching, MoE
+    routing, variable sequence lengths), rare sizes become "any size" and the iteration
+    boundaries come from where the sizes change (:func:`_size_change_period`).
 
     Args:
         rows: One rank's rows (any status), with ``idx``, ``pg``, ``op``, ``nbytes``,
@@ -99,12 +134,6 @@ def infer_rhythm(rows: pl.DataFrame, *, max_period: int = 4096) -> Rhythm:
     if df.height < MIN_REPEATS:
         return Rhythm(False, f"only {df.height} collective(s)")
     sig = df.select("pg", "op", "nbytes", "peer").rows()
-    table: dict[tuple, int] = {}
-    codes = np.array([table.setdefault(s, len(table)) for s in sig])
-    base = _smallest_period(codes, max_period)
-    if not base:
-        return Rhythm(False, f"no repeating pattern of collectives ({df.height} collectives, "
-                      f"{len(table)} distinct)")
     # Rows recovered without a time (a placeholder from the Flight Recorder) take their
     # neighbour's, so one of them does not blank every gap after it.
     t0 = df["mono_start_ns"].fill_null(strategy="forward").fill_null(strategy="backward")
@@ -112,19 +141,46 @@ def infer_rhythm(rows: pl.DataFrame, *, max_period: int = 4096) -> Rhythm:
     end = df["mono_end_ns"].fill_null(t0).to_numpy().astype(float)
     gaps = np.concatenate([[0.0], np.maximum(start[1:] - np.maximum.accumulate(end)[:-1], 0)])
     gaps = np.nan_to_num(gaps)
+    sized = _rhythm_of(df, sig, sig, gaps, max_period, sized=True)
+    if sized.found and sized.interludes * 2 <= df.height:
+        return sized
+    masked = _rhythm_of(df, sig, _mask_rare_sizes(sig), gaps, max_period, sized=False)
+    if masked.found and (not sized.found or masked.interludes < sized.interludes):
+        return masked
+    return sized
+
+
+def _rhythm_of(df: pl.DataFrame, sig: list[tuple], keys: list[tuple], gaps: np.ndarray,
+               max_period: int, *, sized: bool) -> Rhythm:
+    """The rhythm of one rank's signatures ``keys`` (``sig`` with its sizes, or masked)."""
+    table: dict[tuple, int] = {}
+    codes = np.array([table.setdefault(k, len(table)) for k in keys])
+    base = _smallest_period(codes, max_period)
+    if not base:
+        return Rhythm(False, f"no repeating pattern of collectives ({df.height} collectives, "
+                      f"{len(set(sig))} distinct)")
     a, b = _steady(codes, base)  # clear of warm-up and interludes
     period = _gap_period(gaps[a:b], base, max_period) if base < max_period else base
+    first, by_size = 0, None
+    if not sized:  # where the sizes change is an iteration boundary (a batch's size holds
+        # for its whole iteration): their spacing gives the period and its phase
+        by_size = _size_change_period(sig, a, b, base, max_period)
+        if by_size is not None and by_size[0] > period:
+            period, first = by_size
+        else:
+            by_size = None
     # Template: the most common signature at each slot, phased so that slot 0 follows the
-    # longest gap (the iteration boundary).
+    # longest gap (the iteration boundary), or the first change of sizes.
     n = (b - a) // period
     if n < 1:
         return Rhythm(False, f"no steady stretch of {period} collectives")
     block = codes[a: a + n * period].reshape(n, period)
     phase_gaps = np.percentile(gaps[a: a + n * period].reshape(n, period), 10, axis=0)
-    shift = int(np.argmax(phase_gaps)) if period > 1 else 0
+    shift = (first - a) % period if by_size is not None else (
+        int(np.argmax(phase_gaps)) if period > 1 else 0)
     modes = [int(np.bincount(block[:, k]).argmax()) for k in range(period)]
     template = np.array(modes[shift:] + modes[:shift])
-    starts, i, skipped = [], 0, 0
+    starts, i, skipped = [], first, first
     while i + period <= len(codes):
         if np.array_equal(codes[i: i + period], template):
             starts.append(i)

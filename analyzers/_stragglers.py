@@ -95,9 +95,45 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
         parts = [_lateness_parts(_complete_in_slice(
             events.select(cols).filter(keep & pl.col("step").is_between(lo, hi)), stats),
             outside.filter(pl.col("step").is_between(lo, hi))) for lo, hi in slices]
-    return pl.concat(parts).select(
+    out = pl.concat(parts).select(
         "rank", "host", "step", "collectives", "wait_ns", "last_arrivals", "compute_ns",
-    ).sort("step", "rank")
+    )
+    return out.join(rank_islands(events), on="rank", how="left").with_columns(
+        pl.col("island").fill_null(-1)).sort("step", "rank")
+
+
+def rank_islands(events: pl.DataFrame) -> pl.DataFrame:
+    """``rank``, ``island``: the ranks joined through shared groups (the connected parts of
+    the job's communication). A training job is one island (data parallel joins its tensor
+    parallel groups); independent serving replicas are one island each, and a rank is only
+    compared with the ranks its waits can come from. ``island`` is the lowest rank of it."""
+    if "pg_ranks" not in events.columns:
+        return pl.DataFrame({"rank": events["rank"].unique().drop_nulls(),
+                             }).with_columns(pl.lit(0).alias("island"))
+    from ringwatch._schema import parse_ranks
+
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for spec in events["pg_ranks"].unique().drop_nulls().cast(pl.Utf8).to_list():
+        try:
+            members = parse_ranks(spec)
+        except ValueError:
+            continue
+        for m in members[1:]:
+            a, b = find(members[0]), find(m)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    for r in events["rank"].unique().drop_nulls().to_list():
+        find(int(r))
+    ranks = sorted(parent)
+    return pl.DataFrame({"rank": ranks, "island": [find(r) for r in ranks]},
+                        schema={"rank": pl.Int32, "island": pl.Int64})
 
 
 def _lateness_parts(df: pl.DataFrame, outside: pl.DataFrame) -> pl.DataFrame:
@@ -272,8 +308,11 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
                          (pl.col("compute_ns") / 1e6).alias("compute_ms"))
     if df.is_empty():
         return df.drop("_n")
-    df = df.with_columns(pl.col("wait_ms").median().over("step").alias("median_wait_ms"),
-                         pl.col("compute_ms").median().over("step").alias("_median_compute"))
+    # the step's median rank among the ranks it shares groups with (one island in training;
+    # each independent serving replica its own)
+    by = ["step", "island"] if "island" in df.columns else ["step"]
+    df = df.with_columns(pl.col("wait_ms").median().over(by).alias("median_wait_ms"),
+                         pl.col("compute_ms").median().over(by).alias("_median_compute"))
     df = df.with_columns((pl.col("compute_ms") / pl.col("_median_compute")).fill_nan(None)
                          .alias("compute_ratio"))
     df = df.with_columns((pl.col("median_wait_ms") - pl.col("wait_ms")).alias("delay_ms")
@@ -336,7 +375,8 @@ def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: flo
         pl.lit(noise).alias("noise_ms"), (pl.col("cusum_ms") / h).alias("score"))
     return df.select("rank", "host", "step", "wait_ms", "median_wait_ms", "delay_ms",
                      "usual_ms", "excess_ms", "cusum_ms", "run_start", "hits", "noise_ms",
-                     "score", "compute_ms", "compute_ratio", "usual_compute_ratio", "busy_run")
+                     "score", "compute_ms", "compute_ratio", "usual_compute_ratio", "busy_run",
+                     *(["island"] if "island" in df.columns else []))
 
 
 def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: float,
@@ -344,7 +384,8 @@ def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: f
     """Ranks late in most of the job's first steps: ``rank``, ``host``, ``delay_ms``
     (median), ``late_share`` (steps where it waited least), ``first_step``, ``last_step``."""
     head = scores.filter(pl.col("step").rank("dense") <= baseline_steps)  # steps seen
-    least = head.filter(pl.col("wait_ms") == pl.col("wait_ms").min().over("step"))
+    by = ["step", "island"] if "island" in head.columns else ["step"]
+    least = head.filter(pl.col("wait_ms") == pl.col("wait_ms").min().over(by))
     share = least.group_by("rank").agg(pl.len().alias("_late"))
     n = head["step"].n_unique()
     per = head.group_by("rank").agg(

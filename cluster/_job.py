@@ -27,6 +27,14 @@ instead of relying on ``ringwatch run``. ``--profile-dir DIR`` traces every step
 ``DIR/rank-<R>.json.gz`` at the end (a Chrome trace, what ``ringwatch analyze`` reads as
 profiler traces). Rank 0 prints one JSON line at the end: steps, median
 step time and DDP's bucket count.
+
+``--workload decode`` or ``--workload moe`` serves instead of training (see
+:mod:`ringwatch.cluster._serving`), under ``torch.no_grad()`` with no optimizer step: ``decode``
+is tensor-parallel decoding with continuous batching (two all-reduces per layer per step in the
+tp group, their size following the active requests), ``moe`` an expert-parallel MoE stack over
+the world (per layer an ``all_to_all_single`` of counts, one dispatching the tokens with split
+sizes, one combining them; ``--hot-expert`` skews the routing from ``--hot-from-step``). A step
+is one decode iteration, and the hooks above act per step as in training.
 """
 
 from __future__ import annotations
@@ -39,13 +47,15 @@ import statistics
 import threading
 import time
 
-from ringwatch.cluster import _fr_dump
+from ringwatch.cluster import _fr_dump, _serving
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ringwatch.cluster._job",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=30, help="training steps")
+    p.add_argument("--workload", choices=_serving.WORKLOADS, default="train",
+                   help="train (default), or serve: decode (tp) or moe (expert parallel)")
     p.add_argument("--layers", type=int, default=6, help="linear layers (blocks with --tp)")
     p.add_argument("--width", type=int, default=256, help="features per layer")
     p.add_argument("--batch", type=int, default=32, help="samples per rank per step")
@@ -83,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-optimizer", action="store_true",
                    help="update the weights by hand: no optimizer step, no step marks")
     _fr_dump.add_args(p)
+    _serving.add_args(p)
     return p.parse_args(argv)
 
 
@@ -200,6 +211,8 @@ def main(argv=None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % args.tp:
         raise SystemExit(f"--tp {args.tp} does not divide world size {world}")
+    if args.workload != "train":
+        return _serving.run(args, device, groups_fn=_groups, slow=_SLOW)
     pipe = None
     if args.pp > 1:
         from ringwatch.cluster import _pipeline

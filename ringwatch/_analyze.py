@@ -51,9 +51,12 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         thresholds: The analyzers' :class:`~ringwatch.analyzers._thresholds.Thresholds`
             (default: :data:`~ringwatch.analyzers._thresholds.DEFAULT_THRESHOLDS`).
     """
+    import polars as pl
+
     from ringwatch.analyzers import detect_hangs, detect_slow_links, detect_stragglers
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._links import explain_by_links
+    from ringwatch.analyzers._moe import A2A_OPS, detect_moe_skew, explain_by_skew
     from ringwatch.analyzers._rhythm import assign_rhythm_steps, unmarked
     from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS
 
@@ -94,6 +97,10 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         stragglers = tuple(f for f in stragglers if f.kind not in ("straggler", "imbalance")
                            ) + detect_work_findings(events, layout.peers_frame(), hosts=hosts,
                                                     **th.work_args())
+    if "op" in events.columns and events["op"].cast(pl.Utf8).is_in(A2A_OPS).any():
+        # expert parallel: a hot expert's rank is late because its experts get too many
+        # tokens, not a straggler (analyzers/_moe.py)
+        stragglers = explain_by_skew(stragglers, detect_moe_skew(events, **th.moe_args()))
     stage(3, "slow links")
     findings += significant(explain_by_links(stragglers, detect_slow_links(
         events, **th.link_args())), events, share)

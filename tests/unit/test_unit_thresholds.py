@@ -19,6 +19,7 @@ from ringwatch._cli import build_parser, main
 from ringwatch._config import ConfigError
 from ringwatch.analyzers import DEFAULT_THRESHOLDS, ThresholdError, Thresholds
 from ringwatch.analyzers._links import detect_slow_links
+from ringwatch.analyzers._moe import detect_moe_skew
 from ringwatch.analyzers._stragglers import detect_stragglers, split_hiccups
 from ringwatch.analyzers._thresholds import NAMES, describe, thresholds_markdown
 from ringwatch.analyzers._work import detect_work_findings
@@ -40,6 +41,7 @@ def _defaults(fn) -> dict:
     (detect_stragglers, DEFAULT_THRESHOLDS.straggler_args()),
     (detect_slow_links, DEFAULT_THRESHOLDS.link_args()),
     (detect_work_findings, DEFAULT_THRESHOLDS.work_args()),
+    (detect_moe_skew, DEFAULT_THRESHOLDS.moe_args()),
 ])
 def test_the_detectors_defaults_are_the_thresholds(fn, args):
     got = _defaults(fn)
