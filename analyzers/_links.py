@@ -45,7 +45,7 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
 
     Args:
         events: Rows of one job; finished (``ok``) collectives with a step and a size that
-            every member recorded are used.
+            every member recorded, the same size on every member, are used.
 
     Returns:
         Columns ``pg``, ``pg_ranks``, ``hosts`` (the group's hosts, sorted, comma-joined),
@@ -61,12 +61,15 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
     keep = ((pl.col("status") == "ok") & pl.col("step").is_not_null()
             & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") > 0))
     xfer = pl.col("duration_ns").min().alias("_xfer")
+    # a collective whose members move different sizes (all-to-all with uneven splits, MoE
+    # routing) has no one bandwidth: its time follows the busiest member's share
+    even = (pl.col("nbytes").max() == pl.col("nbytes").min()).alias("_even")
     slices = _slices(events, "step", SLICE_ROWS)
     if slices is None:
         parts = [_bandwidth_parts(_complete_collectives(
-            events.select(cols).filter(keep), xfer))]
+            events.select(cols).filter(keep), xfer, even))]
     else:
-        stats = _collective_stats(events.select(cols), keep, xfer)
+        stats = _collective_stats(events.select(cols), keep, xfer, even)
         parts = [_bandwidth_parts(_complete_in_slice(
             events.select(cols).filter(keep & pl.col("step").is_between(lo, hi)), stats))
             for lo, hi in slices]
@@ -84,7 +87,7 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
 def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Per (pg, step) of complete collectives with ``_xfer``: sizes and transfer times; and
     the (pg, host) pairs."""
-    per = (df.filter(pl.col("group_rank") == 0)  # one row per collective
+    per = (df.filter((pl.col("group_rank") == 0) & pl.col("_even"))  # one row per collective
            .group_by("pg", "step").agg(
                pl.col("pg_ranks").first(),
                pl.len().alias("collectives"), pl.col("nbytes").sum().alias("bytes"),

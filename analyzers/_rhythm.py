@@ -120,10 +120,11 @@ def _size_change_period(sig: list[tuple], a: int, b: int, base: int,
 def infer_rhythm(rows: pl.DataFrame, *, max_period: int = 4096) -> Rhythm:
     """The rhythm of one rank's collectives.
 
-    The signatures carry the sizes; where that finds no rhythm, or one that leaves most of
-    the collectives unmatched (sizes that vary step by step: continuous batching, MoE
-    routing, variable sequence lengths), rare sizes become "any size" and the iteration
-    boundaries come from where the sizes change (:func:`_size_change_period`).
+    The signatures carry the sizes; where that finds no rhythm, or one that leaves more than
+    a warm-up unmatched (sizes that vary step by step: continuous batching, MoE routing,
+    variable sequence lengths), rare sizes become "any size", then all sizes, and the
+    iteration boundaries come from where the sizes change (:func:`_size_change_period`); the
+    rhythm that matches the most collectives is kept.
 
     Args:
         rows: One rank's rows (any status), with ``idx``, ``pg``, ``op``, ``nbytes``,
@@ -141,13 +142,14 @@ def infer_rhythm(rows: pl.DataFrame, *, max_period: int = 4096) -> Rhythm:
     end = df["mono_end_ns"].fill_null(t0).to_numpy().astype(float)
     gaps = np.concatenate([[0.0], np.maximum(start[1:] - np.maximum.accumulate(end)[:-1], 0)])
     gaps = np.nan_to_num(gaps)
-    sized = _rhythm_of(df, sig, sig, gaps, max_period, sized=True)
-    if sized.found and sized.interludes * 2 <= df.height:
-        return sized
-    masked = _rhythm_of(df, sig, _mask_rare_sizes(sig), gaps, max_period, sized=False)
-    if masked.found and (not sized.found or masked.interludes < sized.interludes):
-        return masked
-    return sized
+    tried = []
+    for keys in (sig, _mask_rare_sizes(sig), [(g, o, None, p) for g, o, _, p in sig]):
+        rh = _rhythm_of(df, sig, keys, gaps, max_period, sized=keys is sig)
+        if rh.found and rh.interludes <= 2 * rh.period:  # a warm-up at most
+            return rh
+        tried.append(rh)
+    found = [rh for rh in tried if rh.found]
+    return min(found, key=lambda rh: rh.interludes) if found else tried[0]
 
 
 def _rhythm_of(df: pl.DataFrame, sig: list[tuple], keys: list[tuple], gaps: np.ndarray,
