@@ -40,12 +40,18 @@ from ringwatch.analyzers._steps import (
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 
+#: Collectives smaller than this are latency-bound on any fabric (a count exchange, a flag):
+#: their time says nothing about bandwidth.
+MIN_LINK_BYTES = 4096
+
+
 def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
     """Per (pg, step), the group's transfer bandwidth.
 
     Args:
         events: Rows of one job; finished (``ok``) collectives with a step and a size that
-            every member recorded, the same size on every member, are used.
+            every member recorded, the same size on every member and at least
+            :data:`MIN_LINK_BYTES`, are used.
 
     Returns:
         Columns ``pg``, ``pg_ranks``, ``hosts`` (the group's hosts, sorted, comma-joined),
@@ -59,7 +65,7 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
     cols = ["pg", "seq", "is_p2p", "pg_size", "pg_ranks", "group_rank", "host", "step",
             "status", "nbytes", "duration_ns"]
     keep = ((pl.col("status") == "ok") & pl.col("step").is_not_null()
-            & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") > 0))
+            & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") >= MIN_LINK_BYTES))
     xfer = pl.col("duration_ns").min().alias("_xfer")
     # a collective whose members move different sizes (all-to-all with uneven splits, MoE
     # routing) has no one bandwidth: its time follows the busiest member's share
