@@ -39,7 +39,6 @@ from ringwatch.analyzers._steps import (
 )
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
-
 #: Collectives smaller than this are latency-bound on any fabric (a count exchange, a flag):
 #: their time says nothing about bandwidth.
 MIN_LINK_BYTES = 4096

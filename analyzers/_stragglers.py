@@ -633,17 +633,18 @@ def is_hiccup(f: Finding) -> bool:
 
 def significant(findings: tuple, events: pl.DataFrame,
                 min_share: float = MIN_GAIN_SHARE) -> tuple:
-    """``findings`` less the stragglers whose what-if gain is under ``min_share`` of the
-    job's typical step time (``events``' steps): a rank that costs the job 3% now and then on
-    a noisy machine is the job's noise, not a fault to act on. The online service and
-    ``ringwatch analyze`` apply the same rule."""
+    """``findings`` less the stragglers and slow links whose what-if gain is under
+    ``min_share`` of the job's typical step time (``events``' steps): a rank that costs the
+    job 3% now and then on a noisy machine, or a group whose transfers lost 10 ms of a 300 ms
+    step, is the job's noise, not a fault to act on. The online service and ``ringwatch
+    analyze`` apply the same rule."""
     from ringwatch.analyzers._hangs import typical_step_s
 
     step_s = typical_step_s(events) if events.height and min_share else None
     if not step_s:
         return findings
-    return tuple(f for f in findings if f.kind != "straggler" or f.gain_s_per_step is None
-                 or f.gain_s_per_step >= min_share * step_s)
+    return tuple(f for f in findings if f.kind not in ("straggler", "slow_link")
+                 or f.gain_s_per_step is None or f.gain_s_per_step >= min_share * step_s)
 
 
 __all__ = ["HICCUP_CLASS", "MIN_GAIN_SHARE", "STRAGGLER_CLASSES", "THROTTLED_CLASS",

@@ -62,8 +62,8 @@ class Thresholds:
             the least delay) is structural imbalance.
         transient_steps: A straggler that ended within this many steps is a hiccup, not a
             finding; live, a young one is held back this long.
-        min_gain_share: Least what-if gain of a straggler, as a share of the step (0 keeps
-            every straggler).
+        min_gain_share: Least what-if gain of a straggler or a slow link, as a share of the
+            step (0 keeps every one).
 
     Hangs:
         min_stall_s: A group stuck this long is hung (null: the larger of
