@@ -28,10 +28,11 @@ from pathlib import Path
 
 from ringwatch._clock import Clock, SystemClock
 from ringwatch._logs import META_FILE, PENDING_FILE, RANK_DIR_RE, SEGMENT_RE, select_segments
+from ringwatch.agent.sidecar._rhythm_steps import RhythmSteps
 
 log = logging.getLogger("ringwatch.agent")
 
-_COLUMNS = ["idx", "pg", "pg_ranks", "pg_size", "group_rank", "op", "is_p2p", "seq",
+_COLUMNS = ["idx", "pg", "pg_ranks", "pg_size", "group_rank", "op", "is_p2p", "peer", "seq",
             "status", "nbytes", "t_issue_ns", "t_start_ns", "t_end_ns", "duration_ns",
             "device_duration_ns", "end_source", "step"]
 #: Steps of per-step totals kept per rank (the newest).
@@ -133,6 +134,8 @@ class RankSummary:
     rows: _Watermark = field(default_factory=_Watermark)
     #: (t_start_ns, t_end_ns) of its newest finished collectives, for the phase power split.
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_COLLECTIVES))
+    #: Steps from the rhythm when the rank marks none (:mod:`._rhythm_steps`).
+    rhythm: RhythmSteps = field(default_factory=RhythmSteps)
 
 
 def _seg_range(name: str) -> range:
@@ -249,8 +252,6 @@ def _consume(s: RankSummary, frame) -> None:
         pg, seq = r["pg"], r["seq"]
         if seq is not None and r["t_start_ns"] is not None:
             s.last_started_seq[pg] = max(seq, s.last_started_seq.get(pg, -1))
-        if r["step"] is not None:
-            s.step = max(r["step"], s.step if s.step is not None else -1)
         if r["status"] not in ("ok", "unknown"):
             continue
         if seq is not None:
@@ -266,7 +267,17 @@ def _consume(s: RankSummary, frame) -> None:
             s.last_end_ns = max(end, s.last_end_ns or end)
             if start is not None:
                 s.recent.append((start, end))
-        if r["step"] is not None and not r["is_p2p"]:
+    # the steps: the rows' own, or the rhythm's iterations for a rank that marks none
+    was_rhythm = s.rhythm.active
+    stepped = s.rhythm.feed(rows)
+    if s.rhythm.active and not was_rhythm and s.rhythm.iteration >= 0:
+        s.steps.clear()  # what the one step number gathered is no step
+        s.step = None
+    for r in stepped:
+        if r["step"] is None:
+            continue
+        s.step = max(r["step"], s.step if s.step is not None else -1)
+        if r["status"] in ("ok", "unknown") and not r["is_p2p"]:
             _add_step(s, r)
     while len(s.steps) > KEEP_STEPS:
         del s.steps[min(s.steps)]

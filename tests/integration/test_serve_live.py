@@ -337,3 +337,23 @@ def test_a_slow_link_is_named_live(stack):
     assert "slow_link" in stack.status() and "host2" in stack.status()
     assert f'ringwatch_link_suspect{{host="host2",job="{truth["job_id"]}"}}' in \
         stack.get("/metrics")
+
+
+def test_a_decode_straggler_is_named_live(stack):
+    """A tensor-parallel decode job marks no steps and takes no optimizer step: the agent
+    numbers its iterations from the rhythm of its collectives, as `ringwatch analyze` does,
+    and the service names the slowed rank of its replica (the other replica shares no group
+    with it)."""
+    truth, _ = stack.run_cluster("--nproc", "4", "--hosts", "2", "--tp", "2", "--steps", "120",
+                                 "--fault", "straggler", "--straggler-mode", "work",
+                                 "--victim-rank", "1", "--at-step", "60",
+                                 "--", "--workload", "decode", "--step-sleep-ms", "40")
+    found = [(t, f) for t, f in stack.seen.values() if f["finding"]["kind"] != "hang"]
+    assert [f["finding"]["kind"] for _, f in found] == ["straggler"], stack.seen
+    first_ns, tracked = found[0]
+    f = tracked["finding"]
+    assert f["ranks"] == [1] and f["hosts"] == [truth["host"]], f
+    # the rhythm's iterations are the decode steps, numbered from the first one the agent
+    # matched (the job's step 0 here: no warm-up to skip)
+    assert abs(f["since_step"] - truth["effect_step"]) <= 3, (f, truth["effect_step"])
+    assert (first_ns - truth["onset_wall_ns"]) / 1e9 < 15
