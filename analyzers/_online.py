@@ -44,6 +44,7 @@ from ringwatch.analyzers._stragglers import (
 )
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 from ringwatch.analyzers._thresholds import Thresholds
+from ringwatch.analyzers._warmup import leading_warmup_steps
 
 # the lateness scores' own arguments, of all the stragglers' thresholds
 _SCORE_ARGS = ("warmup_steps", "baseline_steps", "min_baseline_steps", "slack", "threshold",
@@ -68,6 +69,8 @@ class OnlineWindow:
     def __init__(self, *, keep_steps: int = 64, thresholds: Thresholds = _D,
                  keep_unstepped: int = 256):
         self.thresholds = thresholds
+        #: The job's warm-up in steps seen, once its first steps are in (None before).
+        self.warmup_found: int | None = None
         if keep_steps < self.warmup_steps + self.baseline_steps:
             raise ValueError(f"keep_steps {keep_steps}: at least warmup_steps + "
                              f"baseline_steps ({self.warmup_steps + self.baseline_steps})")
@@ -90,7 +93,14 @@ class OnlineWindow:
 
     @property
     def warmup_steps(self) -> int:
-        return self.thresholds.warmup_steps
+        """The thresholds' warm-up, or the job's own where its first steps were far slower
+        (decided with the baselines, as post-mortem: ``Thresholds.for_job``)."""
+        return max(self.thresholds.warmup_steps, self.warmup_found or 0)
+
+    def _th(self) -> Thresholds:
+        th = self.thresholds
+        return th if th.warmup_steps == self.warmup_steps else replace(
+            th, warmup_steps=self.warmup_steps)
 
     @property
     def baseline_steps(self) -> int:
@@ -129,6 +139,16 @@ class OnlineWindow:
         if self.baseline_until is not None or self.rows is None:
             return
         first = self.first_step or 0
+        tops = self.rows.group_by("rank").agg(pl.col("step").max())["step"]
+        if self.warmup_found is None:  # the job's warm-up, from the same first steps as
+            # post-mortem (each step's time needs the next step's start on every rank)
+            th = self.thresholds
+            least_last = first + th.warmup_steps + th.baseline_steps - 1
+            if tops.min() is None or tops.min() <= least_last + 1:
+                return
+            self.warmup_found = leading_warmup_steps(
+                self.rows.filter(pl.col("step") <= least_last + 1), least=th.warmup_steps,
+                baseline_steps=th.baseline_steps, slow_ratio=th.warmup_slow_ratio)
         last = first + self.warmup_steps + self.baseline_steps - 1
         top = self.rows["step"].max()
         if top is None or top <= last:  # wait until every rank is past the baseline
@@ -138,7 +158,7 @@ class OnlineWindow:
         head = self.rows.filter(pl.col("step") <= last)
         # the analyzers count their warm-up from step 0: shift the head so it starts there
         lat = compute_step_lateness(head).with_columns(pl.col("step") - first)
-        args = self.thresholds.straggler_args()
+        args = self._th().straggler_args()
         score_args = {k: v for k, v in args.items() if k in _SCORE_ARGS}
         # the noise floor scales with the job's step, as in detect_stragglers
         score_args["floor_ms"], _ = scaled_floors_ms(
@@ -169,7 +189,7 @@ class OnlineWindow:
         if self.rows is None:
             return ()
         ev = self.rows
-        th = self.thresholds
+        th = self._th()
         out = detect_hangs(ev, now_ns=now_ns, last_seen_ns=last_seen_ns,
                            min_stall_s=stall_threshold_s(ev, min_stall_s, th),
                            silent_s=th.silent_s)
@@ -216,7 +236,8 @@ class OnlineWindow:
                 "baseline_until": self.baseline_until, "noise_ms": self.noise_ms,
                 "usual_delay": rows(self.usual_delay), "usual_bw": rows(self.usual_bw),
                 "imbalance": [f.to_dict() for f in self.imbalance],
-                "episodes": [[r, *e] for r, e in sorted(self.episodes.items())]}
+                "episodes": [[r, *e] for r, e in sorted(self.episodes.items())],
+                "warmup_steps": self.warmup_found}
 
     def restore(self, state: dict) -> None:
         """Take back what :meth:`state` gave (a window reopened after a restart). Raises
@@ -235,7 +256,8 @@ class OnlineWindow:
             # the step each was last seen at is not kept: the grace starts again
             episodes = {int(r): (int(s), _int_or_none(d), None)
                         for r, s, d, *_ in state["episodes"]}
-            for v in (first, until):
+            warmup = state.get("warmup_steps")
+            for v in (first, until, warmup):
                 if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                     raise ValueError(f"step {v!r} is not an integer")
             if noise is not None and not (isinstance(noise, (int, float)) and noise >= 0):
@@ -246,6 +268,7 @@ class OnlineWindow:
         self.noise_ms = None if noise is None else float(noise)
         self.usual_delay, self.usual_bw = usual, bw
         self.imbalance, self.episodes = imbalance, episodes
+        self.warmup_found = warmup
 
 
 def _int_or_none(v) -> int | None:

@@ -40,7 +40,9 @@ class Thresholds:
     """The analyzers' thresholds. Field docs are the ``help`` of each field (:func:`describe`).
 
     Steps:
-        warmup_steps: Leading steps (seen) left out of every baseline.
+        warmup_steps: Leading steps (seen) left out of every baseline, at least.
+        warmup_slow_ratio: Leading steps that took more than this many times the job's usual
+            step are warm-up too (compilation, autotuning).
         baseline_steps: Steps (seen) after the warm-up that give a job's usual timings and
             noise, and show a rank behind from the start (imbalance).
         min_baseline_steps: Fewest baseline steps a detector needs before it judges.
@@ -99,6 +101,7 @@ class Thresholds:
     """
 
     warmup_steps: int = 2
+    warmup_slow_ratio: float = 3.0
     baseline_steps: int = 20
     min_baseline_steps: int = 5
     cusum_threshold: float = 6.0
@@ -145,8 +148,10 @@ class Thresholds:
                                      + ("> 0" if least is None else f">= {least}"))
             if f.name in _SHARES and v >= 1:
                 raise ThresholdError(f"{f.name}={v!r}: expected a share below 1")
-        if self.busier_ratio <= 1 or self.link_ratio <= 1 or self.a2a_skew_ratio <= 1:
-            raise ThresholdError("busier_ratio, link_ratio and a2a_skew_ratio: expected > 1")
+        if min(self.busier_ratio, self.link_ratio, self.a2a_skew_ratio,
+               self.warmup_slow_ratio) <= 1:
+            raise ThresholdError("busier_ratio, link_ratio, a2a_skew_ratio and "
+                                 "warmup_slow_ratio: expected > 1")
         if self.min_baseline_steps > self.baseline_steps:
             raise ThresholdError(f"min_baseline_steps {self.min_baseline_steps} > "
                                  f"baseline_steps {self.baseline_steps}")
@@ -204,6 +209,17 @@ class Thresholds:
             return self.with_values(table)
         except ThresholdError as exc:
             raise ThresholdError(f"{path}: {exc}") from None
+
+    def for_job(self, events) -> Thresholds:
+        """These thresholds with ``warmup_steps`` raised to the job's own warm-up, the
+        leading steps far slower than its usual step
+        (:func:`~ringwatch.analyzers._warmup.leading_warmup_steps`)."""
+        from ringwatch.analyzers._warmup import leading_warmup_steps
+
+        n = leading_warmup_steps(events, least=self.warmup_steps,
+                                 baseline_steps=self.baseline_steps,
+                                 slow_ratio=self.warmup_slow_ratio)
+        return self if n == self.warmup_steps else replace(self, warmup_steps=n)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -28,7 +28,7 @@ PASSES = 5
 def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
                    min_stall_s: float | None = None, min_gain_share: float | None = None,
                    progress=None, dumped_ns: dict[int, int] | None = None,
-                   layout=None, thresholds=None) -> tuple:
+                   layout=None, thresholds=None, info: dict | None = None) -> tuple:
     """Every analyzer over one job's rows (a whole log or an online window): the findings.
 
     Args:
@@ -50,6 +50,8 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
             at collectives would blame a slow stage's neighbours, blocked in their receives.
         thresholds: The analyzers' :class:`~ringwatch.analyzers._thresholds.Thresholds`
             (default: :data:`~ringwatch.analyzers._thresholds.DEFAULT_THRESHOLDS`).
+        info: A dict that gets what the pass decided about the job: ``warmup_steps`` (the
+            leading steps left out of the baselines).
     """
     import polars as pl
 
@@ -69,6 +71,9 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
     if unmarked(events):  # no step marks (every row at one step, or none): the rhythm's
         stage(0, "the rhythm's steps")
         events = assign_rhythm_steps(events)  # iterations are the steps
+    th = th.for_job(events)  # a longer warm-up where the job's first steps are far slower
+    if info is not None:
+        info["warmup_steps"] = th.warmup_steps
     stage(1, "hangs")
     if dumped_ns is not None:
         from ringwatch.analyzers._fr_hangs import detect_dump_hangs
@@ -201,10 +206,11 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     from ringwatch.analyzers._stragglers import split_hiccups
 
     lay = infer_layout(events) if layout is None else parse_layout(layout, len(job.ranks))
+    info: dict = {}
     findings, hiccups = split_hiccups(
         analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s,
                        progress=progress, dumped_ns=seen if dumps else None, layout=lay,
-                       thresholds=thresholds))
+                       thresholds=thresholds, info=info))
     if probe is not None:
         findings = with_probe(findings, probe)
     if recordings:
@@ -231,6 +237,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
             "findings": [f.to_dict() for f in findings], "_findings": findings,
             "hiccups": [f.to_dict() for f in hiccups], "_hiccups": hiccups,
             "thresholds": thresholds.changed() if thresholds is not None else {},
+            "warmup_steps": info.get("warmup_steps"),
             "unreadable": list(job.problems), **extra}
 
 
@@ -261,6 +268,13 @@ def report_lines(report: dict) -> list[str]:
              + ("" if kind == "ringwatch logs" else f" ({kind}, {report['path']})")
              + f": {len(report['ranks'])} rank(s), "
              f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
+    from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS
+
+    least = (report.get("thresholds") or {}).get("warmup_steps",
+                                                 DEFAULT_THRESHOLDS.warmup_steps)
+    if (report.get("warmup_steps") or 0) > least:
+        lines.append(f"warm-up: the first {report['warmup_steps']} steps (far slower than the "
+                     "job's usual step) are left out of the baselines")
     if report.get("thresholds"):
         lines.append("thresholds (not the defaults): " + ", ".join(
             f"{k}={v}" for k, v in sorted(report["thresholds"].items())))
