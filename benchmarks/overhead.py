@@ -117,6 +117,10 @@ def job_command(arm: str, args, result: Path, log_dir: Path) -> list[str]:
            "--steps", str(args.steps), "--batch", str(args.batch), "--layers", str(args.layers),
            "--width", str(args.width), "--bucket-cap-mb", str(args.bucket_cap_mb),
            "--result", str(result)]
+    if args.workload == "decode":  # a tensor-parallel decode loop (cluster/_serving.py)
+        cmd += ["--workload", "decode", "--tp", str(args.tp)]
+    if args.job_sleep_ms:
+        cmd += ["--step-sleep-ms", str(args.job_sleep_ms)]
     if arm in ("on", "on-noddp"):
         cmd += ["--attach", str(log_dir)]
     elif arm == "run":
@@ -168,6 +172,27 @@ def check_logs(log_dir: Path, *, steps: int, buckets: int, first: int, world: in
             "expected_per_rank": expected, "ok": min(rows) >= expected}
 
 
+def check_decode_logs(log_dir: Path, *, steps: int, layers: int, world: int) -> dict:
+    """A recorded decode run's logs: every rank must hold its ``2 * layers`` timed tensor-
+    parallel all-reduces per step (the loop issues nothing else)."""
+    import polars as pl
+
+    import ringwatch
+
+    expected = steps * 2 * layers
+    jobs = sorted(d.name for d in log_dir.iterdir() if d.is_dir()) if log_dir.is_dir() else []
+    if len(jobs) != 1:
+        return {"jobs": jobs, "ddp_allreduce_per_rank": [0] * world,
+                "expected_per_rank": expected, "ok": False}
+    df = ringwatch.read_events(log_dir, jobs[0])
+    timed = df.filter((pl.col("op") == "all_reduce") & pl.col("duration_ns").is_not_null()
+                      & (pl.col("status") == "ok"))
+    per_rank = {int(r): int(n) for r, n in timed.group_by("rank").len().iter_rows()}
+    rows = [per_rank.get(r, 0) for r in range(world)]
+    return {"jobs": jobs, "rows": df.height, "ddp_allreduce_per_rank": rows,
+            "expected_per_rank": expected, "ok": min(rows) >= expected}
+
+
 def run_once(arm: str, args, scratch: Path, tag: str) -> dict:
     """One measured run of the demo job; returns its result line plus the log check.
 
@@ -199,7 +224,8 @@ def run_once(arm: str, args, scratch: Path, tag: str) -> dict:
                                        f"{' '.join(cmd)}\n{proc.stdout[-3000:]}")
                 continue
             out = json.loads(result.read_text())
-            rec = {"arm": arm, "median_step_s": out["median_step_s"], "buckets": out["buckets"],
+            rec = {"arm": arm, "median_step_s": out["median_step_s"],
+                   "buckets": out.get("buckets", 0),
                    "buckets_first_step": out.get("buckets_first_step", 1), "wall_s": wall,
                    "exit_code": proc.returncode, "attempts": attempt + 1,
                    "teardown_aborts": aborts, "loadavg_1min_before": load}
@@ -207,9 +233,13 @@ def run_once(arm: str, args, scratch: Path, tag: str) -> dict:
                 if log_dir.exists():
                     raise RuntimeError("the off run wrote ringwatch logs: the agent was not off")
                 return rec
-            rec["logs"] = check_logs(log_dir, steps=args.steps, buckets=out["buckets"],
-                                     first=rec["buckets_first_step"], world=out["world_size"],
-                                     ddp_hook=arm != "on-noddp")
+            if args.workload == "decode":
+                rec["logs"] = check_decode_logs(log_dir, steps=args.steps, layers=args.layers,
+                                                world=out["world_size"])
+            else:
+                rec["logs"] = check_logs(log_dir, steps=args.steps, buckets=out["buckets"],
+                                         first=rec["buckets_first_step"],
+                                         world=out["world_size"], ddp_hook=arm != "on-noddp")
             if rec["logs"]["ok"] or attempt == args.retries:
                 return rec
         finally:
@@ -257,7 +287,8 @@ def step_overhead(args, scratch: Path, say) -> dict:
             entry["logs_ok"] = all(r["logs"]["ok"] for r in mine if "logs" in r)
         summary[a] = entry
     return {"config": {k: getattr(args, k) for k in
-                       ("nproc", "steps", "batch", "layers", "width", "bucket_cap_mb", "pairs")},
+                       ("nproc", "steps", "batch", "layers", "width", "bucket_cap_mb", "pairs",
+                        "workload", "tp", "job_sleep_ms")},
             "buckets": runs[0]["buckets"], "arms": summary, "runs": runs,
             "warmup": warm}
 
@@ -458,6 +489,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--width", type=int, default=256, help="features per layer (default 256)")
     g.add_argument("--bucket-cap-mb", type=float, default=0.25,
                    help="DDP bucket size, MiB (default 0.25)")
+    g.add_argument("--workload", choices=("train", "decode"), default="train",
+                   help="the job: train (DDP, default) or decode (tensor-parallel decode "
+                   "loop, --tp ranks per replica, two all-reduces per layer per step; "
+                   "cluster/_serving.py)")
+    g.add_argument("--tp", type=int, default=2, help="decode: ranks per replica (default 2)")
+    g.add_argument("--job-sleep-ms", type=float, default=0.0,
+                   help="host idle time per step, as while a GPU computes (default 0)")
     g.add_argument("--arms", default="off,on,run",
                    help="comma-separated arms, 'off' first (default off,on,run): " + "; ".join(
                        f"{k} = {v}" for k, v in ARMS.items()))
@@ -515,8 +553,12 @@ def main(argv=None) -> int:
     if "step_overhead" in results:
         res = results["step_overhead"]
         c = res["config"]
-        print(f"(a) step time, {c['nproc']}-rank Gloo DDP demo job, {c['steps']} steps/run, "
-              f"{res['buckets']} buckets/step, {c['pairs']} interleaved groups")
+        what = (f"tensor-parallel decode loop (tp {c['tp']}, {c['layers']} layers: "
+                f"{2 * c['layers']} all-reduces/step)" if c.get("workload") == "decode"
+                else f"DDP demo job, {res['buckets']} buckets/step")
+        idle = f", {c['job_sleep_ms']:g} ms host idle/step" if c.get("job_sleep_ms") else ""
+        print(f"(a) step time, {c['nproc']}-rank Gloo {what}{idle}, {c['steps']} steps/run, "
+              f"{c['pairs']} interleaved groups")
         print("\n".join(step_table(res)))
         print()
     if "hook_cost" in results:
