@@ -51,7 +51,8 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         thresholds: The analyzers' :class:`~ringwatch.analyzers._thresholds.Thresholds`
             (default: :data:`~ringwatch.analyzers._thresholds.DEFAULT_THRESHOLDS`).
         info: A dict that gets what the pass decided about the job: ``warmup_steps`` (the
-            leading steps left out of the baselines).
+            leading steps left out of the baselines) and ``steps_from_rhythm`` (the job
+            marked no steps: they are the rhythm's iterations).
     """
     import polars as pl
 
@@ -71,6 +72,8 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
     if unmarked(events):  # no step marks (every row at one step, or none): the rhythm's
         stage(0, "the rhythm's steps")
         events = assign_rhythm_steps(events)  # iterations are the steps
+        if info is not None:
+            info["steps_from_rhythm"] = True
     th = th.for_job(events)  # a longer warm-up where the job's first steps are far slower
     if info is not None:
         info["warmup_steps"] = th.warmup_steps
@@ -238,6 +241,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
             "hiccups": [f.to_dict() for f in hiccups], "_hiccups": hiccups,
             "thresholds": thresholds.changed() if thresholds is not None else {},
             "warmup_steps": info.get("warmup_steps"),
+            "steps_from_rhythm": info.get("steps_from_rhythm", False),
             "unreadable": list(job.problems), **extra}
 
 
@@ -270,6 +274,9 @@ def report_lines(report: dict) -> list[str]:
              f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
     from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS
 
+    if report.get("steps_from_rhythm"):
+        lines.append("steps: the job marks none (no optimizer step, no mark_step); they are "
+                     "the iterations of the rhythm of its collectives, numbered from 0")
     least = (report.get("thresholds") or {}).get("warmup_steps",
                                                  DEFAULT_THRESHOLDS.warmup_steps)
     if (report.get("warmup_steps") or 0) > least:

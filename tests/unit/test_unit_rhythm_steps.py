@@ -91,3 +91,13 @@ def test_the_stored_decode_straggler_is_named_from_its_onset():
 def test_the_stored_hot_expert_is_named():
     (f,) = _found("moe")
     assert (f.kind, f.cls, f.ranks) == ("imbalance", "hot expert", (1,))
+
+
+def test_the_report_says_where_the_steps_came_from(capsys):
+    from ringwatch._cli import main
+
+    assert main(["analyze", str(RUNS["decode"])]) == 0
+    out = capsys.readouterr().out
+    assert "steps: the job marks none" in out and "STRAGGLER" in out
+    assert main(["analyze", str(DATA / "long" / "straggler-work-400.parquet")]) == 0
+    assert "steps: the job marks none" not in capsys.readouterr().out
