@@ -1,7 +1,12 @@
 """Pure analyzers over ringwatch's documented polars frames (no I/O, no globals).
 
 Each analyzer splits into ``compute_<metric>(df)`` and ``check_/detect_<thing>(...)`` returning
-frozen dataclasses; thresholds are arguments with documented defaults.
+frozen dataclasses; thresholds are arguments whose defaults are the fields of one frozen object,
+:class:`Thresholds` (``_thresholds``). The job analyzers' pass, in order: steps from the rhythm
+where the job marks none (``_rhythm``), the job's warm-up (``_warmup``), hangs (``_hangs``),
+stragglers and imbalance by lateness within each island of ranks (``_stragglers``, ``_islands``)
+or, with a pipeline, by unblocked work per role (``_layout``, ``_work``, ``_replay``), MoE skew
+(``_moe``), slow links (``_links``), then the policy that decides what is shown (``_policy``).
 """
 
 from ringwatch.analyzers._capture import (

@@ -43,6 +43,7 @@ from __future__ import annotations
 import polars as pl
 
 from ringwatch.analyzers._findings import Finding
+from ringwatch.analyzers._islands import rank_islands
 from ringwatch.analyzers._steps import (
     SLICE_ROWS,
     _collective_stats,
@@ -100,40 +101,6 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
     )
     return out.join(rank_islands(events), on="rank", how="left").with_columns(
         pl.col("island").fill_null(-1)).sort("step", "rank")
-
-
-def rank_islands(events: pl.DataFrame) -> pl.DataFrame:
-    """``rank``, ``island``: the ranks joined through shared groups (the connected parts of
-    the job's communication). A training job is one island (data parallel joins its tensor
-    parallel groups); independent serving replicas are one island each, and a rank is only
-    compared with the ranks its waits can come from. ``island`` is the lowest rank of it."""
-    if "pg_ranks" not in events.columns:
-        return pl.DataFrame({"rank": events["rank"].unique().drop_nulls(),
-                             }).with_columns(pl.lit(0).alias("island"))
-    from ringwatch._schema import parse_ranks
-
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for spec in events["pg_ranks"].unique().drop_nulls().cast(pl.Utf8).to_list():
-        try:
-            members = parse_ranks(spec)
-        except ValueError:
-            continue
-        for m in members[1:]:
-            a, b = find(members[0]), find(m)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    for r in events["rank"].unique().drop_nulls().to_list():
-        find(int(r))
-    ranks = sorted(parent)
-    return pl.DataFrame({"rank": ranks, "island": [find(r) for r in ranks]},
-                        schema={"rank": pl.Int32, "island": pl.Int64})
 
 
 def _lateness_parts(df: pl.DataFrame, outside: pl.DataFrame) -> pl.DataFrame:
@@ -590,64 +557,6 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 
-#: Least what-if gain, as a share of the job's step time, a straggler must be worth
-#: (:attr:`Thresholds.min_gain_share <ringwatch.analyzers._thresholds.Thresholds>`).
-MIN_GAIN_SHARE = _D.min_gain_share
-
-
-def split_hiccups(findings: tuple) -> tuple[tuple, tuple]:
-    """``(findings, hiccups)``: the transient stragglers (:data:`HICCUP_CLASS`, ended within a
-    few steps while the job went on) apart from the rest.
-
-    A rank that fell behind for a few steps and caught up (a page-cache flush, a scheduler
-    hiccup, a garbage collection) is nothing to act on; a report lists hiccups as a tally per
-    rank, so one that recurs still shows, and keeps the findings for what needs a person."""
-    return (tuple(f for f in findings if not is_hiccup(f)),
-            tuple(f for f in findings if is_hiccup(f)))
-
-
-def split_undecided(findings: tuple, *, newest_step: int | None,
-                    transient_steps: int = _D.transient_steps,
-                    data_ended: bool = False) -> tuple[tuple, tuple]:
-    """``(decided, undecided)``: a straggler still on (``until_step`` None) whose lateness
-    has lasted fewer than ``transient_steps`` steps up to ``newest_step`` may yet end as a
-    hiccup (:func:`split_hiccups`), so a live reader holds it back until it lasts that long
-    (or ``data_ended``: the job stopped sending steps, after which a post-mortem pass would
-    call it a straggler still on at the end). Holding back exactly what the post-mortem pass
-    would call a hiccup keeps the live findings and the post-mortem ones the same."""
-    if data_ended or newest_step is None:
-        return tuple(findings), ()
-
-    def young(f: Finding) -> bool:
-        return (f.kind == "straggler" and f.until_step is None and f.since_step is not None
-                and newest_step - f.since_step + 1 < transient_steps)
-
-    return (tuple(f for f in findings if not young(f)),
-            tuple(f for f in findings if young(f)))
-
-
-def is_hiccup(f: Finding) -> bool:
-    """Whether ``f`` is a transient straggler (:data:`HICCUP_CLASS`)."""
-    return f.kind == "straggler" and f.cls == HICCUP_CLASS
-
-
-def significant(findings: tuple, events: pl.DataFrame,
-                min_share: float = MIN_GAIN_SHARE) -> tuple:
-    """``findings`` less the stragglers and slow links whose what-if gain is under
-    ``min_share`` of the job's typical step time (``events``' steps): a rank that costs the
-    job 3% now and then on a noisy machine, or a group whose transfers lost 10 ms of a 300 ms
-    step, is the job's noise, not a fault to act on. The online service and ``ringwatch
-    analyze`` apply the same rule."""
-    from ringwatch.analyzers._hangs import typical_step_s
-
-    step_s = typical_step_s(events) if events.height and min_share else None
-    if not step_s:
-        return findings
-    return tuple(f for f in findings if f.kind not in ("straggler", "slow_link")
-                 or f.gain_s_per_step is None or f.gain_s_per_step >= min_share * step_s)
-
-
-__all__ = ["HICCUP_CLASS", "MIN_GAIN_SHARE", "STRAGGLER_CLASSES", "THROTTLED_CLASS",
-           "compute_group_lateness",
+__all__ = ["HICCUP_CLASS", "STRAGGLER_CLASSES", "THROTTLED_CLASS", "compute_group_lateness",
            "compute_step_lateness", "compute_straggler_scores", "detect_stragglers",
-           "is_hiccup", "scaled_floors_ms", "significant", "split_hiccups", "split_undecided"]
+           "scaled_floors_ms"]

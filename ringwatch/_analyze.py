@@ -88,7 +88,7 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         findings = detect_hangs(events, now_ns=now_ns, last_seen_ns=last_seen_ns,
                                 min_stall_s=stall_threshold_s(events, min_stall_s, th),
                                 silent_s=th.silent_s)
-    from ringwatch.analyzers._stragglers import significant
+    from ringwatch.analyzers._policy import significant
 
     share = th.min_gain_share if min_gain_share is None else min_gain_share
     stage(2, "stragglers")
@@ -170,7 +170,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
     ``online`` measures it up to now. ``probe``: a ``ringwatch probe`` result (loaded JSON)
     over the job's hosts, see :func:`with_probe`. Transient stragglers (ranks that fell
     behind for a few steps and caught up) are ``hiccups``, apart from the findings
-    (:func:`~ringwatch.analyzers._stragglers.split_hiccups`).
+    (:func:`~ringwatch.analyzers._policy.split_hiccups`).
 
     ``plots``: add ``_plots``, the report page's plots (:mod:`ringwatch._report`), with
     ``recordings`` (loaded ``ringwatch agent --record`` files) aligned on the job's steps.
@@ -206,7 +206,7 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
         now_ns = max(seen.values())
     from ringwatch.analyzers import estimate_clock_offsets
     from ringwatch.analyzers._layout import infer_layout, parse_layout
-    from ringwatch.analyzers._stragglers import split_hiccups
+    from ringwatch.analyzers._policy import split_hiccups
 
     lay = infer_layout(events) if layout is None else parse_layout(layout, len(job.ranks))
     info: dict = {}

@@ -72,11 +72,12 @@ def _inputs(paths: list[str], job: str | None):
 def cmd_power(args) -> int:
     import polars as pl
 
+    from ringwatch.analyzers._policy import split_hiccups
     from ringwatch.analyzers._power import recording_frames
     from ringwatch.analyzers._power_headroom import PowerThresholds
     from ringwatch.analyzers._power_report import analyze_power
     from ringwatch.analyzers._power_throttle import attribute_throttling
-    from ringwatch.analyzers._stragglers import detect_stragglers, split_hiccups
+    from ringwatch.analyzers._stragglers import detect_stragglers
 
     recs, log_dir = _inputs(args.paths, args.job)
     events = None

@@ -145,7 +145,7 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
     from ringwatch.analyzers._findings import with_local_ranks
     from ringwatch.analyzers._hangs import stall_threshold_s
     from ringwatch.analyzers._links import explain_by_links
-    from ringwatch.analyzers._stragglers import significant, split_hiccups, split_undecided
+    from ringwatch.analyzers._policy import significant, split_hiccups, split_undecided
     from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS, Thresholds
 
     th = thresholds if isinstance(thresholds, Thresholds) else \

@@ -13,10 +13,11 @@ import pytest
 import ringwatch
 from ringwatch._cli import main
 from ringwatch.analyzers import compute_step_comm
+from ringwatch.analyzers._policy import split_hiccups
 from ringwatch.analyzers._power import compute_energy_intervals, recording_frames
 from ringwatch.analyzers._power_phase import compute_step_energy
 from ringwatch.analyzers._power_throttle import attribute_throttling
-from ringwatch.analyzers._stragglers import detect_stragglers, split_hiccups
+from ringwatch.analyzers._stragglers import detect_stragglers
 from ringwatch.cluster import ClusterSpec, FaultSpec, run_cluster
 from ringwatch.collectors._synthetic_power import (
     PhasePowerModel,

@@ -19,7 +19,7 @@ import pytest
 
 from ringwatch._analyze import analyze_events
 from ringwatch.agent.sidecar._rank_tail import RankSummary, _consume
-from ringwatch.analyzers._stragglers import split_hiccups
+from ringwatch.analyzers._policy import split_hiccups
 from ringwatch.analyzers._timing import with_analysis_durations
 
 RUN = Path(__file__).resolve().parents[1] / "data" / "long" / "straggler-work-400.parquet"

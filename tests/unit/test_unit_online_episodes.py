@@ -15,7 +15,7 @@ import pytest
 
 from ringwatch._analyze import analyze_events
 from ringwatch.analyzers._online import GRACE_STEPS, OnlineWindow
-from ringwatch.analyzers._stragglers import split_hiccups, split_undecided
+from ringwatch.analyzers._policy import split_hiccups, split_undecided
 from ringwatch.service._service import Service, ServiceConfig
 from ringwatch.service._windows import WindowStates
 

@@ -11,7 +11,7 @@ import pytest
 
 from ringwatch._analyze import analyze_events
 from ringwatch.analyzers._layout import infer_layout, parse_layout
-from ringwatch.analyzers._stragglers import split_hiccups
+from ringwatch.analyzers._policy import split_hiccups
 from ringwatch.analyzers._work import compute_step_work
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "pipeline"

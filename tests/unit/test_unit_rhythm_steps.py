@@ -11,8 +11,8 @@ import pytest
 
 from ringwatch._analyze import analyze_events
 from ringwatch.agent.sidecar._rhythm_steps import LEARN_ROWS, RhythmSteps
+from ringwatch.analyzers._policy import split_hiccups
 from ringwatch.analyzers._rhythm import assign_rhythm_steps
-from ringwatch.analyzers._stragglers import split_hiccups
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 RUNS = {"decode": DATA / "serving" / "decode-tp2-straggler.parquet",

@@ -13,7 +13,7 @@ from test_unit_links import job as layered_job
 
 from ringwatch._analyze import analyze_events
 from ringwatch.analyzers import detect_slow_links
-from ringwatch.analyzers._stragglers import split_hiccups
+from ringwatch.analyzers._policy import split_hiccups
 
 RUN = Path(__file__).resolve().parents[1] / "data" / "long" / "straggler-work-400.parquet"
 NUMBERINGS = {"resumed at 50,000": lambda s: s + 50_000, "every 10th": lambda s: s * 10,

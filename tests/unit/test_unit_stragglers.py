@@ -108,7 +108,7 @@ def test_a_brief_slowdown_is_not_persistent():
 
 def test_a_hiccup_is_reported_apart_from_the_findings():
     from ringwatch._analyze import report_lines
-    from ringwatch.analyzers._stragglers import split_hiccups
+    from ringwatch.analyzers._policy import split_hiccups
 
     brief = detect_stragglers(_brief((30, 31, 32, 33)))  # 4 steps behind, then caught up
     assert split_hiccups(brief) == ((), brief) and brief[0].until_step == 33
@@ -213,7 +213,7 @@ def test_a_noisy_healthy_job_has_no_busy_straggler():
 
 def test_a_live_reader_holds_back_what_may_still_end_as_a_hiccup():
     from ringwatch.analyzers._findings import Finding
-    from ringwatch.analyzers._stragglers import split_undecided
+    from ringwatch.analyzers._policy import split_undecided
 
     young = Finding("straggler", "compute straggler", (2,), since_step=30)
     ended = Finding("straggler", "compute straggler", (1,), since_step=5, until_step=20)

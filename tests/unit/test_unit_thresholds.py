@@ -20,7 +20,8 @@ from ringwatch._config import ConfigError
 from ringwatch.analyzers import DEFAULT_THRESHOLDS, ThresholdError, Thresholds
 from ringwatch.analyzers._links import detect_slow_links
 from ringwatch.analyzers._moe import detect_moe_skew
-from ringwatch.analyzers._stragglers import detect_stragglers, split_hiccups
+from ringwatch.analyzers._policy import split_hiccups
+from ringwatch.analyzers._stragglers import detect_stragglers
 from ringwatch.analyzers._thresholds import NAMES, describe, thresholds_markdown
 from ringwatch.analyzers._work import detect_work_findings
 from ringwatch.service._service import Service, ServiceConfig

@@ -21,7 +21,7 @@ import pytest
 from ringwatch._analyze import analyze_events
 from ringwatch.analyzers import Thresholds
 from ringwatch.analyzers._online import OnlineWindow
-from ringwatch.analyzers._stragglers import split_hiccups, split_undecided
+from ringwatch.analyzers._policy import split_hiccups, split_undecided
 from ringwatch.analyzers._warmup import leading_warmup_steps, step_durations_ms
 
 DATA = Path(__file__).resolve().parents[1] / "data"
