@@ -266,14 +266,12 @@ def when_parts(f, *, until: bool = False) -> list[str]:
     return when
 
 
-def report_lines(report: dict) -> list[str]:
-    kind = report.get("kind", "ringwatch logs")
-    lines = [f"job {report['job_id']}"
-             + ("" if kind == "ringwatch logs" else f" ({kind}, {report['path']})")
-             + f": {len(report['ranks'])} rank(s), "
-             f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
+def context_lines(report: dict) -> list[str]:
+    """What the pass read the job as, before its findings: steps from the rhythm, a longer
+    warm-up, thresholds that are not the defaults, the parallel layout (both report forms)."""
     from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS
 
+    lines = []
     if report.get("steps_from_rhythm"):
         lines.append("steps: the job marks none (no optimizer step, no mark_step); they are "
                      "the iterations of the rhythm of its collectives, numbered from 0")
@@ -288,6 +286,16 @@ def report_lines(report: dict) -> list[str]:
     lay = report.get("layout")
     if lay and (lay["pp"] > 1 or lay["tp"] > 1 or lay["source"] == "declared"):
         lines.append(f"layout: {lay['text']}")
+    return lines
+
+
+def report_lines(report: dict) -> list[str]:
+    kind = report.get("kind", "ringwatch logs")
+    lines = [f"job {report['job_id']}"
+             + ("" if kind == "ringwatch logs" else f" ({kind}, {report['path']})")
+             + f": {len(report['ranks'])} rank(s), "
+             f"{report['collectives']} collective rows, as of {_when(report['as_of_ns'])}"]
+    lines += context_lines(report)
     clocks = report.get("clock_offsets", [])
     others = [c for c in clocks if c["error_ns"] != 0]
     if others:

@@ -22,7 +22,7 @@ def report_renderables(report: dict) -> list:
     from rich.table import Table
     from rich.text import Text
 
-    from ringwatch._analyze import hiccup_lines
+    from ringwatch._analyze import context_lines, hiccup_lines
 
     kind = report.get("kind", "ringwatch logs")
     head = Text.assemble(("job ", "bold"), (str(report["job_id"]), "bold cyan"),
@@ -30,6 +30,7 @@ def report_renderables(report: dict) -> list:
                          f": {len(report['ranks'])} rank(s), {report['collectives']} "
                          f"collective rows, as of {_when(report['as_of_ns'])}")
     out: list = [head]
+    out += [Text(line, style="dim") for line in context_lines(report)]
     clocks = [c for c in report.get("clock_offsets", []) if c["error_ns"] != 0]
     if len(clocks) > 8:
         ms = [c["offset_ns"] / 1e6 for c in clocks]

@@ -155,3 +155,21 @@ def test_progress_is_quiet_off_a_terminal_and_a_bar_on_one():
         assert isinstance(bar, Bar)
         bar("reading", 3, 10)
     assert "reading" in tty.getvalue()
+
+
+def test_the_terminal_says_how_the_job_was_read():
+    from rich.console import Console
+
+    report = {"job_id": "j", "kind": "ringwatch logs", "path": "/x", "ranks": [0, 1, 2, 3],
+              "collectives": 10, "as_of_ns": 0, "_findings": (), "_hiccups": (),
+              "unreadable": [], "steps_from_rhythm": True, "warmup_steps": 6,
+              "thresholds": {"cusum_threshold": 8},
+              "layout": {"dp": 1, "tp": 2, "pp": 2, "source": "inferred",
+                         "text": "dp=1 x tp=2 x pp=2 (inferred)"}}
+    out = io.StringIO()
+    print_reports([report], console=Console(file=out, force_terminal=False, width=200))
+    text = out.getvalue()
+    for line in ("steps: the job marks none", "warm-up: the first 6 steps",
+                 "thresholds (not the defaults): cusum_threshold=8",
+                 "layout: dp=1 x tp=2 x pp=2"):
+        assert line in text, (line, text)
