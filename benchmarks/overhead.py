@@ -152,21 +152,31 @@ def check_logs(log_dir: Path, *, steps: int, buckets: int, first: int, world: in
     With the DDP hook (the default) every bucket must be a timed ``api="ddp"`` row; without it
     (``on-noddp``) the buckets are recovered from the Flight Recorder, and are only counted.
     """
+    expected = (steps - 1) * buckets + first
+    if ddp_hook:
+        return _timed_allreduces(log_dir, expected=expected, world=world, api="ddp")
+    return _timed_allreduces(log_dir, expected=expected, world=world, api=None, timed=False)
+
+
+def _timed_allreduces(log_dir: Path, *, expected: int, world: int, api: str | None,
+                      timed: bool = True) -> dict:
+    """All-reduce rows per rank of the one job under ``log_dir`` (of ``api`` when given;
+    finished and timed when ``timed``) against ``expected``."""
     import polars as pl
 
     import ringwatch
 
-    expected = (steps - 1) * buckets + first
     jobs = sorted(d.name for d in log_dir.iterdir() if d.is_dir()) if log_dir.is_dir() else []
     if len(jobs) != 1:
         return {"jobs": jobs, "ddp_allreduce_per_rank": [0] * world,
                 "expected_per_rank": expected, "ok": False}
     df = ringwatch.read_events(log_dir, jobs[0])
-    timed = df.filter(pl.col("op") == "all_reduce")
-    if ddp_hook:
-        timed = timed.filter((pl.col("api") == "ddp") & pl.col("duration_ns").is_not_null()
-                             & (pl.col("status") == "ok"))
-    per_rank = {int(r): int(n) for r, n in timed.group_by("rank").len().iter_rows()}
+    keep = pl.col("op") == "all_reduce"
+    if api is not None:
+        keep = keep & (pl.col("api") == api)
+    if timed:
+        keep = keep & pl.col("duration_ns").is_not_null() & (pl.col("status") == "ok")
+    per_rank = {int(r): int(n) for r, n in df.filter(keep).group_by("rank").len().iter_rows()}
     rows = [per_rank.get(r, 0) for r in range(world)]
     return {"jobs": jobs, "rows": df.height, "ddp_allreduce_per_rank": rows,
             "expected_per_rank": expected, "ok": min(rows) >= expected}
@@ -175,22 +185,7 @@ def check_logs(log_dir: Path, *, steps: int, buckets: int, first: int, world: in
 def check_decode_logs(log_dir: Path, *, steps: int, layers: int, world: int) -> dict:
     """A recorded decode run's logs: every rank must hold its ``2 * layers`` timed tensor-
     parallel all-reduces per step (the loop issues nothing else)."""
-    import polars as pl
-
-    import ringwatch
-
-    expected = steps * 2 * layers
-    jobs = sorted(d.name for d in log_dir.iterdir() if d.is_dir()) if log_dir.is_dir() else []
-    if len(jobs) != 1:
-        return {"jobs": jobs, "ddp_allreduce_per_rank": [0] * world,
-                "expected_per_rank": expected, "ok": False}
-    df = ringwatch.read_events(log_dir, jobs[0])
-    timed = df.filter((pl.col("op") == "all_reduce") & pl.col("duration_ns").is_not_null()
-                      & (pl.col("status") == "ok"))
-    per_rank = {int(r): int(n) for r, n in timed.group_by("rank").len().iter_rows()}
-    rows = [per_rank.get(r, 0) for r in range(world)]
-    return {"jobs": jobs, "rows": df.height, "ddp_allreduce_per_rank": rows,
-            "expected_per_rank": expected, "ok": min(rows) >= expected}
+    return _timed_allreduces(log_dir, expected=steps * 2 * layers, world=world, api=None)
 
 
 def run_once(arm: str, args, scratch: Path, tag: str) -> dict:
