@@ -40,7 +40,6 @@ is one decode iteration, and the hooks above act per step as in training.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -334,11 +333,9 @@ def main(argv=None) -> int:
                "buckets": buckets,
                "buckets_first_step": first,
                "median_step_s": statistics.median(step_s[1:] or step_s), "pid": os.getpid()}
-        line = json.dumps(out)
-        print(line, flush=True)
-        if args.result:
-            with open(args.result, "w") as f:
-                f.write(line + "\n")
+        from ringwatch.cluster._serving import write_result
+
+        write_result(args, out)
     dist.destroy_process_group()
     return 0
 

@@ -312,10 +312,15 @@ def run(args, device, *, groups_fn, slow: threading.Event) -> int:
                "mean_batch": statistics.fmean(batches), "pid": os.getpid()}
         if args.workload == "moe":
             res["experts"] = model.experts
-        line = json.dumps(res)
-        print(line, flush=True)
-        if args.result:
-            with open(args.result, "w") as f:
-                f.write(line + "\n")
+        write_result(args, res)
     dist.destroy_process_group()
     return 0
+
+
+def write_result(args, result: dict) -> None:
+    """Rank 0's result: one JSON line on stdout, and in ``--result`` when given."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.result:
+        with open(args.result, "w") as f:
+            f.write(line + "\n")
