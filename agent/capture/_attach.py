@@ -87,8 +87,14 @@ def _time_nccl_works() -> None:
 
 
 def _install_patches(cfg: CaptureConfig) -> None:
-    _pg_hooks.install(STATE.patched)
-    _ddp.install(STATE.patched)
+    if cfg.native:
+        from ringwatch.agent.capture import _native
+
+        STATE.native_module = _native.load()
+    if STATE.native_module is None:
+        # The Python front door; with the native path, the backend wrapper sees every call.
+        _pg_hooks.install(STATE.patched)
+        _ddp.install(STATE.patched)
     _patch_function(c10d, "_new_process_group_helper", _wrap_new_group)
     for name, maker in (("init_process_group", _wrap_init),
                         ("destroy_process_group", _wrap_destroy)):
@@ -104,7 +110,7 @@ def _install_patches(cfg: CaptureConfig) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         STATE.handles.append(register_optimizer_step_post_hook(_on_optimizer_step))
-    if cfg.wrap_backend:
+    if cfg.wrap_backend and STATE.native_module is None:
         from ringwatch.agent.capture import _wrapper_backend
 
         _wrapper_backend.register()
@@ -249,7 +255,14 @@ def start_recording() -> Recorder | None:
         if cfg.auto_step:
             rec.step = 0
         writer = SegmentWriter(directory, ident, compact_segments=cfg.compact_segments)
-        runtime = Runtime(rec, writer, cfg, read_seq=backend_seq, fr_dump=dump_local)
+        if STATE.native_module is not None:
+            from ringwatch.agent.capture._native import NativeFeed
+
+            STATE.native = NativeFeed(STATE.native_module, rec)
+            STATE.native.set_step(rec.step)
+            rec.step_sink = STATE.native.set_step
+        runtime = Runtime(rec, writer, cfg, read_seq=backend_seq, fr_dump=dump_local,
+                          native=STATE.native)
         STATE.recorder, STATE.runtime = rec, runtime
         for pg in list(c10d._world.pg_names):
             try:
@@ -282,6 +295,10 @@ def detach() -> None:
         runtime = STATE.runtime
         if runtime is not None:
             runtime.close()
+        if STATE.native is not None:
+            STATE.native.release()
+            STATE.native = None
+        STATE.native_module = None
         for (owner, name), orig in reversed(list(STATE.patched.items())):
             setattr(owner, name, orig)
         STATE.patched.clear()

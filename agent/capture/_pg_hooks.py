@@ -86,6 +86,11 @@ def group_info(rec: Recorder, pg, ranks: list[int] | None = None) -> GroupInfo:
     info = GroupInfo(key=pg, name=str(pg.group_name), desc=getattr(pg, "group_desc", None),
                      backend=backend, global_ranks=ranks, group_rank=pg.rank(), handle=pg)
     info = rec.add_group(info)
+    if STATE.native is not None and backend == "gloo" and not info.native:
+        try:
+            STATE.native.register(pg, info)
+        except Exception as exc:  # noqa: BLE001 - the group goes unrecorded, the job goes on
+            warn_once("native_wrap", f"could not record a Gloo group natively: {exc!r}")
     if "nccl" in backend and STATE.config is not None and STATE.config.nccl_hook:
         from ringwatch.agent.capture._nccl import enable_completion_hook
 

@@ -50,7 +50,7 @@ class GroupInfo:
         "key", "name", "desc", "backend", "global_ranks", "ranks_spec", "size", "group_rank",
         "coll_seq", "last_backend_seq", "p2p_adjust", "pair_seq", "gaps", "reserved", "by_seq",
         "nccl_hook", "hook_from", "hook_mono", "coalescing", "batch_seq", "last_hook_seq",
-        "p2p_waiting", "handle",
+        "p2p_waiting", "handle", "native",
     )
 
     def __init__(self, *, key: Any, name: str, desc: str | None, backend: str,
@@ -78,6 +78,7 @@ class GroupInfo:
         self.last_hook_seq: int | None = None
         self.p2p_waiting: list[Event] = []  # send/recv awaiting the NCCL hook
         self.handle = handle  # the ProcessGroup, so the writer can read its counter
+        self.native = False  # recorded by the native backend wrapper (``_native``)
 
     @property
     def my_global_rank(self) -> int | None:
@@ -170,6 +171,7 @@ class Recorder:
         self.user_steps = False
         self.step_owner: int | None = None  # id() of the optimizer whose steps count
         self.tls = threading.local()
+        self.step_sink = None  # called with the new step whenever it changes (native path)
         self._idx = itertools.count()
         self.closed = False
 
@@ -398,12 +400,23 @@ class Recorder:
         """Set the step recorded on later events (the next one when ``step`` is None)."""
         self.user_steps = True
         self.step = (0 if self.step is None else self.step + 1) if step is None else int(step)
+        if self.step_sink is not None:
+            self.step_sink(self.step)
         return self.step
 
     def auto_step(self) -> None:
         """An optimizer step was taken (ignored once the job marks steps itself)."""
         if not self.user_steps:
             self.step = 1 if self.step is None else self.step + 1
+            if self.step_sink is not None:
+                self.step_sink(self.step)
+
+    def reserve_idx(self, n: int) -> int:
+        """Take ``n`` consecutive issue-order numbers at once (rows built in bulk); returns
+        the first. Call under ``lock``."""
+        first = next(self._idx)
+        self._idx = itertools.count(first + max(n, 1))
+        return first
 
     # ---- writer side -----------------------------------------------------------------------------
     def drain(self) -> list[Event]:

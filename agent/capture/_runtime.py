@@ -52,12 +52,13 @@ class Runtime:
     """
 
     def __init__(self, recorder: Recorder, writer: SegmentWriter, config, *, read_seq,
-                 fr_dump):
+                 fr_dump, native=None):
         self.rec = recorder
         self.writer = writer
         self.config = config
         self.read_seq = read_seq
         self.fr_dump = fr_dump
+        self.native = native  # NativeFeed: rows of the natively recorded groups
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._flush_lock = threading.Lock()
@@ -114,19 +115,26 @@ class Runtime:
 
                 poll_works(rec)
             for g in rec.groups_snapshot():
-                if g.handle is not None and not g.nccl_hook:
+                if g.handle is not None and not g.nccl_hook and not g.native:
                     rec.check_tail(g, self.read_seq(g.handle))
             self._maybe_backfill(final)
         except Exception as exc:  # noqa: BLE001
             warn_once("flush_prep", f"flush bookkeeping failed: {exc!r}")
+        native = None
+        if self.native is not None:
+            try:
+                native = self.native.poll(final=final)
+            except Exception as exc:  # noqa: BLE001
+                warn_once("native_poll", f"could not read the native records: {exc!r}")
         events = rec.drain()
         if final:
             events.extend(rec.finish_pending())
         w = self.writer
         failed: list[Exception] = []
         written = w.rows_written
-        for write in (lambda: w.write(events),
-                      lambda: w.write_pending([] if final else rec.pending_snapshot()),
+        for write in (lambda: w.write(events, native),
+                      lambda: w.write_pending([] if final else rec.pending_snapshot(),
+                                              None if final else self._native_pending()),
                       lambda: w.compact() if final and w.small else None):
             try:
                 write()
@@ -134,7 +142,8 @@ class Runtime:
                 failed.append(exc)
         # The events are lost only when their segment is not on disk (a failed compaction
         # or pending snapshot loses nothing).
-        lost = len(events) if w.rows_written == written else 0
+        lost = (len(events) + (len(native["idx"]) if native else 0)
+                if w.rows_written == written else 0)
         if failed:
             self._write_failed(next((e for e in failed if disk_full(e)), failed[0]), lost)
         try:
@@ -146,6 +155,9 @@ class Runtime:
         if self.write_failures and not failed and w.rows_written > written:
             warn_once("write_back", f"log writes to {w.dir} succeed again; "
                       f"{self.write_dropped} rows were dropped meanwhile (meta.json says so)")
+
+    def _native_pending(self):
+        return None if self.native is None else self.native.pending_columns()
 
     def _write_failed(self, exc: Exception, lost: int) -> None:
         """Count one flush whose writes failed, and say why (once per cause)."""
@@ -199,7 +211,8 @@ class Runtime:
     def _meta(self, final: bool) -> dict:
         return {
             "groups": [g.describe() for g in self.rec.groups_snapshot()],
-            "counters": self.rec.counters(),
+            "counters": self.rec.counters() | (
+                self.native.counters() if self.native is not None else {}),
             "write_failures": self.write_failures,
             "write_dropped": self.write_dropped,
             "write_disk_full": self.write_disk_full,

@@ -14,7 +14,7 @@ class AgentState:
     """Mutable singleton holding the live recorder and its runtime."""
 
     __slots__ = ("recorder", "config", "runtime", "patched", "attached", "start_failed", "handles",
-                 "untimed_groups", "nccl_untimed")
+                 "untimed_groups", "nccl_untimed", "native", "native_module")
 
     def __init__(self) -> None:
         self.recorder: Any = None  # Recorder while capturing, else None
@@ -27,6 +27,8 @@ class AgentState:
         #: Process groups created before NCCL work timing was on (no completion hook on them).
         self.untimed_groups: set[Any] = set()
         self.nccl_untimed = False  # the job turned NCCL work timing off: no group is timed
+        self.native: Any = None  # NativeFeed while Gloo groups are recorded natively
+        self.native_module: Any = None  # the loaded extension (CaptureConfig.native)
 
 
 STATE = AgentState()

@@ -187,25 +187,30 @@ class SegmentWriter:
         """``wall - monotonic`` now, in ns."""
         return self.clock.wall_ns() - self.clock.mono_ns()
 
-    def frame(self, events: list[Event]):
-        """A polars frame of ``events`` in schema order."""
+    def frame(self, events: list[Event], columns: dict | None = None):
+        """A polars frame of ``events`` and of rows already in ``columns`` (built in bulk by
+        the native path), in schema order, sorted by ``idx``."""
         import polars as pl
 
-        return pl.DataFrame(events_to_columns(events, self.identity, self.anchor()),
-                            schema=polars_schema())
+        df = pl.DataFrame(events_to_columns(events, self.identity, self.anchor()),
+                          schema=polars_schema())
+        if columns is not None:
+            df = pl.concat([df, pl.DataFrame(columns, schema=polars_schema())])
+        return df.sort("idx") if len(df) > 1 else df
 
-    def write(self, events: list[Event]) -> Path | None:
-        """Write finished events as a new segment; compact when enough have accumulated."""
-        if not events:
+    def write(self, events: list[Event], columns: dict | None = None) -> Path | None:
+        """Write finished events (and bulk rows) as a new segment; compact when enough
+        have accumulated."""
+        if not events and columns is None:
             return None
         self._ensure_dir()
-        events = sorted(events, key=lambda e: e.idx)
         n = self.next_seg
         path = self.dir / f"seg-{n:08d}.parquet"
-        _write_atomic(self.frame(events), path)
+        df = self.frame(events, columns)
+        _write_atomic(df, path)
         self.next_seg += 1
         self.small.append(n)
-        self.rows_written += len(events)
+        self.rows_written += len(df)
         if len(self.small) >= self.compact_segments:
             self.compact()
         return path
@@ -225,15 +230,15 @@ class SegmentWriter:
         self.small = []
         return out
 
-    def write_pending(self, events: list[Event]) -> None:
+    def write_pending(self, events: list[Event], columns: dict | None = None) -> None:
         """Replace the snapshot of in-flight events (remove it when there are none)."""
         path = self.dir / PENDING_FILE
-        if not events:
+        if not events and columns is None:
             if self._made:
                 path.unlink(missing_ok=True)
             return
         self._ensure_dir()
-        _write_atomic(self.frame(events), path)
+        _write_atomic(self.frame(events, columns), path)
 
     def write_meta(self, meta: dict) -> None:
         """Replace the rank's meta file. The final one (``meta["final"]`` true) may use the

@@ -1,0 +1,429 @@
+"""The native hot path: Gloo groups recorded by a C++ backend wrapper, rows built in bulk.
+
+``_csrc/hotpath.cpp`` is a c10d ``Backend`` that wraps a group's own CPU backend (Gloo) and
+writes one fixed-size record per call into a preallocated ring, in C++: no Python, no lock, no
+allocation on the calling thread beyond the completion callback on the work's future. It sees
+every call that reaches the backend, from Python and from C++ alike (DDP's reducer, functional
+collectives), so with it neither the Python front door (``_pg_hooks``) nor the DDP comm hook
+(``_ddp``) is installed. NCCL groups are left to the NCCL completion hook, which reports every
+work from the watchdog thread without touching the calling thread.
+
+This module builds the extension against the installed torch (``torch.utils.cpp_extension``:
+a C++ compiler, Python's headers and ninja; cached per torch version and source), and turns
+the drained records into log rows with numpy and polars on the writer thread: sequence numbers
+as the Python path gives them (the backend's counter minus this rank's own send/recv; one
+counter per (sender, receiver) pair for send/recv), global ranks for roots and peers, the
+step in force at issue. Where the extension cannot be built or loaded, :func:`load` says why
+once and returns None, and the caller records through the Python hooks instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ringwatch._log import warn_once
+from ringwatch._schema import COLUMN_NAMES
+
+SOURCE = Path(__file__).with_name("_csrc") / "hotpath.cpp"
+ENV_NATIVE_DIR = "RINGWATCH_NATIVE_DIR"
+RING_RECORDS = 1 << 17  # per ring: ~10 MB of issue records, several seconds of a busy job
+DRAIN_MAX = 1 << 17
+
+# Op codes, in the order of ``rw::Op`` in hotpath.cpp (None: a marker, not a row).
+OP_NAMES: tuple[str | None, ...] = (
+    "all_reduce", "all_reduce_coalesced", "all_reduce", "broadcast", "reduce", "all_gather",
+    "all_gather_into_tensor", "all_gather_coalesced", "all_gather_into_tensor_coalesced",
+    "gather", "scatter", "reduce_scatter", "reduce_scatter_tensor",
+    "reduce_scatter_tensor_coalesced", "all_to_all_single", "all_to_all", "send", "recv",
+    "recv", "barrier", "monitored_barrier", None, None,
+)
+OP_SEND, OP_RECV, OP_RECV_ANY, OP_MONITORED, OP_BATCH_START, OP_BATCH_END = 16, 17, 18, 20, 21, 22
+_IS_ROW = np.array([name is not None for name in OP_NAMES])
+F_ASYNC, F_THREW, F_END_FOLLOWS, F_IN_BATCH = 1, 2, 4, 8
+SOURCES = ("future", "wait", "poll")
+# A receive or send counts as blocking (``dist.send``/``dist.recv``: issue, then wait) when the
+# rank waited on it before issuing anything else, and within this long of the issuing call's
+# return (a code path's gap on the host, not a property of the job's timing).
+BLOCKING_WAIT_NS = 1_000_000
+
+_ISSUE_FIELDS = (("mono", "<i8"), ("step", "<i8"), ("seq_before", "<i8"), ("seq_after", "<i8"),
+                 ("nbytes_in", "<i8"), ("nbytes_out", "<i8"), ("numel", "<i8"), ("op", "<i4"),
+                 ("group", "<i4"), ("peer", "<i4"), ("root", "<i4"), ("dtype", "<i4"),
+                 ("flags", "<u4"))
+_END_FIELDS = (("id", "<u8"), ("mono_end", "<i8"), ("mono_wait", "<i8"), ("wait_gap", "<i8"),
+               ("status", "<i4"), ("source", "<i4"), ("peer", "<i4"))
+_LOCK = threading.Lock()
+_LOADED: dict[str, object] = {}
+
+
+def build_dir() -> Path:
+    """Where the extension is built: ``$RINGWATCH_NATIVE_DIR``, else the user's cache, one
+    folder per torch version, Python version and source."""
+    import sys
+
+    import torch
+
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
+    root = os.environ.get(ENV_NATIVE_DIR) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ringwatch", "native")
+    return Path(root) / tag.replace("+", "_")
+
+
+def load(*, quiet: bool = False):
+    """The extension module, built on first use (about 20 s; ranks of one host share the
+    build, one compiles while the others wait). None, with the reason said once, when it
+    cannot be built or loaded here."""
+    with _LOCK:
+        if "module" in _LOADED:
+            return _LOADED["module"]
+        mod = None
+        try:
+            mod = _build()
+            _check_layout(mod)
+        except Exception as exc:  # noqa: BLE001 - no compiler, no headers, another torch ...
+            if not quiet:
+                warn_once("native", "the native hot path is unavailable "
+                          f"({type(exc).__name__}: {str(exc).strip()[:300]}); "
+                          "recording through the Python hooks")
+            mod = None
+        _LOADED["module"] = mod
+        return mod
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    d = build_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    name = "ringwatch_hotpath_" + d.name.rsplit("-", 1)[-1]
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(d),
+                              extra_cflags=["-O2"], verbose=False)
+
+
+def _dtype(fields, offsets, size) -> np.dtype:
+    return np.dtype({"names": [n for n, _ in fields], "formats": [f for _, f in fields],
+                     "offsets": list(offsets), "itemsize": size})
+
+
+def _check_layout(mod) -> None:
+    lay = mod.layout()
+    if len(lay["issue_fields"]) != len(_ISSUE_FIELDS) or len(lay["end_fields"]) != len(
+            _END_FIELDS):
+        raise RuntimeError("the extension's record layout does not match this module")
+    _LOADED["issue"] = _dtype(_ISSUE_FIELDS, lay["issue_fields"], lay["issue_size"])
+    _LOADED["end"] = _dtype(_END_FIELDS, lay["end_fields"], lay["end_size"])
+
+
+def _scalar_names(mod) -> dict[int, str]:
+    import torch
+
+    names = {}
+    for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
+              torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool,
+              torch.complex64, torch.complex128):
+        names[int(mod.scalar_type_of(torch.empty(0, dtype=d)))] = str(d).removeprefix("torch.")
+    return names
+
+
+class NativeFeed:
+    """The rows of the groups the extension records, for one rank's writer thread.
+
+    Args:
+        mod: The loaded extension (:func:`load`).
+        recorder: The rank's recorder (identity, issue order, step, counters).
+    """
+
+    def __init__(self, mod, recorder):
+        self.mod = mod
+        self.rec = recorder
+        self.groups: list = []  # GroupInfo by the extension's group id
+        self.handles: list = []
+        self.names = _scalar_names(mod)
+        self.issue_dtype: np.dtype = _LOADED["issue"]
+        self.end_dtype: np.dtype = _LOADED["end"]
+        self.pending: dict[str, np.ndarray] | None = None  # issued, end not seen yet
+        self.early = np.zeros(0, dtype=self.end_dtype)  # ends whose issue is not drained yet
+        self.rows = 0
+        self.lock = threading.Lock()
+        mod.start(RING_RECORDS)
+
+    # ---- groups and steps ---------------------------------------------------------------------
+    def register(self, pg, info) -> bool:
+        """Record ``pg`` (a Gloo group) natively from now on; False if it cannot be."""
+        with self.lock:
+            gid = len(self.groups)
+            if not self.mod.wrap_group(pg, gid):
+                return False
+            self.groups.append(info)
+            self.handles.append(pg)
+            info.native = True
+            return True
+
+    def set_step(self, step: int | None) -> None:
+        self.mod.set_step(self.mod.STEP_NONE if step is None else int(step))
+
+    def release(self) -> None:
+        """Give every group its own backend back (detach)."""
+        with self.lock:
+            for pg in self.handles:
+                try:
+                    self.mod.unwrap_group(pg)
+                except Exception as exc:  # noqa: BLE001
+                    warn_once("native_unwrap", f"could not restore a group's backend: {exc!r}")
+            self.handles = []
+
+    def counters(self) -> dict[str, int]:
+        c = dict(self.mod.counters())
+        return {"native_issues_dropped": int(c["issues_dropped"]),
+                "native_ends_dropped": int(c["ends_dropped"]), "native_rows": self.rows}
+
+    # ---- rows ------------------------------------------------------------------------------------
+    def poll(self, *, final: bool = False) -> dict[str, list | np.ndarray] | None:
+        """Drain the rings: the columns of the rows finished since the last poll (all rows
+        when ``final``, the unfinished ones as ``pending``), or None when there are none."""
+        with self.lock:
+            while True:
+                raw_i, raw_ids, raw_e = self.mod.drain(DRAIN_MAX)
+                self._add_issues(np.frombuffer(raw_i, dtype=self.issue_dtype),
+                                 np.frombuffer(raw_ids, dtype="<u8"))
+                self._add_ends(np.frombuffer(raw_e, dtype=self.end_dtype))
+                full = len(raw_ids) == 8 * DRAIN_MAX or len(raw_e) == (
+                    self.end_dtype.itemsize * DRAIN_MAX)
+                if not full:
+                    break
+            return self._take(final=final)
+
+    def pending_columns(self) -> dict[str, list | np.ndarray] | None:
+        """Columns of the rows still in flight (for the pending snapshot)."""
+        with self.lock:
+            p = self.pending
+            if p is None or not len(p["id"]):
+                return None
+            return self._columns(p, np.zeros(len(p["id"]), dtype=bool))
+
+    def _add_issues(self, recs: np.ndarray, ids: np.ndarray) -> None:
+        if not len(recs):
+            return
+        keep = _IS_ROW[np.clip(recs["op"], 0, len(OP_NAMES) - 1)] & (recs["op"] >= 0) & (
+            recs["op"] < len(OP_NAMES))
+        seq, peer, root = self._number(recs)
+        rows = recs[keep]
+        n = len(rows)
+        with self.rec.lock:
+            first = self.rec.reserve_idx(n)
+        new = {
+            "id": ids[keep].astype(np.uint64), "idx": np.arange(first, first + n, dtype=np.int64),
+            "seq": seq[keep], "peer": peer[keep], "root": root[keep],
+            "mono": rows["mono"], "step": rows["step"], "nbytes_in": rows["nbytes_in"],
+            "nbytes_out": rows["nbytes_out"], "numel": rows["numel"], "op": rows["op"],
+            "group": rows["group"], "dtype": rows["dtype"], "flags": rows["flags"],
+            "end": np.full(n, -1, dtype=np.int64), "wait": np.full(n, -1, dtype=np.int64),
+            "gap": np.full(n, -1, dtype=np.int64),
+            "status": np.zeros(n, dtype=np.int32), "source": np.full(n, -1, dtype=np.int32),
+        }
+        self.pending = new if self.pending is None else {
+            k: np.concatenate([self.pending[k], v]) for k, v in new.items()}
+        if len(self.early):
+            early, self.early = self.early, np.zeros(0, dtype=self.end_dtype)
+            self._add_ends(early)
+
+    def _add_ends(self, ends: np.ndarray) -> None:
+        if not len(ends):
+            return
+        p = self.pending
+        if p is None or not len(p["id"]):
+            self.early = np.concatenate([self.early, ends])
+            return
+        pos = np.searchsorted(p["id"], ends["id"])
+        pos_c = np.minimum(pos, len(p["id"]) - 1)
+        hit = p["id"][pos_c] == ends["id"]
+        at = pos_c[hit]
+        e = ends[hit]
+        p["end"][at], p["wait"][at], p["gap"][at] = e["mono_end"], e["mono_wait"], e["wait_gap"]
+        p["status"][at], p["source"][at] = e["status"], e["source"]
+        for i, src in zip(at.tolist(), e["peer"].tolist(), strict=True):
+            if src >= 0 and p["op"][i] == OP_RECV_ANY and p["peer"][i] < 0:
+                self._learn_source(p, i, src)
+        if not hit.all():
+            self.early = np.concatenate([self.early, ends[~hit]])
+
+    def _learn_source(self, p: dict[str, np.ndarray], i: int, src: int) -> None:
+        """A receive from any source learnt its sender: its peer, and the next number of
+        that pair (as the Python path numbers it, at completion)."""
+        g = self.groups[int(p["group"][i])]
+        peer = g.to_global(src)
+        if peer is None:
+            return
+        me = g.my_global_rank
+        k = g.pair_seq.get((peer, me), 0) + 1
+        g.pair_seq[(peer, me)] = k
+        p["peer"][i], p["seq"][i] = peer, k
+
+    def _number(self, recs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sequence numbers, peers and roots (global ranks; -1 for none), in record order,
+        advancing each group's counters as the Python path does."""
+        n = len(recs)
+        seq = np.full(n, -1, dtype=np.int64)
+        peer = np.full(n, -1, dtype=np.int64)
+        root = np.full(n, -1, dtype=np.int64)
+        for gid in np.unique(recs["group"]).tolist():
+            if not 0 <= gid < len(self.groups):
+                continue
+            g = self.groups[gid]
+            at = np.flatnonzero(recs["group"] == gid)
+            r = recs[at]
+            table = np.asarray(g.global_ranks, dtype=np.int64)
+            ok = (r["peer"] >= 0) & (r["peer"] < g.size)
+            peer[at[ok]] = table[r["peer"][ok]]
+            ok = (r["root"] >= 0) & (r["root"] < g.size)
+            root[at[ok]] = table[r["root"][ok]]
+            if (np.isin(r["op"], (OP_MONITORED, OP_BATCH_START, OP_BATCH_END)).any()
+                    or (r["flags"] & F_IN_BATCH).any()):
+                seq[at] = self._number_slowly(g, r, peer[at])
+            else:
+                seq[at] = self._number_fast(g, r, peer[at])
+        return seq, peer, root
+
+    def _number_fast(self, g, r: np.ndarray, peer: np.ndarray) -> np.ndarray:
+        p2p = np.isin(r["op"], (OP_SEND, OP_RECV, OP_RECV_ANY))
+        before, after = r["seq_before"], r["seq_after"]
+        adjust = g.p2p_adjust + np.cumsum(np.where(p2p, after - before, 0))
+        seq = np.full(len(r), -1, dtype=np.int64)
+        coll = np.flatnonzero(~p2p)
+        if len(coll):
+            # The backend's counter less this rank's send/recv, and never below the previous
+            # number plus one: s_i = max(raw_i, s_(i-1) + 1), i.e. s_i - i is a running max.
+            i = np.arange(len(coll))
+            raw = np.where(after[coll] >= 0, after[coll] - adjust[coll], -1)
+            seq[coll] = np.maximum.accumulate(np.maximum(raw - i, g.coll_seq + 1)) + i
+            g.coll_seq = int(seq[coll[-1]])
+        g.p2p_adjust = int(adjust[-1])
+        if after[-1] >= 0:
+            g.last_backend_seq = int(after[-1])
+        me = g.my_global_rank
+        for i in np.flatnonzero(p2p & (peer >= 0)).tolist():
+            src, dst = (me, int(peer[i])) if r["op"][i] == OP_SEND else (int(peer[i]), me)
+            k = g.pair_seq.get((src, dst), 0) + 1
+            g.pair_seq[(src, dst)] = k
+            seq[i] = k
+        return seq
+
+    def _number_slowly(self, g, r: np.ndarray, peer: np.ndarray) -> np.ndarray:
+        """One record at a time: coalescing blocks and monitored barriers."""
+        from ringwatch.agent.capture._pg_hooks import MONITORED_BARRIER_WIDTH
+
+        seq = np.full(len(r), -1, dtype=np.int64)
+        me = g.my_global_rank
+        for i, (op, before, after, flags) in enumerate(zip(
+                r["op"].tolist(), r["seq_before"].tolist(), r["seq_after"].tolist(),
+                r["flags"].tolist(), strict=True)):
+            if op == OP_BATCH_START:
+                g.batch_seq = None
+            elif op == OP_BATCH_END:
+                if after >= 0:
+                    g.coll_seq = max(g.coll_seq, after - g.p2p_adjust)
+                    g.last_backend_seq = after
+                g.batch_seq = None
+            elif op == OP_MONITORED:
+                g.coll_seq += MONITORED_BARRIER_WIDTH
+                seq[i] = g.coll_seq
+                if before >= 0 and after >= 0:
+                    g.p2p_adjust += after - before - MONITORED_BARRIER_WIDTH
+            elif op in (OP_SEND, OP_RECV, OP_RECV_ANY):
+                if not flags & F_IN_BATCH and before >= 0 and after >= 0:
+                    g.p2p_adjust += after - before
+                if peer[i] >= 0:
+                    src, dst = (me, int(peer[i])) if op == OP_SEND else (int(peer[i]), me)
+                    k = g.pair_seq.get((src, dst), 0) + 1
+                    g.pair_seq[(src, dst)] = k
+                    seq[i] = k
+            elif flags & F_IN_BATCH:
+                if g.batch_seq is None:
+                    g.coll_seq += 1
+                    g.batch_seq = g.coll_seq
+                seq[i] = g.batch_seq
+            else:
+                g.coll_seq = max(g.coll_seq + 1, after - g.p2p_adjust)
+                seq[i] = g.coll_seq
+            if after >= 0 and not flags & F_IN_BATCH:
+                g.last_backend_seq = after
+        return seq
+
+    def _take(self, *, final: bool) -> dict[str, list | np.ndarray] | None:
+        p = self.pending
+        if p is None or not len(p["id"]):
+            return None
+        done = (p["source"] >= 0) | ((p["flags"] & F_END_FOLLOWS) == 0)
+        if final:
+            out, self.pending = p, None
+            unfinished = ~done
+        else:
+            out = {k: v[done] for k, v in p.items()}
+            self.pending = {k: v[~done] for k, v in p.items()}
+            unfinished = np.zeros(int(done.sum()), dtype=bool)
+        if not len(out["id"]):
+            return None
+        self.rows += len(out["id"])
+        return self._columns(out, unfinished)
+
+    def _columns(self, p: dict[str, np.ndarray], unfinished: np.ndarray) -> dict:
+        """Schema columns of rows ``p`` (``unfinished``: still in flight)."""
+        ident = self.rec.identity
+        n = len(p["id"])
+        groups = [self.groups[g] for g in p["group"].tolist()]
+        anchor = self.rec.clock.wall_ns() - self.rec.clock.mono_ns()
+        op = p["op"]
+        p2p = np.isin(op, (OP_SEND, OP_RECV, OP_RECV_ANY))
+        threw = (p["flags"] & F_THREW) != 0
+        ended = p["source"] >= 0
+        end = np.where(ended, p["end"], -1)
+        # Send/recv waited on at once: the next thing the rank did after issuing it (an issue,
+        # or a wait on another send/recv) was to wait on it. dist.send/dist.recv do exactly
+        # that; isend, irecv and batches wait later or on several works in turn.
+        waited = (p["source"] == 1) & (p["wait"] >= 0)
+        marks = np.sort(np.concatenate([p["mono"], p["wait"][waited]]))
+        nxt = marks[np.minimum(np.searchsorted(marks, p["mono"], side="right"), len(marks) - 1)]
+        blocking_p2p = (p2p & waited & (nxt == p["wait"]) & (p["gap"] >= 0)
+                        & (p["gap"] <= BLOCKING_WAIT_NS))
+        async_op = np.where(p2p, ~blocking_p2p, (p["flags"] & F_ASYNC) != 0)
+        status = np.where(unfinished, "pending", np.where(
+            threw | (p["status"] != 0), "error", "ok"))
+        source = np.array(("none",) + SOURCES, dtype=object)[p["source"] + 1]
+        nin, nout = p["nbytes_in"], p["nbytes_out"]
+
+        def nullable(a: np.ndarray, none) -> list:
+            return [None if v == none else v for v in a.tolist()]
+
+        start = p["mono"]
+        end_l = nullable(end, -1)
+        cols = {
+            "job_id": [ident.job_id] * n, "rank": [ident.rank] * n,
+            "local_rank": [ident.local_rank] * n, "world_size": [ident.world_size] * n,
+            "host": [ident.host] * n, "pid": [ident.pid] * n, "idx": p["idx"],
+            "backend": [g.backend for g in groups], "pg": [g.name for g in groups],
+            "pg_desc": [g.desc for g in groups], "pg_ranks": [g.ranks_spec for g in groups],
+            "pg_size": [g.size for g in groups], "group_rank": [g.group_rank for g in groups],
+            "seq": nullable(p["seq"], -1), "op": [OP_NAMES[o] for o in op.tolist()],
+            "is_p2p": p2p, "peer": nullable(p["peer"], -1), "root": nullable(p["root"], -1),
+            "dtype": [self.names.get(d) for d in p["dtype"].tolist()], "numel": p["numel"],
+            "nbytes_in": nin, "nbytes_out": nout, "nbytes": np.maximum(nin, nout),
+            "async_op": async_op, "api": ["native"] * n, "status": status.tolist(),
+            "error": [("the backend call raised" if t else "the work failed")
+                      if s == "error" else None for t, s in zip(threw.tolist(), status.tolist(),
+                                                                 strict=True)],
+            "t_issue_ns": start + anchor, "t_start_ns": start + anchor,
+            "t_end_ns": [None if e is None else e + anchor for e in end_l],
+            "mono_start_ns": start, "mono_end_ns": end_l,
+            "duration_ns": [None if e is None else e - s for e, s in zip(end_l, start.tolist(),
+                                                                          strict=True)],
+            "device_duration_ns": [None] * n, "end_source": source.tolist(),
+            "step": nullable(p["step"], int(self.mod.STEP_NONE)),
+        }
+        assert tuple(cols) == COLUMN_NAMES
+        return cols
