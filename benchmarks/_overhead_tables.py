@@ -52,20 +52,21 @@ def hook_table(res: dict) -> list[str]:
     def cell(row: dict, arm: str, key: str) -> str:
         return f"{row[arm][key]:.1f} ({row[arm]['paired_delta_' + key]:+.1f})"
 
-    lines = [f"{'op':<25} {'bare µs':>8}  {'ringwatch µs (+Δ)':>20}  {'profiler µs (+Δ)':>20}",
-             "-" * 79]
+    arms = [a for a in ("ringwatch", "native", "profiler")
+            if a in next(iter(res["ops"].values()))]
+    head = "".join(f"  {a + ' µs (+Δ)':>20}" for a in arms)
+    rule = "-" * (35 + 22 * len(arms))
+    lines = [f"{'op':<25} {'bare µs':>8}{head}", rule]
     for op, row in res["ops"].items():
-        lines.append(f"{op:<25} {row['bare']['us_per_call']:>8.1f}  "
-                     f"{cell(row, 'ringwatch', 'us_per_call'):>20}  "
-                     f"{cell(row, 'profiler', 'us_per_call'):>20}")
+        lines.append(f"{op:<25} {row['bare']['us_per_call']:>8.1f}"
+                     + "".join(f"  {cell(row, a, 'us_per_call'):>20}" for a in arms))
     lines.append("wall µs per call: median over rounds of the slower rank's block time / K; "
                  "Δ: median over rounds of (arm - bare) in the same round")
-    lines += ["", f"{'CPU time per call':<25} {'bare µs':>8}  {'ringwatch µs (+Δ)':>20}  "
-              f"{'profiler µs (+Δ)':>20}", "-" * 79]
+    lines += ["", f"{'CPU time per call':<25} {'bare µs':>8}{head}", rule]
     for label, key in (("proc", "cpu_us_per_call"), ("main", "main_thread_cpu_us_per_call")):
         for op, row in res["ops"].items():
-            lines.append(f"{op + ' [' + label + ']':<25} {row['bare'][key]:>8.1f}  "
-                         f"{cell(row, 'ringwatch', key):>20}  {cell(row, 'profiler', key):>20}")
+            lines.append(f"{op + ' [' + label + ']':<25} {row['bare'][key]:>8.1f}"
+                         + "".join(f"  {cell(row, a, key):>20}" for a in arms))
     lines.append("CPU: [proc] = all threads of a rank (Gloo's, the agent's writer), [main] = the "
                  "calling thread; mean of the two ranks, median over rounds")
     lines.append(f"ringwatch recorded every call: {'yes' if res['recorded_ok'] else 'NO'} "

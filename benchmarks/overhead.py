@@ -81,16 +81,19 @@ ARMS = {
     "off": "the plain command",
     "on": "--attach DIR: ringwatch.attach() in the script",
     "run": "ringwatch run --log-dir DIR -- <the plain command>",
+    "native": "--attach DIR with RINGWATCH_NATIVE=1: the C++ backend wrapper records the Gloo "
+              "groups (no Python hook on the calling thread)",
+    "run-native": "ringwatch run with RINGWATCH_NATIVE=1",
     "on-noddp": "--attach DIR with RINGWATCH_DDP_HOOK=0 (diagnostic: DDP buckets stay in C++ "
                 "and are recovered from the Flight Recorder)",
     "pyhook": "no ringwatch; PyTorch's own Python allreduce comm hook registered (reference: "
               "what routing DDP's buckets through Python costs by itself)",
 }
-HOOK_ARMS = ("bare", "ringwatch", "profiler")
-HOOK_OPS = ("all_reduce", "all_reduce_async", "broadcast")
+HOOK_ARMS = ("bare", "ringwatch", "native", "profiler")
+HOOK_OPS = ("all_reduce", "all_reduce_async", "broadcast", "all_to_all")
 # The profiler event (``c10d::`` op) of each timed op.
 HOOK_OP_PROFILER = {"all_reduce": "c10d::allreduce_", "all_reduce_async": "c10d::allreduce_",
-                    "broadcast": "c10d::broadcast_"}
+                    "broadcast": "c10d::broadcast_", "all_to_all": "c10d::alltoall_base_"}
 # Scale of a full run (about 10-15 minutes on 2 CPUs) and of --quick (about 2 minutes); an
 # explicit flag wins over both.
 FULL = {"pairs": 8, "steps": 200, "rounds": 15, "k": 2000}
@@ -121,9 +124,9 @@ def job_command(arm: str, args, result: Path, log_dir: Path) -> list[str]:
         cmd += ["--workload", "decode", "--tp", str(args.tp)]
     if args.job_sleep_ms:
         cmd += ["--step-sleep-ms", str(args.job_sleep_ms)]
-    if arm in ("on", "on-noddp"):
+    if arm in ("on", "on-noddp", "native"):
         cmd += ["--attach", str(log_dir)]
-    elif arm == "run":
+    elif arm in ("run", "run-native"):
         cmd = [py, "-m", "ringwatch._cli", "run", "--log-dir", str(log_dir), "--"] + cmd
     elif arm == "pyhook":
         cmd += ["--python-hook"]
@@ -146,13 +149,16 @@ def _run(cmd: list[str], timeout_s: float, env: dict[str, str]) -> subprocess.Co
 
 
 def check_logs(log_dir: Path, *, steps: int, buckets: int, first: int, world: int,
-               ddp_hook: bool = True) -> dict:
+               ddp_hook: bool = True, native: bool = False) -> dict:
     """Read a recorded run's logs back: DDP all-reduce rows per rank vs what the job issued.
 
-    With the DDP hook (the default) every bucket must be a timed ``api="ddp"`` row; without it
-    (``on-noddp``) the buckets are recovered from the Flight Recorder, and are only counted.
+    With the DDP hook (the default) every bucket must be a timed ``api="ddp"`` row; with the
+    native path, a timed ``api="native"`` row; without either (``on-noddp``) the buckets are
+    recovered from the Flight Recorder, and are only counted.
     """
     expected = (steps - 1) * buckets + first
+    if native:
+        return _timed_allreduces(log_dir, expected=expected, world=world, api="native")
     if ddp_hook:
         return _timed_allreduces(log_dir, expected=expected, world=world, api="ddp")
     return _timed_allreduces(log_dir, expected=expected, world=world, api=None, timed=False)
@@ -208,6 +214,8 @@ def run_once(arm: str, args, scratch: Path, tag: str) -> dict:
             env = _clean_env(work)
             if arm == "on-noddp":
                 env["RINGWATCH_DDP_HOOK"] = "0"
+            if arm in ("native", "run-native"):
+                env["RINGWATCH_NATIVE"] = "1"
             load = os.getloadavg()[0]
             proc = _run(cmd, RUN_TIMEOUT_S, env)
             wall = time.perf_counter() - t0
@@ -234,7 +242,8 @@ def run_once(arm: str, args, scratch: Path, tag: str) -> dict:
             else:
                 rec["logs"] = check_logs(log_dir, steps=args.steps, buckets=out["buckets"],
                                          first=rec["buckets_first_step"],
-                                         world=out["world_size"], ddp_hook=arm != "on-noddp")
+                                         world=out["world_size"], ddp_hook=arm != "on-noddp",
+                                         native=arm in ("native", "run-native"))
             if rec["logs"]["ok"] or attempt == args.retries:
                 return rec
         finally:
@@ -244,6 +253,11 @@ def run_once(arm: str, args, scratch: Path, tag: str) -> dict:
 
 def step_overhead(args, scratch: Path, say) -> dict:
     arms = args.arms
+    if any(a in ("native", "run-native") for a in arms):
+        from ringwatch.agent.capture import _native
+
+        if _native.load() is None:  # built once here, not inside the measured runs
+            raise RuntimeError("the native hot path cannot be built here")
     say(f"(a) demo job: {args.nproc} ranks, {args.steps} steps, {args.pairs} x {arms} "
         "(+1 warm-up)")
     warm = run_once("off", args, scratch, "warmup")
@@ -288,9 +302,10 @@ def step_overhead(args, scratch: Path, say) -> dict:
             "warmup": warm}
 
 
-def _block(op: str, k: int, t, dist) -> tuple[int, int, int]:
-    """``k`` calls of ``op`` on tensor ``t``; returns the nanoseconds elapsed, of CPU time of
-    the whole process (all its threads: Gloo's, ringwatch's writer) and of this thread."""
+def _block(op: str, k: int, t, dist, a2a=None) -> tuple[int, int, int]:
+    """``k`` calls of ``op`` on tensor ``t`` (``all_to_all``: ``a2a``, one element per rank,
+    in and out); returns the nanoseconds elapsed, of CPU time of the whole process (all its
+    threads: Gloo's, ringwatch's writer) and of this thread."""
     w0, p0, t0 = time.perf_counter_ns(), time.process_time_ns(), time.thread_time_ns()
     if op == "all_reduce":
         for _ in range(k):
@@ -301,6 +316,10 @@ def _block(op: str, k: int, t, dist) -> tuple[int, int, int]:
     elif op == "broadcast":
         for _ in range(k):
             dist.broadcast(t, src=0)
+    elif op == "all_to_all":
+        out, inp = a2a
+        for _ in range(k):
+            dist.all_to_all_single(out, inp)
     else:
         raise ValueError(op)
     if t.is_cuda:  # the block ends when the GPU is done (CPU time stays the launch cost)
@@ -311,8 +330,8 @@ def _block(op: str, k: int, t, dist) -> tuple[int, int, int]:
             time.thread_time_ns() - t0)
 
 
-def job_id(r: int) -> str:
-    return f"hook-r{r:03d}"
+def job_id(r: int, arm: str = "ringwatch") -> str:
+    return f"hook-{arm}-r{r:03d}"
 
 
 def _count_profiler(prof) -> dict[str, int]:
@@ -350,6 +369,7 @@ def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> No
     else:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         t = torch.zeros(1)  # sums of zeros stay zero: every call does the same work
+    a2a = (torch.zeros(world, device=t.device), torch.zeros(world, device=t.device))
     k, rounds = cfg["k"], cfg["rounds"]
     times = {a: {op: [] for op in HOOK_OPS} for a in HOOK_ARMS}
     prof_counts: list[dict[str, int]] = []
@@ -358,22 +378,26 @@ def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> No
     def blocks(arm: str, keep: bool) -> None:
         for op in HOOK_OPS:
             dist.barrier()
-            ns = _block(op, k, t, dist)
+            ns = _block(op, k, t, dist, a2a)
             if keep:
                 times[arm][op].append(ns)  # [wall, process CPU, main-thread CPU]
 
     for r in range(rounds + 1):  # round 0 warms up and is not kept
         keep = r > 0
-        order = HOOK_ARMS[r % 3:] + HOOK_ARMS[:r % 3]
+        n = len(HOOK_ARMS)
+        order = HOOK_ARMS[r % n:] + HOOK_ARMS[:r % n]
         for arm in order:
             if arm == "bare":
                 blocks(arm, keep)
-            elif arm == "ringwatch":
+            elif arm in ("ringwatch", "native"):
                 # A job id per round: ranks agree on it without a store round-trip. No Flight
                 # Recorder backfill: it would try to recover the thousands of collectives the
                 # other arms issued since the last detach() (an artefact of re-attaching; the
-                # per-call path is the same with or without it).
-                if not ringwatch.attach(log_dir=log_root, job_id=job_id(r), fr_backfill=False):
+                # per-call path is the same with or without it). ``native``: the C++ backend
+                # wrapper (built before the run; attach() fails over to the Python hooks
+                # otherwise, which the row check below would show).
+                if not ringwatch.attach(log_dir=log_root, job_id=job_id(r, arm),
+                                        fr_backfill=False, native=arm == "native"):
                     raise RuntimeError("ringwatch.attach() returned False")
                 try:
                     blocks(arm, keep)
@@ -390,10 +414,14 @@ def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> No
     if rank == 0:
         import polars as pl
 
-        df = pl.concat([ringwatch.read_events(log_root / job_id(r)) for r in range(rounds + 1)])
-        recorded = df.filter((pl.col("rank") == rank) & pl.col("api").str.starts_with("dist."))
-        out["recorded"] = {f"{op}/{api}": n for op, api, n in
-                           recorded.group_by("op", "api").len().sort("op", "api").iter_rows()}
+        out["recorded"] = {}
+        for arm in ("ringwatch", "native"):
+            df = pl.concat([ringwatch.read_events(log_root / job_id(r, arm))
+                            for r in range(rounds + 1)])
+            recorded = df.filter(pl.col("rank") == rank)
+            out["recorded"][arm] = {
+                f"{op}/{api}": n for op, api, n in
+                recorded.group_by("op", "api").len().sort("op", "api").iter_rows()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
@@ -405,6 +433,10 @@ def hook_cost(args, scratch: Path, say) -> dict:
     cfg = {"k": args.k, "rounds": args.rounds, "backend": args.hook_backend}
     say(f"(b) hook cost: {world} {args.hook_backend} ranks, {args.rounds} rounds x "
         f"{len(HOOK_ARMS)} arms x {len(HOOK_OPS)} ops, blocks of {args.k} calls (+1 warm-up round)")
+    from ringwatch.agent.capture import _native
+
+    if _native.load() is None:  # built here once, not inside the timed processes
+        raise RuntimeError("the native hot path cannot be built here (see the warning above)")
     out_dir = Path(tempfile.mkdtemp(prefix="hook-", dir=scratch))
     try:
         t0 = time.perf_counter()
@@ -455,12 +487,19 @@ def hook_cost(args, scratch: Path, say) -> dict:
                 row[arm]["paired_delta_" + key.removeprefix("blocks_")] = statistics.median(diffs)
             row[arm]["paired_delta_us"] = row[arm]["paired_delta_us_per_call"]
         table[op] = row
-    # Verification: ringwatch recorded every timed call; the profiler saw every call.
+    # Verification: both ringwatch arms recorded every timed call (the Python hooks as
+    # dist.<function>, the native path as "native"); the profiler saw every call.
     rec = ranks[0].get("recorded", {})
     calls = (args.rounds + 1) * k  # timed rounds + warm-up round, per op
-    want_rec = {"all_reduce/dist.all_reduce": 2 * calls, "broadcast/dist.broadcast": calls}
-    rec_ok = all(rec.get(key, 0) >= n for key, n in want_rec.items())
+    want_rec = {"ringwatch": {"all_reduce/dist.all_reduce": 2 * calls,
+                              "broadcast/dist.broadcast": calls,
+                              "all_to_all_single/dist.all_to_all_single": calls},
+                "native": {"all_reduce/native": 2 * calls, "broadcast/native": calls,
+                           "all_to_all_single/native": calls}}
+    rec_ok = all(rec.get(arm, {}).get(key, 0) >= n
+                 for arm, want in want_rec.items() for key, n in want.items())
     prof_ok = all(c.get("c10d::allreduce_", 0) >= 2 * k and c.get("c10d::broadcast_", 0) >= k
+                  and c.get("c10d::alltoall_base_", 0) >= k
                   for rk in ranks for c in rk["profiler_counts"])
     return {"config": {"world": world, **cfg}, "ops": table, "wall_s": elapsed,
             "recorded_rank0": rec, "recorded_expected_rank0": want_rec,

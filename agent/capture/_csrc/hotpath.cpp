@@ -733,9 +733,7 @@ class RecordingBackend : public c10d::Backend {
 // pointer to member of a derived class: well-defined C++) ------------------------------------
 struct PGAccess : c10d::ProcessGroup {
   using DevMap = std::unordered_map<c10::DeviceType, c10::intrusive_ptr<c10d::Backend>>;
-  using TypeMap = std::unordered_map<c10d::ProcessGroup::BackendType, c10::intrusive_ptr<c10d::Backend>>;
   static DevMap& by_device(c10d::ProcessGroup& pg) { return pg.*(&PGAccess::deviceTypeToBackend_); }
-  static TypeMap& by_type(c10d::ProcessGroup& pg) { return pg.*(&PGAccess::backendTypeToBackend_); }
 };
 
 // Wrap the group's CPU backend; True if it is wrapped now (or already was).
@@ -756,15 +754,11 @@ bool wrap_group(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, int64_t group)
   auto wrapper = c10::make_intrusive<RecordingBackend>(inner, static_cast<int32_t>(group));
   wrapper->setGroupUid(inner->getGroupUid());
   wrapper->setGroupDesc(inner->getGroupDesc());
-  // Every table entry holding this backend now holds the wrapper (CPU and, where the same
-  // backend serves them, other devices; the backend-type table for the default backend).
-  for (auto& kv : dev) {
-    if (kv.second.get() == inner.get()) kv.second = wrapper;
-  }
-  if (dev.find(c10::DeviceType::CPU) == dev.end()) dev[c10::DeviceType::CPU] = wrapper;
-  for (auto& kv : PGAccess::by_type(*pg)) {
-    if (kv.second.get() == inner.get()) kv.second = wrapper;
-  }
+  // Only the device table: ops are dispatched through it (getBackend(device), monitored
+  // barriers included). The backend-type table keeps the real backend, because PyTorch
+  // reaches it with static casts to the concrete class (DDP's logger reads Gloo's thread
+  // count through getBackend(BackendType::GLOO)).
+  dev[c10::DeviceType::CPU] = wrapper;
   return true;
 }
 
@@ -781,7 +775,6 @@ bool unwrap_group(const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
     }
   };
   restore(PGAccess::by_device(*pg));
-  restore(PGAccess::by_type(*pg));
   return any;
 }
 
