@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 tools:
-	@tests/tools/require.sh
+	@PYTHON="$(PYTHON)" tests/tools/require.sh
 
 demo: setup
 	$(BIN)/ringwatch demo

@@ -16,6 +16,9 @@
 #   nft                   nftables     packet loss on an emulated host's link
 #   chromium              chromium     the --html report loaded headless: no console error,
 #                                      every plot drawn, nothing fetched; docs/report.png
+#   c++, ninja, Python.h  g++ ninja-build python3-dev
+#                                      the native hot path is built against the installed
+#                                      torch (torch.utils.cpp_extension) and tested on real jobs
 set -euo pipefail
 NEEDS=(
     "/usr/bin/prometheus prometheus"
@@ -26,7 +29,11 @@ NEEDS=(
     "tc iproute2"
     "nft nftables"
     "chromium chromium"
+    "c++ g++"
+    "ninja ninja-build"
 )
+# Python's headers, for the interpreter the tests run on (PYTHON, as in the Makefile).
+PY=${PYTHON:-python3}
 check_only=0
 [ "${1:-}" = "--check" ] && check_only=1
 
@@ -39,6 +46,11 @@ missing_packages() {
             out+=("$pkg")
         fi
     done
+    if ! "$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+            2>/dev/null; then
+        out+=("python3-dev")
+    fi
     if [ ${#out[@]} -gt 0 ]; then printf "%s\n" "${out[@]}" | sort -u | xargs; fi
 }
 

@@ -1,0 +1,150 @@
+"""The native hot path (``RINGWATCH_NATIVE=1``, ``attach(native=True)``): a C++ backend
+wrapper built against the installed torch records the Gloo groups. On real multi-process jobs
+it must give the rows the Python hooks give (same numbering, peers, roots, sizes, modes,
+steps), plus the collectives issued from C++ that the Python hooks only recover from the
+Flight Recorder; and where it cannot be built, the job runs on with the Python hooks."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import polars as pl
+import pytest
+
+from ringwatch._logs import open_job
+from ringwatch.agent.capture import _native
+from ringwatch.analyzers import check_consistency, compare_flight_recorder
+
+from jobtools import JOBS, PY, job_env, read_json_line, ringwatch_cmd, run_job, torchrun_cmd
+
+# What the two paths must agree on, row for row (per rank, as multisets).
+SAME = ["pg", "seq", "op", "peer", "root", "async_op", "nbytes", "status", "step"]
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The extension, built once for the module (tests/tools/require.sh brings the compiler,
+    Python's headers and ninja)."""
+    mod = _native.load()
+    assert mod is not None, "the native hot path could not be built (see the warning)"
+    return mod
+
+
+def _apis(d, native: bool):
+    script = [str(JOBS / "all_apis.py"), "--expect", "expect.json"]
+    env = job_env(RINGWATCH_NATIVE="1") if native else job_env()
+    rc, out = run_job(ringwatch_cmd("run", "--log-dir", "logs", "--", *torchrun_cmd(4, script)),
+                      cwd=d, env=env)
+    assert rc == 0, out
+    job = open_job(d / "logs")
+    return job, job.events(), json.loads((d / "expect.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def apis(built, tmp_path_factory):
+    return (_apis(tmp_path_factory.mktemp("apis_native"), True),
+            _apis(tmp_path_factory.mktemp("apis_python"), False))
+
+
+def test_every_api_recorded_natively_and_consistent(apis):
+    (job, ev, expected), _ = apis
+    assert job.problems == []
+    assert ev["api"].unique().to_list() == ["native"]
+    report = check_consistency(ev)
+    assert report.ok, report.problems
+    for rank, issued in enumerate(expected):
+        got = Counter(ev.filter(pl.col("rank") == rank).select("op", "async_op").iter_rows())
+        missing = Counter((op, bool(a)) for _, op, a in issued) - got
+        assert not missing, f"rank {rank} missed {dict(missing)}"
+    for rank in job.ranks:
+        cmp = compare_flight_recorder(ev.filter(pl.col("rank") == rank), job.flight_recorder(rank))
+        assert cmp.ok, (rank, cmp)
+        assert cmp.matched >= 30
+    meta = job.meta()
+    assert all(m["counters"]["native_issues_dropped"] == 0 for m in meta.values())
+
+
+def test_times_peers_and_roots(apis):
+    (_, ev, _), _ = apis
+    assert ev["status"].unique().to_list() == ["ok"]
+    assert (ev["duration_ns"] >= 0).all() and ev["duration_ns"].null_count() == 0
+    assert set(ev["end_source"].unique()) <= {"wait", "future", "poll"}
+    p2p = ev.filter(pl.col("is_p2p"))
+    assert p2p["peer"].null_count() == 0 and p2p["seq"].null_count() == 0
+    rooted = ev.filter(pl.col("op").is_in(["broadcast", "reduce", "gather", "scatter"]))
+    assert rooted["root"].null_count() == 0
+    assert ev.filter(~pl.col("is_p2p"))["peer"].null_count() == ev.filter(~pl.col("is_p2p")).height
+
+
+def test_same_rows_as_the_python_hooks(apis):
+    """Row for row what the Python path records; the functional collectives (issued from
+    C++) are seen as they happen, timed, where the Python path recovers them afterwards from
+    the Flight Recorder with no completion state."""
+    (_, native, _), (_, python, _) = apis
+    fr = python.filter(pl.col("api") == "flight_recorder")
+    assert fr.height == 8  # 2 per rank
+    keys = fr.select("rank", "pg", "seq")
+    for rank in range(4):
+        n = native.filter(pl.col("rank") == rank).join(keys, on=["rank", "pg", "seq"], how="anti")
+        p = python.filter((pl.col("rank") == rank) & (pl.col("api") != "flight_recorder"))
+        assert Counter(n.select(SAME).iter_rows()) == Counter(p.select(SAME).iter_rows()), rank
+    functional = native.join(keys, on=["rank", "pg", "seq"], how="semi")
+    assert functional.height == 8
+    assert functional["status"].unique().to_list() == ["ok"]
+    assert functional["duration_ns"].null_count() == 0
+
+
+@pytest.fixture(scope="module")
+def ddp(built, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp_native")
+    rc, out = run_job(torchrun_cmd(4, ["-m", "ringwatch.cluster._job", "--steps", "12",
+                                       "--attach", "logs", "--result", "result.json"]),
+                      cwd=d, env=job_env(RINGWATCH_NATIVE="1"))
+    assert rc == 0, out
+    return open_job(d / "logs"), read_json_line(d / "result.json")
+
+
+def test_ddp_buckets_from_the_reducer_every_step(ddp):
+    """DDP's reducer issues its buckets from C++: the wrapper times each one, with no comm
+    hook, on every rank and every step, in the same order everywhere."""
+    job, result = ddp
+    ev = job.events()
+    report = check_consistency(ev)
+    assert report.ok, report.problems
+    buckets = ev.filter(pl.col("op") == "all_reduce").group_by("rank", "step").len()
+    per_step = buckets.filter(pl.col("step") > 1)["len"].unique().to_list()
+    assert per_step == [result["buckets"]]
+    assert buckets["step"].n_unique() == 12
+    lists = {r: g.sort("idx").select("pg", "seq", "op", "nbytes").rows()
+             for (r,), g in ev.group_by("rank")}
+    assert len({tuple(v) for v in lists.values()}) == 1
+    for rank in job.ranks:
+        cmp = compare_flight_recorder(ev.filter(pl.col("rank") == rank), job.flight_recorder(rank))
+        assert cmp.ok, (rank, cmp)
+
+
+def test_detach_restores_the_backend_and_steps_reach_the_rows(built, tmp_path):
+    rc, out = run_job([PY, str(JOBS / "native_detach.py"), "logs", "result.json"], cwd=tmp_path,
+                      env=job_env())
+    assert rc == 0, out
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res == {"native": True, "wrapped_after_attach": True, "wrapped_after_detach": False,
+                   "value": 1.0}
+    ev = open_job(tmp_path / "logs").events().sort("idx")
+    assert ev.select("op", "step", "async_op").rows() == [
+        ("all_reduce", 41, False), ("broadcast", 42, False), ("all_reduce", 42, True)]
+
+
+def test_no_compiler_falls_back_to_the_python_hooks(tmp_path):
+    """Where the extension cannot be built, the job runs and is recorded all the same."""
+    script = [str(JOBS / "all_apis.py"), "--expect", "expect.json"]
+    env = job_env(RINGWATCH_NATIVE="1", RINGWATCH_NATIVE_DIR=str(tmp_path / "build"),
+                  CXX="/bin/false")
+    rc, out = run_job(ringwatch_cmd("run", "--log-dir", "logs", "--", *torchrun_cmd(4, script)),
+                      cwd=tmp_path, env=env)
+    assert rc == 0, out
+    assert "native hot path is unavailable" in out
+    ev = open_job(tmp_path / "logs").events()
+    assert ev.filter(pl.col("api") == "native").height == 0
+    assert ev.filter(pl.col("api") == "dist.all_reduce").height > 0
