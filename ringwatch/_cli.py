@@ -24,6 +24,9 @@ def _capture_flags(p: argparse.ArgumentParser) -> None:
                    help="do not recover unseen collectives from the Flight Recorder")
     g.add_argument("--wrap-backend", dest="wrap_backend", action="store_const", const=True,
                    help="create Gloo groups through the ringwatch wrapper backend")
+    g.add_argument("--native", dest="native", action="store_const", const=True,
+                   help="record Gloo groups with the native C++ backend wrapper (built against "
+                   "the installed torch on first use; the Python hooks where it cannot be)")
 
 
 def _config(args):
@@ -31,7 +34,8 @@ def _config(args):
 
     return CaptureConfig.from_env(
         log_dir=args.log_dir, job_id=args.job_id, flush_interval_s=args.flush_interval_s,
-        ddp_hook=args.ddp_hook, fr_backfill=args.fr_backfill, wrap_backend=args.wrap_backend)
+        ddp_hook=args.ddp_hook, fr_backfill=args.fr_backfill, wrap_backend=args.wrap_backend,
+        native=args.native)
 
 
 def cmd_run(args) -> int:
@@ -44,11 +48,24 @@ def cmd_run(args) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise ConfigError("nothing to run: ringwatch run [options] -- COMMAND ...")
-    result = run_command(cmd, _config(args))
+    cfg = _config(args)
+    if cfg.native:  # build once here, not in every rank at its first collective
+        from ringwatch.agent.capture import _native
+
+        _native.load()
+    result = run_command(cmd, cfg)
     for job in jobs_since(result.log_dir, result.started_wall_s):
         for line in summary_lines(open_job(result.log_dir, job)):
             print(f"[ringwatch] {line}", file=sys.stderr)
     return result.returncode
+
+
+def cmd_build_native(args) -> int:
+    from ringwatch.agent.capture import _native
+
+    mod = _native.load()
+    print(f"{'built' if mod else 'cannot build'}: {_native.build_dir()}")
+    return 0 if mod else 1
 
 
 def cmd_logs(args) -> int:
@@ -170,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     _capture_flags(r)
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     r.set_defaults(func=cmd_run)
+
+    bn = sub.add_parser("build-native", help="build the native hot path against this torch "
+                        "(RINGWATCH_NATIVE_DIR or ~/.cache/ringwatch/native; e.g. in an image)")
+    bn.set_defaults(func=cmd_build_native)
 
     lg = sub.add_parser("logs", help="summarise or check a job's logs")
     lg.add_argument("log_dir", help="the log root (or one job's folder)")

@@ -66,7 +66,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("async_op", "Boolean", True, "Whether the caller issued it asynchronously."),
     Column("api", "Utf8", False, "What issued it: `dist.<function>` (torch.distributed), "
            "`pg.<method>` (a ProcessGroup method called directly), `ddp` (DDP gradient bucket), "
-           "`backend` (the ringwatch wrapper backend), `nccl_hook` (seen only by the NCCL "
+           "`backend` (the ringwatch wrapper backend), `native` (the native hot path: recorded "
+           "at a Gloo group's backend, whoever issued it), `nccl_hook` (seen only by the NCCL "
            "completion hook), `flight_recorder` (issued from C++ outside the hooks and recovered "
            "from the Flight Recorder)."),
     Column("status", "Utf8", False, "One of `ringwatch.STATUSES`: `ok`, `error`, `timeout`, "

@@ -33,12 +33,14 @@ def test_environment_overrides_defaults():
         _config.ENV_FR_DUMP: "off",
         _config.ENV_WRAP_BACKEND: "1",
         _config.ENV_AUTO_STEP: "0",
+        _config.ENV_NATIVE: "1",
     }
     cfg = CaptureConfig.from_env(env)
     assert cfg == CaptureConfig(
         log_dir=Path("/data/logs"), job_id="job-7", host="node-3", flush_interval_s=0.5,
         buffer_events=123, compact_segments=4, fr_backfill_interval_s=2.5, ddp_hook=False,
-        nccl_hook=False, fr_backfill=False, fr_dump=False, wrap_backend=True, auto_step=False)
+        nccl_hook=False, fr_backfill=False, fr_dump=False, wrap_backend=True, auto_step=False,
+        native=True)
     assert isinstance(cfg.buffer_events, int) and isinstance(cfg.flush_interval_s, float)
 
 
@@ -141,7 +143,7 @@ def test_to_env_round_trip_every_field_changed():
         log_dir=Path("/tmp/rw logs/x"), job_id="job 1", host="gpu-node-17",
         flush_interval_s=0.1 + 0.2, buffer_events=7, compact_segments=3, ddp_hook=False,
         nccl_hook=False, fr_backfill=False, fr_backfill_interval_s=1e-3, fr_dump=False,
-        wrap_backend=True, auto_step=False)
+        wrap_backend=True, auto_step=False, native=True)
     for f in dataclasses.fields(CaptureConfig):
         assert getattr(cfg, f.name) != f.default, f"{f.name} left at its default"
     back = CaptureConfig.from_env(cfg.to_env())
