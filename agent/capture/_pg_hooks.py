@@ -203,9 +203,14 @@ def _issue(rec: Recorder, c: _Call, orig, pg, args: tuple, kwargs: dict):
         with rec.lock:
             if not _safe("issue", rec.issue, ev, before):
                 return orig(pg, *args, **kwargs)
-        work = _call_backend(rec, ev, orig, pg, args, kwargs)
-        with rec.lock:
-            _safe("seq", _number, rec, c, before, backend_seq(pg))
+            c.group.blocking += 1  # the writer leaves the counter alone until it is numbered
+        try:
+            work = _call_backend(rec, ev, orig, pg, args, kwargs)
+            with rec.lock:
+                _safe("seq", _number, rec, c, before, backend_seq(pg))
+        finally:
+            with rec.lock:
+                c.group.blocking -= 1
         _safe("end", rec.end, ev, end_source="wait")
         return work
     with rec.lock:  # enqueue only: held for microseconds (first NCCL call: communicator init)

@@ -50,7 +50,7 @@ class GroupInfo:
         "key", "name", "desc", "backend", "global_ranks", "ranks_spec", "size", "group_rank",
         "coll_seq", "last_backend_seq", "p2p_adjust", "pair_seq", "gaps", "reserved", "by_seq",
         "nccl_hook", "hook_from", "hook_mono", "coalescing", "batch_seq", "last_hook_seq",
-        "p2p_waiting", "handle", "native",
+        "p2p_waiting", "handle", "native", "blocking",
     )
 
     def __init__(self, *, key: Any, name: str, desc: str | None, backend: str,
@@ -79,6 +79,9 @@ class GroupInfo:
         self.p2p_waiting: list[Event] = []  # send/recv awaiting the NCCL hook
         self.handle = handle  # the ProcessGroup, so the writer can read its counter
         self.native = False  # recorded by the native backend wrapper (``_native``)
+        # Blocking calls in flight (issued, not yet numbered): the backend's counter moves
+        # under them, and a reading taken meanwhile must not pass for unannounced ops.
+        self.blocking = 0
 
     @property
     def my_global_rank(self) -> int | None:
@@ -275,9 +278,12 @@ class Recorder:
                 group.gaps.append((group.coll_seq, idx))
 
     def check_tail(self, group: GroupInfo, backend_now: int | None) -> None:
-        """Note ops issued since the last recorded one (writer thread)."""
+        """Note ops issued since the last recorded one (writer thread). Not while a blocking
+        call is in flight on the group: its own internal steps (a monitored barrier's
+        messages) would be taken for ops issued outside the hooks, and every later number
+        would be one off."""
         with self.lock:
-            if group.coalescing is None:
+            if group.coalescing is None and not group.blocking:
                 self._note_unseen(group, backend_now)
 
     # ---- coalescing blocks -------------------------------------------------------------------

@@ -565,3 +565,34 @@ def test_backfill_gives_up_with_a_placeholder(rec):
     (ev,) = rec.drain()
     assert (ev.seq, ev.idx, ev.op, ev.status) == (1, 0, "unknown", "unknown")
     assert rec.unrecovered == 1
+
+
+def test_a_counter_read_during_a_blocking_call_is_not_taken_for_unseen_ops(rec):
+    """The writer reads a group's counter while a blocking call (a monitored barrier, whose
+    internal messages move the counter) is inside the backend: that reading must not pass for
+    ops issued outside the hooks, or the barrier and every later number come out one off, with
+    a phantom gap for the Flight Recorder backfill."""
+    from ringwatch.agent.capture import _pg_hooks
+    from ringwatch.agent.capture._ops import OP_SPECS
+
+    g = group(rec)
+    pg = g.handle
+    before = issue_collective(rec, g)
+
+    def monitored_barrier(self):
+        self.seq += 3  # its internal messages, then the writer looks, then it returns
+        rec.check_tail(g, self.seq)
+        return None
+
+    c = _pg_hooks._Call()
+    c.event = rec.new_event(g, "monitored_barrier", "dist.monitored_barrier")
+    c.group, c.kind, c.nccl, c.src, c.dst, c.sync = g, "blocking", False, None, None, True
+    assert OP_SPECS["monitored_barrier"].kind == "blocking"
+    _pg_hooks._issue(rec, c, monitored_barrier, pg, (), {})
+    after = issue_collective(rec, g)
+    assert rec.take_gaps() == {}
+    assert (before.seq, c.event.seq, after.seq) == (1, 1 + _pg_hooks.MONITORED_BARRIER_WIDTH,
+                                                    2 + _pg_hooks.MONITORED_BARRIER_WIDTH)
+    assert g.blocking == 0
+    rec.check_tail(g, pg.seq)  # once it is numbered, the writer's readings count again
+    assert rec.take_gaps() == {}
