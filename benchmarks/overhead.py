@@ -371,7 +371,8 @@ def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> No
         t = torch.zeros(1)  # sums of zeros stay zero: every call does the same work
     a2a = (torch.zeros(world, device=t.device), torch.zeros(world, device=t.device))
     k, rounds = cfg["k"], cfg["rounds"]
-    times = {a: {op: [] for op in HOOK_OPS} for a in HOOK_ARMS}
+    arms = tuple(cfg["arms"])
+    times = {a: {op: [] for op in HOOK_OPS} for a in arms}
     prof_counts: list[dict[str, int]] = []
     log_root = Path(out_dir) / "logs"
 
@@ -384,8 +385,8 @@ def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> No
 
     for r in range(rounds + 1):  # round 0 warms up and is not kept
         keep = r > 0
-        n = len(HOOK_ARMS)
-        order = HOOK_ARMS[r % n:] + HOOK_ARMS[:r % n]
+        n = len(arms)
+        order = arms[r % n:] + arms[:r % n]
         for arm in order:
             if arm == "bare":
                 blocks(arm, keep)
@@ -415,7 +416,7 @@ def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> No
         import polars as pl
 
         out["recorded"] = {}
-        for arm in ("ringwatch", "native"):
+        for arm in [a for a in ("ringwatch", "native") if a in arms]:
             df = pl.concat([ringwatch.read_events(log_root / job_id(r, arm))
                             for r in range(rounds + 1)])
             recorded = df.filter(pl.col("rank") == rank)
@@ -429,15 +430,17 @@ def hook_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> No
 def hook_cost(args, scratch: Path, say) -> dict:
     import torch.multiprocessing as mp
 
-    world = args.hook_world
-    cfg = {"k": args.k, "rounds": args.rounds, "backend": args.hook_backend}
-    say(f"(b) hook cost: {world} {args.hook_backend} ranks, {args.rounds} rounds x "
-        f"{len(HOOK_ARMS)} arms x {len(HOOK_OPS)} ops, blocks of {args.k} calls (+1 warm-up round)")
     from ringwatch.agent.capture import _native
 
+    world = args.hook_world
+    arms = HOOK_ARMS
     if _native.load() is None:  # built here once, not inside the timed processes
-        raise RuntimeError("the native hot path cannot be built here (see the warning above); "
-                           "tests/tools/require.sh names what it needs")
+        arms = tuple(a for a in HOOK_ARMS if a != "native")
+        say("    the native hot path cannot be built here (see the warning above; "
+            "tests/tools/require.sh names what it needs): no native arm")
+    cfg = {"k": args.k, "rounds": args.rounds, "backend": args.hook_backend, "arms": arms}
+    say(f"(b) hook cost: {world} {args.hook_backend} ranks, {args.rounds} rounds x "
+        f"{len(arms)} arms x {len(HOOK_OPS)} ops, blocks of {args.k} calls (+1 warm-up round)")
     out_dir = Path(tempfile.mkdtemp(prefix="hook-", dir=scratch))
     try:
         t0 = time.perf_counter()
@@ -466,7 +469,7 @@ def hook_cost(args, scratch: Path, say) -> dict:
     table: dict[str, dict] = {}
     for op in HOOK_OPS:
         row = {}
-        for arm in HOOK_ARMS:
+        for arm in arms:
             blocks = list(zip(*(rk["times_ns"][arm][op] for rk in ranks), strict=True))
             # Wall: the slower rank (the block ends when both are done); CPU: rank average.
             wall = [max(b[0] for b in x) / k / 1e3 for x in blocks]
@@ -480,7 +483,7 @@ def hook_cost(args, scratch: Path, say) -> dict:
                         "main_thread_cpu_us_per_call": statistics.median(main_cpu),
                         "blocks_us_per_call": wall, "blocks_cpu_us_per_call": cpu,
                         "blocks_main_thread_cpu_us_per_call": main_cpu}
-        for arm in HOOK_ARMS[1:]:
+        for arm in arms[1:]:
             # Paired per round (same round, same rotation): median of the differences.
             for key in ("blocks_us_per_call", "blocks_cpu_us_per_call",
                         "blocks_main_thread_cpu_us_per_call"):
@@ -502,7 +505,7 @@ def hook_cost(args, scratch: Path, say) -> dict:
                     for op, n in (("all_reduce", 2 * calls), ("broadcast", calls),
                                   ("all_to_all_single", calls))}}
     rec_ok = all(rec.get(arm, {}).get(key, 0) >= n
-                 for arm, want in want_rec.items() for key, n in want.items())
+                 for arm, want in want_rec.items() if arm in arms for key, n in want.items())
     prof_ok = all(c.get("c10d::allreduce_", 0) >= 2 * k and c.get("c10d::broadcast_", 0) >= k
                   and c.get("c10d::alltoall_base_", 0) >= k
                   for rk in ranks for c in rk["profiler_counts"])
