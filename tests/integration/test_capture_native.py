@@ -148,3 +148,70 @@ def test_no_compiler_falls_back_to_the_python_hooks(tmp_path):
     ev = open_job(tmp_path / "logs").events()
     assert ev.filter(pl.col("api") == "native").height == 0
     assert ev.filter(pl.col("api") == "dist.all_reduce").height > 0
+
+
+def _records(feed, rows):
+    """Issue records as the extension writes them: (op, seq_before, seq_after, flags, peer)."""
+    import numpy as np
+
+    a = np.zeros(len(rows), dtype=feed.issue_dtype)
+    for i, (op, before, after, flags, peer) in enumerate(rows):
+        a[i] = (1_000 * (i + 1), 7, before, after, 4, 4, 1, op, 0, peer, -1, -1,
+                flags | _native.F_END_FOLLOWS)
+    return a
+
+
+def _ends(feed, ids, *, peer=-1):
+    import numpy as np
+
+    e = np.zeros(len(ids), dtype=feed.end_dtype)
+    for i, n in enumerate(ids):
+        e[i] = (n, 1_000_000 + n, -1, -1, 0, 0, peer)
+    return e
+
+
+def test_bulk_numbering_of_batches_barriers_and_pairs(built):
+    """The writer's bulk numbering, fed records as the extension writes them: a coalescing
+    block takes one number, a monitored barrier two whatever its messages, send/recv count per
+    pair and not in the collective numbers, ends that come before their issue wait for it,
+    and a receive from any source is numbered in its pair when its sender is known."""
+    import numpy as np
+
+    from ringwatch.agent.capture._recorder import GroupInfo, RankIdentity, Recorder
+
+    rec = Recorder(RankIdentity(job_id="j", rank=1, local_rank=1, world_size=3, host="h",
+                                pid=1))
+    feed = _native.NativeFeed(built, rec)
+    g = rec.add_group(GroupInfo(key="0", name="0", desc=None, backend="gloo",
+                                global_ranks=[0, 1, 2], group_rank=1))
+    feed.groups.append(g)
+    n = _native
+    recs = _records(feed, [
+        (0, 0, 1, 0, -1),                       # all_reduce                    -> 1
+        (n.OP_SEND, 1, 2, 0, 2),                # send to 2 (counter moves)     -> pair 1
+        (0, 2, 3, 0, -1),                       # all_reduce                    -> 2
+        (n.OP_BATCH_START, 3, 3, 0, -1),        # a coalescing block opens
+        (0, 3, 3, n.F_IN_BATCH, -1),            #   all_reduce                  -> 3
+        (3, 3, 3, n.F_IN_BATCH, -1),            #   broadcast                   -> 3
+        (n.OP_BATCH_END, 3, 4, 0, -1),          # closes: the counter moved once
+        (n.OP_MONITORED, 4, 9, 0, -1),          # monitored barrier, 5 steps    -> 5
+        (n.OP_RECV, 9, 10, 0, 0),               # recv from 0                   -> pair 1
+        (n.OP_SEND, 10, 11, 0, 2),              # send to 2                     -> pair 2
+        (0, 11, 12, 0, -1),                     # all_reduce                    -> 6
+        (n.OP_RECV_ANY, 12, 13, 0, -1),         # recv from any source
+    ])
+    ids = np.arange(len(recs), dtype=np.uint64)
+    feed._add_ends(_ends(feed, [0, 1]))  # ends drained before their issues
+    feed._add_issues(recs, ids)
+    feed._add_ends(_ends(feed, [2, 4, 5, 7, 8, 9, 10]))
+    feed._add_ends(_ends(feed, [11], peer=2))  # the sender learnt at completion
+    cols = feed._take(final=False)
+    got = list(zip(cols["op"], cols["seq"], cols["peer"], strict=True))
+    assert got == [("all_reduce", 1, None), ("send", 1, 2), ("all_reduce", 2, None),
+                   ("all_reduce", 3, None), ("broadcast", 3, None),
+                   ("monitored_barrier", 5, None), ("recv", 1, 0), ("send", 2, 2),
+                   ("all_reduce", 6, None), ("recv", 1, 2)]
+    assert list(cols["idx"]) == sorted(cols["idx"])
+    assert set(cols["step"]) == {7} and set(cols["status"]) == {"ok"}
+    assert g.coll_seq == 6 and g.pair_seq == {(1, 2): 2, (0, 1): 1, (2, 1): 1}
+    assert feed.pending is not None and len(feed.pending["id"]) == 0
