@@ -184,9 +184,9 @@ class NativeFeed:
                 "native_ends_dropped": int(c["ends_dropped"]), "native_rows": self.rows}
 
     # ---- rows ------------------------------------------------------------------------------------
-    def poll(self, *, final: bool = False) -> dict[str, list | np.ndarray] | None:
-        """Drain the rings: the columns of the rows finished since the last poll (all rows
-        when ``final``, the unfinished ones as ``pending``), or None when there are none."""
+    def poll(self, *, final: bool = False):
+        """Drain the rings: a frame of the rows finished since the last poll (all rows when
+        ``final``, the unfinished ones as ``pending``), or None when there are none."""
         with self.lock:
             while True:
                 raw_i, raw_ids, raw_e = self.mod.drain(DRAIN_MAX)
@@ -199,8 +199,8 @@ class NativeFeed:
                     break
             return self._take(final=final)
 
-    def pending_columns(self) -> dict[str, list | np.ndarray] | None:
-        """Columns of the rows still in flight (for the pending snapshot)."""
+    def pending_columns(self):
+        """A frame of the rows still in flight (for the pending snapshot), or None."""
         with self.lock:
             p = self.pending
             if p is None or not len(p["id"]):
@@ -355,7 +355,7 @@ class NativeFeed:
                 g.last_backend_seq = after
         return seq
 
-    def _take(self, *, final: bool) -> dict[str, list | np.ndarray] | None:
+    def _take(self, *, final: bool):
         p = self.pending
         if p is None or not len(p["id"]):
             return None
@@ -372,17 +372,21 @@ class NativeFeed:
         self.rows += len(out["id"])
         return self._columns(out, unfinished)
 
-    def _columns(self, p: dict[str, np.ndarray], unfinished: np.ndarray) -> dict:
-        """Schema columns of rows ``p`` (``unfinished``: still in flight)."""
+    def _columns(self, p: dict[str, np.ndarray], unfinished: np.ndarray):
+        """Rows ``p`` as a polars frame in schema order (``unfinished``: still in flight),
+        built column-wise: per-group values taken by index, sentinels made null by one
+        expression pass."""
+        import polars as pl
+
+        from ringwatch._schema import polars_schema
+
         ident = self.rec.identity
-        n = len(p["id"])
-        groups = [self.groups[g] for g in p["group"].tolist()]
+        gid = p["group"]
         anchor = self.rec.clock.wall_ns() - self.rec.clock.mono_ns()
         op = p["op"]
         p2p = np.isin(op, (OP_SEND, OP_RECV, OP_RECV_ANY))
         threw = (p["flags"] & F_THREW) != 0
-        ended = p["source"] >= 0
-        end = np.where(ended, p["end"], -1)
+        end = np.where(p["source"] >= 0, p["end"], -1)
         # Send/recv waited on at once: the next thing the rank did after issuing it (an issue,
         # or a wait on another send/recv) was to wait on it. dist.send/dist.recv do exactly
         # that; isend, irecv and batches wait later or on several works in turn.
@@ -391,39 +395,51 @@ class NativeFeed:
         nxt = marks[np.minimum(np.searchsorted(marks, p["mono"], side="right"), len(marks) - 1)]
         blocking_p2p = (p2p & waited & (nxt == p["wait"]) & (p["gap"] >= 0)
                         & (p["gap"] <= BLOCKING_WAIT_NS))
-        async_op = np.where(p2p, ~blocking_p2p, (p["flags"] & F_ASYNC) != 0)
-        status = np.where(unfinished, "pending", np.where(
-            threw | (p["status"] != 0), "error", "ok"))
-        source = np.array(("none",) + SOURCES, dtype=object)[p["source"] + 1]
-        nin, nout = p["nbytes_in"], p["nbytes_out"]
-
-        def nullable(a: np.ndarray, none) -> list:
-            return [None if v == none else v for v in a.tolist()]
+        failed = threw | (p["status"] != 0)
 
         start = p["mono"]
-        end_l = nullable(end, -1)
-        cols = {
-            "job_id": [ident.job_id] * n, "rank": [ident.rank] * n,
-            "local_rank": [ident.local_rank] * n, "world_size": [ident.world_size] * n,
-            "host": [ident.host] * n, "pid": [ident.pid] * n, "idx": p["idx"],
-            "backend": [g.backend for g in groups], "pg": [g.name for g in groups],
-            "pg_desc": [g.desc for g in groups], "pg_ranks": [g.ranks_spec for g in groups],
-            "pg_size": [g.size for g in groups], "group_rank": [g.group_rank for g in groups],
-            "seq": nullable(p["seq"], -1), "op": [OP_NAMES[o] for o in op.tolist()],
-            "is_p2p": p2p, "peer": nullable(p["peer"], -1), "root": nullable(p["root"], -1),
-            "dtype": [self.names.get(d) for d in p["dtype"].tolist()], "numel": p["numel"],
+        nin, nout = p["nbytes_in"], p["nbytes_out"]
+        step = np.where(p["step"] == int(self.mod.STEP_NONE), -1, p["step"])
+        source = np.where((p["source"] >= -1) & (p["source"] < len(SOURCES)), p["source"], -1)
+        num = pl.DataFrame({
+            "_gid": gid, "idx": p["idx"], "seq": p["seq"], "_op": op, "is_p2p": p2p,
+            "peer": p["peer"], "root": p["root"], "_dtype": p["dtype"], "numel": p["numel"],
             "nbytes_in": nin, "nbytes_out": nout, "nbytes": np.maximum(nin, nout),
-            "async_op": async_op, "api": ["native"] * n, "status": status.tolist(),
-            "error": [("the backend call raised" if t else "the work failed")
-                      if s == "error" else None for t, s in zip(threw.tolist(), status.tolist(),
-                                                                 strict=True)],
+            "async_op": np.where(p2p, ~blocking_p2p, (p["flags"] & F_ASYNC) != 0),
+            "_status": np.where(unfinished, 2, np.where(failed, np.where(threw, 3, 1), 0)),
             "t_issue_ns": start + anchor, "t_start_ns": start + anchor,
-            "t_end_ns": [None if e is None else e + anchor for e in end_l],
-            "mono_start_ns": start, "mono_end_ns": end_l,
-            "duration_ns": [None if e is None else e - s for e, s in zip(end_l, start.tolist(),
-                                                                          strict=True)],
-            "device_duration_ns": [None] * n, "end_source": source.tolist(),
-            "step": nullable(p["step"], int(self.mod.STEP_NONE)),
-        }
-        assert tuple(cols) == COLUMN_NAMES
-        return cols
+            "t_end_ns": np.where(end >= 0, end + anchor, -1), "mono_start_ns": start,
+            "mono_end_ns": end, "duration_ns": np.where(end >= 0, end - start, -1),
+            "_source": source + 1, "step": step,
+        })
+        # Per-group and per-code strings: small tables joined on their code.
+        groups = pl.DataFrame({
+            "_gid": np.arange(len(self.groups), dtype=gid.dtype),
+            "backend": [g.backend for g in self.groups], "pg": [g.name for g in self.groups],
+            "pg_desc": [g.desc for g in self.groups],
+            "pg_ranks": [g.ranks_spec for g in self.groups],
+            "pg_size": [g.size for g in self.groups],
+            "group_rank": [g.group_rank for g in self.groups]}, schema_overrides={
+            "pg_desc": pl.Utf8})
+        codes = {
+            "_op": ("op", OP_NAMES), "_dtype": ("dtype", tuple(
+                self.names.get(i) for i in range(max(self.names) + 1))),
+            "_status": ("status", ("ok", "error", "pending", "error")),
+            "_source": ("end_source", ("none",) + SOURCES)}
+        df = num.join(groups, on="_gid", how="left")
+        for code, (name, values) in codes.items():
+            table = pl.DataFrame({code: np.arange(len(values), dtype=num[code].to_numpy().dtype),
+                                  name: list(values)}, schema_overrides={name: pl.Utf8})
+            df = df.join(table, on=code, how="left")
+        nulls = ("seq", "peer", "root", "t_end_ns", "mono_end_ns", "duration_ns", "step")
+        df = df.with_columns(
+            [pl.when(pl.col(c) >= 0).then(pl.col(c)).otherwise(None).alias(c) for c in nulls]
+            + [pl.lit(ident.job_id).alias("job_id"), pl.lit(ident.rank).alias("rank"),
+               pl.lit(ident.local_rank).alias("local_rank"),
+               pl.lit(ident.world_size).alias("world_size"), pl.lit(ident.host).alias("host"),
+               pl.lit(ident.pid).alias("pid"), pl.lit("native").alias("api"),
+               pl.when(pl.col("_status") == 3).then(pl.lit("the backend call raised"))
+               .when(pl.col("_status") == 1).then(pl.lit("the work failed"))
+               .otherwise(None).alias("error"),
+               pl.lit(None).alias("device_duration_ns")])
+        return df.select(COLUMN_NAMES).cast(polars_schema()).sort("idx")

@@ -142,7 +142,7 @@ class Runtime:
                 failed.append(exc)
         # The events are lost only when their segment is not on disk (a failed compaction
         # or pending snapshot loses nothing).
-        lost = (len(events) + (len(native["idx"]) if native else 0)
+        lost = (len(events) + (0 if native is None else len(native))
                 if w.rows_written == written else 0)
         if failed:
             self._write_failed(next((e for e in failed if disk_full(e)), failed[0]), lost)

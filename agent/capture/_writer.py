@@ -187,18 +187,18 @@ class SegmentWriter:
         """``wall - monotonic`` now, in ns."""
         return self.clock.wall_ns() - self.clock.mono_ns()
 
-    def frame(self, events: list[Event], columns: dict | None = None):
-        """A polars frame of ``events`` and of rows already in ``columns`` (built in bulk by
-        the native path), in schema order, sorted by ``idx``."""
+    def frame(self, events: list[Event], columns=None):
+        """A polars frame of ``events`` and of the rows of frame ``columns`` (built in bulk
+        by the native path, in schema order), sorted by ``idx``."""
         import polars as pl
 
         df = pl.DataFrame(events_to_columns(events, self.identity, self.anchor()),
                           schema=polars_schema())
         if columns is not None:
-            df = pl.concat([df, pl.DataFrame(columns, schema=polars_schema())])
+            df = pl.concat([df, columns]) if len(df) else columns
         return df.sort("idx") if len(df) > 1 else df
 
-    def write(self, events: list[Event], columns: dict | None = None) -> Path | None:
+    def write(self, events: list[Event], columns=None) -> Path | None:
         """Write finished events (and bulk rows) as a new segment; compact when enough
         have accumulated."""
         if not events and columns is None:
@@ -230,7 +230,7 @@ class SegmentWriter:
         self.small = []
         return out
 
-    def write_pending(self, events: list[Event], columns: dict | None = None) -> None:
+    def write_pending(self, events: list[Event], columns=None) -> None:
         """Replace the snapshot of in-flight events (remove it when there are none)."""
         path = self.dir / PENDING_FILE
         if not events and columns is None:
