@@ -220,6 +220,10 @@ inline void add_sizes(const at::Tensor& t, int64_t* nbytes, int64_t* numel, int3
   }
 }
 
+inline void sizes_of(const at::Tensor& t, int64_t* nbytes, int64_t* numel, int32_t* dtype) {
+  add_sizes(t, nbytes, numel, dtype);
+}
+
 inline void sizes_of(const std::vector<at::Tensor>& ts, int64_t* nbytes, int64_t* numel,
                      int32_t* dtype) {
   for (const auto& t : ts) {
@@ -232,6 +236,15 @@ inline void sizes_of(const std::vector<std::vector<at::Tensor>>& tss, int64_t* n
   for (const auto& ts : tss) {
     sizes_of(ts, nbytes, numel, dtype);
   }
+}
+
+// Input and output sizes of one call; ``numel`` is the larger side's.
+template <class In, class Out>
+inline void io_sizes(Issue* rec, const In& in, const Out& out) {
+  int64_t n_out = 0;
+  sizes_of(in, &rec->nbytes_in, &rec->numel, &rec->dtype);
+  sizes_of(out, &rec->nbytes_out, &n_out, &rec->dtype);
+  rec->numel = std::max(rec->numel, n_out);
 }
 
 // A send/recv work (Gloo's have no future): records its end when the job waits on it or first
@@ -445,24 +458,14 @@ class RecordingBackend : public c10d::Backend {
                                            std::vector<at::Tensor>& inputs,
                                            const c10d::AllgatherOptions& opts) override {
     Pending p = begin(kAllGather, async_flag(opts.asyncOp));
-    if (p.rec) {
-      int64_t n_out = 0;
-      sizes_of(inputs, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      sizes_of(outputs, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
-    }
+    if (p.rec) io_sizes(p.rec, inputs, outputs);
     return run(p, false, [&] { return inner_->allgather(outputs, inputs, opts); });
   }
 
   c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
                                                  const c10d::AllgatherOptions& opts) override {
     Pending p = begin(kAllGatherIntoTensor, async_flag(opts.asyncOp));
-    if (p.rec) {
-      int64_t n_out = 0;
-      add_sizes(input, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      add_sizes(output, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
-    }
+    if (p.rec) io_sizes(p.rec, input, output);
     return run(p, false, [&] { return inner_->_allgather_base(output, input, opts); });
   }
 
@@ -470,12 +473,7 @@ class RecordingBackend : public c10d::Backend {
       std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
       const c10d::AllgatherOptions& opts) override {
     Pending p = begin(kAllGatherCoalesced, async_flag(opts.asyncOp));
-    if (p.rec) {
-      int64_t n_out = 0;
-      sizes_of(inputs, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      sizes_of(outputs, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
-    }
+    if (p.rec) io_sizes(p.rec, inputs, outputs);
     return run(p, false, [&] { return inner_->allgather_coalesced(outputs, inputs, opts); });
   }
 
@@ -483,12 +481,7 @@ class RecordingBackend : public c10d::Backend {
       std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
       const c10d::AllgatherOptions& opts) override {
     Pending p = begin(kAllGatherIntoTensorCoalesced, async_flag(opts.asyncOp));
-    if (p.rec) {
-      int64_t n_out = 0;
-      sizes_of(inputs, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      sizes_of(outputs, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
-    }
+    if (p.rec) io_sizes(p.rec, inputs, outputs);
     return run(p, false,
                [&] { return inner_->allgather_into_tensor_coalesced(outputs, inputs, opts); });
   }
@@ -498,10 +491,7 @@ class RecordingBackend : public c10d::Backend {
                                         const c10d::GatherOptions& opts) override {
     Pending p = begin(kGather, async_flag(opts.asyncOp));
     if (p.rec) {
-      int64_t n_out = 0;
-      sizes_of(inputs, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      sizes_of(outputs, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
+      io_sizes(p.rec, inputs, outputs);
       p.rec->root = static_cast<int32_t>(opts.rootRank);
     }
     return run(p, false, [&] { return inner_->gather(outputs, inputs, opts); });
@@ -512,10 +502,7 @@ class RecordingBackend : public c10d::Backend {
                                          const c10d::ScatterOptions& opts) override {
     Pending p = begin(kScatter, async_flag(opts.asyncOp));
     if (p.rec) {
-      int64_t n_out = 0;
-      sizes_of(inputs, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      sizes_of(outputs, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
+      io_sizes(p.rec, inputs, outputs);
       p.rec->root = static_cast<int32_t>(opts.rootRank);
     }
     return run(p, false, [&] { return inner_->scatter(outputs, inputs, opts); });
@@ -525,24 +512,14 @@ class RecordingBackend : public c10d::Backend {
                                                 std::vector<std::vector<at::Tensor>>& inputs,
                                                 const c10d::ReduceScatterOptions& opts) override {
     Pending p = begin(kReduceScatter, async_flag(opts.asyncOp));
-    if (p.rec) {
-      int64_t n_out = 0;
-      sizes_of(inputs, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      sizes_of(outputs, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
-    }
+    if (p.rec) io_sizes(p.rec, inputs, outputs);
     return run(p, false, [&] { return inner_->reduce_scatter(outputs, inputs, opts); });
   }
 
   c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
       at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) override {
     Pending p = begin(kReduceScatterTensor, async_flag(opts.asyncOp));
-    if (p.rec) {
-      int64_t n_out = 0;
-      add_sizes(input, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      add_sizes(output, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
-    }
+    if (p.rec) io_sizes(p.rec, input, output);
     return run(p, false, [&] { return inner_->_reduce_scatter_base(output, input, opts); });
   }
 
@@ -550,12 +527,7 @@ class RecordingBackend : public c10d::Backend {
       std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
       const c10d::ReduceScatterOptions& opts) override {
     Pending p = begin(kReduceScatterTensorCoalesced, async_flag(opts.asyncOp));
-    if (p.rec) {
-      int64_t n_out = 0;
-      sizes_of(inputs, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      sizes_of(outputs, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
-    }
+    if (p.rec) io_sizes(p.rec, inputs, outputs);
     return run(p, false,
                [&] { return inner_->reduce_scatter_tensor_coalesced(outputs, inputs, opts); });
   }
@@ -565,12 +537,7 @@ class RecordingBackend : public c10d::Backend {
                                                std::vector<int64_t>& input_splits,
                                                const c10d::AllToAllOptions& opts) override {
     Pending p = begin(kAllToAllSingle, async_flag(opts.asyncOp));
-    if (p.rec) {
-      int64_t n_out = 0;
-      add_sizes(input, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      add_sizes(output, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
-    }
+    if (p.rec) io_sizes(p.rec, input, output);
     return run(p, false, [&] {
       return inner_->alltoall_base(output, input, output_splits, input_splits, opts);
     });
@@ -580,12 +547,7 @@ class RecordingBackend : public c10d::Backend {
                                           std::vector<at::Tensor>& inputs,
                                           const c10d::AllToAllOptions& opts) override {
     Pending p = begin(kAllToAll, async_flag(opts.asyncOp));
-    if (p.rec) {
-      int64_t n_out = 0;
-      sizes_of(inputs, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
-      sizes_of(outputs, &p.rec->nbytes_out, &n_out, &p.rec->dtype);
-      p.rec->numel = std::max(p.rec->numel, n_out);
-    }
+    if (p.rec) io_sizes(p.rec, inputs, outputs);
     return run(p, false, [&] { return inner_->alltoall(outputs, inputs, opts); });
   }
 
