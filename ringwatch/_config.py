@@ -94,9 +94,10 @@ class CaptureConfig:
         wrap_backend: Create Gloo groups through the ringwatch wrapper backend (sees every
             collective, including functional and compiled ones, at a higher cost).
         auto_step: Fill the ``step`` column from optimizer steps when the job gives no markers.
-        native: Record Gloo groups with the native C++ backend wrapper (about 1 µs per
-            collective on the calling thread, C++-issued collectives included), built against
-            the installed torch on first use; where it cannot be built, the Python hooks.
+        native: Record Gloo groups with the native C++ backend wrapper (within about 2 µs
+            of the bare call on the calling thread, C++-issued collectives included), built
+            against the installed torch on first use; where it cannot be built, the Python
+            hooks.
     """
 
     log_dir: Path = Path(DEFAULT_LOG_DIR)

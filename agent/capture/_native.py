@@ -40,9 +40,10 @@ OP_NAMES: tuple[str | None, ...] = (
     "all_gather_into_tensor", "all_gather_coalesced", "all_gather_into_tensor_coalesced",
     "gather", "scatter", "reduce_scatter", "reduce_scatter_tensor",
     "reduce_scatter_tensor_coalesced", "all_to_all_single", "all_to_all", "send", "recv",
-    "recv", "barrier", "monitored_barrier", None, None,
+    "recv", "barrier", "monitored_barrier", None, None, None,
 )
-OP_SEND, OP_RECV, OP_RECV_ANY, OP_MONITORED, OP_BATCH_START, OP_BATCH_END = 16, 17, 18, 20, 21, 22
+OP_SEND, OP_RECV, OP_RECV_ANY, OP_MONITORED = 16, 17, 18, 20
+OP_BATCH_START, OP_BATCH_END, OP_MONITORED_DONE = 21, 22, 23
 _IS_ROW = np.array([name is not None for name in OP_NAMES])
 F_ASYNC, F_THREW, F_END_FOLLOWS, F_IN_BATCH = 1, 2, 4, 8
 SOURCES = ("future", "wait", "poll")
@@ -149,6 +150,8 @@ class NativeFeed:
         self.end_dtype: np.dtype = _LOADED["end"]
         self.pending: dict[str, np.ndarray] | None = None  # issued, end not seen yet
         self.early = np.zeros(0, dtype=self.end_dtype)  # ends whose issue is not drained yet
+        self.drained = -1  # the highest issue id drained so far
+        self.stale_ends = 0  # ends of no issue this feed holds (counted, dropped)
         self.rows = 0
         self.lock = threading.Lock()
         mod.start(RING_RECORDS)
@@ -181,7 +184,8 @@ class NativeFeed:
     def counters(self) -> dict[str, int]:
         c = dict(self.mod.counters())
         return {"native_issues_dropped": int(c["issues_dropped"]),
-                "native_ends_dropped": int(c["ends_dropped"]), "native_rows": self.rows}
+                "native_ends_dropped": int(c["ends_dropped"]) + self.stale_ends,
+                "native_rows": self.rows}
 
     # ---- rows ------------------------------------------------------------------------------------
     def poll(self, *, final: bool = False):
@@ -205,11 +209,12 @@ class NativeFeed:
             p = self.pending
             if p is None or not len(p["id"]):
                 return None
-            return self._columns(p, np.zeros(len(p["id"]), dtype=bool))
+            return self._columns(p, np.ones(len(p["id"]), dtype=bool))
 
     def _add_issues(self, recs: np.ndarray, ids: np.ndarray) -> None:
         if not len(recs):
             return
+        self.drained = max(self.drained, int(ids[-1]))
         keep = _IS_ROW[np.clip(recs["op"], 0, len(OP_NAMES) - 1)] & (recs["op"] >= 0) & (
             recs["op"] < len(OP_NAMES))
         seq, peer, root = self._number(recs)
@@ -238,7 +243,9 @@ class NativeFeed:
             return
         p = self.pending
         if p is None or not len(p["id"]):
-            self.early = np.concatenate([self.early, ends])
+            ahead = ends["id"].astype(np.int64) > self.drained
+            self.stale_ends += int((~ahead).sum())
+            self.early = np.concatenate([self.early, ends[ahead]])
             return
         pos = np.searchsorted(p["id"], ends["id"])
         pos_c = np.minimum(pos, len(p["id"]) - 1)
@@ -251,7 +258,12 @@ class NativeFeed:
             if src >= 0 and p["op"][i] == OP_RECV_ANY and p["peer"][i] < 0:
                 self._learn_source(p, i, src)
         if not hit.all():
-            self.early = np.concatenate([self.early, ends[~hit]])
+            # An end whose issue is not drained yet waits for it; one whose issue was drained
+            # and is not pending any more belongs to nothing this feed holds.
+            miss = ends[~hit]
+            ahead = miss["id"].astype(np.int64) > self.drained
+            self.stale_ends += int((~ahead).sum())
+            self.early = np.concatenate([self.early, miss[ahead]])
 
     def _learn_source(self, p: dict[str, np.ndarray], i: int, src: int) -> None:
         """A receive from any source learnt its sender: its peer, and the next number of
@@ -283,7 +295,8 @@ class NativeFeed:
             peer[at[ok]] = table[r["peer"][ok]]
             ok = (r["root"] >= 0) & (r["root"] < g.size)
             root[at[ok]] = table[r["root"][ok]]
-            if (np.isin(r["op"], (OP_MONITORED, OP_BATCH_START, OP_BATCH_END)).any()
+            if (np.isin(r["op"], (OP_MONITORED, OP_MONITORED_DONE, OP_BATCH_START,
+                                  OP_BATCH_END)).any()
                     or (r["flags"] & F_IN_BATCH).any()):
                 seq[at] = self._number_slowly(g, r, peer[at])
             else:
@@ -330,9 +343,10 @@ class NativeFeed:
                     g.coll_seq = max(g.coll_seq, after - g.p2p_adjust)
                     g.last_backend_seq = after
                 g.batch_seq = None
-            elif op == OP_MONITORED:
+            elif op == OP_MONITORED:  # recorded before the call: its numbers, not the counter
                 g.coll_seq += MONITORED_BARRIER_WIDTH
                 seq[i] = g.coll_seq
+            elif op == OP_MONITORED_DONE:  # the rest of the counter's step was its messages
                 if before >= 0 and after >= 0:
                     g.p2p_adjust += after - before - MONITORED_BARRIER_WIDTH
             elif op in (OP_SEND, OP_RECV, OP_RECV_ANY):

@@ -269,6 +269,8 @@ class Runtime:
             self.writer.release_reserve()  # (the final meta gave it up unless it failed early)
             self.rec.closed = True
             self.rec.release()
+            if self.native is not None:  # the groups get their own backends back
+                self.native.release()
         except Exception as exc:  # noqa: BLE001
             warn_once("close", f"final flush failed: {exc!r}")
         finally:

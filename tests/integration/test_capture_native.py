@@ -194,7 +194,8 @@ def test_bulk_numbering_of_batches_barriers_and_pairs(built):
         (0, 3, 3, n.F_IN_BATCH, -1),            #   all_reduce                  -> 3
         (3, 3, 3, n.F_IN_BATCH, -1),            #   broadcast                   -> 3
         (n.OP_BATCH_END, 3, 4, 0, -1),          # closes: the counter moved once
-        (n.OP_MONITORED, 4, 9, 0, -1),          # monitored barrier, 5 steps    -> 5
+        (n.OP_MONITORED, 4, -1, 0, -1),         # monitored barrier (before it)  -> 5
+        (n.OP_MONITORED_DONE, 4, 9, 0, -1),     #   it returned: 5 steps, 3 messages
         (n.OP_RECV, 9, 10, 0, 0),               # recv from 0                   -> pair 1
         (n.OP_SEND, 10, 11, 0, 2),              # send to 2                     -> pair 2
         (0, 11, 12, 0, -1),                     # all_reduce                    -> 6
@@ -203,8 +204,8 @@ def test_bulk_numbering_of_batches_barriers_and_pairs(built):
     ids = np.arange(len(recs), dtype=np.uint64)
     feed._add_ends(_ends(feed, [0, 1]))  # ends drained before their issues
     feed._add_issues(recs, ids)
-    feed._add_ends(_ends(feed, [2, 4, 5, 7, 8, 9, 10]))
-    feed._add_ends(_ends(feed, [11], peer=2))  # the sender learnt at completion
+    feed._add_ends(_ends(feed, [2, 4, 5, 7, 9, 10, 11]))
+    feed._add_ends(_ends(feed, [12], peer=2))  # the sender learnt at completion
     cols = feed._take(final=False)
     got = list(zip(cols["op"], cols["seq"], cols["peer"], strict=True))
     assert got == [("all_reduce", 1, None), ("send", 1, 2), ("all_reduce", 2, None),
@@ -215,3 +216,23 @@ def test_bulk_numbering_of_batches_barriers_and_pairs(built):
     assert set(cols["step"]) == {7} and set(cols["status"]) == {"ok"}
     assert g.coll_seq == 6 and g.pair_seq == {(1, 2): 2, (0, 1): 1, (2, 1): 1}
     assert feed.pending is not None and len(feed.pending["id"]) == 0
+
+
+def test_a_blocked_monitored_barrier_is_in_flight_then_an_error(built, tmp_path):
+    """The one call that blocks inside the backend is recorded before it: while rank 0 waits
+    for a rank that never comes, its pending snapshot holds the barrier; the timeout then ends
+    it as an error, and the job goes on."""
+    import polars as pl
+
+    env = job_env(RINGWATCH_NATIVE="1", RINGWATCH_JOB_ID="mb", RINGWATCH_FLUSH_INTERVAL_S="0.3")
+    rank0 = tmp_path / "logs" / "mb" / "rank-00000"
+    rc, out = run_job(ringwatch_cmd("run", "--log-dir", "logs", "--", *torchrun_cmd(2, [
+        str(JOBS / "native_monitored.py"), str(rank0), "snapshot.parquet"])),
+        cwd=tmp_path, env=env)
+    assert rc == 0, out
+    snap = pl.read_parquet(tmp_path / "snapshot.parquet")
+    assert snap.select("op", "status", "api").rows() == [
+        ("monitored_barrier", "pending", "native")]
+    ev = open_job(tmp_path / "logs").events().filter(pl.col("rank") == 0).sort("idx")
+    assert ev.select("op", "seq", "status").rows() == [
+        ("all_reduce", 1, "ok"), ("monitored_barrier", 3, "error")]

@@ -57,6 +57,7 @@ enum Op : int32_t {
   kMonitoredBarrier,
   kCoalesceStart,
   kCoalesceEnd,
+  kMonitoredDone,  // a monitored barrier returned: the counter's movement during it
 };
 
 constexpr uint32_t kAsync = 1u;        // the caller asked for an asynchronous op
@@ -556,19 +557,38 @@ class RecordingBackend : public c10d::Backend {
     return run(p, false, [&] { return inner_->barrier(opts); });
   }
 
+  // Blocks inside the backend (the only call that does): published before the call, so a
+  // barrier that never returns is seen in flight (a hang); how far the counter moved during it
+  // comes after it returns, in a marker.
   void monitoredBarrier(const c10d::BarrierOptions& opts, bool wait_all_ranks) override {
-    Pending p = begin(kMonitoredBarrier, 0u);
+    Pending p = begin(kMonitoredBarrier, kEndFollows);
+    int64_t before = -1;
+    uint64_t id = UINT64_MAX;
+    if (p.rec != nullptr) {
+      before = p.rec->seq_before;
+      id = p.pos;
+      p.rings->issues.publish(p.pos);  // the cell is the consumer's from here on
+    }
+    int32_t status = 0;
     try {
       inner_->monitoredBarrier(opts, wait_all_ranks);
     } catch (...) {
-      failed(p);
+      status = 1;
+      done(before, id, status);
       throw;
     }
-    if (p.rec != nullptr) {
-      p.rec->seq_after = static_cast<int64_t>(inner_->getSequenceNumberForGroup());
-      p.rec->flags |= kEndFollows;
-      p.rings->issues.publish(p.pos);
-      push_end(p.pos, 0, kSourceWait);
+    done(before, id, status);
+  }
+
+  void done(int64_t before, uint64_t id, int32_t status) {
+    Pending d = begin(kMonitoredDone, 0u);
+    if (d.rec != nullptr) {
+      d.rec->seq_before = before;
+      d.rec->seq_after = static_cast<int64_t>(inner_->getSequenceNumberForGroup());
+      d.rings->issues.publish(d.pos);
+    }
+    if (id != UINT64_MAX) {
+      push_end(id, status, kSourceWait);
     }
   }
 
