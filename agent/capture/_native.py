@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -65,8 +66,6 @@ _LOADED: dict[str, object] = {}
 def build_dir() -> Path:
     """Where the extension is built: ``$RINGWATCH_NATIVE_DIR``, else the user's cache, one
     folder per torch version, Python version and source."""
-    import sys
-
     import torch
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]

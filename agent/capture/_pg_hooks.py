@@ -206,11 +206,13 @@ def _issue(rec: Recorder, c: _Call, orig, pg, args: tuple, kwargs: dict):
             c.group.blocking += 1  # the writer leaves the counter alone until it is numbered
         try:
             work = _call_backend(rec, ev, orig, pg, args, kwargs)
-            with rec.lock:
-                _safe("seq", _number, rec, c, before, backend_seq(pg))
-        finally:
+        except BaseException:
             with rec.lock:
                 c.group.blocking -= 1
+            raise
+        with rec.lock:  # numbered and released under one hold of the lock
+            _safe("seq", _number, rec, c, before, backend_seq(pg))
+            c.group.blocking -= 1
         _safe("end", rec.end, ev, end_source="wait")
         return work
     with rec.lock:  # enqueue only: held for microseconds (first NCCL call: communicator init)
