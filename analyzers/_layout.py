@@ -19,6 +19,7 @@ then stage) overrides the inference.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import polars as pl
@@ -110,20 +111,30 @@ def infer_layout(events: pl.DataFrame) -> Layout:
 
 def _stages(events: pl.DataFrame, ranks: list[int]) -> tuple[dict[int, int], tuple[str, ...]]:
     """``rank -> stage`` from the send/recv pairs (every rank at 0 when they chain no path)."""
-    flat = {r: 0 for r in ranks}
     if "is_p2p" not in events.columns or "peer" not in events.columns:
-        return flat, ()
+        return {r: 0 for r in ranks}, ()
     p2p = (events.filter(pl.col("is_p2p") & pl.col("peer").is_not_null()
                          & (pl.col("peer") != pl.col("rank")))
            .select("rank", "peer", "op", "idx"))
-    if p2p.is_empty():
-        return flat, ()
-    adj: dict[int, set[int]] = defaultdict(set)
-    for a, b in p2p.select("rank", "peer").unique().iter_rows():
-        adj[int(a)].add(int(b))
-        adj[int(b)].add(int(a))
     first_op = dict(p2p.sort("idx").group_by("rank", maintain_order=True)
                     .agg(pl.col("op").first()).iter_rows())
+    return stages_from_pairs(ranks, p2p.select("rank", "peer").unique().iter_rows(), first_op)
+
+
+def stages_from_pairs(ranks: Iterable[int], pairs: Iterable[tuple[int, int]],
+                      first_op: Mapping[int, str]) -> tuple[dict[int, int], tuple[str, ...]]:
+    """``(rank -> stage, notes)`` from who sends to or receives from whom: ``pairs`` of
+    global ranks, and each rank's first send/recv op (``first_op``: stage 0 is the end of a
+    chain whose first op is a send). Every rank is at stage 0 when the pairs chain no path."""
+    ranks = sorted(ranks)
+    flat = {r: 0 for r in ranks}
+    adj: dict[int, set[int]] = defaultdict(set)
+    for a, b in pairs:
+        if a != b:
+            adj[int(a)].add(int(b))
+            adj[int(b)].add(int(a))
+    if not adj:
+        return flat, ()
     stage, seen = dict(flat), set()
     lengths = set()
     for start in sorted(adj):

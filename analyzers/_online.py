@@ -39,6 +39,7 @@ from ringwatch.analyzers._stragglers import (
     compute_step_lateness,
     compute_straggler_scores,
     detect_stragglers,
+    judge_first_steps,
     scaled_floors_ms,
     usual_delay,
 )
@@ -90,6 +91,11 @@ class OnlineWindow:
         #: episode still going on.
         self.episodes: dict[int, tuple[int, int | None, int | None]] = {}
         self.dropped_rows = 0
+        #: ``rank -> pipeline stage`` when the caller knows the job's layout (None: no
+        #: pipeline, one class): a rank late from the first steps is a straggler when its
+        #: stage's other ranks are not (``detect_stragglers``'s ``stage``). Read once, when
+        #: the baselines freeze.
+        self.stage: dict[int, int] | None = None
 
     @property
     def warmup_steps(self) -> int:
@@ -161,7 +167,7 @@ class OnlineWindow:
         args = self._th().straggler_args()
         score_args = {k: v for k, v in args.items() if k in _SCORE_ARGS}
         # the noise floor scales with the job's step, as in detect_stragglers
-        score_args["floor_ms"], _ = scaled_floors_ms(
+        score_args["floor_ms"], min_delay_ms = scaled_floors_ms(
             head, args["floor_ms"], args["min_delay_ms"], floor_share=args["floor_share"],
             delay_share=args["delay_share"])
         scores = compute_straggler_scores(lat, **score_args)
@@ -169,9 +175,22 @@ class OnlineWindow:
             return
         self.noise_ms = float(scores["noise_ms"][0])
         base = scores.filter(pl.col("step") < self.warmup_steps + self.baseline_steps)
-        self.usual_delay = usual_delay(base)
-        self.imbalance = tuple(
-            f for f in detect_stragglers(head, **args) if f.kind == "imbalance")
+        # a rank late from the start while its stage's other ranks are not is measured
+        # against their usual, as post-mortem: it stays a straggler the window follows
+        _, from_start = judge_first_steps(
+            scores, self.stage, baseline_steps=self.baseline_steps,
+            imbalance_noise=args["imbalance_noise"], min_delay_ms=min_delay_ms)
+        fixed = from_start.select("rank", "usual_ms", "usual_compute_ratio")
+        usual = usual_delay(base)
+        self.usual_delay = pl.concat(
+            [usual.join(fixed.select(pl.col("rank").cast(usual["rank"].dtype)), on="rank",
+                        how="anti"), fixed], how="vertical_relaxed").sort("rank")
+        found = detect_stragglers(head, **args, stage=self.stage)
+        self.imbalance = tuple(f for f in found if f.kind == "imbalance")
+        for f in found:  # its onset and detection as the whole log gives them
+            if f.kind == "straggler" and f.ranks[0] in set(fixed["rank"]) \
+                    and f.until_step is None:
+                self.episodes[f.ranks[0]] = (f.since_step, f.detected_step, None)
         self.usual_bw = usual_bandwidth(
             compute_group_bandwidth(head).with_columns(pl.col("step") - first),
             baseline_steps=self.baseline_steps,
@@ -195,8 +214,11 @@ class OnlineWindow:
                            silent_s=th.silent_s)
         if self.baseline_until is None:
             return out  # not enough steps yet for a usual, nor to call anything structural
+        # the warm-up is left out as post-mortem (a first window still holds it)
+        judged = ev.filter(pl.col("step").is_null()
+                           | (pl.col("step") >= (self.first_step or 0) + self.warmup_steps))
         stragglers = self._episodes(detect_stragglers(
-            ev, **th.straggler_args(), usual=self.usual_delay, noise_ms=self.noise_ms,
+            judged, **th.straggler_args(), usual=self.usual_delay, noise_ms=self.noise_ms,
             imbalance=False))
         stragglers += self.imbalance
         links = detect_slow_links(ev, **th.link_args(), usual=self.usual_bw)

@@ -26,9 +26,13 @@ its peers' median, and that much more than its own usual ratio, with the extra t
 explaining at least half of its lateness, is a compute straggler at once: a rank that
 computes longer and is waited for.
 
-A rank late in most of the job's first ``baseline_steps`` steps is *structural imbalance* (more
-work by design: a pipeline stage, a bigger shard), not a fault: its usual delay is high, so
-it is never a straggler too.
+A rank late in most of the job's first ``baseline_steps`` steps is judged by *symmetry*
+(:func:`split_by_symmetry`): ranks of one pipeline stage (tensor-parallel peers, data-parallel
+replicas) do the same work by construction, so one that is late from the start while its
+stage's other ranks are not is a **straggler** from the first step judged: its usual is its
+peers' and the sum above runs against that. Where its whole stage is late with it, or it has
+no peer to compare with, the difference is by design (a heavier stage): *structural
+imbalance*, not a fault. Without a pipeline every rank is one class.
 
 A rank made late by its own slow transfers (the far end of a throttled link) also leaves each
 collective last: its durations are not the shortest, so its delay does not rise. A rank late
@@ -39,6 +43,9 @@ reports the slow group.
 """
 
 from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
 
 import polars as pl
 
@@ -229,7 +236,8 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
                              persist: int = _D.persist_steps,
                              busier: float = _D.busier_ratio,
                              usual: pl.DataFrame | None = None,
-                             noise_ms: float | None = None) -> pl.DataFrame:
+                             noise_ms: float | None = None,
+                             usual_from_peers: pl.DataFrame | None = None) -> pl.DataFrame:
     """Per (rank, step), how late the rank came and how far that is from its usual.
 
     Args:
@@ -252,6 +260,9 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
             steps here (the delay's mean, at least 0; the ratio's median).
         noise_ms: The job's noise, when known from earlier data; by default the pooled
             standard deviation of the delays in the first ``baseline_steps`` steps here.
+        usual_from_peers: ``rank``, ``usual_ms``, ``usual_compute_ratio`` that replace the
+            usual of those ranks (stragglers from the start, measured against their
+            symmetric peers: :func:`split_by_symmetry`).
 
     Returns:
         Columns ``rank``, ``host``, ``step``, ``wait_ms``, ``median_wait_ms`` (the step's
@@ -294,6 +305,11 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
     if "usual_compute_ratio" not in usual.columns:
         usual = usual.with_columns(pl.lit(1.0).alias("usual_compute_ratio"))
     usual = usual.select("rank", "usual_ms", "usual_compute_ratio")
+    if usual_from_peers is not None and not usual_from_peers.is_empty():
+        fixed = usual_from_peers.select(pl.col("rank").cast(usual["rank"].dtype), "usual_ms",
+                                        "usual_compute_ratio")
+        usual = pl.concat([usual.join(fixed.select("rank"), on="rank", how="anti"), fixed],
+                          how="vertical_relaxed")
     # The rest is per rank: a whole log goes by slices of ranks (windows over millions of
     # (rank, step) rows hold several copies of them).
     slices = None if df["rank"].null_count() else _slices(df, "rank", SLICE_ROWS // 4)
@@ -366,6 +382,70 @@ def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: f
             .drop("_late").sort("rank"))
 
 
+def judge_first_steps(scores: pl.DataFrame, stage: Mapping[int, int] | None, *,
+                      baseline_steps: int, imbalance_noise: float,
+                      min_delay_ms: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The ranks late from the job's first steps (``scores``), split by symmetry: ``(structural
+    imbalance, stragglers from the start)`` as :func:`split_by_symmetry` gives them."""
+    if scores.is_empty():
+        return split_by_symmetry(scores, scores.select("rank"), stage,
+                                 baseline_steps=baseline_steps, margin_ms=0.0)
+    late = _imbalanced(scores, baseline_steps=baseline_steps, imbalance_noise=imbalance_noise,
+                       min_delay_ms=min_delay_ms)
+    margin = max(min_delay_ms, imbalance_noise * scores["noise_ms"][0])
+    return split_by_symmetry(scores, late, stage, baseline_steps=baseline_steps,
+                             margin_ms=margin)
+
+
+def split_by_symmetry(scores: pl.DataFrame, late: pl.DataFrame,
+                      stage: Mapping[int, int] | None, *, baseline_steps: int,
+                      margin_ms: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Ranks late from the first steps (``late``: :func:`_imbalanced`), told apart by symmetry.
+
+    A rank whose usual delay (its mean over the first ``baseline_steps`` steps of ``scores``)
+    exceeds the median of its stage's other ranks' by ``margin_ms`` or more does the same work
+    as they do, slower: a straggler from the start. Otherwise its stage is late with it, or it
+    has no peer (a stage of one rank): by design.
+
+    Args:
+        scores: :func:`compute_straggler_scores` output.
+        late: Ranks late from the first steps (``rank`` and any other columns).
+        stage: ``rank -> pipeline stage`` (:class:`~ringwatch.analyzers._layout.Layout`);
+            None: no pipeline, every rank is one class.
+        baseline_steps: Steps (seen) of the usual.
+        margin_ms: Least excess over the peers' usual that makes a straggler.
+
+    Returns:
+        ``(structural, from_peers)``: the rows of ``late`` that stay structural imbalance,
+        and per straggler from the start ``rank``, ``usual_ms``, ``usual_compute_ratio``
+        (its peers' medians, to measure it against: ``usual_from_peers``) and
+        ``own_usual_ms``.
+    """
+    empty = pl.DataFrame(schema={"rank": pl.Int64, "usual_ms": pl.Float64,
+                                 "usual_compute_ratio": pl.Float64,
+                                 "own_usual_ms": pl.Float64})
+    if late.is_empty():
+        return late, empty
+    head = scores.filter(pl.col("step").rank("dense") <= baseline_steps)
+    usual = {int(r): (u, c) for r, u, c in usual_delay(head).iter_rows()}
+    role = {r: (0 if stage is None else stage.get(r, -1 - r)) for r in usual}
+    fixed, keep = [], []
+    for r in late["rank"].to_list():
+        peers = [q for q in usual if q != r and role[q] == role.get(r, -1 - r)]
+        if not peers or r not in usual:
+            keep.append(r)
+            continue
+        peer_ms = statistics.median(usual[q][0] for q in peers)
+        if usual[r][0] - peer_ms < margin_ms:
+            keep.append(r)
+            continue
+        fixed.append({"rank": r, "usual_ms": peer_ms,
+                      "usual_compute_ratio": statistics.median(usual[q][1] for q in peers),
+                      "own_usual_ms": usual[r][0]})
+    return (late.filter(pl.col("rank").is_in(keep)),
+            pl.DataFrame(fixed, schema=empty.schema) if fixed else empty)
+
+
 def _late_since(run: pl.DataFrame, k: float) -> int:
     """The first step of the late streak that ends at the run's last step: going back from
     it over late steps (excess above ``k``), one on-time step at a time allowed between two
@@ -395,6 +475,14 @@ def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float) -> tu
     now = step_s * 1e3
     return (f"the job's step took {now:.0f} ms; ~{max(0.0, now - delay_ms):.0f} ms if this "
             f"rank arrived like its peers ({delay_ms / now:.0%} faster)",)
+
+
+def _from_start_line(rank: int, peers_ms: Mapping[int, float]) -> tuple[str, ...]:
+    if rank not in peers_ms:
+        return ()
+    return (f"late from the job's first steps while the other ranks of its stage, which do "
+            f"the same work, were not (their usual delay {peers_ms[rank]:.1f} ms): a "
+            "straggler from the start, measured against them",)
 
 
 def _change_lines(r: dict, threshold: float, persist: int) -> tuple[str, ...]:
@@ -440,7 +528,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       transient_steps: int = _D.transient_steps,
                       usual: pl.DataFrame | None = None,
                       noise_ms: float | None = None,
-                      imbalance: bool = True) -> tuple[Finding, ...]:
+                      imbalance: bool = True,
+                      stage: Mapping[int, int] | None = None) -> tuple[Finding, ...]:
     """Ranks their peers wait for: a change (straggler) or there from the start (imbalance).
 
     Args:
@@ -459,6 +548,9 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             window passes False: its first steps are only the oldest it still holds (a
             straggler that outlasts the window would turn into "imbalance" there); it judges
             imbalance once, on the job's own first steps, and passes their ``usual``.
+        stage: ``rank -> pipeline stage``, the symmetry classes (:func:`split_by_symmetry`):
+            a rank late from the start is a straggler when its stage's other ranks are not
+            late, structural imbalance when they are. None: no pipeline, one class.
 
     Returns:
         At most one :class:`Finding` per rank, in order of onset: ``imbalance`` (class
@@ -480,8 +572,16 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         return ()
     noise = scores["noise_ms"][0]
     findings = []
-    imb = _imbalanced(scores, baseline_steps=baseline_steps, imbalance_noise=imbalance_noise,
-                      min_delay_ms=min_delay_ms) if imbalance else scores.select("rank").clear()
+    imb, from_start = judge_first_steps(
+        scores if imbalance else scores.clear(), stage, baseline_steps=baseline_steps,
+        imbalance_noise=imbalance_noise, min_delay_ms=min_delay_ms)
+    if not from_start.is_empty():  # measured against their peers from the first steps on
+        scores = compute_straggler_scores(
+            lat, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
+            min_baseline_steps=min_baseline_steps, slack=slack, threshold=threshold,
+            floor_ms=floor_ms, persist=persist, busier=busier, usual=usual,
+            noise_ms=noise_ms, usual_from_peers=from_start)
+    peers_ms = dict(from_start.select("rank", "usual_ms").iter_rows())
     for r in imb.iter_rows(named=True):
         findings.append(Finding(
             kind="imbalance", cls="structural imbalance", ranks=(r["rank"],),
@@ -492,8 +592,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             evidence=(f"rank {r['rank']} came {r['delay_ms']:.1f} ms per step after the "
                       f"median rank in steps {r['first_step']}-{r['last_step']} (noise "
                       f"{noise:.1f} ms) and waited least in {r['late_share']:.0%} of them",
-                      "from the job's first steps: more work by design (a pipeline stage, "
-                      "a bigger shard), or a straggler from the start")))
+                      "from the job's first steps, with its stage's other ranks late too "
+                      "or none to compare with: more work by design (a heavier stage)")))
     summed = ((pl.col("score") >= 1.0) & (pl.col("hits") >= persist)
               & (pl.col("excess_ms") > slack * noise))
     busy = pl.col("busy_run") >= persist
@@ -514,6 +614,11 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                             slack * noise)
         if r["_busy"]:
             since = start = min(since, first_busy)
+        judged = mine.filter(pl.col("usual_ms").is_not_null())["step"].min()
+        if r["rank"] in peers_ms and judged is not None and since <= judged:
+            # before its usual was judged: late by its peers' usual, from its first step on
+            since = start = _late_since(mine.filter(pl.col("step") <= since).with_columns(
+                (pl.col("delay_ms") - peers_ms[r["rank"]]).alias("excess_ms")), slack * noise)
         # It ends at its last late step before persist + 1 steps in a row without one;
         # still on at the end of the data: until None. Late: over the noise, or a busy step
         # (a straggler named by its compute time may never have passed the noise), and
@@ -552,6 +657,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             evidence=(f"rank {r['rank']} came {delay:.1f} ms per step after the median rank "
                       f"in steps {since}-{run['step'].max()} (usually "
                       f"{r['usual_ms']:.1f} ms; job noise {noise:.1f} ms)",
+                      *_from_start_line(r["rank"], peers_ms),
                       *_change_lines(r, threshold, persist),
                       *_what_if(events, since, int(run["step"].max()), delay))))
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
@@ -559,4 +665,4 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
 
 __all__ = ["HICCUP_CLASS", "STRAGGLER_CLASSES", "THROTTLED_CLASS", "compute_group_lateness",
            "compute_step_lateness", "compute_straggler_scores", "detect_stragglers",
-           "scaled_floors_ms"]
+           "judge_first_steps", "scaled_floors_ms", "split_by_symmetry"]

@@ -61,7 +61,8 @@ class Thresholds:
         min_delay_ms: Least delay (ms) per step worth a finding ...
         min_delay_share: ... or this share of the step, where less.
         imbalance_noise: A rank late by this many noise units from the first steps (and by
-            the least delay) is structural imbalance.
+            the least delay) is structural imbalance when its stage is late with it, a
+            straggler from the start when it is late against its stage's other ranks.
         transient_steps: A straggler that ended within this many steps is a hiccup, not a
             finding; live, a young one is held back this long.
         min_gain_share: Least what-if gain of a straggler or a slow link, as a share of the

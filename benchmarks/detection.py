@@ -18,17 +18,19 @@ finding is held against the ground truth:
   where the agent's threads go on writing; ``stop`` SIGSTOPs the whole process, agent
   included, and gives ``rank not running`` once the peers' agents outlive it by the hang
   analyzer's ``silent_s``; the class is checked and reported, not part of the culprit
-  match); link -> kind ``slow_link`` whose hosts include the victim host; imbalance -> kind
-  ``imbalance`` naming the victim rank; none -> no finding at all. Hiccups (transient
+  match); link -> kind ``slow_link`` whose hosts include the victim host; imbalance (a rank
+  with more work from launch: among replicas doing the same work, a straggler from the start)
+  -> kind ``straggler`` naming the victim rank, and no other finding; none -> no finding at
+  all. Hiccups (transient
   stragglers: behind for a few steps, then caught up; ``analyze_job``'s ``hiccups``) are
   listed per run, not scored: ``ringwatch analyze`` reports them apart from the findings.
 * a finding is a true positive (TP) when it has the expected kind and names the victim; a
   *wrong culprit* when it has the expected kind but does not; a false positive (FP)
-  otherwise (every finding on a healthy run; a straggler, hang or link finding on an
+  otherwise (every finding on a healthy run; any finding but the victim's straggler on an
   imbalance run; an imbalance finding on a fault run).
 * precision = TP / (TP + FP) over findings (wrong-culprit findings are in neither term; they
   count against culprit accuracy); recall = runs with a finding of the expected kind / runs
-  (for imbalance: runs reported as imbalance); culprit accuracy = runs with a TP / runs with
+  (for imbalance: runs with a straggler finding); culprit accuracy = runs with a TP / runs with
   a finding of the expected kind.
 * onset: where the run recorded when the fault took effect on the victim (``effect_step``,
   ``effect_wall_ns``: the first step a ``work`` straggler ran slowed; it takes the runner's

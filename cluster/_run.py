@@ -414,7 +414,8 @@ class Cluster:
                 parts.append(f"{f.loss_pct:g}% packet loss (nftables)")
             return f"host{f.host}'s link ({f.direction}) " + " and ".join(parts)
         if f.kind == "imbalance":
-            return f"rank {f.rank} does {f.factor:g}x the compute per step by design"
+            return (f"rank {f.rank} does {f.factor:g}x the compute per step from the start "
+                    "(its peers' work, slower: a straggler from the first step)")
         return "none (a healthy run)"
 
     def describe_fault(self) -> str:
@@ -426,6 +427,8 @@ class Cluster:
                        else f.host if f.kind == "link" else None)
         return {
             "format": TRUTH_FORMAT, "job_id": self.job_id, "kind": f.kind,
+            # injected mid-run, with steps before it to compare (imbalance is there from
+            # the first step)
             "is_fault": f.kind in ("straggler", "hang", "link"),
             "description": self._describe(),
             "rank": f.rank if f.kind in ("straggler", "hang", "imbalance") else None,

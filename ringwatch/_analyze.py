@@ -92,11 +92,13 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
 
     share = th.min_gain_share if min_gain_share is None else min_gain_share
     stage(2, "stragglers")
-    stragglers = detect_stragglers(events, **th.straggler_args())
     if layout is None:
         from ringwatch.analyzers._layout import infer_layout
 
         layout = infer_layout(events)
+    # ranks of one stage are compared with one another (a slow one is a straggler, from the
+    # first step or later); stages may differ by design
+    stragglers = detect_stragglers(events, **th.straggler_args(), stage=layout.stage)
     if layout.pp > 1 and "async_op" in events.columns:
         from ringwatch.analyzers._work import detect_work_findings
 

@@ -60,6 +60,8 @@ POINT_LABELS = {
     "pg_size": "ringwatch.pg.size",
     "group_rank": "ringwatch.pg.rank",
     "phase": "ringwatch.phase",
+    "peer": "ringwatch.p2p.peer",
+    "first_op": "ringwatch.p2p.first_op",
 }
 
 
@@ -282,6 +284,10 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("ringwatch_collective_pending_seconds", "ringwatch.collective.pending", GAUGE, "s",
        "How long a rank's oldest unfinished collective has been pending (0: none).",
        "rank", "pending_ns", _NANO, labels=("pg", "pending_op")),
+    _m("ringwatch_p2p_ops_total", "ringwatch.p2p.count", COUNTER, "{op}",
+       "Send/recv ops a rank ran with one peer (global rank); first_op is the rank's first "
+       "send/recv: the pipeline's first stage sends first.", "rank_p2p", "count",
+       labels=("peer", "first_op")),
     _m("ringwatch_rank_step", "ringwatch.rank.step", GAUGE, "1",
        "Last training step a rank marked.", "rank", "step"),
     _m("ringwatch_rank_log_age_seconds", "ringwatch.rank.log_age", GAUGE, "s",

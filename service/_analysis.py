@@ -70,6 +70,20 @@ def frontier_frame(jl: JobLive):
     return _frame(rows)
 
 
+def live_stages(jl: JobLive) -> dict[int, int] | None:
+    """``rank -> pipeline stage`` from the send/recv peers the agents report, as
+    ``ringwatch analyze`` infers them from the rows; None without any (no pipeline: one
+    class of ranks)."""
+    from ringwatch.analyzers._layout import stages_from_pairs
+
+    pairs = [(r, q) for r, rl in jl.ranks.items() for q in rl.p2p_peers]
+    if not pairs:
+        return None
+    first = {r: rl.first_p2p_op for r, rl in jl.ranks.items() if rl.first_p2p_op}
+    stage, _ = stages_from_pairs(jl.ranks, pairs, first)
+    return stage
+
+
 class LiveAnalysis:
     """One job's analysis across rounds: the analyzers' online window, fed each step once.
 
@@ -90,6 +104,8 @@ class LiveAnalysis:
         """Add the step rows completed since the last round (:meth:`Jobs.take`)."""
         rows = step_frame(jl, items)
         if rows.height:
+            if self.window.baseline_until is None:  # the stages the baselines are judged by
+                self.window.stage = live_stages(jl)
             self.window.add(rows)
             self.last_rows_ns = now_ns
 

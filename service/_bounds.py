@@ -22,6 +22,8 @@ MAX_RANKS_PER_JOB = 1 << 16
 MAX_STEP = 1 << 43
 #: Distinct groups of one job: the group part of that numbering.
 MAX_GROUPS_PER_JOB = 1024
+#: Send/recv peers kept per rank: a pipeline stage has two (more is no pipeline to infer).
+MAX_P2P_PEERS = 64
 #: Sequence numbers: integers a double holds exactly, well inside an int64.
 MAX_SEQ = 1 << 53
 #: Bytes and collective counts: the same.

@@ -49,6 +49,8 @@ _SEQ = {"ringwatch.collective.started_seq": "started",
         "ringwatch.collective.completed_seq": "completed"}
 _PENDING = "ringwatch.collective.pending"
 _RANK_STEP = "ringwatch.rank.step"
+_P2P = "ringwatch.p2p.count"
+_P2P_OPS = ("", "send", "recv")
 _LOG_AGE = "ringwatch.rank.log_age"
 
 
@@ -68,6 +70,10 @@ class RankLive:
     #: The newest step of its latest push that carried steps, and when that push came (ns).
     claim_step: int | None = None
     claim_ns: int = 0
+    #: Its send/recv peers (global ranks, at most ``MAX_P2P_PEERS``) and its first send/recv
+    #: op: the job's pipeline stages are read from them (``ringwatch.analyzers._layout``).
+    p2p_peers: set[int] = field(default_factory=set)
+    first_p2p_op: str = ""
 
 
 @dataclass(slots=True)
@@ -102,6 +108,7 @@ class _Resource:
     pending: list[tuple[str, str, float]] = field(default_factory=list)  # (pg, op, age s)
     rank_step: int | None = None
     log_age_s: float | None = None
+    p2p: list[tuple[int, str]] = field(default_factory=list)  # (peer, its first op)
     points: int = 0
 
 
@@ -177,6 +184,12 @@ def _read_point(r: _Resource, name: str, a: dict, v: float) -> bool:
     elif name == _RANK_STEP:
         r.rank_step = B.as_int(v, B.MAX_STEP)
         return r.rank_step is not None
+    elif name == _P2P:
+        peer = B.as_int(a.get("ringwatch.p2p.peer"), B.MAX_RANK)
+        first = a.get("ringwatch.p2p.first_op", "")
+        if peer is None or first not in _P2P_OPS or B.as_amount(v, B.MAX_COUNT) is None:
+            return False
+        r.p2p.append((peer, first))
     elif name == _LOG_AGE:
         age_s = B.as_amount(v, B.MAX_DURATION_S)
         if age_s is None:
@@ -314,6 +327,12 @@ class Jobs:
             frontier[pg] = seq
         for pg, op, age_s in r.pending:
             rl.pending = (pg, op, now_ns - int(age_s * 1e9)) if pg and age_s > 0 else None
+        for peer, first in r.p2p:
+            if peer not in rl.p2p_peers and len(rl.p2p_peers) >= B.MAX_P2P_PEERS:
+                bad += 1
+                continue
+            rl.p2p_peers.add(peer)
+            rl.first_p2p_op = first or rl.first_p2p_op
         if r.rank_step is not None:
             rl.step = r.rank_step
         if r.log_age_s is not None:

@@ -122,6 +122,10 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None,
         res = (("host", s.host or host), ("job", s.job), ("rank", str(s.rank)))
         for (pg, op), t in s.ops.items():
             _emit(out, "rank_op", res, {"pg": pg, "op": op}, _fields(t))
+        first_op = "" if s.first_p2p is None else s.first_p2p[1]
+        for peer, n in list(s.p2p.items()):  # the tail thread may add one meanwhile
+            _emit(out, "rank_p2p", res, {"peer": str(peer), "first_op": first_op},
+                  {"count": n})
         for pg in s.last_started_seq.keys() | s.last_completed_seq.keys():
             _emit(out, "rank_pg", res, {"pg": pg},
                   {"last_started_seq": s.last_started_seq.get(pg),

@@ -39,6 +39,8 @@ _COLUMNS = ["idx", "pg", "pg_ranks", "pg_size", "group_rank", "op", "is_p2p", "p
 KEEP_STEPS = 64
 #: Finished collectives' intervals kept per rank (the newest), for the phase power split.
 RECENT_COLLECTIVES = 4096
+#: Send/recv peers kept per rank (a pipeline stage has two; more is no pipeline).
+P2P_PEERS = 64
 
 
 class _Watermark:
@@ -136,6 +138,11 @@ class RankSummary:
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_COLLECTIVES))
     #: Steps from the rhythm when the rank marks none (:mod:`._rhythm_steps`).
     rhythm: RhythmSteps = field(default_factory=RhythmSteps)
+    #: peer (global rank) -> send/recv ops with it, at most :data:`P2P_PEERS` peers: who the
+    #: rank's pipeline neighbours are (the service infers the stages from them).
+    p2p: dict[int, int] = field(default_factory=dict)
+    #: (idx, op) of the rank's first send/recv: stage 0 is the end of a chain that sends first.
+    first_p2p: tuple[int, str] | None = None
 
 
 def _seg_range(name: str) -> range:
@@ -249,6 +256,8 @@ def _consume(s: RankSummary, frame) -> None:
             if r["idx"] not in s.rows]
     for r in rows:
         s.rows.add(r["idx"])
+        if r["is_p2p"]:
+            _add_p2p(s, r)
         pg, seq = r["pg"], r["seq"]
         if seq is not None and r["t_start_ns"] is not None:
             s.last_started_seq[pg] = max(seq, s.last_started_seq.get(pg, -1))
@@ -281,6 +290,16 @@ def _consume(s: RankSummary, frame) -> None:
             _add_step(s, r)
     while len(s.steps) > KEEP_STEPS:
         del s.steps[min(s.steps)]
+
+
+def _add_p2p(s: RankSummary, r: dict) -> None:
+    peer = r["peer"]
+    if peer is None or peer == s.rank or r["op"] not in ("send", "recv"):
+        return
+    if s.first_p2p is None or r["idx"] < s.first_p2p[0]:
+        s.first_p2p = (r["idx"], r["op"])
+    if peer in s.p2p or len(s.p2p) < P2P_PEERS:
+        s.p2p[peer] = s.p2p.get(peer, 0) + 1
 
 
 def _add_step(s: RankSummary, r: dict) -> None:

@@ -198,7 +198,7 @@ def test_hang_leaves_the_victim_behind(tmp_path, mode):
     assert f.since_ns >= truth["onset_wall_ns"] - 1e9, (f.since_ns, truth["onset_wall_ns"])
 
 
-def test_imbalance_is_there_from_the_start(tmp_path):
+def test_a_rank_slow_from_the_start_is_a_straggler_from_its_first_step(tmp_path):
     spec = ClusterSpec(run_dir=tmp_path / "run", nproc=4, hosts=1, steps=30, job_args=JOB)
     result = run_cluster(spec, FaultSpec(kind="imbalance", rank=0, factor=2))
     assert result.ok, result
@@ -208,8 +208,11 @@ def test_imbalance_is_there_from_the_start(tmp_path):
     before = dict(ph.select("rank", "before_ns").iter_rows())
     # rank 0 arrives last at every step, from the start: the others wait for it
     assert all(before[0] < 0.5 * before[r] for r in (1, 2, 3)), ph
-    # and the analyzers call it imbalance, not a fault
-    assert [(f.kind, f.ranks) for f in _findings(result)] == [("imbalance", (0,))]
+    # its replicas do the same work by construction: a straggler from the first steps
+    (f,) = _findings(result)
+    assert (f.kind, f.cls, f.ranks, f.until_step) == ("straggler", "compute straggler", (0,),
+                                                      None), f
+    assert f.since_step <= 3, f  # the first steps after the warm-up
 
 
 def _findings(result):

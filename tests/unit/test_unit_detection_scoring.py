@@ -115,11 +115,12 @@ def test_every_finding_on_a_healthy_run_is_a_false_positive():
     assert crit["status"] == "met"
 
 
-def test_imbalance_reported_as_straggler_is_a_false_positive():
+def test_a_rank_slow_from_the_start_reported_as_imbalance_is_a_false_positive():
+    # data-parallel replicas do the same work: one slower from launch is a straggler
     t = truth("imbalance", rank=3, onset_step=0, onset_ns=T0 - 9 * S)  # recorded at launch
-    wrong = sc.score_run(t, [straggler(3, 25)], marks=marks())
+    wrong = sc.score_run(t, [straggler(3, 25, kind="imbalance")], marks=marks())
     assert wrong.findings[0].verdict == sc.FP and not wrong.detected
-    right = sc.score_run(t, [straggler(3, 4, kind="imbalance")], marks=marks())
+    right = sc.score_run(t, [straggler(3, 4)], marks=marks())
     assert right.culprit_ok and right.latency_steps == 4
     # onset: the start of step 0 on the victim, not the launch 9 s before it
     assert right.onset_ns == T0 + 3_000_000
@@ -128,10 +129,10 @@ def test_imbalance_reported_as_straggler_is_a_false_positive():
     assert acc["imbalance"]["status"] == "not met"
     acc = {a["fault"]: a for a in sc.acceptance([right], {})}
     assert acc["imbalance"]["status"] == "met"
-    both = sc.score_run(t, [straggler(3, 4, kind="imbalance"), straggler(1, 30)],
-                        marks=marks())
+    both = sc.score_run(t, [straggler(3, 4), straggler(1, 30)], marks=marks())
     acc = {a["fault"]: a for a in sc.acceptance([both], {})}
     assert both.culprit_ok and acc["imbalance"]["status"] == "not met"
+    assert "1 other finding(s)" in acc["imbalance"]["detail"]
 
 
 def hang(ranks, since_ns, cls="never arrived"):

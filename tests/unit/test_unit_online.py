@@ -48,14 +48,32 @@ def test_healthy_stream_stays_quiet():
         assert w.findings(now_ns=0) == ()
 
 
-def test_imbalance_from_the_start_is_reported_before_and_after_the_baseline():
+def _from_start(stage):
+    ev = job(steps=80, late=3, late_ms=30)
+    whole = [(f.kind, f.ranks, f.since_step, f.detected_step)
+             for f in detect_stragglers(ev, stage=stage)]
     w = OnlineWindow(keep_steps=30)
+    w.stage = stage
     seen = []
-    for _last, rows in stream(job(steps=80, late=3, late_ms=30), 4):
+    for _last, rows in stream(ev, 4):
         w.add(rows)
-        seen.append(tuple((f.kind, f.ranks) for f in w.findings(now_ns=0)))
-    assert seen[-1] == (("imbalance", (3,)),)
-    assert all(s in ((), (("imbalance", (3,)),)) for s in seen)  # never a straggler
+        seen.append(tuple((f.kind, f.ranks, f.since_step, f.detected_step)
+                          for f in w.findings(now_ns=0)))
+    return whole, seen
+
+
+def test_a_rank_slow_from_the_start_among_its_peers_is_a_straggler_live_as_post_mortem():
+    whole, seen = _from_start(None)  # no pipeline: every rank does the same work
+    assert whole == [("straggler", (3,), 2, 9)]
+    assert seen[-1] == tuple(whole)  # the onset the whole log gives, not the window's
+    assert all(s in ((), tuple(whole)) for s in seen)  # never imbalance
+
+
+def test_a_rank_alone_in_its_stage_and_slow_from_the_start_is_structural_live_too():
+    whole, seen = _from_start({0: 0, 1: 0, 2: 0, 3: 1})  # a last stage of one rank
+    assert [w[:2] for w in whole] == [("imbalance", (3,))]
+    assert seen[-1] == tuple(whole)
+    assert all(s in ((), tuple(whole)) for s in seen)  # never a straggler
 
 
 def test_a_slow_link_against_the_job_start():

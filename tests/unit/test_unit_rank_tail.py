@@ -10,7 +10,7 @@ from ringwatch.agent.sidecar._node_state import NodeState
 from ringwatch.agent.sidecar._points import collect_points
 from ringwatch.agent.sidecar._rank_tail import RankLogTail, _Watermark
 
-from fakes import JOB, group, identity, issue_collective, recorder
+from fakes import JOB, group, identity, issue_collective, issue_p2p, recorder
 
 
 class Rank:
@@ -183,3 +183,25 @@ def test_a_failed_push_sends_its_steps_again_and_a_delivered_step_never(tmp_path
     assert pusher.push(r.clock.wall_ns()) and pusher.push(r.clock.wall_ns())
     assert sent == [["0", "1", "2"], ["0", "1", "2"], []]
     assert state.errors["otlp_export"] == 1
+
+
+def test_send_recv_peers_and_the_first_op_are_exported_for_the_stages(tmp_path):
+    from ringwatch.agent.sidecar._prom_export import build_registry, exposition
+
+    r = Rank(tmp_path, rank=1)
+    tail = RankLogTail(tmp_path, clock=r.clock)
+    for op, peer in (("recv", 0), ("send", 2), ("recv", 2), ("send", 0), ("recv", 0)):
+        ev = issue_p2p(r.rec, r.g, op, peer)
+        r.clock.advance(1_000_000)
+        r.rec.end(ev)
+    r.collective()  # not a pair
+    r.flush()
+    s = tail.poll()[(JOB, 1)]
+    assert s.p2p == {0: 3, 2: 2} and s.first_p2p[1] == "recv"
+    state = NodeState(host="host-a")
+    state.ranks = {(JOB, 1): s}
+    pts = {(dict(p.labels)["peer"], dict(p.labels)["first_op"]): p.value
+           for p in collect_points(state) if p.spec.entity == "rank_p2p"}
+    assert pts == {("0", "recv"): 3, ("2", "recv"): 2}
+    text = exposition(build_registry(state))
+    assert 'ringwatch_p2p_ops_total{' in text and 'peer="2"' in text

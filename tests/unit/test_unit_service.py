@@ -39,6 +39,35 @@ def test_ingest_rejects_a_rank_that_is_not_a_number():
     assert jobs.jobs == {}
 
 
+def test_the_pipeline_stages_come_from_the_send_recv_peers_the_agents_report():
+    from ringwatch.service._analysis import live_stages
+
+    from pushes import rank_push
+
+    def p2p(peer, first):
+        return ("ringwatch.p2p.count", 5, {"ringwatch.p2p.peer": peer,
+                                           "ringwatch.p2p.first_op": first})
+
+    jobs = Jobs()
+    # two pipelines of three stages: 0 -> 2 -> 4 and 1 -> 3 -> 5; the first stage sends first
+    chains = {0: [2], 1: [3], 2: [0, 4], 3: [1, 5], 4: [2], 5: [3]}
+    for rank, peers in chains.items():
+        first = "send" if rank < 2 else "recv"
+        assert jobs.ingest(rank_push("j", rank, [p2p(q, first) for q in peers]), WALL) == 0
+    assert live_stages(jobs.snapshot("j")) == {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}
+    # a bad peer or op is refused and counted; the stages stand
+    bad = [p2p(-1, "send"), p2p("x", "send"), p2p(3, "drop"), p2p(1 << 40, "send")]
+    assert jobs.ingest(rank_push("j", 0, bad), WALL) == 4
+    assert live_stages(jobs.snapshot("j")) == {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}
+    # no more peers than a bound per rank
+    many = rank_push("j", 7, [p2p(q, "send") for q in range(100, 200)])
+    assert jobs.ingest(many, WALL) == 100 - 64
+    # without send/recv there is no pipeline: one class
+    from ringwatch.service._jobs import JobLive
+
+    assert live_stages(JobLive(job="ddp")) is None
+
+
 def test_a_round_names_the_late_rank_and_a_healthy_job_nothing():
     svc = Service(ServiceConfig(state_dir=None))
     svc.jobs.ingest(_push("bad", late_rank=2), WALL)

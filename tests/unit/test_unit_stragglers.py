@@ -61,10 +61,25 @@ def test_a_straggler_from_its_onset():
     assert 0.045 <= f.gain_s_per_step <= 0.052, f
 
 
-def test_one_rank_slow_from_the_start_is_imbalance():
+def test_one_rank_slow_from_the_start_among_its_peers_is_a_straggler():
+    # no pipeline: every rank does the same work, so one slower from the first step is a
+    # fault, named from that step, measured against its peers' usual
     (f,) = detect_stragglers(job(late=3, late_ms=30))
+    assert (f.kind, f.cls, f.ranks, f.since_step, f.until_step) == (
+        "straggler", "compute straggler", (3,), 2, None)
+    assert 0.085 <= f.gain_s_per_step <= 0.095, f
+    assert any("straggler from the start" in e for e in f.evidence), f.evidence
+
+
+def test_late_from_the_start_with_its_whole_stage_is_structural_imbalance():
+    ev = job(late=3, late_ms=30)
+    # rank 3 has no peer in its stage: nothing says it should be as fast as the others
+    (f,) = detect_stragglers(ev, stage={0: 0, 1: 0, 2: 0, 3: 1})
     assert (f.kind, f.cls, f.ranks, f.since_step) == ("imbalance", "structural imbalance",
                                                       (3,), 2)
+    # its stage-mate is on time: rank 3 is the odd one out, a straggler
+    (f,) = detect_stragglers(ev, stage={0: 0, 1: 0, 2: 1, 3: 1})
+    assert (f.kind, f.ranks, f.since_step) == ("straggler", (3,), 2)
 
 
 def test_healthy_jobs_have_no_straggler():
@@ -79,13 +94,14 @@ def test_late_from_its_own_slow_transfers_is_not_a_straggler():
     assert detect_stragglers(ev) == ()
 
 
-def test_a_rank_slow_in_most_steps_before_its_run_is_imbalance():
-    # Slow by design from the start, but hidden by noise in the first steps.
+def test_a_rank_slow_in_most_steps_before_its_run_is_a_straggler_since_it_began():
+    # Slow from the start, but hidden by noise in the first steps: late by its peers' usual
+    # from step 4 on.
     ev = job(late=2, late_ms=30)
     healthy = job()
     mixed = healthy.filter(healthy["step"] < 4).vstack(ev.filter(ev["step"] >= 4))
     (f,) = detect_stragglers(mixed.sort("rank", "idx"))
-    assert (f.kind, f.ranks) == ("imbalance", (2,)), f
+    assert (f.kind, f.ranks, f.since_step) == ("straggler", (2,), 4), f
 
 
 def _brief(steps: tuple[int, ...]):

@@ -128,9 +128,10 @@ def test_the_thresholds_reach_the_detectors(run):
     assert _stragglers(ev, now, Thresholds(persist_steps=6)) == [("straggler", (2,), 41, 46)]
     # a gain of 90% of the step is more than it costs
     assert _stragglers(ev, now, Thresholds(min_gain_share=0.9)) == []
-    # a baseline that starts after the onset sees it from the start: imbalance
-    (kind, ranks, _, _), = _stragglers(ev, now, Thresholds(warmup_steps=50))
-    assert (kind, ranks) == ("imbalance", (2,))
+    # a baseline that starts after the onset sees it from the start: among its peers (no
+    # pipeline), a straggler since the first step judged
+    (kind, ranks, since, _), = _stragglers(ev, now, Thresholds(warmup_steps=50))
+    assert (kind, ranks, since) == ("straggler", (2,), 50)
 
 
 def test_analyze_prints_the_thresholds_it_was_given(tmp_path, capsys):
