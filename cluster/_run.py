@@ -440,7 +440,7 @@ class Cluster:
                               if victim_host is not None else None),
             "params": f.params(),
             "trigger": {"at_step": f.at_step, "at_s": f.at_s},
-            # imbalance is there by design from the first step
+            # imbalance is there from the first step
             "applied": f.kind == "imbalance",
             "onset_wall_ns": self._t0_ns if f.kind == "imbalance" else None,
             "onset_step": 0 if f.kind == "imbalance" else None,

@@ -26,7 +26,8 @@ class FaultSpec:
             its next collective while the agent's threads go on, ``stop`` SIGSTOPs the whole
             process); ``link`` (``host``'s link limited to ``rate_mbit`` with tc tbf and/or
             ``loss_pct`` of its packets dropped with nftables); ``imbalance`` (``rank`` does
-            ``factor`` times the work of its peers by design, from the first step: not a fault).
+            ``factor`` times the work of its peers from the first step: a straggler from the
+            start among replicas that do the same work).
         rank: The victim rank (straggler, hang, imbalance).
         host: The victim host index (link).
         at_step: Apply when the victim (or, for a link, the slowest rank) reaches this step.
