@@ -93,12 +93,15 @@ def parse_layout(spec: str, world: int) -> Layout:
                   pp=pp, tp=tp, dp=dp, source="declared")
 
 
-def infer_layout(events: pl.DataFrame) -> Layout:
-    """The layout of the job whose rows ``events`` are (see the module)."""
+def infer_layout(events: pl.DataFrame, stage: Mapping[int, int] | None = None,
+                 rates: Mapping[str, float] | None = None) -> Layout:
+    """The layout of the job whose rows ``events`` are (see the module). The live service
+    has no rows, but step totals: it gives ``stage`` (from the agents' send/recv peers:
+    :func:`stages_from_pairs`) and ``rates`` (each group's collectives per step)."""
     ranks = sorted(int(r) for r in events["rank"].drop_nulls().unique())
-    stage, notes = _stages(events, ranks)
+    stage, notes = _stages(events, ranks) if stage is None else (dict(stage), ())
     pp = len(set(stage.values()))
-    tp_groups, dp_groups, tp, dp = _stage_groups(events, stage, len(ranks))
+    tp_groups, dp_groups, tp, dp = _stage_groups(events, stage, len(ranks), rates)
     replica = None
     if tp_groups:
         specs = dict(events.filter(pl.col("pg").cast(pl.Utf8).is_in(list(tp_groups)))
@@ -172,8 +175,9 @@ def stages_from_pairs(ranks: Iterable[int], pairs: Iterable[tuple[int, int]],
     return stage, ()
 
 
-def _stage_groups(events: pl.DataFrame, stage: dict[int, int],
-                  world: int) -> tuple[tuple[str, ...], tuple[str, ...], int, int]:
+def _stage_groups(events: pl.DataFrame, stage: dict[int, int], world: int,
+                  rates: Mapping[str, float] | None = None
+                  ) -> tuple[tuple[str, ...], tuple[str, ...], int, int]:
     """(tp groups, dp groups, tp, dp): the two families of groups that split the stages."""
     coll = events.filter(~pl.col("is_p2p")) if "is_p2p" in events.columns else events
     per = (coll.group_by("pg").agg(pl.col("pg_ranks").first(), pl.len().alias("_n"),
@@ -189,7 +193,8 @@ def _stage_groups(events: pl.DataFrame, stage: dict[int, int],
             continue
         if len({stage.get(r) for r in members}) != 1:
             continue  # over several stages (an embedding group): no symmetry to read
-        by_size[len(members)].append((str(pg), n / max(1, steps)))
+        rate = n / max(1, steps) if rates is None else rates.get(str(pg), 0.0)
+        by_size[len(members)].append((str(pg), rate))
     per_stage = world // max(1, len(set(stage.values())))
     fams = {s: g for s, g in by_size.items() if per_stage % s == 0}
     pairs = [(a, b) for a in fams for b in fams if a * b == per_stage and a <= b]

@@ -15,6 +15,12 @@ the post-mortem pass gives it while the window slides on. :meth:`OnlineWindow.st
 :meth:`OnlineWindow.restore` carry the baselines and those episodes across a restart of the
 service, so a window reopened mid-fault compares against the healthy start, not the fault.
 
+With a pipeline (the caller's ``layout``: stages from the send/recv peers), stragglers and
+imbalance come from each rank's unblocked time per step against its stage's, as post-mortem
+(:mod:`ringwatch.analyzers._work`), over the newest ``keep_steps`` steps of each rank's step and
+blocked time (:meth:`OnlineWindow.add_work`); a straggler keeps its onset as an episode, an
+imbalance the step it was first seen at.
+
 Memory is the window (``keep_steps`` x the rows of a step) plus a row per rank and per group;
 nothing grows with the job's length.
 
@@ -91,11 +97,21 @@ class OnlineWindow:
         #: episode still going on.
         self.episodes: dict[int, tuple[int, int | None, int | None]] = {}
         self.dropped_rows = 0
-        #: ``rank -> pipeline stage`` when the caller knows the job's layout (None: no
-        #: pipeline, one class): a rank late from the first steps is a straggler when its
-        #: stage's other ranks are not (``detect_stragglers``'s ``stage``). Read once, when
-        #: the baselines freeze.
-        self.stage: dict[int, int] | None = None
+        #: The job's :class:`~ringwatch.analyzers._layout.Layout` when the caller knows it
+        #: (None: no pipeline, every rank one class). Its stages judge a rank late from the
+        #: first steps when the baselines freeze (``detect_stragglers``'s ``stage``); with a
+        #: pipeline, stragglers and imbalance come from the ranks' unblocked time.
+        self.layout = None
+        #: With a pipeline, each rank's step and time blocked per step (rank, step, step_ms,
+        #: blocked_ms, work_ms: :func:`~ringwatch.analyzers._work.compute_step_work`), the
+        #: newest ``keep_steps`` steps: stragglers and imbalance come from it, as post-mortem.
+        self.work: pl.DataFrame | None = None
+        #: (class, ranks) -> the step an imbalance was first seen at, kept as the window
+        #: slides (post-mortem it is the job's first step judged).
+        self.imbalance_since: dict[tuple[str, tuple[int, ...]], int] = {}
+        #: The pipeline's imbalance as last judged on a window of enough steps: what a window
+        #: too young to judge (a service just restarted) reports meanwhile.
+        self.work_imbalance: tuple[Finding, ...] = ()
 
     @property
     def warmup_steps(self) -> int:
@@ -126,6 +142,48 @@ class OnlineWindow:
                                                how="anti"), rows], how="vertical_relaxed")
         self.rows = self._trim(merged.sort("rank", "idx"))
         self._freeze_baselines()
+
+    def add_work(self, work: pl.DataFrame) -> None:
+        """Take each rank's step and blocked time of new steps (a ``(rank, step)`` seen
+        before is replaced); the newest ``keep_steps`` steps are kept."""
+        if work.is_empty():
+            return
+        merged = work if self.work is None else pl.concat(
+            [self.work.join(work.select("rank", "step"), on=["rank", "step"], how="anti"),
+             work], how="vertical_relaxed")
+        top = max(merged["step"].max(), -1 if self.rows is None else
+                  (self.rows["step"].max() or -1))
+        self.work = merged.filter(pl.col("step") > top - self.keep_steps).sort("rank", "step")
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether the job has pipeline stages (``layout``: more than one)."""
+        return self.layout is not None and self.layout.pp > 1
+
+    def _work_findings(self, th: Thresholds) -> tuple[Finding, ...]:
+        """Stragglers and imbalance of a pipeline from the ranks' unblocked time, as
+        ``ringwatch analyze`` finds them (:func:`~ringwatch.analyzers._work.detect_work_findings`):
+        stragglers as episodes of the job, imbalance with the step it was first seen at."""
+        from ringwatch.analyzers._work import detect_work_findings
+
+        layout = self.layout
+        hosts = {int(r): str(h) for r, h in self.rows.select("rank", "host").unique("rank")
+                 .iter_rows() if r is not None and h}
+        found = detect_work_findings(None, layout.peers_frame(), hosts=hosts, work=self.work,
+                                     **th.work_args())
+        out = self._episodes(tuple(f for f in found if f.kind == "straggler"))
+        if self.work["step"].n_unique() < self.warmup_steps + self.baseline_steps:
+            return out + self.work_imbalance  # too few steps to judge: as last judged
+        imbalance = []
+        for f in found:
+            if f.kind == "imbalance":
+                key = (f.cls, f.ranks)
+                if key not in self.imbalance_since and len(self.imbalance_since) < 256:
+                    self.imbalance_since[key] = f.since_step
+                imbalance.append(replace(f, since_step=self.imbalance_since.get(
+                    key, f.since_step)))
+        self.work_imbalance = tuple(imbalance)
+        return out + self.work_imbalance
 
     def _trim(self, df: pl.DataFrame) -> pl.DataFrame:
         n = df.height
@@ -177,15 +235,16 @@ class OnlineWindow:
         base = scores.filter(pl.col("step") < self.warmup_steps + self.baseline_steps)
         # a rank late from the start while its stage's other ranks are not is measured
         # against their usual, as post-mortem: it stays a straggler the window follows
+        stage = None if self.layout is None else self.layout.stage
         _, from_start = judge_first_steps(
-            scores, self.stage, baseline_steps=self.baseline_steps,
+            scores, stage, baseline_steps=self.baseline_steps,
             imbalance_noise=args["imbalance_noise"], min_delay_ms=min_delay_ms)
         fixed = from_start.select("rank", "usual_ms", "usual_compute_ratio")
         usual = usual_delay(base)
         self.usual_delay = pl.concat(
             [usual.join(fixed.select(pl.col("rank").cast(usual["rank"].dtype)), on="rank",
                         how="anti"), fixed], how="vertical_relaxed").sort("rank")
-        found = detect_stragglers(head, **args, stage=self.stage)
+        found = detect_stragglers(head, **args, stage=stage)
         self.imbalance = tuple(f for f in found if f.kind == "imbalance")
         for f in found:  # its onset and detection as the whole log gives them
             if f.kind == "straggler" and f.ranks[0] in set(fixed["rank"]) \
@@ -214,13 +273,17 @@ class OnlineWindow:
                            silent_s=th.silent_s)
         if self.baseline_until is None:
             return out  # not enough steps yet for a usual, nor to call anything structural
-        # the warm-up is left out as post-mortem (a first window still holds it)
-        judged = ev.filter(pl.col("step").is_null()
-                           | (pl.col("step") >= (self.first_step or 0) + self.warmup_steps))
-        stragglers = self._episodes(detect_stragglers(
-            judged, **th.straggler_args(), usual=self.usual_delay, noise_ms=self.noise_ms,
-            imbalance=False))
-        stragglers += self.imbalance
+        if self.pipeline and self.work is not None and not self.work.is_empty():
+            # lateness at collectives would blame a slow stage's neighbours, blocked in
+            # their receives: the ranks' unblocked time, against their stage's
+            stragglers = self._work_findings(th)
+        else:
+            # the warm-up is left out as post-mortem (a first window still holds it)
+            judged = ev.filter(pl.col("step").is_null() | (
+                pl.col("step") >= (self.first_step or 0) + self.warmup_steps))
+            stragglers = self._episodes(detect_stragglers(
+                judged, **th.straggler_args(), usual=self.usual_delay,
+                noise_ms=self.noise_ms, imbalance=False)) + self.imbalance
         links = detect_slow_links(ev, **th.link_args(), usual=self.usual_bw)
         return out + explain_by_links(stragglers, links)
 
@@ -259,7 +322,10 @@ class OnlineWindow:
                 "usual_delay": rows(self.usual_delay), "usual_bw": rows(self.usual_bw),
                 "imbalance": [f.to_dict() for f in self.imbalance],
                 "episodes": [[r, *e] for r, e in sorted(self.episodes.items())],
-                "warmup_steps": self.warmup_found}
+                "warmup_steps": self.warmup_found,
+                "imbalance_since": [[c, list(r), s] for (c, r), s in
+                                    sorted(self.imbalance_since.items())],
+                "work_imbalance": [f.to_dict() for f in self.work_imbalance]}
 
     def restore(self, state: dict) -> None:
         """Take back what :meth:`state` gave (a window reopened after a restart). Raises
@@ -279,6 +345,9 @@ class OnlineWindow:
             episodes = {int(r): (int(s), _int_or_none(d), None)
                         for r, s, d, *_ in state["episodes"]}
             warmup = state.get("warmup_steps")
+            since = {(str(c), tuple(int(x) for x in r)): int(v)
+                     for c, r, v in state.get("imbalance_since", [])}
+            work_imbalance = tuple(_finding(d) for d in state.get("work_imbalance", []))
             for v in (first, until, warmup):
                 if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                     raise ValueError(f"step {v!r} is not an integer")
@@ -291,6 +360,7 @@ class OnlineWindow:
         self.usual_delay, self.usual_bw = usual, bw
         self.imbalance, self.episodes = imbalance, episodes
         self.warmup_found = warmup
+        self.imbalance_since, self.work_imbalance = since, work_imbalance
 
 
 def _int_or_none(v) -> int | None:

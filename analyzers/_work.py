@@ -79,7 +79,7 @@ def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
             .sort("rank", "step"))
 
 
-def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *,
+def detect_work_findings(events: pl.DataFrame | None, roles: pl.DataFrame, *,
                          warmup_steps: int = _D.warmup_steps,
                          baseline_steps: int = _D.baseline_steps,
                          floor_ms: float = _D.work_floor_ms,
@@ -90,11 +90,13 @@ def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *,
                          role_share: float = _D.role_share,
                          wander_share: float = _D.wander_share,
                          min_gain_share: float = _D.min_gain_share,
-                         hosts: dict[int, str] | None = None) -> tuple[Finding, ...]:
+                         hosts: dict[int, str] | None = None,
+                         work: pl.DataFrame | None = None) -> tuple[Finding, ...]:
     """Stragglers, structural and workload imbalance from the ranks' unblocked time.
 
     Args:
-        events: Rows of one job (with ``async_op``).
+        events: Rows of one job (with ``async_op``); None with ``work`` (the what-if is
+            then the step less the extra work, not a replay).
         roles: ``rank``, ``role`` (:meth:`~ringwatch.analyzers._layout.Layout.peers_frame`).
         warmup_steps: Leading steps (seen) left out.
         baseline_steps: Steps (seen) after the warm-up that give the noise and show a rank
@@ -115,8 +117,10 @@ def detect_work_findings(events: pl.DataFrame, roles: pl.DataFrame, *,
             are workload imbalance (:func:`_wandering`).
         min_gain_share: Least extra work of a straggler, as a share of the job's step.
         hosts: ``rank -> host`` for the findings.
+        work: :func:`compute_step_work`'s frame when it comes from elsewhere (the agents sum
+            it per step for the live service).
     """
-    work = compute_step_work(events)
+    work = compute_step_work(events) if work is None else work
     if work.is_empty():
         return ()
     hosts = hosts or {}
@@ -227,7 +231,7 @@ def _what_if_line(events: pl.DataFrame, rank: int, peers: list[int], since: int,
     (:mod:`ringwatch.analyzers._replay`), else the step less its extra work."""
     from ringwatch.analyzers._replay import replay_fixed_step_ms
 
-    fixed = replay_fixed_step_ms(events, rank, peers, since)
+    fixed = None if events is None else replay_fixed_step_ms(events, rank, peers, since)
     if fixed is not None:
         return (f"the job's step took {now_ms:.0f} ms since then; ~{fixed:.0f} ms with this "
                 "rank working like its peers (replay of the steps' dependencies)")

@@ -310,6 +310,14 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("ringwatch_step_collective_end_seconds", "ringwatch.step.collective.end", GAUGE, "s",
        "Wall clock (Unix seconds) when the rank's last collective of the group in the step "
        "ended.", "rank_step", "last_end_ns", _NANO, labels=_STEP_LABELS, otlp_only=True),
+    _m("ringwatch_step_duration_seconds", "ringwatch.step.duration", GAUGE, "s",
+       "A rank's finished step, from its first communication to the next step's first "
+       "(monotonic clock).", "rank_work", "step_ns", _NANO, labels=("step",),
+       otlp_only=True),
+    _m("ringwatch_step_blocked_seconds", "ringwatch.step.blocked", GAUGE, "s",
+       "Time a rank was blocked in communication in one finished step: blocking collectives "
+       "and receives (overlaps once) and the wait for its asynchronous ones.", "rank_work",
+       "blocked_ns", _NANO, labels=("step",), otlp_only=True),
     # --- the agent itself ---
     _m("ringwatch_agent_errors_total", "ringwatch.agent.errors", COUNTER, "{error}",
        "Reads or exports the agent could not do, per cause.", "agent", "errors",

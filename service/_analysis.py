@@ -70,6 +70,18 @@ def frontier_frame(jl: JobLive):
     return _frame(rows)
 
 
+def work_frame(items):
+    """``((rank, step), {"step_s", "blocked_s"})`` pairs as
+    :func:`~ringwatch.analyzers._work.compute_step_work`'s frame."""
+    import polars as pl
+
+    rows = [(rank, step, v["step_s"] * 1e3, v["blocked_s"] * 1e3,
+             max(0.0, v["step_s"] - v["blocked_s"]) * 1e3) for (rank, step), v in items]
+    return pl.DataFrame(rows, schema={"rank": pl.Int32, "step": pl.Int64,
+                                      "step_ms": pl.Float64, "blocked_ms": pl.Float64,
+                                      "work_ms": pl.Float64}, orient="row")
+
+
 def live_stages(jl: JobLive) -> dict[int, int] | None:
     """``rank -> pipeline stage`` from the send/recv peers the agents report, as
     ``ringwatch analyze`` infers them from the rows; None without any (no pipeline: one
@@ -96,18 +108,36 @@ class LiveAnalysis:
         from ringwatch.analyzers import OnlineWindow
 
         self.window = OnlineWindow(keep_steps=keep_steps)
+        self._stage: dict[int, int] | None = None  # the stages the layout was inferred with
+        self._counts: dict[str, tuple[int, float]] = {}  # pg -> (step rows, collectives)
         self.last_rows_ns: int | None = None  # when step rows last came in
         self._hiccups: dict[tuple[int, int | None], object] = {}  # (rank, since) -> Finding
         self._fresh_hiccups: list = []
 
-    def feed(self, jl: JobLive, items, *, now_ns: int) -> None:
-        """Add the step rows completed since the last round (:meth:`Jobs.take`)."""
+    def feed(self, jl: JobLive, items, work=(), *, now_ns: int) -> None:
+        """Add the step rows and each rank's step and blocked time completed since the last
+        round (:meth:`Jobs.take`)."""
         rows = step_frame(jl, items)
+        for (_, pg, _), v in items:  # each group's collectives per step, for the layout
+            n, total = self._counts.get(pg, (0, 0.0))
+            self._counts[pg] = (n + 1, total + v.get("count", 0.0))
+        stage = live_stages(jl)
+        if stage is None:
+            self.window.layout = None  # no pipeline: every rank one class
+        elif self.window.rows is not None and (
+                self.window.baseline_until is None or stage != self._stage):
+            # the stages from the agents' send/recv peers, the groups from the step rows:
+            # what the baselines are judged by, and the pipeline analysis's roles
+            from ringwatch.analyzers._layout import infer_layout
+
+            self.window.layout = infer_layout(
+                self.window.rows, stage, {pg: t / n for pg, (n, t) in self._counts.items()})
+        self._stage = stage
         if rows.height:
-            if self.window.baseline_until is None:  # the stages the baselines are judged by
-                self.window.stage = live_stages(jl)
             self.window.add(rows)
             self.last_rows_ns = now_ns
+        if work:
+            self.window.add_work(work_frame(work))
 
     def note_hiccups(self, hiccups) -> None:
         """Remember the transient stragglers the window reports (each episode once)."""
@@ -142,7 +172,7 @@ def without_unplaced_links(findings: tuple, open_stragglers) -> tuple:
 def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
                  detectors: frozenset[str] = frozenset({"hang", "straggler", "slow_link"}),
                  thresholds=None, live: LiveAnalysis | None = None,
-                 new_rows=()) -> tuple:
+                 new_rows=(), new_work=()) -> tuple:
     """Findings of one job now (same :class:`~ringwatch.analyzers.Finding` model).
 
     With ``live`` (the service), ``new_rows`` (from :meth:`Jobs.take`) join its online
@@ -167,7 +197,7 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
     th = thresholds if isinstance(thresholds, Thresholds) else \
         DEFAULT_THRESHOLDS.with_values(thresholds or {})
     if live is not None:
-        live.feed(jl, new_rows, now_ns=now_ns)
+        live.feed(jl, new_rows, new_work, now_ns=now_ns)
         steps = live.window.rows if live.window.rows is not None else step_frame(jl, [])
     else:
         steps = step_frame(jl)

@@ -45,6 +45,8 @@ _STEP_ROW = tuple(_STEP_FIELDS.values())
 _STEP_BOUNDS = {"busy_s": (B.MAX_DURATION_S, False), "nbytes": (B.MAX_COUNT, True),
                 "count": (B.MAX_COUNT, True), "start_s": (B.MAX_WALL_S, False),
                 "end_s": (B.MAX_WALL_S, False)}
+# Per (rank, step): its step and its time blocked in communication (the pipeline analysis).
+_WORK_FIELDS = {"ringwatch.step.duration": "step_s", "ringwatch.step.blocked": "blocked_s"}
 _SEQ = {"ringwatch.collective.started_seq": "started",
         "ringwatch.collective.completed_seq": "completed"}
 _PENDING = "ringwatch.collective.pending"
@@ -93,6 +95,9 @@ class JobLive:
     pg_index: dict[str, int] = field(default_factory=dict)
     #: (rank, pg, step) keys added since the analysis last took them.
     fresh: set[tuple[int, str, int]] = field(default_factory=set)
+    #: (rank, step) -> {"step_s", "blocked_s"}: each rank's step and time blocked in it.
+    work: dict[tuple[int, int], dict] = field(default_factory=dict)
+    work_fresh: set[tuple[int, int]] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -109,6 +114,7 @@ class _Resource:
     rank_step: int | None = None
     log_age_s: float | None = None
     p2p: list[tuple[int, str]] = field(default_factory=list)  # (peer, its first op)
+    work: list[tuple[int, str, float]] = field(default_factory=list)  # (step, field, value)
     points: int = 0
 
 
@@ -168,6 +174,12 @@ def _read_point(r: _Resource, name: str, a: dict, v: float) -> bool:
         if None in (step, pg, value, members, size, grank):
             return False
         r.steps.append((pg, step, key, value, (members, size), grank))
+    elif name in _WORK_FIELDS:
+        step = B.as_int(a.get("ringwatch.step"), B.MAX_STEP)
+        value = B.as_amount(v, B.MAX_DURATION_S)
+        if step is None or value is None:
+            return False
+        r.work.append((step, _WORK_FIELDS[name], value))
     elif name in _SEQ:
         pg = B.as_label(a.get("ringwatch.pg"))
         seq = B.as_int(v, B.MAX_SEQ)
@@ -319,6 +331,15 @@ class Jobs:
                 row = jl.steps[row_key] = {}
                 jl.fresh.add(row_key)
             row[key] = value
+        for step, key, value in r.work:
+            if step > high:
+                bad += 1
+            elif step > low:
+                row = jl.work.get((r.rank, step))
+                if row is None:
+                    row = jl.work[(r.rank, step)] = {}
+                    jl.work_fresh.add((r.rank, step))
+                row[key] = value
         for which, pg, seq in r.seq:
             frontier = rl.started_seq if which == "started" else rl.completed_seq
             if pg not in frontier and len(frontier) >= B.MAX_GROUPS_PER_JOB:
@@ -349,6 +370,9 @@ class Jobs:
         for key in [k for k in jl.steps if not low < k[2] <= high]:
             del jl.steps[key]
         jl.fresh = {k for k in jl.fresh if low < k[2] <= high}
+        for key in [k for k in jl.work if not low < k[1] <= high]:
+            del jl.work[key]
+        jl.work_fresh = {k for k in jl.work_fresh if low < k[1] <= high}
 
     def snapshot(self, job: str):
         """A full copy of one job's state, kept steps included (tests, diagnostics)."""
@@ -362,29 +386,33 @@ class Jobs:
         """What an analysis round needs, taken under the lock in time proportional to the
         new data, not to the job: a copy of the job without its kept steps, and the step rows
         completed since the last take whose step the job's newest has reached (each handed
-        over once).
+        over once), and likewise each rank's step and blocked time.
 
         Returns:
-            ``(view, rows)`` with ``rows`` a list of ``((rank, pg, step), values)``, or
-            ``(None, [])`` for an unknown job.
+            ``(view, rows, work)`` with ``rows`` a list of ``((rank, pg, step), values)`` and
+            ``work`` of ``((rank, step), {"step_s", "blocked_s"})``, or ``(None, [], [])``
+            for an unknown job.
         """
         import copy
 
         with self.lock:
             jl = self.jobs.get(job)
             if jl is None:
-                return None, []
+                return None, [], []
             done = [k for k in jl.fresh if k[2] <= jl.max_step
                     and all(f in jl.steps[k] for f in _STEP_ROW)]
             rows = [(k, dict(jl.steps[k])) for k in done]
             jl.fresh.difference_update(done)
-            steps, fresh = jl.steps, jl.fresh
-            jl.steps, jl.fresh = {}, set()
+            done = [k for k in jl.work_fresh if k[1] <= jl.max_step and len(jl.work[k]) == 2]
+            work = [(k, dict(jl.work[k])) for k in done]
+            jl.work_fresh.difference_update(done)
+            kept = jl.steps, jl.fresh, jl.work, jl.work_fresh
+            jl.steps, jl.fresh, jl.work, jl.work_fresh = {}, set(), {}, set()
             try:
                 view = copy.deepcopy(jl)
             finally:
-                jl.steps, jl.fresh = steps, fresh
-        return view, rows
+                jl.steps, jl.fresh, jl.work, jl.work_fresh = kept
+        return view, rows, work
 
 
 def _n_points(m) -> int:

@@ -126,7 +126,7 @@ class Service:
         with self.jobs.lock:
             jobs = list(self.jobs.jobs)
         for job in jobs:
-            jl, rows = self.jobs.take(job)
+            jl, rows, work = self.jobs.take(job)
             if jl is None:
                 continue
             t0 = time.perf_counter()
@@ -137,7 +137,8 @@ class Service:
                     live = self.live[job] = LiveAnalysis()
                     self.windows.load(job, live.window)
                 findings = analyze_live(jl, now_ns=now, detectors=detectors,
-                                        thresholds=thresholds, live=live, new_rows=rows)
+                                        thresholds=thresholds, live=live, new_rows=rows,
+                                        new_work=work)
                 self.windows.save(job, live.window)
             except Exception as exc:
                 self.analysis_errors += 1

@@ -98,9 +98,10 @@ class OtlpPusher:
         self.failures = 0  # in a row
         self.max_backoff_ns = int(max_backoff_s * 1e9)
         self._next_try_ns = 0
-        #: (job, rank) -> newest step delivered: each step goes out until a push carrying it
-        #: succeeds, then never again.
-        self.steps_sent: dict[tuple[str, int], int] = {}
+        #: (job, rank) -> newest step of collective totals delivered, (job, rank, "work") ->
+        #: newest step of blocked time: each step goes out until a push carrying it succeeds,
+        #: then never again.
+        self.steps_sent: dict[tuple, int] = {}
 
     def push(self, now_ns: int, *, interval_ns: int = 0) -> bool:
         """One export; False (and counted) when it failed or was held back after failures
@@ -128,9 +129,11 @@ class OtlpPusher:
             self.sent += 1
             self.failures = 0
             for p in points:
-                if p.spec.entity == "rank_step":
+                if p.spec.entity in ("rank_step", "rank_work"):
                     res, lab = dict(p.resource), dict(p.labels)
                     key = (res["job"], int(res["rank"]))
+                    if p.spec.entity == "rank_work":
+                        key += ("work",)
                     self.steps_sent[key] = max(int(lab["step"]), self.steps_sent.get(key, -1))
         else:
             self.state.count_error("otlp_export")

@@ -16,6 +16,7 @@ from ringwatch._metrics import METRICS, MetricSpec
 from ringwatch.agent.sidecar._node_state import NodeState
 from ringwatch.agent.sidecar._power_window import phase_figures, window_figures
 from ringwatch.agent.sidecar._rank_tail import completed_steps
+from ringwatch.agent.sidecar._step_work import finished_work
 
 #: Finished steps of each rank a push may carry: the ones not yet sent, up to this many (a
 #: collector down for fewer steps than this loses none of them).
@@ -143,6 +144,12 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None,
                                           "pg_size": str(size), "group_rank": str(grank)},
                   {"count": t.count, "nbytes": t.nbytes, "busy_ns": t.busy_ns,
                    "first_start_ns": t.first_start_ns, "last_end_ns": t.last_end_ns})
+        done = -1 if steps_after is None else steps_after.get((s.job, s.rank, "work"), -1)
+        for step, step_ns, blocked in finished_work(dict(s.work), PUSH_STEPS) \
+                if steps_after is not None else ():
+            if step > done:
+                _emit(out, "rank_work", res, {"step": str(step)},
+                      {"step_ns": step_ns, "blocked_ns": blocked})
         pg, op, since = s.pending or ("", "", now)
         _emit(out, "rank", res, {"pg": pg, "pending_op": op},
               {"pending_ns": max(0, now - since), "step": s.step,

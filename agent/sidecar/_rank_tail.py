@@ -29,12 +29,14 @@ from pathlib import Path
 from ringwatch._clock import Clock, SystemClock
 from ringwatch._logs import META_FILE, PENDING_FILE, RANK_DIR_RE, SEGMENT_RE, select_segments
 from ringwatch.agent.sidecar._rhythm_steps import RhythmSteps
+from ringwatch.agent.sidecar._step_work import StepWork, add_row, fold_before
 
 log = logging.getLogger("ringwatch.agent")
 
 _COLUMNS = ["idx", "pg", "pg_ranks", "pg_size", "group_rank", "op", "is_p2p", "peer", "seq",
             "status", "nbytes", "t_issue_ns", "t_start_ns", "t_end_ns", "duration_ns",
-            "device_duration_ns", "end_source", "step"]
+            "device_duration_ns", "end_source", "step", "mono_start_ns", "mono_end_ns",
+            "async_op"]
 #: Steps of per-step totals kept per rank (the newest).
 KEEP_STEPS = 64
 #: Finished collectives' intervals kept per rank (the newest), for the phase power split.
@@ -143,6 +145,8 @@ class RankSummary:
     p2p: dict[int, int] = field(default_factory=dict)
     #: (idx, op) of the rank's first send/recv: stage 0 is the end of a chain that sends first.
     first_p2p: tuple[int, str] | None = None
+    #: step -> its communication, for the blocked time per step (:mod:`._step_work`).
+    work: dict[int, StepWork] = field(default_factory=dict)
 
 
 def _seg_range(name: str) -> range:
@@ -281,15 +285,21 @@ def _consume(s: RankSummary, frame) -> None:
     stepped = s.rhythm.feed(rows)
     if s.rhythm.active and not was_rhythm and s.rhythm.iteration >= 0:
         s.steps.clear()  # what the one step number gathered is no step
+        s.work.clear()
         s.step = None
     for r in stepped:
         if r["step"] is None:
             continue
         s.step = max(r["step"], s.step if s.step is not None else -1)
+        add_row(s.work, r["step"], r)
         if r["status"] in ("ok", "unknown") and not r["is_p2p"]:
             _add_step(s, r)
     while len(s.steps) > KEEP_STEPS:
         del s.steps[min(s.steps)]
+    if s.step is not None:
+        fold_before(s.work, s.step)
+    while len(s.work) > KEEP_STEPS:
+        del s.work[min(s.work)]
 
 
 def _add_p2p(s: RankSummary, r: dict) -> None:

@@ -9,6 +9,7 @@ from test_unit_links import job as layered_job
 from test_unit_stragglers import job
 
 from ringwatch.analyzers import detect_stragglers
+from ringwatch.analyzers._layout import Layout
 from ringwatch.analyzers._online import OnlineWindow
 
 S = 1_000_000_000
@@ -53,7 +54,7 @@ def _from_start(stage):
     whole = [(f.kind, f.ranks, f.since_step, f.detected_step)
              for f in detect_stragglers(ev, stage=stage)]
     w = OnlineWindow(keep_steps=30)
-    w.stage = stage
+    w.layout = None if stage is None else Layout(stage=stage, pp=len(set(stage.values())))
     seen = []
     for _last, rows in stream(ev, 4):
         w.add(rows)

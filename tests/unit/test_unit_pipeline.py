@@ -139,3 +139,34 @@ def test_the_replay_runs_the_dependencies_and_credits_only_the_critical_path():
     # the replayed chain, never below what the other chain needs
     assert fixed is not None and fixed < 100
     assert replay_fixed_step_ms(ev, 3, [2], 0) == pytest.approx(100)  # never the slower
+
+
+@pytest.mark.parametrize("name", ["healthy", "laststage", "varyseq", "strag-mid", "strag-0"])
+def test_the_online_window_gives_the_post_mortem_verdicts_through_a_restart(name):
+    """Streamed 5 steps at a time into the service's window (the rows, each rank's step and
+    blocked time, the layout), with the window's state saved and restored into a new one
+    halfway, as a restarted service does: the same (kind, class, ranks, since) as the whole
+    log gives."""
+    import json
+
+    from ringwatch.analyzers._online import OnlineWindow
+    from ringwatch.analyzers._policy import split_undecided
+
+    ev = _run(name)
+    want = sorted((f.kind, f.cls, f.ranks, f.since_step) for f in _findings(ev)
+                  if f.kind in ("straggler", "imbalance"))
+    work = compute_step_work(ev)
+    lay = infer_layout(ev)
+    w = OnlineWindow(keep_steps=40)  # shorter than the run: onsets must outlive the window
+    for lo in range(0, 60, 5):
+        if lo == 45:
+            state = json.loads(json.dumps(w.state()))
+            w = OnlineWindow(keep_steps=40)
+            w.restore(state)
+        w.layout = lay
+        w.add(ev.filter(pl.col("step").is_between(lo, lo + 4)))
+        w.add_work(work.filter(pl.col("step").is_between(lo, lo + 4)))
+        got = w.findings(now_ns=int(ev["t_end_ns"].max()))
+    got, _ = split_undecided(split_hiccups(tuple(
+        f for f in got if f.kind in ("straggler", "imbalance")))[0], newest_step=59)
+    assert sorted((f.kind, f.cls, f.ranks, f.since_step) for f in got) == want

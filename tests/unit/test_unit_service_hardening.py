@@ -103,7 +103,7 @@ def test_a_forged_far_step_does_not_move_the_window():
     assert jobs.ingest(agent_push("j", late_rank=None, steps=range(40, 72)), WALL + 2 * S) == 0
     jl = jobs.jobs["j"]
     assert jl.max_step == 71 and {k[2] for k in jl.steps} >= set(range(40, 72))
-    _, rows = jobs.take("j")
+    _, rows, _ = jobs.take("j")
     assert max(k[2] for k, _ in rows) == 71 and {k[0] for k, _ in rows} == {0, 1, 2, 3}
 
 
@@ -131,7 +131,7 @@ def test_a_job_that_restarts_its_numbering_moves_its_window_back():
     jl = jobs.jobs["j"]
     assert jl.max_step == 19
     assert {k[2] for k in jl.steps} == set(range(0, 20))  # the old run's rows trimmed
-    _, rows = jobs.take("j")
+    _, rows, _ = jobs.take("j")
     assert len(rows) == 4 * 20
 
 
@@ -141,7 +141,7 @@ def test_ranks_that_stopped_pushing_do_not_hold_the_window():
     later = only_ranks(agent_push("j", late_rank=None, steps=range(32, 64)), {0, 1})
     jobs.ingest(later, WALL + 40 * S)  # ranks 2, 3 silent for 40 s (their agent died)
     assert jobs.jobs["j"].max_step == 63
-    _, rows = jobs.take("j")
+    _, rows, _ = jobs.take("j")
     assert max(k[2] for k, _ in rows) == 63
 
 

@@ -1,0 +1,98 @@
+"""Each rank's blocked time per step, for the central service's pipeline analysis.
+
+On a pipeline the figure that reads a job right is each rank's *unblocked* time per step: its
+step less the time it sat blocked in communication (:mod:`ringwatch.analyzers._work`). The
+service never sees the rows, so the sidecar sums them per rank and step as
+:func:`ringwatch.analyzers._work.compute_step_work` does post-mortem, on the rank's monotonic
+clock:
+
+* the step begins at its first communication and lasts to the next step's first;
+* blocked: the time inside blocking rows (collectives, receives, waits: ``async_op`` false),
+  overlaps once, plus the wait for the step's asynchronous ones (DDP's buckets, isends): from
+  the rank's last own activity before the last of them completes to that completion.
+
+A step's rows are kept until a step two later begins (an isend of the step may complete in
+the next one), then folded into two numbers; at most :data:`MAX_ROWS` rows per step are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Rows of one step kept until it is folded (a step of more is summed from its first ones).
+MAX_ROWS = 65_536
+
+
+@dataclass(slots=True)
+class StepWork:
+    """One rank's communication in one step."""
+
+    #: Monotonic ns of its first communication.
+    begin_ns: int | None = None
+    #: (start, end, async_op) of its finished rows, until :meth:`fold`.
+    rows: list[tuple[int, int, bool | None]] = field(default_factory=list)
+    #: Time blocked (ns), once folded.
+    blocked_ns: int | None = None
+
+    def add(self, start: int | None, end: int | None, async_op: bool | None) -> None:
+        if start is None:
+            return
+        self.begin_ns = start if self.begin_ns is None else min(self.begin_ns, start)
+        if end is not None and end >= start and self.blocked_ns is None \
+                and len(self.rows) < MAX_ROWS:
+            self.rows.append((start, end, async_op))
+
+    def fold(self) -> None:
+        """Sum the blocked time and let the rows go."""
+        if self.blocked_ns is None:
+            self.blocked_ns = blocked_ns(self.rows)
+            self.rows = []
+
+
+def blocked_ns(rows: list[tuple[int, int, bool | None]]) -> int:
+    """Time blocked in ``rows`` ((start, end, async_op), finished): see the module."""
+    spans = [(s, e) for s, e, a in rows if a is False]
+    async_end = max((e for _, e, a in rows if a is True), default=None)
+    if async_end is not None:
+        # the rank's last own activity before the last asynchronous op completes: the end of
+        # a blocking row, or the issue of an asynchronous one
+        free = max(e if a is False else s for s, e, a in rows if s <= async_end)
+        if async_end > free:
+            spans.append((free, async_end))
+    total, open_s, open_e = 0, None, None
+    for s, e in sorted(spans):
+        if open_e is None or s > open_e:
+            total += 0 if open_e is None else open_e - open_s
+            open_s, open_e = s, e
+        else:
+            open_e = max(open_e, e)
+    return total + (0 if open_e is None else open_e - open_s)
+
+
+def add_row(work: dict[int, StepWork], step: int, r: dict) -> None:
+    """A row of ``step`` (``mono_start_ns``, ``mono_end_ns``, ``async_op``) into ``work``."""
+    w = work.get(step)
+    if w is None:
+        w = work[step] = StepWork()
+    w.add(r.get("mono_start_ns"), r.get("mono_end_ns"), r.get("async_op"))
+
+
+def fold_before(work: dict[int, StepWork], step: int) -> None:
+    """Fold every step more than one before ``step`` (the rank's current one)."""
+    for k, w in work.items():
+        if k < step - 1:
+            w.fold()
+
+
+def finished_work(work: dict[int, StepWork], last: int) -> list[tuple[int, int, int]]:
+    """``(step, step_ns, blocked_ns)`` of the newest ``last`` folded steps whose next step has
+    begun, oldest first (a step lasts to the first communication of the next one seen)."""
+    steps = sorted(work)
+    out = []
+    for k, nxt in zip(steps, steps[1:], strict=False):
+        w, n = work[k], work[nxt]
+        if w.blocked_ns is None or w.begin_ns is None or n.begin_ns is None \
+                or n.begin_ns <= w.begin_ns:
+            continue
+        out.append((k, n.begin_ns - w.begin_ns, w.blocked_ns))
+    return out[-last:]

@@ -1,0 +1,62 @@
+"""The sidecar's blocked time per step: the same figures the post-mortem reads from the rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ringwatch.agent.sidecar._step_work import (
+    StepWork,
+    add_row,
+    blocked_ns,
+    finished_work,
+    fold_before,
+)
+from ringwatch.analyzers._work import compute_step_work
+
+PIPELINE = Path(__file__).resolve().parents[1] / "data" / "pipeline"
+
+
+@pytest.mark.parametrize("name", ["healthy", "strag-mid", "varyseq"])
+def test_a_real_pipeline_jobs_blocked_time_per_step_as_post_mortem(name):
+    # rows of a real 8-rank dp x tp x pp job (1F1B over send/recv), fed rank by rank in the
+    # order the sidecar reads them
+    ev = pl.read_parquet(PIPELINE / f"{name}.parquet")
+    post = {(r, s): (step_ms, blocked_ms) for r, s, step_ms, blocked_ms, _ in
+            compute_step_work(ev).iter_rows()}
+    live = {}
+    for (rank,), rows in ev.sort("t_start_ns").partition_by("rank", as_dict=True).items():
+        work: dict[int, StepWork] = {}
+        for r in rows.iter_rows(named=True):
+            if r["step"] is not None:
+                add_row(work, r["step"], r)
+                fold_before(work, r["step"])
+        fold_before(work, max(work) + 2)
+        for step, step_ns, blocked in finished_work(work, 10_000):
+            live[(rank, step)] = (step_ns / 1e6, blocked / 1e6)
+    assert set(live) == set(post)  # every step but each rank's last
+    for key, (step_ms, blocked_ms) in post.items():
+        assert live[key] == pytest.approx((step_ms, blocked_ms), abs=1e-6), key
+
+
+def test_the_wait_for_asynchronous_ops_counts_once_after_the_last_own_activity():
+    # a blocking op 0-10, two async ops issued at 12 and 14 completing at 30 and 40, a
+    # blocking op 20-25 meanwhile: blocked 0-10, 20-25, and 25-40 waiting for the async ones
+    rows = [(0, 10, False), (12, 30, True), (14, 40, True), (20, 25, False)]
+    assert blocked_ns(rows) == 10 + 5 + 15
+    assert blocked_ns([(0, 10, False), (5, 12, False)]) == 12  # overlaps once
+    assert blocked_ns([(0, 10, True)]) == 10  # issued and waited for at once
+    assert blocked_ns([]) == 0
+
+
+def test_a_step_is_given_once_folded_with_its_next_steps_begin():
+    work: dict[int, StepWork] = {}
+    for step, start in ((0, 100), (0, 150), (1, 300), (2, 500)):
+        add_row(work, step, {"mono_start_ns": start, "mono_end_ns": start + 20,
+                             "async_op": False})
+        fold_before(work, step)
+    # step 0 is folded (two steps on), step 1 not yet: only step 0, lasting to step 1's begin
+    assert finished_work(work, 10) == [(0, 200, 40)]
+    assert work[0].rows == [] and work[1].rows
