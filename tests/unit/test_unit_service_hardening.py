@@ -181,3 +181,28 @@ def test_an_evicted_job_leaves_no_series_findings_or_state():
     for gone in ("job0", "job1", "job2"):
         assert f'job="{gone}"' not in text, gone
     assert "ringwatch_serve_jobs_evicted_total 3.0" in text
+
+
+def test_step_and_blocked_times_are_checked_windowed_and_handed_over_once():
+    jobs = Jobs(keep_steps=100)
+    assert jobs.ingest(agent_push("j", late_rank=None, steps=range(0, 40)), WALL) == 0
+
+    def work(step, step_s, blocked_s, rank=0):
+        attrs = {"ringwatch.step": step}
+        return rank_push("j", rank, [("ringwatch.step.duration", step_s, attrs),
+                                     ("ringwatch.step.blocked", blocked_s, attrs)],
+                         host="host0")
+
+    assert jobs.ingest(work(30, 0.2, 0.05), WALL) == 0
+    # a negative time, a non-number step, a step far ahead of the job: refused, counted
+    assert jobs.ingest(work(31, -1.0, 0.05), WALL) == 1
+    assert jobs.ingest(work("x", 0.2, float("nan")), WALL) == 2
+    assert jobs.ingest(work(10 ** 6, 0.2, 0.1), WALL) == 2
+    assert jobs.ingest(work(32, 0.2, 0.1, rank=1), WALL) == 0
+    _, _, got = jobs.take("j")
+    assert sorted(got) == [((0, 30), {"step_s": 0.2, "blocked_s": 0.05}),
+                           ((1, 32), {"step_s": 0.2, "blocked_s": 0.1})]
+    assert jobs.take("j")[2] == []  # once
+    # the half-received step 31 (its blocked time alone) never goes out
+    assert (0, 31) in jobs.jobs["j"].work and jobs.jobs["j"].work[(0, 31)] == {
+        "blocked_s": 0.05}
