@@ -172,6 +172,14 @@ def _behind(events: pl.DataFrame, work: pl.DataFrame, noise: float, *, threshold
                           .clip(upper_bound=0.0)).alias("cusum_ms"),
                          (pl.col("excess_ms") > k).cast(pl.Int32)
                          .rolling_sum(persist + 1, min_samples=1).over("rank").alias("_hits"))
+    # the few ranks behind at all, picked for the whole job at once (10,000 ranks: no loop)
+    per = df.group_by("rank").agg(
+        (pl.col("excess_ms") > h).filter(pl.col("_n") < baseline_steps).mean().alias("_early"),
+        (pl.col("_n") < baseline_steps).sum().alias("_head"),
+        ((pl.col("cusum_ms") >= h) & (pl.col("_hits") >= persist)).any().alias("_hit"))
+    behind = per.filter(((pl.col("_head") >= persist) & (pl.col("_early") >= start_share))
+                        | pl.col("_hit"))["rank"]
+    df = df.filter(pl.col("rank").is_in(behind.implode()))
     out = []
     for (rank,), mine in df.partition_by("rank", as_dict=True, maintain_order=True).items():
         head = mine.filter(pl.col("_n") < baseline_steps)

@@ -17,8 +17,14 @@ ranks per emulated host, 60 steps, then `ringwatch analyze --json` on its logs. 
 Every run keeps its folder under ``--out``; ``--rescore`` reads them again with the current
 analyzers.
 
+``--live``: each run is also watched live, by a fresh `ringwatch serve` and `ringwatch agent`
+(``benchmarks/_live_stack.py``); every finding the service showed is kept in the run's
+``live.json``, and a run's live verdict *agrees* when the service showed the same findings
+(kind, class, ranks, onset) as `ringwatch analyze` gives afterwards, no more, no fewer.
+
     .venv/bin/python benchmarks/hybrid.py --out /tmp/hyb --worlds 8 --reps 2
     .venv/bin/python benchmarks/hybrid.py --out /tmp/hyb --rescore
+    .venv/bin/python benchmarks/hybrid.py --out /tmp/hyb-live --live --worlds 8,16
 """
 
 from __future__ import annotations
@@ -82,6 +88,11 @@ def score(run: Path) -> dict:
     lay = rep.get("layout") or {}
     out = {**meta, "layout": lay.get("text"), "findings": [
         (f["kind"], f["cls"], f["ranks"], f["since_step"]) for f in fs]}
+    if (run / "live.json").exists():  # what the service showed while the job ran
+        live = json.loads((run / "live.json").read_text())
+        out["live"] = sorted((f["kind"], f["cls"], f["ranks"], f.get("since_step"))
+                             for f in live if f["kind"] != "hang")
+        out["live_agrees"] = out["live"] == sorted(out["findings"])
     dp = world // 4
     last_stage = list(range(world - 2 * dp, world))
     if (lay.get("dp"), lay.get("tp"), lay.get("pp")) != (dp, 2, 2):
@@ -112,6 +123,17 @@ def score(run: Path) -> dict:
     return {**out, "right": bool(right)}
 
 
+def _run_live(cmd: list[str], run: Path) -> int:
+    """``cmd`` (a cluster run writing ``run/logs``) watched by a fresh serve and agent;
+    every finding the service showed goes to ``run/live.json``."""
+    from _live_stack import LiveStack
+
+    with LiveStack(run / "logs", run / "serve-state") as stack:
+        rc = stack.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (run / "live.json").write_text(json.dumps([f for _, f in stack.findings()]))
+    return rc
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -120,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--rescore", action="store_true")
+    ap.add_argument("--live", action="store_true",
+                    help="watch each run with ringwatch serve and an agent (live.json)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     rng = random.Random(args.seed)
@@ -136,15 +160,14 @@ def main(argv=None) -> int:
                     subprocess.run([PY, "-m", "ringwatch._cli", "cluster", "--clean"],
                                    capture_output=True, check=False)
                     t0 = time.monotonic()
-                    proc = subprocess.run(
-                        [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run),
-                         *_cluster_args(case, world, victim)],
-                        capture_output=True, text=True, check=False)
+                    cmd = [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run),
+                           *_cluster_args(case, world, victim)]
+                    rc = _run_live(cmd, run) if args.live else subprocess.run(
+                        cmd, capture_output=True, text=True, check=False).returncode
                     (run / "case.json").write_text(json.dumps(
                         {"case": case, "world": world, "victim": victim if case in (
-                            "straggler", "strag0") else None, "rc": proc.returncode}))
-                    print(f"{run.name}: rc {proc.returncode} in {time.monotonic() - t0:.0f} s",
-                          flush=True)
+                            "straggler", "strag0") else None, "rc": rc}))
+                    print(f"{run.name}: rc {rc} in {time.monotonic() - t0:.0f} s", flush=True)
                     runs.append(run)
     results = [score(r) for r in runs]
     with open(out / "scores.jsonl", "w") as f:
@@ -162,6 +185,14 @@ def main(argv=None) -> int:
     if lat:
         print(f"straggler detection latency (steps after the onset): {sorted(lat)}")
     print(f"total: {sum(r['right'] for r in results)}/{len(results)} right")
+    watched = [r for r in results if "live_agrees" in r]
+    for r in watched:
+        if not r["live_agrees"]:
+            print(f"live differs, {r['case']}-w{r['world']}: live {r['live']}, "
+                  f"post-mortem {sorted(r['findings'])}")
+    if watched:
+        print(f"live = post-mortem (kind, class, ranks, onset): "
+              f"{sum(r['live_agrees'] for r in watched)}/{len(watched)} runs")
     # The what-if against the same job without the fault: a mid-run straggler's own steps
     # before its onset (same run, same machine load), and the healthy runs of the same shape
     # (another run: on a loaded 2-core machine their step time itself moves by ~10%).

@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from _procs import free_port
+from _live_stack import LiveStack, rw
 
-PY = sys.executable
 SCENARIOS = {
     "straggler": ["--nproc", "4", "--hosts", "2", "--steps", "90", "--fault", "straggler",
                   "--straggler-mode", "work", "--at-step", "30", "--", "--step-sleep-ms",
@@ -37,51 +32,14 @@ SCENARIOS = {
 }
 
 
-def _rw(*args: str) -> list[str]:
-    return [PY, "-m", "ringwatch._cli", *args]
-
-
 def one_run(kind: str, tmp: Path) -> dict:
-    otlp, api = free_port(), free_port()
     run = tmp / "run"
-    (run / "logs").mkdir(parents=True)
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    serve = subprocess.Popen(_rw("serve", "--otlp-listen", f"127.0.0.1:{otlp}", "--listen",
-                                 f"127.0.0.1:{api}", "--state-dir", str(tmp / "state")),
-                             **quiet)
-    agent = subprocess.Popen(_rw("agent", "--log-dir", str(run / "logs"), "--prometheus", "off",
-                                 "--otlp-endpoint", f"http://127.0.0.1:{otlp}/v1/metrics",
-                                 "--export-interval-s", "1", "--logs-interval-s", "0.5",
-                                 "--no-gpu"), **quiet)
-    seen: dict[str, tuple[int, dict]] = {}
-
-    def poll():
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{api}/api/v1/findings",
-                                        timeout=5) as r:
-                for t in json.loads(r.read())["findings"]:
-                    seen.setdefault(t["id"], (time.time_ns(), t))
-        except OSError:
-            pass
-
-    import os
-
-    env = dict(os.environ, RINGWATCH_FLUSH_INTERVAL_S="0.5")
-    cl = subprocess.Popen(_rw("cluster", "--run-dir", str(run), *SCENARIOS[kind]), env=env,
-                          **quiet)
-    while cl.poll() is None:
-        poll()
-        time.sleep(0.5)
-    for _ in range(6):
-        poll()
-        time.sleep(0.5)
-    for p in (agent, serve):
-        p.send_signal(signal.SIGTERM)
-        p.wait(15)
+    with LiveStack(run / "logs", tmp / "state") as stack:
+        rc = stack.run(rw("cluster", "--run-dir", str(run), *SCENARIOS[kind]),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     truth = json.loads((run / "ground_truth.json").read_text())
-    out = {"kind": kind, "findings": [], "rc": cl.returncode}
-    for first_ns, t in sorted(seen.values(), key=lambda x: x[0]):
-        f = t["finding"]
+    out = {"kind": kind, "findings": [], "rc": rc}
+    for first_ns, f in stack.findings():
         lag = None if truth.get("onset_wall_ns") is None else \
             (first_ns - truth["onset_wall_ns"]) / 1e9
         steps = None if f.get("detected_step") is None or truth.get("onset_step") is None \

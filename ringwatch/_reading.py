@@ -175,8 +175,12 @@ def _read_steps(finished, sw, comm, wait, exit_lag, onset: int | None,
         if split is not None:
             lines.append(split)
             return Reading("network", None, lines)
-        if late != already:
-            was = statistics.median(v for r, v in wait["before"].items() if r != late)
+        was = statistics.median(v for r, v in wait["before"].items() if r != late) \
+            if with_base and len(wait["before"]) > 1 else None
+        # standing out a little before the onset (noise) does not make it slow from the start
+        # when the wait its peers spend for it more than doubled since: a change, on it
+        grew = was is not None and late in wait["before"] and peers > 2 * was + 1.0
+        if late != already or grew:
             lines.append(
                 f"reading: rank {late} arrives last at {last['after'][late]:.0%} of collectives "
                 f"from step {onset} ({last['before'].get(late, 0):.0%} before); its peers wait "
