@@ -164,13 +164,13 @@ class OnlineWindow:
         """Stragglers and imbalance of a pipeline from the ranks' unblocked time, as
         ``ringwatch analyze`` finds them (:func:`~ringwatch.analyzers._work.detect_work_findings`):
         stragglers as episodes of the job, imbalance with the step it was first seen at."""
-        from ringwatch.analyzers._work import detect_work_findings
+        from ringwatch.analyzers._work import detect_work_findings, reported_steps
 
         layout = self.layout
         hosts = {int(r): str(h) for r, h in self.rows.select("rank", "host").unique("rank")
                  .iter_rows() if r is not None and h}
-        found = detect_work_findings(None, layout.peers_frame(), hosts=hosts, work=self.work,
-                                     **th.work_args())
+        found = detect_work_findings(None, layout.peers_frame(), hosts=hosts,
+                                     work=reported_steps(self.work), **th.work_args())
         out = self._episodes(tuple(f for f in found if f.kind == "straggler"))
         if self.work["step"].n_unique() < self.warmup_steps + self.baseline_steps:
             return out + self.work_imbalance  # too few steps to judge: as last judged

@@ -79,6 +79,16 @@ def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
             .sort("rank", "step"))
 
 
+def reported_steps(work: pl.DataFrame) -> pl.DataFrame:
+    """``work`` up to the newest step every rank has reported. Live, ranks report their
+    steps as they finish them, some a step or two after their peers: a step that only part of
+    a stage has reported yet would read as replicas that differ (workload imbalance)."""
+    if work.is_empty():
+        return work
+    newest = work.group_by("rank").agg(pl.col("step").max())["step"].min()
+    return work.filter(pl.col("step") <= newest)
+
+
 def detect_work_findings(events: pl.DataFrame | None, roles: pl.DataFrame, *,
                          warmup_steps: int = _D.warmup_steps,
                          baseline_steps: int = _D.baseline_steps,

@@ -144,9 +144,9 @@ def test_the_replay_runs_the_dependencies_and_credits_only_the_critical_path():
 @pytest.mark.parametrize("name", ["healthy", "laststage", "varyseq", "strag-mid", "strag-0"])
 def test_the_online_window_gives_the_post_mortem_verdicts_through_a_restart(name):
     """Streamed 5 steps at a time into the service's window (the rows, each rank's step and
-    blocked time, the layout), with the window's state saved and restored into a new one
-    halfway, as a restarted service does: the same (kind, class, ranks, since) as the whole
-    log gives."""
+    blocked time, some ranks' steps later than others', the layout), with the window's
+    state saved and restored into a new one late in the run, as a restarted service does: the
+    same (kind, class, ranks, since) as the whole log gives."""
     import json
 
     from ringwatch.analyzers._online import OnlineWindow
@@ -158,6 +158,7 @@ def test_the_online_window_gives_the_post_mortem_verdicts_through_a_restart(name
     work = compute_step_work(ev)
     lay = infer_layout(ev)
     w = OnlineWindow(keep_steps=40)  # shorter than the run: onsets must outlive the window
+    shown = set()
     for lo in range(0, 60, 5):
         if lo == 45:
             state = json.loads(json.dumps(w.state()))
@@ -165,8 +166,28 @@ def test_the_online_window_gives_the_post_mortem_verdicts_through_a_restart(name
             w.restore(state)
         w.layout = lay
         w.add(ev.filter(pl.col("step").is_between(lo, lo + 4)))
-        w.add_work(work.filter(pl.col("step").is_between(lo, lo + 4)))
-        got = w.findings(now_ns=int(ev["t_end_ns"].max()))
-    got, _ = split_undecided(split_hiccups(tuple(
-        f for f in got if f.kind in ("straggler", "imbalance")))[0], newest_step=59)
-    assert sorted((f.kind, f.cls, f.ranks, f.since_step) for f in got) == want
+        # ranks report their steps as they finish them: the last stage 3 steps behind the
+        # first, and within each stage, some ranks 1-2 steps behind their peers
+        lag = pl.when(pl.col("rank") >= 4).then(3).otherwise(0) + pl.col("rank") % 3
+        w.add_work(work.filter((pl.col("step") + lag).is_between(lo, lo + 4)))
+        got, _ = split_undecided(split_hiccups(tuple(
+            f for f in w.findings(now_ns=int(ev["t_end_ns"].max()))
+            if f.kind in ("straggler", "imbalance")))[0], newest_step=lo + 4)
+        shown |= {(f.kind, f.cls, f.ranks, f.since_step) for f in got}
+    assert sorted(shown) == want  # every round shows what the whole log gives, no more
+
+
+def test_live_only_the_steps_every_rank_reported_are_judged():
+    """A healthy 16-rank dp x tp x pp = 4 x 2 x 2 job's step and blocked times as the live
+    service held them at step 24 (``live-w16-work.parquet``): steps 23 and 24 reported by 12
+    and 4 of the 16 ranks. Judged with those, the half-reported steps read as replicas that
+    differ (workload imbalance in both stages); up to the newest step every rank reported,
+    nothing, as post-mortem."""
+    from ringwatch.analyzers._work import detect_work_findings, reported_steps
+
+    work = pl.read_parquet(DATA / "live-w16-work.parquet")
+    roles = parse_layout("tp=2,pp=2,dp=4", 16).peers_frame()
+    assert {f.cls for f in detect_work_findings(None, roles, work=work)} == {
+        "workload imbalance"}
+    assert reported_steps(work)["step"].max() == 22
+    assert detect_work_findings(None, roles, work=reported_steps(work)) == ()
