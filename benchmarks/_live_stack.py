@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from _procs import free_port
+from _procs import free_port, stop
 
 PY = sys.executable
 
@@ -76,11 +75,4 @@ class LiveStack:
                                                        key=lambda x: x[0])]
 
     def close(self) -> None:
-        for p in (self.agent, self.serve):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in (self.agent, self.serve):
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(self.agent, self.serve)
