@@ -179,13 +179,13 @@ def test_the_online_window_gives_the_post_mortem_verdicts_through_a_restart(name
 
 def test_live_only_the_steps_every_rank_reported_are_judged():
     """A healthy 16-rank dp x tp x pp = 4 x 2 x 2 job's step and blocked times as the live
-    service held them at step 24 (``live-w16-work.parquet``): steps 23 and 24 reported by 12
-    and 4 of the 16 ranks. Judged with those, the half-reported steps read as replicas that
-    differ (workload imbalance in both stages); up to the newest step every rank reported,
-    nothing, as post-mortem."""
+    service held them at step 24 (``tests/data/live/pipeline-w16-work.parquet``): steps 23
+    and 24 reported by 12 and 4 of the 16 ranks. Judged with those, the half-reported steps
+    read as replicas that differ (workload imbalance in both stages); up to the newest step
+    every rank reported, nothing, as post-mortem."""
     from ringwatch.analyzers._work import detect_work_findings, reported_steps
 
-    work = pl.read_parquet(DATA / "live-w16-work.parquet")
+    work = pl.read_parquet(DATA.parent / "live" / "pipeline-w16-work.parquet")
     roles = parse_layout("tp=2,pp=2,dp=4", 16).peers_frame()
     assert {f.cls for f in detect_work_findings(None, roles, work=work)} == {
         "workload imbalance"}
