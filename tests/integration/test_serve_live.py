@@ -401,3 +401,22 @@ def test_a_hybrid_parallel_job_live_as_post_mortem(stack, case):
         assert abs(post[0]["since_step"] - truth["effect_step"]) <= 3, (post, truth)
     elif post:
         assert all(f["since_step"] <= 3 for f in post), post  # the first steps judged
+
+
+def test_a_data_parallel_replica_slow_from_the_start_live_as_post_mortem(stack):
+    """DDP on 4 ranks, rank 1 doing 2x the work from its first step: its replicas do the same
+    work by construction, so the service and `ringwatch analyze` both name it a straggler from
+    the first step judged (it was "structural imbalance", which no alert pages on)."""
+    stack.run_cluster("--nproc", "4", "--hosts", "2", "--steps", "50", "--fault", "imbalance",
+                      "--victim-rank", "1", "--", "--step-sleep-ms", "60")
+    live = [f["finding"] for _, f in stack.seen.values()]
+    proc = subprocess.run(ringwatch_cmd("analyze", "--json", str(stack.run_dir / "logs")),
+                          capture_output=True, text=True, env=job_env(), timeout=300)
+    post = json.loads(proc.stdout)["findings"]
+
+    def key(f):
+        return f["kind"], f.get("cls"), f["ranks"], f.get("since_step")
+
+    assert sorted(map(key, live)) == sorted(map(key, post)), (live, post)
+    (f,) = post
+    assert key(f)[:3] == ("straggler", "compute straggler", [1]) and f["since_step"] <= 3, f
