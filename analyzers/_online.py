@@ -45,10 +45,9 @@ from ringwatch.analyzers._stragglers import (
     compute_step_lateness,
     compute_straggler_scores,
     detect_stragglers,
-    judge_first_steps,
     scaled_floors_ms,
-    usual_delay,
 )
+from ringwatch.analyzers._symmetry import judge_first_steps, usual_delay
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 from ringwatch.analyzers._thresholds import Thresholds
 from ringwatch.analyzers._warmup import leading_warmup_steps

@@ -27,10 +27,10 @@ explaining at least half of its lateness, is a compute straggler at once: a rank
 computes longer and is waited for.
 
 A rank late in most of the job's first ``baseline_steps`` steps is judged by *symmetry*
-(:func:`split_by_symmetry`): ranks of one pipeline stage (tensor-parallel peers, data-parallel
-replicas) do the same work by construction, so one that is late from the start while its
-stage's other ranks are not is a **straggler** from the first step judged: its usual is its
-peers' and the sum above runs against that. Where its whole stage is late with it, or it has
+(:mod:`ringwatch.analyzers._symmetry`): ranks of one pipeline stage (tensor-parallel peers,
+data-parallel replicas) do the same work by construction, so one that is late from the start
+while its stage's other ranks are not is a **straggler** from the first step judged: its usual
+is its peers' and the sum above runs against that. Where its whole stage is late with it, or it has
 no peer to compare with, the difference is by design (a heavier stage): *structural
 imbalance*, not a fault. Without a pipeline every rank is one class.
 
@@ -44,7 +44,6 @@ reports the slow group.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping
 
 import polars as pl
@@ -59,6 +58,7 @@ from ringwatch.analyzers._steps import (
     _merged_ns,
     _slices,
 )
+from ringwatch.analyzers._symmetry import judge_first_steps, usual_delay
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 #: The class of a straggler that ended within ``transient_steps`` of its start.
@@ -214,19 +214,6 @@ def _noise_ms(delay: pl.DataFrame, floor_ms: float) -> float:
     return floor_ms if value is None else max(floor_ms, float(value))
 
 
-def usual_delay(head: pl.DataFrame, *, min_steps: int = 1) -> pl.DataFrame:
-    """``rank``, ``usual_ms``, ``usual_compute_ratio``: each rank's mean delay over ``head``
-    (rows with ``delay_ms`` and ``compute_ratio``, a job's first steps), at least 0, and its
-    median compute ratio there (1 when unknown); ranks with fewer than ``min_steps`` rows
-    left out."""
-    ratio = (pl.col("compute_ratio").median() if "compute_ratio" in head.columns
-             else pl.lit(None, pl.Float64))
-    return (head.group_by("rank").agg(
-        pl.col("delay_ms").mean().clip(lower_bound=0.0).alias("usual_ms"),
-        ratio.fill_null(1.0).fill_nan(1.0).alias("usual_compute_ratio"),
-        pl.len().alias("_n")).filter(pl.col("_n") >= min_steps).drop("_n"))
-
-
 def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps,
                              baseline_steps: int = _D.baseline_steps,
                              min_baseline_steps: int = _D.min_baseline_steps,
@@ -262,7 +249,7 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
             standard deviation of the delays in the first ``baseline_steps`` steps here.
         usual_from_peers: ``rank``, ``usual_ms``, ``usual_compute_ratio`` that replace the
             usual of those ranks (stragglers from the start, measured against their
-            symmetric peers: :func:`split_by_symmetry`).
+            symmetric peers: :mod:`ringwatch.analyzers._symmetry`).
 
     Returns:
         Columns ``rank``, ``host``, ``step``, ``wait_ms``, ``median_wait_ms`` (the step's
@@ -360,90 +347,6 @@ def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: flo
                      "usual_ms", "excess_ms", "cusum_ms", "run_start", "hits", "noise_ms",
                      "score", "compute_ms", "compute_ratio", "usual_compute_ratio", "busy_run",
                      *(["island"] if "island" in df.columns else []))
-
-
-def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: float,
-                min_delay_ms: float) -> pl.DataFrame:
-    """Ranks late in most of the job's first steps: ``rank``, ``host``, ``delay_ms``
-    (median), ``late_share`` (steps where it waited least), ``first_step``, ``last_step``."""
-    head = scores.filter(pl.col("step").rank("dense") <= baseline_steps)  # steps seen
-    by = ["step", "island"] if "island" in head.columns else ["step"]
-    least = head.filter(pl.col("wait_ms") == pl.col("wait_ms").min().over(by))
-    share = least.group_by("rank").agg(pl.len().alias("_late"))
-    n = head["step"].n_unique()
-    per = head.group_by("rank").agg(
-        pl.col("host").first(), pl.col("delay_ms").median(),
-        pl.col("step").min().alias("first_step"), pl.col("step").max().alias("last_step"))
-    noise = scores["noise_ms"][0]
-    return (per.join(share, on="rank", how="left")
-            .with_columns((pl.col("_late").fill_null(0) / n).alias("late_share"))
-            .filter((pl.col("late_share") >= 0.5)
-                    & (pl.col("delay_ms") >= max(min_delay_ms, imbalance_noise * noise)))
-            .drop("_late").sort("rank"))
-
-
-def judge_first_steps(scores: pl.DataFrame, stage: Mapping[int, int] | None, *,
-                      baseline_steps: int, imbalance_noise: float,
-                      min_delay_ms: float) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The ranks late from the job's first steps (``scores``), split by symmetry: ``(structural
-    imbalance, stragglers from the start)`` as :func:`split_by_symmetry` gives them."""
-    if scores.is_empty():
-        return split_by_symmetry(scores, scores.select("rank"), stage,
-                                 baseline_steps=baseline_steps, margin_ms=0.0)
-    late = _imbalanced(scores, baseline_steps=baseline_steps, imbalance_noise=imbalance_noise,
-                       min_delay_ms=min_delay_ms)
-    margin = max(min_delay_ms, imbalance_noise * scores["noise_ms"][0])
-    return split_by_symmetry(scores, late, stage, baseline_steps=baseline_steps,
-                             margin_ms=margin)
-
-
-def split_by_symmetry(scores: pl.DataFrame, late: pl.DataFrame,
-                      stage: Mapping[int, int] | None, *, baseline_steps: int,
-                      margin_ms: float) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Ranks late from the first steps (``late``: :func:`_imbalanced`), told apart by symmetry.
-
-    A rank whose usual delay (its mean over the first ``baseline_steps`` steps of ``scores``)
-    exceeds the median of its stage's other ranks' by ``margin_ms`` or more does the same work
-    as they do, slower: a straggler from the start. Otherwise its stage is late with it, or it
-    has no peer (a stage of one rank): by design.
-
-    Args:
-        scores: :func:`compute_straggler_scores` output.
-        late: Ranks late from the first steps (``rank`` and any other columns).
-        stage: ``rank -> pipeline stage`` (:class:`~ringwatch.analyzers._layout.Layout`);
-            None: no pipeline, every rank is one class.
-        baseline_steps: Steps (seen) of the usual.
-        margin_ms: Least excess over the peers' usual that makes a straggler.
-
-    Returns:
-        ``(structural, from_peers)``: the rows of ``late`` that stay structural imbalance,
-        and per straggler from the start ``rank``, ``usual_ms``, ``usual_compute_ratio``
-        (its peers' medians, to measure it against: ``usual_from_peers``) and
-        ``own_usual_ms``.
-    """
-    empty = pl.DataFrame(schema={"rank": pl.Int64, "usual_ms": pl.Float64,
-                                 "usual_compute_ratio": pl.Float64,
-                                 "own_usual_ms": pl.Float64})
-    if late.is_empty():
-        return late, empty
-    head = scores.filter(pl.col("step").rank("dense") <= baseline_steps)
-    usual = {int(r): (u, c) for r, u, c in usual_delay(head).iter_rows()}
-    role = {r: (0 if stage is None else stage.get(r, -1 - r)) for r in usual}
-    fixed, keep = [], []
-    for r in late["rank"].to_list():
-        peers = [q for q in usual if q != r and role[q] == role.get(r, -1 - r)]
-        if not peers or r not in usual:
-            keep.append(r)
-            continue
-        peer_ms = statistics.median(usual[q][0] for q in peers)
-        if usual[r][0] - peer_ms < margin_ms:
-            keep.append(r)
-            continue
-        fixed.append({"rank": r, "usual_ms": peer_ms,
-                      "usual_compute_ratio": statistics.median(usual[q][1] for q in peers),
-                      "own_usual_ms": usual[r][0]})
-    return (late.filter(pl.col("rank").is_in(keep)),
-            pl.DataFrame(fixed, schema=empty.schema) if fixed else empty)
 
 
 def _late_since(run: pl.DataFrame, k: float) -> int:
@@ -548,9 +451,10 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             window passes False: its first steps are only the oldest it still holds (a
             straggler that outlasts the window would turn into "imbalance" there); it judges
             imbalance once, on the job's own first steps, and passes their ``usual``.
-        stage: ``rank -> pipeline stage``, the symmetry classes (:func:`split_by_symmetry`):
-            a rank late from the start is a straggler when its stage's other ranks are not
-            late, structural imbalance when they are. None: no pipeline, one class.
+        stage: ``rank -> pipeline stage``, the symmetry classes
+            (:mod:`ringwatch.analyzers._symmetry`): a rank late from the start is a straggler
+            when its stage's other ranks are not late, structural imbalance when they are.
+            None: no pipeline, one class.
 
     Returns:
         At most one :class:`Finding` per rank, in order of onset: ``imbalance`` (class
@@ -665,4 +569,4 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
 
 __all__ = ["HICCUP_CLASS", "STRAGGLER_CLASSES", "THROTTLED_CLASS", "compute_group_lateness",
            "compute_step_lateness", "compute_straggler_scores", "detect_stragglers",
-           "judge_first_steps", "scaled_floors_ms", "split_by_symmetry"]
+           "scaled_floors_ms", "usual_delay"]
