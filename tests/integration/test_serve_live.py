@@ -359,6 +359,22 @@ def test_a_decode_straggler_is_named_live(stack):
     assert (first_ns - truth["onset_wall_ns"]) / 1e9 < 15
 
 
+def _key(f: dict) -> tuple:
+    return f["kind"], f.get("cls"), f["ranks"], f.get("since_step")
+
+
+def _live_as_post_mortem(stack) -> list[dict]:
+    """`ringwatch analyze`'s findings on the run's logs, after checking that the service
+    showed the same ones while it ran (kind, class, ranks, onset; hangs apart: the job's
+    end)."""
+    live = [f["finding"] for _, f in stack.seen.values() if f["finding"]["kind"] != "hang"]
+    proc = subprocess.run(ringwatch_cmd("analyze", "--json", str(stack.run_dir / "logs")),
+                          capture_output=True, text=True, env=job_env(), timeout=300)
+    post = json.loads(proc.stdout)["findings"]
+    assert sorted(map(_key, live)) == sorted(map(_key, post)), (live, post)
+    return post
+
+
 HYBRID = {  # case: (cluster arguments, job arguments, what `ringwatch analyze` says)
     "straggler mid-run": (["--fault", "straggler", "--straggler-mode", "work",
                            "--victim-rank", "5", "--at-step", "25"], [],
@@ -387,16 +403,8 @@ def test_a_hybrid_parallel_job_live_as_post_mortem(stack, case):
     fault, job, want = HYBRID[case]
     truth, _ = stack.run_cluster("--nproc", "8", "--hosts", "2", "--tp", "2", "--pp", "2",
                                  "--steps", "60", *fault, "--", "--step-sleep-ms", "40", *job)
-    live = [f["finding"] for _, f in stack.seen.values() if f["finding"]["kind"] != "hang"]
-    proc = subprocess.run(ringwatch_cmd("analyze", "--json", str(stack.run_dir / "logs")),
-                          capture_output=True, text=True, env=job_env(), timeout=300)
-    post = json.loads(proc.stdout)["findings"]
-
-    def key(f):
-        return f["kind"], f.get("cls"), f["ranks"], f.get("since_step")
-
-    assert sorted(map(key, live)) == sorted(map(key, post)), (live, post)
-    assert sorted(key(f)[:3] for f in post) == want, post
+    post = _live_as_post_mortem(stack)
+    assert sorted(_key(f)[:3] for f in post) == want, post
     if case == "straggler mid-run":
         assert abs(post[0]["since_step"] - truth["effect_step"]) <= 3, (post, truth)
     elif post:
@@ -409,14 +417,5 @@ def test_a_data_parallel_replica_slow_from_the_start_live_as_post_mortem(stack):
     the first step judged (it was "structural imbalance", which no alert pages on)."""
     stack.run_cluster("--nproc", "4", "--hosts", "2", "--steps", "50", "--fault", "imbalance",
                       "--victim-rank", "1", "--", "--step-sleep-ms", "60")
-    live = [f["finding"] for _, f in stack.seen.values()]
-    proc = subprocess.run(ringwatch_cmd("analyze", "--json", str(stack.run_dir / "logs")),
-                          capture_output=True, text=True, env=job_env(), timeout=300)
-    post = json.loads(proc.stdout)["findings"]
-
-    def key(f):
-        return f["kind"], f.get("cls"), f["ranks"], f.get("since_step")
-
-    assert sorted(map(key, live)) == sorted(map(key, post)), (live, post)
-    (f,) = post
-    assert key(f)[:3] == ("straggler", "compute straggler", [1]) and f["since_step"] <= 3, f
+    (f,) = _live_as_post_mortem(stack)
+    assert _key(f)[:3] == ("straggler", "compute straggler", [1]) and f["since_step"] <= 3, f
