@@ -3,28 +3,35 @@ set to its peers', after "Understanding Stragglers in Large Model Training Using
 Analysis" (OSDI'25).
 
 Per rank, a step is a sequence of communication ops (by issue order) with the rank's own work
-before each: the time since it was last free (the end of its previous blocking op, or the issue
-of its previous asynchronous one). The replay runs every rank's sequence from a common start:
+before each: the time since it was last free (the end of its previous blocking op, the issue
+of its previous asynchronous one, or for the step's first op the end of the previous step).
+Where the rank waited for its asynchronous ops (DDP's buckets before the optimizer, isends
+before the gradient all-reduce), the sequence holds a *wait*, placed as
+:func:`~ringwatch.analyzers._work.compute_step_work` counts it: after the last op issued before
+the last of them completed. The replay runs every rank's sequence from a common start:
 
-* an asynchronous op (an ``isend``, a DDP bucket) is issued and the rank goes on;
-* a blocking collective ends, on every member, when the last member has arrived plus its
-  transfer time (the group's shortest duration: the last to arrive waits for nothing else);
+* an asynchronous op is issued and the rank goes on; it completes as a blocking one would;
+* a collective ends, on every member, when the last member has arrived plus its transfer time
+  (the group's shortest duration: the last to arrive waits for nothing else);
 * a receive ends when the matching send (the k-th from that peer) has been issued and the
-  rank has arrived, plus its transfer time (the pair's shortest receive).
+  rank has arrived, plus its transfer time (the pair's median time from the later of the two
+  to the receive's end, on aligned clocks; else its shortest receive); a send completes with
+  its receive, or as early as measured (a buffered send, already out);
+* a wait ends when every asynchronous op the rank issued before it has completed.
 
 The step lasts until the last rank's last op ends. Replayed once as measured and once with the
 culprit's work scaled to its peers' median, the ratio of the two applied to the measured step
 time is the step time with the culprit fixed: a slow rank whose extra work lands in its
-neighbours' pipeline bubbles costs less than its extra work, and the replay says how much
-less. A step whose graph does not close (a send with no receive in the same step, a member
-missing) is left out; with none left the replay gives no answer and the caller keeps its
-simpler estimate.
+neighbours' pipeline bubbles, or in a wait its peers would have had anyway, costs less than its
+extra work, and the replay says how much less. A step whose graph does not close (a send with
+no receive in the same step, a member missing) is left out; with none left the replay gives no
+answer and the caller keeps its simpler estimate.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 
@@ -37,23 +44,33 @@ MAX_RANKS = 512
 @dataclass
 class _Op:
     rank: int
-    key: tuple  # ("c", pg, seq) | ("s", src, dst, k) | ("r", src, dst, k)
+    key: tuple  # ("c", pg, seq) | ("s", src, dst, k) | ("r", src, dst, k) | ("w", rank)
     blocking: bool
     work_ns: float
     xfer_ns: float
+    deps: list = field(default_factory=list)  # a wait: the async ops it waits for
+    took_ns: float = 0.0  # a send: how long it took as measured
 
 
-def _ops(rows: pl.DataFrame) -> dict[int, list[_Op]]:
-    """One step's rows as each rank's op sequence (see the module)."""
+def _ops(rows: pl.DataFrame, lead: dict[int, int]) -> dict[int, list[_Op]]:
+    """One step's rows as each rank's op sequence (see the module); ``lead``: per rank, when
+    it was free at the end of the previous step (its first op's work starts there)."""
     out: dict[int, list[_Op]] = {}
     pair_k: dict[tuple, int] = defaultdict(int)
     for (rank,), mine in rows.sort("rank", "idx").partition_by("rank", as_dict=True,
                                                                maintain_order=True).items():
-        seq, free = [], None
-        for r in mine.iter_rows(named=True):
+        rank = int(rank)
+        recs = list(mine.iter_rows(named=True))
+        if any(r["mono_start_ns"] is None or r["mono_end_ns"] is None
+               or r["mono_end_ns"] < r["mono_start_ns"] for r in recs):
+            return {}
+        asyncs = [r["mono_end_ns"] for r in recs if r["async_op"] is not False]
+        waited = max(asyncs) if asyncs else None
+        wait_after = max((i for i, r in enumerate(recs) if r["mono_start_ns"] <= waited),
+                         default=None) if waited is not None else None
+        seq, pending, free = [], [], lead.get(rank)
+        for i, r in enumerate(recs):
             start, end = r["mono_start_ns"], r["mono_end_ns"]
-            if start is None or end is None or end < start:
-                return {}
             blocking = r["async_op"] is False
             work = 0.0 if free is None else max(0.0, start - free)
             if r["is_p2p"]:
@@ -65,71 +82,173 @@ def _ops(rows: pl.DataFrame) -> dict[int, list[_Op]]:
                 key = ("s" if r["op"] == "send" else "r", src, dst, k)
             else:
                 key = ("c", r["pg"], r["seq"])
-            seq.append(_Op(rank, key, blocking, work, float(r["_xfer"])))
+            seq.append(_Op(rank, key, blocking, work, float(r["_xfer"]), took_ns=end - start))
+            if not blocking:
+                pending.append(key)
             free = end if blocking else start
-        out[int(rank)] = seq
+            if i == wait_after and waited > free:
+                seq.append(_Op(rank, ("w", rank), True, 0.0, 0.0, pending))
+                pending, free = [], waited
+        out[rank] = seq
     return out
+
+
+class _Sim:
+    """One replay of a step's ops (see the module)."""
+
+    def __init__(self, ops: dict[int, list[_Op]], scale: dict[int, float]):
+        self.ops, self.scale = ops, scale
+        self.members: dict[tuple, set[int]] = defaultdict(set)
+        for rank, seq in ops.items():
+            for op in seq:
+                if op.key[0] == "c":
+                    self.members[op.key].add(rank)
+        self.arrived: dict[tuple, dict[int, float]] = defaultdict(dict)
+        self.done: dict[tuple, float] = {}  # collectives and receives: when they completed
+        self.sent: dict[tuple, float] = {}
+        self.sent_by: dict[tuple, float] = {}  # sends: issue + their measured duration
+        self.posted: dict[tuple, tuple[float, float]] = {}  # async receives: (arrival, xfer)
+
+    def _completion(self, key: tuple) -> float | None:
+        if key[0] == "s":
+            out = self._completion(("r",) + key[1:])
+            by = self.sent_by.get(key)
+            return by if out is None else out if by is None else min(out, by)
+        if key in self.done:
+            return self.done[key]
+        if key[0] == "r" and key in self.posted and ("s",) + key[1:] in self.sent:
+            at, xfer = self.posted[key]
+            self.done[key] = max(at, self.sent[("s",) + key[1:]]) + xfer
+            return self.done[key]
+        return None
+
+    def _try(self, op: _Op, at: float) -> float | None:
+        """When the rank is free after ``op`` (issued at ``at``), or None: not yet."""
+        kind = op.key[0]
+        if kind == "c":
+            got = self.arrived[op.key]
+            got.setdefault(op.rank, at)
+            if op.key not in self.done and len(got) == len(self.members[op.key]):
+                self.done[op.key] = max(got.values()) + op.xfer_ns
+            if not op.blocking:
+                return at
+            return self.done.get(op.key)
+        if kind == "s":
+            self.sent[op.key] = at
+            self.sent_by[op.key] = at + op.took_ns
+            if not op.blocking:
+                return at
+            return self._completion(op.key)
+        if kind == "r":
+            self.posted.setdefault(op.key, (at, op.xfer_ns))
+            end = self._completion(op.key)
+            return at if not op.blocking else end
+        ends = [self._completion(k) for k in op.deps]  # a wait
+        return None if any(e is None for e in ends) else max([at, *ends])
+
+    def run(self) -> float | None:
+        """The step's replayed length, or None when its graph does not close."""
+        ops = self.ops
+        pos = dict.fromkeys(ops, 0)
+        clock = dict.fromkeys(ops, 0.0)
+        todo, stalled = deque(ops), 0
+        while todo:
+            rank = todo.popleft()
+            seq = ops[rank]
+            if pos[rank] >= len(seq):
+                stalled = 0
+                continue
+            op = seq[pos[rank]]
+            free = self._try(op, clock[rank] + op.work_ns * self.scale.get(rank, 1.0))
+            todo.append(rank)
+            if free is None:  # waits for others (its arrival is recorded)
+                stalled += 1
+                if stalled > 2 * len(todo) + 2:
+                    return None
+                continue
+            clock[rank], pos[rank], stalled = free, pos[rank] + 1, 0
+        return max(clock.values())
 
 
 def _replay(ops: dict[int, list[_Op]], scale: dict[int, float]) -> float | None:
     """The step's length replayed with each rank's work times ``scale`` (default 1)."""
-    members: dict[tuple, set[int]] = defaultdict(set)
-    for rank, seq in ops.items():
-        for op in seq:
-            if op.key[0] == "c":
-                members[op.key].add(rank)
-    pos = dict.fromkeys(ops, 0)
-    clock = dict.fromkeys(ops, 0.0)
-    arrived: dict[tuple, dict[int, float]] = defaultdict(dict)
-    sent: dict[tuple, float] = {}
-    todo = deque(ops)
-    stalled = 0
-    while todo:
-        rank = todo.popleft()
-        seq = ops[rank]
-        if pos[rank] >= len(seq):
-            stalled = 0
-            continue
-        op = seq[pos[rank]]
-        at = clock[rank] + op.work_ns * scale.get(rank, 1.0)
-        kind = op.key[0]
-        if kind == "c" and op.blocking:
-            arrived[op.key][rank] = at
-            if len(arrived[op.key]) < len(members[op.key]):
-                todo.append(rank)  # wait for the others (its arrival is recorded)
-                stalled += 1
-                if stalled > 4 * len(ops):
-                    return None
-                continue
-            done = max(arrived[op.key].values()) + op.xfer_ns
-            for r in members[op.key]:
-                if ops[r][pos[r]].key == op.key:
-                    clock[r] = done
-                    pos[r] += 1
-            stalled = 0
-            todo.append(rank)
-            continue
-        if kind == "r":
-            src_key = ("s",) + op.key[1:]
-            if src_key not in sent:
-                arrived[op.key][rank] = at
-                todo.append(rank)
-                stalled += 1
-                if stalled > 4 * len(ops):
-                    return None
-                continue
-            clock[rank] = max(at, sent[src_key]) + op.xfer_ns if op.blocking else at
-        elif kind == "s":
-            sent[op.key] = at
-            clock[rank] = at + (op.xfer_ns if op.blocking else 0.0)
-        else:  # an asynchronous collective: issued, the rank goes on
-            clock[rank] = at
-        pos[rank] += 1
-        stalled = 0
-        todo.append(rank)
-    if any(pos[r] < len(ops[r]) for r in ops):
+    return _Sim(ops, scale).run()
+
+
+def _step_rows(events: pl.DataFrame, steps: list[int]) -> pl.DataFrame:
+    """The replayed steps' rows (and the step before the first, for its end) with each op's
+    transfer time (``_xfer``): a collective's shortest member; a receive's, from the time
+    its data was on its way (see :func:`_receive_transfers`), else the pair's shortest."""
+    window = events.filter(pl.col("step").is_in(steps) & pl.col("mono_start_ns").is_not_null()
+                           & pl.col("mono_end_ns").is_not_null())
+    rows = window.select(
+        "rank", "step", "idx", "pg", "seq", "is_p2p", "peer", "op", "async_op",
+        "mono_start_ns", "mono_end_ns").with_columns(
+        pl.col("pg").cast(pl.Utf8), pl.col("op").cast(pl.Utf8),
+        (pl.col("mono_end_ns") - pl.col("mono_start_ns")).alias("_d"))
+    rows = rows.with_columns(pl.when(pl.col("is_p2p"))
+                             .then(pl.col("_d").min().over("rank", "peer", "op"))
+                             .otherwise(pl.col("_d").min().over("step", "pg", "seq"))
+                             .alias("_xfer"))
+    pure = _receive_transfers(window)
+    if pure is None:
+        return rows
+    return (rows.join(pure, on=["rank", "peer"], how="left")
+            .with_columns(pl.when(pl.col("op") == "recv")
+                          .then(pl.min_horizontal("_xfer", pl.col("_pure").fill_null(
+                              pl.col("_xfer"))))
+                          .otherwise(pl.col("_xfer")).alias("_xfer")).drop("_pure"))
+
+
+def _receive_transfers(window: pl.DataFrame) -> pl.DataFrame | None:
+    """Per (receiving rank, peer), the median over its receives of the time from the later
+    of its posting and the matching send's issue to its end: the transfer, without the wait
+    for a late sender. In a pipeline the receiver waits for its sender's work in every
+    micro-batch, so a pair's shortest receive still holds that work. Times are read on the
+    hosts' wall clocks aligned by the collectives (:mod:`ringwatch.analyzers._clocks`), or on
+    the monotonic clock when every rank is on one host; None when neither can be had."""
+    p2p = window.filter(pl.col("is_p2p") & pl.col("peer").is_not_null())
+    if p2p.is_empty():
         return None
-    return max(clock.values())
+    hosts = window["host"].n_unique() if "host" in window.columns else 1
+    if hosts == 1:
+        start, end = "mono_start_ns", "mono_end_ns"
+    elif {"t_start_ns", "t_end_ns", "pg_size", "status"} <= set(window.columns):
+        from ringwatch.analyzers._clocks import align_clocks, estimate_clock_offsets
+
+        offsets = estimate_clock_offsets(window)
+        if offsets.height < hosts:
+            return None
+        p2p = align_clocks(p2p, offsets)
+        start, end = "t_start_ns", "t_end_ns"
+    else:
+        return None
+    send = pl.col("op").cast(pl.Utf8) == "send"
+    p2p = (p2p.filter(pl.col(start).is_not_null() & pl.col(end).is_not_null())
+           .sort("rank", "step", "idx")
+           .with_columns(pl.when(send).then(pl.col("rank")).otherwise(pl.col("peer")).alias("_src"),
+                         pl.when(send).then(pl.col("peer")).otherwise(pl.col("rank")).alias("_dst"),
+                         pl.col("op").cast(pl.Utf8).alias("_op")))
+    p2p = p2p.with_columns(pl.int_range(pl.len()).over("step", "_src", "_dst", "_op").alias("_k"))
+    key = ["step", "_src", "_dst", "_k"]
+    sends = p2p.filter(pl.col("_op") == "send").select(*key, pl.col(start).alias("_sent"))
+    recvs = p2p.filter(pl.col("_op") == "recv").join(sends, on=key)
+    if recvs.is_empty():
+        return None
+    took = (pl.col(end) - pl.max_horizontal(start, "_sent")).clip(0, pl.col(end) - pl.col(start))
+    return (recvs.group_by("rank", "peer").agg(took.median().alias("_pure"))
+            .select(pl.col("rank").cast(pl.Int64), pl.col("peer").cast(pl.Int64), "_pure"))
+
+
+def _step_ends(rows: pl.DataFrame) -> dict[tuple[int, int], int]:
+    """Per (rank, step): when the rank was free at the step's end (its last blocking op's
+    end, or its asynchronous ops' last completion, the later)."""
+    free = pl.when(pl.col("async_op") == False).then(pl.col("mono_end_ns")  # noqa: E712
+                                                     ).otherwise(pl.col("mono_start_ns"))
+    ends = rows.group_by("rank", "step").agg(pl.max_horizontal(
+        free.max(), pl.col("mono_end_ns").filter(pl.col("async_op") != False).max()  # noqa: E712
+    ).alias("_e"))
+    return {(int(r), int(s)): int(e) for r, s, e in ends.iter_rows() if e is not None}
 
 
 def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
@@ -140,25 +259,19 @@ def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
     if ranks > MAX_RANKS or not peers or "async_op" not in events.columns:
         return None
     last = events["step"].max() if last_step is None else last_step
-    steps = sorted(s for s in events.filter(pl.col("step").is_between(first_step, last))
-                   ["step"].unique().drop_nulls().to_list())[-MAX_STEPS - 1:-1]  # whole steps
+    known = sorted(events["step"].unique().drop_nulls().to_list())
+    steps = [s for s in known if first_step <= s <= last][-MAX_STEPS - 1:-1]  # whole steps
     if not steps:
         return None
-    rows = events.filter(pl.col("step").is_in(steps) & pl.col("mono_start_ns").is_not_null()
-                         & pl.col("mono_end_ns").is_not_null()).select(
-        "rank", "step", "idx", "pg", "seq", "is_p2p", "peer", "op", "async_op",
-        "mono_start_ns", "mono_end_ns").with_columns(
-        pl.col("pg").cast(pl.Utf8), pl.col("op").cast(pl.Utf8),
-        (pl.col("mono_end_ns") - pl.col("mono_start_ns")).alias("_d"))
-    # transfer: a collective's shortest member; a receive: the pair's shortest in that step
-    # (over all the steps it is the pair's best moment, and a healthy step replays ~8% short)
-    rows = rows.with_columns(pl.when(pl.col("is_p2p"))
-                             .then(pl.col("_d").min().over("step", "rank", "peer", "op"))
-                             .otherwise(pl.col("_d").min().over("step", "pg", "seq"))
-                             .alias("_xfer"))
+    before = [s for s in known if s < steps[0]][-1:]
+    rows = _step_rows(events, before + steps)
+    ends = _step_ends(rows)
     ratios = []
-    for part in rows.partition_by("step"):
-        ops = _ops(part)
+    for (step,), part in rows.partition_by("step", as_dict=True).items():
+        if step not in steps:
+            continue
+        prev = known[known.index(step) - 1] if known.index(step) else None
+        ops = _ops(part, {r: e for (r, s), e in ends.items() if s == prev})
         if not ops or culprit not in ops:
             continue
         work = {r: sum(o.work_ns for o in seq) for r, seq in ops.items()}

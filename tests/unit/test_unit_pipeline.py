@@ -116,29 +116,61 @@ def _row(rank, step, idx, op, start_ms, end_ms, *, peer=None, pg="0", seq=None, 
             "mono_end_ns": int(end_ms * ms)}
 
 
+def _two_stage_rows(work_ms: dict[int, float], steps: int = 6) -> pl.DataFrame:
+    """Two stages, one micro-batch, data parallel 2, measured as it would run: stage 0
+    (ranks 0, 1) works 5 ms, isends its activation to stage 1 (ranks 2, 3), which works
+    ``work_ms[r]`` on it and isends the gradient back; each stage then all-reduces with its
+    replica. Transfers take 1 ms; a step starts when the all-reduces end."""
+    rows, t = [], 0.0
+    for step in range(steps):
+        idx = 3 * step
+        grad_at = {}
+        for r in (2, 3):
+            act = t + 5 + 1
+            sent = act + work_ms[r]
+            grad_at[r - 2] = sent + 1
+            rows += [_row(r, step, idx, "recv", t, act, peer=r - 2),
+                     _row(r, step, idx + 1, "send", sent, sent + 1, peer=r - 2, blocking=False)]
+        arrive = {r: grad_at[r] + 1 for r in (0, 1)} | {r: grad_at[r - 2] + 1 for r in (2, 3)}
+        end = {0: max(arrive[0], arrive[1]) + 1, 2: max(arrive[2], arrive[3]) + 1}
+        for r in (0, 1):
+            rows += [_row(r, step, idx, "send", t + 5, t + 6, peer=r + 2, blocking=False),
+                     _row(r, step, idx + 1, "recv", t + 6, grad_at[r], peer=r + 2)]
+        for r in range(4):
+            rows.append(_row(r, step, idx + 2, "all_reduce", arrive[r], end[0 if r < 2 else 2],
+                             pg="dp0" if r < 2 else "dp1", seq=step))
+        t = end[0]
+    return pl.DataFrame(rows)
+
+
 def test_the_replay_runs_the_dependencies_and_credits_only_the_critical_path():
     from ringwatch.analyzers._replay import replay_fixed_step_ms
 
-    # two stages, one micro-batch; stage 0 (ranks 0, 1) and stage 1 (ranks 2, 3); rank 2
-    # works 30 ms before sending its gradient back, its peer rank 3 works 10 ms
-    rows = []
-    for step in range(4):
-        t = step * 100
-        for r, w1 in {0: 10, 1: 10}.items():  # send the activation, receive the gradient
-            rows += [_row(r, step, 2 * step, "send", t + w1, t + w1 + 1, peer=r + 2,
-                          blocking=False),
-                     _row(r, step, 2 * step + 1, "recv", t + w1 + 1,
-                          t + w1 + 1 + (42 if r == 0 else 22), peer=r + 2)]
-        for r, w in {2: 30, 3: 10}.items():
-            rows += [_row(r, step, 2 * step, "recv", t, t + 11, peer=r - 2),
-                     _row(r, step, 2 * step + 1, "send", t + 11 + w, t + 12 + w, peer=r - 2,
-                          blocking=False)]
-    ev = pl.DataFrame(rows)
+    # rank 2 works 30 ms per step, its replica rank 3 10 ms: every step waits for rank 2
+    ev = _two_stage_rows({2: 30, 3: 10})
+    measured = 5 + 1 + 30 + 1 + 1 + 1  # stage 0's work, the chain through rank 2, all-reduce
     fixed = replay_fixed_step_ms(ev, 2, [3], 0)
-    # the step is ~100 ms apart as measured; fixing rank 2 (30 -> 10 ms of work) shortens
-    # the replayed chain, never below what the other chain needs
-    assert fixed is not None and fixed < 100
-    assert replay_fixed_step_ms(ev, 3, [2], 0) == pytest.approx(100)  # never the slower
+    # fixed, rank 2's work (31 ms a step) is scaled to rank 3's (11): the 30 ms of it on the
+    # chain shrink alike, and no more (the rest is stage 0's work and the transfers; the
+    # 1 ms after its send overlaps the all-reduce's wait for stage 0)
+    assert fixed == pytest.approx(measured - 30 * (1 - 11 / 31), abs=0.05)
+    assert replay_fixed_step_ms(ev, 3, [2], 0) == pytest.approx(measured)  # never the slower
+
+
+def test_the_replay_waits_for_the_asynchronous_ops_where_the_rank_did():
+    from ringwatch.analyzers._replay import _ops, _step_ends, _step_rows
+
+    rows = _step_rows(_two_stage_rows({2: 30, 3: 10}), [1, 2])
+    ends = _step_ends(rows)
+    ops = _ops(rows.filter(pl.col("step") == 2),
+               {r: e for (r, s), e in ends.items() if s == 1})
+    # rank 3's isend completed 1 ms after issue; it then waited in the all-reduce, not in
+    # the send: a wait for the send, then 1 ms of work, then the all-reduce
+    kinds = [op.key[0] for op in ops[3]]
+    assert kinds == ["r", "s", "w", "c"]
+    assert [round(op.work_ns / 1e6) for op in ops[3]] == [0, 10, 0, 1]
+    # stage 0's first op starts 5 ms after the previous step's all-reduce: its work
+    assert round(ops[0][0].work_ns / 1e6) == 5
 
 
 @pytest.mark.parametrize("name", ["healthy", "laststage", "varyseq", "strag-mid", "strag-0"])
