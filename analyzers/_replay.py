@@ -35,16 +35,17 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-#: Steps replayed at most (the latest of the episode), and ranks at most: the replay is a
-#: Python loop over ops.
+#: Steps replayed at most (the latest of the episode), ranks at most, and ops at most over
+#: all the steps (fewer steps when they hold more): the replay is a Python loop over ops.
 MAX_STEPS = 24
 MAX_RANKS = 512
+MAX_OPS = 200_000
 
 
 @dataclass
 class _Op:
     rank: int
-    key: tuple  # ("c", pg, seq) | ("s", src, dst, k) | ("r", src, dst, k) | ("w", rank)
+    key: tuple  # ("c", pg, seq) | ("s"/"r", src, dst, step, k) | ("w", rank, step)
     blocking: bool
     work_ns: float
     xfer_ns: float
@@ -79,7 +80,7 @@ def _ops(rows: pl.DataFrame, lead: dict[int, int]) -> dict[int, list[_Op]]:
                 src, dst = (rank, r["peer"]) if r["op"] == "send" else (r["peer"], rank)
                 k = pair_k[(r["op"], src, dst)]
                 pair_k[(r["op"], src, dst)] += 1
-                key = ("s" if r["op"] == "send" else "r", src, dst, k)
+                key = ("s" if r["op"] == "send" else "r", src, dst, r["step"], k)
             else:
                 key = ("c", r["pg"], r["seq"])
             seq.append(_Op(rank, key, blocking, work, float(r["_xfer"]), took_ns=end - start))
@@ -87,7 +88,7 @@ def _ops(rows: pl.DataFrame, lead: dict[int, int]) -> dict[int, list[_Op]]:
                 pending.append(key)
             free = end if blocking else start
             if i == wait_after and waited > free:
-                seq.append(_Op(rank, ("w", rank), True, 0.0, 0.0, pending))
+                seq.append(_Op(rank, ("w", rank, r["step"]), True, 0.0, 0.0, pending))
                 pending, free = [], waited
         out[rank] = seq
     return out
@@ -263,6 +264,8 @@ def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
     steps = [s for s in known if first_step <= s <= last][-MAX_STEPS - 1:-1]  # whole steps
     if not steps:
         return None
+    per_step = events.filter(pl.col("step").is_in(steps)).height / len(steps)
+    steps = steps[-max(1, int(MAX_OPS // max(per_step, 1))):]
     before = [s for s in known if s < steps[0]][-1:]
     rows = _step_rows(events, before + steps)
     ends = _step_ends(rows)

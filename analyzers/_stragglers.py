@@ -367,17 +367,37 @@ def _late_since(run: pl.DataFrame, k: float) -> int:
     return since
 
 
-def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float) -> tuple[str, ...]:
-    """The job's step time over ``first..last`` and what it would be without ``delay_ms``."""
+def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float, rank: int,
+             peers: list[int]) -> tuple[str, ...]:
+    """The job's step time over ``first..last`` and what it would be with ``rank`` working
+    like its ``peers``: by replay of the steps' dependencies
+    (:mod:`ringwatch.analyzers._replay`), else the step less ``delay_ms`` (every rank waiting
+    for all of it)."""
     from ringwatch.analyzers._hangs import typical_step_s
+    from ringwatch.analyzers._replay import replay_fixed_step_ms
 
     step_s = typical_step_s(events.select("rank", "step", "mono_start_ns")  # not every column
                             .filter(pl.col("step").is_between(first, last + 1)))
     if step_s is None:
         return ()
     now = step_s * 1e3
+    fixed = replay_fixed_step_ms(events, rank, peers, first, last + 1)
+    if fixed is not None:
+        return (f"the job's step took {now:.0f} ms; ~{fixed:.0f} ms with this rank working "
+                f"like its peers (replay of the steps' dependencies; "
+                f"{max(0.0, now - fixed) / now:.0%} faster)",)
     return (f"the job's step took {now:.0f} ms; ~{max(0.0, now - delay_ms):.0f} ms if this "
             f"rank arrived like its peers ({delay_ms / now:.0%} faster)",)
+
+
+def _symmetric_peers(rank: int, stage: Mapping[int, int] | None,
+                     lat: pl.DataFrame) -> list[int]:
+    """The ranks that do ``rank``'s work by construction: its stage's others (every other
+    rank without a pipeline)."""
+    ranks = sorted(int(r) for r in lat["rank"].unique().to_list())
+    if stage is None or rank not in stage:
+        return [r for r in ranks if r != rank]
+    return [r for r in ranks if r != rank and stage.get(r) == stage[rank]]
 
 
 def _from_start_line(rank: int, peers_ms: Mapping[int, float]) -> tuple[str, ...]:
@@ -563,7 +583,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       f"{r['usual_ms']:.1f} ms; job noise {noise:.1f} ms)",
                       *_from_start_line(r["rank"], peers_ms),
                       *_change_lines(r, threshold, persist),
-                      *_what_if(events, since, int(run["step"].max()), delay))))
+                      *_what_if(events, since, int(run["step"].max()), delay, r["rank"],
+                                _symmetric_peers(r["rank"], stage, lat)))))
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 

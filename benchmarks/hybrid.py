@@ -1,7 +1,8 @@
 """Hybrid-parallel jobs on the local cluster, scored: layout, stragglers on any role, imbalance.
 
 Each run is a real `ringwatch cluster` job, dp x tp x pp on Gloo (``cluster/_pipeline.py``: 1F1B
-over 4 micro-batches, 40 ms of host idle time per step in the micro-batches), tp = pp = 2, 4
+over 4 micro-batches, ``--idle-ms`` (40) of host idle time per step in the micro-batches),
+tp = pp = 2, 4
 ranks per emulated host, 60 steps, then `ringwatch analyze --json` on its logs. Cases:
 
 * ``none``: healthy; right when there is no finding;
@@ -14,8 +15,20 @@ ranks per emulated host, 60 steps, then `ringwatch analyze --json` on its logs. 
 * ``strag0``: a random rank does 2x the work from the first step; right when that rank alone
   is named a straggler from the first steps (since step 3 at the latest).
 
+Every straggler run (``straggler``, ``strag0``) is followed by its *twin*: the same job without
+the fault, right after it (``RUN/twin``), whose step time is the what-if's measured truth: the
+step time the job would have had with the culprit fixed. ``--no-twins`` skips them (the
+what-if is then read against the healthy runs, and a mid-run straggler's own steps before its
+onset).
+
 Every run keeps its folder under ``--out``; ``--rescore`` reads them again with the current
 analyzers.
+
+``--gpu-like``: the same jobs with a model so small that the host computes a few ms a step: the
+step is the 40 ms of host idle time (as while a GPU computes) and the transfers. On the 2-core
+testbed a CPU-heavy straggler takes CPU from the other 7-15 processes, and the job's transfers
+run faster while its ranks are out of step: neither happens between GPUs, and the what-if's
+replay (which keeps every transfer as measured) cannot know them.
 
 ``--live``: each run is also watched live, by a fresh `ringwatch serve` and `ringwatch agent`
 (``benchmarks/_live_stack.py``); every finding the service showed is kept in the run's
@@ -44,10 +57,16 @@ CASES = ("none", "laststage", "varyseq", "straggler", "strag0")
 ONSET = 25
 
 
-def _cluster_args(case: str, world: int, victim: int) -> list[str]:
+#: ``--gpu-like``: a model so small that the host's own compute is a few ms a step, and the
+#: step is the 40 ms of host idle time (as while a GPU computes) and the transfers.
+GPU_LIKE = ["--width", "64", "--batch", "8"]
+
+
+def _cluster_args(case: str, world: int, victim: int, gpu_like: bool = False,
+                  idle_ms: float = 40) -> list[str]:
     base = ["--nproc", str(world), "--hosts", str(world // 4), "--tp", "2", "--pp", "2",
             "--steps", "60"]
-    job = ["--step-sleep-ms", "40"]
+    job = ["--step-sleep-ms", f"{idle_ms:g}", *(GPU_LIKE if gpu_like else [])]
     if case == "laststage":
         return base + ["--fault", "none", "--", *job, "--last-stage-factor", "2"]
     if case == "varyseq":
@@ -60,9 +79,9 @@ def _cluster_args(case: str, world: int, victim: int) -> list[str]:
     return base + ["--fault", "none", "--", *job]
 
 
-def _step_ms(run: Path, before: int | None = None) -> float:
-    """The median step time (ms) of a run after its warm-up (and before step ``before``),
-    from its logs."""
+def _step_ms(run: Path, before: int | None = None, after: int | None = None) -> float:
+    """The median step time (ms) of a run after its warm-up (and before step ``before``, from
+    step ``after``), from its logs."""
     from ringwatch._logs import list_jobs, open_job
     from ringwatch.analyzers._work import compute_step_work
 
@@ -71,6 +90,8 @@ def _step_ms(run: Path, before: int | None = None) -> float:
     keep = w["step"] >= 5
     if before is not None:
         keep = keep & (w["step"] < before)
+    if after is not None:
+        keep = keep & (w["step"] >= after)
     return float(w.filter(keep)["step_ms"].median())
 
 
@@ -134,6 +155,61 @@ def _run_live(cmd: list[str], run: Path) -> int:
     return rc
 
 
+def _run_twin(run: Path, world: int, gpu_like: bool, idle_ms: float) -> None:
+    """The same job as ``run`` without its fault, right after it: ``run/twin``."""
+    subprocess.run([PY, "-m", "ringwatch._cli", "cluster", "--clean"], capture_output=True,
+                   check=False)
+    t0 = time.monotonic()
+    cmd = [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run / "twin"),
+           *_cluster_args("none", world, 0, gpu_like, idle_ms)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    print(f"{run.name}/twin: rc {proc.returncode} in {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def _what_if_lines(results: list[dict], runs: list[Path]) -> None:
+    """The what-if of every straggler run against its twin (else against the healthy runs
+    of its shape, and a mid-run straggler's own steps before its onset)."""
+    healthy = {}
+    for r, run in zip(results, runs, strict=True):
+        if r["case"] == "none":
+            healthy.setdefault(r["world"], []).append(_step_ms(run))
+    for w, base in sorted(healthy.items()):
+        print(f"healthy step time, {w} ranks: " + ", ".join(f"{b:.0f}" for b in base) + " ms")
+    within, errs = [], []
+    for r, run in zip(results, runs, strict=True):
+        if r["case"] not in ("straggler", "strag0"):
+            continue
+        if not r.get("whatif_ms"):
+            print(f"what-if {r['case']}-w{r['world']} victim {r['victim']}: none given")
+            within.append(False)
+            continue
+        line = (f"what-if {r['case']}-w{r['world']} victim {r['victim']}: predicted "
+                f"{r['whatif_ms']} ms ({r['whatif_how']}); ")
+        fault_ms = _step_ms(run, after=ONSET if r["case"] == "straggler" else None)
+        if (run / "twin" / "logs").is_dir():
+            truth = _step_ms(run / "twin")
+            line += f"its twin without the fault {truth:.0f} ms"
+        elif healthy.get(r["world"]):
+            base = healthy[r["world"]]
+            truth = sorted(base)[len(base) // 2]
+            line += f"healthy runs {truth:.0f} ms"
+        else:
+            continue
+        err = (r["whatif_ms"] - truth) / truth
+        line += f": {err:+.1%} (with the fault {fault_ms:.0f} ms)"
+        if r["case"] == "straggler":
+            own = _step_ms(run, before=ONSET)
+            line += f"; its own steps before the onset {own:.0f} ms"
+        within.append(abs(err) <= 0.10)
+        errs.append(abs(err))
+        print(line)
+    if within:
+        errs.sort()
+        print(f"what-if within 10% of the truth: {sum(within)}/{len(within)}"
+              + (f" (median error {errs[len(errs) // 2]:.1%}, worst {errs[-1]:.1%})"
+                 if errs else ""))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -142,6 +218,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--rescore", action="store_true")
+    ap.add_argument("--gpu-like", action="store_true",
+                    help="a model of a few ms of host compute: the step is host idle time "
+                         "(as while a GPU computes) and transfers, and a straggler's extra "
+                         "work is idle time, not CPU taken from the other ranks")
+    ap.add_argument("--idle-ms", type=float, default=40,
+                    help="host idle time per step, as while a GPU computes (default 40)")
+    ap.add_argument("--no-twins", action="store_true",
+                    help="run no fault-free twin after each straggler run")
     ap.add_argument("--live", action="store_true",
                     help="watch each run with ringwatch serve and an agent (live.json)")
     args = ap.parse_args(argv)
@@ -161,7 +245,8 @@ def main(argv=None) -> int:
                                    capture_output=True, check=False)
                     t0 = time.monotonic()
                     cmd = [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run),
-                           *_cluster_args(case, world, victim)]
+                           *_cluster_args(case, world, victim, args.gpu_like,
+                                         args.idle_ms)]
                     rc = _run_live(cmd, run) if args.live else subprocess.run(
                         cmd, capture_output=True, text=True, check=False).returncode
                     (run / "case.json").write_text(json.dumps(
@@ -169,6 +254,8 @@ def main(argv=None) -> int:
                             "straggler", "strag0") else None, "rc": rc}))
                     print(f"{run.name}: rc {rc} in {time.monotonic() - t0:.0f} s", flush=True)
                     runs.append(run)
+                    if case in ("straggler", "strag0") and not args.no_twins:
+                        _run_twin(run, world, args.gpu_like, args.idle_ms)
     results = [score(r) for r in runs]
     with open(out / "scores.jsonl", "w") as f:
         for r in results:
@@ -193,34 +280,7 @@ def main(argv=None) -> int:
     if watched:
         print(f"live = post-mortem (kind, class, ranks, onset): "
               f"{sum(r['live_agrees'] for r in watched)}/{len(watched)} runs")
-    # The what-if against the same job without the fault: a mid-run straggler's own steps
-    # before its onset (same run, same machine load), and the healthy runs of the same shape
-    # (another run: on a loaded 2-core machine their step time itself moves by ~10%).
-    healthy = {}
-    for r, run in zip(results, runs, strict=True):
-        if r["case"] == "none":
-            healthy.setdefault(r["world"], []).append(_step_ms(run))
-    for w, base in sorted(healthy.items()):
-        print(f"healthy step time, {w} ranks: " + ", ".join(f"{b:.0f}" for b in base) + " ms")
-    within = []
-    for r, run in zip(results, runs, strict=True):
-        base = healthy.get(r["world"])
-        if not r.get("whatif_ms") or not base:
-            continue
-        truth = sorted(base)[len(base) // 2]
-        line = (f"what-if {r['case']}-w{r['world']} victim {r['victim']}: predicted "
-                f"{r['whatif_ms']} ms ({r['whatif_how']}); healthy runs {truth:.0f} ms: "
-                f"{(r['whatif_ms'] - truth) / truth:+.1%}")
-        err = (r["whatif_ms"] - truth) / truth
-        if r["case"] == "straggler":
-            own = _step_ms(run, before=ONSET)
-            err = (r["whatif_ms"] - own) / own
-            line += f"; its own steps before the onset {own:.0f} ms: {err:+.1%}"
-        within.append(abs(err) <= 0.10)
-        print(line)
-    if within:
-        print(f"what-if within 10% (mid-run: of its own steps before the onset; from the "
-              f"start: of the healthy runs): {sum(within)}/{len(within)}")
+    _what_if_lines(results, runs)
     return 0
 
 
