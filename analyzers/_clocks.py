@@ -16,6 +16,11 @@ drift during the job, a timestamp taken late), it is the median of their midpoin
 joined to a reference host through the pairs with the most collectives (a spanning tree), so
 every host gets an offset when the groups connect them.
 
+Hosts that share no collective (pipeline stages on their own hosts, each stage's tensor- and
+data-parallel groups inside it) are joined by their point-to-point messages instead
+(:func:`compute_p2p_pairs`): a receive ends after its matching send was issued, so messages
+both ways between two hosts bound their offset from both sides.
+
 How close it gets depends on the job: the window can be no narrower than the shortest
 collective's transfer after the last arrival. Small blocking collectives (a barrier, a loss
 all-reduce) give tens of microseconds; a job of large gradient buckets on a slow network only
@@ -113,6 +118,11 @@ def estimate_clock_offsets(events: pl.DataFrame, *, reference: str | None = None
         connects to the reference are left out.
     """
     pairs = compute_host_pairs(events, small_share=small_share)
+    p2p = compute_p2p_pairs(events)
+    if not p2p.is_empty():  # only between hosts no collective joins
+        p2p = p2p.join(pairs.select(pl.col("host_a", "host_b").cast(pl.Utf8)),
+                       on=["host_a", "host_b"], how="anti")
+        pairs = pl.concat([pairs, p2p.select(pairs.columns)], how="vertical_relaxed")
     if reference is None:
         low = events["rank"].min() if events.height else None
         r0 = events.filter(pl.col("rank") == low) if low is not None else events.clear()
@@ -141,14 +151,72 @@ def estimate_clock_offsets(events: pl.DataFrame, *, reference: str | None = None
     return pl.DataFrame(rows, schema=_OFFSETS).sort("host")
 
 
+def compute_p2p_pairs(events: pl.DataFrame) -> pl.DataFrame:
+    """Per pair of hosts (``a`` < ``b``), the offset window of the point-to-point messages
+    between them, in :func:`compute_host_pairs`' columns (``collectives``: the messages).
+
+    A message from ``a`` to ``b`` ends on ``b`` after it was issued on ``a``:
+    ``end_b + d >= issue_a``, a lower bound on ``d`` (add it to ``b``'s clock to read
+    ``a``'s); one from ``b`` to ``a`` an upper bound. A pair with messages one way only has
+    no window and is left out. Sends and receives are matched as the k-th of their step
+    between the two ranks."""
+    cols = ["rank", "step", "idx", "op", "peer", "host", "status", "is_p2p", "t_start_ns",
+            "t_end_ns"]
+    if not set(cols) <= set(events.columns):
+        return pl.DataFrame(schema=_PAIRS)
+    p = events.select(cols).filter(
+        pl.col("is_p2p") & pl.col("peer").is_not_null() & pl.col("step").is_not_null()
+        & (pl.col("status") == "ok") & pl.col("t_start_ns").is_not_null()
+        & pl.col("t_end_ns").is_not_null()).with_columns(pl.col("op").cast(pl.Utf8),
+                                                         pl.col("host").cast(pl.Utf8))
+    if p.is_empty():
+        return pl.DataFrame(schema=_PAIRS)
+    send = pl.col("op") == "send"
+    p = (p.sort("rank", "step", "idx")
+         .with_columns(pl.when(send).then(pl.col("rank")).otherwise(pl.col("peer")).alias("_src"),
+                       pl.when(send).then(pl.col("peer")).otherwise(pl.col("rank")).alias("_dst"))
+         .with_columns(pl.int_range(pl.len()).over("step", "_src", "_dst", "op").alias("_k")))
+    key = ["step", "_src", "_dst", "_k"]
+    m = (p.filter(pl.col("op") == "recv").select(*key, pl.col("host").alias("_hr"),
+                                                  pl.col("t_end_ns").alias("_e"))
+         .join(p.filter(send).select(*key, pl.col("host").alias("_hs"),
+                                     pl.col("t_start_ns").alias("_s")), on=key)
+         .filter(pl.col("_hs") != pl.col("_hr")))
+    if m.is_empty():
+        return pl.DataFrame(schema=_PAIRS)
+    forward = pl.col("_hs") < pl.col("_hr")  # sent by a
+    m = m.with_columns(pl.min_horizontal("_hs", "_hr").alias("host_a"),
+                       pl.max_horizontal("_hs", "_hr").alias("host_b"),
+                       pl.when(forward).then(pl.col("_s") - pl.col("_e")).alias("_lo"),
+                       pl.when(~forward).then(pl.col("_e") - pl.col("_s")).alias("_hi"))
+    out = (m.group_by("host_a", "host_b")
+           .agg(pl.len().cast(pl.UInt32).alias("collectives"), pl.col("_lo").max().alias("low_ns"),
+                pl.col("_hi").min().alias("high_ns"))
+           .filter(pl.col("low_ns").is_not_null() & pl.col("high_ns").is_not_null()))
+    agree = pl.col("low_ns") <= pl.col("high_ns")
+    return out.with_columns(
+        ((pl.col("low_ns") + pl.col("high_ns")) / 2).round().cast(pl.Int64).alias("offset_ns"),
+        (pl.col("high_ns") - pl.col("low_ns")).cast(pl.Float64).alias("spread_ns"),
+        pl.when(agree).then((pl.col("high_ns") - pl.col("low_ns")) / 2).alias("error_ns"),
+    ).select(list(_PAIRS)).sort("host_a", "host_b")
+
+
+_PAIRS = {"host_a": pl.Utf8, "host_b": pl.Utf8, "collectives": pl.UInt32, "offset_ns": pl.Int64,
+          "low_ns": pl.Int64, "high_ns": pl.Int64, "spread_ns": pl.Float64,
+          "error_ns": pl.Float64}
+
+
 def align_clocks(events: pl.DataFrame, offsets: pl.DataFrame) -> pl.DataFrame:
-    """``events`` with ``t_issue_ns``, ``t_start_ns`` and ``t_end_ns`` read on the reference
-    host's clock (hosts without an offset are left as they are)."""
+    """``events`` with ``t_issue_ns``, ``t_start_ns`` and ``t_end_ns`` (those it has) read on
+    the reference host's clock (hosts without an offset are left as they are)."""
     cols = ("t_issue_ns", "t_start_ns", "t_end_ns")
-    df = events.join(offsets.select("host", pl.col("offset_ns").alias("_off")), on="host",
-                     how="left")
+    # hosts are categorical in the logs' rows, plain strings in the offsets
+    df = events.with_columns(pl.col("host").cast(pl.Utf8).alias("_h")).join(
+        offsets.select(pl.col("host").cast(pl.Utf8).alias("_h"),
+                       pl.col("offset_ns").alias("_off")), on="_h", how="left")
     off = pl.col("_off").fill_null(0)
-    return df.with_columns([(pl.col(c) + off).alias(c) for c in cols]).drop("_off")
+    return df.with_columns([(pl.col(c) + off).alias(c) for c in cols
+                            if c in df.columns]).drop("_off", "_h")
 
 
-__all__ = ["align_clocks", "compute_host_pairs", "estimate_clock_offsets"]
+__all__ = ["align_clocks", "compute_host_pairs", "compute_p2p_pairs", "estimate_clock_offsets"]
