@@ -85,3 +85,65 @@ def test_the_reference_reads_zero_and_others_follow():
     got = dict(off.select("host", "offset_ns").iter_rows())
     assert got["host2"] == 0
     assert abs(got["host0"] / US - 7_000) < 60 and abs(got["host1"] / US - 10_000) < 60
+
+
+def pipeline(offset_us: float, *, steps=40, seed=1):
+    """Two stages on two hosts (ranks 0-1 on host0, 2-3 on host1), each stage's all-reduce
+    inside its host: nothing but send/recv crosses. Per step, rank r sends an activation to
+    r + 2 and gets a gradient back; a receive is posted 0-2 ms before its data arrives (or
+    the send was issued up to 2 ms before the receive), and takes 100-300 µs to land.
+    host1's clock reads true time minus ``offset_us``."""
+    rng = random.Random(seed)
+    rows, idx = [], {r: 0 for r in range(4)}
+
+    def add(rank, op, peer, start, end, step):
+        skew = offset_us * US if rank >= 2 else 0
+        x = row(rank, idx[rank], None, op, is_p2p=True, peer=peer, step=step,
+                pg_ranks="0-3", mono_start_ns=int(start), mono_end_ns=int(end))
+        x.update(host=f"host{rank // 2}", t_start_ns=int(start - skew), t_end_ns=int(end - skew))
+        rows.append(x)
+        idx[rank] += 1
+
+    for step in range(steps):
+        t = step * 50_000 * US
+        for src in range(4):
+            dst = src + 2 if src < 2 else src - 2
+            sent = t + (0 if src < 2 else 20_000 * US) + rng.uniform(0, 5_000) * US
+            land = sent + rng.uniform(100, 300) * US
+            posted = sent + rng.uniform(-2_000, 2_000) * US
+            add(src, "send", dst, sent, sent + 50 * US, step)
+            add(dst, "recv", src, posted, max(land, posted + 100 * US), step)
+    return frame(rows)
+
+
+def test_hosts_joined_only_by_send_recv_are_aligned_by_them():
+    from ringwatch.analyzers._clocks import compute_p2p_pairs
+
+    ev = pipeline(4_000)
+    assert compute_host_pairs(ev).is_empty()  # no collective spans the hosts
+    (pair,) = compute_p2p_pairs(ev).iter_rows(named=True)
+    assert pair["collectives"] == 4 * 40 and pair["low_ns"] <= pair["high_ns"]
+    off = dict(estimate_clock_offsets(ev).select("host", "offset_ns").iter_rows())
+    # within the shortest transfers both ways (100-300 µs): the window they leave
+    assert abs(off["host1"] / US - 4_000) < 300
+    # aligned, no receive ends before its send was issued (on host1's raw clock, the
+    # activations it receives land ~4 ms before they were sent)
+
+    def landed_us(df):
+        src = pl.when(pl.col("op") == "send").then(pl.col("rank")).otherwise(pl.col("peer"))
+        df = df.with_columns(src.alias("src"), pl.col("op").cast(pl.Utf8))
+        m = df.filter(pl.col("op") == "recv").join(
+            df.filter(pl.col("op") == "send").select("step", "src", pl.col("t_start_ns")
+                                                     .alias("sent")), on=["step", "src"])
+        return ((m["t_end_ns"] - m["sent"]) / US).min()
+
+    assert landed_us(ev) < -3_000
+    assert landed_us(align_clocks(ev, estimate_clock_offsets(ev))) > -200
+
+
+def test_messages_one_way_only_give_no_window():
+    from ringwatch.analyzers._clocks import compute_p2p_pairs
+
+    ev = pipeline(4_000).filter(~((pl.col("rank") >= 2) & (pl.col("op") == "send"))
+                                & ~((pl.col("rank") < 2) & (pl.col("op") == "recv")))
+    assert compute_p2p_pairs(ev).is_empty()
