@@ -2,8 +2,8 @@
 
 Each run is a real `ringwatch cluster` job, dp x tp x pp on Gloo (``cluster/_pipeline.py``: 1F1B
 over 4 micro-batches, ``--idle-ms`` (40) of host idle time per step in the micro-batches),
-tp = pp = 2, 4
-ranks per emulated host, 60 steps, then `ringwatch analyze --json` on its logs. Cases:
+tp = pp = 2, 4 ranks per emulated host, 60 steps, then `ringwatch analyze --json` on its logs.
+Cases:
 
 * ``none``: healthy; right when there is no finding;
 * ``laststage``: the last stage does 2x the work by design; right with one structural
@@ -25,10 +25,12 @@ Every run keeps its folder under ``--out``; ``--rescore`` reads them again with 
 analyzers.
 
 ``--gpu-like``: the same jobs with a model so small that the host computes a few ms a step: the
-step is the 40 ms of host idle time (as while a GPU computes) and the transfers. On the 2-core
-testbed a CPU-heavy straggler takes CPU from the other 7-15 processes, and the job's transfers
-run faster while its ranks are out of step: neither happens between GPUs, and the what-if's
-replay (which keeps every transfer as measured) cannot know them.
+step is the host idle time (as while a GPU computes) and the transfers; ``--idle-ms 160``
+makes the idle time the larger part, as compute is on a GPU. On the 2-core testbed the
+transfers are CPU work: they run slower while every rank runs, faster while a straggler's
+peers wait for it. That does not happen between GPUs, and the what-if's replay (which keeps
+every transfer as measured in the faulty steps) cannot know it: with the default job it
+predicts the fixed step 10-20% short.
 
 ``--live``: each run is also watched live, by a fresh `ringwatch serve` and `ringwatch agent`
 (``benchmarks/_live_stack.py``); every finding the service showed is kept in the run's
@@ -38,6 +40,7 @@ replay (which keeps every transfer as measured) cannot know them.
     .venv/bin/python benchmarks/hybrid.py --out /tmp/hyb --worlds 8 --reps 2
     .venv/bin/python benchmarks/hybrid.py --out /tmp/hyb --rescore
     .venv/bin/python benchmarks/hybrid.py --out /tmp/hyb-live --live --worlds 8,16
+    .venv/bin/python benchmarks/hybrid.py --out /tmp/hyb-gpu --gpu-like --idle-ms 160
 """
 
 from __future__ import annotations
