@@ -171,16 +171,8 @@ def compute_p2p_pairs(events: pl.DataFrame) -> pl.DataFrame:
                                                          pl.col("host").cast(pl.Utf8))
     if p.is_empty():
         return pl.DataFrame(schema=_PAIRS)
-    send = pl.col("op") == "send"
-    p = (p.sort("rank", "step", "idx")
-         .with_columns(pl.when(send).then(pl.col("rank")).otherwise(pl.col("peer")).alias("_src"),
-                       pl.when(send).then(pl.col("peer")).otherwise(pl.col("rank")).alias("_dst"))
-         .with_columns(pl.int_range(pl.len()).over("step", "_src", "_dst", "op").alias("_k")))
-    key = ["step", "_src", "_dst", "_k"]
-    m = (p.filter(pl.col("op") == "recv").select(*key, pl.col("host").alias("_hr"),
-                                                  pl.col("t_end_ns").alias("_e"))
-         .join(p.filter(send).select(*key, pl.col("host").alias("_hs"),
-                                     pl.col("t_start_ns").alias("_s")), on=key)
+    m = (match_sends(p, _hs="host", _s="t_start_ns")
+         .select(pl.col("host").alias("_hr"), pl.col("t_end_ns").alias("_e"), "_hs", "_s")
          .filter(pl.col("_hs") != pl.col("_hr")))
     if m.is_empty():
         return pl.DataFrame(schema=_PAIRS)
@@ -201,6 +193,22 @@ def compute_p2p_pairs(events: pl.DataFrame) -> pl.DataFrame:
     ).select(list(_PAIRS)).sort("host_a", "host_b")
 
 
+def match_sends(p2p: pl.DataFrame, **send_cols: str) -> pl.DataFrame:
+    """The receives among ``p2p`` (point-to-point rows: ``rank``, ``step``, ``idx``, ``op``,
+    ``peer``), each with columns of its matching send, the k-th of their step between the
+    two ranks: ``send_cols`` names a new column for each of the send's columns it takes."""
+    op = pl.col("op").cast(pl.Utf8)
+    send = op == "send"
+    p = (p2p.sort("rank", "step", "idx")
+         .with_columns(pl.when(send).then(pl.col("rank")).otherwise(pl.col("peer")).alias("_src"),
+                       pl.when(send).then(pl.col("peer")).otherwise(pl.col("rank")).alias("_dst"),
+                       op.alias("_op"))
+         .with_columns(pl.int_range(pl.len()).over("step", "_src", "_dst", "_op").alias("_k")))
+    key = ["step", "_src", "_dst", "_k"]
+    sends = p.filter(send).select(*key, *(pl.col(c).alias(n) for n, c in send_cols.items()))
+    return p.filter(op == "recv").join(sends, on=key).drop("_src", "_dst", "_op", "_k")
+
+
 _PAIRS = {"host_a": pl.Utf8, "host_b": pl.Utf8, "collectives": pl.UInt32, "offset_ns": pl.Int64,
           "low_ns": pl.Int64, "high_ns": pl.Int64, "spread_ns": pl.Float64,
           "error_ns": pl.Float64}
@@ -219,4 +227,5 @@ def align_clocks(events: pl.DataFrame, offsets: pl.DataFrame) -> pl.DataFrame:
                             if c in df.columns]).drop("_off", "_h")
 
 
-__all__ = ["align_clocks", "compute_host_pairs", "compute_p2p_pairs", "estimate_clock_offsets"]
+__all__ = ["align_clocks", "compute_host_pairs", "compute_p2p_pairs", "estimate_clock_offsets",
+           "match_sends"]

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from ringwatch.analyzers._clocks import align_clocks, estimate_clock_offsets, match_sends
+
 #: Steps replayed at most (the latest of the episode), ranks at most, and ops at most over
 #: all the steps (fewer steps when they hold more): the replay is a Python loop over ops,
 #: ~10 µs per op for its two runs (a second per straggler at the most).
@@ -216,8 +218,6 @@ def _receive_transfers(window: pl.DataFrame) -> pl.DataFrame | None:
     if hosts == 1:
         start, end = "mono_start_ns", "mono_end_ns"
     elif {"t_start_ns", "t_end_ns", "pg_size", "status"} <= set(window.columns):
-        from ringwatch.analyzers._clocks import align_clocks, estimate_clock_offsets
-
         offsets = estimate_clock_offsets(window)
         if offsets.height < hosts:
             return None
@@ -225,16 +225,8 @@ def _receive_transfers(window: pl.DataFrame) -> pl.DataFrame | None:
         start, end = "t_start_ns", "t_end_ns"
     else:
         return None
-    send = pl.col("op").cast(pl.Utf8) == "send"
-    p2p = (p2p.filter(pl.col(start).is_not_null() & pl.col(end).is_not_null())
-           .sort("rank", "step", "idx")
-           .with_columns(pl.when(send).then(pl.col("rank")).otherwise(pl.col("peer")).alias("_src"),
-                         pl.when(send).then(pl.col("peer")).otherwise(pl.col("rank")).alias("_dst"),
-                         pl.col("op").cast(pl.Utf8).alias("_op")))
-    p2p = p2p.with_columns(pl.int_range(pl.len()).over("step", "_src", "_dst", "_op").alias("_k"))
-    key = ["step", "_src", "_dst", "_k"]
-    sends = p2p.filter(pl.col("_op") == "send").select(*key, pl.col(start).alias("_sent"))
-    recvs = p2p.filter(pl.col("_op") == "recv").join(sends, on=key)
+    recvs = match_sends(p2p.filter(pl.col(start).is_not_null() & pl.col(end).is_not_null()),
+                        _sent=start)
     if recvs.is_empty():
         return None
     took = (pl.col(end) - pl.max_horizontal(start, "_sent")).clip(0, pl.col(end) - pl.col(start))
@@ -242,15 +234,19 @@ def _receive_transfers(window: pl.DataFrame) -> pl.DataFrame | None:
             .select(pl.col("rank").cast(pl.Int64), pl.col("peer").cast(pl.Int64), "_pure"))
 
 
-def _step_ends(rows: pl.DataFrame) -> dict[tuple[int, int], int]:
-    """Per (rank, step): when the rank was free at the step's end (its last blocking op's
+def _step_ends(rows: pl.DataFrame) -> dict[int, dict[int, int]]:
+    """Per step, per rank: when the rank was free at the step's end (its last blocking op's
     end, or its asynchronous ops' last completion, the later)."""
     free = pl.when(pl.col("async_op") == False).then(pl.col("mono_end_ns")  # noqa: E712
                                                      ).otherwise(pl.col("mono_start_ns"))
     ends = rows.group_by("rank", "step").agg(pl.max_horizontal(
         free.max(), pl.col("mono_end_ns").filter(pl.col("async_op") != False).max()  # noqa: E712
     ).alias("_e"))
-    return {(int(r), int(s)): int(e) for r, s, e in ends.iter_rows() if e is not None}
+    out: dict[int, dict[int, int]] = defaultdict(dict)
+    for r, s, e in ends.iter_rows():
+        if e is not None:
+            out[int(s)][int(r)] = int(e)
+    return out
 
 
 def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
@@ -271,11 +267,11 @@ def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
     rows = _step_rows(events, before + steps)
     ends = _step_ends(rows)
     ratios = []
+    prev = dict(zip(steps, before + steps if before else [None, *steps], strict=False))
     for (step,), part in rows.partition_by("step", as_dict=True).items():
-        if step not in steps:
+        if step not in prev:
             continue
-        prev = known[known.index(step) - 1] if known.index(step) else None
-        ops = _ops(part, {r: e for (r, s), e in ends.items() if s == prev})
+        ops = _ops(part, ends.get(prev[step], {}))
         if not ops or culprit not in ops:
             continue
         work = {r: sum(o.work_ns for o in seq) for r, seq in ops.items()}

@@ -27,18 +27,16 @@ from pathlib import Path
 import polars as pl
 
 from ringwatch._logs import list_jobs, open_job
+from ringwatch.analyzers._hangs import typical_step_s
 
 PY = sys.executable
 
 
 def step_ms(run: Path, first: int, last: int) -> float:
-    """The median step time (ms) over steps ``first..last``: each rank's first starts apart."""
+    """The job's usual step time (ms) over steps ``first..last``, as its findings read it."""
     job = open_job(run / "logs", list_jobs(run / "logs")[0])
-    ev = job.events(include_pending=True).filter(pl.col("step").is_between(first, last))
-    st = (ev.group_by("rank", "step").agg(pl.col("mono_start_ns").min()).sort("rank", "step")
-          .with_columns((pl.col("mono_start_ns").shift(-1).over("rank")
-                         - pl.col("mono_start_ns")).alias("d")))
-    return float(st["d"].drop_nulls().median()) / 1e6
+    return 1e3 * typical_step_s(job.events(include_pending=True)
+                                .filter(pl.col("step").is_between(first, last)))
 
 
 def _world(run: Path) -> int:

@@ -161,9 +161,7 @@ def test_the_replay_waits_for_the_asynchronous_ops_where_the_rank_did():
     from ringwatch.analyzers._replay import _ops, _step_ends, _step_rows
 
     rows = _step_rows(_two_stage_rows({2: 30, 3: 10}), [1, 2])
-    ends = _step_ends(rows)
-    ops = _ops(rows.filter(pl.col("step") == 2),
-               {r: e for (r, s), e in ends.items() if s == 1})
+    ops = _ops(rows.filter(pl.col("step") == 2), _step_ends(rows)[1])
     # rank 3's isend completed 1 ms after issue; it then waited in the all-reduce, not in
     # the send: a wait for the send, then 1 ms of work, then the all-reduce
     kinds = [op.key[0] for op in ops[3]]

@@ -9,16 +9,9 @@ from pathlib import Path
 import polars as pl
 
 from ringwatch.analyzers import detect_stragglers
+from ringwatch.analyzers._hangs import typical_step_s
 
 RUN = Path(__file__).resolve().parents[1] / "data" / "long" / "straggler-work-400.parquet"
-
-
-def _step_ms(ev: pl.DataFrame, first: int, last: int) -> float:
-    starts = (ev.filter(pl.col("step").is_between(first, last))
-              .group_by("rank", "step").agg(pl.col("mono_start_ns").min()).sort("rank", "step")
-              .with_columns((pl.col("mono_start_ns").shift(-1).over("rank")
-                             - pl.col("mono_start_ns")).alias("d")))
-    return float(starts["d"].drop_nulls().median()) / 1e6
 
 
 def test_a_data_parallel_straggler_is_replayed_to_the_step_it_had_before():
@@ -28,7 +21,7 @@ def test_a_data_parallel_straggler_is_replayed_to_the_step_it_had_before():
     line = next(e for e in f.evidence if "with this rank working like its peers" in e)
     assert "replay of the steps' dependencies" in line  # not the fallback
     now, fixed = (float(x) for x in re.search(r"took (\d+) ms; ~(\d+) ms", line).groups())
-    before = _step_ms(ev, 5, 39)
+    before = 1e3 * typical_step_s(ev.filter(pl.col("step").is_between(5, 39)))
     assert now > 1.3 * before  # the fault cost a third of the step
     assert abs(fixed - before) <= 0.10 * before
 
