@@ -58,7 +58,7 @@ from ringwatch.analyzers._steps import (
     _merged_ns,
     _slices,
 )
-from ringwatch.analyzers._symmetry import judge_first_steps, usual_delay
+from ringwatch.analyzers._symmetry import judge_first_steps, symmetric_peers, usual_delay
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 #: The class of a straggler that ended within ``transient_steps`` of its start.
@@ -390,16 +390,6 @@ def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float, rank:
             f"rank arrived like its peers ({delay_ms / now:.0%} faster)",)
 
 
-def _symmetric_peers(rank: int, stage: Mapping[int, int] | None,
-                     lat: pl.DataFrame) -> list[int]:
-    """The ranks that do ``rank``'s work by construction: its stage's others (every other
-    rank without a pipeline)."""
-    ranks = sorted(int(r) for r in lat["rank"].unique().to_list())
-    if stage is None or rank not in stage:
-        return [r for r in ranks if r != rank]
-    return [r for r in ranks if r != rank and stage.get(r) == stage[rank]]
-
-
 def _from_start_line(rank: int, peers_ms: Mapping[int, float]) -> tuple[str, ...]:
     if rank not in peers_ms:
         return ()
@@ -584,7 +574,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       *_from_start_line(r["rank"], peers_ms),
                       *_change_lines(r, threshold, persist),
                       *_what_if(events, since, int(run["step"].max()), delay, r["rank"],
-                                _symmetric_peers(r["rank"], stage, lat)))))
+                                symmetric_peers(r["rank"], sorted(lat["rank"].unique()),
+                                                stage)))))
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 

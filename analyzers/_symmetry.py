@@ -95,10 +95,9 @@ def split_by_symmetry(scores: pl.DataFrame, late: pl.DataFrame,
         return late, empty
     head = scores.filter(pl.col("step").rank("dense") <= baseline_steps)
     usual = {int(r): (u, c) for r, u, c in usual_delay(head).iter_rows()}
-    role = {r: (0 if stage is None else stage.get(r, -1 - r)) for r in usual}
     fixed, keep = [], []
     for r in late["rank"].to_list():
-        peers = [q for q in usual if q != r and role[q] == role.get(r, -1 - r)]
+        peers = symmetric_peers(r, usual, stage)
         if not peers or r not in usual:
             keep.append(r)
             continue
@@ -113,4 +112,13 @@ def split_by_symmetry(scores: pl.DataFrame, late: pl.DataFrame,
             pl.DataFrame(fixed, schema=empty.schema) if fixed else empty)
 
 
-__all__ = ["judge_first_steps", "split_by_symmetry", "usual_delay"]
+def symmetric_peers(rank: int, ranks, stage: Mapping[int, int] | None) -> list[int]:
+    """The ranks among ``ranks`` that do ``rank``'s work by construction: the others of its
+    pipeline stage (every other rank without a pipeline; none for a rank with no stage)."""
+    if stage is None:
+        return [q for q in ranks if q != rank]
+    mine = stage.get(rank, -1 - rank)
+    return [q for q in ranks if q != rank and stage.get(q, -1 - q) == mine]
+
+
+__all__ = ["judge_first_steps", "split_by_symmetry", "symmetric_peers", "usual_delay"]
