@@ -15,6 +15,12 @@ the post-mortem pass gives it while the window slides on. :meth:`OnlineWindow.st
 :meth:`OnlineWindow.restore` carry the baselines and those episodes across a restart of the
 service, so a window reopened mid-fault compares against the healthy start, not the fault.
 
+Each rank's usual delay follows slow drift after the baseline as post-mortem
+(:mod:`ringwatch.analyzers._drift`): the window carries each rank's usual and its steps since
+its last late one as of the step before its oldest, and moves them on over each step as it
+leaves the window, with all of that step's rows, once; so the usual at a step does not depend
+on how many steps each push carried, and a restart resumes from the saved state.
+
 With a pipeline (the caller's ``layout``: stages from the send/recv peers), stragglers and
 imbalance come from each rank's unblocked time per step against its stage's, as post-mortem
 (:mod:`ringwatch.analyzers._work`), over the newest ``keep_steps`` steps of each rank's step and
@@ -54,7 +60,7 @@ from ringwatch.analyzers._warmup import leading_warmup_steps
 
 # the lateness scores' own arguments, of all the stragglers' thresholds
 _SCORE_ARGS = ("warmup_steps", "baseline_steps", "min_baseline_steps", "slack", "threshold",
-               "floor_ms", "persist", "busier")
+               "floor_ms", "persist", "busier", "drift_steps")
 
 #: Steps an open straggler episode is remembered for while the window does not report it
 #: (the default; :attr:`Thresholds.grace_steps`).
@@ -86,6 +92,8 @@ class OnlineWindow:
         self.noise_ms: float | None = None
         self.usual_bw: pl.DataFrame | None = None  # pg, usual_MBps
         self.baseline_until: int | None = None  # last step of the frozen baseline
+        #: The last step each rank's usual (``usual_delay``) has followed drift over.
+        self.drift_step: int | None = None
         #: The first step seen: the baseline is the steps after it (a window opened on a job
         #: already at step 500 baselines on 500.., not on steps it never saw).
         self.first_step: int | None = None
@@ -139,8 +147,12 @@ class OnlineWindow:
         else:
             merged = pl.concat([self.rows.join(rows.select("rank", "idx"), on=["rank", "idx"],
                                                how="anti"), rows], how="vertical_relaxed")
-        self.rows = self._trim(merged.sort("rank", "idx"))
+        # the baselines first, then the usual's drift over the steps leaving the window,
+        # then the trim: each step is judged with all of its rows whatever the pushes carried
+        self.rows = merged.sort("rank", "idx")
         self._freeze_baselines()
+        self._follow_drift(self.rows)
+        self.rows = self._trim(self.rows)
 
     def add_work(self, work: pl.DataFrame) -> None:
         """Take each rank's step and blocked time of new steps (a ``(rank, step)`` seen
@@ -198,6 +210,28 @@ class OnlineWindow:
         self.dropped_rows += n - df.height
         return df
 
+    def _follow_drift(self, rows: pl.DataFrame) -> None:
+        """Move each rank's usual on over the steps about to leave the window."""
+        top = rows["step"].max()
+        if self.baseline_until is None or self.usual_delay is None or top is None:
+            return
+        done = max(self.baseline_until, self.drift_step or self.baseline_until)
+        cut = top - self.keep_steps  # the steps that _trim drops
+        if cut <= done:
+            return
+        self.drift_step = cut
+        th = self._th()
+        leaving = rows.filter(pl.col("step").is_between(done + 1, cut))
+        if th.drift_steps <= 0 or leaving.is_empty():
+            return
+        args = {k: v for k, v in th.straggler_args().items() if k in _SCORE_ARGS}
+        scores = compute_straggler_scores(
+            compute_step_lateness(leaving), **args, usual=self.usual_delay,
+            noise_ms=self.noise_ms, drift_from_step=done + 1)
+        if scores.is_empty():
+            return
+        self.usual_delay = _with_state(self.usual_delay, scores)
+
     def _freeze_baselines(self) -> None:
         if self.baseline_until is not None or self.rows is None:
             return
@@ -240,9 +274,12 @@ class OnlineWindow:
             imbalance_noise=args["imbalance_noise"], min_delay_ms=min_delay_ms)
         fixed = from_start.select("rank", "usual_ms", "usual_compute_ratio")
         usual = usual_delay(base)
-        self.usual_delay = pl.concat(
+        usual = pl.concat(
             [usual.join(fixed.select(pl.col("rank").cast(usual["rank"].dtype)), on="rank",
                         how="anti"), fixed], how="vertical_relaxed").sort("rank")
+        if not from_start.is_empty():  # the drift's state as post-mortem sums it
+            scores = compute_straggler_scores(lat, **score_args, usual_from_peers=from_start)
+        self.usual_delay = _with_state(usual, scores)
         found = detect_stragglers(head, **args, stage=stage)
         self.imbalance = tuple(f for f in found if f.kind == "imbalance")
         for f in found:  # its onset and detection as the whole log gives them
@@ -253,7 +290,7 @@ class OnlineWindow:
             compute_group_bandwidth(head).with_columns(pl.col("step") - first),
             baseline_steps=self.baseline_steps,
             min_baseline_steps=self.thresholds.min_baseline_steps)
-        self.baseline_until = last
+        self.baseline_until = self.drift_step = last
 
     def findings(self, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
                  min_stall_s: float | None = None,
@@ -282,7 +319,8 @@ class OnlineWindow:
                 pl.col("step") >= (self.first_step or 0) + self.warmup_steps))
             stragglers = self._episodes(detect_stragglers(
                 judged, **th.straggler_args(), usual=self.usual_delay,
-                noise_ms=self.noise_ms, imbalance=False)) + self.imbalance
+                noise_ms=self.noise_ms, imbalance=False,
+                drift_from_step=(self.drift_step or self.baseline_until) + 1)) + self.imbalance
         links = detect_slow_links(ev, **th.link_args(), usual=self.usual_bw)
         return out + explain_by_links(stragglers, links)
 
@@ -317,7 +355,8 @@ class OnlineWindow:
             return None if df is None else df.to_dicts()
 
         return {"version": 1, "first_step": self.first_step,
-                "baseline_until": self.baseline_until, "noise_ms": self.noise_ms,
+                "baseline_until": self.baseline_until, "drift_step": self.drift_step,
+                "noise_ms": self.noise_ms,
                 "usual_delay": rows(self.usual_delay), "usual_bw": rows(self.usual_bw),
                 "imbalance": [f.to_dict() for f in self.imbalance],
                 "episodes": [[r, *e] for r, e in sorted(self.episodes.items())],
@@ -335,8 +374,11 @@ class OnlineWindow:
             first, until = state["first_step"], state["baseline_until"]
             noise = state["noise_ms"]
             usual = None if state["usual_delay"] is None else pl.DataFrame(
-                state["usual_delay"], schema={"rank": pl.Int32, "usual_ms": pl.Float64,
-                                              "usual_compute_ratio": pl.Float64})
+                [{"state_cusum_ms": 0.0, "quiet": 0, **d} for d in state["usual_delay"]],
+                schema={"rank": pl.Int32, "usual_ms": pl.Float64,
+                        "usual_compute_ratio": pl.Float64, "state_cusum_ms": pl.Float64,
+                        "quiet": pl.Int64})
+            drift = state.get("drift_step", until)
             bw = None if state["usual_bw"] is None else pl.DataFrame(
                 state["usual_bw"], schema={"pg": pl.Utf8, "usual_MBps": pl.Float64})
             imbalance = tuple(_finding(d) for d in state["imbalance"])
@@ -347,19 +389,37 @@ class OnlineWindow:
             since = {(str(c), tuple(int(x) for x in r)): int(v)
                      for c, r, v in state.get("imbalance_since", [])}
             work_imbalance = tuple(_finding(d) for d in state.get("work_imbalance", []))
-            for v in (first, until, warmup):
+            for v in (first, until, warmup, drift):
                 if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                     raise ValueError(f"step {v!r} is not an integer")
             if noise is not None and not (isinstance(noise, (int, float)) and noise >= 0):
                 raise ValueError(f"noise {noise!r}")
         except (KeyError, TypeError, AttributeError, pl.exceptions.PolarsError) as exc:
             raise ValueError(f"not a window state: {exc!r}") from exc
-        self.first_step, self.baseline_until = first, until
+        self.first_step, self.baseline_until, self.drift_step = first, until, drift
         self.noise_ms = None if noise is None else float(noise)
         self.usual_delay, self.usual_bw = usual, bw
         self.imbalance, self.episodes = imbalance, episodes
         self.warmup_found = warmup
         self.imbalance_since, self.work_imbalance = since, work_imbalance
+
+
+def _with_state(usual: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
+    """``usual`` (rank, usual_ms, usual_compute_ratio) with each rank's drift state after its
+    last step in ``scores`` (:data:`~ringwatch.analyzers._drift.STATE_COLUMNS`), where it has
+    one; the others keep theirs (or none)."""
+    last = (scores.sort("rank", "step").group_by("rank")
+            .agg(pl.col("usual_after_ms").last().alias("_u"),
+                 pl.col("state_cusum_ms").last().alias("_c"),
+                 pl.col("quiet").last().cast(pl.Int64).alias("_q"))
+            .with_columns(pl.col("rank").cast(usual["rank"].dtype)))
+    out = usual.join(last, on="rank", how="left", maintain_order="left")
+
+    def newest(new: str, col: str) -> pl.Expr:
+        return pl.coalesce(new, *([col] if col in usual.columns else [])).alias(col)
+
+    return out.select("rank", newest("_u", "usual_ms"), "usual_compute_ratio",
+                      newest("_c", "state_cusum_ms"), newest("_q", "quiet"))
 
 
 def _int_or_none(v) -> int | None:

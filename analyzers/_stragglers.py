@@ -48,16 +48,14 @@ from collections.abc import Mapping
 
 import polars as pl
 
+from ringwatch.analyzers._drift import usual_in_force
 from ringwatch.analyzers._findings import Finding
-from ringwatch.analyzers._islands import rank_islands
-from ringwatch.analyzers._steps import (
-    SLICE_ROWS,
-    _collective_stats,
-    _complete_collectives,
-    _complete_in_slice,
-    _merged_ns,
-    _slices,
+from ringwatch.analyzers._lateness import (
+    compute_group_lateness,
+    compute_outside_ns,
+    compute_step_lateness,
 )
+from ringwatch.analyzers._steps import SLICE_ROWS, _slices
 from ringwatch.analyzers._symmetry import judge_first_steps, symmetric_peers, usual_delay
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
@@ -66,139 +64,10 @@ HICCUP_CLASS = "transient straggler"
 #: The class of a straggler whose GPU was held down (power, heat, clocks) in its late steps:
 #: given by :func:`ringwatch.analyzers._power_throttle.attribute_throttling` from NVML data.
 THROTTLED_CLASS = "throttled straggler"
+#: Episodes of one rank reported, at most (the first ones; hiccups count).
+_MAX_EPISODES = 16
 #: Every class a straggler finding can have.
 STRAGGLER_CLASSES = ("compute straggler", HICCUP_CLASS, THROTTLED_CLASS)
-
-
-def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
-    """Per (rank, step), clock-free wait and last arrivals.
-
-    Args:
-        events: Rows of one job; only finished collectives (``ok``, with a duration) that
-            every member of the group recorded, with a step, are used.
-
-    Returns:
-        Columns ``rank``, ``host``, ``step``, ``collectives``, ``wait_ns`` (time spent waiting
-        for the last member, from durations), ``last_arrivals`` (collectives where this
-        rank had the shortest duration) and ``compute_ns`` (the rank's time outside any
-        collective before each of the step's: :func:`compute_outside_ns`), sorted by step
-        then rank.
-    """
-    # Only the columns used: every filter and sort of the full-width frame copies all of
-    # them (gigabytes at ten million rows). A whole log goes by slices of steps: every
-    # figure is per (rank, step), and each collective's shortest duration and member count
-    # come from all the rows (_collective_stats).
-    cols = ["rank", "host", "step", "pg", "seq", "is_p2p", "pg_size", "status",
-            "mono_start_ns", "duration_ns"]
-    keep = ((pl.col("status") == "ok") & pl.col("step").is_not_null()
-            & pl.col("duration_ns").is_not_null() & pl.col("mono_start_ns").is_not_null())
-    shortest = pl.col("duration_ns").min().alias("_min")
-    slices = _slices(events, "step", SLICE_ROWS)
-    outside = compute_outside_ns(events)
-    if slices is None:
-        parts = [_lateness_parts(_complete_collectives(
-            events.select(cols).filter(keep), shortest), outside)]
-    else:
-        stats = _collective_stats(events.select(cols), keep, shortest)
-        parts = [_lateness_parts(_complete_in_slice(
-            events.select(cols).filter(keep & pl.col("step").is_between(lo, hi)), stats),
-            outside.filter(pl.col("step").is_between(lo, hi))) for lo, hi in slices]
-    out = pl.concat(parts).select(
-        "rank", "host", "step", "collectives", "wait_ns", "last_arrivals", "compute_ns",
-    )
-    return out.join(rank_islands(events), on="rank", how="left").with_columns(
-        pl.col("island").fill_null(-1)).sort("step", "rank")
-
-
-def _lateness_parts(df: pl.DataFrame, outside: pl.DataFrame) -> pl.DataFrame:
-    """Per (rank, step) of complete collectives with ``_min``: the counts, ``wait_ns`` and
-    ``compute_ns`` (from ``outside``), joined per slice (joins of whole-log tables of
-    millions of (rank, step) rows cost more than the slices)."""
-    df = df.select("rank", "host", "step", "mono_start_ns", "duration_ns", "_min")
-    # the sort copies what it sorts: only the interval columns
-    wait = _merged_ns(df.select("rank", "step", "mono_start_ns", (
-        pl.col("mono_start_ns") + pl.col("duration_ns") - pl.col("_min")).alias("_wait_end")
-    ).sort("rank", "step", "mono_start_ns"), "mono_start_ns", "_wait_end",
-        ["rank", "step"]).rename({"merged_ns": "wait_ns"})
-    per = df.group_by("rank", "step").agg(
-        pl.col("host").first(), pl.len().alias("collectives"),
-        (pl.col("duration_ns") == pl.col("_min")).sum().alias("last_arrivals"))
-    return per.join(wait, on=["rank", "step"]).join(outside, on=["rank", "step"], how="left")
-
-
-def compute_outside_ns(events: pl.DataFrame) -> pl.DataFrame:
-    """Per (rank, step), ``compute_ns``: the rank's time outside collectives, on its own
-    monotonic clock: before each of the step's collectives, the time since the rank's
-    previous collective ended (if it had ended; overlapping ones count once). That is the
-    forward pass, the backward work not hidden under transfers, the optimizer and the data
-    loading: what a compute straggler spends longer on than its peers. No clock is compared
-    across ranks."""
-    keep = (pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null()
-            & pl.col("mono_end_ns").is_not_null())
-    # per rank: slices of ranks are exact
-    slices = None if events["rank"].null_count() else _slices(events, "rank", SLICE_ROWS)
-    if slices is not None:
-        return pl.concat([_outside_ns(events.filter(pl.col("rank").is_between(lo, hi)), keep)
-                          for lo, hi in slices])
-    return _outside_ns(events, keep)
-
-
-def _outside_ns(events: pl.DataFrame, keep: pl.Expr) -> pl.DataFrame:
-    df = (events.select("rank", "step", "mono_start_ns", "mono_end_ns").filter(keep)
-          .sort("rank", "mono_start_ns"))
-    # the latest end among the rank's earlier collectives: the running maximum, one row back
-    # (one window and a shift over the sorted frame, not nested windows)
-    ended = pl.col("mono_end_ns").cum_max().over("rank")
-    before = pl.when(pl.col("rank") == pl.col("rank").shift(1)).then(ended.shift(1))
-    return df.with_columns((pl.col("mono_start_ns") - before).clip(lower_bound=0).fill_null(0)
-                           .alias("_gap")).group_by("rank", "step").agg(
-        pl.col("_gap").sum().alias("compute_ns"))
-
-
-def compute_group_lateness(events: pl.DataFrame, ranks: list[int], first_step: int,
-                           last_step: int, *, min_delay_ms: float = 3.0,
-                           share: float = 0.25) -> pl.DataFrame:
-    """For each of ``ranks``, in each group it belongs to: was it late there too?
-
-    A compute straggler is late at every group it is in; a rank late at one group because
-    another of its groups communicates slowly (its tensor-parallel transfers over a slow link
-    make it late to its data-parallel all-reduce) is not late at that other group, where every
-    member is slowed alike.
-
-    Returns:
-        Columns ``rank``, ``pg``, ``collectives``, ``wait_ms`` (the rank's mean wait per
-        collective of the group over ``first_step..last_step``), ``peers_wait_ms`` (the median
-        of its peers'), ``lag_ms`` (the difference: how late it came to each) and ``late``
-        (``lag_ms`` at least ``min_delay_ms`` / the group's collectives per step, and
-        ``share`` of its largest lag at any group: a compute straggler comes about equally
-        late to every collective it waits for). Per collective, not per step: a group with
-        one collective per step and another with four are compared alike.
-    """
-    df = _complete_collectives(
-        events.select("rank", "step", "pg", "seq", "is_p2p", "pg_size", "status",
-                      "duration_ns")
-        .filter((pl.col("status") == "ok") & pl.col("step").is_between(first_step, last_step)
-                & pl.col("duration_ns").is_not_null() & (pl.col("pg_size") > 1)),
-        pl.col("duration_ns").min().alias("_min"))
-    per = df.group_by("pg", "rank").agg(
-        ((pl.col("duration_ns") - pl.col("_min")).mean() / 1e6).alias("wait_ms"),
-        pl.len().alias("collectives"), pl.col("step").n_unique().alias("_steps"))
-    out = []
-    for r in ranks:
-        mine = per.filter(pl.col("rank") == r)
-        peers = per.filter(pl.col("pg").is_in(mine["pg"].implode()) & (pl.col("rank") != r)
-                           ).group_by("pg").agg(pl.col("wait_ms").median().alias("peers_wait_ms"))
-        out.append(mine.join(peers, on="pg").select("rank", "pg", "collectives", "_steps",
-                                                    "wait_ms", "peers_wait_ms"))
-    df = pl.concat(out) if out else per.select(
-        "rank", "pg", "collectives", "_steps", "wait_ms").with_columns(
-        pl.lit(0.0).alias("peers_wait_ms")).clear()
-    lag = pl.col("peers_wait_ms") - pl.col("wait_ms")
-    per_step = pl.col("collectives") / pl.col("_steps")
-    return df.with_columns(lag.alias("lag_ms")).with_columns(
-        ((pl.col("lag_ms") * per_step >= min_delay_ms)
-         & (pl.col("lag_ms") >= share * pl.col("lag_ms").max().over("rank"))).alias("late")
-    ).drop("_steps").sort("rank", "pg")
 
 
 def _noise_ms(delay: pl.DataFrame, floor_ms: float) -> float:
@@ -224,7 +93,9 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
                              busier: float = _D.busier_ratio,
                              usual: pl.DataFrame | None = None,
                              noise_ms: float | None = None,
-                             usual_from_peers: pl.DataFrame | None = None) -> pl.DataFrame:
+                             usual_from_peers: pl.DataFrame | None = None,
+                             drift_steps: int = _D.drift_steps,
+                             drift_from_step: int | None = None) -> pl.DataFrame:
     """Per (rank, step), how late the rank came and how far that is from its usual.
 
     Args:
@@ -241,27 +112,33 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
             its own usual ratio), longer than that median by enough to explain half of its
             lateness at least, is *busy*; ``persist`` busy steps in a row make a
             straggler without waiting for the CUSUM (``busy_run``).
-        usual: ``rank``, ``usual_ms`` (and ``usual_compute_ratio``): each rank's usual
-            delay and compute ratio, when known from earlier data (an online window passes
-            what the job's first steps gave); by default from the first ``baseline_steps``
-            steps here (the delay's mean, at least 0; the ratio's median).
+        usual: ``rank``, ``usual_ms`` (and ``usual_compute_ratio``, ``state_cusum_ms``,
+            ``quiet``): each rank's usual delay and compute ratio, when known from earlier data
+            (an online window passes what the job's steps before it gave, with the state of
+            the usual's drift: :mod:`ringwatch.analyzers._drift`); by default from the first
+            ``baseline_steps`` steps here (the delay's mean, at least 0; the ratio's median).
         noise_ms: The job's noise, when known from earlier data; by default the pooled
             standard deviation of the delays in the first ``baseline_steps`` steps here.
         usual_from_peers: ``rank``, ``usual_ms``, ``usual_compute_ratio`` that replace the
             usual of those ranks (stragglers from the start, measured against their
             symmetric peers: :mod:`ringwatch.analyzers._symmetry`).
+        drift_steps: The usual follows slow drift with this time constant in steps, from
+            the step after the baseline on (:mod:`ringwatch.analyzers._drift`); 0 keeps it.
+        drift_from_step: The first step that may move the usual, where ``usual`` is given
+            (by default its first step here).
 
     Returns:
         Columns ``rank``, ``host``, ``step``, ``wait_ms``, ``median_wait_ms`` (the step's
         median over ranks), ``delay_ms`` (that minus ``wait_ms``), ``usual_ms`` (the rank's
-        median delay over its previous ``baseline_steps`` steps, at least 0; null until
+        usual delay in force at the step: see ``usual``, ``drift_steps``; null until
         ``min_baseline_steps``), ``excess_ms``, ``cusum_ms``, ``run_start`` (first step of the
         current excess run), ``hits`` (steps of the last ``persist + 1`` with excess above
         slack), ``noise_ms``, ``score`` (``cusum_ms`` over the threshold: 1 or more with
         ``persist`` hits is a straggler), ``compute_ms`` (time outside collectives),
         ``compute_ratio`` (that over the step's median), ``usual_compute_ratio`` and
-        ``busy_run`` (busy steps in a row up to this one); sorted by rank then step. Empty
-        without steps past the warm-up.
+        ``busy_run`` (busy steps in a row up to this one), ``usual_after_ms``,
+        ``state_cusum_ms`` and ``quiet`` (the drift's state after the step: what a later
+        window starts from); sorted by rank then step. Empty without steps past the warm-up.
     """
     # Steps are counted in steps seen, not by their numbers: a job resumed at step 50,000,
     # or one that numbers its steps 0, 10, 20..., has its warm-up and baseline in its first
@@ -287,37 +164,38 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
     if usual is None:
         usual = usual_delay(head, min_steps=min_baseline_steps)
         gate = min_baseline_steps  # a usual from these very rows needs some steps first
+        moves = pl.col("_n") >= baseline_steps  # the usual follows drift after the baseline
     else:
         gate = 0
-    if "usual_compute_ratio" not in usual.columns:
-        usual = usual.with_columns(pl.lit(1.0).alias("usual_compute_ratio"))
-    usual = usual.select("rank", "usual_ms", "usual_compute_ratio")
+        moves = pl.lit(True) if drift_from_step is None else pl.col("step") >= drift_from_step
+    usual = usual.select("rank", "usual_ms", *(
+        pl.col(c) if c in usual.columns else pl.lit(v).alias(c) for c, v in (
+            ("usual_compute_ratio", 1.0), ("state_cusum_ms", 0.0), ("quiet", persist + 1))))
+    df = df.with_columns(moves.alias("_moves"))
     if usual_from_peers is not None and not usual_from_peers.is_empty():
         fixed = usual_from_peers.select(pl.col("rank").cast(usual["rank"].dtype), "usual_ms",
-                                        "usual_compute_ratio")
+                                        "usual_compute_ratio", pl.lit(0.0).alias(
+                                            "state_cusum_ms"), pl.lit(persist + 1).alias("quiet"))
         usual = pl.concat([usual.join(fixed.select("rank"), on="rank", how="anti"), fixed],
                           how="vertical_relaxed")
     # The rest is per rank: a whole log goes by slices of ranks (windows over millions of
     # (rank, step) rows hold several copies of them).
     slices = None if df["rank"].null_count() else _slices(df, "rank", SLICE_ROWS // 4)
+    args = dict(gate=gate, noise=noise, slack=slack, threshold=threshold, floor_ms=floor_ms,
+                persist=persist, busier=busier, drift_steps=drift_steps)
     if slices is None:
-        return _rank_scores(df, usual, gate=gate, noise=noise, slack=slack,
-                            threshold=threshold, floor_ms=floor_ms, persist=persist,
-                            busier=busier)
-    return pl.concat([_rank_scores(df.filter(pl.col("rank").is_between(lo, hi)), usual,
-                                   gate=gate, noise=noise, slack=slack, threshold=threshold,
-                                   floor_ms=floor_ms, persist=persist, busier=busier)
+        return _rank_scores(df, usual, **args)
+    return pl.concat([_rank_scores(df.filter(pl.col("rank").is_between(lo, hi)), usual, **args)
                       for lo, hi in slices])
 
 
 def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: float,
                  slack: float, threshold: float, floor_ms: float, persist: int,
-                 busier: float) -> pl.DataFrame:
+                 busier: float, drift_steps: int) -> pl.DataFrame:
     """:func:`compute_straggler_scores` from each rank's usual on (rows of whole ranks)."""
     k, h = slack * noise, threshold * noise
-    df = df.join(usual, on="rank",
-                 how="left").with_columns(
-        pl.when(pl.col("_n") >= gate).then(pl.col("usual_ms")).alias("usual_ms"))
+    df = usual_in_force(df.join(usual, on="rank", how="left", maintain_order="left"), gate=gate,
+                        slack_ms=k, threshold_ms=h, drift_steps=drift_steps, persist=persist)
     df = df.with_columns((pl.col("delay_ms") - pl.col("usual_ms")).alias("excess_ms"))
     # Page's CUSUM S_t = max(0, S_t-1 + x_t - k), as C_t - min(0, min_s<=t C_s).
     c = (pl.col("excess_ms") - k).fill_null(0.0).cum_sum().over("rank")
@@ -346,6 +224,7 @@ def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: flo
     return df.select("rank", "host", "step", "wait_ms", "median_wait_ms", "delay_ms",
                      "usual_ms", "excess_ms", "cusum_ms", "run_start", "hits", "noise_ms",
                      "score", "compute_ms", "compute_ratio", "usual_compute_ratio", "busy_run",
+                     "usual_after_ms", "state_cusum_ms", "quiet",
                      *(["island"] if "island" in df.columns else []))
 
 
@@ -442,13 +321,16 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       usual: pl.DataFrame | None = None,
                       noise_ms: float | None = None,
                       imbalance: bool = True,
-                      stage: Mapping[int, int] | None = None) -> tuple[Finding, ...]:
+                      stage: Mapping[int, int] | None = None,
+                      drift_steps: int = _D.drift_steps,
+                      drift_from_step: int | None = None) -> tuple[Finding, ...]:
     """Ranks their peers wait for: a change (straggler) or there from the start (imbalance).
 
     Args:
         events: Rows of one job (a whole log or an online window).
         warmup_steps, baseline_steps, min_baseline_steps, slack, threshold, floor_ms,
-            persist, busier, usual, noise_ms: See :func:`compute_straggler_scores`.
+            persist, busier, usual, noise_ms, drift_steps, drift_from_step: See
+            :func:`compute_straggler_scores`.
         imbalance_noise: A rank whose median delay over the first ``baseline_steps`` steps is
             this many times the noise (and at least ``min_delay_ms``), while it waited least
             in half of them or more, is structural imbalance.
@@ -467,7 +349,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             None: no pipeline, one class.
 
     Returns:
-        At most one :class:`Finding` per rank, in order of onset: ``imbalance`` (class
+        One :class:`Finding` per episode of a rank (one that ended, a hiccup too, does not
+        hide a later one), in order of onset: ``imbalance`` (class
         ``structural imbalance``, since the first step) or ``straggler`` (class ``compute
         straggler``) with ``since_step`` (the step its excess began), ``detected_step`` (the
         step that made it conclusive: its CUSUM passed the threshold, or it came late while
@@ -481,7 +364,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
     scores = compute_straggler_scores(
         lat, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
         min_baseline_steps=min_baseline_steps, slack=slack, threshold=threshold,
-        floor_ms=floor_ms, persist=persist, busier=busier, usual=usual, noise_ms=noise_ms)
+        floor_ms=floor_ms, persist=persist, busier=busier, usual=usual, noise_ms=noise_ms,
+        drift_steps=drift_steps, drift_from_step=drift_from_step)
     if scores.is_empty():
         return ()
     noise = scores["noise_ms"][0]
@@ -494,7 +378,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             lat, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
             min_baseline_steps=min_baseline_steps, slack=slack, threshold=threshold,
             floor_ms=floor_ms, persist=persist, busier=busier, usual=usual,
-            noise_ms=noise_ms, usual_from_peers=from_start)
+            noise_ms=noise_ms, usual_from_peers=from_start, drift_steps=drift_steps,
+            drift_from_step=drift_from_step)
     peers_ms = dict(from_start.select("rank", "usual_ms").iter_rows())
     for r in imb.iter_rows(named=True):
         findings.append(Finding(
@@ -514,8 +399,10 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
     hit = scores.filter((summed | busy) & (pl.col("delay_ms") >= min_delay_ms)
                         & ~pl.col("rank").is_in(imb["rank"].implode())
                         ).with_columns(busy.alias("_busy"))
-    for r in hit.group_by("rank").agg(pl.all().sort_by("step").first()).iter_rows(named=True):
-        mine = scores.filter(pl.col("rank") == r["rank"])
+
+    def episode(r: dict, mine: pl.DataFrame) -> tuple[Finding | None, int | None]:
+        """The finding of the late streak that hit row ``r`` of the rank (``mine``) made
+        conclusive (None where another group's transfers explain it), and its last step."""
         # the late streak the sum ends with; a busy run counts from its first step
         steps = mine["step"]  # counted in steps seen, whatever their numbers
         at = steps.search_sorted(r["step"])
@@ -559,8 +446,8 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                                         min_delay_ms=min_delay_ms)
         on_time = groups.filter(~pl.col("late"))
         if not on_time.is_empty() and on_time.height < groups.height:
-            continue  # late to some groups only: delayed by another group's transfers
-        findings.append(Finding(
+            return None, until  # late to some groups only: another group's transfers
+        return Finding(
             kind="straggler", cls=HICCUP_CLASS if transient else "compute straggler",
             ranks=(r["rank"],),
             hosts=(r["host"],) if r["host"] else (), since_step=since,
@@ -573,12 +460,27 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       f"{r['usual_ms']:.1f} ms; job noise {noise:.1f} ms)",
                       *_from_start_line(r["rank"], peers_ms),
                       *_change_lines(r, threshold, persist),
-                      *_what_if(events, since, int(run["step"].max()), delay, r["rank"],
-                                symmetric_peers(r["rank"], sorted(lat["rank"].unique()),
-                                                stage)))))
+                      *(() if transient else _what_if(
+                          events, since, int(run["step"].max()), delay, r["rank"],
+                          symmetric_peers(r["rank"], sorted(lat["rank"].unique()), stage))))
+        ), until
+
+    # Per rank each of its episodes in turn: one that ended (a hiccup too) does not hide a
+    # later one; the first that lasts to the end of the data is the last
+    for (rank,), rows in hit.sort("rank", "step").partition_by(
+            "rank", as_dict=True, maintain_order=True).items():
+        mine, after, n = scores.filter(pl.col("rank") == rank), None, 0
+        for r in rows.iter_rows(named=True):
+            if after is not None and r["step"] <= after:
+                continue
+            found, after = episode(r, mine)
+            findings += [] if found is None else [found]
+            n += 1
+            if after is None or n >= _MAX_EPISODES:
+                break
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))
 
 
 __all__ = ["HICCUP_CLASS", "STRAGGLER_CLASSES", "THROTTLED_CLASS", "compute_group_lateness",
-           "compute_step_lateness", "compute_straggler_scores", "detect_stragglers",
-           "scaled_floors_ms", "usual_delay"]
+           "compute_outside_ns", "compute_step_lateness", "compute_straggler_scores",
+           "detect_stragglers", "scaled_floors_ms", "usual_delay"]

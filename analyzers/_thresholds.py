@@ -46,6 +46,9 @@ class Thresholds:
         baseline_steps: Steps (seen) after the warm-up that give a job's usual timings and
             noise, and show a rank behind from the start (imbalance).
         min_baseline_steps: Fewest baseline steps a detector needs before it judges.
+        drift_steps: After the baseline, each rank's usual lateness follows slow drift as a
+            mean with this time constant in steps, fed only by steps outside any late
+            streak, so a fault is not absorbed (0: the baseline's usual is kept).
 
     Stragglers (who the others wait for at collectives):
         cusum_threshold: CUSUM of a rank's excess lateness (in noise units) that makes it a
@@ -105,6 +108,7 @@ class Thresholds:
     warmup_slow_ratio: float = 3.0
     baseline_steps: int = 20
     min_baseline_steps: int = 5
+    drift_steps: int = 200
     cusum_threshold: float = 6.0
     cusum_slack: float = 1.0
     persist_steps: int = 3
@@ -238,7 +242,7 @@ class Thresholds:
                 "floor_share": self.noise_floor_share, "persist": self.persist_steps,
                 "busier": self.busier_ratio, "imbalance_noise": self.imbalance_noise,
                 "min_delay_ms": self.min_delay_ms, "delay_share": self.min_delay_share,
-                "transient_steps": self.transient_steps}
+                "transient_steps": self.transient_steps, "drift_steps": self.drift_steps}
 
     def link_args(self) -> dict:
         """Keyword arguments of :func:`~ringwatch.analyzers._links.detect_slow_links`."""
@@ -329,8 +333,9 @@ _NULLABLE = frozenset({"min_stall_s"})
 _SHARES = frozenset({"noise_floor_share", "min_delay_share", "min_gain_share", "a2a_hot_share",
                      "work_floor_share", "work_start_share", "role_share", "wander_share"})
 # least values where 1 (integers) or > 0 (numbers) is not the rule
-_LEAST: dict[str, float] = {"warmup_steps": 0, "min_gain_share": 0.0, "cusum_slack": 0.0,
-                            "noise_floor_share": 0.0, "min_delay_share": 0.0}
+_LEAST: dict[str, float] = {"warmup_steps": 0, "drift_steps": 0, "min_gain_share": 0.0,
+                            "cusum_slack": 0.0, "noise_floor_share": 0.0,
+                            "min_delay_share": 0.0}
 DEFAULT_THRESHOLDS = Thresholds()
 
 __all__ = ["DEFAULT_THRESHOLDS", "NAMES", "ThresholdError", "Thresholds", "describe",

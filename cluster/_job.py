@@ -15,7 +15,8 @@ clock); SIGUSR1 blocks the main thread for good before the rank's next collectiv
 arrived" hang; the agent's threads go on). ``--extra-work-rank R --extra-work-factor F`` gives
 rank R F times the work by design (compute and host-side sleep); SIGUSR2 gives the rank that
 receives it ``--slowdown-factor`` times the work from its next step on (a compute straggler
-appearing mid-run, as a throttled GPU or a busy host would).
+appearing mid-run, as a throttled GPU or a busy host would). ``--drift-rank R
+--drift-ms-per-step X`` makes rank R's host-side work X ms longer at every step: a slow drift.
 
 ``--fr-dump PREFIX`` writes each rank's Flight Recorder to ``PREFIX<rank>`` on a stall or an
 error, and ``--fault-in-job MODE:RANKS@STEP`` blocks, kills or desynchronises ranks from inside
@@ -69,6 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="on SIGUSR2, this rank does this many times the work from then on")
     p.add_argument("--step-sleep-ms", type=float, default=0.0,
                    help="sleep per step outside collectives (host-side work)")
+    p.add_argument("--drift-rank", type=int, default=-1,
+                   help="this rank's host-side work grows by --drift-ms-per-step every step")
+    p.add_argument("--drift-ms-per-step", type=float, default=0.0,
+                   help="a slow drift by design (a data pipeline whose cost grows, a host "
+                        "that slowly fills up): not a fault to page on")
     p.add_argument("--step-log", metavar="DIR", help="append step start times to DIR/rank-R.tsv")
     p.add_argument("--result", metavar="FILE", help="rank 0 writes its JSON summary here")
     p.add_argument("--python-hook", action="store_true",
@@ -307,6 +313,8 @@ def main(argv=None) -> int:
             opt.zero_grad(set_to_none=True)
         if sleep_s and pipe is None:  # a pipeline spends it in its micro-batches
             time.sleep(sleep_s)
+        if rank == args.drift_rank and args.drift_ms_per_step > 0:
+            time.sleep(args.drift_ms_per_step * step / 1e3)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a step's time is the GPU's, not its launch's
         step_s.append(time.perf_counter() - t0)

@@ -94,6 +94,10 @@ class WindowStates:
 
 
 def _key(window) -> tuple:
-    """What changes when the state worth saving does: the baseline's freeze, the episodes."""
+    """What changes when the state worth saving does: the baseline's freeze, the episodes,
+    and every ``keep_steps`` steps the usual's drift (a restart loses at most that much of
+    it, besides the window's own steps)."""
+    drift = getattr(window, "drift_step", None)
     return (window.baseline_until, window.first_step,
+            None if drift is None else drift // max(1, window.keep_steps),
             tuple(sorted((r, e[0], e[1]) for r, e in window.episodes.items())))
