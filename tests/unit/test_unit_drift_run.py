@@ -9,12 +9,10 @@ the work from step 1600 to the end.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import polars as pl
 import pytest
 
-from ringwatch._analyze import analyze_events
 from ringwatch.analyzers import Thresholds
 from ringwatch.analyzers._online import OnlineWindow
 from ringwatch.analyzers._policy import split_hiccups, split_undecided
@@ -24,7 +22,9 @@ from ringwatch.analyzers._stragglers import (
     scaled_floors_ms,
 )
 
-RUN = Path(__file__).resolve().parents[1] / "data" / "long" / "drift-then-straggler-2000.parquet"
+from longruns import analyzed
+
+RUN = "drift-then-straggler-2000.parquet"
 ONSET = 1600
 
 
@@ -34,10 +34,7 @@ def _key(f):
 
 @pytest.fixture(scope="module")
 def run():
-    ev = pl.read_parquet(RUN)
-    now = int(ev["t_end_ns"].max())
-    found, _ = split_hiccups(analyze_events(ev, now_ns=now))
-    return ev, now, found
+    return analyzed(RUN)
 
 
 def test_the_drift_is_followed_and_the_fault_named_from_its_onset(run):
@@ -50,9 +47,7 @@ def test_the_drift_is_followed_and_the_fault_named_from_its_onset(run):
 
 def test_a_usual_kept_from_the_start_takes_the_drift_for_stragglers(run):
     # what following the drift is for: the same rows against the first steps' usual
-    ev, now, _ = run
-    kept, _ = split_hiccups(analyze_events(ev, now_ns=now,
-                                           thresholds=Thresholds(drift_steps=0)))
+    _, _, kept = analyzed(RUN, thresholds=Thresholds(drift_steps=0))
     early = [f for f in kept if f.ranks == (1,) and f.since_step < ONSET - 100]
     assert early, kept
 

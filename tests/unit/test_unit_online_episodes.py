@@ -8,21 +8,18 @@ rank 2 doing twice the work from step 40 to the end.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import polars as pl
 import pytest
 
-from ringwatch._analyze import analyze_events
 from ringwatch.analyzers._online import GRACE_STEPS, OnlineWindow
 from ringwatch.analyzers._policy import split_hiccups, split_undecided
 from ringwatch.service._service import Service, ServiceConfig
 from ringwatch.service._windows import WindowStates
 
+from longruns import analyzed
 from pushes import WALL
 from pushes import agent_push as _push
-
-RUN = Path(__file__).resolve().parents[1] / "data" / "long" / "straggler-work-400.parquet"
 
 
 def _key(f):
@@ -31,10 +28,7 @@ def _key(f):
 
 @pytest.fixture(scope="module")
 def run():
-    ev = pl.read_parquet(RUN)
-    now = int(ev["t_end_ns"].max())
-    found, _ = split_hiccups(analyze_events(ev, now_ns=now))
-    return ev, now, found
+    return analyzed("straggler-work-400.parquet")
 
 
 def _rounds(ev, now, chunk: int, *, restart_at: int | None = None, restore: bool = True):
