@@ -227,7 +227,7 @@ class OnlineWindow:
         args = {k: v for k, v in th.straggler_args().items() if k in _SCORE_ARGS}
         scores = compute_straggler_scores(
             compute_step_lateness(leaving), **args, usual=self.usual_delay,
-            noise_ms=self.noise_ms, drift_from_step=done + 1)
+            noise_ms=self.noise_ms, drift_from_step=done + 1, drift_state=True)
         if scores.is_empty():
             return
         self.usual_delay = _with_state(self.usual_delay, scores)
@@ -261,7 +261,7 @@ class OnlineWindow:
         score_args["floor_ms"], min_delay_ms = scaled_floors_ms(
             head, args["floor_ms"], args["min_delay_ms"], floor_share=args["floor_share"],
             delay_share=args["delay_share"])
-        scores = compute_straggler_scores(lat, **score_args)
+        scores = compute_straggler_scores(lat, **score_args, drift_state=True)
         if scores.is_empty():
             return
         self.noise_ms = float(scores["noise_ms"][0])
@@ -278,7 +278,8 @@ class OnlineWindow:
             [usual.join(fixed.select(pl.col("rank").cast(usual["rank"].dtype)), on="rank",
                         how="anti"), fixed], how="vertical_relaxed").sort("rank")
         if not from_start.is_empty():  # the drift's state as post-mortem sums it
-            scores = compute_straggler_scores(lat, **score_args, usual_from_peers=from_start)
+            scores = compute_straggler_scores(lat, **score_args, usual_from_peers=from_start,
+                                              drift_state=True)
         self.usual_delay = _with_state(usual, scores)
         found = detect_stragglers(head, **args, stage=stage)
         self.imbalance = tuple(f for f in found if f.kind == "imbalance")
@@ -411,14 +412,15 @@ def _with_state(usual: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     last = (scores.sort("rank", "step").group_by("rank")
             .agg(pl.col("usual_after_ms").last().alias("_u"),
                  pl.col("state_cusum_ms").last().alias("_c"),
-                 pl.col("quiet").last().cast(pl.Int64).alias("_q"))
+                 pl.col("quiet").last().cast(pl.Int64).alias("_q"),
+                 pl.col("ratio_after").last().alias("_g"))
             .with_columns(pl.col("rank").cast(usual["rank"].dtype)))
     out = usual.join(last, on="rank", how="left", maintain_order="left")
 
     def newest(new: str, col: str) -> pl.Expr:
         return pl.coalesce(new, *([col] if col in usual.columns else [])).alias(col)
 
-    return out.select("rank", newest("_u", "usual_ms"), "usual_compute_ratio",
+    return out.select("rank", newest("_u", "usual_ms"), newest("_g", "usual_compute_ratio"),
                       newest("_c", "state_cusum_ms"), newest("_q", "quiet"))
 
 

@@ -95,7 +95,8 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
                              noise_ms: float | None = None,
                              usual_from_peers: pl.DataFrame | None = None,
                              drift_steps: int = _D.drift_steps,
-                             drift_from_step: int | None = None) -> pl.DataFrame:
+                             drift_from_step: int | None = None,
+                             drift_state: bool = False) -> pl.DataFrame:
     """Per (rank, step), how late the rank came and how far that is from its usual.
 
     Args:
@@ -126,6 +127,7 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
             the step after the baseline on (:mod:`ringwatch.analyzers._drift`); 0 keeps it.
         drift_from_step: The first step that may move the usual, where ``usual`` is given
             (by default its first step here).
+        drift_state: Add the drift's state after each step (the columns below).
 
     Returns:
         Columns ``rank``, ``host``, ``step``, ``wait_ms``, ``median_wait_ms`` (the step's
@@ -136,9 +138,10 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
         slack), ``noise_ms``, ``score`` (``cusum_ms`` over the threshold: 1 or more with
         ``persist`` hits is a straggler), ``compute_ms`` (time outside collectives),
         ``compute_ratio`` (that over the step's median), ``usual_compute_ratio`` and
-        ``busy_run`` (busy steps in a row up to this one), ``usual_after_ms``,
-        ``state_cusum_ms`` and ``quiet`` (the drift's state after the step: what a later
-        window starts from); sorted by rank then step. Empty without steps past the warm-up.
+        ``busy_run`` (busy steps in a row up to this one), and with ``drift_state``
+        ``usual_after_ms``, ``state_cusum_ms``, ``quiet`` and ``ratio_after`` (the drift's
+        state after the step: what a later window starts from); sorted by rank then step.
+        Empty without steps past the warm-up.
     """
     # Steps are counted in steps seen, not by their numbers: a job resumed at step 50,000,
     # or one that numbers its steps 0, 10, 20..., has its warm-up and baseline in its first
@@ -182,7 +185,8 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
     # (rank, step) rows hold several copies of them).
     slices = None if df["rank"].null_count() else _slices(df, "rank", SLICE_ROWS // 4)
     args = dict(gate=gate, noise=noise, slack=slack, threshold=threshold, floor_ms=floor_ms,
-                persist=persist, busier=busier, drift_steps=drift_steps)
+                persist=persist, busier=busier, drift_steps=drift_steps,
+                drift_state=drift_state)
     if slices is None:
         return _rank_scores(df, usual, **args)
     return pl.concat([_rank_scores(df.filter(pl.col("rank").is_between(lo, hi)), usual, **args)
@@ -191,7 +195,7 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
 
 def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: float,
                  slack: float, threshold: float, floor_ms: float, persist: int,
-                 busier: float, drift_steps: int) -> pl.DataFrame:
+                 busier: float, drift_steps: int, drift_state: bool) -> pl.DataFrame:
     """:func:`compute_straggler_scores` from each rank's usual on (rows of whole ranks)."""
     k, h = slack * noise, threshold * noise
     df = usual_in_force(df.join(usual, on="rank", how="left", maintain_order="left"), gate=gate,
@@ -224,7 +228,8 @@ def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: flo
     return df.select("rank", "host", "step", "wait_ms", "median_wait_ms", "delay_ms",
                      "usual_ms", "excess_ms", "cusum_ms", "run_start", "hits", "noise_ms",
                      "score", "compute_ms", "compute_ratio", "usual_compute_ratio", "busy_run",
-                     "usual_after_ms", "state_cusum_ms", "quiet",
+                     *(("usual_after_ms", "state_cusum_ms", "quiet", "ratio_after")
+                       if drift_state else ()),
                      *(["island"] if "island" in df.columns else []))
 
 

@@ -11,16 +11,23 @@ ARGS = dict(slack_ms=NOISE_MS, threshold_ms=6 * NOISE_MS, drift_steps=200, persi
 
 
 def _start(n: int, usual: float = 0.0) -> tuple[np.ndarray, ...]:
-    return np.full(n, usual), np.zeros(n), np.full(n, 4)
+    return np.full(n, usual), np.zeros(n), np.full(n, 4), np.ones(n)
+
+
+def _follow(rank, delays, start, judged, may_move, ratio=None, **over):
+    """``follow_usual`` with no compute ratio known (or ``ratio``)."""
+    ratio = np.full(rank.shape[0], np.nan) if ratio is None else ratio
+    (usual, _), state = follow_usual(rank, delays, ratio, start, judged, may_move,
+                                     **{**ARGS, **over})
+    return usual, state
 
 
 def _scan(delays: np.ndarray, **over):
     """(usual in force, usual after, CUSUM after, quiet after) of one rank."""
     n = delays.shape[0]
     ones = np.ones(n, bool)
-    in_force, state = follow_usual(np.zeros(n, np.int64), delays, _start(n), ones, ones,
-                                   **{**ARGS, **over})
-    return in_force, *state
+    in_force, state = _follow(np.zeros(n, np.int64), delays, _start(n), ones, ones, **over)
+    return in_force, *state[:3]
 
 
 def _noise(n: int, seed: int = 7) -> np.ndarray:
@@ -78,11 +85,11 @@ def test_a_rank_without_a_usual_or_a_step_out_of_reach_keeps_its_state():
     n = 50
     delays = _noise(n) + 10.0
     ones = np.ones(n, bool)
-    usual, (after, _, _) = follow_usual(np.zeros(n, np.int64), delays, _start(n, np.nan),
-                                        ones, ones, **ARGS)
+    usual, (after, *_) = _follow(np.zeros(n, np.int64), delays, _start(n, np.nan), ones,
+                                 ones)
     assert np.isnan(usual).all() and np.isnan(after).all()
-    usual, (after, _, _) = follow_usual(np.zeros(n, np.int64), delays, _start(n), ones,
-                                        np.zeros(n, bool), **ARGS)
+    usual, (after, *_) = _follow(np.zeros(n, np.int64), delays, _start(n), ones,
+                                 np.zeros(n, bool))
     assert np.all(usual == 0.0) and np.all(after == 0.0)  # may not move: the baseline's
 
 
@@ -101,20 +108,37 @@ def test_ranks_are_independent_and_a_scan_resumes_from_its_state():
     delays = rng.normal(0, NOISE_MS, ranks * steps) + np.tile(np.arange(steps), ranks) * 0.003
     delays[rank == 2] += np.where(np.arange(steps) >= 250, 4 * NOISE_MS, 0.0)
     ones = np.ones(ranks * steps, bool)
-    whole, _ = follow_usual(rank, delays, _start(ranks * steps), ones, ones, **ARGS)
+    whole, _ = _follow(rank, delays, _start(ranks * steps), ones, ones)
     first = np.tile(np.arange(steps) < cut, ranks)
     k = int(first.sum())
-    a, state = follow_usual(rank[first], delays[first], _start(k), ones[:k], ones[:k], **ARGS)
+    a, state = _follow(rank[first], delays[first], _start(k), ones[:k], ones[:k])
     last_of = np.flatnonzero(np.r_[rank[first][1:] != rank[first][:-1], True])
     rest = ~first
-    b, _ = follow_usual(rank[rest], delays[rest],
-                        tuple(np.repeat(x[last_of], steps - cut) for x in state),
-                        ones[rest], ones[rest], **ARGS)
+    b, _ = _follow(rank[rest], delays[rest],
+                   tuple(np.repeat(x[last_of], steps - cut) for x in state), ones[rest],
+                   ones[rest])
     pieces = np.concatenate([a.reshape(ranks, -1), b.reshape(ranks, -1)], axis=1)
     assert np.allclose(pieces.ravel(), whole)
     # one rank's fault leaves the others' usual alone
     others = rank != 2
     m = int(others.sum())
-    alone, _ = follow_usual(rank[others], delays[others], _start(m), ones[:m], ones[:m],
-                            **ARGS)
+    alone, _ = _follow(rank[others], delays[others], _start(m), ones[:m], ones[:m])
     assert np.allclose(alone, whole[others])
+
+
+def test_the_usual_compute_ratio_follows_the_drift_of_a_rank_s_own_work():
+    """A rank whose time outside collectives grows slowly is not "busier than its peers" by
+    the end (the busy signal's reference drifts with it), while a fault's jump is not
+    absorbed: the ratio stands still with the delay's usual."""
+    n = 3000
+    ones = np.ones(n, bool)
+    ratio = 1.0 + 2.0 * np.arange(n) / n + np.random.default_rng(5).normal(0, 0.2, n)
+    delays = _noise(n)
+    (_, usual_ratio), _ = follow_usual(np.zeros(n, np.int64), delays, ratio, _start(n), ones,
+                                       ones, **ARGS)
+    assert abs(usual_ratio[-1] - 3.0) < 0.3 and usual_ratio[0] == 1.0
+    delays[2000:] += 5 * NOISE_MS  # now a fault: late and twice as busy
+    ratio[2000:] *= 2
+    (_, usual_ratio), _ = follow_usual(np.zeros(n, np.int64), delays, ratio, _start(n), ones,
+                                       ones, **ARGS)
+    assert usual_ratio[-1] - usual_ratio[2000] < 0.05

@@ -60,7 +60,8 @@ def _post_mortem_usual(ev) -> pl.DataFrame:
                                 floor_share=args["floor_share"],
                                 delay_share=args["delay_share"])
     scores = compute_straggler_scores(
-        compute_step_lateness(ev), warmup_steps=th.for_job(ev).warmup_steps, floor_ms=floor)
+        compute_step_lateness(ev), warmup_steps=th.for_job(ev).warmup_steps, floor_ms=floor,
+        drift_state=True)
     return scores.select("rank", "step", "usual_after_ms")
 
 
