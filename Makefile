@@ -30,7 +30,7 @@ demo: setup
 
 test: setup tools
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu" --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit
