@@ -109,7 +109,7 @@ def usual_in_force(df: pl.DataFrame, *, gate: int, slack_ms: float, threshold_ms
     judged = pl.col("_n") >= gate
     nan = float("nan")
     start = (pl.col("usual_ms").fill_null(nan), pl.col("state_cusum_ms").fill_null(0.0),
-             pl.col("quiet").fill_null(persist + 1),
+             pl.col("quiet").fill_null(persist + 1).cast(pl.Int64),
              pl.col("usual_compute_ratio").fill_null(1.0).fill_nan(1.0))
     a = df.select(pl.col("rank").fill_null(-1).alias("r"),
                   pl.col("delay_ms").fill_null(nan).alias("d"),

@@ -16,10 +16,11 @@ the post-mortem pass gives it while the window slides on. :meth:`OnlineWindow.st
 service, so a window reopened mid-fault compares against the healthy start, not the fault.
 
 Each rank's usual delay follows slow drift after the baseline as post-mortem
-(:mod:`ringwatch.analyzers._drift`): the window carries each rank's usual and its steps since
-its last late one as of the step before its oldest, and moves them on over each step as it
-leaves the window, with all of that step's rows, once; so the usual at a step does not depend
-on how many steps each push carried, and a restart resumes from the saved state.
+(:mod:`ringwatch.analyzers._drift`): the window carries each rank's drift state (the usual,
+its CUSUM, its steps since its last late one, its usual compute ratio) as of the step before
+its oldest, and moves it on over each step as it leaves the window, with all of that step's
+rows, once; so the usual at a step does not depend on how many steps each push carried, and a
+restart resumes from the saved state.
 
 With a pipeline (the caller's ``layout``: stages from the send/recv peers), stragglers and
 imbalance come from each rank's unblocked time per step against its stage's, as post-mortem
@@ -215,7 +216,7 @@ class OnlineWindow:
         top = rows["step"].max()
         if self.baseline_until is None or self.usual_delay is None or top is None:
             return
-        done = max(self.baseline_until, self.drift_step or self.baseline_until)
+        done = max(self.baseline_until, self.drift_step or 0)
         cut = top - self.keep_steps  # the steps that _trim drops
         if cut <= done:
             return

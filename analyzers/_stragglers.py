@@ -171,14 +171,15 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
     else:
         gate = 0
         moves = pl.lit(True) if drift_from_step is None else pl.col("step") >= drift_from_step
+    # the drift's state where the caller has none: nulls, which usual_in_force fills
+    state = ("usual_compute_ratio", "state_cusum_ms", "quiet")
     usual = usual.select("rank", "usual_ms", *(
-        pl.col(c) if c in usual.columns else pl.lit(v).alias(c) for c, v in (
-            ("usual_compute_ratio", 1.0), ("state_cusum_ms", 0.0), ("quiet", persist + 1))))
+        pl.col(c) if c in usual.columns else pl.lit(None, pl.Float64).alias(c) for c in state))
     df = df.with_columns(moves.alias("_moves"))
     if usual_from_peers is not None and not usual_from_peers.is_empty():
         fixed = usual_from_peers.select(pl.col("rank").cast(usual["rank"].dtype), "usual_ms",
-                                        "usual_compute_ratio", pl.lit(0.0).alias(
-                                            "state_cusum_ms"), pl.lit(persist + 1).alias("quiet"))
+                                        "usual_compute_ratio", *(pl.lit(None, pl.Float64)
+                                                                 .alias(c) for c in state[1:]))
         usual = pl.concat([usual.join(fixed.select("rank"), on="rank", how="anti"), fixed],
                           how="vertical_relaxed")
     # The rest is per rank: a whole log goes by slices of ranks (windows over millions of
