@@ -322,7 +322,8 @@ class OnlineWindow:
             stragglers = self._episodes(detect_stragglers(
                 judged, **th.straggler_args(), usual=self.usual_delay,
                 noise_ms=self.noise_ms, imbalance=False,
-                drift_from_step=(self.drift_step or self.baseline_until) + 1)) + self.imbalance
+                drift_from_step=(self.drift_step or self.baseline_until) + 1,
+                ongoing={r: e[:2] for r, e in self.episodes.items()})) + self.imbalance
         links = detect_slow_links(ev, **th.link_args(), usual=self.usual_bw)
         return out + explain_by_links(stragglers, links)
 

@@ -35,19 +35,24 @@ def split_hiccups(findings: tuple) -> tuple[tuple, tuple]:
 
 def split_undecided(findings: tuple, *, newest_step: int | None,
                     transient_steps: int = _D.transient_steps,
+                    persist_steps: int = _D.persist_steps,
                     data_ended: bool = False) -> tuple[tuple, tuple]:
-    """``(decided, undecided)``: a straggler still on (``until_step`` None) whose lateness
-    has lasted fewer than ``transient_steps`` steps up to ``newest_step`` may yet end as a
-    hiccup (:func:`split_hiccups`), so a live reader holds it back until it lasts that long
-    (or ``data_ended``: the job stopped sending steps, after which a post-mortem pass would
-    call it a straggler still on at the end). Holding back exactly what the post-mortem pass
-    would call a hiccup keeps the live findings and the post-mortem ones the same."""
+    """``(decided, undecided)``: a straggler still on (``until_step`` None) may yet end as a
+    hiccup (:func:`split_hiccups`: late fewer than ``transient_steps`` steps), so a live
+    reader holds it back until it cannot (or ``data_ended``: the job stopped sending steps,
+    after which a post-mortem pass would call it a straggler still on at the end).
+
+    Still on at ``newest_step`` means late in one of its last ``persist_steps + 1`` steps
+    (``persist_steps + 1`` on-time steps in a row end it), so its lateness has lasted at least
+    ``newest_step - persist_steps - since_step + 1`` steps: once that reaches
+    ``transient_steps`` it is no hiccup. Holding back exactly what the post-mortem pass may
+    still call a hiccup keeps the live findings and the post-mortem ones the same."""
     if data_ended or newest_step is None:
         return tuple(findings), ()
 
     def young(f: Finding) -> bool:
         return (f.kind == "straggler" and f.until_step is None and f.since_step is not None
-                and newest_step - f.since_step + 1 < transient_steps)
+                and newest_step - persist_steps - f.since_step + 1 < transient_steps)
 
     return (tuple(f for f in findings if not young(f)),
             tuple(f for f in findings if young(f)))

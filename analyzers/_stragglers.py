@@ -329,7 +329,10 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       imbalance: bool = True,
                       stage: Mapping[int, int] | None = None,
                       drift_steps: int = _D.drift_steps,
-                      drift_from_step: int | None = None) -> tuple[Finding, ...]:
+                      drift_from_step: int | None = None,
+                      grace_steps: int = _D.grace_steps,
+                      ongoing: Mapping[int, tuple[int, int | None]] | None = None
+                      ) -> tuple[Finding, ...]:
     """Ranks their peers wait for: a change (straggler) or there from the start (imbalance).
 
     Args:
@@ -345,6 +348,16 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         transient_steps: A straggler whose excess ended within this many steps of its start
             (the logs go on without it) is a ``transient straggler``: a hiccup, not a rank to
             replace.
+        grace_steps: A straggler (not a hiccup) whose excess stops and that is conclusive
+            again within this many steps of its last late step is the same episode: a
+            disturbance hid it (another rank stalled, a burst of noise), the fault went on.
+            So it ends only when the data goes on this many steps past its last late step
+            without it; until then it is still on (``until_step`` None), as a live reader
+            sees it.
+        ongoing: ``rank -> (since_step, detected_step)`` of episodes known to be on before
+            the first step of ``events`` (an online window's memory): a rank's first episode
+            that starts with the rows is that one, with its onset, never a hiccup (its run
+            is cut by the window, not short).
         imbalance: Judge structural imbalance on the first steps of ``events``. An online
             window passes False: its first steps are only the oldest it still holds (a
             straggler that outlasts the window would turn into "imbalance" there); it judges
@@ -364,6 +377,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         when it ended) and ``gain_s_per_step`` (how much longer its peers waited than it did
         per step since then: what the job would save if it arrived like them).
     """
+    first_step = events["step"].min()
     floor_ms, min_delay_ms = scaled_floors_ms(events, floor_ms, min_delay_ms,
                                               floor_share=floor_share, delay_share=delay_share)
     lat = compute_step_lateness(events)
@@ -406,9 +420,14 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                         & ~pl.col("rank").is_in(imb["rank"].implode())
                         ).with_columns(busy.alias("_busy"))
 
-    def episode(r: dict, mine: pl.DataFrame) -> tuple[Finding | None, int | None]:
+    def episode(r: dict, mine: pl.DataFrame, resumes: Finding | None = None,
+                carried: tuple[int, int | None] | None = None
+                ) -> tuple[Finding | None, int | None]:
         """The finding of the late streak that hit row ``r`` of the rank (``mine``) made
-        conclusive (None where another group's transfers explain it), and its last step."""
+        conclusive (None where another group's transfers explain it), and its last step;
+        with ``resumes``, the episode it carries on after a pause; with ``carried``, the
+        episode known to be on before the rows, which it carries on when it starts with
+        them (its late steps before them, and a pause of up to the grace, cut away)."""
         # the late streak the sum ends with; a busy run counts from its first step
         steps = mine["step"]  # counted in steps seen, whatever their numbers
         at = steps.search_sorted(r["step"])
@@ -440,6 +459,16 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                 pl.col("step").is_between(r["step"], ended["step"].min() - 1) & late
             )["step"].max()
             until = r["step"] if last_late is None else int(last_late)
+        pause = None
+        if resumes is not None:  # the same fault, back after a pause
+            pause = (resumes.until_step, since)
+            since, first_detected = resumes.since_step, resumes.detected_step
+        elif carried is not None and first_step is not None \
+                and since <= first_step + warmup_steps + 2 + grace_steps:
+            # the rows' first late streak: the episode they began in the middle of
+            since, first_detected = carried[0], carried[1]
+        else:
+            first_detected, carried = r["step"], None
         # What it costs: its median delay over all it has shown (the first late steps may
         # be partial: the slowdown can land mid-step)
         run = mine.filter(pl.col("step").is_between(
@@ -447,7 +476,12 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         delay = float(run["delay_ms"].median())
         # counted from the late streak (since), as a live reader counts it while it lasts
         # (split_undecided): both call the same episodes hiccups
-        transient = until is not None and run.height < transient_steps
+        transient = until is not None and run.height < transient_steps and carried is None
+        if not transient and until is not None \
+                and mine.filter(pl.col("step") > until).height < grace_steps:
+            # too few steps after it to tell an end from a pause: still on
+            until = None
+            run = mine.filter(pl.col("step") >= since)
         groups = compute_group_lateness(events, [r["rank"]], start, r["step"],
                                         min_delay_ms=min_delay_ms)
         on_time = groups.filter(~pl.col("late"))
@@ -457,7 +491,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             kind="straggler", cls=HICCUP_CLASS if transient else "compute straggler",
             ranks=(r["rank"],),
             hosts=(r["host"],) if r["host"] else (), since_step=since,
-            detected_step=r["step"], until_step=until,
+            detected_step=first_detected, until_step=until,
             confidence=min(1.0, max(0.5 + 0.5 * (r["score"] - 1.0), 0.6 if r["_busy"] else 0)
                            ) * (0.5 if transient else 1),
             gain_s_per_step=delay / 1e3,
@@ -466,6 +500,10 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       f"{r['usual_ms']:.1f} ms; job noise {noise:.1f} ms)",
                       *_from_start_line(r["rank"], peers_ms),
                       *_change_lines(r, threshold, persist),
+                      *(() if pause is None else (
+                          f"on time after step {pause[0]}, late again from step {pause[1]} "
+                          f"(conclusive at step {r['step']}, within {grace_steps} steps): "
+                          "one episode, a disturbance hid it",)),
                       *(() if transient else _what_if(
                           events, since, int(run["step"].max()), delay, r["rank"],
                           symmetric_peers(r["rank"], sorted(lat["rank"].unique()), stage))))
@@ -476,12 +514,21 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
     for (rank,), rows in hit.sort("rank", "step").partition_by(
             "rank", as_dict=True, maintain_order=True).items():
         mine, after, n = scores.filter(pl.col("rank") == rank), None, 0
+        steps = mine["step"]
         for r in rows.iter_rows(named=True):
             if after is not None and r["step"] <= after:
                 continue
-            found, after = episode(r, mine)
-            findings += [] if found is None else [found]
-            n += 1
+            prev = findings[-1] if n and findings and findings[-1].ranks == (rank,) else None
+            if prev is not None and (prev.cls == HICCUP_CLASS or prev.until_step is None or (
+                    steps.search_sorted(r["step"]) - steps.search_sorted(prev.until_step)
+                    > grace_steps)):
+                prev = None  # a new episode: after a hiccup, or a pause longer than the grace
+            found, after = episode(r, mine, prev, None if n else (ongoing or {}).get(rank))
+            if found is not None and prev is not None:
+                findings[-1] = found  # the same episode, after a pause
+            else:
+                findings += [] if found is None else [found]
+                n += 1
             if after is None or n >= _MAX_EPISODES:
                 break
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))

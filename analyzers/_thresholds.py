@@ -99,9 +99,12 @@ class Thresholds:
         a2a_hot_share: A rank skewed in this share of its steps from an onset on is a hot
             expert.
 
-    Live:
-        grace_steps: Steps an open straggler may go unseen in the online window before it
-            resolves.
+    Episodes:
+        grace_steps: A straggler (not a hiccup) that is on time for a while and conclusive
+            again within this many steps of its last late step is the same episode (a
+            disturbance hid it); so it ends only once this many steps have gone by without
+            it. Live, an open straggler may also go unseen this long in the online window
+            before it resolves.
     """
 
     warmup_steps: int = 2
@@ -242,7 +245,8 @@ class Thresholds:
                 "floor_share": self.noise_floor_share, "persist": self.persist_steps,
                 "busier": self.busier_ratio, "imbalance_noise": self.imbalance_noise,
                 "min_delay_ms": self.min_delay_ms, "delay_share": self.min_delay_share,
-                "transient_steps": self.transient_steps, "drift_steps": self.drift_steps}
+                "transient_steps": self.transient_steps, "drift_steps": self.drift_steps,
+                "grace_steps": self.grace_steps}
 
     def link_args(self) -> dict:
         """Keyword arguments of :func:`~ringwatch.analyzers._links.detect_slow_links`."""

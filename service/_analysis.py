@@ -223,7 +223,8 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
         newest = steps["step"].max() if steps.height else None
         ended = live.last_rows_ns is not None and now_ns - live.last_rows_ns >= stall * 1e9
         found, _ = split_undecided(found, newest_step=newest, data_ended=ended,
-                                   transient_steps=th.transient_steps)
+                                   transient_steps=th.transient_steps,
+                                   persist_steps=th.persist_steps)
         findings += significant(found, steps, th.min_gain_share)
     elif live is None:
         stragglers = detect_stragglers(steps, **th.straggler_args()) \

@@ -12,10 +12,10 @@ WALL = 1_800_000_000_000_000_000
 
 
 def agent_push(job: str, *, late_rank: int | None, steps=range(0, 40), late_from: int = 25,
-          late_ms: float = 30.0, late_until: int | None = None):
+          late_ms: float = 30.0, late_until: int | None = None, on_time=()):
     """An agent push for 4 ranks on 2 hosts, one world group; ``late_rank`` arrives late from
     ``late_from`` on (its peers wait: their time in the collective grows), up to step
-    ``late_until`` (excluded) when given."""
+    ``late_until`` (excluded) when given, except in the steps of ``on_time``."""
     from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 
     state = NodeState(host="agent-host")
@@ -25,7 +25,8 @@ def agent_push(job: str, *, late_rank: int | None, steps=range(0, 40), late_from
         for step in steps:
             start = WALL + step * 100_000_000
             busy = 10_000_000 + (rank * 37 % 5) * 100_000
-            if late_rank is not None and late_from <= step < (late_until or 1 << 62):
+            if late_rank is not None and late_from <= step < (late_until or 1 << 62) \
+                    and step not in on_time:
                 busy += 0 if rank == late_rank else int(late_ms * 1e6)
             t = StepTotals(count=2, nbytes=4 << 20)
             t.add(start, start + busy)

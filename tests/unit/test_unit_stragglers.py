@@ -18,15 +18,16 @@ MS = 1_000_000
 
 
 def job(steps=60, *, onset=None, late=None, late_ms=0.0, ranks=4, buckets=3, seed=0,
-        late_ends_late=False):
+        late_ends_late=False, on_time=()):
     """``buckets`` all-reduces per step; healthy ranks arrive within 0-2 ms of each other in
     random order, every member leaves when the last arrives plus 5 ms. From ``onset`` (from
-    the start when None) rank ``late`` arrives ``late_ms`` after the others; with
-    ``late_ends_late`` it also leaves that much later (its own transfers are slow)."""
+    the start when None) rank ``late`` arrives ``late_ms`` after the others, except in the
+    steps of ``on_time``; with ``late_ends_late`` it also leaves that much later (its own
+    transfers are slow)."""
     rng = random.Random(seed)
     rows, seq = [], 0
     for step in range(steps):
-        on = late is not None and (onset is None or step >= onset)
+        on = late is not None and (onset is None or step >= onset) and step not in on_time
         for _ in range(buckets):
             seq += 1
             t0 = (step * 200 + seq % buckets * 30) * MS
@@ -234,8 +235,10 @@ def test_a_live_reader_holds_back_what_may_still_end_as_a_hiccup():
     young = Finding("straggler", "compute straggler", (2,), since_step=30)
     ended = Finding("straggler", "compute straggler", (1,), since_step=5, until_step=20)
     hang = Finding("hang", "never arrived", (3,), since_step=31)
-    # steps 30..36 late: 7 steps, one fewer than a hiccup can last
-    assert split_undecided((young, ended, hang), newest_step=36) == ((ended, hang), (young,))
-    assert split_undecided((young,), newest_step=37) == ((young,), ())  # 8 steps: decided
+    # still on at step 39: late in one of steps 36..39 (4 on-time steps in a row end it),
+    # so late 7 steps at least (30..36), one fewer than a hiccup can last: it may yet be one
+    assert split_undecided((young, ended, hang), newest_step=39) == ((ended, hang), (young,))
+    # still on at 40: late 8 steps at least (30..37): decided
+    assert split_undecided((young,), newest_step=40) == ((young,), ())
     # the job stopped sending steps while it was late: what a post-mortem pass would say
     assert split_undecided((young,), newest_step=36, data_ended=True) == ((young,), ())
