@@ -95,17 +95,16 @@ def _install_patches(cfg: CaptureConfig) -> None:
         # The Python front door; with the native path, the backend wrapper sees every call.
         _pg_hooks.install(STATE.patched)
         _ddp.install(STATE.patched)
+    else:
+        # ... and these two only say which of its sends/recvs were blocking
+        from ringwatch.agent.capture._native import blocking_p2p
+
+        for name in ("send", "recv"):
+            _patch_everywhere(name, functools.partial(blocking_p2p, STATE.native_module))
     _patch_function(c10d, "_new_process_group_helper", _wrap_new_group)
     for name, maker in (("init_process_group", _wrap_init),
                         ("destroy_process_group", _wrap_destroy)):
-        orig = getattr(c10d, name)
-        if getattr(orig, "_ringwatch", False):
-            continue
-        wrapped = maker(orig)
-        for mod in (c10d, dist):
-            if getattr(mod, name, None) is orig:
-                STATE.patched[(mod, name)] = orig
-                setattr(mod, name, wrapped)
+        _patch_everywhere(name, maker)
     if cfg.auto_step:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -115,6 +114,19 @@ def _install_patches(cfg: CaptureConfig) -> None:
 
         _wrapper_backend.register()
     os.register_at_fork(after_in_child=_after_fork)
+
+
+def _patch_everywhere(name: str, maker) -> None:
+    """c10d's function ``name`` wrapped by ``maker``, in c10d and where torch.distributed
+    exports the same function."""
+    orig = getattr(c10d, name)
+    if getattr(orig, "_ringwatch", False):
+        return
+    wrapped = maker(orig)
+    for mod in (c10d, dist):
+        if getattr(mod, name, None) is orig:
+            STATE.patched[(mod, name)] = orig
+            setattr(mod, name, wrapped)
 
 
 def _patch_function(mod, name: str, maker) -> None:

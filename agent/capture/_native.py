@@ -46,11 +46,13 @@ OP_NAMES: tuple[str | None, ...] = (
 OP_SEND, OP_RECV, OP_RECV_ANY, OP_MONITORED = 16, 17, 18, 20
 OP_BATCH_START, OP_BATCH_END, OP_MONITORED_DONE = 21, 22, 23
 _IS_ROW = np.array([name is not None for name in OP_NAMES])
-F_ASYNC, F_THREW, F_END_FOLLOWS, F_IN_BATCH = 1, 2, 4, 8
+F_ASYNC, F_THREW, F_END_FOLLOWS, F_IN_BATCH, F_BLOCKING = 1, 2, 4, 8, 16
 SOURCES = ("future", "wait", "poll")
-# A receive or send counts as blocking (``dist.send``/``dist.recv``: issue, then wait) when the
-# rank waited on it before issuing anything else, and within this long of the issuing call's
-# return (a code path's gap on the host, not a property of the job's timing).
+# A receive or send is blocking when ``dist.send``/``dist.recv`` issued it (the wrappers of
+# :func:`blocking_p2p` mark it: F_BLOCKING). One issued otherwise (a reference to the function
+# taken before the capture attached, a C++ caller) counts as blocking when the rank waited on it
+# before issuing anything else, and within this long of the issuing call's return (a code
+# path's gap on the host, not a property of the job's timing).
 BLOCKING_WAIT_NS = 1_000_000
 
 _ISSUE_FIELDS = (("mono", "<i8"), ("step", "<i8"), ("seq_before", "<i8"), ("seq_after", "<i8"),
@@ -104,6 +106,25 @@ def _build():
     name = "ringwatch_hotpath_" + d.name.rsplit("-", 1)[-1]
     return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(d),
                               extra_cflags=["-O2"], verbose=False)
+
+
+def blocking_p2p(mod, orig):
+    """``orig`` (``dist.send`` or ``dist.recv``) marking the send/recv it issues as blocking
+    (two calls into the extension, ~0.3 µs, on these two functions only)."""
+    import functools
+
+    mark = mod.mark_blocking
+
+    @functools.wraps(orig)
+    def wrapper(*args, **kwargs):
+        mark(True)
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            mark(False)  # used by the backend call, or none came (a rank not in the group)
+
+    wrapper._ringwatch = True
+    return wrapper
 
 
 def _dtype(fields, offsets, size) -> np.dtype:
@@ -406,8 +427,8 @@ class NativeFeed:
         waited = (p["source"] == 1) & (p["wait"] >= 0)
         marks = np.sort(np.concatenate([p["mono"], p["wait"][waited]]))
         nxt = marks[np.minimum(np.searchsorted(marks, p["mono"], side="right"), len(marks) - 1)]
-        blocking_p2p = (p2p & waited & (nxt == p["wait"]) & (p["gap"] >= 0)
-                        & (p["gap"] <= BLOCKING_WAIT_NS))
+        blocking_p2p = p2p & (((p["flags"] & F_BLOCKING) != 0) | (
+            waited & (nxt == p["wait"]) & (p["gap"] >= 0) & (p["gap"] <= BLOCKING_WAIT_NS)))
         failed = threw | (p["status"] != 0)
 
         start = p["mono"]

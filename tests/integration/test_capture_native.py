@@ -236,3 +236,25 @@ def test_a_blocked_monitored_barrier_is_in_flight_then_an_error(built, tmp_path)
     ev = open_job(tmp_path / "logs").events().filter(pl.col("rank") == 0).sort("idx")
     assert ev.select("op", "seq", "status").rows() == [
         ("all_reduce", 1, "ok"), ("monitored_barrier", 3, "error")]
+
+
+def test_blocking_send_recv_read_blocking_while_another_thread_holds_the_gil(built, tmp_path):
+    """``dist.send``/``dist.recv`` are marked blocking by the capture's wrappers, not guessed
+    from how soon the wait came: a thread of the rank runs Python all the while (as the agent's
+    writer does when it drains a burst), so the main thread often waits for the GIL between
+    the backend's return and its wait (before the marks, some of 300 blocking sends read
+    asynchronous); a rank that sleeps or computes before waiting is asynchronous."""
+    n = 300
+    rc, out = run_job(ringwatch_cmd("run", "--log-dir", "logs", "--", *torchrun_cmd(
+        2, [str(JOBS / "p2p_modes.py"), str(n), "--gil"])), cwd=tmp_path,
+        env=job_env(RINGWATCH_NATIVE="1"), timeout=300)
+    assert rc == 0, out
+    ev = open_job(tmp_path / "logs").events()
+    assert ev["api"].unique().to_list() == ["native"]
+    for rank, op in ((0, "send"), (1, "recv")):
+        modes = ev.filter((pl.col("rank") == rank) & (pl.col("op") == op)).sort("idx")[
+            "async_op"].to_list()
+        assert len(modes) == 3 * n
+        blocking, slept, computed = modes[:n], modes[n:2 * n], modes[2 * n:]
+        assert not any(blocking), (rank, sum(blocking))
+        assert all(slept) and all(computed), (rank, n - sum(slept), n - sum(computed))

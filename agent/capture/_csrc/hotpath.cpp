@@ -64,6 +64,7 @@ constexpr uint32_t kAsync = 1u;        // the caller asked for an asynchronous o
 constexpr uint32_t kThrew = 2u;        // the backend call raised; no end will follow
 constexpr uint32_t kEndFollows = 4u;   // an end record will come (future or wait)
 constexpr uint32_t kInBatch = 8u;      // issued inside a coalescing block
+constexpr uint32_t kBlocking = 16u;    // a send/recv from dist.send/dist.recv (marked, below)
 
 // One issued op. 80 bytes.
 struct Issue {
@@ -186,6 +187,17 @@ struct Rings {
 
 std::atomic<Rings*> g_rings{nullptr};
 std::atomic<int64_t> g_step{INT64_MIN};
+thread_local bool t_blocking_p2p = false;  // inside dist.send/dist.recv (mark_blocking)
+
+// The flags of a send/recv issued now: blocking inside dist.send/dist.recv (the mark is used
+// once), else asynchronous.
+inline uint32_t p2p_flags() {
+  if (t_blocking_p2p) {
+    t_blocking_p2p = false;
+    return kBlocking;
+  }
+  return kAsync;
+}
 std::atomic<uint64_t> g_ends_dropped_no_ring{0};
 
 void push_end(uint64_t id, int32_t status, int32_t source, int64_t wait_ns = -1,
@@ -594,7 +606,7 @@ class RecordingBackend : public c10d::Backend {
 
   // ---- point to point -----------------------------------------------------------------------
   c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dst, int tag) override {
-    Pending p = begin(kSend, kAsync);
+    Pending p = begin(kSend, p2p_flags());
     if (p.rec) {
       sizes_of(tensors, &p.rec->nbytes_in, &p.rec->numel, &p.rec->dtype);
       p.rec->peer = dst;
@@ -603,7 +615,7 @@ class RecordingBackend : public c10d::Backend {
   }
 
   c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int src, int tag) override {
-    Pending p = begin(kRecv, kAsync);
+    Pending p = begin(kRecv, p2p_flags());
     if (p.rec) {
       sizes_of(tensors, &p.rec->nbytes_out, &p.rec->numel, &p.rec->dtype);
       p.rec->peer = src;
@@ -612,7 +624,7 @@ class RecordingBackend : public c10d::Backend {
   }
 
   c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override {
-    Pending p = begin(kRecvAny, kAsync);
+    Pending p = begin(kRecvAny, p2p_flags());
     if (p.rec) {
       sizes_of(tensors, &p.rec->nbytes_out, &p.rec->numel, &p.rec->dtype);
     }
@@ -778,6 +790,12 @@ void start(int64_t capacity) {
 
 void set_step(int64_t step) { g_step.store(step, std::memory_order_relaxed); }
 
+// dist.send/dist.recv issue an isend/irecv and wait on it; the capture's thin wrappers of the
+// two mark the calling thread around the call, so the record says "blocking" for sure instead
+// of guessing from how soon the wait came (a thread that waits for the GIL on its way back
+// from the backend comes late to its own wait).
+void mark_blocking(bool on) { t_blocking_p2p = on; }
+
 // Copy out the published records as raw bytes: (issues, their ids) and ends.
 py::tuple drain(int64_t max_records) {
   Rings* r = g_rings.load(std::memory_order_acquire);
@@ -837,6 +855,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("is_wrapped", &rw::is_wrapped);
   m.def("start", &rw::start, "Allocate the rings (capacity rounded up to a power of two)");
   m.def("set_step", &rw::set_step);
+  m.def("mark_blocking", &rw::mark_blocking,
+        "Mark the calling thread's next send/recv as blocking (dist.send/dist.recv)");
   m.def("drain", &rw::drain, "Take the published issue and end records, as raw bytes");
   m.def("counters", &rw::counters);
   m.def("layout", &rw::layout);
