@@ -44,7 +44,7 @@ reports the slow group.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import polars as pl
 
@@ -234,22 +234,41 @@ def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: flo
                      *(["island"] if "island" in df.columns else []))
 
 
-def _late_since(run: pl.DataFrame, k: float) -> int:
-    """The first step of the late streak that ends at the run's last step: going back from
-    it over late steps (excess above ``k``), one on-time step at a time allowed between two
-    late ones. The sum may have started on a noise step earlier; the streak is the change."""
-    steps, late = run["step"].to_list(), (run["excess_ms"] > k).fill_null(False).to_list()
+def _late_since(run: pl.DataFrame, k: float, tail: Sequence[float] = ()) -> int:
+    """The first step of the change the run ends with.
+
+    First the late streak that ends at the run's last step: going back from it over late
+    steps (excess above ``k``), one on-time step at a time allowed between two late ones.
+    Then, within the streak, the change point of a shift of the streak's own size (its median
+    excess, ``tail`` included: the excess of the few steps after the run's last, where the
+    data has them): the step from which the excess, less half that size, sums highest to the
+    end (the likelihood's maximum for a step change of that size in Gaussian noise). A late
+    step of noise (one or two noise units) before a fault many units large lowers that sum,
+    so the onset is not walked back over it; a fault of noise's size keeps the whole streak.
+    Late steps right before that point, with no on-time step between, are kept: a slowdown
+    that lands mid-step makes a smaller first excess.
+    """
+    steps, xs = run["step"].to_list(), run["excess_ms"].fill_null(0.0).to_list()
+    late = [x > k for x in xs]
     i = len(steps) - 1
-    since = steps[i]
-    while i > 0:
-        if late[i - 1]:
-            i -= 1
-        elif i > 1 and late[i - 2]:
-            i -= 2
+    first = i
+    while first > 0:
+        if late[first - 1]:
+            first -= 1
+        elif first > 1 and late[first - 2]:
+            first -= 2
         else:
             break
-        since = steps[i]
-    return since
+    streak = sorted([*xs[first:], *(0.0 if x is None else x for x in tail)])
+    ref = max(k, streak[len(streak) // 2] / 2)
+    best, since, total = None, first, 0.0
+    for j in range(i, first - 1, -1):  # sums from the end; the earliest of equal maxima
+        total += xs[j] - ref
+        if best is None or total >= best:
+            best, since = total, j
+    while since > first and late[since - 1]:  # late right before it: the change's first,
+        since -= 1                            # partial steps (it can land mid-step)
+    return steps[since]
 
 
 def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float, rank: int,
@@ -437,7 +456,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         if start is None or start > r["step"]:  # no sum running at this step: a busy run
             start = first_busy
         since = _late_since(mine.filter(pl.col("step").is_between(start, r["step"])),
-                            slack * noise)
+                            slack * noise, mine["excess_ms"][at + 1:at + 2 + persist].to_list())
         if r["_busy"]:
             since = start = min(since, first_busy)
         judged = mine.filter(pl.col("usual_ms").is_not_null())["step"].min()

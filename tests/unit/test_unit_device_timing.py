@@ -108,13 +108,20 @@ def test_the_agents_step_totals_add_device_durations_not_watchdog_intervals(run)
             rank2.filter((pl.col("step") == step) & (pl.col("pg") == pg))["duration_ns"])
 
 
-def test_read_raw_the_watchdog_ends_would_move_the_onset(run):
-    # what the test above guards against: the same rows with the host's watchdog-late
-    # durations put the onset elsewhere in 2 of these 3 draws
+def _cost_ms(ev, now):
+    return [round(f.gain_s_per_step * 1e3, 1)
+            for f in split_hiccups(analyze_events(ev, now_ns=now))[0]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_read_raw_the_watchdog_ends_would_misstate_the_cost(run, seed):
+    # what the tests above guard against: the same rows with the host's watchdog-late
+    # durations still name rank 2 (the onset estimate holds), but its cost comes out ~50%
+    # high (62-65 ms a step against 43), read through 10-100 ms of watchdog lag
     ev, now = run
-    raw = [_verdict(gpu_shaped(ev, seed=s).drop("device_duration_ns", "end_source"), now)
-           for s in (0, 1, 2)]
-    assert sum(v != _verdict(ev, now) for v in raw) >= 1
+    (exact,) = _cost_ms(ev, now)
+    (raw,) = _cost_ms(gpu_shaped(ev, seed=seed).drop("device_duration_ns", "end_source"), now)
+    assert raw > 1.3 * exact
 
 
 @pytest.mark.parametrize("shrink", [10, 100])

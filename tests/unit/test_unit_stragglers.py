@@ -18,12 +18,13 @@ MS = 1_000_000
 
 
 def job(steps=60, *, onset=None, late=None, late_ms=0.0, ranks=4, buckets=3, seed=0,
-        late_ends_late=False, on_time=()):
+        late_ends_late=False, on_time=(), blips=None):
     """``buckets`` all-reduces per step; healthy ranks arrive within 0-2 ms of each other in
     random order, every member leaves when the last arrives plus 5 ms. From ``onset`` (from
     the start when None) rank ``late`` arrives ``late_ms`` after the others, except in the
     steps of ``on_time``; with ``late_ends_late`` it also leaves that much later (its own
-    transfers are slow)."""
+    transfers are slow). ``blips`` (step -> ms): rank ``late`` arrives that much after the
+    others in that step, fault or not."""
     rng = random.Random(seed)
     rows, seq = [], 0
     for step in range(steps):
@@ -34,6 +35,8 @@ def job(steps=60, *, onset=None, late=None, late_ms=0.0, ranks=4, buckets=3, see
             starts = {r: t0 + int(rng.uniform(0, 2) * MS) for r in range(ranks)}
             if on:
                 starts[late] = max(starts.values()) + int(late_ms * MS)
+            elif blips and step in blips:
+                starts[late] = max(starts.values()) + int(blips[step] * MS)
             end = max(starts.values()) + 5 * MS
             for r in range(ranks):
                 e = end + (int(late_ms * MS) if on and late_ends_late and r == late else 0)
@@ -42,6 +45,21 @@ def job(steps=60, *, onset=None, late=None, late_ms=0.0, ranks=4, buckets=3, see
                 x["host"] = f"host{r // 2}"
                 rows.append(x)
     return frame(rows)
+
+
+def test_the_onset_is_not_walked_back_over_late_steps_of_noise():
+    # 4 ms late at steps 27 and 28 (noise: over the 2 ms noise floor), on time at 29, then
+    # 15 ms late from 30: the fault starts at 30
+    (f,) = detect_stragglers(job(onset=30, late=1, late_ms=15, blips={27: 4.0, 28: 4.0}))
+    assert f.since_step == 30
+    assert f.detected_step == 30  # the sum the blips began passes at the first fault step
+
+
+def test_late_steps_as_large_as_the_fault_before_it_are_its_start():
+    # the same steps 4 ms late, and a fault of 4 ms from 30: nothing tells them apart, the
+    # streak (27-28, one step on time, then 30 on) is the change
+    (f,) = detect_stragglers(job(onset=30, late=1, late_ms=4, blips={27: 4.0, 28: 4.0}))
+    assert f.since_step == 27
 
 
 def test_lateness_from_durations():
