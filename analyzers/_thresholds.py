@@ -67,7 +67,8 @@ class Thresholds:
             the least delay) is structural imbalance when its stage is late with it, a
             straggler from the start when it is late against its stage's other ranks.
         transient_steps: A straggler that ended within this many steps is a hiccup, not a
-            finding; live, a young one is held back this long.
+            finding; live, a young one is held back until it has surely lasted this long
+            (``persist_steps`` more: an open one may have been on time in its last few).
         min_gain_share: Least what-if gain of a straggler or a slow link, as a share of the
             step (0 keeps every one).
 
