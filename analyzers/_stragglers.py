@@ -532,22 +532,23 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
     # later one; the first that lasts to the end of the data is the last
     for (rank,), rows in hit.sort("rank", "step").partition_by(
             "rank", as_dict=True, maintain_order=True).items():
-        mine, after, n = scores.filter(pl.col("rank") == rank), None, 0
+        mine, after, n, last = scores.filter(pl.col("rank") == rank), None, 0, None
         steps = mine["step"]
         for r in rows.iter_rows(named=True):
             if after is not None and r["step"] <= after:
                 continue
-            prev = findings[-1] if n and findings and findings[-1].ranks == (rank,) else None
-            if prev is not None and (prev.cls == HICCUP_CLASS or prev.until_step is None or (
-                    steps.search_sorted(r["step"]) - steps.search_sorted(prev.until_step)
-                    > grace_steps)):
-                prev = None  # a new episode: after a hiccup, or a pause longer than the grace
-            found, after = episode(r, mine, prev, None if n else (ongoing or {}).get(rank))
-            if found is not None and prev is not None:
+            # the rank's last finding goes on when this one comes within the grace of its end
+            # (a hiccup never does)
+            resumes = last if last is not None and last.cls != HICCUP_CLASS and (
+                steps.search_sorted(r["step"]) - steps.search_sorted(last.until_step)
+                <= grace_steps) else None
+            found, after = episode(r, mine, resumes, None if n else (ongoing or {}).get(rank))
+            if found is not None and resumes is not None:
                 findings[-1] = found  # the same episode, after a pause
             else:
                 findings += [] if found is None else [found]
                 n += 1
+            last = found or last
             if after is None or n >= _MAX_EPISODES:
                 break
     return tuple(sorted(findings, key=lambda f: (f.since_step or 0, f.ranks)))

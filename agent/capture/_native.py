@@ -110,7 +110,7 @@ def _build():
 
 def blocking_p2p(mod, orig):
     """``orig`` (``dist.send`` or ``dist.recv``) marking the send/recv it issues as blocking
-    (two calls into the extension, ~0.3 µs, on these two functions only)."""
+    (two calls into the extension, ~0.2 µs, on these two functions only)."""
     import functools
 
     mark = mod.mark_blocking
