@@ -20,7 +20,8 @@ import polars as pl
 
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
-from ringwatch.analyzers._steps import SLICE_ROWS, _slices
+from ringwatch.analyzers._memo import per_frame
+from ringwatch.analyzers._steps import SLICE_ROWS, _slices, step_firsts
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 from ringwatch.analyzers._thresholds import Thresholds
 
@@ -76,14 +77,12 @@ def _ranks(rs) -> str:
     return ",".join(str(r) for r in rs)
 
 
+@per_frame
 def typical_step_s(events: pl.DataFrame) -> float | None:
     """The job's usual step time (s): per rank, the median time between the first
-    collectives of consecutive steps; the median over ranks. ``None`` without two steps."""
-    # streamed: the filtered rows are never all held (millions of rows in a whole log)
-    firsts = (events.lazy().select("rank", "step", "mono_start_ns")
-              .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
-              .group_by("rank", "step").agg(pl.col("mono_start_ns").min())
-              .collect(engine="streaming").sort("rank", "step"))
+    collectives of consecutive steps; the median over ranks. ``None`` without two steps.
+    Once per frame (several analyzers read it)."""
+    firsts = step_firsts(events)
     # diff within each rank: the frame is sorted by rank, so no window per rank is needed
     same = pl.col("rank").eq_missing(pl.col("rank").shift(1))
     firsts = firsts.with_columns(

@@ -11,6 +11,20 @@ from __future__ import annotations
 
 import polars as pl
 
+from ringwatch.analyzers._memo import per_frame
+
+
+@per_frame
+def step_firsts(events: pl.DataFrame) -> pl.DataFrame:
+    """Per (rank, step): ``mono_start_ns``, the rank's first collective start of the step on
+    its own monotonic clock; sorted by rank then step. Once per frame: the job's step time
+    and its warm-up both read it."""
+    # streamed: the filtered rows are never all held (millions of rows in a whole log)
+    return (events.lazy().select("rank", "step", "mono_start_ns")
+            .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
+            .group_by("rank", "step").agg(pl.col("mono_start_ns").min())
+            .collect(engine="streaming").sort("rank", "step"))
+
 
 def _merged_ns(df: pl.DataFrame, start: str, end: str, by: list[str]) -> pl.DataFrame:
     """Length of the union of the ``[start, end]`` intervals per ``by`` group (overlaps once).

@@ -55,6 +55,7 @@ from ringwatch.analyzers._lateness import (
     compute_outside_ns,
     compute_step_lateness,
 )
+from ringwatch.analyzers._sorted import recent_count, run_first, streak
 from ringwatch.analyzers._steps import SLICE_ROWS, _slices
 from ringwatch.analyzers._symmetry import judge_first_steps, symmetric_peers, usual_delay
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
@@ -207,24 +208,17 @@ def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: flo
     df = df.with_columns(c.alias("_c"))
     df = df.with_columns((pl.col("_c") - pl.col("_c").cum_min().over("rank").clip(upper_bound=0.0)
                           ).alias("cusum_ms"))
-    hit = (pl.col("excess_ms") > k).fill_null(False).cast(pl.Int32)
+    hit = (pl.col("excess_ms") > k).fill_null(False)
     # late, and computing longer than its peers: by a share, and by enough to explain at
     # least half of its lateness (a rank late for another reason is left to the sum)
     extra = pl.col("compute_ms") - pl.col("_median_compute")
     busy = ((pl.col("excess_ms") > 0) & (pl.col("compute_ratio") >= busier * pl.col(
         "usual_compute_ratio").fill_null(1.0).clip(lower_bound=1.0))
         & (extra >= floor_ms) & (extra >= 0.5 * pl.col("delay_ms"))).fill_null(False)
+    # sorted by rank then step: per-rank counts and runs as whole-column passes (_sorted)
     df = df.with_columns(
-        hit.rolling_sum(window_size=persist + 1, min_samples=1).over("rank").alias("hits"),
-        (pl.col("cusum_ms") <= 0).cast(pl.Int32).cum_sum().over("rank").alias("_run"),
-        busy.alias("_busy"))
-    df = df.with_columns((~pl.col("_busy")).cast(pl.Int32).cum_sum().over("rank")
-                         .alias("_bseg"))
-    df = df.with_columns(pl.col("_busy").cast(pl.Int32).cum_sum().over("rank", "_bseg")
-                         .alias("busy_run"))
-    df = df.with_columns(
-        pl.col("step").filter(pl.col("cusum_ms") > 0).min().over("rank", "_run")
-        .alias("run_start"),
+        recent_count(hit, persist + 1).alias("hits"), streak(busy).alias("busy_run"),
+        run_first("step", pl.col("cusum_ms") > 0).cast(df.schema["step"]).alias("run_start"),
         pl.lit(noise).alias("noise_ms"), (pl.col("cusum_ms") / h).alias("score"))
     return df.select("rank", "host", "step", "wait_ms", "median_wait_ms", "delay_ms",
                      "usual_ms", "excess_ms", "cusum_ms", "run_start", "hits", "noise_ms",

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import polars as pl
 
+from ringwatch.analyzers._steps import step_firsts
+
 #: A step within this many times the job's usual step is a usual one; two in a row end the
 #: warm-up.
 USUAL_RATIO = 1.5
@@ -25,10 +27,7 @@ def step_durations_ms(events: pl.DataFrame) -> list[float]:
     """Per step seen, in order: the median over ranks of the time from the step's first
     collective to the next step's (each rank on its own monotonic clock). The last step,
     with no next one, is left out."""
-    firsts = (events.lazy().select("rank", "step", "mono_start_ns")
-              .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
-              .group_by("rank", "step").agg(pl.col("mono_start_ns").min())
-              .collect(engine="streaming").sort("rank", "step"))
+    firsts = step_firsts(events)
     if firsts.is_empty():
         return []
     same = pl.col("rank").eq_missing(pl.col("rank").shift(-1))
