@@ -82,7 +82,16 @@ def typical_step_s(events: pl.DataFrame) -> float | None:
     """The job's usual step time (s): per rank, the median time between the first
     collectives of consecutive steps; the median over ranks. ``None`` without two steps.
     Once per frame (several analyzers read it)."""
-    firsts = step_firsts(events)
+    return _median_step_s(step_firsts(events))
+
+
+def step_s_between(events: pl.DataFrame, first: int, last: int) -> float | None:
+    """:func:`typical_step_s` of the steps ``first..last`` alone (a rank's first start in a
+    step does not depend on the other steps: the frame's table, filtered)."""
+    return _median_step_s(step_firsts(events).filter(pl.col("step").is_between(first, last)))
+
+
+def _median_step_s(firsts: pl.DataFrame) -> float | None:
     # diff within each rank: the frame is sorted by rank, so no window per rank is needed
     same = pl.col("rank").eq_missing(pl.col("rank").shift(1))
     firsts = firsts.with_columns(

@@ -19,11 +19,37 @@ def step_firsts(events: pl.DataFrame) -> pl.DataFrame:
     """Per (rank, step): ``mono_start_ns``, the rank's first collective start of the step on
     its own monotonic clock; sorted by rank then step. Once per frame: the job's step time
     and its warm-up both read it."""
-    # streamed: the filtered rows are never all held (millions of rows in a whole log)
-    return (events.lazy().select("rank", "step", "mono_start_ns")
-            .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
-            .group_by("rank", "step").agg(pl.col("mono_start_ns").min())
-            .collect(engine="streaming").sort("rank", "step"))
+    def firsts(df: pl.DataFrame) -> pl.DataFrame:
+        return (df.lazy().select("rank", "step", "mono_start_ns")
+                .filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
+                .group_by("rank", "step").agg(pl.col("mono_start_ns").min())
+                .collect().sort("rank", "step"))
+
+    # a whole log by row ranges of whole ranks (zero-copy slices of the frame): the group-by's
+    # table over ten million rows was ~200 MB beside the frame
+    ranges = rank_row_ranges(events, SLICE_ROWS)
+    if ranges is None:
+        return firsts(events)
+    return pl.concat([firsts(events.slice(at, n)) for at, n in ranges])
+
+
+def rank_row_ranges(events: pl.DataFrame, rows: int) -> list[tuple[int, int]] | None:
+    """``(offset, length)`` row ranges of about ``rows`` rows each, that hold whole ranks,
+    in order, where the frame is sorted by rank with no null one (as the logs' reader gives
+    it: by rank, then idx); None when it fits one range or is not so sorted."""
+    if events.height <= rows:
+        return None
+    rank = events["rank"]
+    if rank.null_count() or not rank.is_sorted():
+        return None
+    out, at = [], 0
+    while at < events.height:
+        end = min(at + rows, events.height)
+        if end < events.height:  # up to the end of the rank at ``end``
+            end = int(rank.search_sorted(rank[end], side="right"))
+        out.append((at, end - at))
+        at = end
+    return out
 
 
 def _merged_ns(df: pl.DataFrame, start: str, end: str, by: list[str]) -> pl.DataFrame:
@@ -137,8 +163,37 @@ def _complete_in_slice(df: pl.DataFrame, stats: pl.DataFrame) -> pl.DataFrame:
     """:func:`_complete_collectives` of a slice of the rows, the per-collective figures from
     ``stats`` (:func:`_collective_stats` of all of them): the same rows, in the same order,
     with the same columns."""
-    return (df.join(stats, on=_KEY, how="inner", maintain_order="left")
-            .filter(pl.col("_n") == pl.col("pg_size")))
+    if _one_key(df, stats):  # a join on one integer: a third less time than on three keys
+        key = _collective_key()
+        joined = (df.with_columns(key).join(stats.with_columns(key).drop(_KEY), on="_key",
+                                            how="inner", maintain_order="left").drop("_key"))
+    else:
+        joined = df.join(stats, on=_KEY, how="inner", maintain_order="left")
+    return joined.filter(pl.col("_n") == pl.col("pg_size"))
+
+
+#: A collective's number within its group fits these low bits of :func:`_collective_key`.
+_SEQ_BITS = 40
+
+
+def _collective_key() -> pl.Expr:
+    """One Int64 per collective: the group's dictionary code above its ``seq`` (null for a
+    point-to-point row or one without a seq: the statistics have none of those)."""
+    code = pl.col("pg").to_physical().cast(pl.Int64)
+    return (pl.when(~pl.col("is_p2p")).then(code * (1 << _SEQ_BITS) + pl.col("seq"))
+            .alias("_key"))
+
+
+def _one_key(df: pl.DataFrame, stats: pl.DataFrame) -> bool:
+    """Whether :func:`_collective_key` names each collective of ``df`` and ``stats`` alike:
+    groups dictionary-encoded (as ``ringwatch analyze`` reads them; codes are shared by
+    every frame) and numbers within its bits."""
+    if not all(isinstance(f.schema["pg"], pl.Categorical) for f in (df, stats)):
+        return False
+    for seq in (df["seq"], stats["seq"]):
+        if seq.len() > seq.null_count() and not (0 <= seq.min() and seq.max() < 1 << _SEQ_BITS):
+            return False
+    return True
 
 
 def compute_step_comm(events: pl.DataFrame) -> pl.DataFrame:

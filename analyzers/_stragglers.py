@@ -271,11 +271,10 @@ def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float, rank:
     like its ``peers``: by replay of the steps' dependencies
     (:mod:`ringwatch.analyzers._replay`), else the step less ``delay_ms`` (every rank waiting
     for all of it)."""
-    from ringwatch.analyzers._hangs import typical_step_s
+    from ringwatch.analyzers._hangs import step_s_between
     from ringwatch.analyzers._replay import replay_fixed_step_ms
 
-    step_s = typical_step_s(events.select("rank", "step", "mono_start_ns")  # not every column
-                            .filter(pl.col("step").is_between(first, last + 1)))
+    step_s = step_s_between(events, first, last + 1)
     if step_s is None:
         return ()
     now = step_s * 1e3

@@ -107,7 +107,8 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         stragglers = tuple(f for f in stragglers if f.kind not in ("straggler", "imbalance")
                            ) + detect_work_findings(events, layout.peers_frame(), hosts=hosts,
                                                     **th.work_args())
-    if "op" in events.columns and events["op"].cast(pl.Utf8).is_in(A2A_OPS).any():
+    # the distinct ops only: a cast of every row's op is a string column of millions
+    if "op" in events.columns and events["op"].unique().cast(pl.Utf8).is_in(A2A_OPS).any():
         # expert parallel: a hot expert's rank is late because its experts get too many
         # tokens, not a straggler (analyzers/_moe.py)
         stragglers = explain_by_skew(stragglers, detect_moe_skew(events, **th.moe_args()))

@@ -41,9 +41,10 @@ class LogError(ValueError):
 #: them).
 FILES_PER_READ = 500
 #: The columns are read in this many groups, each made one chunk per column before the next
-#: (so the reads' chunks and their copies are never all held at once: 10M rows, 20 columns,
-#: the read's peak 2.4 GB in one group, 1.6 GB in four, ~1 s more).
-COLUMN_GROUPS = 4
+#: (so the reads' chunks and their copies are never all held at once). 10M rows, 21 columns:
+#: the read's peak 1.85, 1.93, 1.77 and 1.65 GiB in 1, 2, 3 and 4 groups; 6.1, 6.6, ~7.5 and
+#: 8.7 s. Three: the analysis after it peaks higher than four's read.
+COLUMN_GROUPS = 3
 
 
 def _major(version: str) -> str:

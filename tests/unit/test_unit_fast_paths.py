@@ -199,7 +199,7 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
     """The straggler and link passes over slices of steps (and of ranks) give what one pass
     over every row gives: collectives whose members recorded different steps, incomplete
     ones and point-to-point rows included."""
-    from ringwatch.analyzers import _clocks, _hangs, _links, _stragglers
+    from ringwatch.analyzers import _clocks, _hangs, _lateness, _links, _stragglers
     from ringwatch.analyzers._clocks import compute_host_pairs
     from ringwatch.analyzers._hangs import compute_frontier
     from ringwatch.analyzers._links import compute_group_bandwidth, detect_slow_links
@@ -222,7 +222,7 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
                 detect_slow_links(ev), compute_host_pairs(ev), compute_frontier(ev))
 
     want = run()
-    for module in (_stragglers, _links, _clocks, _hangs):
+    for module in (_stragglers, _lateness, _links, _clocks, _hangs):
         monkeypatch.setattr(module, "SLICE_ROWS", rows)
     got = run()
     assert got[4].schema == want[4].schema and got[4].equals(want[4])
@@ -232,6 +232,34 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
     assert got[1].schema == want[1].schema and got[1].equals(want[1])
     assert got[2] == want[2] and got[3] == want[3]
     assert want[2]  # the straggler is found
+
+
+@pytest.mark.parametrize("seq_shift", [0, 1 << 40, -(1 << 20)])
+def test_a_slices_join_on_one_key_equals_the_join_on_three(monkeypatch, seq_shift):
+    """A slice joins each collective's figures on one integer (the group's dictionary code
+    and its number) where that names collectives exactly, on (pg, seq, is_p2p) otherwise
+    (numbers out of its bits, groups as strings): the same rows either way."""
+    from ringwatch.analyzers import _steps
+    from ringwatch.analyzers._steps import _collective_stats, _complete_in_slice
+
+    job = synthetic.SyntheticJob(ranks=16, steps=12, tp_size=4, seed=4)
+    ev = synthetic.job_frame(job)
+    p2p = ev.sample(n=30, seed=5).with_columns(pl.lit(True).alias("is_p2p"))
+    nulls = ev.sample(n=10, seed=3).with_columns(pl.lit(None, pl.Int64).alias("seq"))
+    ev = pl.concat([ev, p2p, nulls]).with_columns(pl.col("seq") + seq_shift)
+    keep = pl.col("status") == "ok"
+    shortest = pl.col("duration_ns").min().alias("_min")
+    for strings in (False, True):
+        frame = ev if strings else ev.with_columns(pl.col("pg").cast(pl.Categorical))
+        stats = _collective_stats(frame, keep, shortest)
+        part = frame.filter(keep & pl.col("step").is_between(3, 7))
+        assert _steps._one_key(part, stats) == (not strings and seq_shift == 0)
+        got = _complete_in_slice(part, stats)
+        monkeypatch.setattr(_steps, "_one_key", lambda *_: False)
+        want = _complete_in_slice(part, stats)
+        monkeypatch.undo()
+        assert got.schema == want.schema and got.equals(want)
+        assert 0 < got.height < part.height
 
 
 @pytest.mark.parametrize("files", [1, 2, 7])

@@ -96,3 +96,44 @@ def test_typical_step_is_the_same_from_the_memo_and_afresh():
     df = pl.DataFrame(rows)
     first = typical_step_s(df)
     assert typical_step_s(df) == first == typical_step_s(df.clone()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("first,last", [(0, 9), (2, 5), (7, 20), (4, 4)])
+def test_step_time_between_steps_is_that_of_their_rows_alone(first, last):
+    from ringwatch.analyzers._hangs import step_s_between
+
+    rng = random.Random(first * 100 + last)
+    rows, t = [], {r: 0 for r in range(5)}
+    for s in range(10):
+        for r in range(5):
+            t[r] += rng.randrange(10**8, 3 * 10**8)
+            rows += [{"rank": r, "step": s, "mono_start_ns": t[r] + k * 10**6}
+                     for k in range(rng.randrange(1, 4))]
+    df = pl.DataFrame(rows)
+    alone = df.filter(pl.col("step").is_between(first, last))
+    assert step_s_between(df, first, last) == typical_step_s(alone)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 10, 1000])
+def test_first_starts_by_ranges_of_ranks_equal_one_pass(monkeypatch, rows):
+    """Per (rank, step) first starts over row ranges of whole ranks (a frame sorted by rank)
+    equal one pass; a frame not sorted by rank, or with a null rank, takes one pass."""
+    from ringwatch.analyzers import _steps
+    from ringwatch.analyzers._steps import rank_row_ranges, step_firsts
+
+    rng = random.Random(rows)
+    df = pl.DataFrame([{"rank": r, "step": rng.randrange(6) if rng.random() < 0.9 else None,
+                        "mono_start_ns": rng.randrange(10**9)}
+                       for r in range(7) for _ in range(rng.randrange(1, 9))])
+    want = step_firsts(df)
+    monkeypatch.setattr(_steps, "SLICE_ROWS", rows)
+    ranges = rank_row_ranges(df, rows)
+    if rows < df.height:
+        assert ranges and sum(n for _, n in ranges) == df.height
+        for at, n in ranges:  # whole ranks
+            inside = set(df.slice(at, n)["rank"])
+            assert not inside & set(df.slice(0, at)["rank"])
+    assert step_firsts(df.clone()).equals(want)
+    shuffled = df.sample(fraction=1.0, shuffle=True, seed=1)
+    assert rank_row_ranges(shuffled, rows) is None
+    assert step_firsts(shuffled).equals(want)
