@@ -48,6 +48,7 @@ from ringwatch.analyzers._links import (
     explain_by_links,
     usual_bandwidth,
 )
+from ringwatch.analyzers._policy import is_hiccup
 from ringwatch.analyzers._stragglers import (
     compute_step_lateness,
     compute_straggler_scores,
@@ -104,6 +105,9 @@ class OnlineWindow:
         #: rank -> (since_step, detected_step, newest step it was seen at) of its straggler
         #: episode still going on.
         self.episodes: dict[int, tuple[int, int | None, int | None]] = {}
+        #: rank -> (since_step, detected_step, until_step) of its last straggler episode that
+        #: ended: a later window that still holds its end, but not its start, names it so.
+        self.ended: dict[int, tuple[int, int | None, int]] = {}
         self.dropped_rows = 0
         #: The job's :class:`~ringwatch.analyzers._layout.Layout` when the caller knows it
         #: (None: no pipeline, every rank one class). Its stages judge a rank late from the
@@ -333,16 +337,25 @@ class OnlineWindow:
         its finding does, or when ``grace_steps`` newer steps came without it (a window
         just reopened, or too young to score, says nothing about it yet)."""
         oldest, newest = self.rows["step"].min(), self.rows["step"].max()
+        grace = self.thresholds.grace_steps
         out, going = [], {}
         for f in found:
             rank = f.ranks[0]
-            known = self.episodes.get(rank)
-            if known is not None and oldest is not None and f.since_step is not None \
-                    and known[0] <= f.since_step <= oldest + self.warmup_steps + 2:
-                # the window's sum starts at its oldest step: the episode began before it
+            known, ended = self.episodes.get(rank), self.ended.get(rank)
+            # the window's sum starts at its oldest step (and a pipeline's work is judged
+            # against the window's own first steps): an onset at its edge is where the
+            # window begins, the episode began before it
+            edge = oldest is not None and f.since_step is not None \
+                and f.since_step <= oldest + self.warmup_steps + 2
+            if edge and known is not None:
                 f = replace(f, since_step=known[0], detected_step=known[1])
+            elif edge and ended is not None and f.until_step is not None \
+                    and abs(f.until_step - ended[2]) <= grace:
+                f = replace(f, since_step=ended[0], detected_step=ended[1])
             if f.until_step is None:
                 going[rank] = (f.since_step, f.detected_step, newest)
+            elif not is_hiccup(f):
+                self.ended[rank] = (f.since_step, f.detected_step, f.until_step)
             out.append(f)
         for rank, (since, detected, seen) in self.episodes.items():
             seen = newest if seen is None else seen  # restored: the grace starts now
@@ -363,6 +376,7 @@ class OnlineWindow:
                 "usual_delay": rows(self.usual_delay), "usual_bw": rows(self.usual_bw),
                 "imbalance": [f.to_dict() for f in self.imbalance],
                 "episodes": [[r, *e] for r, e in sorted(self.episodes.items())],
+                "ended": [[r, *e] for r, e in sorted(self.ended.items())],
                 "warmup_steps": self.warmup_found,
                 "imbalance_since": [[c, list(r), s] for (c, r), s in
                                     sorted(self.imbalance_since.items())],
@@ -388,6 +402,8 @@ class OnlineWindow:
             # the step each was last seen at is not kept: the grace starts again
             episodes = {int(r): (int(s), _int_or_none(d), None)
                         for r, s, d, *_ in state["episodes"]}
+            ended = {int(r): (int(s), _int_or_none(d), int(u))
+                     for r, s, d, u in state.get("ended", [])}
             warmup = state.get("warmup_steps")
             since = {(str(c), tuple(int(x) for x in r)): int(v)
                      for c, r, v in state.get("imbalance_since", [])}
@@ -402,7 +418,7 @@ class OnlineWindow:
         self.first_step, self.baseline_until, self.drift_step = first, until, drift
         self.noise_ms = None if noise is None else float(noise)
         self.usual_delay, self.usual_bw = usual, bw
-        self.imbalance, self.episodes = imbalance, episodes
+        self.imbalance, self.episodes, self.ended = imbalance, episodes, ended
         self.warmup_found = warmup
         self.imbalance_since, self.work_imbalance = since, work_imbalance
 

@@ -105,7 +105,8 @@ class Thresholds:
             again within this many steps of its last late step is the same episode (a
             disturbance hid it); so it ends only once this many steps have gone by without
             it. Live, an open straggler may also go unseen this long in the online window
-            before it resolves.
+            before it resolves. The same for a pipeline's stragglers, judged by their work
+            (:func:`~ringwatch.analyzers._work.work_episodes`).
     """
 
     warmup_steps: int = 2
@@ -262,7 +263,8 @@ class Thresholds:
                 "threshold": self.cusum_threshold, "slack": self.cusum_slack,
                 "persist": self.persist_steps, "start_share": self.work_start_share,
                 "role_share": self.role_share, "wander_share": self.wander_share,
-                "min_gain_share": self.min_gain_share}
+                "min_gain_share": self.min_gain_share, "grace_steps": self.grace_steps,
+                "transient_steps": self.transient_steps}
 
     def moe_args(self) -> dict:
         """Keyword arguments of :func:`~ringwatch.analyzers._moe.detect_moe_skew`."""

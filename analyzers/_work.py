@@ -27,10 +27,13 @@ this analyzer finds nothing there and the lateness detector does the work.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import polars as pl
 
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._steps import _merged_ns
+from ringwatch.analyzers._stragglers import HICCUP_CLASS, _late_since
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 #: Columns this analyzer reads besides those of ``ANALYZED_COLUMNS``.
@@ -100,6 +103,8 @@ def detect_work_findings(events: pl.DataFrame | None, roles: pl.DataFrame, *,
                          role_share: float = _D.role_share,
                          wander_share: float = _D.wander_share,
                          min_gain_share: float = _D.min_gain_share,
+                         grace_steps: int = _D.grace_steps,
+                         transient_steps: int = _D.transient_steps,
                          hosts: dict[int, str] | None = None,
                          work: pl.DataFrame | None = None) -> tuple[Finding, ...]:
     """Stragglers, structural and workload imbalance from the ranks' unblocked time.
@@ -126,6 +131,12 @@ def detect_work_findings(events: pl.DataFrame | None, roles: pl.DataFrame, *,
             chance would put it, and (with tensor-parallel groups) whose peers move together,
             are workload imbalance (:func:`_wandering`).
         min_gain_share: Least extra work of a straggler, as a share of the job's step.
+        grace_steps: A straggler's episode ends once this many steps went by after its last
+            step behind (before that an end cannot be told from a pause: still on); one
+            behind again within them is the same episode (:func:`work_episodes`).
+        transient_steps: An episode that ended within this many steps is a hiccup
+            (:data:`~ringwatch.analyzers._stragglers.HICCUP_CLASS`), as the lateness
+            detector's.
         hosts: ``rank -> host`` for the findings.
         work: :func:`compute_step_work`'s frame when it comes from elsewhere (the agents sum
             it per step for the live service).
@@ -154,7 +165,8 @@ def detect_work_findings(events: pl.DataFrame | None, roles: pl.DataFrame, *,
     named = set()
     for f in _behind(events, work, noise, threshold=threshold, slack=slack, persist=persist,
                      start_share=start_share, baseline_steps=baseline_steps, hosts=hosts,
-                     least_ms=min_gain_share * step_ms):
+                     least_ms=min_gain_share * step_ms, grace_steps=grace_steps,
+                     transient_steps=transient_steps):
         named.add(f.ranks[0])
         out.append(f)
     out += _bottleneck_role(work, noise, step_ms, threshold=threshold, share=role_share,
@@ -169,8 +181,11 @@ def detect_work_findings(events: pl.DataFrame | None, roles: pl.DataFrame, *,
 
 def _behind(events: pl.DataFrame, work: pl.DataFrame, noise: float, *, threshold: float,
             slack: float, persist: int, start_share: float, baseline_steps: int,
-            hosts: dict[int, str], least_ms: float, min_steps: int = 8) -> list[Finding]:
-    """Ranks whose work exceeds their role's: from the start, or since an onset (CUSUM)."""
+            hosts: dict[int, str], least_ms: float, grace_steps: int,
+            transient_steps: int, min_steps: int = 8) -> list[Finding]:
+    """Ranks whose work exceeds their role's: from the start, or since an onset (CUSUM);
+    each of a rank's episodes (:func:`work_episodes`), one that ended with its last step (a
+    hiccup where it lasted fewer than ``transient_steps``, as the lateness detector's)."""
     k, h = slack * noise, threshold * noise
     df = work.filter(pl.col("_peers") > 2).sort("rank", "step")
     if df.is_empty():
@@ -192,68 +207,147 @@ def _behind(events: pl.DataFrame, work: pl.DataFrame, noise: float, *, threshold
     df = df.filter(pl.col("rank").is_in(behind.implode()))
     out = []
     for (rank,), mine in df.partition_by("rank", as_dict=True, maintain_order=True).items():
+        steps, xs = mine["step"].to_list(), mine["excess_ms"].to_list()
         head = mine.filter(pl.col("_n") < baseline_steps)
-        steps = mine["step"].to_list()
-        if head.height >= persist and (head["excess_ms"] > h).mean() >= start_share:
-            since, detected = steps[0], head["step"][persist - 1]
-            how = "from the job's first steps"
-        else:
-            hit = mine.filter((pl.col("cusum_ms") >= h) & (pl.col("_hits") >= persist))
-            if hit.is_empty():
+        early = head.height >= persist and (head["excess_ms"] > h).mean() >= start_share
+        for ep in work_episodes(xs, k=k, h=h, persist=persist, grace=grace_steps,
+                                from_start=persist - 1 if early else None):
+            since, detected = steps[ep.since], steps[ep.detected]
+            until = None if ep.until is None else steps[ep.until]
+            run = mine.filter(pl.col("step").is_between(since, until or steps[-1]))
+            if until is None and run.height < min_steps:  # a few steps at the data's end:
+                continue                                  # not yet a fault
+            transient = until is not None and run.height < transient_steps
+            extra = float(run["excess_ms"].median())
+            now_ms = float(steps_ms.filter(pl.col("step").is_between(
+                since, until or steps[-1]))["step_ms"].median())
+            if extra <= max(k, least_ms):  # real, but not worth a finding
                 continue
-            detected = int(hit["step"][0])
-            # the onset: the split of the rank's steps up to a few past the detection where
-            # the mean excess after it most exceeds the mean before it (a single change
-            # point; a slow drift of noise before the fault does not pull it back)
-            xs = mine["excess_ms"].to_list()
-            i_det = steps.index(detected)
-            end = min(len(xs), i_det + persist + 1)
-            best, since = None, detected
-            for i in range(0, i_det + 1):  # i = 0: late all along (the role's median is 0)
-                after = xs[i:end]
-                gap = sum(after) / len(after) - (sum(xs[:i]) / i if i else 0.0)
-                if best is None or gap > best:
-                    best, since = gap, steps[i]
-            how = f"since step {since}"
-        run = mine.filter(pl.col("step") >= since)
-        if run.height < min_steps:  # a few steps at the end of the data: not yet a fault
-            continue
-        extra = float(run["excess_ms"].median())
-        now_ms = float(steps_ms.filter(pl.col("step") >= since)["step_ms"].median())
-        if extra <= max(k, least_ms):  # real, but not worth a finding
-            continue
-        role = int(mine["role"][0])
-        peers = int(mine["_peers"].max()) - 1
-        peer_ranks = sorted(int(r) for r in work.filter((pl.col("role") == role)
-                                                        & (pl.col("rank") != rank))
-                            ["rank"].unique())
-        out.append(Finding(
-            kind="straggler", cls="compute straggler", ranks=(int(rank),),
-            hosts=(hosts[rank],) if rank in hosts else (), since_step=int(since),
-            detected_step=int(detected),
-            confidence=min(1.0, 0.5 + extra / (4 * threshold * noise)),
-            gain_s_per_step=extra / 1e3,
-            evidence=(f"rank {rank} worked {extra:.1f} ms per step longer than the median of "
-                      f"its {peers} symmetric peer(s) (role {role}: same stage, same work by "
-                      f"construction) {how} (job noise {noise:.1f} ms)",
-                      "time not blocked in communication: its peers and pipeline "
-                      "neighbours wait for it, it waits for no one",
-                      _what_if_line(events, int(rank), peer_ranks, int(since), now_ms,
-                                    extra))))
+            role = int(mine["role"][0])
+            peers = int(mine["_peers"].max()) - 1
+            peer_ranks = sorted(int(r) for r in work.filter((pl.col("role") == role)
+                                                            & (pl.col("rank") != rank))
+                                ["rank"].unique())
+            how = ("from the job's first steps" if ep.since == 0 and early else
+                   f"since step {since}") + ("" if until is None else f" to step {until}")
+            out.append(Finding(
+                kind="straggler", cls=HICCUP_CLASS if transient else "compute straggler",
+                ranks=(int(rank),),
+                hosts=(hosts[rank],) if rank in hosts else (), since_step=int(since),
+                detected_step=int(detected), until_step=until,
+                confidence=min(1.0, 0.5 + extra / (4 * threshold * noise)) * (
+                    0.5 if transient else 1),
+                gain_s_per_step=extra / 1e3,
+                evidence=(f"rank {rank} worked {extra:.1f} ms per step longer than the median "
+                          f"of its {peers} symmetric peer(s) (role {role}: same stage, same "
+                          f"work by construction) {how} (job noise {noise:.1f} ms)",
+                          "time not blocked in communication: its peers and pipeline "
+                          "neighbours wait for it, it waits for no one",
+                          *(() if ep.paused is None else (
+                              f"on time after step {steps[ep.paused[0]]}, behind again from "
+                              f"step {steps[ep.paused[1]]} (within {grace_steps} steps): one "
+                              "episode, a disturbance hid it",)),
+                          *(() if transient else (_what_if_line(
+                              events, int(rank), peer_ranks, int(since), now_ms, extra,
+                              until),)))))
     return out
 
 
+@dataclass(frozen=True)
+class Episode:
+    """A rank's run of extra work, as indices into its steps: ``since`` (the onset),
+    ``detected`` (the step that made it conclusive), ``until`` (its last step behind, None
+    while it may still be on) and ``paused`` (``(last step behind, first one again)`` where a
+    disturbance hid it for a while)."""
+
+    since: int
+    detected: int
+    until: int | None
+    paused: tuple[int, int] | None = None
+
+
+def work_episodes(xs: list[float], *, k: float, h: float, persist: int, grace: int,
+                  from_start: int | None = None, most: int = 16) -> list[Episode]:
+    """A rank's episodes of extra work in its excess over its role (``xs``, one per step).
+
+    Each is found by a one-sided CUSUM (Page's: excess above ``k`` summed past ``h``, with
+    ``persist`` steps above ``k`` among the last ``persist + 1``) restarted after the previous
+    episode; ``from_start`` (the index it is conclusive at) opens one at the first step. The
+    onset is the lateness detector's (:func:`~ringwatch.analyzers._stragglers._late_since`):
+    the late streak the sum ends with, then the change point of a shift of its size. An episode
+    ends at its last step above ``k`` before ``persist + 1`` steps in a row at or below it;
+    with fewer than ``grace`` steps after that end, or none, it is still on (an end cannot
+    be told from a pause yet). One conclusive again within ``grace`` steps of the end is the
+    same episode. At most ``most`` episodes.
+    """
+    out: list[Episode] = []
+    pos = 0
+    while pos < len(xs) and len(out) < most:
+        if from_start is not None and pos == 0:
+            since, detected = 0, from_start
+        else:
+            detected = _conclusive(xs, pos, k=k, h=h, persist=persist)
+            if detected is None:
+                break
+            # the onset as the lateness detector reads it: the late streak the sum ends
+            # with, then the change point of a shift of its size within it (not walked back
+            # over noise)
+            since = pos + _late_since(pl.DataFrame(
+                {"step": range(detected - pos + 1), "excess_ms": xs[pos:detected + 1]},
+                schema={"step": pl.Int64, "excess_ms": pl.Float64}), k,
+                xs[detected + 1:detected + 2 + persist])
+        until = _last_behind(xs, detected, k=k, persist=persist)
+        if until is not None and len(xs) - 1 - until < grace:
+            until = None  # too few steps after it to tell an end from a pause
+        prev = out[-1] if out else None
+        if prev is not None and prev.until is not None and detected - prev.until <= grace:
+            out[-1] = Episode(prev.since, prev.detected, until, (prev.until, since))
+        else:
+            out.append(Episode(since, detected, until))
+        if until is None:
+            break
+        pos = until + 1
+    return out
+
+
+def _conclusive(xs: list[float], pos: int, *, k: float, h: float,
+                persist: int) -> int | None:
+    """The first index from ``pos`` where the CUSUM started there is conclusive."""
+    total, recent = 0.0, []
+    for i in range(pos, len(xs)):
+        total = max(0.0, total + xs[i] - k)
+        recent = [*recent[-persist:], xs[i] > k]
+        if total >= h and sum(recent) >= persist:
+            return i
+    return None
+
+
+def _last_behind(xs: list[float], detected: int, *, k: float, persist: int) -> int | None:
+    """The last index from ``detected`` above ``k`` before ``persist + 1`` in a row at or
+    below it; None where the data ends first."""
+    last, calm = detected, 0
+    for i in range(detected + 1, len(xs)):
+        if xs[i] > k:
+            last, calm = i, 0
+        else:
+            calm += 1
+            if calm == persist + 1:
+                return last
+    return None
+
+
 def _what_if_line(events: pl.DataFrame, rank: int, peers: list[int], since: int,
-                  now_ms: float, extra: float) -> str:
+                  now_ms: float, extra: float, until: int | None = None) -> str:
     """The step time with the rank fixed: by replay of the steps' dependency graph
     (:mod:`ringwatch.analyzers._replay`), else the step less its extra work."""
     from ringwatch.analyzers._replay import replay_fixed_step_ms
 
-    fixed = None if events is None else replay_fixed_step_ms(events, rank, peers, since)
+    fixed = None if events is None else replay_fixed_step_ms(events, rank, peers, since, until)
+    span = "since then" if until is None else f"in steps {since}-{until}"
     if fixed is not None:
-        return (f"the job's step took {now_ms:.0f} ms since then; ~{fixed:.0f} ms with this "
+        return (f"the job's step took {now_ms:.0f} ms {span}; ~{fixed:.0f} ms with this "
                 "rank working like its peers (replay of the steps' dependencies)")
-    return (f"the job's step took {now_ms:.0f} ms since then; ~{now_ms - extra:.0f} ms with "
+    return (f"the job's step took {now_ms:.0f} ms {span}; ~{now_ms - extra:.0f} ms with "
             "this rank working like its peers (if every rank waits for all of it)")
 
 

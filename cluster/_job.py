@@ -15,7 +15,8 @@ clock); SIGUSR1 blocks the main thread for good before the rank's next collectiv
 arrived" hang; the agent's threads go on). ``--extra-work-rank R --extra-work-factor F`` gives
 rank R F times the work by design (compute and host-side sleep); SIGUSR2 gives the rank that
 receives it ``--slowdown-factor`` times the work from its next step on (a compute straggler
-appearing mid-run, as a throttled GPU or a busy host would). ``--drift-rank R
+appearing mid-run, as a throttled GPU or a busy host would), for ``--slowdown-steps`` steps
+when given (a fault that ends). ``--drift-rank R
 --drift-ms-per-step X`` makes rank R's host-side work X ms longer at every step: a slow drift.
 
 ``--fr-dump PREFIX`` writes each rank's Flight Recorder to ``PREFIX<rank>`` on a stall or an
@@ -68,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra-work-factor", type=float, default=1.0)
     p.add_argument("--slowdown-factor", type=float, default=2.0,
                    help="on SIGUSR2, this rank does this many times the work from then on")
+    p.add_argument("--slowdown-steps", type=int, default=0,
+                   help="the slowdown lasts this many steps, then the work is as before "
+                        "(0: to the end; a fault that ends)")
     p.add_argument("--step-sleep-ms", type=float, default=0.0,
                    help="sleep per step outside collectives (host-side work)")
     p.add_argument("--drift-rank", type=int, default=-1,
@@ -259,7 +263,7 @@ def main(argv=None) -> int:
         import ringwatch
 
         marker = ringwatch.mark_step  # a no-op when ringwatch is not attached
-    slowed = False
+    slowed, restore_at = False, None
     marks = None
     if args.step_log:
         os.makedirs(args.step_log, exist_ok=True)
@@ -287,8 +291,15 @@ def main(argv=None) -> int:
             if marks is not None:  # the first step that runs slowed: the fault's effect
                 marks.write(f"slowed\t{step}\n")
             more = _extra_work(args, args.slowdown_factor, device)
+            if args.slowdown_steps > 0:
+                restore_at, before = step + args.slowdown_steps, (extra, sleep_s)
             extra = more if extra is None else (lambda b=None, a=extra, c=more: (a(b), c(b)))
             sleep_s *= args.slowdown_factor
+        if restore_at is not None and step >= restore_at:  # the fault ends
+            extra, sleep_s = before
+            restore_at = None
+            if marks is not None:
+                marks.write(f"restored\t{step}\n")
         if marker is not None:
             marker(args.first_step + step)
         t0 = time.perf_counter()

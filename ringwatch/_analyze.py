@@ -318,7 +318,7 @@ def report_lines(report: dict) -> list[str]:
         return lines + hiccup_lines(report.get("_hiccups", ()))
     lines.append(f"{len(findings)} finding(s):")
     for f in findings:
-        when = when_parts(f)
+        when = when_parts(f, until=True)
         if f.gain_s_per_step is not None:
             when.append(f"fixing it saves ~{f.gain_s_per_step * 1e3:.1f} ms per step")
         lines.append(f"  {f.headline()}  ({', '.join(when)})")

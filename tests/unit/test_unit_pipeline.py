@@ -171,7 +171,19 @@ def test_the_replay_waits_for_the_asynchronous_ops_where_the_rank_did():
     assert round(ops[0][0].work_ns / 1e6) == 5
 
 
-@pytest.mark.parametrize("name", ["healthy", "laststage", "varyseq", "strag-mid", "strag-0"])
+def test_a_straggler_that_ends_is_named_with_its_end():
+    """Rank 5 (stage 1) did 2x the work in steps 21-40 of 80, then as before (a real run:
+    ``--slowdown-steps 20``). The post-mortem names it with its end; before episodes, the
+    median of its extra work from the onset to the end of the data was ~0 and it was lost."""
+    (f,) = _findings(_run("strag-ends"))
+    assert (f.kind, f.cls, f.ranks) == ("straggler", "compute straggler", (5,))
+    assert 20 <= f.since_step <= 22 and f.detected_step <= 24
+    assert 39 <= f.until_step <= 41  # its last slowed step: 40
+    assert "to step" in f.evidence[0] and f"in steps {f.since_step}-" in f.evidence[-1]
+
+
+@pytest.mark.parametrize("name", ["healthy", "laststage", "varyseq", "strag-mid", "strag-0",
+                                  "strag-ends"])
 def test_the_online_window_gives_the_post_mortem_verdicts_through_a_restart(name):
     """Streamed 5 steps at a time into the service's window (the rows, each rank's step and
     blocked time, some ranks' steps later than others', the layout), with the window's
@@ -189,8 +201,9 @@ def test_the_online_window_gives_the_post_mortem_verdicts_through_a_restart(name
     lay = infer_layout(ev)
     w = OnlineWindow(keep_steps=40)  # shorter than the run: onsets must outlive the window
     shown = set()
-    for lo in range(0, 60, 5):
-        if lo == 45:
+    steps = int(ev["step"].max()) + 1
+    for lo in range(0, steps, 5):
+        if lo == steps - 15:
             state = json.loads(json.dumps(w.state()))
             w = OnlineWindow(keep_steps=40)
             w.restore(state)
@@ -217,7 +230,45 @@ def test_live_only_the_steps_every_rank_reported_are_judged():
 
     work = pl.read_parquet(DATA.parent / "live" / "pipeline-w16-work.parquet")
     roles = parse_layout("tp=2,pp=2,dp=4", 16).peers_frame()
-    assert {f.cls for f in detect_work_findings(None, roles, work=work)} == {
-        "workload imbalance"}
+
+    def found(w):  # hiccups apart, as both the service and `ringwatch analyze` set them
+        return split_hiccups(detect_work_findings(None, roles, work=w))[0]
+
+    assert {f.cls for f in found(work)} == {"workload imbalance"}
     assert reported_steps(work)["step"].max() == 22
-    assert detect_work_findings(None, roles, work=reported_steps(work)) == ()
+    assert found(reported_steps(work)) == ()
+
+
+def _episodes(xs, **kw):
+    from ringwatch.analyzers._work import work_episodes
+
+    args = {"k": 1.0, "h": 5.0, "persist": 3, "grace": 8} | kw
+    return [(e.since, e.detected, e.until, e.paused) for e in work_episodes(xs, **args)]
+
+
+def test_an_episode_ends_at_its_last_step_behind():
+    xs = [0.0] * 20 + [4.0] * 10 + [0.0] * 30
+    assert _episodes(xs) == [(20, 22, 29, None)]  # conclusive at its third step behind
+
+
+def test_an_episode_to_the_end_of_the_data_is_still_on():
+    assert _episodes([0.0] * 20 + [4.0] * 10) == [(20, 22, None, None)]
+    # on time since, but fewer steps than the grace: an end cannot be told from a pause
+    assert _episodes([0.0] * 20 + [4.0] * 10 + [0.0] * 7) == [(20, 22, None, None)]
+    assert _episodes([0.0] * 20 + [4.0] * 10 + [0.0] * 8) == [(20, 22, 29, None)]
+
+
+def test_a_pause_within_the_grace_is_one_episode_and_a_longer_one_two():
+    pause = [0.0] * 20 + [4.0] * 10 + [0.0] * 5 + [4.0] * 10 + [0.0] * 30
+    assert _episodes(pause) == [(20, 22, 44, (29, 35))]
+    apart = [0.0] * 20 + [4.0] * 10 + [0.0] * 20 + [4.0] * 10 + [0.0] * 30
+    assert _episodes(apart) == [(20, 22, 29, None), (50, 52, 59, None)]
+
+
+def test_noise_below_the_slack_makes_no_episode_and_a_late_start_is_its_own():
+    assert _episodes([0.9, -0.5] * 50) == []
+    # behind from the first steps (conclusive at index 2), then on time, then again
+    xs = [4.0] * 10 + [0.0] * 20 + [4.0] * 10
+    assert _episodes(xs, from_start=2) == [(0, 2, 9, None), (30, 32, None, None)]
+    assert len(_episodes([4.0, 0.0, 0.0, 0.0, 0.0] * 200, h=1.0, persist=1, grace=0,
+                         most=5)) == 5  # at most ``most``
