@@ -333,9 +333,10 @@ class OnlineWindow:
 
     def _episodes(self, found: tuple[Finding, ...]) -> tuple[Finding, ...]:
         """Stragglers of this window as episodes of the job: one still late since before the
-        window's oldest step keeps the onset it was first seen with. An episode ends when
-        its finding does, or when ``grace_steps`` newer steps came without it (a window
-        just reopened, or too young to score, says nothing about it yet)."""
+        window's oldest step keeps the onset it was first seen with (one that ended, the
+        onset it had, while the window holds its end). An episode ends when its finding
+        does, or when ``grace_steps`` newer steps came without it once the window is old
+        enough to judge (a window just reopened says nothing about it yet)."""
         oldest, newest = self.rows["step"].min(), self.rows["step"].max()
         grace = self.thresholds.grace_steps
         out, going = [], {}
@@ -357,8 +358,13 @@ class OnlineWindow:
             elif not is_hiccup(f):
                 self.ended[rank] = (f.since_step, f.detected_step, f.until_step)
             out.append(f)
+        # a window too young to judge (just reopened: a pipeline's work needs its warm-up
+        # and a few steps) says nothing yet about the episodes it does not show: their grace
+        # starts when it can
+        young = oldest is None or newest is None or newest - oldest + 1 < (
+            self.warmup_steps + self.thresholds.transient_steps + self.thresholds.persist_steps)
         for rank, (since, detected, seen) in self.episodes.items():
-            seen = newest if seen is None else seen  # restored: the grace starts now
+            seen = newest if seen is None or young else seen  # restored: from now on
             if rank not in going and all(f.ranks[0] != rank for f in found) \
                     and newest is not None and newest - seen < self.thresholds.grace_steps:
                 going[rank] = (since, detected, seen)
