@@ -207,20 +207,21 @@ def _behind(events: pl.DataFrame, work: pl.DataFrame, noise: float, *, threshold
     df = df.filter(pl.col("rank").is_in(behind.implode()))
     out = []
     for (rank,), mine in df.partition_by("rank", as_dict=True, maintain_order=True).items():
-        steps, xs = mine["step"].to_list(), mine["excess_ms"].to_list()
+        steps, xs = mine["step"].to_list(), mine["excess_ms"].fill_null(0.0).to_list()
         head = mine.filter(pl.col("_n") < baseline_steps)
         early = head.height >= persist and (head["excess_ms"] > h).mean() >= start_share
         for ep in work_episodes(xs, k=k, h=h, persist=persist, grace=grace_steps,
                                 from_start=persist - 1 if early else None):
             since, detected = steps[ep.since], steps[ep.detected]
             until = None if ep.until is None else steps[ep.until]
-            run = mine.filter(pl.col("step").is_between(since, until or steps[-1]))
+            last = steps[-1] if until is None else until
+            run = mine.filter(pl.col("step").is_between(since, last))
             if until is None and run.height < min_steps:  # a few steps at the data's end:
                 continue                                  # not yet a fault
             transient = until is not None and run.height < transient_steps
             extra = float(run["excess_ms"].median())
-            now_ms = float(steps_ms.filter(pl.col("step").is_between(
-                since, until or steps[-1]))["step_ms"].median())
+            now_ms = float(steps_ms.filter(pl.col("step").is_between(since, last))
+                           ["step_ms"].median())
             if extra <= max(k, least_ms):  # real, but not worth a finding
                 continue
             role = int(mine["role"][0])
