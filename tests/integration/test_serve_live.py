@@ -379,6 +379,9 @@ HYBRID = {  # case: (cluster arguments, job arguments, what `ringwatch analyze` 
     "straggler mid-run": (["--fault", "straggler", "--straggler-mode", "work",
                            "--victim-rank", "5", "--at-step", "25"], [],
                           [("straggler", "compute straggler", [5])]),
+    "straggler that ends": (["--fault", "straggler", "--straggler-mode", "work",
+                             "--victim-rank", "5", "--at-step", "20"], ["--slowdown-steps", "15"],
+                            [("straggler", "compute straggler", [5])]),
     "straggler from the start": (["--fault", "imbalance", "--victim-rank", "6"], [],
                                  [("straggler", "compute straggler", [6])]),
     "heavier last stage": (["--fault", "none"], ["--last-stage-factor", "2"],
@@ -397,9 +400,9 @@ def test_a_hybrid_parallel_job_live_as_post_mortem(stack, case):
     afterwards (kind, class, ranks, onset). It reads the pipeline from the send/recv peers the
     agents report and judges each rank's unblocked time (its step less its time blocked in
     communication, summed per step by the agents) against its stage's, as the post-mortem
-    does from the rows: a straggler mid-run or from its first step, a heavier stage as
-    structural imbalance, batches of varying length as workload imbalance, nothing when
-    healthy."""
+    does from the rows: a straggler mid-run (one that ends too, with its end) or from its
+    first step, a heavier stage as structural imbalance, batches of varying length as
+    workload imbalance, nothing when healthy."""
     fault, job, want = HYBRID[case]
     truth, _ = stack.run_cluster("--nproc", "8", "--hosts", "2", "--tp", "2", "--pp", "2",
                                  "--steps", "60", *fault, "--", "--step-sleep-ms", "40", *job)
@@ -407,6 +410,13 @@ def test_a_hybrid_parallel_job_live_as_post_mortem(stack, case):
     assert sorted(_key(f)[:3] for f in post) == want, post
     if case == "straggler mid-run":
         assert abs(post[0]["since_step"] - truth["effect_step"]) <= 3, (post, truth)
+    elif case == "straggler that ends":  # slowed for 15 steps, then as before: one episode
+        assert abs(post[0]["since_step"] - truth["effect_step"]) <= 3, (post, truth)
+        # named as ended (the job went on 25 steps more), not before its last slowed step; it
+        # ends at its last step over the slack before 4 in a row under it, so a step of
+        # noise over the slack after the end carries it on (41 for 35 in one run)
+        end = truth["effect_step"] + 14
+        assert post[0]["until_step"] is not None and post[0]["until_step"] >= end - 3, post
     elif post:
         assert all(f["since_step"] <= 3 for f in post), post  # the first steps judged
 

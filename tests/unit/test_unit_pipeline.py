@@ -275,3 +275,4 @@ def test_noise_below_the_slack_makes_no_episode_and_a_late_start_is_its_own():
     assert _episodes(xs, from_start=2) == [(0, 2, 9, None), (30, 32, None, None)]
     assert len(_episodes([4.0, 0.0, 0.0, 0.0, 0.0] * 200, h=1.0, persist=1, grace=0,
                          most=5)) == 5  # at most ``most``
+
