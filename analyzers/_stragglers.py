@@ -242,9 +242,13 @@ def _late_since(run: pl.DataFrame, k: float, tail: Sequence[float] = ()) -> int:
     Late steps right before that point, with no on-time step between, are kept: a slowdown
     that lands mid-step makes a smaller first excess.
     """
-    steps, xs = run["step"].to_list(), run["excess_ms"].fill_null(0.0).to_list()
+    return run["step"][late_since_index(run["excess_ms"].fill_null(0.0).to_list(), k, tail)]
+
+
+def late_since_index(xs: Sequence[float], k: float, tail: Sequence[float] = ()) -> int:
+    """:func:`_late_since` over a run's excess alone (one per step): the onset's index."""
     late = [x > k for x in xs]
-    i = len(steps) - 1
+    i = len(xs) - 1
     first = i
     while first > 0:
         if late[first - 1]:
@@ -262,7 +266,7 @@ def _late_since(run: pl.DataFrame, k: float, tail: Sequence[float] = ()) -> int:
             best, since = total, j
     while since > first and late[since - 1]:  # late right before it: the change's first,
         since -= 1                            # partial steps (it can land mid-step)
-    return steps[since]
+    return since
 
 
 def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float, rank: int,
@@ -549,4 +553,4 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
 
 __all__ = ["HICCUP_CLASS", "STRAGGLER_CLASSES", "THROTTLED_CLASS", "compute_group_lateness",
            "compute_outside_ns", "compute_step_lateness", "compute_straggler_scores",
-           "detect_stragglers", "scaled_floors_ms", "usual_delay"]
+           "detect_stragglers", "late_since_index", "scaled_floors_ms", "usual_delay"]

@@ -33,7 +33,7 @@ import polars as pl
 
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._steps import _merged_ns
-from ringwatch.analyzers._stragglers import HICCUP_CLASS, _late_since
+from ringwatch.analyzers._stragglers import HICCUP_CLASS, late_since_index
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 #: Columns this analyzer reads besides those of ``ANALYZED_COLUMNS``.
@@ -274,7 +274,7 @@ def work_episodes(xs: list[float], *, k: float, h: float, persist: int, grace: i
     Each is found by a one-sided CUSUM (Page's: excess above ``k`` summed past ``h``, with
     ``persist`` steps above ``k`` among the last ``persist + 1``) restarted after the previous
     episode; ``from_start`` (the index it is conclusive at) opens one at the first step. The
-    onset is the lateness detector's (:func:`~ringwatch.analyzers._stragglers._late_since`):
+    onset is the lateness detector's (:func:`~ringwatch.analyzers._stragglers.late_since_index`):
     the late streak the sum ends with, then the change point of a shift of its size. An episode
     ends at its last step above ``k`` before ``persist + 1`` steps in a row at or below it;
     with fewer than ``grace`` steps after that end, or none, it is still on (an end cannot
@@ -293,10 +293,8 @@ def work_episodes(xs: list[float], *, k: float, h: float, persist: int, grace: i
             # the onset as the lateness detector reads it: the late streak the sum ends
             # with, then the change point of a shift of its size within it (not walked back
             # over noise)
-            since = pos + _late_since(pl.DataFrame(
-                {"step": range(detected - pos + 1), "excess_ms": xs[pos:detected + 1]},
-                schema={"step": pl.Int64, "excess_ms": pl.Float64}), k,
-                xs[detected + 1:detected + 2 + persist])
+            since = pos + late_since_index(xs[pos:detected + 1], k,
+                                           xs[detected + 1:detected + 2 + persist])
         until = _last_behind(xs, detected, k=k, persist=persist)
         if until is not None and len(xs) - 1 - until < grace:
             until = None  # too few steps after it to tell an end from a pause
