@@ -73,6 +73,26 @@ def compute_frontier(events: pl.DataFrame) -> pl.DataFrame:
     return base.join(pend, on=["pg", "rank"], how="left", nulls_equal=True).sort("pg", "rank")
 
 
+def ends_unseen(members, entered: dict, finished: dict,
+                pending: dict[int, int]) -> dict[int, int]:
+    """Ranks of a group whose collectives in flight every other member finished, while those
+    members went on to later ones the rank never entered: ``rank -> its first in flight``.
+
+    Its part of them reached every peer (a collective needs every member's), so the group
+    does not wait in them: it waits at the next one, which the rank never entered. The rank
+    stopped before it saw their ends (blocked inside their wait), or, rarely, its own
+    receive never completed; either way it is the one the others wait for."""
+    out = {}
+    for r, first in pending.items():
+        mine = entered.get(r) or 0
+        others = [m for m in members if m != r]
+        if others and all((finished.get(m) or 0) >= mine and (pending.get(m) or mine + 1) > mine
+                          for m in others) \
+                and any((entered.get(m) or 0) > mine for m in others):
+            out[int(r)] = int(first)
+    return out
+
+
 def _ranks(rs) -> str:
     return ",".join(str(r) for r in rs)
 
@@ -140,7 +160,16 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float | None
     # group per tensor/pipeline slice, thousands of them at scale).
     fr = fr.filter(pl.col("pending_seq").is_not_null().any().over("pg"))
     for (pg,), rows in fr.group_by("pg", maintain_order=True):
-        blocking = rows.filter(pl.col("pending_seq").is_not_null())
+        members = parse_ranks(rows["pg_ranks"][0])
+        entered = dict(zip(rows["rank"].to_list(), rows["entered_seq"].to_list(), strict=True))
+        finished = dict(zip(rows["rank"].to_list(), rows["finished_seq"].to_list(),
+                            strict=True))
+        flight = rows.filter(pl.col("pending_seq").is_not_null())
+        unseen = ends_unseen(members, entered, finished,
+                             dict(zip(flight["rank"].to_list(), flight["pending_seq"].to_list(),
+                                      strict=True)))
+        blocking = rows.filter(pl.col("pending_seq").is_not_null()
+                               & ~pl.col("rank").is_in(list(unseen)))
         if blocking.is_empty():
             continue
         n = int(blocking["pending_seq"].min())
@@ -149,19 +178,16 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float | None
         stall_s = (now_ns - since) / 1e9
         if stall_s < min_stall_s:
             continue
-        members = parse_ranks(rows["pg_ranks"][0])
-        entered = dict(zip(rows["rank"].to_list(), rows["entered_seq"].to_list(), strict=True))
-        finished = dict(zip(rows["rank"].to_list(), rows["finished_seq"].to_list(),
-                            strict=True))
         hosts = dict(zip(rows["rank"].to_list(), rows["host"].to_list(), strict=True))
         missing = [m for m in members if (entered.get(m) or 0) < n]
         waiting = sorted(at_n["rank"].to_list())
         done = [m for m in members if (finished.get(m) or 0) >= n]
         stuck[pg] = (n, since, stall_s, members, missing, waiting, done, hosts,
-                     at_n.row(0, named=True))
+                     at_n.row(0, named=True), unseen)
     waiting_in = {r: (pg, s[0]) for pg, s in stuck.items() for r in s[5]}
     findings = []
-    for pg, (n, since, stall_s, members, missing, waiting, done, hosts, row) in stuck.items():
+    for pg, (n, since, stall_s, members, missing, waiting, done, hosts, row,
+             unseen) in stuck.items():
         op = row["pending_op"]
         ev = [f"pg {pg} ({row['pg_ranks']}): rank(s) {_ranks(waiting)} waiting in {op} #{n} "
               f"for {stall_s:.1f} s (a hang after {min_stall_s:.1f} s)"]
@@ -180,6 +206,10 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float | None
                     ev.append(f"rank {r} last entered #{got} here and is waiting in pg "
                               f"{where[0]} #{where[1]}")
                     conf = 0.5  # a consequence of the other group's hang
+                elif r in unseen:
+                    ev.append(f"rank {r} last entered #{got} here; every peer finished "
+                              f"#{unseen[r]}..#{got} while it never saw them end: blocked in "
+                              "their wait (host side) or its receive never completed")
                 else:
                     ev.append(f"rank {r} last entered #{got} here and is in no collective: "
                               "stuck outside collectives (host side)" if got else

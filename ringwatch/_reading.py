@@ -38,10 +38,20 @@ def frontier_lines(events, *, now_ns: int) -> list[str]:
 
     if events.is_empty():
         return []
+    # collectives in flight on a rank that every other member of the group finished: their
+    # ends went unseen (the rank stopped inside their wait), they do not hold anyone up
+    coll = events.filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
+    peers_done = (coll.filter(pl.col("status") != "pending").group_by("pg", "seq")
+                  .agg(pl.col("rank").alias("_done")))
     out = []
     for (rank,), rows in sorted(events.sort("idx").group_by("rank")):
         waiting = rows.filter(pl.col("status") == "pending")
-        if waiting.height:
+        if waiting.height and _done_by_peers(waiting, peers_done, rank):
+            r = waiting.row(-1, named=True)
+            out.append(f"rank {rank} last finished {r['op']} #{r['seq']} of pg {r['pg']} by "
+                       f"its peers' ends ({waiting.height} end(s) it never saw), entered "
+                       "nothing since")
+        elif waiting.height:
             first, last = waiting.row(0, named=True), waiting.row(-1, named=True)
             seqs = (f"#{first['seq']}" if waiting.height == 1
                     else f"#{first['seq']}..#{last['seq']} ({waiting.height} in flight)")
@@ -52,6 +62,22 @@ def frontier_lines(events, *, now_ns: int) -> list[str]:
             out.append(f"rank {rank} last finished {r['op']} #{r['seq']} of pg {r['pg']}, "
                        "entered nothing since")
     return out
+
+
+def _done_by_peers(waiting, peers_done, rank: int) -> bool:
+    """Whether every other member of each group finished each of these rows."""
+    import polars as pl
+
+    from ringwatch._schema import parse_ranks
+
+    if waiting["is_p2p"].any() or waiting["seq"].null_count():
+        return False
+    got = waiting.join(peers_done, on=["pg", "seq"], how="left")
+    for pg_ranks, done in zip(got["pg_ranks"].to_list(), got["_done"].to_list(), strict=True):
+        others = set(parse_ranks(pg_ranks)) - {rank}
+        if not others or not others <= set(done or ()):
+            return False
+    return not got.filter(pl.col("_done").is_null()).height
 
 
 def injected_line(truth: dict) -> str:

@@ -43,6 +43,29 @@ def test_rank_that_never_arrived():
     assert "rank 1 last entered #3 here and is in no collective" in f.evidence[1]
 
 
+def test_a_rank_stopped_inside_a_wait_its_peers_finished_never_arrived_at_the_next():
+    """Rank 1 entered #4 and #5 and stopped before it saw them end (blocked inside their
+    wait); its peers finished both and wait at #6: the group waits for rank 1 at #6, not in
+    a collective that does not complete."""
+    rows = healthy(range(1, 4)) + [ev(r, s, float(s)) for s in (4, 5) for r in (0, 2, 3)]
+    rows += [ev(1, s, float(s), status="pending") for s in (4, 5)]
+    rows += [ev(r, s, float(s), status="pending") for s in (6, 7) for r in (0, 2, 3)]
+    (f,) = detect_hangs(frame(rows), now_ns=20 * S)
+    assert (f.cls, f.ranks, f.seq, f.since_ns) == ("never arrived", (1,), 6, 6 * S)
+    assert "rank 1 last entered #5 here; every peer finished #4..#5" in f.evidence[1]
+    from ringwatch._reading import frontier_lines
+    lines = frontier_lines(frame(rows), now_ns=20 * S)
+    assert lines[1] == ("rank 1 last finished all_reduce #5 of pg 0 by its peers' ends "
+                        "(2 end(s) it never saw), entered nothing since")
+    assert lines[0].startswith("rank 0 waiting in all_reduce #6..#7 (2 in flight)")
+    # one peer has not finished #5 yet: rank 1 may be waiting for it there, as it says
+    rows = [r for r in rows if not (r["rank"] == 3 and r["seq"] == 5)]
+    rows.append(ev(3, 5, 5.0, status="pending"))
+    (f,) = detect_hangs(frame(rows), now_ns=20 * S)
+    assert f.seq == 4 and f.cls == "stuck in the collective"
+    assert frontier_lines(frame(rows), now_ns=20 * S)[1].startswith("rank 1 waiting in")
+
+
 def test_too_short_a_stall_is_not_a_hang():
     rows = healthy(range(1, 4)) + [ev(r, 4, 4.0, status="pending") for r in (0, 2, 3)]
     assert detect_hangs(frame(rows), now_ns=8 * S) == ()  # 4 s < 5 s

@@ -78,7 +78,9 @@ def test_healthy_gives_no_finding():
 def test_a_straggler_mid_run_is_named_against_its_stage():
     (f,) = _findings(_run("strag-mid"))
     assert (f.kind, f.cls, f.ranks) == ("straggler", "compute straggler", (5,))
-    assert 25 <= f.since_step <= 27 and f.detected_step <= 28  # injected at step 25
+    # injected at step 25; conclusive at its sixth step behind (each step's excess capped:
+    # a burst of a few steps far behind is no straggler)
+    assert 25 <= f.since_step <= 27 and f.detected_step <= 31
 
 
 def test_a_replica_slow_from_the_first_step_is_a_straggler_not_imbalance():
@@ -177,7 +179,7 @@ def test_a_straggler_that_ends_is_named_with_its_end():
     median of its extra work from the onset to the end of the data was ~0 and it was lost."""
     (f,) = _findings(_run("strag-ends"))
     assert (f.kind, f.cls, f.ranks) == ("straggler", "compute straggler", (5,))
-    assert 20 <= f.since_step <= 22 and f.detected_step <= 24
+    assert 20 <= f.since_step <= 22 and f.detected_step <= 26
     assert 39 <= f.until_step <= 41  # its last slowed step: 40
     assert "to step" in f.evidence[0] and f"in steps {f.since_step}-" in f.evidence[-1]
 
@@ -245,34 +247,48 @@ def test_live_only_the_steps_every_rank_reported_are_judged():
 def _episodes(xs, **kw):
     from ringwatch.analyzers._work import work_episodes
 
-    args = {"k": 1.0, "h": 5.0, "persist": 3, "grace": 8} | kw
+    args = {"k": 1.0, "h": 6.0, "persist": 3, "grace": 8} | kw
     return [(e.since, e.detected, e.until, e.paused) for e in work_episodes(xs, **args)]
 
 
 def test_an_episode_ends_at_its_last_step_behind():
     xs = [0.0] * 20 + [4.0] * 10 + [0.0] * 30
-    assert _episodes(xs) == [(20, 22, 29, None)]  # conclusive at its third step behind
+    # conclusive at its sixth step behind: each step counts for at most h / (2 persist)
+    assert _episodes(xs) == [(20, 25, 29, None)]
 
 
 def test_an_episode_to_the_end_of_the_data_is_still_on():
-    assert _episodes([0.0] * 20 + [4.0] * 10) == [(20, 22, None, None)]
+    assert _episodes([0.0] * 20 + [4.0] * 10) == [(20, 25, None, None)]
     # on time since, but fewer steps than the grace: an end cannot be told from a pause
-    assert _episodes([0.0] * 20 + [4.0] * 10 + [0.0] * 7) == [(20, 22, None, None)]
-    assert _episodes([0.0] * 20 + [4.0] * 10 + [0.0] * 8) == [(20, 22, 29, None)]
+    assert _episodes([0.0] * 20 + [4.0] * 10 + [0.0] * 7) == [(20, 25, None, None)]
+    assert _episodes([0.0] * 20 + [4.0] * 10 + [0.0] * 8) == [(20, 25, 29, None)]
+
+
+def test_a_burst_of_a_few_steps_far_behind_is_no_episode():
+    """A rank descheduled on a shared host: three steps five noise units behind, a few more
+    a little behind, then as before. Summed whole it was conclusive at its fourth step; each
+    step capped at h / (2 persist) over the slack, it is a few steps behind, no episode."""
+    burst = [0.0] * 20 + [5.0, 4.0, 0.0, 5.0, 0.5, 2.0, 2.5, 0.0] + [0.0] * 30
+    assert _episodes(burst) == []
+    from ringwatch.analyzers._work import step_cap
+    assert step_cap(1.0, 6.0, 3) == 2.0
+    # the same steps held: a straggler
+    assert _episodes([0.0] * 20 + [5.0, 4.0, 3.0, 5.0, 2.5, 2.0, 2.5, 3.0] + [0.0] * 30) == [
+        (20, 25, 27, None)]
 
 
 def test_a_pause_within_the_grace_is_one_episode_and_a_longer_one_two():
     pause = [0.0] * 20 + [4.0] * 10 + [0.0] * 5 + [4.0] * 10 + [0.0] * 30
-    assert _episodes(pause) == [(20, 22, 44, (29, 35))]
+    assert _episodes(pause) == [(20, 25, 44, (29, 35))]
     apart = [0.0] * 20 + [4.0] * 10 + [0.0] * 20 + [4.0] * 10 + [0.0] * 30
-    assert _episodes(apart) == [(20, 22, 29, None), (50, 52, 59, None)]
+    assert _episodes(apart) == [(20, 25, 29, None), (50, 55, 59, None)]
 
 
 def test_noise_below_the_slack_makes_no_episode_and_a_late_start_is_its_own():
     assert _episodes([0.9, -0.5] * 50) == []
     # behind from the first steps (conclusive at index 2), then on time, then again
     xs = [4.0] * 10 + [0.0] * 20 + [4.0] * 10
-    assert _episodes(xs, from_start=2) == [(0, 2, 9, None), (30, 32, None, None)]
-    assert len(_episodes([4.0, 0.0, 0.0, 0.0, 0.0] * 200, h=1.0, persist=1, grace=0,
+    assert _episodes(xs, from_start=2) == [(0, 2, 9, None), (30, 35, None, None)]
+    assert len(_episodes([4.0, 4.0, 0.0, 0.0, 0.0] * 200, h=1.0, persist=1, grace=0,
                          most=5)) == 5  # at most ``most``
 
