@@ -94,12 +94,21 @@ def parse_layout(spec: str, world: int) -> Layout:
 
 
 def infer_layout(events: pl.DataFrame, stage: Mapping[int, int] | None = None,
-                 rates: Mapping[str, float] | None = None) -> Layout:
+                 rates: Mapping[str, float] | None = None,
+                 chains: Mapping[int, int] | None = None) -> Layout:
     """The layout of the job whose rows ``events`` are (see the module). The live service
     has no rows, but step totals: it gives ``stage`` (from the agents' send/recv peers:
-    :func:`stages_from_pairs`) and ``rates`` (each group's collectives per step)."""
+    :func:`stages_from_pairs`), ``chains`` (:func:`chains_from_pairs`, from the same peers)
+    and ``rates`` (each group's collectives per step).
+
+    Without tensor-parallel groups, a pipeline's chain is the replica: its ranks, one per
+    stage, share one batch."""
     ranks = sorted(int(r) for r in events["rank"].drop_nulls().unique())
-    stage, notes = _stages(events, ranks) if stage is None else (dict(stage), ())
+    if stage is None:
+        stage, notes = _stages(events, ranks)
+        chains = chains_from_pairs(_pairs(events)) if chains is None else chains
+    else:
+        stage, notes = dict(stage), ()
     pp = len(set(stage.values()))
     tp_groups, dp_groups, tp, dp = _stage_groups(events, stage, len(ranks), rates)
     replica = None
@@ -108,20 +117,52 @@ def infer_layout(events: pl.DataFrame, stage: Mapping[int, int] | None = None,
                      .select(pl.col("pg").cast(pl.Utf8), pl.col("pg_ranks").cast(pl.Utf8))
                      .unique("pg").iter_rows())
         replica = {r: i for i, pg in enumerate(sorted(specs)) for r in parse_ranks(specs[pg])}
+    elif pp > 1 and chains and all(r in chains for r in ranks):
+        replica = {r: int(chains[r]) for r in ranks}
     return Layout(stage=stage, replica=replica, pp=pp, tp=tp, dp=dp, tp_groups=tp_groups,
                   dp_groups=dp_groups, notes=notes)
 
 
+def _p2p(events: pl.DataFrame) -> pl.DataFrame | None:
+    if "is_p2p" not in events.columns or "peer" not in events.columns:
+        return None
+    return (events.filter(pl.col("is_p2p") & pl.col("peer").is_not_null()
+                          & (pl.col("peer") != pl.col("rank")))
+            .select("rank", "peer", "op", "idx"))
+
+
+def _pairs(events: pl.DataFrame) -> list[tuple[int, int]]:
+    p2p = _p2p(events)
+    return [] if p2p is None else list(p2p.select("rank", "peer").unique().iter_rows())
+
+
 def _stages(events: pl.DataFrame, ranks: list[int]) -> tuple[dict[int, int], tuple[str, ...]]:
     """``rank -> stage`` from the send/recv pairs (every rank at 0 when they chain no path)."""
-    if "is_p2p" not in events.columns or "peer" not in events.columns:
+    p2p = _p2p(events)
+    if p2p is None:
         return {r: 0 for r in ranks}, ()
-    p2p = (events.filter(pl.col("is_p2p") & pl.col("peer").is_not_null()
-                         & (pl.col("peer") != pl.col("rank")))
-           .select("rank", "peer", "op", "idx"))
     first_op = dict(p2p.sort("idx").group_by("rank", maintain_order=True)
                     .agg(pl.col("op").first()).iter_rows())
     return stages_from_pairs(ranks, p2p.select("rank", "peer").unique().iter_rows(), first_op)
+
+
+def chains_from_pairs(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """``rank -> its chain`` (an index, by lowest rank): the ranks linked by send/recv
+    pairs, one pipeline each (a rank on none is left out)."""
+    root: dict[int, int] = {}
+
+    def find(r: int) -> int:
+        while root.setdefault(r, r) != r:
+            root[r] = root[root[r]]
+            r = root[r]
+        return r
+
+    for a, b in pairs:
+        root[find(int(a))] = find(int(b))
+    index: dict[int, int] = {}
+    for r in sorted(root):  # numbered by their lowest rank
+        index.setdefault(find(r), len(index))
+    return {r: index[find(r)] for r in sorted(root)}
 
 
 def stages_from_pairs(ranks: Iterable[int], pairs: Iterable[tuple[int, int]],

@@ -154,7 +154,11 @@ def detect_work_findings(events: pl.DataFrame | None, roles: pl.DataFrame, *,
     work = work.with_columns(
         pl.col("work_ms").median().over("step", "role").alias("_role_ms"),
         pl.len().over("step", "role").alias("_peers"))
-    work = work.with_columns((pl.col("work_ms") - pl.col("_role_ms")).alias("excess_ms"))
+    # against its peers' median: with one peer, the stage's median is the pair's mean, half
+    # way to the rank itself
+    work = work.with_columns(((pl.col("work_ms") - pl.col("_role_ms"))
+                              * pl.when(pl.col("_peers") == 2).then(2.0).otherwise(1.0))
+                             .alias("excess_ms"))
     head = work.filter((pl.col("_n") < baseline_steps) & (pl.col("_peers") > 1))
     # a robust spread (1.4826 x the median absolute deviation): a rank behind from the start
     # is in these steps too, and must not widen the noise it is judged against
@@ -187,7 +191,7 @@ def _behind(events: pl.DataFrame, work: pl.DataFrame, noise: float, *, threshold
     each of a rank's episodes (:func:`work_episodes`), one that ended with its last step (a
     hiccup where it lasted fewer than ``transient_steps``, as the lateness detector's)."""
     k, h = slack * noise, threshold * noise
-    df = work.filter(pl.col("_peers") > 2).sort("rank", "step")
+    df = work.filter(pl.col("_peers") > 1).sort("rank", "step")
     if df.is_empty():
         return []
     steps_ms = work.group_by("step").agg(pl.col("step_ms").median())
@@ -368,7 +372,9 @@ def _what_if_line(events: pl.DataFrame, rank: int, peers: list[int], since: int,
 def _bottleneck_role(work: pl.DataFrame, noise: float, step_ms: float, *, threshold: float,
                      share: float, hosts: dict[int, str]) -> list[Finding]:
     """The role whose work stays above the others' (by design: a heavier stage)."""
-    per = work.group_by("step", "role").agg(pl.col("work_ms").median().alias("_w"))
+    # the role's least busy rank each step: a stage heavier by design is heavier on every
+    # rank; one rank behind (a straggler) is not its stage's design
+    per = work.group_by("step", "role").agg(pl.col("work_ms").min().alias("_w"))
     if per["role"].n_unique() < 2:
         return []
     per = per.with_columns(
@@ -410,11 +416,14 @@ def _wandering(work: pl.DataFrame, noise: float, step_ms: float, *, share: float
     work differs between replicas than within them, step by step (the variance ratio of a
     one-way analysis of variance, its median over steps at least ``min_f``): a batch that is
     longer makes every rank of its replica work longer alike, noise does not. Without them,
-    each rank is its own replica and the spread alone is judged. Either way the replicas'
-    spread must be ``share`` of the step.
+    on a pipeline, a replica is the chain of ranks that passes one batch from stage to stage,
+    and the same test runs across stages (:func:`_chain_ratio`). Otherwise each rank is its
+    own replica and the spread alone is judged. Either way the replicas' spread must be
+    ``share`` of the step.
     """
     out = []
     df = work.filter(pl.col("_peers") > 1)
+    chains = _chain_ratio(df)
     for (role,), rows in df.partition_by("role", as_dict=True, maintain_order=True).items():
         reps = rows.group_by("step", "replica").agg(
             pl.col("work_ms").mean().alias("_m"), pl.col("work_ms").var().alias("_v"),
@@ -429,7 +438,8 @@ def _wandering(work: pl.DataFrame, noise: float, step_ms: float, *, share: float
         spread, lost = float(per["_spread"].median()), float(per["_lost"].median())
         top_share = float(per["_top"].value_counts()["count"].max()) / per.height
         shared = bool((reps["_k"] > 1).all())
-        f_ratio = float(per["_f"].drop_nulls().drop_nans().median() or 0.0) if shared else None
+        f_ratio = float(per["_f"].drop_nulls().drop_nans().median() or 0.0) if shared \
+            else chains
         # judged on the step (and the replicas' agreement): the job's noise is this spread
         # no one replica behind: none on top much more often than chance would put it
         top_limit = min(0.9, 1 / reps["replica"].n_unique() + 0.3)
@@ -438,7 +448,9 @@ def _wandering(work: pl.DataFrame, noise: float, step_ms: float, *, share: float
             continue
         ranks = sorted(int(r) for r in rows["rank"].unique())
         why = (f"its tensor-parallel peers moved together ({f_ratio:.0f}x the variance "
-               "between replicas as within)" if f_ratio is not None else
+               "between replicas as within)" if shared else
+               f"each replica's ranks on every stage moved together ({f_ratio:.0f}x the "
+               "variance between replicas as within)" if f_ratio is not None else
                "its ranks' work differed alike")
         out.append(Finding(
             kind="imbalance", cls="workload imbalance", ranks=tuple(ranks),
@@ -454,6 +466,23 @@ def _wandering(work: pl.DataFrame, noise: float, step_ms: float, *, share: float
                       "data-dependent work (sequence lengths, expert routing): balance the "
                       "batches by tokens, not a rank to replace")))
     return out
+
+
+def _chain_ratio(work: pl.DataFrame) -> float | None:
+    """Without tensor-parallel groups, a pipeline's replica is its chain of ranks, one per
+    stage: the variance ratio of :func:`_wandering` across stages, each rank's work taken
+    from its stage's mean that step (a longer batch makes every stage of its replica work
+    longer alike; noise on one host does not), its median over steps. None where a replica
+    has fewer than two stages here."""
+    d = work.with_columns((pl.col("work_ms") - pl.col("work_ms").mean().over("step", "role"))
+                          .alias("_d"))
+    reps = d.group_by("step", "replica").agg(
+        pl.col("_d").mean().alias("_m"), pl.col("_d").var().alias("_v"), pl.len().alias("_k"))
+    if reps.is_empty() or (reps["_k"] < 2).any() or reps["replica"].n_unique() < 2:
+        return None
+    per = reps.group_by("step").agg(
+        (pl.col("_m").var() * pl.col("_k").first() / pl.col("_v").mean()).alias("_f"))
+    return float(per["_f"].drop_nulls().drop_nans().median() or 0.0)
 
 
 def _span(ranks: list[int]) -> str:

@@ -128,10 +128,12 @@ class LiveAnalysis:
                 self.window.baseline_until is None or stage != self._stage):
             # the stages from the agents' send/recv peers, the groups from the step rows:
             # what the baselines are judged by, and the pipeline analysis's roles
-            from ringwatch.analyzers._layout import infer_layout
+            from ringwatch.analyzers._layout import chains_from_pairs, infer_layout
 
+            pairs = [(r, q) for r, rl in jl.ranks.items() for q in rl.p2p_peers]
             self.window.layout = infer_layout(
-                self.window.rows, stage, {pg: t / n for pg, (n, t) in self._counts.items()})
+                self.window.rows, stage, {pg: t / n for pg, (n, t) in self._counts.items()},
+                chains_from_pairs(pairs))
         self._stage = stage
         if rows.height:
             self.window.add(rows)
