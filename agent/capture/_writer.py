@@ -152,6 +152,7 @@ class SegmentWriter:
         self.rows_written = 0
         self._made = False
         self._reserved = False
+        self._pending = None  # the snapshot last written (a rank in a hang keeps it)
 
     def _ensure_dir(self) -> None:
         if not self._made:
@@ -236,9 +237,14 @@ class SegmentWriter:
         if not events and columns is None:
             if self._made:
                 path.unlink(missing_ok=True)
+            self._pending = None
             return
         self._ensure_dir()
-        _write_atomic(self.frame(events, columns), path)
+        df = self.frame(events, columns)
+        if self._pending is not None and df.equals(self._pending) and path.exists():
+            return  # the same in flight as at the last flush (a hang): the file stands
+        _write_atomic(df, path)
+        self._pending = df
 
     def write_meta(self, meta: dict) -> None:
         """Replace the rank's meta file. The final one (``meta["final"]`` true) may use the

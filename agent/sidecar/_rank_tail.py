@@ -128,6 +128,8 @@ class RankSummary:
     step: int | None = None
     #: Oldest pending collective at the last flush: (pg, op, since wall ns), or None.
     pending: tuple[str, str, int] | None = None
+    #: (mtime ns, size, inode) of the pending file read: one not replaced is not read again.
+    pending_stamp: tuple[int, int, int] | None = None
     written_ns: int | None = None
     last_end_ns: int | None = None
     #: step -> pg -> totals, for the newest :data:`KEEP_STEPS` steps.
@@ -234,8 +236,21 @@ class RankLogTail:
                 _consume(s, frame)
             for n in numbers:
                 s.segments.add(n)
-        s.pending = _read_pending(s, d / PENDING_FILE) if PENDING_FILE in names else None
+        stamp = _stamp(d / PENDING_FILE) if PENDING_FILE in names else None
+        if stamp is None:
+            s.pending = s.pending_stamp = None
+        elif stamp != s.pending_stamp:
+            s.pending = _read_pending(s, d / PENDING_FILE)
+            s.pending_stamp = stamp
         return True
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # removed between listing and reading: nothing in flight
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _read_meta(path: Path) -> dict | None:

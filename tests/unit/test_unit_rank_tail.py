@@ -87,6 +87,37 @@ def test_a_pending_collective_is_reported_with_its_age(tmp_path):
     assert state.ranks[(JOB, 0)].last_completed_seq["0"] == 1
 
 
+def test_a_hang_leaves_its_pending_file_as_it_is_and_the_tail_reads_it_once(tmp_path,
+                                                                            monkeypatch):
+    """A rank stuck in a collective flushes the same snapshot again and again: the writer
+    leaves the file as it is, and the tail reads a file it has read only once."""
+    import ringwatch.agent.sidecar._rank_tail as tail_mod
+
+    r = Rank(tmp_path)
+    tail = RankLogTail(tmp_path, clock=r.clock)
+    reads = []
+    real = tail_mod._read_pending
+    monkeypatch.setattr(tail_mod, "_read_pending", lambda s, p: reads.append(p) or real(s, p))
+    r.collective(end=False)
+    r.flush()
+    path = r.writer.dir / "pending.parquet"
+    inode = path.stat().st_ino
+    for _ in range(3):
+        r.clock.advance(1_000_000_000)
+        r.flush()
+        assert tail.poll()[(JOB, 0)].pending[:2] == ("0", "all_reduce")
+    assert path.stat().st_ino == inode and len(reads) == 1
+    r.collective(end=False)  # a second one in flight: a new snapshot, read again
+    r.flush()
+    assert path.stat().st_ino != inode
+    tail.poll()
+    assert len(reads) == 2
+    r.rec.end(r.rec.pending_snapshot()[0])
+    r.rec.end(r.rec.pending_snapshot()[0])
+    r.flush()  # nothing in flight: the file is gone, and so is the tail's reading
+    assert not path.exists() and tail.poll()[(JOB, 0)].pending is None
+
+
 def test_other_hosts_and_stale_jobs_are_left_out(tmp_path):
     a, b = Rank(tmp_path, 0, host="host-a"), Rank(tmp_path, 1, host="host-b")
     for r in (a, b):
