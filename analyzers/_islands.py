@@ -8,6 +8,8 @@ each: a slow rank of one replica is compared with its own replica, not with anot
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import polars as pl
 
 
@@ -21,6 +23,21 @@ def rank_islands(events: pl.DataFrame) -> pl.DataFrame:
                              }).with_columns(pl.lit(0).alias("island"))
     from ringwatch._schema import parse_ranks
 
+    groups = []
+    for spec in events["pg_ranks"].unique().drop_nulls().cast(pl.Utf8).to_list():
+        try:
+            groups.append(parse_ranks(spec))
+        except ValueError:
+            continue
+    low = linked(groups + [[int(r)] for r in events["rank"].unique().drop_nulls().to_list()])
+    ranks = sorted(low)
+    return pl.DataFrame({"rank": ranks, "island": [low[r] for r in ranks]},
+                        schema={"rank": pl.Int32, "island": pl.Int64})
+
+
+def linked(groups: Iterable[Iterable[int]]) -> dict[int, int]:
+    """``node -> the lowest node it is linked to``: the connected parts of ``groups`` (each
+    an iterable of nodes joined together; a single node stands alone)."""
     parent: dict[int, int] = {}
 
     def find(x: int) -> int:
@@ -29,20 +46,13 @@ def rank_islands(events: pl.DataFrame) -> pl.DataFrame:
             x = parent[x]
         return x
 
-    for spec in events["pg_ranks"].unique().drop_nulls().cast(pl.Utf8).to_list():
-        try:
-            members = parse_ranks(spec)
-        except ValueError:
-            continue
-        for m in members[1:]:
+    for members in groups:
+        members = [int(m) for m in members]
+        for m in members:
             a, b = find(members[0]), find(m)
             if a != b:
                 parent[max(a, b)] = min(a, b)
-    for r in events["rank"].unique().drop_nulls().to_list():
-        find(int(r))
-    ranks = sorted(parent)
-    return pl.DataFrame({"rank": ranks, "island": [find(r) for r in ranks]},
-                        schema={"rank": pl.Int32, "island": pl.Int64})
+    return {x: find(x) for x in sorted(parent)}
 
 
-__all__ = ["rank_islands"]
+__all__ = ["linked", "rank_islands"]

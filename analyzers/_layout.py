@@ -149,20 +149,11 @@ def _stages(events: pl.DataFrame, ranks: list[int]) -> tuple[dict[int, int], tup
 def chains_from_pairs(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
     """``rank -> its chain`` (an index, by lowest rank): the ranks linked by send/recv
     pairs, one pipeline each (a rank on none is left out)."""
-    root: dict[int, int] = {}
+    from ringwatch.analyzers._islands import linked
 
-    def find(r: int) -> int:
-        while root.setdefault(r, r) != r:
-            root[r] = root[root[r]]
-            r = root[r]
-        return r
-
-    for a, b in pairs:
-        root[find(int(a))] = find(int(b))
-    index: dict[int, int] = {}
-    for r in sorted(root):  # numbered by their lowest rank
-        index.setdefault(find(r), len(index))
-    return {r: index[find(r)] for r in sorted(root)}
+    low = linked(pairs)
+    index = {h: i for i, h in enumerate(sorted(set(low.values())))}
+    return {r: index[h] for r, h in low.items()}
 
 
 def stages_from_pairs(ranks: Iterable[int], pairs: Iterable[tuple[int, int]],
