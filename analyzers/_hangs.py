@@ -84,13 +84,19 @@ def ends_unseen(members, entered: dict, finished: dict,
     receive never completed; either way it is the one the others wait for."""
     out = {}
     for r, first in pending.items():
-        mine = entered.get(r) or 0
+        mine = _seq(entered, r)
         others = [m for m in members if m != r]
-        if others and all((finished.get(m) or 0) >= mine and (pending.get(m) or mine + 1) > mine
+        if others and all(_seq(finished, m) >= mine and pending.get(m, mine + 1) > mine
                           for m in others) \
-                and any((entered.get(m) or 0) > mine for m in others):
+                and any(_seq(entered, m) > mine for m in others):
             out[int(r)] = int(first)
     return out
+
+
+def _seq(numbers: dict, rank: int) -> int:
+    """A rank's collective number from ``numbers``, -1 for none (numbers may start at 0)."""
+    n = numbers.get(rank)
+    return -1 if n is None else int(n)
 
 
 def _ranks(rs) -> str:
@@ -179,9 +185,9 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float | None
         if stall_s < min_stall_s:
             continue
         hosts = dict(zip(rows["rank"].to_list(), rows["host"].to_list(), strict=True))
-        missing = [m for m in members if (entered.get(m) or 0) < n]
+        missing = [m for m in members if _seq(entered, m) < n]
         waiting = sorted(at_n["rank"].to_list())
-        done = [m for m in members if (finished.get(m) or 0) >= n]
+        done = [m for m in members if _seq(finished, m) >= n]
         stuck[pg] = (n, since, stall_s, members, missing, waiting, done, hosts,
                      at_n.row(0, named=True), unseen)
     waiting_in = {r: (pg, s[0]) for pg, s in stuck.items() for r in s[5]}
@@ -212,7 +218,7 @@ def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float | None
                               "their wait (host side) or its receive never completed")
                 else:
                     ev.append(f"rank {r} last entered #{got} here and is in no collective: "
-                              "stuck outside collectives (host side)" if got else
+                              "stuck outside collectives (host side)" if got is not None else
                               f"rank {r} never entered a collective of this group")
         else:
             not_done = [m for m in members if m not in done]

@@ -64,6 +64,11 @@ def test_a_rank_stopped_inside_a_wait_its_peers_finished_never_arrived_at_the_ne
     (f,) = detect_hangs(frame(rows), now_ns=20 * S)
     assert f.seq == 4 and f.cls == "stuck in the collective"
     assert frontier_lines(frame(rows), now_ns=20 * S)[1].startswith("rank 1 waiting in")
+    # numbered from 0 (a dump's numbers): a peer still in #0 has not finished it either
+    rows = [ev(r, 0, 1.0, status="pending") for r in (0, 1, 3)] + [ev(2, 0, 1.0)]
+    rows += [ev(2, 1, 2.0, status="pending")]
+    (f,) = detect_hangs(frame(rows), now_ns=20 * S)
+    assert (f.cls, f.seq, f.ranks) == ("stuck in the collective", 0, (0, 1, 3))
 
 
 def test_too_short_a_stall_is_not_a_hang():
