@@ -390,8 +390,8 @@ HYBRID = {  # case: (cluster arguments, job arguments, what `ringwatch analyze` 
                                  [("straggler", "compute straggler", [6])]),
     "heavier last stage": (["--fault", "none"], ["--last-stage-factor", "2"],
                            [("imbalance", "structural imbalance", [4, 5, 6, 7])]),
-    # batches of 1/3 to 3x the rows: at 1/2 to 2x, on this 2-core machine under load (8
-    # ranks, the agents and the service), the replicas' variance ratio falls from 10-18 to
+    # batches of 1/3 to 3x the rows: at 1/2 to 2x, on this 2-core machine loaded (8 ranks
+    # and a busy loop beside them), the replicas' variance ratio fell from 10-18 (quiet) to
     # 2-4, at the detector's limit (4), where live and post-mortem may judge apart
     "varying sequence length": (["--fault", "none"], ["--vary-seq", "3"],
                                 [("imbalance", "workload imbalance", [0, 1, 2, 3]),
