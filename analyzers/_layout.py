@@ -105,8 +105,8 @@ def infer_layout(events: pl.DataFrame, stage: Mapping[int, int] | None = None,
     stage, share one batch."""
     ranks = sorted(int(r) for r in events["rank"].drop_nulls().unique())
     if stage is None:
-        stage, notes = _stages(events, ranks)
-        chains = chains_from_pairs(_pairs(events)) if chains is None else chains
+        stage, notes, pairs = _stages(events, ranks)
+        chains = chains_from_pairs(pairs) if chains is None else chains
     else:
         stage, notes = dict(stage), ()
     pp = len(set(stage.values()))
@@ -123,27 +123,19 @@ def infer_layout(events: pl.DataFrame, stage: Mapping[int, int] | None = None,
                   dp_groups=dp_groups, notes=notes)
 
 
-def _p2p(events: pl.DataFrame) -> pl.DataFrame | None:
+def _stages(events: pl.DataFrame, ranks: list[int]
+            ) -> tuple[dict[int, int], tuple[str, ...], list[tuple[int, int]]]:
+    """``rank -> stage`` from the send/recv pairs (every rank at 0 when they chain no path),
+    the notes, and the pairs."""
     if "is_p2p" not in events.columns or "peer" not in events.columns:
-        return None
-    return (events.filter(pl.col("is_p2p") & pl.col("peer").is_not_null()
-                          & (pl.col("peer") != pl.col("rank")))
-            .select("rank", "peer", "op", "idx"))
-
-
-def _pairs(events: pl.DataFrame) -> list[tuple[int, int]]:
-    p2p = _p2p(events)
-    return [] if p2p is None else list(p2p.select("rank", "peer").unique().iter_rows())
-
-
-def _stages(events: pl.DataFrame, ranks: list[int]) -> tuple[dict[int, int], tuple[str, ...]]:
-    """``rank -> stage`` from the send/recv pairs (every rank at 0 when they chain no path)."""
-    p2p = _p2p(events)
-    if p2p is None:
-        return {r: 0 for r in ranks}, ()
+        return {r: 0 for r in ranks}, (), []
+    p2p = (events.filter(pl.col("is_p2p") & pl.col("peer").is_not_null()
+                         & (pl.col("peer") != pl.col("rank")))
+           .select("rank", "peer", "op", "idx"))
     first_op = dict(p2p.sort("idx").group_by("rank", maintain_order=True)
                     .agg(pl.col("op").first()).iter_rows())
-    return stages_from_pairs(ranks, p2p.select("rank", "peer").unique().iter_rows(), first_op)
+    pairs = list(p2p.select("rank", "peer").unique().iter_rows())
+    return (*stages_from_pairs(ranks, pairs, first_op), pairs)
 
 
 def chains_from_pairs(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:

@@ -423,7 +423,7 @@ def _wandering(work: pl.DataFrame, noise: float, step_ms: float, *, share: float
     """
     out = []
     df = work.filter(pl.col("_peers") > 1)
-    chains = _chain_ratio(df)
+    chains: list[float | None] = []  # across stages, once, where a role needs it
     for (role,), rows in df.partition_by("role", as_dict=True, maintain_order=True).items():
         reps = rows.group_by("step", "replica").agg(
             pl.col("work_ms").mean().alias("_m"), pl.col("work_ms").var().alias("_v"),
@@ -438,8 +438,10 @@ def _wandering(work: pl.DataFrame, noise: float, step_ms: float, *, share: float
         spread, lost = float(per["_spread"].median()), float(per["_lost"].median())
         top_share = float(per["_top"].value_counts()["count"].max()) / per.height
         shared = bool((reps["_k"] > 1).all())
+        if not shared and not chains:
+            chains.append(_chain_ratio(df))
         f_ratio = float(per["_f"].drop_nulls().drop_nans().median() or 0.0) if shared \
-            else chains
+            else chains[0]
         # judged on the step (and the replicas' agreement): the job's noise is this spread
         # no one replica behind: none on top much more often than chance would put it
         top_limit = min(0.9, 1 / reps["replica"].n_unique() + 0.3)

@@ -38,15 +38,11 @@ def frontier_lines(events, *, now_ns: int) -> list[str]:
 
     if events.is_empty():
         return []
-    # collectives in flight on a rank that every other member of the group finished: their
-    # ends went unseen (the rank stopped inside their wait), they do not hold anyone up
-    coll = events.filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
-    peers_done = (coll.filter(pl.col("status") != "pending").group_by("pg", "seq")
-                  .agg(pl.col("rank").alias("_done")))
+    unseen = _ends_unseen(events)
     out = []
     for (rank,), rows in sorted(events.sort("idx").group_by("rank")):
         waiting = rows.filter(pl.col("status") == "pending")
-        if waiting.height and _done_by_peers(waiting, peers_done, rank):
+        if waiting.height and rank in unseen and not waiting["is_p2p"].any():
             r = waiting.row(-1, named=True)
             out.append(f"rank {rank} last finished {r['op']} #{r['seq']} of pg {r['pg']} by "
                        f"its peers' ends ({waiting.height} end(s) it never saw), entered "
@@ -64,20 +60,26 @@ def frontier_lines(events, *, now_ns: int) -> list[str]:
     return out
 
 
-def _done_by_peers(waiting, peers_done, rank: int) -> bool:
-    """Whether every other member of each group finished each of these rows."""
+def _ends_unseen(events) -> set[int]:
+    """Ranks whose collectives in flight, in every group they have some, read to the hang
+    detector as ends the rank never saw (:func:`ringwatch.analyzers._hangs.ends_unseen`):
+    its peers finished them and went on."""
     import polars as pl
 
     from ringwatch._schema import parse_ranks
+    from ringwatch.analyzers._hangs import compute_frontier, ends_unseen
 
-    if waiting["is_p2p"].any() or waiting["seq"].null_count():
-        return False
-    got = waiting.join(peers_done, on=["pg", "seq"], how="left")
-    for pg_ranks, done in zip(got["pg_ranks"].to_list(), got["_done"].to_list(), strict=True):
-        others = set(parse_ranks(pg_ranks)) - {rank}
-        if not others or not others <= set(done or ()):
-            return False
-    return not got.filter(pl.col("_done").is_null()).height
+    fr = compute_frontier(events).filter(pl.col("pending_seq").is_not_null().any().over("pg"))
+    flying, held = set(), set()
+    for (_,), rows in fr.group_by("pg"):
+        entered, finished, first = (
+            dict(zip(rows["rank"].to_list(), rows[c].to_list(), strict=True))
+            for c in ("entered_seq", "finished_seq", "pending_seq"))
+        pending = {r: n for r, n in first.items() if n is not None}
+        unseen = ends_unseen(parse_ranks(rows["pg_ranks"][0]), entered, finished, pending)
+        flying |= set(pending)
+        held |= set(pending) - set(unseen)
+    return flying - held
 
 
 def injected_line(truth: dict) -> str:

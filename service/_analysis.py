@@ -82,13 +82,18 @@ def work_frame(items):
                                       "work_ms": pl.Float64}, orient="row")
 
 
+def live_pairs(jl: JobLive) -> list[tuple[int, int]]:
+    """The send/recv pairs the agents report: (rank, peer)."""
+    return [(r, q) for r, rl in jl.ranks.items() for q in rl.p2p_peers]
+
+
 def live_stages(jl: JobLive) -> dict[int, int] | None:
     """``rank -> pipeline stage`` from the send/recv peers the agents report, as
     ``ringwatch analyze`` infers them from the rows; None without any (no pipeline: one
     class of ranks)."""
     from ringwatch.analyzers._layout import stages_from_pairs
 
-    pairs = [(r, q) for r, rl in jl.ranks.items() for q in rl.p2p_peers]
+    pairs = live_pairs(jl)
     if not pairs:
         return None
     first = {r: rl.first_p2p_op for r, rl in jl.ranks.items() if rl.first_p2p_op}
@@ -130,10 +135,9 @@ class LiveAnalysis:
             # what the baselines are judged by, and the pipeline analysis's roles
             from ringwatch.analyzers._layout import chains_from_pairs, infer_layout
 
-            pairs = [(r, q) for r, rl in jl.ranks.items() for q in rl.p2p_peers]
             self.window.layout = infer_layout(
                 self.window.rows, stage, {pg: t / n for pg, (n, t) in self._counts.items()},
-                chains_from_pairs(pairs))
+                chains_from_pairs(live_pairs(jl)))
         self._stage = stage
         if rows.height:
             self.window.add(rows)
