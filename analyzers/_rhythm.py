@@ -23,6 +23,7 @@ import polars as pl
 MIN_REPEATS = 3  # iterations needed to call it a rhythm
 MIN_MATCH = 0.75  # share of positions (past the first third) that repeat at the period
 MIN_GAP_RATIO = 3.0  # iteration gap vs the gaps inside an iteration
+GAP_CHANCE = 0.05  # how likely a boundary phase of long gaps may be by chance, at most
 
 
 @dataclass(frozen=True)
@@ -73,18 +74,42 @@ def _steady(codes: np.ndarray, base: int) -> tuple[int, int]:
 
 
 def _gap_period(tail: np.ndarray, base: int, max_period: int) -> int:
-    """The smallest multiple of ``base`` at which one phase's gaps stand out."""
+    """The smallest multiple of ``base`` at which one phase's gaps stand out, beyond what
+    chance gives a job whose long gaps fall anywhere."""
+    long_ns = MIN_GAP_RATIO * max(float(np.median(tail)), 1e3)
+    share = float(np.mean(tail >= long_ns))  # of gaps long wherever they fall
+    tested = 0  # phases looked at so far: each was a chance to stand out
     for p in range(base, max_period + 1, base):
         n = len(tail) // p
         if n < MIN_REPEATS:
             break
+        tested += p
         blocks = tail[: n * p].reshape(n, p)
         # The boundary phase must be long in (nearly) every iteration, not on average: at
         # half the true period, a phase mixing boundaries with inside gaps has a high median.
         low = np.percentile(blocks, 10, axis=0)
-        if low.max() >= MIN_GAP_RATIO * max(float(np.median(tail)), 1e3):
+        k = int(np.argmax(low))
+        if low[k] < long_ns:
+            continue
+        # A loaded host's stalls make some gaps long at random: over a few long blocks, some
+        # phase of some period is long in all of them by chance. How likely that is, with
+        # every phase of every period tried so far, must be small.
+        hits = int(np.sum(blocks[:, k] >= long_ns))
+        if tested * _at_least(hits, n, share) <= GAP_CHANCE:
             return p
     return base
+
+
+def _at_least(k: int, n: int, q: float) -> float:
+    """P(at least ``k`` of ``n`` independent events of probability ``q`` each)."""
+    from math import exp, lgamma, log
+
+    if k <= 0 or q >= 1.0:
+        return 1.0
+    if q <= 0.0:
+        return 0.0
+    return min(1.0, sum(exp(lgamma(n + 1) - lgamma(j + 1) - lgamma(n - j + 1) + j * log(q)
+                            + (n - j) * log(1 - q)) for j in range(k, n + 1)))
 
 
 def _mask_rare_sizes(sig: list[tuple]) -> list[tuple]:
@@ -167,7 +192,9 @@ def _rhythm_of(df: pl.DataFrame, sig: list[tuple], keys: list[tuple], gaps: np.n
     if not sized:  # where the sizes change is an iteration boundary (a batch's size holds
         # for its whole iteration): their spacing gives the period and its phase
         by_size = _size_change_period(sig, a, b, base, max_period)
-        if by_size is not None and by_size[0] > period:
+        # sizes change at boundaries: the iteration divides their spacing, and a period of
+        # gaps that does not is contradicted by them
+        if by_size is not None and (by_size[0] > period or by_size[0] % period):
             period, first = by_size
         else:
             by_size = None

@@ -23,6 +23,7 @@ import hashlib
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,20 +209,36 @@ class NativeFeed:
                 "native_rows": self.rows}
 
     # ---- rows ------------------------------------------------------------------------------------
-    def poll(self, *, final: bool = False):
+    def poll(self, *, final: bool = False, grace_s: float = 0.0):
         """Drain the rings: a frame of the rows finished since the last poll (all rows when
-        ``final``, the unfinished ones as ``pending``), or None when there are none."""
+        ``final``, the unfinished ones as ``pending``), or None when there are none.
+
+        ``grace_s``: when ``final``, how long rows whose work records its end may take to get
+        it (a future's waiter can wake, and the job exit, before the callback has run)."""
         with self.lock:
-            while True:
-                raw_i, raw_ids, raw_e = self.mod.drain(DRAIN_MAX)
-                self._add_issues(np.frombuffer(raw_i, dtype=self.issue_dtype),
-                                 np.frombuffer(raw_ids, dtype="<u8"))
-                self._add_ends(np.frombuffer(raw_e, dtype=self.end_dtype))
-                full = len(raw_ids) == 8 * DRAIN_MAX or len(raw_e) == (
-                    self.end_dtype.itemsize * DRAIN_MAX)
-                if not full:
-                    break
+            self._drain()
+            deadline = time.monotonic() + grace_s
+            while final and self._awaiting() and time.monotonic() < deadline:
+                time.sleep(0.005)
+                self._drain()
             return self._take(final=final)
+
+    def _drain(self) -> None:
+        while True:
+            raw_i, raw_ids, raw_e = self.mod.drain(DRAIN_MAX)
+            self._add_issues(np.frombuffer(raw_i, dtype=self.issue_dtype),
+                             np.frombuffer(raw_ids, dtype="<u8"))
+            self._add_ends(np.frombuffer(raw_e, dtype=self.end_dtype))
+            full = len(raw_ids) == 8 * DRAIN_MAX or len(raw_e) == (
+                self.end_dtype.itemsize * DRAIN_MAX)
+            if not full:
+                return
+
+    def _awaiting(self) -> bool:
+        """Whether some row still waits for an end that its work will record."""
+        p = self.pending
+        return p is not None and bool(
+            ((p["source"] < 0) & ((p["flags"] & F_END_FOLLOWS) != 0)).any())
 
     def pending_columns(self):
         """A frame of the rows still in flight (for the pending snapshot), or None."""

@@ -247,7 +247,9 @@ def _watch_completion(rec: Recorder, c: _Call, work) -> None:
         rec.wait_watch[id(work)] = ev
         return
     try:
-        work.get_future().add_done_callback(partial(_on_future, rec, ev, work))
+        fut = work.get_future()
+        ev.future = fut
+        fut.add_done_callback(partial(_on_future, rec, ev, work))
     except Exception:  # noqa: BLE001 - Gloo send/recv: no future; Work.wait or the poller
         ev.work = work
         rec.wait_watch[id(work)] = ev

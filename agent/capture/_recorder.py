@@ -107,7 +107,7 @@ class Event:
     __slots__ = (
         "idx", "group", "seq", "op", "is_p2p", "peer", "root", "dtype", "numel", "nbytes_in",
         "nbytes_out", "async_op", "api", "mono_issue", "mono_start", "mono_end", "status",
-        "error", "end_source", "device_ns", "step", "work", "wall_issue",
+        "error", "end_source", "device_ns", "step", "work", "wall_issue", "future",
     )
 
     def __init__(self, group: GroupInfo, op: str, api: str, mono_issue: int,
@@ -135,6 +135,7 @@ class Event:
         self.step = step
         self.work: Any = None  # kept only while a poller needs it
         self.wall_issue: int | None = None  # set when the source gave wall time (Flight Recorder)
+        self.future: Any = None  # the work's future whose callback ends the event
 
 
 def classify_error(exc: BaseException) -> str:
@@ -326,7 +327,7 @@ class Recorder:
         ev.error = error
         if device_ns is not None:
             ev.device_ns = device_ns
-        ev.work = None
+        ev.work = ev.future = None
         self._queue(ev)
 
     def end_exc(self, ev: Event, exc: BaseException, end_source: str = "wait") -> None:
@@ -460,8 +461,19 @@ class Recorder:
         for e in evs:
             self.pending.pop(e.idx, None)
             e.status = status
-            e.work = None
+            e.work = e.future = None
         return evs
+
+    def ends_due(self) -> bool:
+        """Whether an event in flight has a completed future whose callback, which records
+        its end, has not run yet (a waiter wakes before the future's callbacks run)."""
+        for ev in list(self.pending.values()):
+            try:
+                if ev.future is not None and ev.future.done():
+                    return True
+            except Exception:  # noqa: BLE001 - a broken future ends nothing
+                continue
+        return False
 
     def release(self) -> None:
         """Drop every reference to the job's process groups and works (after the final

@@ -31,6 +31,9 @@ from ringwatch.agent.capture._writer import SegmentWriter, disk_full
 
 SIGTERM_GRACE_S = 1.0
 FINAL_FLUSH_WAIT_S = 2.0
+#: At the final flush, how long ends already due may take to be recorded: a future's waiter
+#: can wake, and the job exit, before the callback that records the end has run.
+FINAL_END_GRACE_S = 0.2
 BACKFILL_RETRIES = 3  # flushes that look again for a collective missing from the FR
 CLOSE_WAIT_S = 20.0  # the SIGTERM handler's wait for the watcher's final flush
 
@@ -120,10 +123,14 @@ class Runtime:
             self._maybe_backfill(final)
         except Exception as exc:  # noqa: BLE001
             warn_once("flush_prep", f"flush bookkeeping failed: {exc!r}")
+        if final:
+            deadline = time.monotonic() + FINAL_END_GRACE_S
+            while rec.ends_due() and time.monotonic() < deadline:
+                time.sleep(0.005)
         native = None
         if self.native is not None:
             try:
-                native = self.native.poll(final=final)
+                native = self.native.poll(final=final, grace_s=FINAL_END_GRACE_S)
             except Exception as exc:  # noqa: BLE001
                 warn_once("native_poll", f"could not read the native records: {exc!r}")
         events = rec.drain()

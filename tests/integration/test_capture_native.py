@@ -218,6 +218,53 @@ def test_bulk_numbering_of_batches_barriers_and_pairs(built):
     assert feed.pending is not None and len(feed.pending["id"]) == 0
 
 
+class _LateEnds:
+    """The extension as seen by the feed, its drains scripted: what each drain returns."""
+
+    def __init__(self, mod, drains):
+        self._mod, self._drains = mod, list(drains)
+
+    def start(self, _records):
+        pass
+
+    def drain(self, _most):
+        return self._drains.pop(0) if self._drains else (b"", b"", b"")
+
+    def __getattr__(self, name):
+        return getattr(self._mod, name)
+
+
+@pytest.mark.parametrize("end_comes", [True, False])
+def test_the_last_poll_waits_briefly_for_an_end_still_to_come(built, end_comes):
+    """A future's waiter can wake, and the job exit, before the callback that records the end
+    has run: the last poll drains again for a moment, so the op is finished and not left
+    pending; an end that never comes (a rank killed in a hang) costs that moment only."""
+    import time
+
+    import numpy as np
+
+    from ringwatch.agent.capture._recorder import GroupInfo, RankIdentity, Recorder
+
+    rec = Recorder(RankIdentity(job_id="j", rank=0, local_rank=0, world_size=2, host="h",
+                                pid=1))
+    probe = _native.NativeFeed(_LateEnds(built, []), rec)
+    recs = _records(probe, [(0, 0, 1, 0, -1)])
+    ends = _ends(probe, [0])
+    issue = (recs.tobytes(), np.arange(1, dtype="<u8").tobytes(), b"")
+    drains = [issue, (b"", b"", b""), (b"", b"", b"")] + (
+        [(b"", b"", ends.tobytes())] if end_comes else [])
+    feed = _native.NativeFeed(_LateEnds(built, drains), rec)
+    feed.groups.append(rec.add_group(GroupInfo(key="0", name="0", desc=None, backend="gloo",
+                                               global_ranks=[0, 1], group_rank=0)))
+    t0 = time.monotonic()
+    cols = feed.poll(final=True, grace_s=0.2)
+    waited_s = time.monotonic() - t0
+    assert list(cols["status"]) == (["ok"] if end_comes else ["pending"])
+    assert waited_s <= 0.2 + 0.1, waited_s
+    if not end_comes:
+        assert waited_s >= 0.2, waited_s
+
+
 def test_a_blocked_monitored_barrier_is_in_flight_then_an_error(built, tmp_path):
     """The one call that blocks inside the backend is recorded before it: while rank 0 waits
     for a rank that never comes, its pending snapshot holds the barrier; the timeout then ends

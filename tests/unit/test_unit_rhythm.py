@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import polars as pl
 
 from ringwatch.analyzers._rhythm import compute_iteration_times, infer_rhythm
@@ -184,3 +185,56 @@ def test_a_job_whose_every_row_carries_step_0_is_read_by_its_rhythm():
     # the rhythm numbers iterations from the first one it matched: the onset is the same
     # iteration, up to that shift
     assert abs(found[0].since_step - whole.since_step) <= 2
+
+
+def _decode(stalls: dict[int, float]) -> Seq:
+    """A decode loop of 6 layers (12 collectives a step, no pause between steps), its batch
+    (every collective's size) changing each step; collective ``i`` starts after
+    ``stalls[i]`` ms instead of 2 (the host descheduled the rank there)."""
+    rng = random.Random(4)
+    s = Seq()
+    for _ in range(60):
+        nbytes = 1024 * rng.randint(1, 15)
+        for _ in range(12):
+            s.add("all_reduce", nbytes, gap_ms=stalls.get(len(s.rows), 2.0))
+        s.step += 1
+    return s
+
+
+def test_stalls_that_line_up_by_chance_make_no_period_of_gaps():
+    # A loaded host stalls the rank at random; three stalls 205 collectives apart are one
+    # phase of a period of 205 that is long in every one of its 3 blocks. Over every phase of
+    # every period tried, that is chance: the period is the steps' (where the sizes change).
+    stalls = {i: 40.0 for i in (50, 255, 460)}
+    rng = random.Random(5)
+    stalls.update({rng.randrange(720): 40.0 for _ in range(12)})
+    rh = infer_rhythm(_decode(stalls).frame())
+    assert rh.found and rh.period == 12 and len(rh.starts) >= 55, (rh.period, len(rh.starts))
+
+
+def test_a_period_of_gaps_the_size_changes_contradict_is_not_the_iteration():
+    from ringwatch.analyzers._rhythm import _rhythm_of
+
+    s = _decode({i: 40.0 for i in (50, 255, 460)})
+    df = s.frame().sort("idx")
+    sig = df.select("pg", "op", "nbytes", "peer").rows()
+    gaps = np.zeros(df.height)
+    gaps[[50, 255, 460]] = 40 * MS  # a phase long in each of its blocks, as if certain
+    gaps[gaps == 0] = 2 * MS
+    rh = _rhythm_of(df, sig, [(g, o, None, p) for g, o, _, p in sig], gaps, 4096, sized=False)
+    assert rh.found and rh.period == 12, rh.period
+
+
+def test_stalls_that_line_up_by_chance_on_fixed_sizes_make_no_period():
+    # No size changes to go by: 12 distinct collectives a step, no pause between steps, the
+    # host stalling the rank at 4% of the collectives at random. Three stalls 204 apart are
+    # one phase long in all 3 blocks of a period of 204: chance, over the phases tried.
+    rng = random.Random(6)
+    stalls = {rng.randrange(720) for _ in range(30)} | {50, 254, 458}
+    s = Seq()
+    for _ in range(60):
+        for k in range(12):
+            s.add("all_reduce", 64 * (k + 1), gap_ms=40.0 if len(s.rows) in stalls else 2.0)
+        s.step += 1
+    rh = infer_rhythm(s.frame())
+    assert rh.found and rh.period == 12, rh.period

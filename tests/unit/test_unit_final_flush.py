@@ -1,0 +1,81 @@
+"""The final flush and ends already due: a future's waiter wakes before the future's
+callbacks run, so a job can reach its exit while the callback that records the end of its
+last collective is still running. The final flush gives such ends a moment (bounded), and
+leaves an op whose work never completed pending at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import polars as pl
+import pytest
+
+from ringwatch._config import CaptureConfig
+from ringwatch._logs import open_job
+from ringwatch.agent.capture import _runtime
+from ringwatch.agent.capture._runtime import Runtime
+from ringwatch.agent.capture._writer import SegmentWriter, rank_dir
+
+from fakes import JOB, group, issue_collective, recorder
+
+torch = pytest.importorskip("torch")
+
+
+def _rank(tmp_path):
+    rec = recorder()
+    g = group(rec)
+    rt = Runtime(rec, SegmentWriter(rank_dir(tmp_path, JOB, 0), rec.identity),
+                 CaptureConfig(fr_backfill=False), read_seq=lambda pg: pg.seq,
+                 fr_dump=lambda: None)
+    return rec, g, rt
+
+
+def _statuses(tmp_path) -> list[str]:
+    return open_job(tmp_path).events().sort("idx")["status"].to_list()
+
+
+def test_an_end_whose_callback_runs_late_is_recorded_at_exit(tmp_path):
+    rec, g, rt = _rank(tmp_path)
+    ev = issue_collective(rec, g)
+    fut = torch.futures.Future()
+    ev.future = fut
+
+    def record_end(_f):  # the capture's callback, slowed as a busy host slows it
+        time.sleep(0.05)
+        rec.end(ev, end_source="future")
+
+    fut.add_done_callback(record_end)
+    threading.Thread(target=fut.set_result, args=(None,), daemon=True).start()
+    while not fut.done():  # the job's wait returns here, before the callback has run
+        time.sleep(0.001)
+    assert rec.ends_due()
+    rt.flush(final=True)
+    assert _statuses(tmp_path) == ["ok"]
+    assert ev.end_source == "future" and ev.future is None
+
+
+def test_an_op_whose_work_never_completes_is_pending_without_waiting(tmp_path, monkeypatch):
+    rec, g, rt = _rank(tmp_path)
+    ev = issue_collective(rec, g)
+    ev.future = torch.futures.Future()  # a hung collective: never done
+    monkeypatch.setattr(_runtime, "FINAL_END_GRACE_S", 5.0)
+    assert not rec.ends_due()
+    t0 = time.monotonic()
+    rt.flush(final=True)
+    assert time.monotonic() - t0 < 1.0  # nothing due: no grace spent
+    assert _statuses(tmp_path) == ["pending"]
+    assert pl.read_parquet(next(tmp_path.rglob("seg-*.parquet")))["status"].to_list() == [
+        "pending"]
+
+
+def test_a_broken_future_ends_nothing(tmp_path):
+    rec, g, _ = _rank(tmp_path)
+    ev = issue_collective(rec, g)
+
+    class Broken:
+        def done(self):
+            raise RuntimeError("gone")
+
+    ev.future = Broken()
+    assert not rec.ends_due()
