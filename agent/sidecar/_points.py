@@ -86,8 +86,10 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None,
         errors = dict(state.errors)
         late = state.late_ticks
     gpu_rank = _gpu_rank(state)
-    with state.lock:
-        rank_comm = {(s.job, s.rank): list(s.recent) for s in ranks}
+    with state.lock:  # the ranks that have a GPU here: their collectives split its power
+        mapped = {gpu_rank[g.identity.index] for g in gpus if g.identity.index in gpu_rank}
+        rank_comm = {(s.job, s.rank): s.recent.array() for s in ranks
+                     if (s.job, s.rank) in mapped}
     source = state.source
     for g in gpus:
         ident = g.identity

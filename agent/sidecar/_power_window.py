@@ -47,7 +47,7 @@ def phase_figures(energy, comm) -> dict:
     from ringwatch.analyzers._power import energy_intervals
     from ringwatch.analyzers._power_phase import split_energy
 
-    if len(energy) < 3 or not comm:
+    if len(energy) < 3 or not len(comm):
         return {}
     pts = np.array(energy, dtype=np.int64)
     a, b, e_j = energy_intervals(pts[:, 0], pts[:, 1])

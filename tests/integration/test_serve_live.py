@@ -312,10 +312,15 @@ def test_central_unreachable_from_the_start(tmp_path):
     assert without.returncode == 0, without.stdout
     t_without = _median(_step_times_s(bare, 10, 239))
     # The job never talks to the service; what it can feel is the agent's CPU on this 2-core
-    # machine (benchmarks/serve_down.py compares step times side by side).
+    # machine (benchmarks/agent_memory.py compares step times side by side).
     assert share < 0.05, share
     assert t_with < 2 * t_without, (t_with, t_without)
-    assert rss1 - rss0 < 4_000, (rss0, rss1, rss)  # kB, while every push failed
+    # Memory while every push failed. The agent's working set still forms in this window: its
+    # log reads (polars, its allocator) step up by 1-2 MB at each of the first merges of the
+    # ranks' segments it reads, then hold (benchmarks/agent_memory.py: +1.5 MB from 24 s to
+    # 4.5 min). What failed pushes could keep is bounded far tighter in
+    # tests/unit/test_unit_rank_tail.py (200 real failed pushes: under 20 kB).
+    assert rss1 - rss0 < 8_000, (rss0, rss1, rss)  # kB
 
 
 def test_a_slow_link_is_named_live(stack):

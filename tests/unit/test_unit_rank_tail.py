@@ -8,7 +8,7 @@ from ringwatch._clock import FakeClock
 from ringwatch.agent.capture._writer import SegmentWriter, rank_dir
 from ringwatch.agent.sidecar._node_state import NodeState
 from ringwatch.agent.sidecar._points import collect_points
-from ringwatch.agent.sidecar._rank_tail import RankLogTail, _Watermark
+from ringwatch.agent.sidecar._rank_tail import KEEP_STEPS, RankLogTail, _Watermark
 
 from fakes import JOB, group, identity, issue_collective, issue_p2p, recorder
 
@@ -68,6 +68,32 @@ def test_totals_are_counted_once_across_flushes_and_compaction(tmp_path):
     assert (t.count, t.busy_ns, t.gap_ns) == (6, 6_000_000, 5 * 4_000_000)
     assert s.last_completed_seq["0"] == s.last_started_seq["0"] == 6
     assert tail.poll()[(JOB, 0)].ops[("0", "all_reduce")].count == 6  # nothing new: same
+
+
+def test_a_compacted_file_is_read_for_its_unseen_rows_only(tmp_path, monkeypatch):
+    # 32 segments merged after the tail read all but the newest: decoding the whole file took
+    # the agent's memory up by a step at each merge (a busy rank's is hundreds of thousands
+    # of rows); rows at or below the low-water mark are skipped as the file is read
+    from ringwatch.agent.sidecar import _rank_tail
+
+    read = []
+    consume = _rank_tail._consume
+    monkeypatch.setattr(_rank_tail, "_consume",
+                        lambda s, frame: (read.append(frame.height), consume(s, frame))[1])
+    r = Rank(tmp_path, compact_segments=3)
+    tail = RankLogTail(tmp_path, clock=r.clock)
+    for _ in range(2):  # segments 1 and 2, read
+        for _ in range(3):
+            r.collective()
+        r.flush()
+        tail.poll()
+    for _ in range(3):  # segment 3, merged with 1 and 2 before the tail sees it
+        r.collective()
+    r.flush()
+    assert [p.name for p in r.writer.dir.glob("seg-*")] == ["seg-00000001-00000003.parquet"]
+    s = tail.poll()[(JOB, 0)]
+    assert read == [3, 3, 3]
+    assert s.ops[("0", "all_reduce")].count == 9
 
 
 def test_a_pending_collective_is_reported_with_its_age(tmp_path):
@@ -216,6 +242,48 @@ def test_a_failed_push_sends_its_steps_again_and_a_delivered_step_never(tmp_path
     assert state.errors["otlp_export"] == 1
 
 
+def test_failed_pushes_to_a_dead_collector_hold_no_memory(tmp_path):
+    # The real exporter against a closed loopback port, every push failing (no back-off):
+    # nothing is queued, the steps not delivered are rebuilt from the tail each time.
+    import gc
+    import logging
+    import socket
+    import tracemalloc
+
+    from ringwatch.agent.sidecar._otlp_export import OtlpPusher
+
+    r = Rank(tmp_path)
+    for step in range(KEEP_STEPS + 8):
+        r.rec.step = step
+        r.collective()
+    r.flush()
+    state = NodeState(host="host-a")
+    state.ranks = RankLogTail(tmp_path, clock=r.clock).poll()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pusher = OtlpPusher(state, f"http://127.0.0.1:{port}/v1/metrics", start_ns=0,
+                        timeout_s=0.05)
+    # the exporter logs each failure; the test's log capture would keep every record
+    logging.disable(logging.CRITICAL)
+    try:
+        for _ in range(20):  # the exporter's and urllib3's first-use allocations
+            assert not pusher.push(r.clock.wall_ns())
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(200):
+            assert not pusher.push(r.clock.wall_ns())
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        logging.disable(logging.NOTSET)
+    assert state.errors["otlp_export"] == 220
+    assert grown < 20_000, grown  # bytes, for 200 failed pushes of KEEP_STEPS steps each
+    pusher.close()
+
+
 def test_send_recv_peers_and_the_first_op_are_exported_for_the_stages(tmp_path):
     from ringwatch.agent.sidecar._prom_export import build_registry, exposition
 
@@ -236,3 +304,18 @@ def test_send_recv_peers_and_the_first_op_are_exported_for_the_stages(tmp_path):
     assert pts == {("0", "recv"): 3, ("2", "recv"): 2}
     text = exposition(build_registry(state))
     assert 'ringwatch_p2p_ops_total{' in text and 'peer="2"' in text
+
+
+def test_recent_spans_keep_the_newest_in_order_in_fixed_memory():
+    from ringwatch.agent.sidecar._rank_tail import Spans
+
+    s = Spans(cap=4)
+    assert len(s) == 0 and s.array().shape == (0, 2)
+    s.extend([(1, 2), (3, 4)])
+    assert s.array().tolist() == [[1, 2], [3, 4]]
+    held = s._a
+    s.extend([(5, 6), (7, 8), (9, 10), (11, 12)])
+    assert len(s) == 4 and s.array().tolist() == [[5, 6], [7, 8], [9, 10], [11, 12]]
+    s.append(13, 14)
+    assert s.array().tolist() == [[7, 8], [9, 10], [11, 12], [13, 14]]
+    assert s._a is held and len(held) == 8  # no array grows or is replaced
