@@ -317,8 +317,9 @@ def test_central_unreachable_from_the_start(tmp_path):
     assert t_with < 2 * t_without, (t_with, t_without)
     # Memory while every push failed. The agent's working set still forms in this window: its
     # log reads (polars, its allocator) step up by 1-2 MB at each of the first merges of the
-    # ranks' segments it reads, then hold (benchmarks/agent_memory.py: +1.5 MB from 24 s to
-    # 4.5 min). What failed pushes could keep is bounded far tighter in
+    # ranks' segments it reads, then hold (benchmarks/agent_memory.py, 2,400 steps: +1.1 MB
+    # from 30 s to 3.3 min, +0.4 MB over its last half). What failed pushes could keep is
+    # bounded far tighter in
     # tests/unit/test_unit_rank_tail.py (200 real failed pushes: under 20 kB).
     assert rss1 - rss0 < 8_000, (rss0, rss1, rss)  # kB
 
