@@ -339,6 +339,10 @@ class OnlineWindow:
         enough to judge (a window just reopened says nothing about it yet)."""
         oldest, newest = self.rows["step"].min(), self.rows["step"].max()
         grace = self.thresholds.grace_steps
+        # a window that still holds the job's first steps reads every episode as the whole
+        # log does: its onsets stand (a straggler from the start, first seen on a few steps,
+        # has its onset refined as they come)
+        whole = oldest is not None and self.first_step is not None and oldest <= self.first_step
         out, going = [], {}
         for f in found:
             rank = f.ranks[0]
@@ -346,7 +350,7 @@ class OnlineWindow:
             # the window's sum starts at its oldest step (and a pipeline's work is judged
             # against the window's own first steps): an onset at its edge is where the
             # window begins, the episode began before it
-            edge = oldest is not None and f.since_step is not None \
+            edge = not whole and oldest is not None and f.since_step is not None \
                 and f.since_step <= oldest + self.warmup_steps + 2
             if edge and known is not None:
                 f = replace(f, since_step=known[0], detected_step=known[1])

@@ -375,9 +375,13 @@ def _key(f: dict) -> tuple:
 
 def _live_as_post_mortem(stack) -> list[dict]:
     """`ringwatch analyze`'s findings on the run's logs, after checking that the service
-    showed the same ones while it ran (kind, class, ranks, onset; hangs apart: the job's
-    end)."""
-    live = [f["finding"] for _, f in stack.seen.values() if f["finding"]["kind"] != "hang"]
+    showed the same ones (kind, class, ranks, onset; hangs apart: the job's end). Each as the
+    service last reported it: a straggler from the start, first shown on a few steps, has its
+    onset refined while the window still holds the job's first steps (a step later, once,
+    on a loaded machine)."""
+    last = {t["id"]: t["finding"] for t in stack.get("/api/v1/findings")["findings"]}
+    live = [last.get(i, f["finding"]) for i, (_, f) in stack.seen.items()
+            if f["finding"]["kind"] != "hang"]
     proc = subprocess.run(ringwatch_cmd("analyze", "--json", str(stack.run_dir / "logs")),
                           capture_output=True, text=True, env=job_env(), timeout=300)
     post = json.loads(proc.stdout)["findings"]

@@ -141,3 +141,25 @@ def test_a_service_killed_mid_fault_keeps_the_straggler_not_imbalance(tmp_path):
     after = feed(second, range(150, 300), 60)
     assert all(seen == opened for seen in after)  # same id, same onset, no imbalance
     assert second.windows.errors == 0
+
+
+def test_an_onset_is_refined_while_the_window_holds_the_jobs_first_steps(run):
+    # A straggler from the start, first shown on a few steps where its first step behind was
+    # weak, has its onset one step late; the window still holding the job's first steps reads
+    # it as the whole log does once they come. A window slid past them keeps the onset it had.
+    from dataclasses import replace
+
+    from ringwatch.analyzers._findings import Finding
+
+    ev, _, _ = run
+    f = Finding(kind="straggler", cls="compute straggler", ranks=(2,), since_step=2,
+                detected_step=5)
+    w = OnlineWindow()
+    w.add(ev.filter(pl.col("step") <= 30))
+    w.episodes = {2: (3, 5, 30)}
+    (g,) = w._episodes((f,))
+    assert g.since_step == 2 and w.episodes[2][0] == 2
+    w.rows = w.rows.filter(pl.col("step") >= 10)  # the first steps left the window
+    w.episodes = {2: (3, 5, 30)}
+    (g,) = w._episodes((replace(f, since_step=11),))
+    assert g.since_step == 3 and w.episodes[2][0] == 3
