@@ -192,9 +192,11 @@ def _rhythm_of(df: pl.DataFrame, sig: list[tuple], keys: list[tuple], gaps: np.n
     if not sized:  # where the sizes change is an iteration boundary (a batch's size holds
         # for its whole iteration): their spacing gives the period and its phase
         by_size = _size_change_period(sig, a, b, base, max_period)
-        # sizes change at boundaries: the iteration divides their spacing, and a period of
-        # gaps that does not is contradicted by them
-        if by_size is not None and (by_size[0] > period or by_size[0] % period):
+        # sizes change at boundaries: the iteration divides their spacing. A period of gaps
+        # that is a multiple of it may be the step of several micro-batches of their own
+        # sizes; one that neither divides it nor is a multiple of it is contradicted by them
+        if by_size is not None and (by_size[0] > period or (
+                by_size[0] % period and period % by_size[0])):
             period, first = by_size
         else:
             by_size = None
