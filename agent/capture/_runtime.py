@@ -123,14 +123,15 @@ class Runtime:
             self._maybe_backfill(final)
         except Exception as exc:  # noqa: BLE001
             warn_once("flush_prep", f"flush bookkeeping failed: {exc!r}")
-        if final:
-            deadline = time.monotonic() + FINAL_END_GRACE_S
-            while rec.ends_due() and time.monotonic() < deadline:
-                time.sleep(0.005)
+        # one grace for both paths: ends already due may take this long in all
+        deadline = time.monotonic() + FINAL_END_GRACE_S
+        while final and rec.ends_due() and time.monotonic() < deadline:
+            time.sleep(0.005)
         native = None
         if self.native is not None:
             try:
-                native = self.native.poll(final=final, grace_s=FINAL_END_GRACE_S)
+                native = self.native.poll(
+                    final=final, grace_s=max(0.0, deadline - time.monotonic()))
             except Exception as exc:  # noqa: BLE001
                 warn_once("native_poll", f"could not read the native records: {exc!r}")
         events = rec.drain()
