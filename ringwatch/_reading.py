@@ -208,7 +208,7 @@ def _read_steps(finished, sw, comm, wait, exit_lag, onset: int | None,
         # standing out a little before the onset (noise) does not make it slow from the start
         # when the wait its peers spend for it more than doubled since: a change, on it
         grew = was is not None and late in wait["before"] and peers > 2 * was + 1.0
-        if late != already or grew:
+        if late != already or grew or _last_more_often(sw, onset, late):
             lines.append(
                 f"reading: rank {late} arrives last at {last['after'][late]:.0%} of collectives "
                 f"from step {onset} ({last['before'].get(late, 0):.0%} before); its peers wait "
@@ -291,6 +291,31 @@ def _last_share(step_wait, onset: int | None) -> dict[str, dict[int, float]]:
             (pl.col("last_arrivals").sum() / pl.col("collectives").sum()).alias("share"))
         out[name] = dict(agg.iter_rows())
     return out
+
+
+def _last_more_often(step_wait, onset: int | None, rank: int, *, min_z: float = 3.0) -> bool:
+    """Whether ``rank`` arrives last at a share of its collectives from ``onset`` that is
+    higher than before it, beyond chance: a two-proportion z of ``min_z`` or more over the
+    collectives of each side. A rank slow by design comes last as often before as after;
+    one that looked slow before by noise (a loaded host) and then turned straggler does not.
+    """
+    import polars as pl
+
+    from ringwatch.analyzers import phase_masks
+
+    if onset is None:
+        return False
+    sides = []
+    for cond in phase_masks(onset):
+        got = step_wait.filter(cond & (pl.col("rank") == rank)).select(
+            pl.col("last_arrivals").sum(), pl.col("collectives").sum()).row(0)
+        if not got[1]:
+            return False
+        sides.append((float(got[0]), float(got[1])))
+    (last_b, n_b), (last_a, n_a) = sides
+    pooled = (last_b + last_a) / (n_b + n_a)
+    spread = (pooled * (1 - pooled) * (1 / n_b + 1 / n_a)) ** 0.5
+    return spread > 0 and (last_a / n_a - last_b / n_b) / spread >= min_z
 
 
 def _stands_out(exit_lag_ms: dict[int, float], wait_ms: dict[int, float],

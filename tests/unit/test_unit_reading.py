@@ -86,6 +86,24 @@ def test_rank_slow_before_and_after_the_onset_is_slow_from_the_start():
     assert "before and from step 20" in r.lines[-1]
 
 
+def test_a_rank_last_by_noise_before_then_a_straggler_is_a_straggler():
+    # Before step 40 rank 1 comes last by 6 ms at 3 steps of 5 (a busy host: 68% of all), and waits
+    # little; from it, last by 10 ms at every step. Its peers' wait did not double, but it
+    # comes last far more often than before: a change on it, not slow from the start.
+    rows = []
+    for step in range(80):
+        t0 = step * 200 * MS
+        late_ms = 10 if step >= 40 else 6 if step % 5 < 3 else 0
+        for r in RANKS:
+            start = t0 + (int(late_ms * MS) if r == 1 else MS if r == step % 4 else 0)
+            end = t0 + max(int(late_ms * MS), MS) + 20 * MS
+            rows.append(row(r, step, step + 1, pg_ranks="0-3", step=step,
+                            mono_start_ns=start, mono_end_ns=end))
+    r = interpret(frame(rows), 4, onset_step=40)
+    assert (r.verdict, r.rank) == ("straggler", 1), r.lines
+    assert "(68% before)" in r.lines[-1], r.lines
+
+
 def test_a_split_with_no_step_before_it_reads_the_run_as_one():
     # an imbalance's onset is step 0: nothing to compare with, so one table
     r = interpret(job(late=1, late_ms=30), 4, onset_step=0)
