@@ -343,7 +343,8 @@ def test_a_slow_link_is_named_live(stack):
     # host2's rank can look like a straggler for a round before the link is clear; once it
     # is, the link explains it and it is closed
     still = stack.get("/api/v1/findings?state=open")["findings"]
-    assert [t["finding"]["kind"] for t in still] == ["slow_link"], still
+    assert [t["finding"]["kind"] for t in still] == ["slow_link"], [
+        (t["opened_ns"] - truth["onset_wall_ns"], t["finding"]) for t in still]
     assert "slow_link" in stack.status() and "host2" in stack.status()
     assert f'ringwatch_link_suspect{{host="host2",job="{truth["job_id"]}"}}' in \
         stack.get("/metrics")
