@@ -9,6 +9,11 @@ GPU with its uuid and rank, one per rank, one for the host), all in one request 
 Nothing is queued: an export that fails is counted (``ringwatch_agent_errors_total``) and the
 next interval sends the then-current values, so a collector that is down costs no memory and
 counters lose nothing (they are cumulative).
+
+The SDK logs every failed try (``Transient error ... retrying``, ``Failed to export``): with a
+collector down for hours that is a warning every few seconds. :class:`OncePerPeriod` lets one
+through per ``EXPORT_LOG_PERIOD_S``, saying how many it held back; the agent's own counter has
+every failure.
 """
 
 from __future__ import annotations
@@ -22,6 +27,43 @@ from ringwatch.agent.sidecar._node_state import NodeState
 from ringwatch.agent.sidecar._points import Point, collect_points
 
 log = logging.getLogger("ringwatch.agent")
+
+#: Least time (s) between two of the SDK's export messages the agent lets through.
+EXPORT_LOG_PERIOD_S = 300.0
+#: The logger the SDK's OTLP/HTTP metric exporter (and its transport) write to.
+SDK_EXPORT_LOGGER = "opentelemetry.exporter.otlp.proto.http.metric_exporter"
+
+
+class OncePerPeriod(logging.Filter):
+    """Passes one record per ``period_s`` (by the records' own times); the next one passed
+    says how many were held back since the last."""
+
+    def __init__(self, period_s: float):
+        super().__init__()
+        self.period_s = period_s
+        self.held = 0
+        self._last_s: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._last_s is not None and record.created - self._last_s < self.period_s:
+            self.held += 1
+            return False
+        if self.held:
+            record.msg = (f"{record.msg} (and {self.held} more export message(s) in the "
+                          f"{record.created - self._last_s:.0f} s before it, held back)")
+        self._last_s, self.held = record.created, 0
+        return True
+
+
+def quiet_sdk_export_logs(period_s: float = EXPORT_LOG_PERIOD_S) -> OncePerPeriod:
+    """Put one :class:`OncePerPeriod` on the SDK's exporter logger (once per process)."""
+    sdk = logging.getLogger(SDK_EXPORT_LOGGER)
+    for f in sdk.filters:
+        if isinstance(f, OncePerPeriod):
+            return f
+    f = OncePerPeriod(period_s)
+    sdk.addFilter(f)
+    return f
 
 
 def _resource_attributes(resource, *, source: str) -> dict:
@@ -89,6 +131,7 @@ class OtlpPusher:
                  timeout_s: float = 5.0, start_ns: int, max_backoff_s: float = 8.0):
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
+        quiet_sdk_export_logs()
         self.state = state
         self.start_ns = start_ns
         self.timeout_s = timeout_s

@@ -284,6 +284,49 @@ def test_failed_pushes_to_a_dead_collector_hold_no_memory(tmp_path):
     pusher.close()
 
 
+def test_a_dead_collector_is_logged_once_per_period_not_once_per_push(tmp_path, caplog):
+    # The SDK warns on every failed try; the agent lets one through per period, and the
+    # next one says how many it held back. Its own counter still has every failure.
+    import logging
+    import socket
+
+    from ringwatch.agent.sidecar._otlp_export import (
+        EXPORT_LOG_PERIOD_S,
+        SDK_EXPORT_LOGGER,
+        OncePerPeriod,
+        OtlpPusher,
+    )
+
+    logging.getLogger(SDK_EXPORT_LOGGER).filters.clear()  # a fresh filter, not a past test's
+    state = NodeState(host="host-a")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pusher = OtlpPusher(state, f"http://127.0.0.1:{port}/v1/metrics", start_ns=0,
+                        timeout_s=0.05)
+    with caplog.at_level(logging.INFO, logger=SDK_EXPORT_LOGGER):
+        for _ in range(30):
+            assert not pusher.push(0)
+    shown = [r for r in caplog.records if r.name == SDK_EXPORT_LOGGER]
+    (quiet,) = logging.getLogger(SDK_EXPORT_LOGGER).filters
+    assert len(shown) == 1 and quiet.held >= 29, (shown, quiet.held)
+    assert state.errors["otlp_export"] == 30
+    pusher.close()
+    # by the records' own times: one per period, the next one with the count held back
+    f = OncePerPeriod(EXPORT_LOG_PERIOD_S)
+    passed = []
+    for t_s in range(0, 700, 10):
+        rec = logging.LogRecord(SDK_EXPORT_LOGGER, logging.WARNING, __file__, 1,
+                                "Transient error %s", ("refused",), None)
+        rec.created = float(t_s)
+        if f.filter(rec):
+            passed.append((t_s, rec.getMessage()))
+    assert [t for t, _ in passed] == [0, 300, 600], passed
+    assert passed[0][1] == "Transient error refused"
+    assert passed[1][1] == ("Transient error refused (and 29 more export message(s) in the "
+                            "300 s before it, held back)"), passed
+
+
 def test_send_recv_peers_and_the_first_op_are_exported_for_the_stages(tmp_path):
     from ringwatch.agent.sidecar._prom_export import build_registry, exposition
 
