@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,6 +147,7 @@ class Cluster:
         self.run_dir = Path(spec.run_dir).resolve()
         self.log_dir = self.run_dir / "logs"
         self.steps_dir = self.run_dir / "steps"
+        self.tmp_dir = self.run_dir / "tmp"  # the job's TMPDIR, removed at teardown
         self.job_id = spec.job_id or self.run_dir.name
         self.mode = "loopback"
         self.fallback_reason: str | None = None
@@ -239,10 +241,12 @@ class Cluster:
         environment ``base``, each in its host's namespace and its own session."""
         spec = self.spec
         port = self._port()
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         for h in self.hosts:
             env = dict(base)
             env.update({_owner.ENV_MARK: self._lock.id, "RINGWATCH_HOST": h.name,
-                        "GLOO_SOCKET_IFNAME": h.ifname, "OMP_NUM_THREADS": "1"})
+                        "GLOO_SOCKET_IFNAME": h.ifname, "OMP_NUM_THREADS": "1",
+                        "TMPDIR": str(self.tmp_dir)})
             cmd = h.wrap([sys.executable, "-m", "torch.distributed.run",
                           f"--nnodes={spec.hosts}", f"--node-rank={h.index}",
                           f"--nproc-per-node={spec.per_host}",
@@ -391,6 +395,7 @@ class Cluster:
         still = _procs.marked_pids(rid)
         if still:
             left.append(f"processes still running: {sorted(still)} (SIGKILL sent to {stuck})")
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # torchrun's folders, one per launch
         self._lock.release()
         self._lock = None
         return left

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,9 +44,14 @@ class Job:
 
     def __init__(self, cmd: list[str], *, cwd: Path, env: dict[str, str] | None = None):
         self.cmd = cmd
-        self.out_path = cwd / f"job-{time.monotonic_ns()}.out"
+        stamp = time.monotonic_ns()
+        self.out_path = cwd / f"job-{stamp}.out"
+        # the job's TMPDIR (torchrun leaves a folder per launch), removed when it finishes
+        self.tmp_dir = cwd / f"tmp-{stamp}"
+        self.tmp_dir.mkdir()
+        env = dict(env or job_env(), TMPDIR=str(self.tmp_dir))
         self._out = open(self.out_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env or job_env(), stdout=self._out,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def signal(self, sig: int) -> None:
@@ -67,6 +73,7 @@ class Job:
         finally:
             self.kill_all()  # ranks left behind by a failing launcher
             self._out.close()
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     @property
     def output(self) -> str:
