@@ -201,12 +201,15 @@ def _behind(events: pl.DataFrame, work: pl.DataFrame, noise: float, *, threshold
     df = df.with_columns((pl.col("_c") - pl.col("_c").cum_min().over("rank")
                           .clip(upper_bound=0.0)).alias("cusum_ms"),
                          (pl.col("excess_ms") > k).cast(pl.Int32)
-                         .rolling_sum(persist + 1, min_samples=1).over("rank").alias("_hits"))
+                         .rolling_sum(persist + 1, min_samples=1).over("rank").alias("_hits"),
+                         (pl.col("excess_ms") >= h).cast(pl.Int32)
+                         .rolling_sum(persist, min_samples=1).over("rank").alias("_far"))
     # the few ranks behind at all, picked for the whole job at once (10,000 ranks: no loop)
     per = df.group_by("rank").agg(
         (pl.col("excess_ms") > h).filter(pl.col("_n") < baseline_steps).mean().alias("_early"),
         (pl.col("_n") < baseline_steps).sum().alias("_head"),
-        ((pl.col("cusum_ms") >= h) & (pl.col("_hits") >= persist)).any().alias("_hit"))
+        (((pl.col("cusum_ms") >= h) & (pl.col("_hits") >= persist))
+         | (pl.col("_far") >= persist)).any().alias("_hit"))
     behind = per.filter(((pl.col("_head") >= persist) & (pl.col("_early") >= start_share))
                         | pl.col("_hit"))["rank"]
     df = df.filter(pl.col("rank").is_in(behind.implode()))
@@ -316,26 +319,30 @@ def work_episodes(xs: list[float], *, k: float, h: float, persist: int, grace: i
 
 def step_cap(k: float, h: float, persist: int) -> float:
     """The most one step's excess counts for in the sum: ``k + h / (2 persist)``, so that no
-    fewer than ``2 persist`` steps behind make a straggler.
+    fewer than ``2 persist`` steps behind make a straggler by the sum.
 
     Work on a shared host comes in bursts: a rank descheduled for a few steps works two or
     five times the noise longer in them, then as before (heavy tails, not the Gaussian noise
     the median absolute deviation measures). Summed whole, three such steps were conclusive;
     capped (a winsorised CUSUM), a burst counts as what it is, a few steps behind, while a
-    rank behind step after step reaches the threshold as before, a few steps later."""
+    rank behind step after step reaches the threshold as before, a few steps later. A rank
+    far behind in ``persist`` steps in a row is conclusive sooner (:func:`_conclusive`)."""
     return k + h / (2 * persist)
 
 
 def _conclusive(xs: list[float], pos: int, *, k: float, h: float,
                 persist: int) -> int | None:
     """The first index from ``pos`` where the CUSUM started there (each step's excess capped
-    at :func:`step_cap`) is conclusive."""
+    at :func:`step_cap`) is conclusive, or that ends ``persist`` steps in a row each behind
+    by ``h`` or more: each alone would be conclusive summed whole, and a burst on a shared
+    host (a few steps, two to five noise units) is not that far behind that long."""
     cap = step_cap(k, h, persist)
-    total, recent = 0.0, []
+    total, recent, far = 0.0, [], 0
     for i in range(pos, len(xs)):
         total = max(0.0, total + min(xs[i], cap) - k)
         recent = [*recent[-persist:], xs[i] > k]
-        if total >= h and sum(recent) >= persist:
+        far = far + 1 if xs[i] >= h else 0
+        if (total >= h and sum(recent) >= persist) or far >= persist:
             return i
     return None
 

@@ -78,9 +78,9 @@ def test_healthy_gives_no_finding():
 def test_a_straggler_mid_run_is_named_against_its_stage():
     (f,) = _findings(_run("strag-mid"))
     assert (f.kind, f.cls, f.ranks) == ("straggler", "compute straggler", (5,))
-    # injected at step 25; conclusive at its sixth step behind (each step's excess capped:
-    # a burst of a few steps far behind is no straggler)
-    assert 25 <= f.since_step <= 27 and f.detected_step <= 31
+    # injected at step 25; far behind (over the threshold) in its first three steps:
+    # conclusive at the third (a burst is not that far behind that long)
+    assert 25 <= f.since_step <= 27 and f.detected_step - f.since_step <= 2, f
 
 
 def test_a_replica_slow_from_the_first_step_is_a_straggler_not_imbalance():
@@ -277,6 +277,16 @@ def test_a_burst_of_a_few_steps_far_behind_is_no_episode():
     # the same steps held: a straggler
     assert _episodes([0.0] * 20 + [5.0, 4.0, 3.0, 5.0, 2.5, 2.0, 2.5, 3.0] + [0.0] * 30) == [
         (20, 25, 27, None)]
+    # two steps over the threshold, on time, a third over it: no three in a row, no episode
+    assert _episodes([0.0] * 20 + [9.0, 9.0, 0.0, 9.0] + [0.0] * 30) == []
+
+
+def test_three_steps_in_a_row_over_the_threshold_are_conclusive_at_the_third():
+    # each alone would be conclusive summed whole: the cap does not hold a far-behind rank
+    # back to its sixth step
+    assert _episodes([0.0] * 20 + [6.0] * 10 + [0.0] * 30) == [(20, 22, 29, None)]
+    # just under the threshold: by the capped sum, at the sixth
+    assert _episodes([0.0] * 20 + [5.9] * 10 + [0.0] * 30) == [(20, 25, 29, None)]
 
 
 def test_a_pause_within_the_grace_is_one_episode_and_a_longer_one_two():
