@@ -56,7 +56,8 @@ class Thresholds:
         cusum_slack: Excess (in noise units) each step must pass to add to the CUSUM.
             On a pipeline's unblocked time, one step adds at most ``cusum_threshold /
             (2 persist_steps)`` (:func:`~ringwatch.analyzers._work.step_cap`): a burst of
-            a few steps far behind is no straggler.
+            a few steps far behind is no straggler; ``persist_steps`` steps in a row each
+            behind by ``cusum_threshold`` or more are one.
         persist_steps: Steps with excess a straggler needs among its last ``persist_steps +
             1``, and busy steps in a row (late while busier than its peers) that make one
             without the CUSUM; also the quiet steps (plus one) that end one.
