@@ -294,3 +294,21 @@ def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
         return None
     ratios.sort()
     return float(step_ms) / 1e6 * ratios[len(ratios) // 2]
+
+
+def before_clause(events: pl.DataFrame, since: int, *, warmup_steps: int = 2,
+                  least_steps: int = 5, most_steps: int = 20) -> str:
+    """``"; before step N the step took X ms"``: the job's measured step time over up to
+    ``most_steps`` steps before a fault's onset (after the job's first ``warmup_steps``), to
+    read beside the replay's figure; ``""`` with fewer than ``least_steps`` such steps (a
+    fault from the start, a window that holds few steps before it)."""
+    from ringwatch.analyzers._hangs import step_s_between
+
+    steps = events["step"].drop_nulls()
+    if steps.is_empty():
+        return ""
+    lo = max(int(steps.min()) + warmup_steps, since - most_steps)
+    if since - lo < least_steps:
+        return ""
+    step_s = step_s_between(events, lo, since)
+    return "" if step_s is None else f"; before step {since} the step took {step_s * 1e3:.0f} ms"

@@ -276,19 +276,20 @@ def _what_if(events: pl.DataFrame, first: int, last: int, delay_ms: float, rank:
     (:mod:`ringwatch.analyzers._replay`), else the step less ``delay_ms`` (every rank waiting
     for all of it)."""
     from ringwatch.analyzers._hangs import step_s_between
-    from ringwatch.analyzers._replay import replay_fixed_step_ms
+    from ringwatch.analyzers._replay import before_clause, replay_fixed_step_ms
 
     step_s = step_s_between(events, first, last + 1)
     if step_s is None:
         return ()
     now = step_s * 1e3
     fixed = replay_fixed_step_ms(events, rank, peers, first, last + 1)
+    before = before_clause(events, first)
     if fixed is not None:
         return (f"the job's step took {now:.0f} ms; ~{fixed:.0f} ms with this rank working "
                 f"like its peers (replay of the steps' dependencies; "
-                f"{max(0.0, now - fixed) / now:.0%} faster)",)
+                f"{max(0.0, now - fixed) / now:.0%} faster){before}",)
     return (f"the job's step took {now:.0f} ms; ~{max(0.0, now - delay_ms):.0f} ms if this "
-            f"rank arrived like its peers ({delay_ms / now:.0%} faster)",)
+            f"rank arrived like its peers ({delay_ms / now:.0%} faster){before}",)
 
 
 def _from_start_line(rank: int, peers_ms: Mapping[int, float]) -> tuple[str, ...]:

@@ -365,15 +365,16 @@ def _what_if_line(events: pl.DataFrame, rank: int, peers: list[int], since: int,
                   now_ms: float, extra: float, until: int | None = None) -> str:
     """The step time with the rank fixed: by replay of the steps' dependency graph
     (:mod:`ringwatch.analyzers._replay`), else the step less its extra work."""
-    from ringwatch.analyzers._replay import replay_fixed_step_ms
+    from ringwatch.analyzers._replay import before_clause, replay_fixed_step_ms
 
     fixed = None if events is None else replay_fixed_step_ms(events, rank, peers, since, until)
     span = "since then" if until is None else f"in steps {since}-{until}"
+    before = "" if events is None else before_clause(events, since)
     if fixed is not None:
         return (f"the job's step took {now_ms:.0f} ms {span}; ~{fixed:.0f} ms with this "
-                "rank working like its peers (replay of the steps' dependencies)")
+                f"rank working like its peers (replay of the steps' dependencies){before}")
     return (f"the job's step took {now_ms:.0f} ms {span}; ~{now_ms - extra:.0f} ms with "
-            "this rank working like its peers (if every rank waits for all of it)")
+            f"this rank working like its peers (if every rank waits for all of it){before}")
 
 
 def _bottleneck_role(work: pl.DataFrame, noise: float, step_ms: float, *, threshold: float,

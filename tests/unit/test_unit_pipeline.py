@@ -4,6 +4,7 @@ ranks, dp x tp x pp = 2 x 2 x 2, 1F1B)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import polars as pl
@@ -81,12 +82,17 @@ def test_a_straggler_mid_run_is_named_against_its_stage():
     # injected at step 25; far behind (over the threshold) in its first three steps:
     # conclusive at the third (a burst is not that far behind that long)
     assert 25 <= f.since_step <= 27 and f.detected_step - f.since_step <= 2, f
+    # the replay's step, and the step as it was before the onset, measured
+    (line,) = [e for e in f.evidence if "working like its peers" in e]
+    assert re.search(rf"\(replay of the steps' dependencies\); before step {f.since_step} "
+                     r"the step took \d+ ms$", line), line
 
 
 def test_a_replica_slow_from_the_first_step_is_a_straggler_not_imbalance():
     (f,) = _findings(_run("strag-0"))
     assert (f.kind, f.cls, f.ranks) == ("straggler", "compute straggler", (3,))
     assert f.since_step <= 3 and "first steps" in f.evidence[0]
+    assert not any("before step" in e for e in f.evidence)  # no step before it to measure
 
 
 def test_a_heavier_last_stage_is_structural_imbalance_naming_the_stage():

@@ -24,6 +24,10 @@ def test_a_data_parallel_straggler_is_replayed_to_the_step_it_had_before():
     before = 1e3 * typical_step_s(ev.filter(pl.col("step").is_between(5, 39)))
     assert now > 1.3 * before  # the fault cost a third of the step
     assert abs(fixed - before) <= 0.10 * before
+    # beside it, the step as measured before the onset: what the replay is read against
+    since, measured = (int(x) for x in re.search(
+        r"; before step (\d+) the step took (\d+) ms$", line).groups())
+    assert since == f.since_step and abs(measured - before) <= 0.05 * before, line
 
 
 def test_without_the_async_flag_the_what_if_falls_back_to_the_step_less_the_delay():
