@@ -186,7 +186,8 @@ def _read_steps(finished, sw, comm, wait, exit_lag, onset: int | None,
                 lines: list[str]) -> Reading:
     """The reading of a job that kept going, from its per-step figures (split at
     ``onset`` when it is not None)."""
-    last = _last_share(sw, onset)
+    counts = _last_counts(sw, onset)
+    last = _shares(counts)
     with_base = onset is not None
     phase = "after" if with_base else "before"
     if len(wait[phase]) < 2:
@@ -208,7 +209,7 @@ def _read_steps(finished, sw, comm, wait, exit_lag, onset: int | None,
         # standing out a little before the onset (noise) does not make it slow from the start
         # when the wait its peers spend for it more than doubled since: a change, on it
         grew = was is not None and late in wait["before"] and peers > 2 * was + 1.0
-        if late != already or grew or _last_more_often(sw, onset, late):
+        if late != already or grew or _last_more_often(counts, late):
             lines.append(
                 f"reading: rank {late} arrives last at {last['after'][late]:.0%} of collectives "
                 f"from step {onset} ({last['before'].get(late, 0):.0%} before); its peers wait "
@@ -279,8 +280,8 @@ def _phases_ms(phases) -> dict[str, dict[int, float]]:
                 if v is not None} for k in ("before", "after")}
 
 
-def _last_share(step_wait, onset: int | None) -> dict[str, dict[int, float]]:
-    """Per phase, the share of each rank's collectives that it entered last."""
+def _last_counts(step_wait, onset: int | None) -> dict[str, dict[int, tuple[float, float]]]:
+    """Per phase, each rank's collectives it entered last and all its collectives."""
     import polars as pl
 
     from ringwatch.analyzers import phase_masks
@@ -288,31 +289,29 @@ def _last_share(step_wait, onset: int | None) -> dict[str, dict[int, float]]:
     out = {}
     for name, cond in zip(("before", "after"), phase_masks(onset), strict=True):
         agg = step_wait.filter(cond).group_by("rank").agg(
-            (pl.col("last_arrivals").sum() / pl.col("collectives").sum()).alias("share"))
-        out[name] = dict(agg.iter_rows())
+            pl.col("last_arrivals").sum().cast(pl.Float64),
+            pl.col("collectives").sum().cast(pl.Float64))
+        out[name] = {r: (k, n) for r, k, n in agg.iter_rows()}
     return out
 
 
-def _last_more_often(step_wait, onset: int | None, rank: int, *, min_z: float = 3.0) -> bool:
-    """Whether ``rank`` arrives last at a share of its collectives from ``onset`` that is
+def _shares(counts: dict[str, dict[int, tuple[float, float]]]) -> dict[str, dict[int, float]]:
+    """Per phase, the share of each rank's collectives that it entered last."""
+    return {name: {r: k / n for r, (k, n) in per.items() if n}
+            for name, per in counts.items()}
+
+
+def _last_more_often(counts: dict[str, dict[int, tuple[float, float]]], rank: int, *,
+                     min_z: float = 3.0) -> bool:
+    """Whether ``rank`` arrives last at a share of its collectives after the onset that is
     higher than before it, beyond chance: a two-proportion z of ``min_z`` or more over the
-    collectives of each side. A rank slow by design comes last as often before as after;
-    one that looked slow before by noise (a loaded host) and then turned straggler does not.
+    collectives of each side (``counts``: :func:`_last_counts`). A rank slow by design
+    comes last as often before as after; one that looked slow before by noise (a loaded
+    host) and then turned straggler does not.
     """
-    import polars as pl
-
-    from ringwatch.analyzers import phase_masks
-
-    if onset is None:
+    (last_b, n_b), (last_a, n_a) = (counts[p].get(rank, (0.0, 0.0)) for p in ("before", "after"))
+    if not n_b or not n_a:
         return False
-    sides = []
-    for cond in phase_masks(onset):
-        got = step_wait.filter(cond & (pl.col("rank") == rank)).select(
-            pl.col("last_arrivals").sum(), pl.col("collectives").sum()).row(0)
-        if not got[1]:
-            return False
-        sides.append((float(got[0]), float(got[1])))
-    (last_b, n_b), (last_a, n_a) = sides
     pooled = (last_b + last_a) / (n_b + n_a)
     spread = (pooled * (1 - pooled) * (1 / n_b + 1 / n_a)) ** 0.5
     return spread > 0 and (last_a / n_a - last_b / n_b) / spread >= min_z
