@@ -20,12 +20,14 @@ the last of them completed. The replay runs every rank's sequence from a common 
 * a wait ends when every asynchronous op the rank issued before it has completed.
 
 The step lasts until the last rank's last op ends. Replayed once as measured and once with the
-culprit's work scaled to its peers' median, the ratio of the two applied to the measured step
-time is the step time with the culprit fixed: a slow rank whose extra work lands in its
-neighbours' pipeline bubbles, or in a wait its peers would have had anyway, costs less than its
-extra work, and the replay says how much less. A step whose graph does not close (a send with
-no receive in the same step, a member missing) is left out; with none left the replay gives no
-answer and the caller keeps its simpler estimate.
+culprit's work scaled to its peers' median (and, for a fault with steps before its onset, each
+op's transfer time as in one of those steps: see :func:`_healthy_transfers`), the ratio of
+the two applied to the measured step time is the step time with the culprit fixed: a slow
+rank whose extra work lands in its neighbours' pipeline bubbles, or in a wait its peers would
+have had anyway, costs less than its extra work, and the replay says how much less. A step
+whose graph does not close (a send with no receive in the same step, a member missing) is
+left out; with none left the replay gives no answer and the caller keeps its simpler
+estimate.
 """
 
 from __future__ import annotations
@@ -234,6 +236,41 @@ def _receive_transfers(window: pl.DataFrame) -> pl.DataFrame | None:
             .select(pl.col("rank").cast(pl.Int64), pl.col("peer").cast(pl.Int64), "_pure"))
 
 
+def _positions(rows: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` with each op's place in its rank's step (``_pos``) and its peer or -1."""
+    return rows.with_columns(pl.col("idx").rank("ordinal").over("rank", "step").alias("_pos"),
+                             pl.col("peer").fill_null(-1).alias("_peer"))
+
+
+def _healthy_transfers(events: pl.DataFrame, before: list[int], *, warmup_steps: int = 2,
+                       least_steps: int = 5) -> list[pl.DataFrame] | None:
+    """Per step of up to :data:`MAX_STEPS` steps ``before`` a fault's onset (after the job's
+    first ``warmup_steps``): each op's transfer time by (rank, place in the step, op, group,
+    peer); None with fewer than ``least_steps`` of them. A compute straggler changes the
+    others' transfers too: where transfers are CPU work (Gloo on shared cores), ranks that wait
+    for it leave them the cores, and transfers measured during the fault read shorter than the
+    job's own before it. The step with the straggler fixed is the job as it was, so it runs
+    with these, one measured step's whole (a median per op would drop the jitter that a
+    step's longest path picks up)."""
+    ref = before[warmup_steps:][-MAX_STEPS:]
+    if len(ref) < least_steps:
+        return None
+    rows = _positions(_step_rows(events, ref))
+    if rows.is_empty():
+        return None
+    return [part.select("rank", "_pos", "op", "pg", "_peer", pl.col("_xfer").alias("_ref"))
+            for _, part in sorted(rows.partition_by("step", as_dict=True).items())]
+
+
+def _with_transfers(part: pl.DataFrame, healthy: pl.DataFrame) -> pl.DataFrame:
+    """One step's rows with each op's transfer time from ``healthy`` where the same op (rank,
+    place, op, group, peer) was seen there."""
+    return (_positions(part).join(healthy, on=["rank", "_pos", "op", "pg", "_peer"],
+                                  how="left")
+            .with_columns(pl.col("_ref").fill_null(pl.col("_xfer")).alias("_xfer"))
+            .drop("_pos", "_peer", "_ref"))
+
+
 def _step_ends(rows: pl.DataFrame) -> dict[int, dict[int, int]]:
     """Per step, per rank: when the rank was free at the step's end (its last blocking op's
     end, or its asynchronous ops' last completion, the later)."""
@@ -265,10 +302,11 @@ def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
     steps = steps[-max(1, int(MAX_OPS // max(per_step, 1))):]
     before = [s for s in known if s < steps[0]][-1:]
     rows = _step_rows(events, before + steps)
+    healthy = _healthy_transfers(events, [s for s in known if s < first_step])
     ends = _step_ends(rows)
     ratios = []
     prev = dict(zip(steps, before + steps if before else [None, *steps], strict=False))
-    for (step,), part in rows.partition_by("step", as_dict=True).items():
+    for n, ((step,), part) in enumerate(rows.partition_by("step", as_dict=True).items()):
         if step not in prev:
             continue
         ops = _ops(part, ends.get(prev[step], {}))
@@ -280,6 +318,9 @@ def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
             continue
         target = peer_work[len(peer_work) // 2]
         base = _replay(ops, {})
+        if healthy:  # the fixed step's transfers: the job's own before the onset
+            ops = _ops(_with_transfers(part, healthy[n % len(healthy)]),
+                       ends.get(prev[step], {}))
         fixed = _replay(ops, {culprit: min(1.0, target / work[culprit])})
         if base and fixed:
             ratios.append(fixed / base)

@@ -124,19 +124,21 @@ def _row(rank, step, idx, op, start_ms, end_ms, *, peer=None, pg="0", seq=None, 
             "mono_end_ns": int(end_ms * ms)}
 
 
-def _two_stage_rows(work_ms: dict[int, float], steps: int = 6) -> pl.DataFrame:
+def _two_stage_rows(work_ms: dict[int, float], steps: int = 6, *, xfer_ms: float = 1.0,
+                    first_step: int = 0, t0_ms: float = 0.0) -> pl.DataFrame:
     """Two stages, one micro-batch, data parallel 2, measured as it would run: stage 0
     (ranks 0, 1) works 5 ms, isends its activation to stage 1 (ranks 2, 3), which works
     ``work_ms[r]`` on it and isends the gradient back; each stage then all-reduces with its
-    replica. Transfers take 1 ms; a step starts when the all-reduces end."""
-    rows, t = [], 0.0
-    for step in range(steps):
+    replica. The pipeline's transfers take ``xfer_ms``, the rest 1 ms; a step starts when the
+    all-reduces end (the first at ``t0_ms``)."""
+    rows, t = [], t0_ms
+    for step in range(first_step, first_step + steps):
         idx = 3 * step
         grad_at = {}
         for r in (2, 3):
-            act = t + 5 + 1
+            act = t + 5 + xfer_ms
             sent = act + work_ms[r]
-            grad_at[r - 2] = sent + 1
+            grad_at[r - 2] = sent + xfer_ms
             rows += [_row(r, step, idx, "recv", t, act, peer=r - 2),
                      _row(r, step, idx + 1, "send", sent, sent + 1, peer=r - 2, blocking=False)]
         arrive = {r: grad_at[r] + 1 for r in (0, 1)} | {r: grad_at[r - 2] + 1 for r in (2, 3)}
@@ -163,6 +165,26 @@ def test_the_replay_runs_the_dependencies_and_credits_only_the_critical_path():
     # 1 ms after its send overlaps the all-reduce's wait for stage 0)
     assert fixed == pytest.approx(measured - 30 * (1 - 11 / 31), abs=0.05)
     assert replay_fixed_step_ms(ev, 3, [2], 0) == pytest.approx(measured)  # never the slower
+
+
+def test_the_fixed_replay_runs_with_the_transfers_from_before_the_onset():
+    from ringwatch.analyzers._replay import replay_fixed_step_ms
+
+    # rank 2 goes from 10 to 30 ms of work at step 10; while the job waits for it, the
+    # pipeline's transfers read 1 ms instead of the 4 ms they took before (on a host whose
+    # transfers are CPU work, the waiting ranks leave them the cores)
+    before = _two_stage_rows({2: 10, 3: 10}, 10, xfer_ms=4)
+    t0_ms = before["mono_end_ns"].max() / 1e6
+    ev = pl.concat([before, _two_stage_rows({2: 30, 3: 10}, 10, xfer_ms=1, first_step=10,
+                                            t0_ms=t0_ms)])
+    # fixed, the job is as it was before the onset (5 + 4 + 10 + 4 + 1 + 1 ms) with rank 2's
+    # work scaled to rank 3's (31 ms to 11: the 30 on the chain read 10.6): its own
+    # transfers, not the fault's
+    fixed = 5 + 4 + 30 * 11 / 31 + 4 + 1 + 1
+    assert replay_fixed_step_ms(ev, 2, [3], 10) == pytest.approx(fixed, abs=0.05)
+    # with no step before the fault, its transfers are the fault's own
+    assert replay_fixed_step_ms(ev.filter(pl.col("step") >= 10), 2, [3], 10) \
+        == pytest.approx(fixed - 2 * 3, abs=0.05)
 
 
 def test_the_replay_waits_for_the_asynchronous_ops_where_the_rank_did():
