@@ -191,7 +191,9 @@ def _what_if_lines(results: list[dict], runs: list[Path]) -> None:
         fault_ms = _step_ms(run, after=ONSET if r["case"] == "straggler" else None)
         if (run / "twin" / "logs").is_dir():
             truth = _step_ms(run / "twin")
-            line += f"its twin without the fault {truth:.0f} ms"
+            halves = _step_ms(run / "twin", before=ONSET), _step_ms(run / "twin", after=ONSET)
+            line += (f"its twin without the fault {truth:.0f} ms (its steps before and after "
+                     f"{ONSET}: {halves[0]:.0f}, {halves[1]:.0f})")
         elif healthy.get(r["world"]):
             base = healthy[r["world"]]
             truth = sorted(base)[len(base) // 2]
