@@ -242,9 +242,9 @@ def _positions(rows: pl.DataFrame) -> pl.DataFrame:
                              pl.col("peer").fill_null(-1).alias("_peer"))
 
 
-def _healthy_transfers(events: pl.DataFrame, before: list[int], *, warmup_steps: int = 2,
-                       least_steps: int = 5) -> list[pl.DataFrame] | None:
-    """Per step of up to :data:`MAX_STEPS` steps ``before`` a fault's onset (after the job's
+def _healthy_transfers(events: pl.DataFrame, before: list[int], most_steps: int, *,
+                       warmup_steps: int = 2, least_steps: int = 5) -> list[pl.DataFrame] | None:
+    """Per step of up to ``most_steps`` steps ``before`` a fault's onset (after the job's
     first ``warmup_steps``): each op's transfer time by (rank, place in the step, op, group,
     peer); None with fewer than ``least_steps`` of them. A compute straggler changes the
     others' transfers too: where transfers are CPU work (Gloo on shared cores), ranks that wait
@@ -252,7 +252,7 @@ def _healthy_transfers(events: pl.DataFrame, before: list[int], *, warmup_steps:
     job's own before it. The step with the straggler fixed is the job as it was, so it runs
     with these, one measured step's whole (a median per op would drop the jitter that a
     step's longest path picks up)."""
-    ref = before[warmup_steps:][-MAX_STEPS:]
+    ref = before[warmup_steps:][-most_steps:]
     if len(ref) < least_steps:
         return None
     rows = _positions(_step_rows(events, ref))
@@ -302,7 +302,8 @@ def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
     steps = steps[-max(1, int(MAX_OPS // max(per_step, 1))):]
     before = [s for s in known if s < steps[0]][-1:]
     rows = _step_rows(events, before + steps)
-    healthy = _healthy_transfers(events, [s for s in known if s < first_step])
+    healthy = _healthy_transfers(events, [s for s in known if s < first_step],
+                                 max(len(steps), 5))
     ends = _step_ends(rows)
     ratios = []
     prev = dict(zip(steps, before + steps if before else [None, *steps], strict=False))
