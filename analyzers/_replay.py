@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from ringwatch.analyzers._clocks import align_clocks, estimate_clock_offsets, match_sends
+from ringwatch.analyzers._work import blocking
 
 #: Steps replayed at most (the latest of the episode), ranks at most, and ops at most over
 #: all the steps (fewer steps when they hold more): the replay is a Python loop over ops,
@@ -70,14 +71,14 @@ def _ops(rows: pl.DataFrame, lead: dict[int, int]) -> dict[int, list[_Op]]:
         if any(r["mono_start_ns"] is None or r["mono_end_ns"] is None
                or r["mono_end_ns"] < r["mono_start_ns"] for r in recs):
             return {}
-        asyncs = [r["mono_end_ns"] for r in recs if r["async_op"] is not False]
+        asyncs = [r["mono_end_ns"] for r in recs if not r["_blk"]]
         waited = max(asyncs) if asyncs else None
         wait_after = max((i for i, r in enumerate(recs) if r["mono_start_ns"] <= waited),
                          default=None) if waited is not None else None
         seq, pending, free = [], [], lead.get(rank)
         for i, r in enumerate(recs):
             start, end = r["mono_start_ns"], r["mono_end_ns"]
-            blocking = r["async_op"] is False
+            blocking = bool(r["_blk"])
             work = 0.0 if free is None else max(0.0, start - free)
             if r["is_p2p"]:
                 if r["peer"] is None:
@@ -188,8 +189,8 @@ def _step_rows(events: pl.DataFrame, steps: list[int]) -> pl.DataFrame:
     window = events.filter(pl.col("step").is_in(steps) & pl.col("mono_start_ns").is_not_null()
                            & pl.col("mono_end_ns").is_not_null())
     rows = window.select(
-        "rank", "step", "idx", "pg", "seq", "is_p2p", "peer", "op", "async_op",
-        "mono_start_ns", "mono_end_ns").with_columns(
+        "rank", "step", "idx", "pg", "seq", "is_p2p", "peer", "op",
+        "mono_start_ns", "mono_end_ns", blocking(window).alias("_blk")).with_columns(
         pl.col("pg").cast(pl.Utf8), pl.col("op").cast(pl.Utf8),
         (pl.col("mono_end_ns") - pl.col("mono_start_ns")).alias("_d"))
     rows = rows.with_columns(pl.when(pl.col("is_p2p"))
@@ -271,13 +272,22 @@ def _with_transfers(part: pl.DataFrame, healthy: pl.DataFrame) -> pl.DataFrame:
             .drop("_pos", "_peer", "_ref"))
 
 
+def _replayable(events: pl.DataFrame, steps: list[int]) -> bool:
+    """Whether every row of ``steps`` says if it was asynchronous and is timed by the host
+    (:mod:`._timing`): a device duration or a watchdog's end gives no timeline to replay."""
+    from ringwatch.analyzers._timing import host_timed
+
+    rows = events.filter(pl.col("step").is_in(steps))
+    return bool(rows.select(pl.col("async_op").is_not_null().all()
+                            & host_timed(rows).all()).item())
+
+
 def _step_ends(rows: pl.DataFrame) -> dict[int, dict[int, int]]:
     """Per step, per rank: when the rank was free at the step's end (its last blocking op's
     end, or its asynchronous ops' last completion, the later)."""
-    free = pl.when(pl.col("async_op") == False).then(pl.col("mono_end_ns")  # noqa: E712
-                                                     ).otherwise(pl.col("mono_start_ns"))
+    free = pl.when(pl.col("_blk")).then(pl.col("mono_end_ns")).otherwise(pl.col("mono_start_ns"))
     ends = rows.group_by("rank", "step").agg(pl.max_horizontal(
-        free.max(), pl.col("mono_end_ns").filter(pl.col("async_op") != False).max()  # noqa: E712
+        free.max(), pl.col("mono_end_ns").filter(~pl.col("_blk")).max()
     ).alias("_e"))
     out: dict[int, dict[int, int]] = defaultdict(dict)
     for r, s, e in ends.iter_rows():
@@ -302,6 +312,8 @@ def replay_fixed_step_ms(events: pl.DataFrame, culprit: int, peers: list[int],
     steps = steps[-max(1, int(MAX_OPS // max(per_step, 1))):]
     before = [s for s in known if s < steps[0]][-1:]
     rows = _step_rows(events, before + steps)
+    if rows.is_empty() or not _replayable(events, before + steps):
+        return None
     healthy = _healthy_transfers(events, [s for s in known if s < first_step],
                                  max(len(steps), 5))
     ends = _step_ends(rows)

@@ -13,6 +13,12 @@ from poll to poll): a lateness built on it measures the watchdog. So ``duration_
 * null where the end was only seen by the watchdog (``end_source == "watchdog"``): such a row
   still counts as entered and finished (hangs), but says nothing of who came late;
 * the host duration otherwise (the rank blocked until done, or a completion callback).
+
+Where some rows are not timed by the host (a device duration, or an end only the watchdog
+saw), the frame also gets ``host_timed``: whether a row's host interval (``mono_start_ns`` to
+``mono_end_ns``) is its time in the op. The time a rank spent blocked per step
+(:func:`~ringwatch.analyzers._work.compute_step_work`) adds such rows' device durations
+instead, and the what-if replay, which runs on host intervals, stands aside.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import polars as pl
 
 #: The columns :func:`with_analysis_durations` reads besides ``duration_ns`` (and drops).
 TIMING_COLUMNS = ("device_duration_ns", "end_source")
+#: The column :func:`with_analysis_durations` adds where some rows are not timed by the host.
+HOST_TIMED = "host_timed"
 
 
 def with_analysis_durations(events: pl.DataFrame) -> pl.DataFrame:
@@ -33,6 +41,17 @@ def with_analysis_durations(events: pl.DataFrame) -> pl.DataFrame:
     if "end_source" in have:
         dur = pl.when(pl.col("end_source").cast(pl.Utf8) == "watchdog").then(None) \
             .otherwise(dur)
+    host = pl.lit(True)
+    if "end_source" in have:
+        host = host & (pl.col("end_source").cast(pl.Utf8) != "watchdog").fill_null(True)
     if "device_duration_ns" in have:
         dur = pl.coalesce(pl.col("device_duration_ns"), dur)
-    return events.with_columns(dur.cast(pl.Int64).alias("duration_ns")).drop(have)
+        host = host & pl.col("device_duration_ns").is_null()
+    out = events.with_columns(dur.cast(pl.Int64).alias("duration_ns"),
+                              host.alias(HOST_TIMED)).drop(have)
+    return out if not out[HOST_TIMED].all() else out.drop(HOST_TIMED)
+
+
+def host_timed(events: pl.DataFrame) -> pl.Expr:
+    """Whether a row's host interval is its time in the op (see the module)."""
+    return pl.col(HOST_TIMED) if HOST_TIMED in events.columns else pl.lit(True)

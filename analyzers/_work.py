@@ -40,29 +40,51 @@ from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 WORK_COLUMNS = ("async_op",)
 
 
+def blocking(events: pl.DataFrame) -> pl.Expr:
+    """Whether a row blocked its rank: not issued asynchronously. Where the rows do not say
+    (profiler traces, Flight Recorder dumps), a receive or a collective blocks (what comes
+    next needs its data) and a send does not (as an isend)."""
+    sent = pl.col("op").cast(pl.Utf8) == "send"
+    if "async_op" not in events.columns:
+        return ~sent
+    return pl.coalesce(~pl.col("async_op"), ~sent)
+
+
 def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
     """Per (rank, step): ``step_ms`` (first communication of the step to the first of the
     next, the rank's monotonic clock), ``blocked_ms`` (time in blocking communication, overlaps
-    once) and ``work_ms`` (the difference). Empty without ``async_op`` or steps."""
-    if "async_op" not in events.columns:
-        return pl.DataFrame(schema={"rank": pl.Int32, "step": pl.Int64, "step_ms": pl.Float64,
-                                    "blocked_ms": pl.Float64, "work_ms": pl.Float64})
+    once) and ``work_ms`` (the difference). Rows not timed by the host (``host_timed``:
+    device durations, watchdog ends; :mod:`ringwatch.analyzers._timing`) add their device
+    durations to the blocked time where they block (receives always: on the device the
+    next kernel needs the data; one group's kernels run one after the other), and nothing
+    without one. Empty without steps."""
+    from ringwatch.analyzers._timing import host_timed
+
     rows = events.filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
     starts = (rows.group_by("rank", "step").agg(pl.col("mono_start_ns").min().alias("_s"))
               .sort("rank", "step")
               .with_columns((pl.col("_s").shift(-1).over("rank") - pl.col("_s"))
                             .alias("_dur")))
-    done = rows.filter(pl.col("mono_end_ns").is_not_null()
-                       & (pl.col("mono_end_ns") >= pl.col("mono_start_ns")))
-    blk = done.filter(pl.col("async_op") == False).select(  # noqa: E712
-        "rank", "step", "mono_start_ns", "mono_end_ns")
+    host = host_timed(rows)
+    # on the device a receive blocks, waited for at once or not: what comes next needs it;
+    # a row timed there ends, as far as the host can place it, its device duration after
+    # its issue
+    rows = rows.with_columns(
+        (blocking(rows) | (~host & (pl.col("op").cast(pl.Utf8) == "recv"))).alias("_blk"),
+        host.alias("_host"),
+        pl.when(host).then(pl.col("mono_end_ns"))
+        .otherwise(pl.col("mono_start_ns") + pl.col("duration_ns")).alias("_end"))
+    device = (rows.filter(pl.col("_blk") & ~pl.col("_host"))
+              .group_by("rank", "step").agg(pl.col("duration_ns").sum().alias("_dev")))
+    done = rows.filter(pl.col("_end").is_not_null() & (pl.col("_end") >= pl.col("mono_start_ns")))
+    blk = (done.filter(pl.col("_blk") & pl.col("_host"))
+           .select("rank", "step", "mono_start_ns", pl.col("_end").alias("mono_end_ns")))
     # The step's asynchronous ops (DDP's buckets, isends) are waited for before the step
     # ends: from the rank's last own activity before the last of them completes (its last
     # issue, or the end of its last blocking op) to that completion, it is blocked.
-    last_async = (done.filter(pl.col("async_op") == True)  # noqa: E712
-                  .group_by("rank", "step").agg(pl.col("mono_end_ns").max().alias("_ae")))
-    free = pl.when(pl.col("async_op") == False).then(pl.col("mono_end_ns")  # noqa: E712
-                                                     ).otherwise(pl.col("mono_start_ns"))
+    last_async = (done.filter(~pl.col("_blk"))
+                  .group_by("rank", "step").agg(pl.col("_end").max().alias("_ae")))
+    free = pl.when(pl.col("_blk")).then(pl.col("_end")).otherwise(pl.col("mono_start_ns"))
     waits = (done.join(last_async, on=["rank", "step"])
              .filter(pl.col("mono_start_ns") <= pl.col("_ae"))
              .group_by("rank", "step").agg(free.max().alias("_free"), pl.col("_ae").first())
@@ -70,7 +92,10 @@ def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
              .select("rank", "step", pl.col("_free").alias("mono_start_ns"),
                      pl.col("_ae").alias("mono_end_ns")))
     blk = pl.concat([blk, waits], how="vertical_relaxed").sort("rank", "step", "mono_start_ns")
-    busy = _merged_ns(blk, "mono_start_ns", "mono_end_ns", ["rank", "step"])
+    busy = (_merged_ns(blk, "mono_start_ns", "mono_end_ns", ["rank", "step"])
+            .join(device, on=["rank", "step"], how="full", coalesce=True)
+            .select("rank", "step", (pl.col("merged_ns").fill_null(0)
+                                     + pl.col("_dev").fill_null(0)).alias("merged_ns")))
     return (starts.filter(pl.col("_dur").is_not_null() & (pl.col("_dur") > 0))
             .join(busy, on=["rank", "step"], how="left")
             .with_columns(pl.col("merged_ns").fill_null(0))
@@ -393,6 +418,8 @@ def _bottleneck_role(work: pl.DataFrame, noise: float, step_ms: float, *, thresh
     others = float(roles.filter(pl.col("role") != top["role"])["_w"].median())
     extra = top["_w"] - others
     # balanced, every stage would do the stages' mean; the pipeline runs at its slowest's pace
+    if top["_w"] <= 0:  # no stage did any work outside communication: nothing to compare
+        return []
     gain_ms = step_ms * (top["_w"] - float(roles["_w"].mean())) / top["_w"]
     # a role's median over its ranks and steps is far steadier than one rank's step: the
     # noise counts for the role's size, the step share is the floor

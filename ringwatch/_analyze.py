@@ -99,7 +99,7 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
     # ranks of one stage are compared with one another (a slow one is a straggler, from the
     # first step or later); stages may differ by design
     stragglers = detect_stragglers(events, **th.straggler_args(), stage=layout.stage)
-    if layout.pp > 1 and "async_op" in events.columns:
+    if layout.pp > 1:
         from ringwatch.analyzers._work import detect_work_findings
 
         hosts = {int(r): str(h) for r, h in events.select("rank", "host").unique("rank")

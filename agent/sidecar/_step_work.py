@@ -7,9 +7,14 @@ service never sees the rows, so the sidecar sums them per rank and step as
 clock:
 
 * the step begins at its first communication and lasts to the next step's first;
-* blocked: the time inside blocking rows (collectives, receives, waits: ``async_op`` false),
-  overlaps once, plus the wait for the step's asynchronous ones (DDP's buckets, isends): from
-  the rank's last own activity before the last of them completes to that completion.
+* blocked: the time inside blocking rows (collectives, receives, waits: ``async_op`` false;
+  where a row does not say, a receive or a collective, not a send), overlaps once, plus the
+  wait for the step's asynchronous ones (DDP's buckets, isends): from the rank's last own
+  activity before the last of them completes to that completion;
+* a row timed on the device (NCCL's CUDA events) adds its device duration if it blocks (a
+  receive always: on the device the next kernel needs its data), and one whose end only the
+  NCCL watchdog saw adds nothing: its host interval is not its time in the op
+  (``ringwatch.analyzers._timing``).
 
 A step's rows are kept until a step two later begins (an isend of the step may complete in
 the next one), then folded into two numbers; at most :data:`MAX_ROWS` rows per step are kept.
@@ -29,34 +34,39 @@ class StepWork:
 
     #: Monotonic ns of its first communication.
     begin_ns: int | None = None
-    #: (start, end, async_op) of its finished rows, until :meth:`fold`.
-    rows: list[tuple[int, int, bool | None]] = field(default_factory=list)
+    #: (start, end, async_op, host-timed) of its finished rows, until :meth:`fold`.
+    rows: list[tuple[int, int, bool | None, bool]] = field(default_factory=list)
     #: Time blocked (ns), once folded.
     blocked_ns: int | None = None
+    #: Device durations (ns) of its blocking rows timed on the device.
+    device_ns: int = 0
 
-    def add(self, start: int | None, end: int | None, async_op: bool | None) -> None:
+    def add(self, start: int | None, end: int | None, async_op: bool | None,
+            host: bool = True) -> None:
         if start is None:
             return
         self.begin_ns = start if self.begin_ns is None else min(self.begin_ns, start)
         if end is not None and end >= start and self.blocked_ns is None \
                 and len(self.rows) < MAX_ROWS:
-            self.rows.append((start, end, async_op))
+            self.rows.append((start, end, async_op, host))
 
     def fold(self) -> None:
         """Sum the blocked time and let the rows go."""
         if self.blocked_ns is None:
-            self.blocked_ns = blocked_ns(self.rows)
+            self.blocked_ns = blocked_ns(self.rows) + self.device_ns
             self.rows = []
 
 
-def blocked_ns(rows: list[tuple[int, int, bool | None]]) -> int:
-    """Time blocked in ``rows`` ((start, end, async_op), finished): see the module."""
-    spans = [(s, e) for s, e, a in rows if a is False]
-    async_end = max((e for _, e, a in rows if a is True), default=None)
+def blocked_ns(rows: list[tuple[int, int, bool | None, bool]]) -> int:
+    """Time blocked in ``rows`` ((start, end, async_op, host-timed), finished): see the
+    module; rows timed on the device count here only for the wait for the asynchronous ones
+    (their blocking ones are summed apart)."""
+    spans = [(s, e) for s, e, a, h in rows if a is False and h]
+    async_end = max((e for _, e, a, _ in rows if a is True), default=None)
     if async_end is not None:
         # the rank's last own activity before the last asynchronous op completes: the end of
         # a blocking row, or the issue of an asynchronous one
-        free = max(e if a is False else s for s, e, a in rows if s <= async_end)
+        free = max(e if a is False else s for s, e, a, _ in rows if s <= async_end)
         if async_end > free:
             spans.append((free, async_end))
     total, open_s, open_e = 0, None, None
@@ -70,11 +80,25 @@ def blocked_ns(rows: list[tuple[int, int, bool | None]]) -> int:
 
 
 def add_row(work: dict[int, StepWork], step: int, r: dict) -> None:
-    """A row of ``step`` (``mono_start_ns``, ``mono_end_ns``, ``async_op``) into ``work``."""
+    """A row of ``step`` (``mono_start_ns``, ``mono_end_ns``, ``async_op``, ``op``,
+    ``device_duration_ns``, ``end_source``) into ``work``."""
     w = work.get(step)
     if w is None:
         w = work[step] = StepWork()
-    w.add(r.get("mono_start_ns"), r.get("mono_end_ns"), r.get("async_op"))
+    asyn = r.get("async_op")
+    asyn = r.get("op") == "send" if asyn is None else asyn
+    start, end, dev = r.get("mono_start_ns"), r.get("mono_end_ns"), r.get("device_duration_ns")
+    if dev is None and r.get("end_source") == "watchdog":
+        w.add(start, None, asyn)  # where the step begins, not how long it blocked
+    elif dev is not None:
+        # on the device a receive blocks, waited for at once or not; the row ends, as far
+        # as the host can place it, its device duration after its issue
+        asyn = bool(asyn) and r.get("op") != "recv"
+        if not asyn and start is not None and w.blocked_ns is None:
+            w.device_ns += dev
+        w.add(start, None if start is None else start + dev, asyn, host=False)
+    else:
+        w.add(start, end, asyn)
 
 
 def fold_before(work: dict[int, StepWork], step: int) -> None:

@@ -256,3 +256,31 @@ def fr_entry(record_id: int, seq: int, profiling_name: str = "gloo:all_reduce", 
 
 def dump(entries: list[dict]) -> dict:
     return {"version": "2.10", "pg_config": {}, "pg_status": {}, "entries": entries}
+
+
+def gpu_shaped(ev, *, seed: int = 0, device: bool = True, first_lead_ms: float = 20):
+    """Rows of a real CPU run re-timed as a GPU job reports them: each op's exact duration
+    becomes its device duration (CUDA events; none with ``device=False``), its host start
+    moves 0-20 ms earlier (launched ahead of the device) and its host end 10-100 ms later (the
+    NCCL watchdog's poll, ``end_source`` "watchdog"). Each rank's first launch of a step moves
+    0-``first_lead_ms`` earlier: a job whose host waits for the device once a step (the loss,
+    the optimizer) launches it close to the device."""
+    import numpy as np
+    import polars as pl
+
+    ms = 1_000_000
+    rng = np.random.default_rng(seed)
+    first = ev.select((pl.col("idx") == pl.col("idx").min().over("rank", "step")).alias("f"))
+    lead = pl.Series(np.where(first["f"].fill_null(False).to_numpy(),
+                              rng.integers(0, max(1, int(first_lead_ms * ms)), ev.height),
+                              rng.integers(0, 20 * ms, ev.height)))
+    late = pl.Series(rng.integers(10 * ms, 100 * ms, ev.height))
+    out = ev.with_columns(
+        (pl.col("duration_ns") if device else pl.lit(None, pl.Int64))
+        .alias("device_duration_ns"),
+        pl.lit("watchdog").alias("end_source"),
+        (pl.col("t_start_ns") - lead).alias("t_start_ns"),
+        (pl.col("t_end_ns") + late).alias("t_end_ns"),
+        (pl.col("mono_start_ns") - lead).alias("mono_start_ns"),
+        (pl.col("mono_end_ns") + late).alias("mono_end_ns"))
+    return out.with_columns((pl.col("t_end_ns") - pl.col("t_start_ns")).alias("duration_ns"))

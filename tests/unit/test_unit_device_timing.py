@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 
@@ -22,27 +21,14 @@ from ringwatch.agent.sidecar._rank_tail import RankSummary, _consume
 from ringwatch.analyzers._policy import split_hiccups
 from ringwatch.analyzers._timing import with_analysis_durations
 
+from fakes import gpu_shaped
+
 RUN = Path(__file__).resolve().parents[1] / "data" / "long" / "straggler-work-400.parquet"
 MS = 1_000_000
 
 
 def _key(f):
     return (f.kind, f.cls, f.ranks, f.since_step)
-
-
-def gpu_shaped(ev: pl.DataFrame, *, seed: int = 0, device: bool = True) -> pl.DataFrame:
-    rng = np.random.default_rng(seed)
-    lead = pl.Series(rng.integers(0, 20 * MS, ev.height))
-    late = pl.Series(rng.integers(10 * MS, 100 * MS, ev.height))
-    out = ev.with_columns(
-        (pl.col("duration_ns") if device else pl.lit(None, pl.Int64))
-        .alias("device_duration_ns"),
-        pl.lit("watchdog").alias("end_source"),
-        (pl.col("t_start_ns") - lead).alias("t_start_ns"),
-        (pl.col("t_end_ns") + late).alias("t_end_ns"),
-        (pl.col("mono_start_ns") - lead).alias("mono_start_ns"),
-        (pl.col("mono_end_ns") + late).alias("mono_end_ns"))
-    return out.with_columns((pl.col("t_end_ns") - pl.col("t_start_ns")).alias("duration_ns"))
 
 
 @pytest.fixture(scope="module")

@@ -44,11 +44,15 @@ def test_a_real_pipeline_jobs_blocked_time_per_step_as_post_mortem(name):
 def test_the_wait_for_asynchronous_ops_counts_once_after_the_last_own_activity():
     # a blocking op 0-10, two async ops issued at 12 and 14 completing at 30 and 40, a
     # blocking op 20-25 meanwhile: blocked 0-10, 20-25, and 25-40 waiting for the async ones
-    rows = [(0, 10, False), (12, 30, True), (14, 40, True), (20, 25, False)]
+    rows = [(0, 10, False, True), (12, 30, True, True), (14, 40, True, True),
+            (20, 25, False, True)]
     assert blocked_ns(rows) == 10 + 5 + 15
-    assert blocked_ns([(0, 10, False), (5, 12, False)]) == 12  # overlaps once
-    assert blocked_ns([(0, 10, True)]) == 10  # issued and waited for at once
+    assert blocked_ns([(0, 10, False, True), (5, 12, False, True)]) == 12  # overlaps once
+    assert blocked_ns([(0, 10, True, True)]) == 10  # issued and waited for at once
     assert blocked_ns([]) == 0
+    # a blocking row timed on the device is summed apart (its interval is the host's guess);
+    # it still ends the rank's own activity before the wait for the asynchronous ones
+    assert blocked_ns([(0, 10, False, False), (12, 30, True, True)]) == 30 - 12
 
 
 def test_a_step_is_given_once_folded_with_its_next_steps_begin():
