@@ -123,3 +123,78 @@ def test_the_sidecar_sums_the_same_blocked_time_as_the_post_mortem(name, shape):
     assert set(live) == set(post)
     for key, want in post.items():
         assert live[key] == pytest.approx(want, abs=1e-6), key
+
+
+def _as_nccl_traces(ev: pl.DataFrame, folder: Path) -> Path:
+    """The run written as the profiler writes an NCCL job: per rank, one trace of its NCCL
+    kernels (the rows' times as device times, with the collective's metadata), the launches
+    (``record_param_comms``) just before them and ``ProfilerStep#N`` spans. Nothing says
+    which ops were asynchronous."""
+    import gzip
+    import json
+
+    base = int(ev["t_start_ns"].min())
+    groups = ev.select("pg", "pg_ranks").unique().sort("pg")
+
+    def ranks(spec: str) -> list[int]:
+        out = []
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+        return out
+
+    pg_config = [{"pg_name": pg, "pg_desc": f"pg{pg}", "backend_config": "cuda:nccl",
+                  "pg_size": len(ranks(spec)), "ranks": ranks(spec)}
+                 for pg, spec in groups.iter_rows()]
+    folder.mkdir(parents=True)
+    for (rank,), mine in ev.sort("idx").partition_by("rank", as_dict=True).items():
+        us = lambda ns: (ns - base) / 1e3
+        events = []
+        firsts = mine.group_by("step").agg(pl.col("t_start_ns").min()).sort("step").rows()
+        for (step, t0), (_, t1) in zip(firsts, firsts[1:], strict=False):
+            events.append({"ph": "X", "cat": "user_annotation", "name": f"ProfilerStep#{step}",
+                           "pid": 1, "tid": 1, "ts": us(t0) - 0.5, "dur": us(t1) - us(t0),
+                           "args": {}})
+        for i, r in enumerate(mine.iter_rows(named=True)):
+            op = {"all_reduce": "allreduce"}.get(r["op"], r["op"])
+            meta = {"Collective name": op, "Process Group Name": r["pg"],
+                    "Process Group Ranks": str(ranks(r["pg_ranks"])),
+                    "Group size": r["pg_size"], "Seq": r["seq"], "dtype": "Float",
+                    "In msg nelems": (r["nbytes"] or 0) // 4,
+                    "Out msg nelems": (r["nbytes"] or 0) // 4}
+            if op == "send":
+                meta["Dst Rank"] = r["peer"]
+            elif op == "recv":
+                meta["Src Rank"] = r["peer"]
+            start, dur = us(r["t_start_ns"]), (r["t_end_ns"] - r["t_start_ns"]) / 1e3
+            events += [{"ph": "X", "cat": "cpu_op", "name": "record_param_comms", "pid": 1,
+                        "tid": 1, "ts": start - 0.2, "dur": 0.1,
+                        "args": {"External id": i + 1, **meta}},
+                       {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_Generic(x)",
+                        "pid": 0, "tid": 7, "ts": start, "dur": dur,
+                        "args": {"External id": i + 1, "correlation": i + 1}}]
+        doc = {"schemaVersion": 1, "baseTimeNanoseconds": base,
+               "host_name": mine["host"][0], "traceName": "x",
+               "distributedInfo": {"backend": "nccl", "rank": int(rank),
+                                   "world_size": ev["rank"].n_unique(),
+                                   "pg_count": len(pg_config), "pg_config": pg_config},
+               "traceEvents": events}
+        (folder / f"rank{rank}.pt.trace.json.gz").write_bytes(
+            gzip.compress(json.dumps(doc).encode()))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["strag-mid", "laststage", "healthy"])
+def test_a_pipeline_jobs_nccl_profiler_traces_give_the_logs_verdict(tmp_path, name):
+    # the same run as an NCCL job's profiler traces: device times, no async flag
+    from ringwatch._analyze import analyze_job
+    from ringwatch.inputs import open_sources
+
+    ev = pl.read_parquet(DATA / f"{name}.parquet")
+    opened = open_sources([str(_as_nccl_traces(ev, tmp_path / "traces"))])
+    (src,) = opened.sources
+    report = analyze_job(src)
+    assert report["layout"]["text"].startswith("dp=2 x tp=2 x pp=2"), report["layout"]
+    got = [(f.kind, f.cls, f.ranks, f.since_step) for f in report["_findings"]]
+    want = _verdict(ev, int(ev["t_end_ns"].max()))
+    assert _same(got, want), (got, want)
