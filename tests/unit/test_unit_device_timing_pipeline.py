@@ -16,10 +16,8 @@ import polars as pl
 import pytest
 
 from ringwatch._analyze import analyze_events
-from ringwatch.agent.sidecar._step_work import StepWork, add_row, finished_work, fold_before
 from ringwatch.analyzers._policy import split_hiccups
 from ringwatch.analyzers._timing import HOST_TIMED, with_analysis_durations
-from ringwatch.analyzers._work import compute_step_work
 
 from fakes import gpu_shaped
 
@@ -97,32 +95,6 @@ def test_the_what_if_replay_stands_aside_on_device_timed_rows():
         gpu_shaped(ev, first_lead_ms=1)), now_ns=now))[0]
     line = next(e for e in f.evidence if "with this rank working like its peers" in e)
     assert "replay" not in line and "if every rank waits for all of it" in line
-
-
-@pytest.mark.parametrize("name", ["strag-mid", "pp4-strag"])
-@pytest.mark.parametrize("shape", ["gpu", "no-async"])
-def test_the_sidecar_sums_the_same_blocked_time_as_the_post_mortem(name, shape):
-    # live = post-mortem: the agents' per-step figures for the service, from the same rows
-    ev = pl.read_parquet(DATA / f"{name}.parquet")
-    if shape == "gpu":
-        raw = gpu_shaped(ev, first_lead_ms=1)
-        post_ev = with_analysis_durations(raw)
-    else:
-        raw = post_ev = ev.with_columns(pl.lit(None, pl.Boolean).alias("async_op"))
-    post = {(r, s): (step_ms, blocked_ms) for r, s, step_ms, blocked_ms, _ in
-            compute_step_work(post_ev).iter_rows()}
-    live = {}
-    for (rank,), rows in raw.sort("t_start_ns").partition_by("rank", as_dict=True).items():
-        work: dict[int, StepWork] = {}
-        for r in rows.iter_rows(named=True):
-            add_row(work, r["step"], r)
-            fold_before(work, r["step"])
-        fold_before(work, max(work) + 2)
-        for step, step_ns, blocked in finished_work(work, 10_000):
-            live[(rank, step)] = (step_ns / 1e6, blocked / 1e6)
-    assert set(live) == set(post)
-    for key, want in post.items():
-        assert live[key] == pytest.approx(want, abs=1e-6), key
 
 
 def _as_nccl_traces(ev: pl.DataFrame, folder: Path) -> Path:

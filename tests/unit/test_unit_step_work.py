@@ -14,18 +14,31 @@ from ringwatch.agent.sidecar._step_work import (
     finished_work,
     fold_before,
 )
+from ringwatch.analyzers._timing import with_analysis_durations
 from ringwatch.analyzers._work import compute_step_work
+
+from fakes import gpu_shaped
 
 PIPELINE = Path(__file__).resolve().parents[1] / "data" / "pipeline"
 
 
-@pytest.mark.parametrize("name", ["healthy", "strag-mid", "varyseq"])
-def test_a_real_pipeline_jobs_blocked_time_per_step_as_post_mortem(name):
+@pytest.mark.parametrize("name", ["healthy", "strag-mid", "varyseq", "pp4-strag"])
+@pytest.mark.parametrize("shape", ["exact", "gpu", "no-async"])
+def test_a_real_pipeline_jobs_blocked_time_per_step_as_post_mortem(name, shape):
     # rows of a real 8-rank dp x tp x pp job (1F1B over send/recv), fed rank by rank in the
-    # order the sidecar reads them
+    # order the sidecar reads them: as measured, re-timed as a GPU job reports them (device
+    # durations, watchdog ends; fakes.gpu_shaped), or without the async flag (as profiler
+    # traces and Flight Recorder dumps give rows)
     ev = pl.read_parquet(PIPELINE / f"{name}.parquet")
+    if shape == "gpu":
+        ev = gpu_shaped(ev, first_lead_ms=1)
+        post_ev = with_analysis_durations(ev)
+    else:
+        if shape == "no-async":
+            ev = ev.with_columns(pl.lit(None, pl.Boolean).alias("async_op"))
+        post_ev = ev
     post = {(r, s): (step_ms, blocked_ms) for r, s, step_ms, blocked_ms, _ in
-            compute_step_work(ev).iter_rows()}
+            compute_step_work(post_ev).iter_rows()}
     live = {}
     for (rank,), rows in ev.sort("t_start_ns").partition_by("rank", as_dict=True).items():
         work: dict[int, StepWork] = {}
