@@ -316,7 +316,8 @@ METRICS: tuple[MetricSpec, ...] = (
        otlp_only=True),
     _m("ringwatch_step_blocked_seconds", "ringwatch.step.blocked", GAUGE, "s",
        "Time a rank was blocked in communication in one finished step: blocking collectives "
-       "and receives (overlaps once) and the wait for its asynchronous ones.", "rank_work",
+       "and receives (overlaps once) and the wait for its asynchronous ones; for ops timed "
+       "on the device, their device durations.", "rank_work",
        "blocked_ns", _NANO, labels=("step",), otlp_only=True),
     # --- the agent itself ---
     _m("ringwatch_agent_errors_total", "ringwatch.agent.errors", COUNTER, "{error}",
