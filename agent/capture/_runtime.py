@@ -36,6 +36,8 @@ FINAL_FLUSH_WAIT_S = 2.0
 FINAL_END_GRACE_S = 0.2
 BACKFILL_RETRIES = 3  # flushes that look again for a collective missing from the FR
 CLOSE_WAIT_S = 20.0  # the SIGTERM handler's wait for the watcher's final flush
+#: How long a flush waits for the recorder's lock before it writes only its heartbeat.
+RECORDER_WAIT_S = 1.0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -65,6 +67,7 @@ class Runtime:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._flush_lock = threading.Lock()
+        self._last_meta: dict = {}
         self._backfill_due = False
         self._last_backfill = 0.0
         self._closed = False
@@ -112,6 +115,9 @@ class Runtime:
 
     def _flush(self, final: bool) -> None:
         rec = self.rec
+        if not final and not self._recorder_free():
+            self._heartbeat()
+            return
         try:
             if any(e.work is not None for e in list(rec.pending.values())):
                 from ringwatch.agent.capture._nccl import poll_works
@@ -216,7 +222,33 @@ class Runtime:
             warn_once("fr_missing", f"{n - found} collective(s) issued outside ringwatch's "
                       "hooks were not in the Flight Recorder (TORCH_FR_BUFFER_SIZE?)")
 
+    def _recorder_free(self) -> bool:
+        """Whether the recorder's lock can be had within :data:`RECORDER_WAIT_S`. Hooks hold
+        it for microseconds, unless the main thread froze inside one (a signal handler that
+        never returns, a debugger's breakpoint): a flush would then wait behind it for good,
+        and with no heartbeat the rank would read as stopped while only its main thread is."""
+        if not self.rec.lock.acquire(timeout=RECORDER_WAIT_S):
+            return False
+        self.rec.lock.release()
+        return True
+
+    def _heartbeat(self) -> None:
+        """``meta.json`` as last written with this flush's time: the agent runs; its
+        recorder is held (rows wait for the next flush that can have it)."""
+        warn_once("recorder_held", "the recorder has been held for over "
+                  f"{RECORDER_WAIT_S:g} s (the main thread stopped inside a hook?): flushes "
+                  "write only their heartbeat until it is free")
+        try:
+            self.writer.write_meta({**self._last_meta, "recorder_held": True,
+                                    "written_ns": self.rec.clock.wall_ns()})
+        except Exception as exc:  # noqa: BLE001
+            self._write_failed(exc, 0)
+
     def _meta(self, final: bool) -> dict:
+        self._last_meta = self._meta_now(final)
+        return self._last_meta
+
+    def _meta_now(self, final: bool) -> dict:
         return {
             "groups": [g.describe() for g in self.rec.groups_snapshot()],
             "counters": self.rec.counters() | (

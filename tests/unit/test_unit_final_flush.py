@@ -79,3 +79,36 @@ def test_a_broken_future_ends_nothing(tmp_path):
 
     ev.future = Broken()
     assert not rec.ends_due()
+
+
+def test_a_main_thread_frozen_inside_a_hook_leaves_the_agent_beating(tmp_path, monkeypatch):
+    # the main thread stopped while it held the recorder (a signal handler that never
+    # returns, as the cluster's hang fault does): flushes cannot have the recorder, but the
+    # heartbeat goes on, so the rank reads as stuck in its code, not as a stopped process
+    monkeypatch.setattr(_runtime, "RECORDER_WAIT_S", 0.05)
+    rec, g, rt = _rank(tmp_path)
+    issue_collective(rec, g)
+    rt.flush()
+    job = open_job(tmp_path)
+    before = job.last_write_ns()[0]
+    held, release = threading.Event(), threading.Event()
+
+    def frozen_hook():
+        with rec.lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=frozen_hook, daemon=True)
+    t.start()
+    held.wait(5)
+    rec.clock.advance(3_000_000_000)
+    t0 = time.monotonic()
+    rt.flush()
+    assert time.monotonic() - t0 < 1.0  # it did not wait behind the hook
+    meta = open_job(tmp_path).meta()[0]
+    assert meta["written_ns"] == before + 3_000_000_000 and meta["recorder_held"] is True
+    assert meta["groups"]  # the rest as last written
+    release.set()
+    t.join(5)
+    rt.flush()  # free again: a whole flush
+    assert "recorder_held" not in open_job(tmp_path).meta()[0]
