@@ -226,7 +226,9 @@ class Runtime:
         """Whether the recorder's lock can be had within :data:`RECORDER_WAIT_S`. Hooks hold
         it for microseconds, unless the main thread froze inside one (a signal handler that
         never returns, a debugger's breakpoint): a flush would then wait behind it for good,
-        and with no heartbeat the rank would read as stopped while only its main thread is."""
+        and with no heartbeat the rank would read as stopped while only its main thread is.
+        (A hook that freezes in the microseconds between this check and the flush's own use
+        of the recorder still stops the flushes.)"""
         if not self.rec.lock.acquire(timeout=RECORDER_WAIT_S):
             return False
         self.rec.lock.release()
