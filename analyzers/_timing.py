@@ -37,13 +37,11 @@ def with_analysis_durations(events: pl.DataFrame) -> pl.DataFrame:
     have = [c for c in TIMING_COLUMNS if c in events.columns]
     if not have or "duration_ns" not in events.columns:
         return events
-    dur = pl.col("duration_ns")
+    dur, host = pl.col("duration_ns"), pl.lit(True)
     if "end_source" in have:
-        dur = pl.when(pl.col("end_source").cast(pl.Utf8) == "watchdog").then(None) \
-            .otherwise(dur)
-    host = pl.lit(True)
-    if "end_source" in have:
-        host = host & (pl.col("end_source").cast(pl.Utf8) != "watchdog").fill_null(True)
+        watchdog = (pl.col("end_source").cast(pl.Utf8) == "watchdog").fill_null(False)
+        dur = pl.when(watchdog).then(None).otherwise(dur)
+        host = ~watchdog
     if "device_duration_ns" in have:
         dur = pl.coalesce(pl.col("device_duration_ns"), dur)
         host = host & pl.col("device_duration_ns").is_null()
