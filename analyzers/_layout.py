@@ -2,11 +2,15 @@
 
 No configuration: the groups in the rows say it. Point-to-point pairs that chain ranks into
 paths are pipelines; a rank's position on its path is its stage (stage 0 is the end that sends
-first: the forward pass starts there). Collective groups that stay within one stage are that
-stage's tensor- and data-parallel groups: of two families of groups that split a stage, the one
-with more collectives per step is tensor parallel (an all-reduce per layer in forward and
-backward), the other data parallel (the gradients once a step). A group over several stages (the
-world, an embedding group tying the first and last stage) is left out.
+first: the forward pass starts there). An interleaved pipeline (Megatron-LM's virtual stages:
+each rank holds several model chunks) closes the path into a ring, the last stage sending on to
+the first; that pair carries fewer messages than the others (the last chunk goes nowhere, the
+first comes from the data), and the ring is opened there. A ring whose pairs all carry alike
+(context parallel's ring attention) is no pipeline. Collective groups that stay within one
+stage are that stage's tensor- and data-parallel groups: of two families of groups that split a
+stage, the one with more collectives per step is tensor parallel (an all-reduce per layer in
+forward and backward), the other data parallel (the gradients once a step). A group over
+several stages (the world, an embedding group tying the first and last stage) is left out.
 
 What the analyzers take from it is *symmetry*: ranks of one stage do the same work by
 construction (tensor-parallel peers, data-parallel replicas), so a rank slower than its stage's
@@ -134,8 +138,18 @@ def _stages(events: pl.DataFrame, ranks: list[int]
            .select("rank", "peer", "op", "idx"))
     first_op = dict(p2p.sort("idx").group_by("rank", maintain_order=True)
                     .agg(pl.col("op").first()).iter_rows())
-    pairs = list(p2p.select("rank", "peer").unique().iter_rows())
-    return (*stages_from_pairs(ranks, pairs, first_op), pairs)
+    per = p2p.group_by("rank", "peer").len().rows()
+    pairs = [(int(r), int(q)) for r, q, _ in per]
+    return (*stages_from_pairs(ranks, pairs, first_op, pair_counts(per)), pairs)
+
+
+def pair_counts(per: Iterable[tuple[int, int, float]]) -> dict[tuple[int, int], float]:
+    """``(low rank, high rank) -> ops`` from each rank's ops with each peer (``(rank, peer,
+    ops)``): both ranks' rows of one pair summed."""
+    out: dict[tuple[int, int], float] = defaultdict(float)
+    for r, q, n in per:
+        out[min(int(r), int(q)), max(int(r), int(q))] += float(n)
+    return dict(out)
 
 
 def chains_from_pairs(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
@@ -149,10 +163,14 @@ def chains_from_pairs(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
 
 
 def stages_from_pairs(ranks: Iterable[int], pairs: Iterable[tuple[int, int]],
-                      first_op: Mapping[int, str]) -> tuple[dict[int, int], tuple[str, ...]]:
+                      first_op: Mapping[int, str],
+                      counts: Mapping[tuple[int, int], float] | None = None
+                      ) -> tuple[dict[int, int], tuple[str, ...]]:
     """``(rank -> stage, notes)`` from who sends to or receives from whom: ``pairs`` of
     global ranks, and each rank's first send/recv op (``first_op``: stage 0 is the end of a
-    chain whose first op is a send). Every rank is at stage 0 when the pairs chain no path."""
+    chain whose first op is a send). A ring is opened at its pair with the fewest ops
+    (``counts``: :func:`pair_counts`; see the module). Every rank is at stage 0 when the
+    pairs chain no path."""
     ranks = sorted(ranks)
     flat = {r: 0 for r in ranks}
     adj: dict[int, set[int]] = defaultdict(set)
@@ -177,13 +195,17 @@ def stages_from_pairs(ranks: Iterable[int], pairs: Iterable[tuple[int, int]],
                     seen.add(n)
                     todo.append(n)
         ends = [r for r in comp if len(adj[r]) == 1]
-        if len(ends) != 2 or any(len(adj[r]) > 2 for r in comp):
+        cut = _ring_cut(comp, adj, counts or {})
+        if cut is not None:  # an interleaved pipeline: its ends are the light pair's
+            ends = list(cut)
+        elif len(ends) != 2 or any(len(adj[r]) > 2 for r in comp):
             note = (f"send/recv among ranks {min(comp)}..{max(comp)} form no chain (not a "
                     "pipeline): no stages")
             return flat, (note,)
         # stage 0 is the end whose first point-to-point op is a send (the forward starts)
         head = min(ends, key=lambda r: (str(first_op.get(r)) != "send", r))
-        order, prev = [head], None
+        order = [head]
+        prev = next(r for r in ends if r != head) if cut is not None else None
         while len(order) < len(comp):
             nxt = next(n for n in adj[order[-1]] if n != prev)
             prev = order[-1]
@@ -197,6 +219,26 @@ def stages_from_pairs(ranks: Iterable[int], pairs: Iterable[tuple[int, int]],
     if loose:
         return flat, (f"ranks {loose[:8]} are on no pipeline: no stages",)
     return stage, ()
+
+
+#: A ring is opened at a pair that carries at most this share of the next lightest's ops: an
+#: interleaved pipeline of v chunks gives (v - 1) / v (7/8 at 8 chunks); a ring whose pairs
+#: carry alike, save for the steps in flight, is none.
+RING_CUT_SHARE = 0.9
+
+
+def _ring_cut(comp: list[int], adj: Mapping[int, set[int]],
+              counts: Mapping[tuple[int, int], float]) -> tuple[int, int] | None:
+    """The pair to open a ring of 3 or more ranks at, or None (not a ring, or no pair
+    clearly lighter than the others)."""
+    if len(comp) < 3 or any(len(adj[r]) != 2 for r in comp):
+        return None
+    edges = sorted({(min(r, q), max(r, q)) for r in comp for q in adj[r]},
+                   key=lambda e: counts.get(e, 0.0))
+    light, nxt = counts.get(edges[0], 0.0), counts.get(edges[1], 0.0)
+    if nxt <= 0 or light > RING_CUT_SHARE * nxt:
+        return None
+    return edges[0]
 
 
 def _stage_groups(events: pl.DataFrame, stage: dict[int, int], world: int,

@@ -6,9 +6,10 @@ Per rank, a step is a sequence of communication ops (by issue order) with the ra
 before each: the time since it was last free (the end of its previous blocking op, the issue
 of its previous asynchronous one, or for the step's first op the end of the previous step).
 Where the rank waited for its asynchronous ops (DDP's buckets before the optimizer, isends
-before the gradient all-reduce), the sequence holds a *wait*, placed as
-:func:`~ringwatch.analyzers._work.compute_step_work` counts it: after the last op issued before
-the last of them completed. The replay runs every rank's sequence from a common start:
+before the gradient all-reduce, an asynchronous receive's data), the sequence holds a *wait*,
+placed as :func:`~ringwatch.analyzers._work.compute_step_work` counts it: after the last op
+issued before the last of them (or the receive) completed. The replay runs every rank's
+sequence from a common start:
 
 * an asynchronous op is issued and the rank goes on; it completes as a blocking one would;
 * a collective ends, on every member, when the last member has arrived plus its transfer time
@@ -73,8 +74,9 @@ def _ops(rows: pl.DataFrame, lead: dict[int, int]) -> dict[int, list[_Op]]:
             return {}
         asyncs = [r["mono_end_ns"] for r in recs if not r["_blk"]]
         waited = max(asyncs) if asyncs else None
-        wait_after = max((i for i, r in enumerate(recs) if r["mono_start_ns"] <= waited),
-                         default=None) if waited is not None else None
+        starts = [r["mono_start_ns"] for r in recs]
+        wait_after = _last_issued(starts, waited) if waited is not None else None
+        recv_waits: dict[int, list] = defaultdict(list)  # place -> (end, key) of async recvs
         seq, pending, free = [], [], lead.get(rank)
         for i, r in enumerate(recs):
             start, end = r["mono_start_ns"], r["mono_end_ns"]
@@ -92,12 +94,23 @@ def _ops(rows: pl.DataFrame, lead: dict[int, int]) -> dict[int, list[_Op]]:
             seq.append(_Op(rank, key, blocking, work, float(r["_xfer"]), took_ns=end - start))
             if not blocking:
                 pending.append(key)
+                if key[0] == "r":  # its data is waited for before it is used
+                    recv_waits[_last_issued(starts, end)].append((end, key))
             free = end if blocking else start
+            for at, waited_key in sorted(recv_waits.pop(i, ())):
+                if at > free:
+                    seq.append(_Op(rank, ("w", rank, r["step"]), True, 0.0, 0.0, [waited_key]))
+                    free = at
             if i == wait_after and waited > free:
                 seq.append(_Op(rank, ("w", rank, r["step"]), True, 0.0, 0.0, pending))
                 pending, free = [], waited
         out[rank] = seq
     return out
+
+
+def _last_issued(starts: list[int], at: int) -> int:
+    """The place of the last op issued by ``at`` (``starts`` in issue order)."""
+    return max((i for i, s in enumerate(starts) if s <= at), default=0)
 
 
 class _Sim:

@@ -79,18 +79,11 @@ def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
     done = rows.filter(pl.col("_end").is_not_null() & (pl.col("_end") >= pl.col("mono_start_ns")))
     blk = (done.filter(pl.col("_blk") & pl.col("_host"))
            .select("rank", "step", "mono_start_ns", pl.col("_end").alias("mono_end_ns")))
-    # The step's asynchronous ops (DDP's buckets, isends) are waited for before the step
-    # ends: from the rank's last own activity before the last of them completes (its last
-    # issue, or the end of its last blocking op) to that completion, it is blocked.
-    last_async = (done.filter(~pl.col("_blk"))
-                  .group_by("rank", "step").agg(pl.col("_end").max().alias("_ae")))
-    free = pl.when(pl.col("_blk")).then(pl.col("_end")).otherwise(pl.col("mono_start_ns"))
-    waits = (done.join(last_async, on=["rank", "step"])
-             .filter(pl.col("mono_start_ns") <= pl.col("_ae"))
-             .group_by("rank", "step").agg(free.max().alias("_free"), pl.col("_ae").first())
-             .filter(pl.col("_ae") > pl.col("_free"))
-             .select("rank", "step", pl.col("_free").alias("mono_start_ns"),
-                     pl.col("_ae").alias("mono_end_ns")))
+    # A rank waits for its asynchronous ops: for the step's (DDP's buckets, isends) before
+    # the step ends, for an asynchronous receive (batch_isend_irecv) before its data is used.
+    # From its last own activity before such an op completes (its last issue, or the end of
+    # its last blocking op) to that completion, it is blocked.
+    waits = _async_waits(done)
     blk = pl.concat([blk, waits], how="vertical_relaxed").sort("rank", "step", "mono_start_ns")
     busy = (_merged_ns(blk, "mono_start_ns", "mono_end_ns", ["rank", "step"])
             .join(device, on=["rank", "step"], how="full", coalesce=True)
@@ -105,6 +98,30 @@ def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
                     ((pl.col("_dur") - pl.col("merged_ns")).clip(lower_bound=0) / 1e6)
                     .alias("work_ms"))
             .sort("rank", "step"))
+
+
+def _async_waits(done: pl.DataFrame) -> pl.DataFrame:
+    """(rank, step, mono_start_ns, mono_end_ns): the waits for asynchronous ops of
+    :func:`compute_step_work` (``done``: its finished rows with ``_blk`` and ``_end``)."""
+    last = (done.filter(~pl.col("_blk")).group_by("rank", "step")
+            .agg(pl.col("_end").max().alias("_t")))
+    recvs = (done.filter(~pl.col("_blk") & (pl.col("op") == "recv"))
+             .select("rank", "step", pl.col("_end").alias("_t")))
+    targets = pl.concat([last, recvs], how="vertical_relaxed").unique().sort("_t")
+    if targets.is_empty():
+        return pl.DataFrame(schema={"rank": done.schema["rank"], "step": done.schema["step"],
+                                    "mono_start_ns": pl.Int64, "mono_end_ns": pl.Int64})
+    # the rank's last own activity up to each row's issue, within the step
+    free = (done.sort("mono_start_ns")
+            .select("rank", "step", pl.col("mono_start_ns").alias("_t"),
+                    pl.when(pl.col("_blk")).then(pl.col("_end"))
+                    .otherwise(pl.col("mono_start_ns")).cum_max().over("rank", "step")
+                    .alias("_free")))
+    return (targets.join_asof(free, on="_t", by=["rank", "step"], strategy="backward",
+                              check_sortedness=False)  # both sorted by _t above
+            .filter(pl.col("_free").is_not_null() & (pl.col("_t") > pl.col("_free")))
+            .select("rank", "step", pl.col("_free").cast(pl.Int64).alias("mono_start_ns"),
+                    pl.col("_t").cast(pl.Int64).alias("mono_end_ns")))
 
 
 def reported_steps(work: pl.DataFrame) -> pl.DataFrame:

@@ -92,6 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step (--pp)")
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
                    help="pipeline schedule (--pp)")
+    p.add_argument("--vpp", type=int, default=1,
+                   help="model chunks per rank (> 1: an interleaved pipeline, the last stage "
+                        "sends on to the first; --pp)")
+    p.add_argument("--p2p", choices=("plain", "batched"), default="plain",
+                   help="plain: isend and blocking recv; batched: a send goes with the next "
+                        "receive in one batch_isend_irecv, as Megatron-LM's (--pp)")
     p.add_argument("--last-stage-factor", type=float, default=1.0,
                    help="the last stage does this many times the compute, by design (--pp)")
     p.add_argument("--vary-seq", type=float, default=1.0,

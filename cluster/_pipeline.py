@@ -10,6 +10,11 @@ all-reduced over its data-parallel group (one flat buffer), then the SGD update.
 
 Schedules (``--schedule``): ``gpipe`` (every micro-batch forward, then every one backward) or
 ``1f1b`` (after ``pp - stage - 1`` warm-up forwards, one forward then one backward).
+``--vpp V`` > 1 gives each rank V model chunks, virtual stage ``chunk * pp + stage`` (as
+Megatron-LM's interleaved schedule places them): the last stage sends on to the first, so the
+send/recv pairs form a ring, and the schedule is breadth-first (each chunk's forwards in turn,
+then the backwards in reverse). ``--p2p batched`` sends as Megatron-LM does by default: a send
+goes with the next receive in one ``batch_isend_irecv`` (see :class:`_P2P`).
 
 ``--step-sleep-ms`` is spent in the micro-batches (a third in each forward, two thirds in each
 backward), as a GPU's compute keeps the host idle. Workloads with imbalance by design:
@@ -108,15 +113,20 @@ class PipelineStep:
         import torch
 
         self.args, self.lay, self.dp_group, self.device = args, lay, dp_group, device
-        per = max(1, args.layers // lay.pp)
-        torch.manual_seed(1000 * lay.stage + lay.tp_index)  # a shard is the same on replicas
-        if lay.tp > 1:
-            self.model = blocks_fn(args, tp_group, lay.tp, per).to(device)
-        else:
-            layers = []
-            for _ in range(per):
-                layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
-            self.model = torch.nn.Sequential(*layers).to(device)
+        self.chunks = max(1, int(getattr(args, "vpp", 1)))
+        per = max(1, args.layers // (lay.pp * self.chunks))
+        parts = []
+        for c in range(self.chunks):  # a shard is the same on replicas
+            torch.manual_seed(1000 * (c * lay.pp + lay.stage) + lay.tp_index)
+            if lay.tp > 1:
+                parts.append(blocks_fn(args, tp_group, lay.tp, per).to(device))
+            else:
+                layers = []
+                for _ in range(per):
+                    layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
+                parts.append(torch.nn.Sequential(*layers).to(device))
+        self.parts = parts
+        self.model = parts[0] if len(parts) == 1 else torch.nn.ModuleList(parts)
         self.params = [p for p in self.model.parameters()]
         self.extra = None
         #: Host-side time per step (s), as a GPU's compute keeps the host idle: spread over
@@ -132,56 +142,67 @@ class PipelineStep:
         lo, hi = max(1, round(self.args.batch / spread)), round(self.args.batch * spread)
         return rng.randint(lo, hi)
 
+    def _neighbours(self, chunk: int) -> tuple[int | None, int | None]:
+        """The ranks before and after this rank's ``chunk`` (virtual stage ``chunk * pp +
+        stage``): None at either end of the whole model."""
+        lay, v = self.lay, chunk * self.lay.pp + self.lay.stage
+        last = self.chunks * lay.pp - 1
+        return (None if v == 0 else lay.at((v - 1) % lay.pp),
+                None if v == last else lay.at((v + 1) % lay.pp))
+
     def step(self, n: int) -> None:
         import torch
         import torch.distributed as dist
 
-        lay, args = self.lay, self.args
-        prev = None if lay.first else lay.at(lay.stage - 1)
-        nxt = None if lay.last else lay.at(lay.stage + 1)
+        lay, args, chunks = self.lay, self.args, self.chunks
         mbs = args.micro_batches
-        inputs, outputs, sizes = [None] * mbs, [None] * mbs, [args.batch] * mbs
-        # sends do not block (isend, waited at the end of the step): with blocking sends two
-        # neighbours that both send first (1F1B's steady state) wait for each other for good
-        sent = []
+        inputs, outputs = {}, {}
+        sizes = [args.batch] * mbs
+        p2p = _P2P(getattr(args, "p2p", "plain") == "batched")
 
-        def send(t, dst: int) -> None:
-            sent.append((dist.isend(t, dst=dst), t))
-
-        def forward(m: int) -> None:
-            rows = self._rows(n, m)
+        def forward(m: int, c: int = 0) -> None:
+            prev, nxt = self._neighbours(c)
+            rows = self._rows(n, m) if c == 0 else sizes[m]
             if prev is None:
                 g = torch.Generator().manual_seed(n * 1_000_003 + m * 1009 + lay.replica)
                 x = torch.randn(rows, args.width, generator=g).to(self.device)
             else:
                 x = torch.empty(rows, args.width, device=self.device)
-                dist.recv(x, src=prev)
+                p2p.recv(x, prev)
                 x.requires_grad_()
-            if self.extra is not None:
+            if self.extra is not None and c == 0:
                 self.extra(rows)
             if self.sleep_s:  # the idle time grows with the micro-batch's rows
-                time.sleep(self.sleep_s * rows / args.batch / (3 * mbs))
-            y = self.model(x)
+                time.sleep(self.sleep_s * rows / args.batch / (3 * mbs * chunks))
+            y = self.parts[c](x)
             if nxt is not None:
-                send(y.detach().contiguous(), nxt)
-            inputs[m], outputs[m] = x, y.square().mean() if nxt is None else y
+                p2p.send(y.detach().contiguous(), nxt)
+            inputs[m, c], outputs[m, c] = x, y.square().mean() if nxt is None else y
             sizes[m] = rows
 
-        def backward(m: int) -> None:
-            y = outputs[m]
+        def backward(m: int, c: int = 0) -> None:
+            prev, nxt = self._neighbours(c)
+            y = outputs[m, c]
             if self.sleep_s:
-                time.sleep(2 * self.sleep_s * sizes[m] / args.batch / (3 * mbs))
+                time.sleep(2 * self.sleep_s * sizes[m] / args.batch / (3 * mbs * chunks))
             if nxt is None:
                 y.backward()
             else:
                 grad = torch.empty_like(y)
-                dist.recv(grad, src=nxt)
+                p2p.recv(grad, nxt)
                 y.backward(grad)
             if prev is not None:
-                send(inputs[m].grad.contiguous(), prev)
-            inputs[m] = outputs[m] = None
+                p2p.send(inputs[m, c].grad.contiguous(), prev)
+            inputs[m, c] = outputs[m, c] = None
 
-        if args.schedule == "gpipe":
+        if chunks > 1:  # interleaved, breadth-first: each chunk's forwards, then backwards
+            for c in range(chunks):
+                for m in range(mbs):
+                    forward(m, c)
+            for c in reversed(range(chunks)):
+                for m in range(mbs):
+                    backward(m, c)
+        elif args.schedule == "gpipe":
             for m in range(mbs):
                 forward(m)
             for m in range(mbs):
@@ -195,8 +216,7 @@ class PipelineStep:
                 backward(m - warm)
             for m in range(mbs - warm, mbs):
                 backward(m)
-        for work, _ in sent:
-            work.wait()
+        p2p.finish()
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.dp_group is not None and grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -210,3 +230,52 @@ class PipelineStep:
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+
+
+class _P2P:
+    """A step's sends and receives. Plain: sends asynchronous (``isend``, waited at the end of
+    the step), receives blocking; with blocking sends two neighbours that both send first
+    (1F1B's steady state) would wait for each other for good. Batched (``--p2p batched``, as
+    Megatron-LM's default): a send is held and goes with the next receive in one
+    ``batch_isend_irecv`` whose works are all waited (Megatron's ``send_forward_recv_backward``
+    and ``send_backward_recv_forward``); one left at the end goes alone."""
+
+    def __init__(self, batched: bool):
+        self.batched, self.held, self.sent = batched, None, []
+
+    def send(self, t, dst: int) -> None:
+        import torch.distributed as dist
+
+        if not self.batched:
+            self.sent.append((dist.isend(t, dst=dst), t))
+            return
+        self._flush()
+        self.held = (t, dst)
+
+    def recv(self, t, src: int) -> None:
+        import torch.distributed as dist
+
+        if not self.batched:
+            dist.recv(t, src=src)
+            return
+        ops = [] if self.held is None else [dist.P2POp(dist.isend, *self.held)]
+        self.held = None
+        ops.append(dist.P2POp(dist.irecv, t, src))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    def _flush(self) -> None:
+        import torch.distributed as dist
+
+        if self.held is not None:
+            t, dst = self.held
+            self.held = None
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, t, dst)]):
+                work.wait()
+
+    def finish(self) -> None:
+        """The step's last send goes; every send of the step has completed."""
+        self._flush()
+        for work, _ in self.sent:
+            work.wait()
+        self.sent.clear()

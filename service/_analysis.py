@@ -91,13 +91,14 @@ def live_stages(jl: JobLive) -> dict[int, int] | None:
     """``rank -> pipeline stage`` from the send/recv peers the agents report, as
     ``ringwatch analyze`` infers them from the rows; None without any (no pipeline: one
     class of ranks)."""
-    from ringwatch.analyzers._layout import stages_from_pairs
+    from ringwatch.analyzers._layout import pair_counts, stages_from_pairs
 
     pairs = live_pairs(jl)
     if not pairs:
         return None
     first = {r: rl.first_p2p_op for r, rl in jl.ranks.items() if rl.first_p2p_op}
-    stage, _ = stages_from_pairs(jl.ranks, pairs, first)
+    ops = pair_counts((r, q, n) for r, rl in jl.ranks.items() for q, n in rl.p2p_peers.items())
+    stage, _ = stages_from_pairs(jl.ranks, pairs, first, ops)
     return stage
 
 

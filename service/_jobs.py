@@ -72,9 +72,10 @@ class RankLive:
     #: The newest step of its latest push that carried steps, and when that push came (ns).
     claim_step: int | None = None
     claim_ns: int = 0
-    #: Its send/recv peers (global ranks, at most ``MAX_P2P_PEERS``) and its first send/recv
-    #: op: the job's pipeline stages are read from them (``ringwatch.analyzers._layout``).
-    p2p_peers: set[int] = field(default_factory=set)
+    #: Its send/recv peers (global rank -> ops with it so far; at most ``MAX_P2P_PEERS``)
+    #: and its first send/recv op: the job's pipeline stages are read from them
+    #: (``ringwatch.analyzers._layout``).
+    p2p_peers: dict[int, float] = field(default_factory=dict)
     first_p2p_op: str = ""
 
 
@@ -113,7 +114,7 @@ class _Resource:
     pending: list[tuple[str, str, float]] = field(default_factory=list)  # (pg, op, age s)
     rank_step: int | None = None
     log_age_s: float | None = None
-    p2p: list[tuple[int, str]] = field(default_factory=list)  # (peer, its first op)
+    p2p: list[tuple[int, str, float]] = field(default_factory=list)  # (peer, first op, ops)
     work: list[tuple[int, str, float]] = field(default_factory=list)  # (step, field, value)
     points: int = 0
 
@@ -199,9 +200,10 @@ def _read_point(r: _Resource, name: str, a: dict, v: float) -> bool:
     elif name == _P2P:
         peer = B.as_int(a.get("ringwatch.p2p.peer"), B.MAX_RANK)
         first = a.get("ringwatch.p2p.first_op", "")
-        if peer is None or first not in _P2P_OPS or B.as_amount(v, B.MAX_COUNT) is None:
+        ops = B.as_amount(v, B.MAX_COUNT)
+        if peer is None or first not in _P2P_OPS or ops is None:
             return False
-        r.p2p.append((peer, first))
+        r.p2p.append((peer, first, ops))
     elif name == _LOG_AGE:
         age_s = B.as_amount(v, B.MAX_DURATION_S)
         if age_s is None:
@@ -348,11 +350,11 @@ class Jobs:
             frontier[pg] = seq
         for pg, op, age_s in r.pending:
             rl.pending = (pg, op, now_ns - int(age_s * 1e9)) if pg and age_s > 0 else None
-        for peer, first in r.p2p:
+        for peer, first, ops in r.p2p:
             if peer not in rl.p2p_peers and len(rl.p2p_peers) >= B.MAX_P2P_PEERS:
                 bad += 1
                 continue
-            rl.p2p_peers.add(peer)
+            rl.p2p_peers[peer] = ops
             rl.first_p2p_op = first or rl.first_p2p_op
         if r.rank_step is not None:
             rl.step = r.rank_step

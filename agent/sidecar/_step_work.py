@@ -9,8 +9,9 @@ clock:
 * the step begins at its first communication and lasts to the next step's first;
 * blocked: the time inside blocking rows (collectives, receives, waits: ``async_op`` false;
   where a row does not say, a receive or a collective, not a send), overlaps once, plus the
-  wait for the step's asynchronous ones (DDP's buckets, isends): from the rank's last own
-  activity before the last of them completes to that completion;
+  wait for the step's asynchronous ones (DDP's buckets, isends) and for each asynchronous
+  receive's data (``batch_isend_irecv``): from the rank's last own activity before the last
+  of them (or the receive) completes to that completion;
 * a row timed on the device (NCCL's CUDA events) adds its device duration if it blocks (a
   receive always: on the device the next kernel needs its data), and one whose end only the
   NCCL watchdog saw adds nothing: its host interval is not its time in the op
@@ -22,6 +23,7 @@ the next one), then folded into two numbers; at most :data:`MAX_ROWS` rows per s
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 #: Rows of one step kept until it is folded (a step of more is summed from its first ones).
@@ -34,21 +36,21 @@ class StepWork:
 
     #: Monotonic ns of its first communication.
     begin_ns: int | None = None
-    #: (start, end, async_op, host-timed) of its finished rows, until :meth:`fold`.
-    rows: list[tuple[int, int, bool | None, bool]] = field(default_factory=list)
+    #: (start, end, async_op, host-timed, a receive) of its finished rows, until :meth:`fold`.
+    rows: list[tuple[int, int, bool | None, bool, bool]] = field(default_factory=list)
     #: Time blocked (ns), once folded.
     blocked_ns: int | None = None
     #: Device durations (ns) of its blocking rows timed on the device.
     device_ns: int = 0
 
     def add(self, start: int | None, end: int | None, async_op: bool | None,
-            host: bool = True) -> None:
+            host: bool = True, recv: bool = False) -> None:
         if start is None:
             return
         self.begin_ns = start if self.begin_ns is None else min(self.begin_ns, start)
         if end is not None and end >= start and self.blocked_ns is None \
                 and len(self.rows) < MAX_ROWS:
-            self.rows.append((start, end, async_op, host))
+            self.rows.append((start, end, async_op, host, recv))
 
     def fold(self) -> None:
         """Sum the blocked time and let the rows go."""
@@ -57,18 +59,26 @@ class StepWork:
             self.rows = []
 
 
-def blocked_ns(rows: list[tuple[int, int, bool | None, bool]]) -> int:
-    """Time blocked in ``rows`` ((start, end, async_op, host-timed), finished): see the
-    module; rows timed on the device count here only for the wait for the asynchronous ones
-    (their blocking ones are summed apart)."""
-    spans = [(s, e) for s, e, a, h in rows if a is False and h]
-    async_end = max((e for _, e, a, _ in rows if a is True), default=None)
+def blocked_ns(rows: list[tuple[int, int, bool | None, bool, bool]]) -> int:
+    """Time blocked in ``rows`` ((start, end, async_op, host-timed, a receive), finished):
+    see the module; rows timed on the device count here only for the waits for the
+    asynchronous ones (their blocking ones are summed apart)."""
+    spans = [(s, e) for s, e, a, h, _ in rows if a is False and h]
+    async_end = max((e for _, e, a, _, _ in rows if a is True), default=None)
     if async_end is not None:
-        # the rank's last own activity before the last asynchronous op completes: the end of
-        # a blocking row, or the issue of an asynchronous one
-        free = max(e if a is False else s for s, e, a, _ in rows if s <= async_end)
-        if async_end > free:
-            spans.append((free, async_end))
+        targets = {async_end, *(e for _, e, a, _, rv in rows if a is True and rv)}
+        # the rank's last own activity before each: the end of a blocking row, or the
+        # issue of an asynchronous one
+        order = sorted(rows)
+        starts, free, most = [], [], None
+        for s, e, a, _, _ in order:
+            most = (e if a is False else s) if most is None else max(most, e if a is False else s)
+            starts.append(s)
+            free.append(most)
+        for t in targets:
+            at = bisect_right(starts, t) - 1
+            if at >= 0 and t > free[at]:
+                spans.append((free[at], t))
     total, open_s, open_e = 0, None, None
     for s, e in sorted(spans):
         if open_e is None or s > open_e:
@@ -86,6 +96,7 @@ def add_row(work: dict[int, StepWork], step: int, r: dict) -> None:
     if w is None:
         w = work[step] = StepWork()
     asyn = r.get("async_op")
+    recv = r.get("op") == "recv"
     asyn = r.get("op") == "send" if asyn is None else asyn
     start, end, dev = r.get("mono_start_ns"), r.get("mono_end_ns"), r.get("device_duration_ns")
     if dev is None and r.get("end_source") == "watchdog":
@@ -93,12 +104,12 @@ def add_row(work: dict[int, StepWork], step: int, r: dict) -> None:
     elif dev is not None:
         # on the device a receive blocks, waited for at once or not; the row ends, as far
         # as the host can place it, its device duration after its issue
-        asyn = bool(asyn) and r.get("op") != "recv"
+        asyn = bool(asyn) and not recv
         if not asyn and start is not None and w.blocked_ns is None:
             w.device_ns += dev
-        w.add(start, None if start is None else start + dev, asyn, host=False)
+        w.add(start, None if start is None else start + dev, asyn, host=False, recv=recv)
     else:
-        w.add(start, end, asyn)
+        w.add(start, end, asyn, recv=recv)
 
 
 def fold_before(work: dict[int, StepWork], step: int) -> None:

@@ -57,15 +57,33 @@ def test_a_real_pipeline_jobs_blocked_time_per_step_as_post_mortem(name, shape):
 def test_the_wait_for_asynchronous_ops_counts_once_after_the_last_own_activity():
     # a blocking op 0-10, two async ops issued at 12 and 14 completing at 30 and 40, a
     # blocking op 20-25 meanwhile: blocked 0-10, 20-25, and 25-40 waiting for the async ones
-    rows = [(0, 10, False, True), (12, 30, True, True), (14, 40, True, True),
-            (20, 25, False, True)]
+    rows = [(0, 10, False, True, False), (12, 30, True, True, False),
+            (14, 40, True, True, False), (20, 25, False, True, False)]
     assert blocked_ns(rows) == 10 + 5 + 15
-    assert blocked_ns([(0, 10, False, True), (5, 12, False, True)]) == 12  # overlaps once
-    assert blocked_ns([(0, 10, True, True)]) == 10  # issued and waited for at once
+    assert blocked_ns([(0, 10, False, True, False), (5, 12, False, True, False)]) == 12
+    assert blocked_ns([(0, 10, True, True, False)]) == 10  # issued and waited for at once
     assert blocked_ns([]) == 0
     # a blocking row timed on the device is summed apart (its interval is the host's guess);
     # it still ends the rank's own activity before the wait for the asynchronous ones
-    assert blocked_ns([(0, 10, False, False), (12, 30, True, True)]) == 30 - 12
+    assert blocked_ns([(0, 10, False, False, False), (12, 30, True, True, False)]) == 30 - 12
+
+
+def test_an_asynchronous_receive_is_waited_for_before_the_rank_goes_on():
+    # batch_isend_irecv: an isend and an irecv issued at 0 and 1, the receive's data in at
+    # 20 (waited for), work 20-50, a second pair issued at 50 and 51, in at 60, the sends
+    # done at 2 and 52: blocked 1-20 and 51-60, not the work between
+    rows = [(0, 2, True, True, False), (1, 20, True, True, True),
+            (50, 52, True, True, False), (51, 60, True, True, True)]
+    assert blocked_ns(rows) == 19 + 9
+    # the same rows post-mortem
+    ev = pl.DataFrame({
+        "rank": [0] * 5, "step": [0, 0, 0, 0, 1], "idx": list(range(5)),
+        "op": ["send", "recv", "send", "recv", "send"], "async_op": [True] * 5,
+        "mono_start_ns": [0, 1, 50, 51, 100], "mono_end_ns": [2, 20, 52, 60, 101]})
+    got = compute_step_work(with_analysis_durations(
+        ev.with_columns(pl.col("op").cast(pl.Categorical),
+                        (pl.col("mono_end_ns") - pl.col("mono_start_ns")).alias("duration_ns"))))
+    assert got.filter(pl.col("step") == 0)["blocked_ms"].to_list() == [pytest.approx(28e-6)]
 
 
 def test_a_step_is_given_once_folded_with_its_next_steps_begin():
