@@ -390,7 +390,8 @@ class OnlineWindow:
                 "warmup_steps": self.warmup_found,
                 "imbalance_since": [[c, list(r), s] for (c, r), s in
                                     sorted(self.imbalance_since.items())],
-                "work_imbalance": [f.to_dict() for f in self.work_imbalance]}
+                "work_imbalance": [f.to_dict() for f in self.work_imbalance],
+                "work": _work_state(self.work)}
 
     def restore(self, state: dict) -> None:
         """Take back what :meth:`state` gave (a window reopened after a restart). Raises
@@ -418,6 +419,7 @@ class OnlineWindow:
             since = {(str(c), tuple(int(x) for x in r)): int(v)
                      for c, r, v in state.get("imbalance_since", [])}
             work_imbalance = tuple(_finding(d) for d in state.get("work_imbalance", []))
+            work = _work_frame(state.get("work"))
             for v in (first, until, warmup, drift):
                 if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                     raise ValueError(f"step {v!r} is not an integer")
@@ -431,6 +433,43 @@ class OnlineWindow:
         self.imbalance, self.episodes, self.ended = imbalance, episodes, ended
         self.warmup_found = warmup
         self.imbalance_since, self.work_imbalance = since, work_imbalance
+        self.work = work
+
+
+#: A window state keeps at most this many (rank, step) rows of a pipeline's step and blocked
+#: time: every step of the window up to 1,024 ranks, the newest steps that fit beyond.
+STATE_WORK_ROWS = 65_536
+_WORK_SCHEMA = {"rank": pl.Int32, "step": pl.Int64, "step_ms": pl.Float64,
+                "blocked_ms": pl.Float64, "work_ms": pl.Float64}
+
+
+def _work_state(work: pl.DataFrame | None) -> dict | None:
+    """A pipeline's step and blocked times as columns (the newest steps, at most
+    :data:`STATE_WORK_ROWS` rows): a window reopened after a restart judges the steps it
+    held, not only those after it (an onset just before the restart stays where it was)."""
+    if work is None or work.is_empty():
+        return None
+    ranks = max(1, work["rank"].n_unique())
+    keep = max(1, STATE_WORK_ROWS // ranks)
+    newest = work["step"].unique().sort(descending=True).head(keep)
+    kept = work.filter(pl.col("step").is_in(newest.implode()))
+    return {c: kept[c].to_list() for c in _WORK_SCHEMA}
+
+
+def _work_frame(cols) -> pl.DataFrame | None:
+    """The frame :func:`_work_state` wrote; ``ValueError`` on anything else."""
+    if cols is None:
+        return None
+    if not isinstance(cols, dict) or set(cols) != set(_WORK_SCHEMA) \
+            or len({len(v) if isinstance(v, list) else -1 for v in cols.values()}) != 1 \
+            or len(cols["rank"]) > STATE_WORK_ROWS:
+        raise ValueError("work: not the columns of a window's step times")
+    frame = pl.DataFrame(cols, schema=_WORK_SCHEMA, strict=True)
+    if frame.null_count().sum_horizontal().item() or (frame["rank"] < 0).any() \
+            or (frame.select(pl.col("step_ms", "blocked_ms", "work_ms") < 0)
+                .sum_horizontal().sum() > 0):
+        raise ValueError("work: missing or negative values")
+    return frame.sort("rank", "step")
 
 
 def _with_state(usual: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:

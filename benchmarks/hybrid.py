@@ -2,8 +2,9 @@
 
 Each run is a real `ringwatch cluster` job, dp x tp x pp on Gloo (``cluster/_pipeline.py``: 1F1B
 over 4 micro-batches, ``--idle-ms`` (40) of host idle time per step in the micro-batches),
-tp = pp = 2, 4 ranks per emulated host, 60 steps, then `ringwatch analyze --json` on its logs.
-Cases:
+tp = pp = 2 (``--tp``, ``--pp``; ``--job "--vpp 2 --p2p batched"`` for an interleaved pipeline
+whose sends and receives go as Megatron-LM's), 4 ranks per emulated host, 60 steps, then
+`ringwatch analyze --json` on its logs. Cases:
 
 * ``none``: healthy; right when there is no finding;
 * ``laststage``: the last stage does 2x the work by design; right with one structural
@@ -66,10 +67,11 @@ GPU_LIKE = ["--width", "64", "--batch", "8"]
 
 
 def _cluster_args(case: str, world: int, victim: int, gpu_like: bool = False,
-                  idle_ms: float = 40) -> list[str]:
-    base = ["--nproc", str(world), "--hosts", str(world // 4), "--tp", "2", "--pp", "2",
-            "--steps", "60"]
-    job = ["--step-sleep-ms", f"{idle_ms:g}", *(GPU_LIKE if gpu_like else [])]
+                  idle_ms: float = 40, shape: tuple[int, int, str] = (2, 2, "")) -> list[str]:
+    tp, pp, more = shape
+    base = ["--nproc", str(world), "--hosts", str(world // 4), "--tp", str(tp), "--pp",
+            str(pp), "--steps", "60"]
+    job = ["--step-sleep-ms", f"{idle_ms:g}", *(GPU_LIKE if gpu_like else []), *more.split()]
     if case == "laststage":
         return base + ["--fault", "none", "--", *job, "--last-stage-factor", "2"]
     if case == "varyseq":
@@ -102,6 +104,7 @@ def score(run: Path) -> dict:
     """The run's verdict against what was injected."""
     meta = json.loads((run / "case.json").read_text())
     case, world, victim = meta["case"], meta["world"], meta["victim"]
+    tp, pp = meta.get("tp", 2), meta.get("pp", 2)
     proc = subprocess.run([PY, "-m", "ringwatch._cli", "analyze", "--json", str(run / "logs")],
                           capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -117,9 +120,9 @@ def score(run: Path) -> dict:
         out["live"] = sorted((f["kind"], f["cls"], f["ranks"], f.get("since_step"))
                              for f in live if f["kind"] != "hang")
         out["live_agrees"] = out["live"] == sorted(out["findings"])
-    dp = world // 4
-    last_stage = list(range(world - 2 * dp, world))
-    if (lay.get("dp"), lay.get("tp"), lay.get("pp")) != (dp, 2, 2):
+    dp = world // (tp * pp)
+    last_stage = list(range(world - tp * dp, world))
+    if (lay.get("dp"), lay.get("tp"), lay.get("pp")) != (dp, tp, pp):
         return {**out, "right": False, "why": f"layout {lay.get('text')}"}
     if case == "none":
         right = not fs
@@ -158,13 +161,14 @@ def _run_live(cmd: list[str], run: Path) -> int:
     return rc
 
 
-def _run_twin(run: Path, world: int, gpu_like: bool, idle_ms: float) -> None:
+def _run_twin(run: Path, world: int, gpu_like: bool, idle_ms: float,
+              shape: tuple[int, int, str]) -> None:
     """The same job as ``run`` without its fault, right after it: ``run/twin``."""
     subprocess.run([PY, "-m", "ringwatch._cli", "cluster", "--clean"], capture_output=True,
                    check=False)
     t0 = time.monotonic()
     cmd = [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run / "twin"),
-           *_cluster_args("none", world, 0, gpu_like, idle_ms)]
+           *_cluster_args("none", world, 0, gpu_like, idle_ms, shape)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     print(f"{run.name}/twin: rc {proc.returncode} in {time.monotonic() - t0:.0f} s", flush=True)
 
@@ -229,6 +233,10 @@ def main(argv=None) -> int:
                          "work is idle time, not CPU taken from the other ranks")
     ap.add_argument("--idle-ms", type=float, default=40,
                     help="host idle time per step, as while a GPU computes (default 40)")
+    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
+    ap.add_argument("--pp", type=int, default=2, help="pipeline stages (default 2)")
+    ap.add_argument("--job", default="",
+                    help="more arguments for the job, e.g. \"--vpp 2 --p2p batched\"")
     ap.add_argument("--no-twins", action="store_true",
                     help="run no fault-free twin after each straggler run")
     ap.add_argument("--live", action="store_true",
@@ -236,6 +244,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     rng = random.Random(args.seed)
+    shape = (args.tp, args.pp, args.job)
     runs: list[Path] = []
     if args.rescore:
         runs = sorted(p.parent for p in out.glob("*/case.json"))
@@ -251,16 +260,17 @@ def main(argv=None) -> int:
                     t0 = time.monotonic()
                     cmd = [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run),
                            *_cluster_args(case, world, victim, args.gpu_like,
-                                         args.idle_ms)]
+                                         args.idle_ms, shape)]
                     rc = _run_live(cmd, run) if args.live else subprocess.run(
                         cmd, capture_output=True, text=True, check=False).returncode
                     (run / "case.json").write_text(json.dumps(
                         {"case": case, "world": world, "victim": victim if case in (
-                            "straggler", "strag0") else None, "rc": rc}))
+                            "straggler", "strag0") else None, "rc": rc, "tp": args.tp,
+                         "pp": args.pp, "job": args.job}))
                     print(f"{run.name}: rc {rc} in {time.monotonic() - t0:.0f} s", flush=True)
                     runs.append(run)
                     if case in ("straggler", "strag0") and not args.no_twins:
-                        _run_twin(run, world, args.gpu_like, args.idle_ms)
+                        _run_twin(run, world, args.gpu_like, args.idle_ms, shape)
     results = [score(r) for r in runs]
     with open(out / "scores.jsonl", "w") as f:
         for r in results:

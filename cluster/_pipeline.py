@@ -236,9 +236,12 @@ class _P2P:
     """A step's sends and receives. Plain: sends asynchronous (``isend``, waited at the end of
     the step), receives blocking; with blocking sends two neighbours that both send first
     (1F1B's steady state) would wait for each other for good. Batched (``--p2p batched``, as
-    Megatron-LM's default): a send is held and goes with the next receive in one
-    ``batch_isend_irecv`` whose works are all waited (Megatron's ``send_forward_recv_backward``
-    and ``send_backward_recv_forward``); one left at the end goes alone."""
+    Megatron-LM's default): every op goes through ``batch_isend_irecv``; a send is held, and
+    when the next receive is from the rank it goes to, the two go in one batch (Megatron's
+    ``send_forward_recv_backward`` and ``send_backward_recv_forward``), else it goes alone.
+    A receive is waited for at once, a send at the end of the step: Megatron waits for the
+    batch's sends too, which with this testbed's breadth-first interleaving and two stages
+    would have both neighbours wait for each other for good."""
 
     def __init__(self, batched: bool):
         self.batched, self.held, self.sent = batched, None, []
@@ -249,7 +252,7 @@ class _P2P:
         if not self.batched:
             self.sent.append((dist.isend(t, dst=dst), t))
             return
-        self._flush()
+        self._release()
         self.held = (t, dst)
 
     def recv(self, t, src: int) -> None:
@@ -258,24 +261,28 @@ class _P2P:
         if not self.batched:
             dist.recv(t, src=src)
             return
-        ops = [] if self.held is None else [dist.P2POp(dist.isend, *self.held)]
-        self.held = None
+        ops = []
+        if self.held is not None and self.held[1] == src:
+            ops.append(dist.P2POp(dist.isend, *self.held))
+            self.held = None
+        self._release()
         ops.append(dist.P2POp(dist.irecv, t, src))
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        works = dist.batch_isend_irecv(ops)
+        works[-1].wait()  # the data; a send goes on, waited at the end of the step
+        self.sent.extend((w, t) for w in works[:-1])
 
-    def _flush(self) -> None:
+    def _release(self) -> None:
         import torch.distributed as dist
 
         if self.held is not None:
             t, dst = self.held
             self.held = None
             for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, t, dst)]):
-                work.wait()
+                self.sent.append((work, t))
 
     def finish(self) -> None:
         """The step's last send goes; every send of the step has completed."""
-        self._flush()
+        self._release()
         for work, _ in self.sent:
             work.wait()
         self.sent.clear()

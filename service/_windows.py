@@ -95,9 +95,14 @@ class WindowStates:
 
 def _key(window) -> tuple:
     """What changes when the state worth saving does: the baseline's freeze, the episodes,
-    and every ``keep_steps`` steps the usual's drift (a restart loses at most that much of
-    it, besides the window's own steps)."""
+    every ``keep_steps`` steps the usual's drift (a restart loses at most that much of it,
+    besides the window's own steps), and with a pipeline each new step of its step and
+    blocked times (the window judges them, and the onset of a straggler not yet shown lies
+    in them)."""
     drift = getattr(window, "drift_step", None)
+    work = getattr(window, "work", None)
+    newest = None if work is None or work.is_empty() or not getattr(window, "pipeline", 0) \
+        else work["step"].max()
     return (window.baseline_until, window.first_step,
             None if drift is None else drift // max(1, window.keep_steps),
-            tuple(sorted((r, e[0], e[1]) for r, e in window.episodes.items())))
+            tuple(sorted((r, e[0], e[1]) for r, e in window.episodes.items())), newest)

@@ -163,3 +163,27 @@ def test_an_onset_is_refined_while_the_window_holds_the_jobs_first_steps(run):
     w.episodes = {2: (3, 5, 30)}
     (g,) = w._episodes((replace(f, since_step=11),))
     assert g.since_step == 3 and w.episodes[2][0] == 3
+
+
+def test_a_pipelines_step_times_are_kept_with_the_state_and_bad_ones_refused():
+    from ringwatch.analyzers import _online
+
+    w = OnlineWindow(keep_steps=40)
+    ranks, steps = 3000, 40  # more than a state keeps: the newest steps that fit
+    w.work = pl.DataFrame({
+        "rank": pl.Series([r for r in range(ranks) for _ in range(steps)], dtype=pl.Int32),
+        "step": [s for _ in range(ranks) for s in range(steps)],
+        "step_ms": [100.0] * (ranks * steps), "blocked_ms": [40.0] * (ranks * steps),
+        "work_ms": [60.0] * (ranks * steps)})
+    state = json.loads(json.dumps(w.state()))
+    back = OnlineWindow(keep_steps=40)
+    back.restore(state)
+    kept = _online.STATE_WORK_ROWS // ranks
+    assert back.work.height == ranks * kept and back.work["step"].min() == steps - kept
+    assert back.work.schema == w.work.schema
+    for bad in ({"rank": [0], "step": [1]},  # columns missing
+                {**state["work"], "step_ms": state["work"]["step_ms"][:-1]},  # ragged
+                {**state["work"], "rank": [-1] * len(state["work"]["rank"])},
+                {**state["work"], "work_ms": ["x"] * len(state["work"]["work_ms"])}):
+        with pytest.raises(ValueError):
+            OnlineWindow().restore({**state, "work": bad})

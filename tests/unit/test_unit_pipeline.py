@@ -215,8 +215,12 @@ def test_a_straggler_that_ends_is_named_with_its_end():
 @pytest.mark.parametrize("name,push", [(n, 5) for n in ("healthy", "laststage", "varyseq",
                                                          "strag-mid", "strag-0", "strag-ends",
                                                          "loaded-burst", "pp4-loaded",
-                                                         "pp4-strag", "pp4-varyseq")]
-                         + [("strag-mid", 1), ("strag-ends", 1), ("pp4-strag", 1)])
+                                                         "pp4-strag", "pp4-varyseq",
+                                                         "vpp-strag", "vpp-laststage",
+                                                         "vb-vary", "vb-strag0",
+                                                         "vb222-strag", "b-strag")]
+                         + [("strag-mid", 1), ("strag-ends", 1), ("pp4-strag", 1),
+                            ("vb222-strag", 1)])
 def test_the_online_window_gives_the_post_mortem_verdicts_through_a_restart(name, push):
     """Streamed ``push`` steps at a time into the service's window (the rows, each rank's step
     and blocked time, some ranks' steps later than others', the layout), with the window's

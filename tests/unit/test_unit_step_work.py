@@ -22,7 +22,8 @@ from fakes import gpu_shaped
 PIPELINE = Path(__file__).resolve().parents[1] / "data" / "pipeline"
 
 
-@pytest.mark.parametrize("name", ["healthy", "strag-mid", "varyseq", "pp4-strag"])
+@pytest.mark.parametrize("name", ["healthy", "strag-mid", "varyseq", "pp4-strag", "b-strag",
+                                  "vb-vary"])
 @pytest.mark.parametrize("shape", ["exact", "gpu", "no-async"])
 def test_a_real_pipeline_jobs_blocked_time_per_step_as_post_mortem(name, shape):
     # rows of a real 8-rank dp x tp x pp job (1F1B over send/recv), fed rank by rank in the
