@@ -33,6 +33,7 @@ estimate.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -109,8 +110,8 @@ def _ops(rows: pl.DataFrame, lead: dict[int, int]) -> dict[int, list[_Op]]:
 
 
 def _last_issued(starts: list[int], at: int) -> int:
-    """The place of the last op issued by ``at`` (``starts`` in issue order)."""
-    return max((i for i, s in enumerate(starts) if s <= at), default=0)
+    """The place of the last op issued by ``at`` (``starts``: issue times in issue order)."""
+    return max(0, bisect_right(starts, at) - 1)
 
 
 class _Sim:
