@@ -112,7 +112,7 @@ def _async_waits(done: pl.DataFrame) -> pl.DataFrame:
         return pl.DataFrame(schema={"rank": done.schema["rank"], "step": done.schema["step"],
                                     "mono_start_ns": pl.Int64, "mono_end_ns": pl.Int64})
     # the rank's last own activity up to each row's issue, within the step
-    free = (done.sort("mono_start_ns")
+    free = (done.select("rank", "step", "mono_start_ns", "_blk", "_end").sort("mono_start_ns")
             .select("rank", "step", pl.col("mono_start_ns").alias("_t"),
                     pl.when(pl.col("_blk")).then(pl.col("_end"))
                     .otherwise(pl.col("mono_start_ns")).cum_max().over("rank", "step")
