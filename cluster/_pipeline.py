@@ -170,7 +170,7 @@ class PipelineStep:
                 x = torch.empty(rows, args.width, device=self.device)
                 p2p.recv(x, prev)
                 x.requires_grad_()
-            if self.extra is not None and c == 0:
+            if self.extra is not None and c == 0:  # once per micro-batch, whatever the chunks
                 self.extra(rows)
             if self.sleep_s:  # the idle time grows with the micro-batch's rows
                 time.sleep(self.sleep_s * rows / args.batch / (3 * mbs * chunks))
