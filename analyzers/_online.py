@@ -465,9 +465,10 @@ def _work_frame(cols) -> pl.DataFrame | None:
             or len(cols["rank"]) > STATE_WORK_ROWS:
         raise ValueError("work: not the columns of a window's step times")
     frame = pl.DataFrame(cols, schema=_WORK_SCHEMA, strict=True)
-    if frame.null_count().sum_horizontal().item() or (frame["rank"] < 0).any() \
-            or (frame.select(pl.col("step_ms", "blocked_ms", "work_ms") < 0)
-                .sum_horizontal().sum() > 0):
+    if frame.is_empty():
+        return None
+    lowest = frame.select(pl.min_horizontal("rank", "step_ms", "blocked_ms", "work_ms").min())
+    if frame.null_count().sum_horizontal().item() or lowest.item() < 0:
         raise ValueError("work: missing or negative values")
     return frame.sort("rank", "step")
 

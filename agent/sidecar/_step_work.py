@@ -69,12 +69,11 @@ def blocked_ns(rows: list[tuple[int, int, bool | None, bool, bool]]) -> int:
         targets = {async_end, *(e for _, e, a, _, rv in rows if a is True and rv)}
         # the rank's last own activity before each: the end of a blocking row, or the
         # issue of an asynchronous one
-        order = sorted(rows)
-        starts, free, most = [], [], None
-        for s, e, a, _, _ in order:
-            most = (e if a is False else s) if most is None else max(most, e if a is False else s)
+        starts, free = [], []
+        for s, e, a, _, _ in sorted(rows):
+            last = e if a is False else s
             starts.append(s)
-            free.append(most)
+            free.append(last if not free else max(free[-1], last))
         for t in targets:
             at = bisect_right(starts, t) - 1
             if at >= 0 and t > free[at]:
