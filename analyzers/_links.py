@@ -10,6 +10,10 @@ link, NIC or switch port lowers it for every group whose traffic crosses it.
 A group is *slow* when its bandwidth stays below ``1 / ratio`` of its usual (its median over
 its first ``baseline_steps`` steps) for ``persist`` steps in a row; of several such runs the
 longest is the one reported (a slow link stays, a burst of load on the machine passes). The
+bar rises with the group's own noise: where its bandwidth varies from step to step by a robust
+spread ``s`` of its logarithm (Gloo's transfers are CPU work, and share a loaded host's cores),
+a step is slow below ``1 / exp(noise * s)`` of the usual too, so that a few steps of load are
+not a link. On a steady fabric (NCCL over InfiniBand: a few percent) the ratio rules. The
 suspects are then narrowed across groups: a link is shared by every slow group that crosses
 hosts (traffic inside one host does not use it) and by no healthy one, so the suspect hosts are
 the hosts common to every slow multi-host group, less the hosts of the healthy multi-host
@@ -102,11 +106,16 @@ def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = 20,
                     min_baseline_steps: int = 5) -> pl.DataFrame:
-    """``pg``, ``usual_MBps``: each group's median bandwidth over its first ``baseline_steps``
-    steps (groups with fewer than ``min_baseline_steps`` of them are left out)."""
+    """``pg``, ``usual_MBps``, ``spread_log``: each group's median bandwidth over its first
+    ``baseline_steps`` steps, and how much it varies from step to step (the robust spread,
+    1.4826 times the median absolute deviation, of the log bandwidth); groups with fewer than
+    ``min_baseline_steps`` of them are left out."""
     seen = pl.col("step").rank("dense").over("pg")  # steps seen, whatever their numbers
+    log_bw = pl.col("MBps").clip(lower_bound=1e-12).log()
     return (bw.filter(seen <= baseline_steps)
+            .with_columns((log_bw - log_bw.median().over("pg")).abs().alias("_dev"))
             .group_by("pg").agg(pl.col("MBps").median().alias("usual_MBps"),
+                                (pl.col("_dev").median() * 1.4826).alias("spread_log"),
                                 pl.len().alias("_n"))
             .filter(pl.col("_n") >= min_baseline_steps).drop("_n").sort("pg"))
 
@@ -115,6 +124,7 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_s
                         min_baseline_steps: int = _D.min_baseline_steps,
                         ratio: float = _D.link_ratio,
                         persist: int = _D.link_persist_steps,
+                        noise: float = _D.link_noise,
                         usual: pl.DataFrame | None = None) -> pl.DataFrame:
     """Per group: its usual bandwidth, and its longest run of ``persist`` or more slow steps.
 
@@ -122,21 +132,32 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_s
         bw: Output of :func:`compute_group_bandwidth`.
         baseline_steps: The group's first steps that give its usual bandwidth.
         min_baseline_steps: Steps a group needs before it can be judged.
-        ratio: A step is slow below ``usual / ratio``.
+        ratio: A step is slow below ``usual / ratio`` ...
+        noise: ... and below ``usual / exp(noise * spread_log)``: a group whose bandwidth
+            varies much from step to step (transfers that share a loaded machine's cores)
+            must fall by more than its own noise.
         persist: Slow steps in a row that make the group slow.
-        usual: ``pg``, ``usual_MBps``: each group's usual bandwidth when known from earlier
-            data (an online window passes what the job's first steps gave).
+        usual: ``pg``, ``usual_MBps`` and, optionally, ``spread_log`` (0 where missing):
+            each group's usual bandwidth when known from earlier data (an online window
+            passes what the job's first steps gave).
 
     Returns:
-        Columns ``pg``, ``pg_ranks``, ``hosts``, ``usual_MBps``, ``slow`` (bool),
+        Columns ``pg``, ``pg_ranks``, ``hosts``, ``usual_MBps``, ``slow_below`` (the factor
+        below the usual that makes a step slow), ``slow`` (bool),
         ``since_step`` / ``detected_step`` (the run's first step and its ``persist``-th: when
         it became a finding), ``slow_MBps`` (median over the run) and ``steps``.
     """
     if usual is None:
         usual = usual_bandwidth(bw, baseline_steps=baseline_steps,
                                 min_baseline_steps=min_baseline_steps)
-    df = bw.sort("pg", "step").join(usual.select("pg", "usual_MBps"), on="pg", how="inner")
-    df = df.with_columns((pl.col("MBps") * ratio < pl.col("usual_MBps")).alias("_slow"))
+    if "spread_log" not in usual.columns:
+        usual = usual.with_columns(pl.lit(0.0).alias("spread_log"))
+    below = pl.max_horizontal(pl.lit(float(ratio)),
+                              (pl.col("spread_log").fill_null(0.0) * noise).exp())
+    df = bw.sort("pg", "step").join(
+        usual.select("pg", "usual_MBps", below.alias("slow_below")), on="pg", how="inner")
+    df = df.with_columns((pl.col("MBps") * pl.col("slow_below") < pl.col("usual_MBps"))
+                         .alias("_slow"))
     # Runs of slow steps: a new segment starts at every step that is not slow.
     df = df.with_columns((~pl.col("_slow")).cast(pl.Int32).cum_sum().over("pg").alias("_seg"))
     # Each group's longest run of slow steps (the latest among equals), if ``persist`` long:
@@ -149,10 +170,12 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_s
             .sort("pg", "_len", "since_step", descending=[False, True, True])
             .group_by("pg", maintain_order=True).first())
     out = df.group_by("pg").agg(pl.col("pg_ranks").first(), pl.col("hosts").first(),
-                                pl.col("usual_MBps").first(), pl.len().alias("steps"))
+                                pl.col("usual_MBps").first(), pl.col("slow_below").first(),
+                                pl.len().alias("steps"))
     out = out.join(runs.select("pg", "since_step", "detected_step", "slow_MBps"), on="pg",
                    how="left").with_columns(pl.col("detected_step").is_not_null().alias("slow"))
-    return out.select("pg", "pg_ranks", "hosts", "usual_MBps", "slow", "since_step",
+    return out.select("pg", "pg_ranks", "hosts", "usual_MBps", "slow_below", "slow",
+                      "since_step",
                       "detected_step", "slow_MBps", "steps").sort("pg")
 
 
@@ -251,13 +274,13 @@ def narrow_by_other_groups(hosts: list[str], used: list, groups: pl.DataFrame,
 def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps,
                       min_baseline_steps: int = _D.min_baseline_steps,
                       ratio: float = _D.link_ratio,
-                      persist: int = _D.link_persist_steps, usual: pl.DataFrame | None = None
-                      ) -> tuple[Finding, ...]:
+                      persist: int = _D.link_persist_steps, noise: float = _D.link_noise,
+                      usual: pl.DataFrame | None = None) -> tuple[Finding, ...]:
     """Slow communication: groups whose transfer bandwidth dropped, and the suspect hosts.
 
     Args:
         events: Rows of one job (a whole log or an online window).
-        baseline_steps, min_baseline_steps, ratio, persist, usual: See
+        baseline_steps, min_baseline_steps, ratio, persist, noise, usual: See
             :func:`compute_slow_groups`.
 
     Returns:
@@ -273,7 +296,7 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
         return ()
     groups = compute_slow_groups(bw, baseline_steps=baseline_steps,
                                  min_baseline_steps=min_baseline_steps, ratio=ratio,
-                                 persist=persist, usual=usual)
+                                 persist=persist, noise=noise, usual=usual)
     slow = groups.filter(pl.col("slow") & pl.col("hosts").str.contains(","))
     if slow.is_empty():
         return ()
@@ -296,7 +319,9 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
         evidence.append(
             f"pg {g['pg']} (ranks {g['pg_ranks']}, hosts {g['hosts']}): transfers at "
             f"{g['slow_MBps']:.2f} MB/s from step {g['since_step']}, usually "
-            f"{g['usual_MBps']:.2f} MB/s ({g['usual_MBps'] / g['slow_MBps']:.1f}x slower)")
+            f"{g['usual_MBps']:.2f} MB/s ({g['usual_MBps'] / g['slow_MBps']:.1f}x slower"
+            + (f"; its steps vary so much that only {g['slow_below']:.1f}x counts"
+               if g["slow_below"] > ratio else "") + ")")
     n_multi = groups.filter(pl.col("hosts").str.contains(",")).height
     evidence.append(f"suspect host(s) {', '.join(hosts)}: {how} ({slow.height} of {n_multi} "
                     "multi-host group(s) slow)")

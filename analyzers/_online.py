@@ -408,7 +408,13 @@ class OnlineWindow:
                         "quiet": pl.Int64})
             drift = state.get("drift_step", until)
             bw = None if state["usual_bw"] is None else pl.DataFrame(
-                state["usual_bw"], schema={"pg": pl.Utf8, "usual_MBps": pl.Float64})
+                state["usual_bw"], schema={"pg": pl.Utf8, "usual_MBps": pl.Float64,
+                                           "spread_log": pl.Float64})  # null: older state
+            if bw is not None and not bw.filter(
+                    ~(pl.col("usual_MBps").is_finite() & (pl.col("usual_MBps") > 0))
+                    | ~(pl.col("spread_log").is_finite() & (pl.col("spread_log") >= 0))
+                    .fill_null(True)).is_empty():
+                raise ValueError("a usual bandwidth that is not one")
             imbalance = tuple(_finding(d) for d in state["imbalance"])
             # the step each was last seen at is not kept: the grace starts again
             episodes = {int(r): (int(s), _int_or_none(d), None)

@@ -87,6 +87,9 @@ class Thresholds:
     Slow links:
         link_ratio: A group whose bandwidth fell below its usual by this factor is slow.
         link_persist_steps: Slow steps in a row that make a slow link.
+        link_noise: ... and, where the group's bandwidth varies more than that from step to
+            step, below its usual by this many of its own noise units (the robust spread of
+            the log bandwidth over its baseline steps; 0: the ratio alone).
 
     Pipelines (unblocked time against the stage's):
         work_floor_ms: Least noise (ms) of unblocked time ...
@@ -135,6 +138,7 @@ class Thresholds:
     silent_s: float = 10.0
     link_ratio: float = 2.0
     link_persist_steps: int = 4
+    link_noise: float = 2.0
     work_floor_ms: float = 1.0
     work_floor_share: float = 0.02
     work_start_share: float = 0.75
@@ -258,7 +262,7 @@ class Thresholds:
         """Keyword arguments of :func:`~ringwatch.analyzers._links.detect_slow_links`."""
         return {"baseline_steps": self.baseline_steps,
                 "min_baseline_steps": self.min_baseline_steps, "ratio": self.link_ratio,
-                "persist": self.link_persist_steps}
+                "persist": self.link_persist_steps, "noise": self.link_noise}
 
     def work_args(self) -> dict:
         """Keyword arguments of :func:`~ringwatch.analyzers._work.detect_work_findings`."""
@@ -346,7 +350,7 @@ _SHARES = frozenset({"noise_floor_share", "min_delay_share", "min_gain_share", "
 # least values where 1 (integers) or > 0 (numbers) is not the rule
 _LEAST: dict[str, float] = {"warmup_steps": 0, "drift_steps": 0, "min_gain_share": 0.0,
                             "cusum_slack": 0.0, "noise_floor_share": 0.0,
-                            "min_delay_share": 0.0}
+                            "min_delay_share": 0.0, "link_noise": 0.0}
 DEFAULT_THRESHOLDS = Thresholds()
 
 __all__ = ["DEFAULT_THRESHOLDS", "NAMES", "ThresholdError", "Thresholds", "describe",

@@ -300,33 +300,38 @@ def write_logs(job: SyntheticJob, log_dir: str | Path, *, segment_rows: int = 20
         part = job_frame(job, tl, range(lo, min(job.ranks, lo + chunk_ranks)), table)
         for (rank,), rows in part.partition_by("rank", as_dict=True,
                                                maintain_order=True).items():
-            d = rank_dir(Path(log_dir), job.job_id, rank)
-            d.mkdir(parents=True, exist_ok=True)
-            done = rows.filter(pl.col("status") != "pending")
-            for i, a in enumerate(range(0, done.height, segment_rows)):
-                first = 1 + i * COMPACT
-                _write_atomic(done.slice(a, segment_rows),
-                              d / f"seg-{first:08d}-{first + COMPACT - 1:08d}.parquet")
-            pending = rows.filter(pl.col("status") == "pending")
-            if not pending.is_empty():
-                _write_atomic(pending, d / PENDING_FILE)
             host = rank // job.ranks_per_host
-            _write_meta(job, rank, rows, d / META_FILE, written_ns=written_ns,
-                        wall_minus_mono=int(T0_NS + skew[host] - boot[host]))
+            write_rank_logs(rows, log_dir, job.job_id, job.ranks, segment_rows=segment_rows,
+                            written_ns=written_ns,
+                            wall_minus_mono=int(T0_NS + skew[host] - boot[host]))
     return Path(log_dir) / job.job_id
 
 
-def _write_meta(job: SyntheticJob, rank: int, rows: pl.DataFrame, path: Path, *,
-                written_ns: int, wall_minus_mono: int) -> None:
+def write_rank_logs(rows: pl.DataFrame, log_dir: str | Path, job_id: str, world: int, *,
+                    written_ns: int, wall_minus_mono: int, segment_rows: int = 2048) -> None:
+    """One rank's rows (every column of the schema) as its agent lays them out: compacted
+    segment files of ``segment_rows`` finished rows, ``pending.parquet`` for the rows in
+    flight, and ``meta.json`` (identity, groups, counters, the heartbeat ``written_ns``)."""
+    rank = int(rows["rank"][0])
+    d = rank_dir(Path(log_dir), job_id, rank)
+    d.mkdir(parents=True, exist_ok=True)
+    done = rows.filter(pl.col("status") != "pending")
+    for i, a in enumerate(range(0, done.height, segment_rows)):
+        first = 1 + i * COMPACT
+        _write_atomic(done.slice(a, segment_rows),
+                      d / f"seg-{first:08d}-{first + COMPACT - 1:08d}.parquet")
+    pending = rows.filter(pl.col("status") == "pending")
+    if not pending.is_empty():
+        _write_atomic(pending, d / PENDING_FILE)
     first = rows.row(0, named=True)
     groups = (rows.group_by("pg", maintain_order=True)
               .agg(pl.col("pg_desc", "backend", "pg_ranks", "pg_size", "group_rank").first(),
                    pl.col("seq").max().alias("last_seq")))
-    n_pending = int((rows["status"] == "pending").sum())
+    n_pending = pending.height
     meta = {
         "schema_version": SCHEMA_VERSION, "ringwatch_version": __version__,
-        "job_id": job.job_id, "rank": rank, "local_rank": first["local_rank"],
-        "world_size": job.ranks, "host": first["host"], "pid": first["pid"],
+        "job_id": job_id, "rank": rank, "local_rank": first["local_rank"],
+        "world_size": world, "host": first["host"], "pid": first["pid"],
         "rows_written": rows.height - n_pending, "wall_minus_mono_ns": wall_minus_mono,
         "groups": [{**g, "nccl_hook": False} for g in groups.iter_rows(named=True)],
         "counters": {"recorded": rows.height, "dropped": 0, "pending": n_pending,
@@ -334,10 +339,11 @@ def _write_meta(job: SyntheticJob, rank: int, rows: pl.DataFrame, path: Path, *,
         "write_failures": 0, "warnings": {}, "final": False, "written_ns": written_ns,
         "synthetic": True,
     }
+    path = d / META_FILE
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
     tmp.replace(path)
 
 
 __all__ = ["SyntheticJob", "Timeline", "job_frame", "newest_wall_ns", "timeline",
-           "write_logs"]
+           "write_logs", "write_rank_logs"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import polars as pl
@@ -21,11 +22,13 @@ NBYTES = 1_000_000
 
 
 def job(groups: dict[str, list[int]], *, steps=40, onset=20, slow_hosts=(), slow=4.0,
-        late=None, late_ms=0.0, seed=0, per_host=2, chain=False, late_from=None):
-    """Each step, one all_reduce of 1 MB per group. A transfer takes 10 ms (+-1); a group with
-    a member on a host of ``slow_hosts`` and members on other hosts takes ``slow`` times as
-    long from ``onset`` on. Rank ``late`` arrives ``late_ms`` after its peers from
-    ``late_from`` (default ``onset``).
+        late=None, late_ms=0.0, seed=0, per_host=2, chain=False, late_from=None,
+        spread=None, until=None):
+    """Each step, one all_reduce of 1 MB per group. A transfer takes 10 ms (+-1; with
+    ``spread``, times a log-normal factor of that sigma); a group with a member on a host of
+    ``slow_hosts`` and members on other hosts takes ``slow`` times as long from ``onset`` on
+    (to ``until``, excluded; with ``spread``, exactly ``slow`` times 10 ms). Rank ``late``
+    arrives ``late_ms`` after its peers from ``late_from`` (default ``onset``).
     With ``chain`` the groups run one after the other within a step, so the members of a slow
     group come late to their next group by the extra transfer time.
     """
@@ -38,9 +41,11 @@ def job(groups: dict[str, list[int]], *, steps=40, onset=20, slow_hosts=(), slow
             seqs[name] += 1
             t0 = (step * 1000 + list(groups).index(name) * 100) * MS
             hosts = {host[m] for m in members}
-            xfer = 10 + rng.uniform(-1, 1)
-            if step >= onset and len(hosts) > 1 and hosts & set(slow_hosts):
-                xfer *= slow
+            xfer = 10 + rng.uniform(-1, 1) if spread is None else 10 * math.exp(
+                rng.gauss(0, spread))
+            if (onset <= step < (until or steps) and len(hosts) > 1
+                    and hosts & set(slow_hosts)):
+                xfer = (xfer if spread is None else 10) * slow
             starts = {m: t0 + int((rng.uniform(0, 2) + behind[m]) * MS) for m in members}
             if late in members and step >= (onset if late_from is None else late_from):
                 starts[late] = max(starts.values()) + int(late_ms * MS)
@@ -109,6 +114,23 @@ def test_a_mild_slowdown_is_below_the_ratio():
     assert detect_slow_links(job(WORLD, slow_hosts=("host2",), slow=1.5)) == ()
     (f,) = detect_slow_links(job(WORLD, slow_hosts=("host2",), slow=1.5), ratio=1.3)
     assert f.since_step == 20
+
+
+def test_a_group_that_varies_much_must_fall_by_more_than_its_noise():
+    # five steps at 2.5x the usual transfer time: a burst of load on shared cores
+    burst = {"onset": 30, "until": 35, "slow": 2.5, "slow_hosts": ("host2",)}
+    noisy = job(WORLD, spread=0.5, **burst)
+    # slow below the usual / exp(2 x the robust spread of its log bandwidth), ~ e^(2 x 0.5)
+    below = compute_slow_groups(compute_group_bandwidth(noisy))["slow_below"][0]
+    assert 2.2 <= below <= 3.3, below
+    assert detect_slow_links(noisy) == ()
+    assert len(detect_slow_links(noisy, noise=0)) == 1  # the ratio alone: slow
+    # on a quiet fabric the same 2.5x is slow: the noise only ever raises the bar
+    (f,) = detect_slow_links(job(WORLD, **burst))
+    assert (f.since_step, f.detected_step) == (30, 33)
+    # a link fault far beyond the noise is slow, and says how far the bar was raised
+    (f,) = detect_slow_links(job(WORLD, spread=0.5, onset=20, slow=30, slow_hosts=("host2",)))
+    assert f.since_step == 20 and "only" in f.evidence[0], f.evidence
 
 
 def test_late_to_one_group_because_another_is_slow_is_not_a_straggler():

@@ -96,7 +96,10 @@ GOOD = {"version": 1, "first_step": 0, "baseline_until": 21, "noise_ms": 2.0,
 
 @pytest.mark.parametrize("change", [{"version": 2}, {"first_step": "x"}, {"noise_ms": -1},
                                     {"imbalance": [[1]]}, {"episodes": [[1]]},
-                                    {"usual_delay": [{"rank": "a"}]}, {"episodes": None}])
+                                    {"usual_delay": [{"rank": "a"}]}, {"episodes": None},
+                                    {"usual_bw": [{"pg": "1", "usual_MBps": -3.0}]},
+                                    {"usual_bw": [{"pg": "1", "usual_MBps": 9.0,
+                                                   "spread_log": float("nan")}]}])
 def test_restore_refuses_what_is_not_a_window_state(change):
     w = OnlineWindow()
     w.restore(GOOD)
@@ -105,6 +108,14 @@ def test_restore_refuses_what_is_not_a_window_state(change):
     with pytest.raises(ValueError):
         w.restore({**GOOD, **change})
     assert w.baseline_until is None and w.episodes == {}  # nothing taken
+
+
+def test_a_state_from_before_the_bandwidth_spread_is_taken_with_none():
+    w = OnlineWindow()
+    w.restore({**GOOD, "usual_bw": [{"pg": "1", "usual_MBps": 9.0}]})
+    assert w.usual_bw.rows() == [("1", 9.0, None)]  # judged on the ratio alone
+    w.restore({**GOOD, "usual_bw": [{"pg": "1", "usual_MBps": 9.0, "spread_log": 0.4}]})
+    assert w.state()["usual_bw"] == [{"pg": "1", "usual_MBps": 9.0, "spread_log": 0.4}]
 
 
 def test_a_corrupt_saved_state_is_set_aside_and_counted(tmp_path):
