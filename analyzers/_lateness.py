@@ -10,6 +10,7 @@ import polars as pl
 
 from ringwatch.analyzers._islands import rank_islands
 from ringwatch.analyzers._steps import (
+    COLLECTIVE,
     SLICE_ROWS,
     _collective_stats,
     _complete_collectives,
@@ -50,7 +51,8 @@ def compute_step_lateness(events: pl.DataFrame) -> pl.DataFrame:
     else:
         stats = _collective_stats(events.select(cols), keep, shortest)
         parts = [_lateness_parts(_complete_in_slice(
-            events.select(cols).filter(keep & pl.col("step").is_between(lo, hi)), stats),
+            events.select(cols).filter(keep & COLLECTIVE & pl.col("step").is_between(lo, hi)),
+            stats, (lo, hi)),
             outside.filter(pl.col("step").is_between(lo, hi))) for lo, hi in slices]
     out = pl.concat(parts).select(
         "rank", "host", "step", "collectives", "wait_ns", "last_arrivals", "compute_ns",

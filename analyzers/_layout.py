@@ -117,9 +117,10 @@ def infer_layout(events: pl.DataFrame, stage: Mapping[int, int] | None = None,
     tp_groups, dp_groups, tp, dp = _stage_groups(events, stage, len(ranks), rates)
     replica = None
     if tp_groups:
-        specs = dict(events.filter(pl.col("pg").cast(pl.Utf8).is_in(list(tp_groups)))
-                     .select(pl.col("pg").cast(pl.Utf8), pl.col("pg_ranks").cast(pl.Utf8))
-                     .unique("pg").iter_rows())
+        specs = dict(events.lazy().select(pl.col("pg").cast(pl.Utf8),
+                                          pl.col("pg_ranks").cast(pl.Utf8))
+                     .filter(pl.col("pg").is_in(list(tp_groups))).unique("pg")
+                     .collect().iter_rows())
         replica = {r: i for i, pg in enumerate(sorted(specs)) for r in parse_ranks(specs[pg])}
     elif pp > 1 and chains and all(r in chains for r in ranks):
         replica = {r: int(chains[r]) for r in ranks}
@@ -133,9 +134,10 @@ def _stages(events: pl.DataFrame, ranks: list[int]
     the notes, and the pairs."""
     if "is_p2p" not in events.columns or "peer" not in events.columns:
         return {r: 0 for r in ranks}, (), []
-    p2p = (events.filter(pl.col("is_p2p") & pl.col("peer").is_not_null()
-                         & (pl.col("peer") != pl.col("rank")))
-           .select("rank", "peer", "op", "idx"))
+    # the columns used first: a filter of every column copies them all (millions of rows)
+    p2p = (events.select("rank", "peer", "op", "idx", "is_p2p")
+           .filter(pl.col("is_p2p") & pl.col("peer").is_not_null()
+                   & (pl.col("peer") != pl.col("rank"))).drop("is_p2p"))
     first_op = dict(p2p.sort("idx").group_by("rank", maintain_order=True)
                     .agg(pl.col("op").first()).iter_rows())
     per = p2p.group_by("rank", "peer").len().rows()
@@ -245,10 +247,13 @@ def _stage_groups(events: pl.DataFrame, stage: dict[int, int], world: int,
                   rates: Mapping[str, float] | None = None
                   ) -> tuple[tuple[str, ...], tuple[str, ...], int, int]:
     """(tp groups, dp groups, tp, dp): the two families of groups that split the stages."""
-    coll = events.filter(~pl.col("is_p2p")) if "is_p2p" in events.columns else events
+    coll = events.lazy().select("pg", "pg_ranks", "step", *(
+        ["is_p2p"] if "is_p2p" in events.columns else []))
+    if "is_p2p" in events.columns:
+        coll = coll.filter(~pl.col("is_p2p"))
     per = (coll.group_by("pg").agg(pl.col("pg_ranks").first(), pl.len().alias("_n"),
                                    pl.col("step").n_unique().alias("_steps"))
-           .filter(pl.col("pg_ranks").is_not_null()))
+           .filter(pl.col("pg_ranks").is_not_null()).collect())
     by_size: dict[int, list[tuple[str, float]]] = defaultdict(list)
     for pg, spec, n, steps in per.iter_rows():
         try:

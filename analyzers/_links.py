@@ -35,6 +35,7 @@ import polars as pl
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._steps import (
+    COLLECTIVE,
     SLICE_ROWS,
     _collective_stats,
     _complete_collectives,
@@ -80,7 +81,8 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
     else:
         stats = _collective_stats(events.select(cols), keep, xfer, even)
         parts = [_bandwidth_parts(_complete_in_slice(
-            events.select(cols).filter(keep & pl.col("step").is_between(lo, hi)), stats))
+            events.select(cols).filter(keep & COLLECTIVE & pl.col("step").is_between(lo, hi)),
+            stats, (lo, hi)))
             for lo, hi in slices]
     # Every member recorded each of these collectives, so a group's hosts are the same for
     # all of them: once per group, not a string per row.

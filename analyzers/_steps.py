@@ -127,6 +127,9 @@ def _complete_collectives(df: pl.DataFrame, *cols: pl.Expr) -> pl.DataFrame:
 SLICE_ROWS = 1_000_000
 
 _KEY = ["pg", "seq", "is_p2p"]
+#: The rows that can be collectives of :func:`_collective_stats` (no point-to-point, a seq):
+#: a slice filtered with it joins no rows it would drop.
+COLLECTIVE = ~pl.col("is_p2p") & pl.col("seq").is_not_null()
 
 
 def _slices(df: pl.DataFrame, col: str, rows: int) -> list[tuple[int, int]] | None:
@@ -153,16 +156,37 @@ def _collective_stats(events: pl.DataFrame, keep: pl.Expr, *cols: pl.Expr) -> pl
     """Per collective ``(pg, seq, is_p2p)`` of the rows ``keep`` selects (collectives only,
     with a seq): ``_n`` (rows) and ``cols``, what :func:`_complete_collectives` computes per
     row, as a table of one row per collective (a slice of steps joins it: a collective whose
-    members recorded different steps is still counted whole)."""
-    return (events.lazy().filter(keep).group_by(_KEY).agg(pl.len().alias("_n"), *cols)
-            .filter(~pl.col("is_p2p") & pl.col("seq").is_not_null())
-            .collect(engine="streaming"))
+    members recorded different steps is still counted whole), with the steps its members
+    marked it with (``_s0`` to ``_s1``: a slice joins only the collectives it can hold)."""
+    # point-to-point rows and rows without a seq left out before grouping, not after (a
+    # pipeline's sends and receives are a third of its rows)
+    rows = keep & COLLECTIVE
+
+    def stats(where: pl.Expr) -> pl.DataFrame:
+        return (events.lazy().filter(rows & where).group_by(_KEY)
+                .agg(pl.len().alias("_n"), *cols, pl.col("step").min().alias("_s0"),
+                     pl.col("step").max().alias("_s1")).collect())
+
+    # a whole log by slices of groups (a group's collectives are its own): one table of
+    # millions of collectives took ~600 MB to build, slices of a million rows ~200 MB
+    group = pl.col("pg").to_physical() if isinstance(events.schema["pg"], pl.Categorical) \
+        else pl.col("pg")
+    slices = _slices(events.select(group.alias("_pg")), "_pg", SLICE_ROWS)
+    if slices is None:
+        return stats(pl.lit(True))
+    return pl.concat([stats(group.is_between(lo, hi)) for lo, hi in slices])
 
 
-def _complete_in_slice(df: pl.DataFrame, stats: pl.DataFrame) -> pl.DataFrame:
+def _complete_in_slice(df: pl.DataFrame, stats: pl.DataFrame,
+                       steps: tuple[int, int] | None = None) -> pl.DataFrame:
     """:func:`_complete_collectives` of a slice of the rows, the per-collective figures from
     ``stats`` (:func:`_collective_stats` of all of them): the same rows, in the same order,
-    with the same columns."""
+    with the same columns. ``steps``: the slice's (inclusive), when it is a slice of steps:
+    only the collectives marked with one of them are joined (a hash table of the job's
+    millions of collectives, built again for every slice, cost more than the join)."""
+    if steps is not None:
+        stats = stats.filter((pl.col("_s1") >= steps[0]) & (pl.col("_s0") <= steps[1]))
+    stats = stats.drop("_s0", "_s1")
     if _one_key(df, stats):  # a join on one integer: a third less time than on three keys
         key = _collective_key()
         joined = (df.with_columns(key).join(stats.with_columns(key).drop(_KEY), on="_key",

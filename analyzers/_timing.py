@@ -39,7 +39,8 @@ def with_analysis_durations(events: pl.DataFrame) -> pl.DataFrame:
         return events
     dur, host = pl.col("duration_ns"), pl.lit(True)
     if "end_source" in have:
-        watchdog = (pl.col("end_source").cast(pl.Utf8) == "watchdog").fill_null(False)
+        # a categorical compares as it is (a cast would make a string of every row)
+        watchdog = (pl.col("end_source") == "watchdog").fill_null(False)
         dur = pl.when(watchdog).then(None).otherwise(dur)
         host = ~watchdog
     if "device_duration_ns" in have:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from ringwatch.analyzers._findings import Finding
-from ringwatch.analyzers._steps import _merged_ns
+from ringwatch.analyzers._steps import SLICE_ROWS, _merged_ns, _sorted_by, rank_row_ranges
 from ringwatch.analyzers._stragglers import HICCUP_CLASS, late_since_index
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
@@ -58,9 +58,23 @@ def compute_step_work(events: pl.DataFrame) -> pl.DataFrame:
     durations to the blocked time where they block (receives always: on the device the
     next kernel needs the data; one group's kernels run one after the other), and nothing
     without one. Empty without steps."""
-    from ringwatch.analyzers._timing import host_timed
+    # everything is per (rank, step): a whole log goes by row ranges of whole ranks
+    # (zero-copy slices), so the sorts and joins over ten million rows are never held at once
+    ranges = rank_row_ranges(events, SLICE_ROWS)
+    if ranges is None:
+        return _step_work(events)
+    return pl.concat([_step_work(events.slice(at, n)) for at, n in ranges])
 
-    rows = events.filter(pl.col("step").is_not_null() & pl.col("mono_start_ns").is_not_null())
+
+def _step_work(events: pl.DataFrame) -> pl.DataFrame:
+    """:func:`compute_step_work` of some whole ranks' rows."""
+    from ringwatch.analyzers._timing import HOST_TIMED, host_timed
+
+    # only the columns used: a filter of the whole frame copies every column
+    cols = [c for c in ("rank", "step", "op", "async_op", "mono_start_ns", "mono_end_ns",
+                        "duration_ns", HOST_TIMED) if c in events.columns]
+    rows = events.select(cols).filter(pl.col("step").is_not_null()
+                                      & pl.col("mono_start_ns").is_not_null())
     starts = (rows.group_by("rank", "step").agg(pl.col("mono_start_ns").min().alias("_s"))
               .sort("rank", "step")
               .with_columns((pl.col("_s").shift(-1).over("rank") - pl.col("_s"))
@@ -107,18 +121,21 @@ def _async_waits(done: pl.DataFrame) -> pl.DataFrame:
             .agg(pl.col("_end").max().alias("_t")))
     recvs = (done.filter(~pl.col("_blk") & (pl.col("op") == "recv"))
              .select("rank", "step", pl.col("_end").alias("_t")))
-    targets = pl.concat([last, recvs], how="vertical_relaxed").unique().sort("_t")
+    by = ["rank", "step"]
+    targets = pl.concat([last, recvs], how="vertical_relaxed").unique().sort(*by, "_t")
     if targets.is_empty():
         return pl.DataFrame(schema={"rank": done.schema["rank"], "step": done.schema["step"],
                                     "mono_start_ns": pl.Int64, "mono_end_ns": pl.Int64})
-    # the rank's last own activity up to each row's issue, within the step
-    free = (done.select("rank", "step", "mono_start_ns", "_blk", "_end").sort("mono_start_ns")
-            .select("rank", "step", pl.col("mono_start_ns").alias("_t"),
-                    pl.when(pl.col("_blk")).then(pl.col("_end"))
-                    .otherwise(pl.col("mono_start_ns")).cum_max().over("rank", "step")
-                    .alias("_free")))
-    return (targets.join_asof(free, on="_t", by=["rank", "step"], strategy="backward",
-                              check_sortedness=False)  # both sorted by _t above
+    # the rank's last own activity up to each row's issue, within the step; rows as the
+    # reader gives them (by rank, in issue order) need no sort
+    free = done.select(*by, pl.col("mono_start_ns").alias("_t"), "_blk", "_end")
+    if not _sorted_by(free, [*by, "_t"]):
+        free = free.sort(*by, "_t")
+    free = free.select(*by, "_t", pl.when(pl.col("_blk")).then(pl.col("_end"))
+                       .otherwise(pl.col("_t")).cum_max().over(by).alias("_free"))
+    # an as-of join needs its key sorted within each group of ``by``: both are
+    return (targets.join_asof(free, on="_t", by=by, strategy="backward",
+                              check_sortedness=False)
             .filter(pl.col("_free").is_not_null() & (pl.col("_t") > pl.col("_free")))
             .select("rank", "step", pl.col("_free").cast(pl.Int64).alias("mono_start_ns"),
                     pl.col("_t").cast(pl.Int64).alias("mono_end_ns")))

@@ -98,15 +98,16 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         layout = infer_layout(events)
     # ranks of one stage are compared with one another (a slow one is a straggler, from the
     # first step or later); stages may differ by design
-    stragglers = detect_stragglers(events, **th.straggler_args(), stage=layout.stage)
-    if layout.pp > 1:
+    if layout.pp > 1:  # a pipeline: judged by unblocked work (the lateness detector's
+        # verdicts, all stragglers and imbalance, would blame a slow stage's neighbours)
         from ringwatch.analyzers._work import detect_work_findings
 
         hosts = {int(r): str(h) for r, h in events.select("rank", "host").unique("rank")
                  .iter_rows() if r is not None and h is not None}
-        stragglers = tuple(f for f in stragglers if f.kind not in ("straggler", "imbalance")
-                           ) + detect_work_findings(events, layout.peers_frame(), hosts=hosts,
-                                                    **th.work_args())
+        stragglers = detect_work_findings(events, layout.peers_frame(), hosts=hosts,
+                                          **th.work_args())
+    else:
+        stragglers = detect_stragglers(events, **th.straggler_args(), stage=layout.stage)
     # the distinct ops only: a cast of every row's op is a string column of millions
     if "op" in events.columns and events["op"].unique().cast(pl.Utf8).is_in(A2A_OPS).any():
         # expert parallel: a hot expert's rank is late because its experts get too many

@@ -199,7 +199,7 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
     """The straggler and link passes over slices of steps (and of ranks) give what one pass
     over every row gives: collectives whose members recorded different steps, incomplete
     ones and point-to-point rows included."""
-    from ringwatch.analyzers import _clocks, _hangs, _lateness, _links, _stragglers
+    from ringwatch.analyzers import _clocks, _hangs, _lateness, _links, _steps, _stragglers
     from ringwatch.analyzers._clocks import compute_host_pairs
     from ringwatch.analyzers._hangs import compute_frontier
     from ringwatch.analyzers._links import compute_group_bandwidth, detect_slow_links
@@ -222,7 +222,8 @@ def test_slices_of_steps_and_ranks_equal_the_whole(monkeypatch, rows):
                 detect_slow_links(ev), compute_host_pairs(ev), compute_frontier(ev))
 
     want = run()
-    for module in (_stragglers, _lateness, _links, _clocks, _hangs):
+    # _steps': the per-collective table by slices of groups
+    for module in (_stragglers, _lateness, _links, _clocks, _hangs, _steps):
         monkeypatch.setattr(module, "SLICE_ROWS", rows)
     got = run()
     assert got[4].schema == want[4].schema and got[4].equals(want[4])

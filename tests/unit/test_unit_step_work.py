@@ -96,3 +96,19 @@ def test_a_step_is_given_once_folded_with_its_next_steps_begin():
     # step 0 is folded (two steps on), step 1 not yet: only step 0, lasting to step 1's begin
     assert finished_work(work, 10) == [(0, 200, 40)]
     assert work[0].rows == [] and work[1].rows
+
+
+@pytest.mark.parametrize("rows", [1, 3000, 7000])
+def test_a_whole_log_by_slices_of_ranks_gives_the_one_pass(monkeypatch, rows):
+    # a real batched pipeline (asynchronous receives), sorted by rank as the reader gives it:
+    # slices of whole ranks (zero-copy), each summed alone, concatenate to the one pass
+    from ringwatch.analyzers import _work
+
+    ev = with_analysis_durations(pl.read_parquet(PIPELINE / "b-strag.parquet")).sort(
+        "rank", "idx")
+    want = compute_step_work(ev)
+    monkeypatch.setattr(_work, "SLICE_ROWS", rows)
+    got = compute_step_work(ev)
+    assert want.height == 8 * 40 - 8 and got.equals(want)
+    # rows in no order (not as the reader gives them): one pass, sorted where it must be
+    assert compute_step_work(ev.sample(fraction=1.0, shuffle=True, seed=rows)).equals(want)
