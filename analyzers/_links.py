@@ -32,7 +32,7 @@ import math
 
 import polars as pl
 
-from ringwatch._schema import parse_ranks
+from ringwatch._schema import format_ranks, parse_ranks
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._steps import (
     COLLECTIVE,
@@ -93,6 +93,61 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
         (pl.col("bytes") / pl.col("transfer_ns").clip(lower_bound=1) * 1e3).alias("MBps"),
     ).select("pg", "pg_ranks", "hosts", "step", "collectives", "bytes", "transfer_ns",
              "MBps").sort("pg", "step")
+
+
+def compute_p2p_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
+    """Per direction between two hosts and step, the send/recv transfer bandwidth, in
+    :func:`compute_group_bandwidth`'s columns (``pg``: ``p2p host_a>host_b``;
+    ``collectives`` the receives; ``bytes`` and ``transfer_ns`` the fastest receive's, times
+    the receives per receiving rank: what one rank's step moves at that rate).
+
+    A pipeline's stages often sit on different hosts, so that its only traffic between them
+    is send/recv. A receive's duration holds the wait for its sender (the stage before it
+    still computing) and the transfer; the step's fastest receive over the direction (its
+    size over its duration) is the one that waited least, as a collective's shortest member
+    is: in a pipeline's steady state some receive finds its data already sent. Receives
+    inside one host, without a size of :data:`MIN_LINK_BYTES` or a step are left out."""
+    cols = ["rank", "host", "peer", "op", "is_p2p", "status", "step", "nbytes", "duration_ns"]
+    out_schema = {"pg": pl.Utf8, "pg_ranks": pl.Utf8, "hosts": pl.Utf8, "step": pl.Int64,
+                  "collectives": pl.UInt32, "bytes": pl.Int64, "transfer_ns": pl.Int64,
+                  "MBps": pl.Float64}
+    if not set(cols) <= set(events.columns):
+        return pl.DataFrame(schema=out_schema)
+    recv = (events.lazy().select(cols)
+            .filter(pl.col("is_p2p") & (pl.col("op") == "recv") & (pl.col("status") == "ok")
+                    & pl.col("step").is_not_null() & pl.col("peer").is_not_null()
+                    & (pl.col("duration_ns") > 0) & (pl.col("nbytes") >= MIN_LINK_BYTES))
+            .select("rank", "peer", pl.col("host").cast(pl.Utf8).alias("_dst"), "step",
+                    "nbytes", "duration_ns").collect())
+    host_of = (events.lazy().select(pl.col("rank").alias("peer"),
+                                    pl.col("host").cast(pl.Utf8).alias("_src"))
+               .unique("peer").collect())
+    pairs = (recv.join(host_of.with_columns(pl.col("peer").cast(recv["peer"].dtype)),
+                       on="peer", how="inner")
+             .filter(pl.col("_src") != pl.col("_dst"))
+             .with_columns(pl.concat_str("_src", pl.lit(">"), "_dst").alias("_dir"),
+                           (pl.col("nbytes") / pl.col("duration_ns")).alias("_rate")))
+    if pairs.is_empty():
+        return pl.DataFrame(schema=out_schema)
+    members = {d: format_ranks(sorted({int(x) for x in rs} | {int(x) for x in ps}))
+               for d, rs, ps in pairs.group_by("_dir").agg(
+                   pl.col("rank").unique(), pl.col("peer").unique()).iter_rows()}
+    fastest = pl.col("_rate").arg_max()
+    each = pl.len() / pl.col("rank").n_unique()  # receives per receiving rank
+    per = (pairs.group_by("_dir", "step")
+           .agg(pl.col("_src").first(), pl.col("_dst").first(),
+                pl.len().cast(pl.UInt32).alias("collectives"),
+                (pl.col("nbytes").get(fastest) * each).round().cast(pl.Int64).alias("bytes"),
+                (pl.col("duration_ns").get(fastest) * each).round().cast(pl.Int64)
+                .alias("transfer_ns")))
+    return per.select(
+        pl.concat_str(pl.lit("p2p "), "_dir").alias("pg"),
+        pl.col("_dir").replace_strict(members, return_dtype=pl.Utf8).alias("pg_ranks"),
+        pl.concat_str(pl.min_horizontal("_src", "_dst"), pl.lit(","),
+                      pl.max_horizontal("_src", "_dst")).alias("hosts"),
+        pl.col("step").cast(pl.Int64), "collectives", "bytes", "transfer_ns",
+        (pl.col("bytes") / pl.col("transfer_ns") * 1e3).alias("MBps"),
+    ).sort("pg", "step")
 
 
 def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -289,11 +344,14 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
         One :class:`Finding` of kind ``slow_link`` when any group crossing hosts is slow:
         class ``slow communication``; ``hosts`` the suspects (one host: that host's link or
         NIC; several: run ``ringwatch probe`` over them); ``ranks`` the slow groups'
-        members; ``pg`` the first slow group; ``since_step`` / ``detected_step`` the
-        earliest among the slow groups; ``gain_s_per_step`` the transfer time per step the
-        slow groups lost against their usual bandwidth.
+        members; ``pg`` the first slow collective group (a ``p2p`` direction only where
+        none is); ``since_step`` / ``detected_step`` the earliest among the slow groups;
+        ``gain_s_per_step`` the transfer time per step the slow groups lost against their
+        usual bandwidth.
     """
-    bw = compute_group_bandwidth(events)
+    # collectives' groups, and send/recv between hosts (a pipeline's stages on other hosts)
+    bw = pl.concat([compute_group_bandwidth(events).with_columns(pl.col("pg").cast(pl.Utf8)),
+                    compute_p2p_bandwidth(events)], how="vertical_relaxed")
     if bw.is_empty():
         return ()
     groups = compute_slow_groups(bw, baseline_steps=baseline_steps,
@@ -306,6 +364,9 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
     slow = slow.filter(pl.col("pg").is_in(used))
     ranks = sorted({r for pr in slow["pg_ranks"].to_list() for r in parse_ranks(pr)})
     first = slow.sort("since_step").row(0, named=True)
+    # the finding's group: the first slow collective group, else (send/recv alone: a
+    # ``p2p`` direction, which a late sender slows as much as a slow link) the first one
+    named = slow.sort(pl.col("pg").str.starts_with("p2p "), "since_step").row(0, named=True)
     tie_broken = None
     if len(hosts) > 1:
         tie_broken = narrow_by_other_groups(hosts, used, groups, bw, first["since_step"])
@@ -318,15 +379,18 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
         after = bw.filter((pl.col("pg") == g["pg"]) & (pl.col("step") >= g["since_step"]))
         xfer = float(after["transfer_ns"].median())
         lost_ns += xfer * (1 - g["slow_MBps"] / g["usual_MBps"])
+        what = (f"send/recv {g['pg'][4:].replace('>', ' -> ')} (ranks {g['pg_ranks']}, its "
+                "fastest receive each step)" if g["pg"].startswith("p2p ") else
+                f"pg {g['pg']} (ranks {g['pg_ranks']}, hosts {g['hosts']})")
         evidence.append(
-            f"pg {g['pg']} (ranks {g['pg_ranks']}, hosts {g['hosts']}): transfers at "
+            f"{what}: transfers at "
             f"{g['slow_MBps']:.2f} MB/s from step {g['since_step']}, usually "
             f"{g['usual_MBps']:.2f} MB/s ({g['usual_MBps'] / g['slow_MBps']:.1f}x slower"
             + (f"; its steps vary so much that only {g['slow_below']:.1f}x counts"
                if g["slow_below"] > ratio else "") + ")")
     n_multi = groups.filter(pl.col("hosts").str.contains(",")).height
     evidence.append(f"suspect host(s) {', '.join(hosts)}: {how} ({slow.height} of {n_multi} "
-                    "multi-host group(s) slow)")
+                    "group(s) and send/recv direction(s) across hosts slow)")
     if len(hosts) > 1:
         evidence.append(f"run `ringwatch probe` over {', '.join(hosts)} to tell which host "
                         "or link: a slow row is a sender side, a slow column a receiver "
@@ -337,7 +401,7 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
         0.75 if tie_broken is not None else 0.5)
     return (Finding(
         kind="slow_link", cls="slow communication", ranks=tuple(ranks), hosts=tuple(hosts),
-        pg=first["pg"], confidence=min(1.0, (worst - 1) / ratio) * surety,
+        pg=named["pg"], confidence=min(1.0, (worst - 1) / ratio) * surety,
         since_step=first["since_step"], detected_step=first["detected_step"],
         gain_s_per_step=lost_ns / 1e9, evidence=tuple(evidence)),)
 
@@ -352,7 +416,9 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
     The other way round: a slow link that names no one host (several suspects) and starts
     while a compute straggler on one of them is late is the straggler's doing (stopped or
     busy inside a collective, it holds every member's transfer up): it is folded into the
-    straggler.
+    straggler. So is one that rests on send/recv alone (:func:`compute_p2p_bandwidth`),
+    whatever its suspects, where the straggler is one of its ranks: a late sender's receivers
+    wait for it as for a slow link; and no straggler is folded into such a one.
     """
     from dataclasses import replace
 
@@ -362,6 +428,7 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
         hit = None
         for i, f in enumerate(out_links):
             if (len(f.hosts) == 1 and s.hosts == f.hosts and s.since_step is not None
+                    and not _p2p_only(f)
                     and f.since_step is not None
                     and abs(s.since_step - f.since_step) <= around_steps):
                 hit = i
@@ -375,20 +442,30 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
             f"{s.since_step}: its own transfers cross the slow link (not a compute "
             "straggler)",))
     for f in list(out_links):
-        if len(f.hosts) < 2 or f.since_step is None:
+        p2p = _p2p_only(f)
+        if (len(f.hosts) < 2 and not p2p) or f.since_step is None:
             continue
         for i, s in enumerate(kept):
             end = s.until_step if s.until_step is not None else f.since_step
             if (s.kind == "straggler" and s.hosts and s.hosts[0] in f.hosts
-                    and s.since_step is not None
+                    and (not p2p or s.ranks[0] in f.ranks) and s.since_step is not None
                     and s.since_step - around_steps <= f.since_step <= end + around_steps):
-                kept[i] = replace(s, evidence=s.evidence + (
+                kept[i] = replace(s, evidence=s.evidence + ((
+                    f"its send/recv across hosts is slower from step {f.since_step}: the "
+                    "receives wait for its sends") if p2p else (
                     f"the groups it is in transfer slower from step {f.since_step} (no one "
-                    "host to blame): they wait for it inside their collectives",))
+                    "host to blame): they wait for it inside their collectives"),))
                 out_links.remove(f)
                 break
     return tuple(kept) + tuple(out_links)
 
 
-__all__ = ["compute_group_bandwidth", "compute_slow_groups", "detect_slow_links",
+def _p2p_only(f: Finding) -> bool:
+    """Whether a slow-link finding rests on send/recv alone (its group is a ``p2p``
+    direction: :func:`detect_slow_links` names a collective group where there is one)."""
+    return f.kind == "slow_link" and (f.pg or "").startswith("p2p ")
+
+
+__all__ = ["compute_group_bandwidth", "compute_p2p_bandwidth", "compute_slow_groups",
+           "detect_slow_links",
            "explain_by_links", "narrow_by_other_groups", "suspect_hosts", "usual_bandwidth"]

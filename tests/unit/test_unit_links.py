@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections import defaultdict
 
 import polars as pl
+import pytest
 
 from ringwatch.analyzers import (
     compute_group_bandwidth,
@@ -13,6 +15,7 @@ from ringwatch.analyzers import (
     detect_slow_links,
     detect_stragglers,
 )
+from ringwatch.analyzers._links import compute_p2p_bandwidth
 from ringwatch.analyzers._stragglers import compute_group_lateness
 
 from fakes import frame, row
@@ -257,3 +260,50 @@ def test_the_demo_reading_tells_a_slow_link_from_a_straggler():
     imbalance = interpret(job(four, per_host=1, late=1, late_ms=30, late_from=0), 4,
                           onset_step=20)
     assert (imbalance.verdict, imbalance.rank) == ("slow from the start", 1), imbalance.lines
+
+
+def _recvs(per_step: list[list[tuple[int, int, str, str, float]]]) -> pl.DataFrame:
+    """Receive rows: per step, (rank, peer, host, peer's host, duration ms) of 64 KiB each;
+    each rank also sends once, so that every peer's host is known."""
+    rows, idx = [], defaultdict(int)
+    hosts = {}
+    for step, recvs in enumerate(per_step):
+        for rank, peer, host, peer_host, ms in recvs:
+            hosts[rank], hosts[peer] = host, peer_host
+            t0 = (step * 1000 + idx[rank]) * MS
+            x = row(rank, idx[rank], None, "recv", is_p2p=True, peer=peer, step=step,
+                    nbytes=65536, mono_start_ns=t0, mono_end_ns=t0 + int(ms * MS))
+            x["host"] = host
+            idx[rank] += 1
+            rows.append(x)
+    for rank, host in hosts.items():
+        x = row(rank, idx[rank], None, "send", is_p2p=True, peer=rank, step=0, nbytes=0,
+                mono_start_ns=0, mono_end_ns=1)
+        x["host"] = host
+        rows.append(x)
+    return frame(rows)
+
+
+def test_send_recv_between_hosts_read_by_its_fastest_receive_each_step():
+    # stage 1 on host1 (ranks 2, 3) receives from stage 0 on host0 (ranks 0, 1); a receive
+    # holds the wait for the sender: the fastest of the step is the transfer
+    step = [(2, 0, "host1", "host0", 30.0), (2, 0, "host1", "host0", 1.0),
+            (3, 1, "host1", "host0", 2.0), (3, 1, "host1", "host0", 25.0),
+            (1, 0, "host0", "host0", 0.1)]  # inside one host: no link
+    bw = compute_p2p_bandwidth(_recvs([step, step]))
+    assert bw["pg"].to_list() == ["p2p host0>host1"] * 2
+    assert bw.row(0, named=True) | {"MBps": 0} == {
+        "pg": "p2p host0>host1", "pg_ranks": "0-3", "hosts": "host0,host1", "step": 0,
+        "collectives": 4, "bytes": 2 * 65536, "transfer_ns": 2 * MS, "MBps": 0}
+    assert bw["MBps"][0] == pytest.approx(65.536)  # 64 KiB in 1 ms
+
+
+def test_a_slow_link_between_pipeline_stages_is_found_from_send_recv_alone():
+    healthy = [(2, 0, "host1", "host0", 1.0), (2, 0, "host1", "host0", 20.0),
+               (0, 2, "host0", "host1", 1.2)]
+    slow = [(2, 0, "host1", "host0", 40.0), (2, 0, "host1", "host0", 60.0),
+            (0, 2, "host0", "host1", 45.0)]
+    (f,) = detect_slow_links(_recvs([healthy] * 20 + [slow] * 6))
+    assert (f.kind, f.since_step, f.detected_step) == ("slow_link", 20, 23)
+    assert f.hosts == ("host0", "host1") and f.pg.startswith("p2p ")
+    assert f.evidence[0].startswith("send/recv host0 -> host1 (ranks 0,2")
