@@ -119,9 +119,9 @@ def compute_p2p_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
                     & (pl.col("duration_ns") > 0) & (pl.col("nbytes") >= MIN_LINK_BYTES))
             .select("rank", "peer", pl.col("host").cast(pl.Utf8).alias("_dst"), "step",
                     "nbytes", "duration_ns").collect())
-    host_of = (events.lazy().select(pl.col("rank").alias("peer"),
-                                    pl.col("host").cast(pl.Utf8).alias("_src"))
-               .unique("peer").collect())
+    host_of = (events.lazy().select(pl.col("rank").alias("peer"), pl.col("host").alias("_src"))
+               .unique("peer").collect()  # then the cast: not a string for every row
+               .with_columns(pl.col("_src").cast(pl.Utf8)))
     pairs = (recv.join(host_of.with_columns(pl.col("peer").cast(recv["peer"].dtype)),
                        on="peer", how="inner")
              .filter(pl.col("_src") != pl.col("_dst"))

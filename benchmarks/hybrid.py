@@ -14,7 +14,11 @@ whose sends and receives go as Megatron-LM's), 4 ranks per emulated host, 60 ste
 * ``straggler``: a random rank does 2x the work from step 25 on; right when that rank alone is
   named a straggler, its onset within 3 steps of the first slowed step;
 * ``strag0``: a random rank does 2x the work from the first step; right when that rank alone
-  is named a straggler from the first steps (since step 3 at the latest).
+  is named a straggler from the first steps (since step 3 at the latest);
+* ``link``: a random rank's host has its link limited to 100 / world Mbit/s both ways (tc
+  tbf) from step 25 on; right with one fault finding, a slow link whose suspects include that
+  host, its onset within 3 steps of the fault's. With the stages one per host (2 x 2 x 2 on
+  two hosts) only send/recv crosses the link.
 
 Every straggler run (``straggler``, ``strag0``) is followed by its *twin*: the same job without
 the fault, right after it (``RUN/twin``), whose step time is the what-if's measured truth: the
@@ -57,7 +61,8 @@ from pathlib import Path
 from ringwatch.cluster._run import read_slowed_step
 
 PY = sys.executable
-CASES = ("none", "laststage", "varyseq", "straggler", "strag0")
+CASES = ("none", "laststage", "varyseq", "straggler", "strag0", "link")
+RANKS_PER_HOST = 4
 ONSET = 25
 
 
@@ -69,7 +74,7 @@ GPU_LIKE = ["--width", "64", "--batch", "8"]
 def _cluster_args(case: str, world: int, victim: int, gpu_like: bool = False,
                   idle_ms: float = 40, shape: tuple[int, int, str] = (2, 2, "")) -> list[str]:
     tp, pp, more = shape
-    base = ["--nproc", str(world), "--hosts", str(world // 4), "--tp", str(tp), "--pp",
+    base = ["--nproc", str(world), "--hosts", str(world // RANKS_PER_HOST), "--tp", str(tp), "--pp",
             str(pp), "--steps", "60"]
     job = ["--step-sleep-ms", f"{idle_ms:g}", *(GPU_LIKE if gpu_like else []), *more.split()]
     if case == "laststage":
@@ -81,6 +86,9 @@ def _cluster_args(case: str, world: int, victim: int, gpu_like: bool = False,
                        str(victim), "--at-step", str(ONSET), "--", *job]
     if case == "strag0":
         return base + ["--fault", "imbalance", "--victim-rank", str(victim), "--", *job]
+    if case == "link":  # the victim rank's host's link, both ways, at 100 / world Mbit/s
+        return base + ["--fault", "link", "--victim-host", str(victim // RANKS_PER_HOST),
+                       "--at-step", str(ONSET), "--rate-mbit", f"{100 / world:g}", "--", *job]
     return base + ["--fault", "none", "--", *job]
 
 
@@ -131,6 +139,15 @@ def score(run: Path) -> dict:
                  and fs[0]["ranks"] == last_stage)
     elif case == "varyseq":
         right = not faults and bool(fs) and all(f["cls"] == "workload imbalance" for f in fs)
+    elif case == "link":  # one slow-link finding with the victim's host among its suspects
+        truth = json.loads((run / "ground_truth.json").read_text())
+        onset = out["onset"] = truth.get("onset_step")
+        named = [f for f in faults if f["kind"] == "slow_link"]
+        right = (len(faults) == 1 and len(named) == 1 and truth["host"] in named[0]["hosts"]
+                 and onset is not None and named[0]["since_step"] is not None
+                 and abs(named[0]["since_step"] - onset) <= 3)
+        if right:
+            out["latency_steps"] = named[0]["detected_step"] - onset
     else:
         onset = read_slowed_step(run / "steps", victim) if case == "straggler" else 0
         out["onset"] = onset
@@ -265,7 +282,8 @@ def main(argv=None) -> int:
                         cmd, capture_output=True, text=True, check=False).returncode
                     (run / "case.json").write_text(json.dumps(
                         {"case": case, "world": world, "victim": victim if case in (
-                            "straggler", "strag0") else None, "rc": rc, "tp": args.tp,
+                            "straggler", "strag0") else f"host{victim // RANKS_PER_HOST}"
+                         if case == "link" else None, "rc": rc, "tp": args.tp,
                          "pp": args.pp, "job": args.job}))
                     print(f"{run.name}: rc {rc} in {time.monotonic() - t0:.0f} s", flush=True)
                     runs.append(run)
@@ -285,7 +303,7 @@ def main(argv=None) -> int:
     print("\nright per case: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in by.items()))
     lat = [r["latency_steps"] for r in results if "latency_steps" in r]
     if lat:
-        print(f"straggler detection latency (steps after the onset): {sorted(lat)}")
+        print(f"detection latency (steps after the onset): {sorted(lat)}")
     print(f"total: {sum(r['right'] for r in results)}/{len(results)} right")
     watched = [r for r in results if "live_agrees" in r]
     for r in watched:
