@@ -174,7 +174,9 @@ def _collective_stats(events: pl.DataFrame, keep: pl.Expr, *cols: pl.Expr) -> pl
     slices = _slices(events.select(group.alias("_pg")), "_pg", SLICE_ROWS)
     if slices is None:
         return stats(pl.lit(True))
-    return pl.concat([stats(group.is_between(lo, hi)) for lo, hi in slices])
+    nulls = [stats(group.is_null())] if events["pg"].null_count() else []  # no slice has them
+    return pl.concat([stats(group.is_between(pl.lit(lo), pl.lit(hi))) for lo, hi in slices]
+                     + nulls)
 
 
 def _complete_in_slice(df: pl.DataFrame, stats: pl.DataFrame,

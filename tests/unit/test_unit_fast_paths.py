@@ -290,3 +290,27 @@ def test_reads_of_a_few_files_each_equal_one_read(monkeypatch, hung_job, files, 
     logs = open_job(hung_job)
     assert logs._read_all(True, None) is None
     assert logs.events().equals(per_rank(logs))
+
+
+@pytest.mark.parametrize("categorical", [False, True])
+def test_the_per_collective_table_by_slices_of_groups_is_the_whole(monkeypatch, categorical):
+    # rows without a group (null pg) too: no slice of groups holds them, they are their own
+    from ringwatch.analyzers import _steps
+    from ringwatch.analyzers._steps import _collective_stats
+
+    job = synthetic.SyntheticJob(ranks=16, steps=6, tp_size=4, seed=7)
+    ev = synthetic.job_frame(job)
+    ev = pl.concat([ev, ev.sample(n=20, seed=1).with_columns(pl.lit(None, pl.Utf8).alias("pg"))])
+    if categorical:
+        ev = ev.with_columns(pl.col("pg").cast(pl.Categorical))
+    keep = pl.col("status") == "ok"
+    shortest = pl.col("duration_ns").min().alias("_min")
+
+    def table():
+        return (_collective_stats(ev, keep, shortest)
+                .with_columns(pl.col("pg").cast(pl.Utf8)).sort("pg", "seq", nulls_last=True))
+
+    want = table()
+    monkeypatch.setattr(_steps, "SLICE_ROWS", 50)
+    got = table()
+    assert want["pg"].null_count() and got.equals(want)
