@@ -42,7 +42,8 @@ from ringwatch._analyze import ANALYZED_COLUMNS  # noqa: E402
 from ringwatch._schema import format_ranks, parse_ranks, polars_schema  # noqa: E402
 
 DATA = HERE.parent / "tests" / "data" / "pipeline"
-VICTIM = 5  # strag-mid's straggler
+VICTIM = 5  # strag-mid's straggler ...
+ONSET = 26  # ... and its first slowed step (tests/data/pipeline/README.md)
 GAP_NS = 50_000_000  # between one block's last row and the next block's first
 
 
@@ -122,7 +123,7 @@ def write_job(log_dir: Path, rank_copies: int, step_copies: int) -> dict:
                         wall_minus_mono=offsets[part["host"][0]])
     size = sum(p.stat().st_size for p in (log_dir / job_id).rglob("*") if p.is_file())
     return {"rows": rows.height, "ranks": world, "steps": int(rows["step"].max()) + 1,
-            "victim_step": int(rows["step"].max()) + 1 - 60 + 26,
+            "victim_step": (step_copies - 1) * (int(faulty["step"].max()) + 1) + ONSET,
             "write_s": time.perf_counter() - t0, "disk_mb": size / 2**20,
             "dir": str(log_dir / job_id)}
 
