@@ -32,8 +32,13 @@ import math
 
 import polars as pl
 
-from ringwatch._schema import format_ranks, parse_ranks
+from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
+from ringwatch.analyzers._p2p_links import (
+    MIN_LINK_BYTES,
+    compute_p2p_bandwidth,
+    p2p_bandwidth,
+)
 from ringwatch.analyzers._steps import (
     COLLECTIVE,
     SLICE_ROWS,
@@ -43,10 +48,6 @@ from ringwatch.analyzers._steps import (
     _slices,
 )
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
-
-#: Collectives smaller than this are latency-bound on any fabric (a count exchange, a flag):
-#: their time says nothing about bandwidth.
-MIN_LINK_BYTES = 4096
 
 
 def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
@@ -93,61 +94,6 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
         (pl.col("bytes") / pl.col("transfer_ns").clip(lower_bound=1) * 1e3).alias("MBps"),
     ).select("pg", "pg_ranks", "hosts", "step", "collectives", "bytes", "transfer_ns",
              "MBps").sort("pg", "step")
-
-
-def compute_p2p_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
-    """Per direction between two hosts and step, the send/recv transfer bandwidth, in
-    :func:`compute_group_bandwidth`'s columns (``pg``: ``p2p host_a>host_b``;
-    ``collectives`` the receives; ``bytes`` and ``transfer_ns`` the fastest receive's, times
-    the receives per receiving rank: what one rank's step moves at that rate).
-
-    A pipeline's stages often sit on different hosts, so that its only traffic between them
-    is send/recv. A receive's duration holds the wait for its sender (the stage before it
-    still computing) and the transfer; the step's fastest receive over the direction (its
-    size over its duration) is the one that waited least, as a collective's shortest member
-    is: in a pipeline's steady state some receive finds its data already sent. Receives
-    inside one host, without a size of :data:`MIN_LINK_BYTES` or a step are left out."""
-    cols = ["rank", "host", "peer", "op", "is_p2p", "status", "step", "nbytes", "duration_ns"]
-    out_schema = {"pg": pl.Utf8, "pg_ranks": pl.Utf8, "hosts": pl.Utf8, "step": pl.Int64,
-                  "collectives": pl.UInt32, "bytes": pl.Int64, "transfer_ns": pl.Int64,
-                  "MBps": pl.Float64}
-    if not set(cols) <= set(events.columns):
-        return pl.DataFrame(schema=out_schema)
-    recv = (events.lazy().select(cols)
-            .filter(pl.col("is_p2p") & (pl.col("op") == "recv") & (pl.col("status") == "ok")
-                    & pl.col("step").is_not_null() & pl.col("peer").is_not_null()
-                    & (pl.col("duration_ns") > 0) & (pl.col("nbytes") >= MIN_LINK_BYTES))
-            .select("rank", "peer", pl.col("host").cast(pl.Utf8).alias("_dst"), "step",
-                    "nbytes", "duration_ns").collect())
-    host_of = (events.lazy().select(pl.col("rank").alias("peer"), pl.col("host").alias("_src"))
-               .unique("peer").collect()  # then the cast: not a string for every row
-               .with_columns(pl.col("_src").cast(pl.Utf8)))
-    pairs = (recv.join(host_of.with_columns(pl.col("peer").cast(recv["peer"].dtype)),
-                       on="peer", how="inner")
-             .filter(pl.col("_src") != pl.col("_dst"))
-             .with_columns(pl.concat_str("_src", pl.lit(">"), "_dst").alias("_dir"),
-                           (pl.col("nbytes") / pl.col("duration_ns")).alias("_rate")))
-    if pairs.is_empty():
-        return pl.DataFrame(schema=out_schema)
-    members = {d: format_ranks(sorted({int(x) for x in rs} | {int(x) for x in ps}))
-               for d, rs, ps in pairs.group_by("_dir").agg(
-                   pl.col("rank").unique(), pl.col("peer").unique()).iter_rows()}
-    fastest = pl.col("_rate").arg_max()
-    each = pl.len() / pl.col("rank").n_unique()  # receives per receiving rank
-    per = (pairs.group_by("_dir", "step")
-           .agg(pl.col("_src").first(), pl.col("_dst").first(),
-                pl.len().cast(pl.UInt32).alias("collectives"),
-                (pl.col("nbytes").get(fastest) * each).round().cast(pl.Int64).alias("bytes"),
-                (pl.col("duration_ns").get(fastest) * each).round().cast(pl.Int64)
-                .alias("transfer_ns")))
-    return per.select(
-        pl.concat_str(pl.lit("p2p "), "_dir").alias("pg"),
-        pl.col("_dir").replace_strict(members, return_dtype=pl.Utf8).alias("pg_ranks"),
-        pl.concat_str(pl.min_horizontal("_src", "_dst"), pl.lit(","),
-                      pl.max_horizontal("_src", "_dst")).alias("hosts"),
-        pl.col("step").cast(pl.Int64), "collectives", "bytes", "transfer_ns",
-        (pl.col("bytes") / pl.col("transfer_ns") * 1e3).alias("MBps"),
-    ).sort("pg", "step")
 
 
 def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -332,13 +278,16 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
                       min_baseline_steps: int = _D.min_baseline_steps,
                       ratio: float = _D.link_ratio,
                       persist: int = _D.link_persist_steps, noise: float = _D.link_noise,
-                      usual: pl.DataFrame | None = None) -> tuple[Finding, ...]:
+                      usual: pl.DataFrame | None = None,
+                      recv: pl.DataFrame | None = None) -> tuple[Finding, ...]:
     """Slow communication: groups whose transfer bandwidth dropped, and the suspect hosts.
 
     Args:
         events: Rows of one job (a whole log or an online window).
         baseline_steps, min_baseline_steps, ratio, persist, noise, usual: See
             :func:`compute_slow_groups`.
+        recv: The job's send/recv as a :func:`~ringwatch.analyzers._p2p_links.receive_table`
+            (the service's, from the agents' sums); None reads it from ``events``.
 
     Returns:
         One :class:`Finding` of kind ``slow_link`` when any group crossing hosts is slow:
@@ -351,7 +300,8 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
     """
     # collectives' groups, and send/recv between hosts (a pipeline's stages on other hosts)
     bw = pl.concat([compute_group_bandwidth(events).with_columns(pl.col("pg").cast(pl.Utf8)),
-                    compute_p2p_bandwidth(events)], how="vertical_relaxed")
+                    compute_p2p_bandwidth(events) if recv is None else p2p_bandwidth(recv)],
+                   how="vertical_relaxed")
     if bw.is_empty():
         return ()
     groups = compute_slow_groups(bw, baseline_steps=baseline_steps,

@@ -28,6 +28,11 @@ imbalance come from each rank's unblocked time per step against its stage's, as 
 blocked time (:meth:`OnlineWindow.add_work`); a straggler keeps its onset as an episode, an
 imbalance the step it was first seen at.
 
+Send/recv between hosts comes as a receive table (:meth:`OnlineWindow.add_recv`: per receiving
+rank, sender and step, its fastest receive; :mod:`ringwatch.analyzers._p2p_links`): each
+direction's usual bandwidth is taken from the baseline's steps, as the groups' is, and each
+window judges the directions like groups.
+
 Memory is the window (``keep_steps`` x the rows of a step) plus a row per rank and per group;
 nothing grows with the job's length.
 
@@ -46,7 +51,16 @@ from ringwatch.analyzers._links import (
     compute_group_bandwidth,
     detect_slow_links,
     explain_by_links,
+    p2p_bandwidth,
     usual_bandwidth,
+)
+from ringwatch.analyzers._online_frames import (
+    RECV_SCHEMA,
+    WORK_SCHEMA,
+    frame_from_state,
+    frame_state,
+    merge_steps,
+    recv_frame,
 )
 from ringwatch.analyzers._policy import is_hiccup
 from ringwatch.analyzers._stragglers import (
@@ -124,6 +138,13 @@ class OnlineWindow:
         #: The pipeline's imbalance as last judged on a window of enough steps: what a window
         #: too young to judge (a service just restarted) reports meanwhile.
         self.work_imbalance: tuple[Finding, ...] = ()
+        #: The job's send/recv between hosts, as a receive table
+        #: (:func:`~ringwatch.analyzers._p2p_links.receive_table`; :meth:`add_recv`): the
+        #: newest ``keep_steps`` steps, and the first ones until their usual is taken.
+        self.recv: pl.DataFrame | None = None
+        #: Whether the send/recv directions' usual bandwidth has been taken (into
+        #: ``usual_bw``, from the baseline's steps; once, as the groups').
+        self.p2p_frozen = False
 
     @property
     def warmup_steps(self) -> int:
@@ -164,12 +185,48 @@ class OnlineWindow:
         before is replaced); the newest ``keep_steps`` steps are kept."""
         if work.is_empty():
             return
-        merged = work if self.work is None else pl.concat(
-            [self.work.join(work.select("rank", "step"), on=["rank", "step"], how="anti"),
-             work], how="vertical_relaxed")
+        merged = merge_steps(self.work, work, ["rank", "step"])
         top = max(merged["step"].max(), -1 if self.rows is None else
                   (self.rows["step"].max() or -1))
         self.work = merged.filter(pl.col("step") > top - self.keep_steps).sort("rank", "step")
+
+    def add_recv(self, recv: pl.DataFrame) -> None:
+        """Take new rows of the job's receive table (a ``(rank, peer, step)`` seen before is
+        replaced): send/recv between hosts is judged like a group's transfers."""
+        if recv.is_empty():
+            return
+        merged = merge_steps(self.recv, recv_frame(recv), ["rank", "peer", "step"])
+        top = max(merged["step"].max(), -1 if self.rows is None else
+                  (self.rows["step"].max() or -1))
+        keep = pl.col("step") > top - self.keep_steps
+        if not self.p2p_frozen:  # the first steps are still needed
+            keep = keep | (pl.col("step") <= (self.first_step or 0) + self.warmup_steps
+                           + self.baseline_steps)
+        self.recv = merged.filter(keep).sort("rank", "peer", "step")
+        self._freeze_p2p()
+
+    def _freeze_p2p(self) -> None:
+        """The send/recv directions' usual bandwidth, from the baseline's steps, once every
+        receiving rank has sent a later step (its receives lag its collectives)."""
+        until = self.baseline_until
+        if self.p2p_frozen or until is None or self.recv is None:
+            return
+        if self.recv.group_by("rank").agg(pl.col("step").max())["step"].min() <= until:
+            return
+        head = self.recv.filter(pl.col("step").is_between(self.first_step or 0, until))
+        usual = usual_bandwidth(p2p_bandwidth(head), baseline_steps=self.baseline_steps,
+                                min_baseline_steps=self.thresholds.min_baseline_steps)
+        self.usual_bw = usual if self.usual_bw is None else pl.concat(
+            [self.usual_bw, usual], how="vertical_relaxed")
+        self.p2p_frozen = True
+
+    def _window_recv(self) -> pl.DataFrame | None:
+        """The receive table over the window's steps (its first ones left out once judged)."""
+        if self.recv is None or self.rows is None:
+            return None
+        top = self.rows["step"].max()
+        return None if top is None else self.recv.filter(
+            pl.col("step") > top - self.keep_steps)
 
     @property
     def pipeline(self) -> bool:
@@ -297,6 +354,7 @@ class OnlineWindow:
             baseline_steps=self.baseline_steps,
             min_baseline_steps=self.thresholds.min_baseline_steps)
         self.baseline_until = self.drift_step = last
+        self._freeze_p2p()
 
     def findings(self, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
                  min_stall_s: float | None = None,
@@ -328,7 +386,8 @@ class OnlineWindow:
                 noise_ms=self.noise_ms, imbalance=False,
                 drift_from_step=(self.drift_step or self.baseline_until) + 1,
                 ongoing={r: e[:2] for r, e in self.episodes.items()})) + self.imbalance
-        links = detect_slow_links(ev, **th.link_args(), usual=self.usual_bw)
+        links = detect_slow_links(ev, **th.link_args(), usual=self.usual_bw,
+                                  recv=self._window_recv())
         return out + explain_by_links(stragglers, links)
 
     def _episodes(self, found: tuple[Finding, ...]) -> tuple[Finding, ...]:
@@ -391,7 +450,8 @@ class OnlineWindow:
                 "imbalance_since": [[c, list(r), s] for (c, r), s in
                                     sorted(self.imbalance_since.items())],
                 "work_imbalance": [f.to_dict() for f in self.work_imbalance],
-                "work": _work_state(self.work)}
+                "work": frame_state(self.work, WORK_SCHEMA),
+                "recv": frame_state(self.recv, RECV_SCHEMA), "p2p_frozen": self.p2p_frozen}
 
     def restore(self, state: dict) -> None:
         """Take back what :meth:`state` gave (a window reopened after a restart). Raises
@@ -425,7 +485,10 @@ class OnlineWindow:
             since = {(str(c), tuple(int(x) for x in r)): int(v)
                      for c, r, v in state.get("imbalance_since", [])}
             work_imbalance = tuple(_finding(d) for d in state.get("work_imbalance", []))
-            work = _work_frame(state.get("work"))
+            work = frame_from_state(state.get("work"), WORK_SCHEMA, "work")
+            recv = frame_from_state(state.get("recv"), RECV_SCHEMA, "recv")
+            # an older state has no send/recv baseline: none is taken from later steps
+            p2p_frozen = bool(state.get("p2p_frozen", until is not None))
             for v in (first, until, warmup, drift):
                 if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                     raise ValueError(f"step {v!r} is not an integer")
@@ -439,44 +502,7 @@ class OnlineWindow:
         self.imbalance, self.episodes, self.ended = imbalance, episodes, ended
         self.warmup_found = warmup
         self.imbalance_since, self.work_imbalance = since, work_imbalance
-        self.work = work
-
-
-#: A window state keeps at most this many (rank, step) rows of a pipeline's step and blocked
-#: time: every step of the window up to 1,024 ranks, the newest steps that fit beyond.
-STATE_WORK_ROWS = 65_536
-_WORK_SCHEMA = {"rank": pl.Int32, "step": pl.Int64, "step_ms": pl.Float64,
-                "blocked_ms": pl.Float64, "work_ms": pl.Float64}
-
-
-def _work_state(work: pl.DataFrame | None) -> dict | None:
-    """A pipeline's step and blocked times as columns (the newest steps, at most
-    :data:`STATE_WORK_ROWS` rows): a window reopened after a restart judges the steps it
-    held, not only those after it (an onset just before the restart stays where it was)."""
-    if work is None or work.is_empty():
-        return None
-    ranks = max(1, work["rank"].n_unique())
-    keep = max(1, STATE_WORK_ROWS // ranks)
-    newest = work["step"].unique().sort(descending=True).head(keep)
-    kept = work.filter(pl.col("step").is_in(newest.implode()))
-    return {c: kept[c].to_list() for c in _WORK_SCHEMA}
-
-
-def _work_frame(cols) -> pl.DataFrame | None:
-    """The frame :func:`_work_state` wrote; ``ValueError`` on anything else."""
-    if cols is None:
-        return None
-    if not isinstance(cols, dict) or set(cols) != set(_WORK_SCHEMA) \
-            or len({len(v) if isinstance(v, list) else -1 for v in cols.values()}) != 1 \
-            or len(cols["rank"]) > STATE_WORK_ROWS:
-        raise ValueError("work: not the columns of a window's step times")
-    frame = pl.DataFrame(cols, schema=_WORK_SCHEMA, strict=True)
-    if frame.is_empty():
-        return None
-    lowest = frame.select(pl.min_horizontal("rank", "step_ms", "blocked_ms", "work_ms").min())
-    if frame.null_count().sum_horizontal().item() or lowest.item() < 0:
-        raise ValueError("work: missing or negative values")
-    return frame.sort("rank", "step")
+        self.work, self.recv, self.p2p_frozen = work, recv, p2p_frozen
 
 
 def _with_state(usual: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:

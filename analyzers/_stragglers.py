@@ -488,9 +488,11 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             first_detected, carried = r["step"], None
         # What it costs: its median delay over all it has shown (the first late steps may
         # be partial: the slowdown can land mid-step)
-        run = mine.filter(pl.col("step").is_between(
-            since, mine["step"].max() if until is None else until))
-        delay = float(run["delay_ms"].median())
+        end = mine["step"].max() if until is None else until
+        run = mine.filter(pl.col("step").is_between(since, end))
+        if run.is_empty():  # an onset carried from beyond this streak's end: the streak's own
+            run = mine.filter(pl.col("step").is_between(r["step"], end))
+        delay = float(run["delay_ms"].median() or 0.0)
         # counted from the late streak (since), as a live reader counts it while it lasts
         # (split_undecided): both call the same episodes hiccups
         transient = until is not None and run.height < transient_steps and carried is None

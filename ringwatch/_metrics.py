@@ -319,6 +319,17 @@ METRICS: tuple[MetricSpec, ...] = (
        "and receives (overlaps once) and the wait for its asynchronous ones; for ops timed "
        "on the device, their device durations.", "rank_work",
        "blocked_ns", _NANO, labels=("step",), otlp_only=True),
+    _m("ringwatch_step_recv_ops", "ringwatch.step.recv.count", GAUGE, "{op}",
+       "Receives a rank completed from one sender (global rank) in one finished step.",
+       "rank_recv", "count", labels=("step", "peer"), otlp_only=True),
+    _m("ringwatch_step_recv_fastest_bytes", "ringwatch.step.recv.io", GAUGE, "By",
+       "Size of a rank's fastest receive (bytes over duration) from one sender in one "
+       "finished step: with its duration, the send/recv bandwidth between their hosts.",
+       "rank_recv", "nbytes", labels=("step", "peer"), otlp_only=True),
+    _m("ringwatch_step_recv_fastest_seconds", "ringwatch.step.recv.time", GAUGE, "s",
+       "Duration of a rank's fastest receive from one sender in one finished step (on the "
+       "device where it was timed there).", "rank_recv", "duration_ns", _NANO,
+       labels=("step", "peer"), otlp_only=True),
     # --- the agent itself ---
     _m("ringwatch_agent_errors_total", "ringwatch.agent.errors", COUNTER, "{error}",
        "Reads or exports the agent could not do, per cause.", "agent", "errors",

@@ -5,8 +5,10 @@ collectives; the service holds, per (rank, group, step), the step's totals. Each
 given to them as one collective of the group, numbered by its step: a rank's wait in it
 (its time minus the group's shortest) is the sum of its waits in the step's collectives, so
 who comes late, by how much, and at which group survive the summing; a group's transfer time
-is its shortest member's total. Hangs are read from the frontier the agents report: per rank
-and group, the last collective entered and finished, and the oldest pending with its age.
+is its shortest member's total. Send/recv between hosts comes as each rank's fastest receive
+per sender and step, judged like a group's transfers. Hangs are read from the frontier the
+agents report: per rank and group, the last collective entered and finished, and the oldest
+pending with its age.
 """
 
 from __future__ import annotations
@@ -82,6 +84,25 @@ def work_frame(items):
                                       "work_ms": pl.Float64}, orient="row")
 
 
+def recv_table(jl: JobLive, items):
+    """The receives in ``items`` (:func:`work_frame`'s, with ``"recv"``) as a receive table
+    (:func:`~ringwatch.analyzers._p2p_links.receive_table`), each side's host as its agent
+    names it (a sender the service has not heard of: none)."""
+    import polars as pl
+
+    from ringwatch.analyzers._p2p_links import RECV_SCHEMA
+
+    def host(rank):
+        live = jl.ranks.get(rank)
+        return live.host if live is not None and live.host else None
+
+    rows = [(rank, host(rank), peer, host(peer), step, int(f["count"]), int(f["nbytes"]),
+             int(round(f["recv_s"] * 1e9)))
+            for (rank, step), v in items for peer, f in v.get("recv", {}).items()
+            if len(f) == 3]
+    return pl.DataFrame(rows, schema=RECV_SCHEMA, orient="row")
+
+
 def live_pairs(jl: JobLive) -> list[tuple[int, int]]:
     """The send/recv pairs the agents report: (rank, peer)."""
     return [(r, q) for r, rl in jl.ranks.items() for q in rl.p2p_peers]
@@ -130,10 +151,13 @@ class LiveAnalysis:
         stage = live_stages(jl)
         if stage is None:
             self.window.layout = None  # no pipeline: every rank one class
-        elif self.window.rows is not None and (
-                self.window.baseline_until is None or stage != self._stage):
+        elif self.window.rows is not None and (self.window.baseline_until is None
+                                               or stage != self._stage
+                                               or self.window.layout is None):
             # the stages from the agents' send/recv peers, the groups from the step rows:
-            # what the baselines are judged by, and the pipeline analysis's roles
+            # what the baselines are judged by, and the pipeline analysis's roles (again
+            # after a restart: a window restored with its baselines has no rows to read the
+            # groups from until its first ones come)
             from ringwatch.analyzers._layout import chains_from_pairs, infer_layout
 
             self.window.layout = infer_layout(
@@ -145,6 +169,7 @@ class LiveAnalysis:
             self.last_rows_ns = now_ns
         if work:
             self.window.add_work(work_frame(work))
+            self.window.add_recv(recv_table(jl, work))
 
     def note_hiccups(self, hiccups) -> None:
         """Remember the transient stragglers the window reports (each episode once)."""

@@ -1,8 +1,9 @@
 """Per-job state of the central service, fed by the agents' OTLP pushes.
 
 What is kept, per job: per rank, its host and local rank, the last pending collective and
-its age, the per-group sequence frontier, the log's age, and per (rank, group, step) the
-step totals the analyzers need. Memory is bounded: the steps of each job's window (below), at
+its age, the per-group sequence frontier, the log's age, per (rank, group, step) the
+step totals the analyzers need, and per (rank, step) the rank's step, its time blocked and its
+fastest receive from each sender. Memory is bounded: the steps of each job's window (below), at
 most ``max_jobs`` jobs (the longest silent is dropped first, with all its state, and named in
 :meth:`Jobs.drain_evicted` so that the service drops what it holds of it too).
 
@@ -47,6 +48,14 @@ _STEP_BOUNDS = {"busy_s": (B.MAX_DURATION_S, False), "nbytes": (B.MAX_COUNT, Tru
                 "end_s": (B.MAX_WALL_S, False)}
 # Per (rank, step): its step and its time blocked in communication (the pipeline analysis).
 _WORK_FIELDS = {"ringwatch.step.duration": "step_s", "ringwatch.step.blocked": "blocked_s"}
+_WORK_ROW = tuple(_WORK_FIELDS.values())
+# Per (rank, step, sender): its receives and the fastest one (send/recv across hosts as links).
+_RECV_FIELDS = {"ringwatch.step.recv.count": "count", "ringwatch.step.recv.io": "nbytes",
+                "ringwatch.step.recv.time": "recv_s"}
+_RECV_BOUNDS = {"count": (B.MAX_COUNT, True), "nbytes": (B.MAX_COUNT, True),
+                "recv_s": (B.MAX_DURATION_S, False)}
+#: Senders a rank's step keeps (a pipeline stage has one or two; more is no pipeline).
+MAX_RECV_PEERS = 8
 _SEQ = {"ringwatch.collective.started_seq": "started",
         "ringwatch.collective.completed_seq": "completed"}
 _PENDING = "ringwatch.collective.pending"
@@ -96,7 +105,9 @@ class JobLive:
     pg_index: dict[str, int] = field(default_factory=dict)
     #: (rank, pg, step) keys added since the analysis last took them.
     fresh: set[tuple[int, str, int]] = field(default_factory=set)
-    #: (rank, step) -> {"step_s", "blocked_s"}: each rank's step and time blocked in it.
+    #: (rank, step) -> {"step_s", "blocked_s", "recv"}: each rank's step and time blocked in
+    #: it, and (where it received from another rank) ``{sender: {"count", "nbytes",
+    #: "recv_s"}}``, its receives and the fastest one.
     work: dict[tuple[int, int], dict] = field(default_factory=dict)
     work_fresh: set[tuple[int, int]] = field(default_factory=set)
 
@@ -116,6 +127,7 @@ class _Resource:
     log_age_s: float | None = None
     p2p: list[tuple[int, str, float]] = field(default_factory=list)  # (peer, first op, ops)
     work: list[tuple[int, str, float]] = field(default_factory=list)  # (step, field, value)
+    recv: list[tuple[int, int, str, float]] = field(default_factory=list)  # (step, peer, f, v)
     points: int = 0
 
 
@@ -181,6 +193,15 @@ def _read_point(r: _Resource, name: str, a: dict, v: float) -> bool:
         if step is None or value is None:
             return False
         r.work.append((step, _WORK_FIELDS[name], value))
+    elif name in _RECV_FIELDS:
+        key = _RECV_FIELDS[name]
+        limit, integral = _RECV_BOUNDS[key]
+        step = B.as_int(a.get("ringwatch.step"), B.MAX_STEP)
+        peer = B.as_int(a.get("ringwatch.p2p.peer"), B.MAX_RANK)
+        value = B.as_amount(v, limit, integral=integral)
+        if None in (step, peer, value):
+            return False
+        r.recv.append((step, peer, key, value))
     elif name in _SEQ:
         pg = B.as_label(a.get("ringwatch.pg"))
         seq = B.as_int(v, B.MAX_SEQ)
@@ -337,11 +358,16 @@ class Jobs:
             if step > high:
                 bad += 1
             elif step > low:
-                row = jl.work.get((r.rank, step))
-                if row is None:
-                    row = jl.work[(r.rank, step)] = {}
-                    jl.work_fresh.add((r.rank, step))
-                row[key] = value
+                _work_row(jl, r.rank, step)[key] = value
+        for step, peer, key, value in r.recv:
+            if step > high:
+                bad += 1
+            elif step > low:
+                got = _work_row(jl, r.rank, step).setdefault("recv", {})
+                if peer not in got and len(got) >= MAX_RECV_PEERS:
+                    bad += 1
+                else:
+                    got.setdefault(peer, {})[key] = value
         for which, pg, seq in r.seq:
             frontier = rl.started_seq if which == "started" else rl.completed_seq
             if pg not in frontier and len(frontier) >= B.MAX_GROUPS_PER_JOB:
@@ -392,7 +418,8 @@ class Jobs:
 
         Returns:
             ``(view, rows, work)`` with ``rows`` a list of ``((rank, pg, step), values)`` and
-            ``work`` of ``((rank, step), {"step_s", "blocked_s"})``, or ``(None, [], [])``
+            ``work`` of ``((rank, step), {"step_s", "blocked_s"[, "recv"]})``, or
+            ``(None, [], [])``
             for an unknown job.
         """
         import copy
@@ -405,8 +432,9 @@ class Jobs:
                     and all(f in jl.steps[k] for f in _STEP_ROW)]
             rows = [(k, dict(jl.steps[k])) for k in done]
             jl.fresh.difference_update(done)
-            done = [k for k in jl.work_fresh if k[1] <= jl.max_step and len(jl.work[k]) == 2]
-            work = [(k, dict(jl.work[k])) for k in done]
+            done = [k for k in jl.work_fresh if k[1] <= jl.max_step
+                    and all(f in jl.work[k] for f in _WORK_ROW)]
+            work = [(k, copy.deepcopy(jl.work[k])) for k in done]
             jl.work_fresh.difference_update(done)
             kept = jl.steps, jl.fresh, jl.work, jl.work_fresh
             jl.steps, jl.fresh, jl.work, jl.work_fresh = {}, set(), {}, set()
@@ -415,6 +443,16 @@ class Jobs:
             finally:
                 jl.steps, jl.fresh, jl.work, jl.work_fresh = kept
         return view, rows, work
+
+
+def _work_row(jl: JobLive, rank: int, step: int) -> dict:
+    """The (rank, step) row of the job's step and blocked times (made, and marked fresh, if
+    new)."""
+    row = jl.work.get((rank, step))
+    if row is None:
+        row = jl.work[(rank, step)] = {}
+        jl.work_fresh.add((rank, step))
+    return row
 
 
 def _n_points(m) -> int:

@@ -147,11 +147,14 @@ def collect_points(state: NodeState, *, now_wall_ns: int | None = None,
                   {"count": t.count, "nbytes": t.nbytes, "busy_ns": t.busy_ns,
                    "first_start_ns": t.first_start_ns, "last_end_ns": t.last_end_ns})
         done = -1 if steps_after is None else steps_after.get((s.job, s.rank, "work"), -1)
-        for step, step_ns, blocked in finished_work(dict(s.work), PUSH_STEPS) \
+        for step, step_ns, blocked, recv in finished_work(dict(s.work), PUSH_STEPS) \
                 if steps_after is not None else ():
             if step > done:
                 _emit(out, "rank_work", res, {"step": str(step)},
                       {"step_ns": step_ns, "blocked_ns": blocked})
+                for peer, (n, nbytes, ns) in list(recv.items()):
+                    _emit(out, "rank_recv", res, {"step": str(step), "peer": str(peer)},
+                          {"count": n, "nbytes": nbytes, "duration_ns": ns})
         pg, op, since = s.pending or ("", "", now)
         _emit(out, "rank", res, {"pg": pg, "pending_op": op},
               {"pending_ns": max(0, now - since), "step": s.step,

@@ -17,6 +17,10 @@ clock:
   NCCL watchdog saw adds nothing: its host interval is not its time in the op
   (``ringwatch.analyzers._timing``).
 
+Each step also keeps, per sender, its receives and the fastest one (size and duration, as
+:func:`ringwatch.analyzers._p2p_links.receive_table` reads them post-mortem): the service judges
+send/recv between hosts like a group's transfers.
+
 A step's rows are kept until a step two later begins (an isend of the step may complete in
 the next one), then folded into two numbers; at most :data:`MAX_ROWS` rows per step are kept.
 """
@@ -28,6 +32,11 @@ from dataclasses import dataclass, field
 
 #: Rows of one step kept until it is folded (a step of more is summed from its first ones).
 MAX_ROWS = 65_536
+#: Senders whose receives a step keeps (a pipeline stage has one or two).
+MAX_SENDERS = 8
+#: Receives smaller than this say nothing about bandwidth
+#: (:data:`ringwatch.analyzers._p2p_links.MIN_LINK_BYTES`).
+MIN_RECV_BYTES = 4096
 
 
 @dataclass(slots=True)
@@ -42,6 +51,19 @@ class StepWork:
     blocked_ns: int | None = None
     #: Device durations (ns) of its blocking rows timed on the device.
     device_ns: int = 0
+    #: sender (global rank) -> [receives, fastest one's bytes, its duration ns].
+    recv: dict[int, list[int]] = field(default_factory=dict)
+
+    def add_recv(self, peer: int, nbytes: int, duration_ns: int) -> None:
+        """One finished receive from ``peer``."""
+        got = self.recv.get(peer)
+        if got is None:
+            if len(self.recv) < MAX_SENDERS:
+                self.recv[peer] = [1, nbytes, duration_ns]
+            return
+        got[0] += 1
+        if nbytes * got[2] > got[1] * duration_ns:  # a faster one
+            got[1], got[2] = nbytes, duration_ns
 
     def add(self, start: int | None, end: int | None, async_op: bool | None,
             host: bool = True, recv: bool = False) -> None:
@@ -96,6 +118,8 @@ def add_row(work: dict[int, StepWork], step: int, r: dict) -> None:
         w = work[step] = StepWork()
     asyn = r.get("async_op")
     recv = r.get("op") == "recv"
+    if recv and r.get("status") == "ok":
+        _add_receive(w, r)
     asyn = r.get("op") == "send" if asyn is None else asyn
     start, end, dev = r.get("mono_start_ns"), r.get("mono_end_ns"), r.get("device_duration_ns")
     if dev is None and r.get("end_source") == "watchdog":
@@ -111,6 +135,18 @@ def add_row(work: dict[int, StepWork], step: int, r: dict) -> None:
         w.add(start, end, asyn, recv=recv)
 
 
+def _add_receive(w: StepWork, r: dict) -> None:
+    """A finished receive into its step's per-sender figures (its time as the analyzers
+    read it: the device's, none for an end only the NCCL watchdog saw)."""
+    peer, nbytes = r.get("peer"), r.get("nbytes")
+    dur = r.get("device_duration_ns")
+    if dur is None and r.get("end_source") != "watchdog":
+        dur = r.get("duration_ns")
+    if peer is not None and nbytes is not None and nbytes >= MIN_RECV_BYTES \
+            and dur is not None and dur > 0:
+        w.add_recv(peer, nbytes, dur)
+
+
 def fold_before(work: dict[int, StepWork], step: int) -> None:
     """Fold every step more than one before ``step`` (the rank's current one)."""
     for k, w in work.items():
@@ -118,9 +154,10 @@ def fold_before(work: dict[int, StepWork], step: int) -> None:
             w.fold()
 
 
-def finished_work(work: dict[int, StepWork], last: int) -> list[tuple[int, int, int]]:
-    """``(step, step_ns, blocked_ns)`` of the newest ``last`` folded steps whose next step has
-    begun, oldest first (a step lasts to the first communication of the next one seen)."""
+def finished_work(work: dict[int, StepWork], last: int) -> list[tuple[int, int, int, dict]]:
+    """``(step, step_ns, blocked_ns, receives)`` of the newest ``last`` folded steps whose next
+    step has begun, oldest first (a step lasts to the first communication of the next one
+    seen); ``receives``: sender -> [receives, fastest bytes, its ns]."""
     steps = sorted(work)
     out = []
     for k, nxt in zip(steps, steps[1:], strict=False):
@@ -128,5 +165,5 @@ def finished_work(work: dict[int, StepWork], last: int) -> list[tuple[int, int, 
         if w.blocked_ns is None or w.begin_ns is None or n.begin_ns is None \
                 or n.begin_ns <= w.begin_ns:
             continue
-        out.append((k, n.begin_ns - w.begin_ns, w.blocked_ns))
+        out.append((k, n.begin_ns - w.begin_ns, w.blocked_ns, w.recv))
     return out[-last:]

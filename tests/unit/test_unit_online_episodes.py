@@ -177,7 +177,7 @@ def test_an_onset_is_refined_while_the_window_holds_the_jobs_first_steps(run):
 
 
 def test_a_pipelines_step_times_are_kept_with_the_state_and_bad_ones_refused():
-    from ringwatch.analyzers import _online
+    from ringwatch.analyzers import _online_frames
 
     w = OnlineWindow(keep_steps=40)
     ranks, steps = 3000, 40  # more than a state keeps: the newest steps that fit
@@ -189,7 +189,7 @@ def test_a_pipelines_step_times_are_kept_with_the_state_and_bad_ones_refused():
     state = json.loads(json.dumps(w.state()))
     back = OnlineWindow(keep_steps=40)
     back.restore(state)
-    kept = _online.STATE_WORK_ROWS // ranks
+    kept = _online_frames.STATE_ROWS // ranks
     assert back.work.height == ranks * kept and back.work["step"].min() == steps - kept
     assert back.work.schema == w.work.schema
     for bad in ({"rank": [0], "step": [1]},  # columns missing

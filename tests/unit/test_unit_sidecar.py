@@ -40,6 +40,7 @@ _DERIVED = {"gpu": {"power_peak_mw", "power_min_mw", "samples", "info", "power_p
             "rank_step": {"count", "nbytes", "busy_ns", "first_start_ns", "last_end_ns"},
             "rank_p2p": {"count"},
             "rank_work": {"step_ns", "blocked_ns"},
+            "rank_recv": {"count", "nbytes", "duration_ns"},
             "agent": {"errors", "late_ticks", "cpu_ns"}}
 _READINGS = {"gpu": (GpuIdentity, FastReading, SlowReading), "nvlink": (NvLinkReading,),
              "nic": (NicReading,), "ib": (IbPortReading,), "host": (HostReading,)}

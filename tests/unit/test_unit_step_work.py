@@ -48,7 +48,7 @@ def test_a_real_pipeline_jobs_blocked_time_per_step_as_post_mortem(name, shape):
                 add_row(work, r["step"], r)
                 fold_before(work, r["step"])
         fold_before(work, max(work) + 2)
-        for step, step_ns, blocked in finished_work(work, 10_000):
+        for step, step_ns, blocked, _ in finished_work(work, 10_000):
             live[(rank, step)] = (step_ns / 1e6, blocked / 1e6)
     assert set(live) == set(post)  # every step but each rank's last
     for key, (step_ms, blocked_ms) in post.items():
@@ -94,7 +94,7 @@ def test_a_step_is_given_once_folded_with_its_next_steps_begin():
                              "async_op": False})
         fold_before(work, step)
     # step 0 is folded (two steps on), step 1 not yet: only step 0, lasting to step 1's begin
-    assert finished_work(work, 10) == [(0, 200, 40)]
+    assert finished_work(work, 10) == [(0, 200, 40, {})]
     assert work[0].rows == [] and work[1].rows
 
 

@@ -1,0 +1,132 @@
+"""Send/recv between hosts as link evidence, live: real pipeline runs' rows read by the
+agent's rank tails, pushed as OTLP by its pusher, ingested and analysed by the service, give
+the findings ``ringwatch analyze`` gives on the same rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ringwatch._clock import FakeClock
+from ringwatch.agent.sidecar._node_state import NodeState
+from ringwatch.agent.sidecar._otlp_export import OtlpPusher
+from ringwatch.agent.sidecar._rank_tail import _COLUMNS, RankSummary, _consume
+from ringwatch.agent.sidecar._step_work import StepWork, add_row, finished_work, fold_before
+from ringwatch.analyzers._p2p_links import p2p_bandwidth, receive_table
+from ringwatch.analyzers._policy import split_hiccups
+from ringwatch.analyzers._timing import with_analysis_durations
+from ringwatch.service._service import Service, ServiceConfig
+
+from fakes import gpu_shaped
+
+PIPELINE = Path(__file__).resolve().parents[1] / "data" / "pipeline"
+
+
+def _post_mortem(ev: pl.DataFrame):
+    from ringwatch._analyze import analyze_events
+
+    return split_hiccups(analyze_events(ev, now_ns=int(ev["t_end_ns"].max())))[0]
+
+
+@pytest.mark.parametrize("name", ["link-p2p", "strag-mid", "pp4-strag"])
+@pytest.mark.parametrize("shape", ["exact", "gpu"])
+def test_the_agents_receive_figures_are_the_post_mortem_receive_table(name, shape):
+    """Per (rank, sender, step): the receives and the fastest one, summed by the agent as it
+    reads each rank's rows, as ``receive_table`` reads them from the whole log (measured, or
+    re-timed as a GPU job reports them: device durations, watchdog ends)."""
+    ev = pl.read_parquet(PIPELINE / f"{name}.parquet")
+    if shape == "gpu":
+        ev = gpu_shaped(ev, first_lead_ms=1)
+    post = {(r, p, s): (n, b, d) for r, _, p, _, s, n, b, d in
+            receive_table(with_analysis_durations(ev)).iter_rows()}
+    live = {}
+    for (rank,), rows in ev.sort("t_start_ns").partition_by("rank", as_dict=True).items():
+        work: dict[int, StepWork] = {}
+        for r in rows.iter_rows(named=True):
+            if r["step"] is not None:
+                add_row(work, r["step"], r)
+                fold_before(work, r["step"])
+        fold_before(work, max(work) + 2)
+        for step, _, _, recv in finished_work(work, 10_000):
+            live.update({(rank, p, step): tuple(v) for p, v in recv.items()})
+    assert live and len(post) > len(live) * 0.9  # every step but each rank's last
+    for key, got in live.items():
+        n, nbytes, ns = post[key]
+        assert got[0] == n and got[1] * ns == nbytes * got[2], key  # the same rate
+
+
+def test_a_receive_table_without_hosts_or_inside_one_host_is_no_link():
+    table = pl.DataFrame(
+        {"rank": [1, 1, 2], "host": ["a", "a", None], "peer": [0, 3, 0],
+         "peer_host": ["a", "b", "a"], "step": [0, 0, 0], "receives": [2, 2, 1],
+         "nbytes": [1 << 20] * 3, "duration_ns": [10_000_000, 20_000_000, 1]},
+        schema=receive_table(pl.DataFrame()).schema)
+    bw = p2p_bandwidth(table)
+    assert bw["pg"].to_list() == ["p2p b>a"]  # inside host a, and a receiver with no host: out
+    assert bw.row(0, named=True)["MBps"] == pytest.approx((1 << 20) / 20_000_000 * 1e3)
+
+
+class _ToService:
+    """An OTLP exporter that hands each export to the service, encoded as on the wire."""
+
+    def __init__(self, svc: Service, clock: FakeClock):
+        self.svc, self.clock = svc, clock
+
+    def export(self, data, timeout_millis=None):
+        from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+        from opentelemetry.sdk.metrics.export import MetricExportResult
+
+        assert self.svc.jobs.ingest(encode_metrics(data), self.clock.wall_ns()) == 0
+        return MetricExportResult.SUCCESS
+
+    def shutdown(self):
+        pass
+
+
+def _key(f) -> tuple:
+    return f.kind, f.cls, f.ranks, f.hosts, f.since_step
+
+
+@pytest.mark.parametrize("name,push,restart", [
+    ("link-p2p", 1, None), ("link-p2p", 6, None), ("link-p2p", 1, 31), ("link-p2p", 6, 36),
+    ("strag-mid", 3, None), ("strag-mid", 1, 31), ("healthy", 4, None)])
+def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart, tmp_path):
+    """A real 2 x 2 x 2 pipeline whose stages sit one per host (``link-p2p``: host1's link at
+    8 Mbit/s from step 25, so that only send/recv crosses it), streamed ``push`` steps at a
+    time through the agent and the service: the service opens the slow link ``ringwatch
+    analyze`` names (hosts, ranks, onset), also when it is restarted mid-fault (at step
+    ``restart``, from its state files); a straggler whose late sends slow its receivers stays
+    one straggler, no link (also through a restart: the pipeline is read again); a healthy run
+    shows nothing."""
+    ev = pl.read_parquet(PIPELINE / f"{name}.parquet").with_columns(
+        pl.lit(None, pl.Int64).alias("t_issue_ns")).select(
+        "rank", "local_rank", "host", *_COLUMNS)
+    want = sorted(_key(f) for f in _post_mortem(
+        pl.read_parquet(PIPELINE / f"{name}.parquet")) if f.kind != "hang")
+    clock = FakeClock(wall_ns=int(ev["t_start_ns"].min()))
+    svc = Service(ServiceConfig(state_dir=tmp_path), clock=clock)
+    state = NodeState(host="agent")
+    ranks = {}
+    for rank, local, host in ev.select("rank", "local_rank", "host").unique().iter_rows():
+        ranks[rank] = state.ranks[("job", rank)] = RankSummary(
+            job="job", rank=rank, local_rank=local, host=host)
+    pusher = OtlpPusher(state, "http://127.0.0.1:9/v1/metrics", start_ns=clock.wall_ns())
+    pusher.exporter = _ToService(svc, clock)
+    shown = set()
+    steps = int(ev["step"].max()) + 1
+    for lo in range(0, steps + 2, push):
+        if restart is not None and lo <= restart < lo + push:  # killed: what its files hold
+            svc = Service(ServiceConfig(state_dir=tmp_path), clock=clock)
+            pusher.exporter = _ToService(svc, clock)
+        part = ev.filter(pl.col("step").is_between(lo, lo + push - 1))
+        for (rank,), rows in part.partition_by("rank", as_dict=True).items():
+            _consume(ranks[rank], rows.drop("rank", "local_rank", "host"))
+        if not part.is_empty():  # the service's clock: the newest row's end
+            clock.advance(max(0, int(part["t_end_ns"].max()) - clock.wall_ns()))
+        assert pusher.push(clock.wall_ns())
+        svc.analyze_once()
+        shown |= {_key(t.finding) for t in svc.store.current("job", state="open")
+                  if t.finding.kind != "hang"}
+    assert sorted(shown) == want, (shown, want)
