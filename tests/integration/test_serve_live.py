@@ -408,6 +408,10 @@ HYBRID = {  # case: (cluster arguments, job arguments, what `ringwatch analyze` 
                                 [("imbalance", "workload imbalance", [0, 1, 2, 3]),
                                  ("imbalance", "workload imbalance", [4, 5, 6, 7])]),
     "healthy": (["--fault", "none"], [], []),
+    # the stages one per host (batched send/recv): only send/recv crosses host1's link
+    "slow link between the stages": (["--fault", "link", "--victim-host", "1", "--at-step",
+                                      "25", "--rate-mbit", "8"], ["--p2p", "batched"],
+                                     [("slow_link", "slow communication", list(range(8)))]),
 }
 
 
@@ -420,7 +424,9 @@ def test_a_hybrid_parallel_job_live_as_post_mortem(stack, case):
     communication, summed per step by the agents) against its stage's, as the post-mortem
     does from the rows: a straggler mid-run (one that ends too, with its end) or from its
     first step, a heavier stage as structural imbalance, batches of varying length as
-    workload imbalance, nothing when healthy."""
+    workload imbalance, nothing when healthy; a slow link between stages on different hosts
+    from each rank's fastest receive per sender (the agents' sums), as post-mortem from the
+    receives."""
     fault, job, want = HYBRID[case]
     truth, _ = stack.run_cluster("--nproc", "8", "--hosts", "2", "--tp", "2", "--pp", "2",
                                  "--steps", "60", *fault, "--", "--step-sleep-ms", "40", *job)
@@ -435,6 +441,9 @@ def test_a_hybrid_parallel_job_live_as_post_mortem(stack, case):
         # noise over the slack after the end carries it on (41 for 35 in one run)
         end = truth["effect_step"] + 14
         assert post[0]["until_step"] is not None and post[0]["until_step"] >= end - 3, post
+    elif case == "slow link between the stages":  # either end of the link: two suspects
+        assert post[0]["hosts"] == ["host0", "host1"], post
+        assert abs(post[0]["since_step"] - truth["onset_step"]) <= 3, (post, truth)
     elif post:
         assert all(f["since_step"] <= 3 for f in post), post  # the first steps judged
 
