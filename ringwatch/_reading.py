@@ -41,7 +41,11 @@ def frontier_lines(events, *, now_ns: int) -> list[str]:
     unseen = _ends_unseen(events)
     out = []
     for (rank,), rows in sorted(events.sort("idx").group_by("rank")):
-        waiting = rows.filter(pl.col("status") == "pending")
+        pending = pl.col("status") == "pending"
+        # a collective in flight without a sequence number was stopped before the backend
+        # took it (numbered it): its peers never saw it, so the rank entered nothing
+        waiting = rows.filter(pending & (pl.col("seq").is_not_null() | pl.col("is_p2p")))
+        unnumbered = rows.filter(pending & pl.col("seq").is_null() & ~pl.col("is_p2p"))
         if waiting.height and rank in unseen and not waiting["is_p2p"].any():
             r = waiting.row(-1, named=True)
             out.append(f"rank {rank} last finished {r['op']} #{r['seq']} of pg {r['pg']} by "
@@ -54,9 +58,17 @@ def frontier_lines(events, *, now_ns: int) -> list[str]:
             out.append(f"rank {rank} waiting in {first['op']} {seqs} of pg {first['pg']} "
                        f"for {(now_ns - first['t_start_ns']) / 1e9:.1f} s")
         else:
-            r = rows.row(-1, named=True)
-            out.append(f"rank {rank} last finished {r['op']} #{r['seq']} of pg {r['pg']}, "
-                       "entered nothing since")
+            done = rows.filter(~pending)
+            r = done.row(-1, named=True) if done.height else None
+            line = (f"rank {rank} last finished {r['op']} #{r['seq']} of pg {r['pg']}, "
+                    "entered nothing since" if r is not None else
+                    f"rank {rank} finished no collective")
+            if unnumbered.height:
+                u = unnumbered.row(0, named=True)
+                since = u["t_start_ns"] or u.get("t_issue_ns") or now_ns
+                line += (f" (stopped while issuing {u['op']} of pg {u['pg']}, "
+                         f"{(now_ns - since) / 1e9:.1f} s ago: before the backend took it)")
+            out.append(line)
     return out
 
 

@@ -43,6 +43,24 @@ def test_rank_that_never_arrived():
     assert "rank 1 last entered #3 here and is in no collective" in f.evidence[1]
 
 
+def test_a_rank_stopped_while_issuing_a_collective_entered_nothing():
+    """Rank 1 was stopped between recording an all_reduce and the backend numbering it (a
+    signal landing mid-record): its peers wait at #4 and it never arrived. The reading says
+    what it last finished and where it stopped, not "waiting in all_reduce #None"."""
+    from ringwatch._reading import frontier_lines
+
+    rows = healthy(range(1, 4)) + [ev(r, 4, 4.0, status="pending") for r in (0, 2, 3)]
+    stopped = ev(1, 4, 4.5, status="pending")
+    stopped["seq"] = None
+    (f,) = detect_hangs(frame(rows + [stopped]), now_ns=20 * S)
+    assert (f.cls, f.ranks, f.seq) == ("never arrived", (1,), 4)
+    lines = frontier_lines(frame(rows + [stopped]), now_ns=20 * S)
+    assert lines[1] == ("rank 1 last finished all_reduce #3 of pg 0, entered nothing since "
+                        "(stopped while issuing all_reduce of pg 0, 15.5 s ago: before the "
+                        "backend took it)")
+    assert "#None" not in "\n".join(lines)
+
+
 def test_a_rank_stopped_inside_a_wait_its_peers_finished_never_arrived_at_the_next():
     """Rank 1 entered #4 and #5 and stopped before it saw them end (blocked inside their
     wait); its peers finished both and wait at #6: the group waits for rank 1 at #6, not in
