@@ -117,12 +117,32 @@ def step_s_between(events: pl.DataFrame, first: int, last: int) -> float | None:
     return _median_step_s(step_firsts(events).filter(pl.col("step").is_between(first, last)))
 
 
-def _median_step_s(firsts: pl.DataFrame) -> float | None:
+#: A job's newest steps (per rank) whose time sets how long a stall must last, where they are
+#: longer than its usual step: a slowdown of every step (a slow link at a few Mbit/s, steps
+#: 40x longer) raises the bar as it goes, while a hang, whose last steps were as usual, does
+#: not.
+RECENT_STEPS = 3
+
+
+def stall_step_s(events: pl.DataFrame) -> float | None:
+    """The step time a stall is measured in (s): the job's usual step
+    (:func:`typical_step_s`), or its newest :data:`RECENT_STEPS` steps' (per rank, the median
+    of its newest; the median over ranks) when longer."""
+    usual = typical_step_s(events)
+    recent = _median_step_s(step_firsts(events), newest=RECENT_STEPS)
+    return usual if recent is None or (usual is not None and usual >= recent) else recent
+
+
+def _median_step_s(firsts: pl.DataFrame, newest: int | None = None) -> float | None:
+    """Per rank, the median of its step times (of its ``newest`` ones, given; ``firsts`` is
+    sorted by rank then step); the median over ranks."""
     # diff within each rank: the frame is sorted by rank, so no window per rank is needed
     same = pl.col("rank").eq_missing(pl.col("rank").shift(1))
     firsts = firsts.with_columns(
         pl.when(same).then(pl.col("mono_start_ns").diff()).otherwise(None).alias("_d"))
-    per = firsts.group_by("rank").agg(pl.col("_d").median())["_d"].drop_nulls()
+    d = pl.col("_d").drop_nulls()
+    per = firsts.group_by("rank").agg(
+        (d if newest is None else d.tail(newest)).median())["_d"].drop_nulls()
     return None if per.is_empty() else float(per.median()) / 1e9
 
 
@@ -130,13 +150,13 @@ def stall_threshold_s(events: pl.DataFrame, min_stall_s: float | None = None,
                       thresholds: Thresholds = _D) -> float:
     """How long a group must be stuck to be a hang: ``min_stall_s`` when given, else
     ``thresholds``' (:meth:`~ringwatch.analyzers._thresholds.Thresholds.stall_s`: by default
-    5 s or 10 usual steps, whichever is longer; a job with minute-long steps is not hung
-    after 5 s)."""
+    5 s or 10 steps, whichever is longer, in :func:`stall_step_s`; a job with minute-long
+    steps is not hung after 5 s, nor one whose steps all slowed to a minute)."""
     if min_stall_s is not None:
         return min_stall_s
     if thresholds.min_stall_s is not None:
         return thresholds.min_stall_s
-    return thresholds.stall_s(typical_step_s(events))
+    return thresholds.stall_s(stall_step_s(events))
 
 
 def detect_hangs(events: pl.DataFrame, *, now_ns: int, min_stall_s: float | None = None,

@@ -78,9 +78,10 @@ class Thresholds:
 
     Hangs:
         min_stall_s: A group stuck this long is hung (null: the larger of
-            ``stall_floor_s`` and ``stall_steps`` usual steps).
+            ``stall_floor_s`` and ``stall_steps`` steps).
         stall_floor_s: Least stall (s) when ``min_stall_s`` is null.
-        stall_steps: Stall in usual steps when ``min_stall_s`` is null.
+        stall_steps: Stall in steps when ``min_stall_s`` is null: the job's usual step, or
+            its newest three steps' when longer (steps that all slowed raise the bar).
         silent_s: An agent silent this much longer than its peers' newest flush (s) is a
             rank that is not running.
 

@@ -39,7 +39,8 @@ class LiveStack:
             "agent", "--log-dir", str(log_dir), "--prometheus", "off", "--otlp-endpoint",
             f"http://127.0.0.1:{self.otlp}/v1/metrics", "--export-interval-s", "1",
             "--logs-interval-s", "0.5", "--no-gpu"), **quiet)
-        #: finding id -> (wall ns first seen, the API's document of it then)
+        #: finding id -> (wall ns first seen, the API's document of it as last seen: a
+        #: finding's ranks and hosts are refined while it is open, as more groups slow)
         self.seen: dict[str, tuple[int, dict]] = {}
 
     def __enter__(self) -> LiveStack:
@@ -53,7 +54,8 @@ class LiveStack:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.api}/api/v1/findings",
                                         timeout=5) as r:
                 for t in json.loads(r.read())["findings"]:
-                    self.seen.setdefault(t["id"], (time.time_ns(), t))
+                    first = self.seen.get(t["id"])
+                    self.seen[t["id"]] = (time.time_ns() if first is None else first[0], t)
         except OSError:
             pass
 
@@ -70,7 +72,8 @@ class LiveStack:
         return proc.returncode
 
     def findings(self) -> list[tuple[int, dict]]:
-        """``(first seen wall ns, finding)`` of every finding seen, oldest first."""
+        """``(first seen wall ns, finding as last seen)`` of every finding seen, oldest
+        first."""
         return [(ns, t["finding"]) for ns, t in sorted(self.seen.values(),
                                                        key=lambda x: x[0])]
 

@@ -108,6 +108,23 @@ def test_the_stall_threshold_scales_with_the_step_time():
     assert stall_threshold_s(frame(rows), 2.0) == 2.0  # given: used as is
 
 
+def test_the_stall_threshold_follows_steps_that_all_slowed_but_not_a_hang():
+    """0.3 s steps, then every step 12 s long (a link at a few Mbit/s): a collective 8 s in
+    flight is no hang (the bar is 10 of the newest steps), while after the usual steps a
+    collective that stopped is one after the 5 s floor."""
+    starts = [0.3 * s for s in range(20)] + [6.0 + 12.0 * k for k in range(4)]
+    rows = [ev(r, s + 1, t, step=s) for s, t in enumerate(starts) for r in range(4)]
+    now = starts[-1] + 12.0
+    rows += [ev(r, 25, now, step=24, status="pending") for r in range(4)]
+    assert stall_threshold_s(frame(rows)) == pytest.approx(120.0)
+    assert detect_hangs(frame(rows), now_ns=int((now + 8) * S)) == ()
+    usual = [r for r in rows if r["step"] < 20]
+    usual += [ev(r, 21, 6.0, step=20, status="pending") for r in range(4)]
+    assert stall_threshold_s(frame(usual)) == pytest.approx(5.0)
+    (f,) = detect_hangs(frame(usual), now_ns=int(12.0 * S))
+    assert f.cls == "stuck in the collective"
+
+
 def test_everyone_inside_and_nobody_out_is_the_collective():
     rows = healthy(range(1, 4)) + [ev(r, 4, 4.0, status="pending") for r in (0, 1, 2, 3)]
     (f,) = detect_hangs(frame(rows), now_ns=30 * S)
