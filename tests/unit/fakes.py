@@ -284,3 +284,21 @@ def gpu_shaped(ev, *, seed: int = 0, device: bool = True, first_lead_ms: float =
         (pl.col("mono_start_ns") - lead).alias("mono_start_ns"),
         (pl.col("mono_end_ns") + late).alias("mono_end_ns"))
     return out.with_columns((pl.col("t_end_ns") - pl.col("t_start_ns")).alias("duration_ns"))
+
+
+def sidecar_steps(ev) -> dict[int, list]:
+    """Per rank, what the sidecar makes of its rows read in time order
+    (:func:`ringwatch.agent.sidecar._step_work.finished_work`: step, step and blocked ns,
+    receives per sender), every step but its last."""
+    from ringwatch.agent.sidecar._step_work import add_row, finished_work, fold_before
+
+    out = {}
+    for (rank,), rows in ev.sort("t_start_ns").partition_by("rank", as_dict=True).items():
+        work: dict = {}
+        for r in rows.iter_rows(named=True):
+            if r["step"] is not None:
+                add_row(work, r["step"], r)
+                fold_before(work, r["step"])
+        fold_before(work, max(work) + 2)
+        out[rank] = finished_work(work, 10_000)
+    return out

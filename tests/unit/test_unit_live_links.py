@@ -13,13 +13,12 @@ from ringwatch._clock import FakeClock
 from ringwatch.agent.sidecar._node_state import NodeState
 from ringwatch.agent.sidecar._otlp_export import OtlpPusher
 from ringwatch.agent.sidecar._rank_tail import _COLUMNS, RankSummary, _consume
-from ringwatch.agent.sidecar._step_work import StepWork, add_row, finished_work, fold_before
 from ringwatch.analyzers._p2p_links import p2p_bandwidth, receive_table
 from ringwatch.analyzers._policy import split_hiccups
 from ringwatch.analyzers._timing import with_analysis_durations
 from ringwatch.service._service import Service, ServiceConfig
 
-from fakes import gpu_shaped
+from fakes import gpu_shaped, sidecar_steps
 
 PIPELINE = Path(__file__).resolve().parents[1] / "data" / "pipeline"
 
@@ -41,16 +40,8 @@ def test_the_agents_receive_figures_are_the_post_mortem_receive_table(name, shap
         ev = gpu_shaped(ev, first_lead_ms=1)
     post = {(r, p, s): (n, b, d) for r, _, p, _, s, n, b, d in
             receive_table(with_analysis_durations(ev)).iter_rows()}
-    live = {}
-    for (rank,), rows in ev.sort("t_start_ns").partition_by("rank", as_dict=True).items():
-        work: dict[int, StepWork] = {}
-        for r in rows.iter_rows(named=True):
-            if r["step"] is not None:
-                add_row(work, r["step"], r)
-                fold_before(work, r["step"])
-        fold_before(work, max(work) + 2)
-        for step, _, _, recv in finished_work(work, 10_000):
-            live.update({(rank, p, step): tuple(v) for p, v in recv.items()})
+    live = {(rank, p, step): tuple(v) for rank, steps in sidecar_steps(ev).items()
+            for step, _, _, recv in steps for p, v in recv.items()}
     assert live and len(post) > len(live) * 0.9  # every step but each rank's last
     for key, got in live.items():
         n, nbytes, ns = post[key]

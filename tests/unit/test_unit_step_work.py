@@ -17,7 +17,7 @@ from ringwatch.agent.sidecar._step_work import (
 from ringwatch.analyzers._timing import with_analysis_durations
 from ringwatch.analyzers._work import compute_step_work
 
-from fakes import gpu_shaped
+from fakes import gpu_shaped, sidecar_steps
 
 PIPELINE = Path(__file__).resolve().parents[1] / "data" / "pipeline"
 
@@ -40,16 +40,9 @@ def test_a_real_pipeline_jobs_blocked_time_per_step_as_post_mortem(name, shape):
         post_ev = ev
     post = {(r, s): (step_ms, blocked_ms) for r, s, step_ms, blocked_ms, _ in
             compute_step_work(post_ev).iter_rows()}
-    live = {}
-    for (rank,), rows in ev.sort("t_start_ns").partition_by("rank", as_dict=True).items():
-        work: dict[int, StepWork] = {}
-        for r in rows.iter_rows(named=True):
-            if r["step"] is not None:
-                add_row(work, r["step"], r)
-                fold_before(work, r["step"])
-        fold_before(work, max(work) + 2)
-        for step, step_ns, blocked, _ in finished_work(work, 10_000):
-            live[(rank, step)] = (step_ns / 1e6, blocked / 1e6)
+    live = {(rank, step): (step_ns / 1e6, blocked / 1e6)
+            for rank, steps in sidecar_steps(ev).items()
+            for step, step_ns, blocked, _ in steps}
     assert set(live) == set(post)  # every step but each rank's last
     for key, (step_ms, blocked_ms) in post.items():
         assert live[key] == pytest.approx((step_ms, blocked_ms), abs=1e-6), key
