@@ -488,7 +488,9 @@ class OnlineWindow:
             work = frame_from_state(state.get("work"), WORK_SCHEMA, "work")
             recv = frame_from_state(state.get("recv"), RECV_SCHEMA, "recv")
             # an older state has no send/recv baseline: none is taken from later steps
-            p2p_frozen = bool(state.get("p2p_frozen", until is not None))
+            p2p_frozen = state.get("p2p_frozen", until is not None)
+            if not isinstance(p2p_frozen, bool):
+                raise ValueError(f"p2p_frozen {p2p_frozen!r}")
             for v in (first, until, warmup, drift):
                 if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                     raise ValueError(f"step {v!r} is not an integer")

@@ -6,8 +6,8 @@ its baselines, the newest steps of a pipeline's step and blocked times and of it
 (:func:`~ringwatch.analyzers._p2p_links.receive_table`): a window reopened after a restart
 judges the steps it held, not only those after it (an onset just before the restart stays where
 it was). Each is written as columns, bounded to :data:`STATE_ROWS` rows (the newest whole steps
-that fit), and read back checked: the columns of its schema, of one length, no missing value,
-no negative number.
+that fit), and read back checked: the columns of its schema, of one length, no missing or
+negative number (a host name may be missing: one the service has not heard of).
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def frame_from_state(cols, schema: dict, what: str) -> pl.DataFrame | None:
     frame = pl.DataFrame(cols, schema=schema, strict=True)
     if frame.is_empty():
         return None
+    # numbers: none missing, none negative; names (a host) may be missing (unknown)
     numbers = [c for c, t in schema.items() if t.is_numeric()]
     lowest = frame.select(pl.min_horizontal(*numbers).min())
-    if frame.null_count().sum_horizontal().item() or lowest.item() < 0:
+    if frame.select(numbers).null_count().sum_horizontal().item() or lowest.item() < 0:
         raise ValueError(f"{what}: missing or negative values")
     return frame.sort(*[c for c in ("rank", "peer", "step") if c in schema])
 

@@ -198,3 +198,30 @@ def test_a_pipelines_step_times_are_kept_with_the_state_and_bad_ones_refused():
                 {**state["work"], "work_ms": ["x"] * len(state["work"]["work_ms"])}):
         with pytest.raises(ValueError):
             OnlineWindow().restore({**state, "work": bad})
+
+
+def test_the_receive_table_is_kept_with_the_state_and_bad_ones_refused():
+    """A window's send/recv, a sender whose host the service never heard of included (its
+    receives are no link, but the state is good), and whether its usual was taken."""
+    from ringwatch.analyzers._p2p_links import RECV_SCHEMA
+
+    w = OnlineWindow(keep_steps=40)
+    w.recv = pl.DataFrame(
+        {"rank": [4, 4, 5], "host": ["h1", "h1", "h1"], "peer": [0, 0, 9],
+         "peer_host": ["h0", "h0", None], "step": [7, 8, 8], "receives": [4, 4, 2],
+         "nbytes": [1 << 20] * 3, "duration_ns": [2_000_000, 2_500_000, 1_000_000]},
+        schema=RECV_SCHEMA)
+    w.p2p_frozen = True
+    state = json.loads(json.dumps(w.state()))
+    back = OnlineWindow(keep_steps=40)
+    back.restore(state)
+    assert back.recv.equals(w.recv) and back.p2p_frozen
+    for bad in ({**state, "recv": {**state["recv"], "nbytes": [-1, 1, 1]}},
+                {**state, "recv": {**state["recv"], "peer": [0, None, 9]}},
+                {**state, "p2p_frozen": "no"}):
+        with pytest.raises(ValueError):
+            OnlineWindow().restore(bad)
+    older = {k: v for k, v in state.items() if k not in ("recv", "p2p_frozen")}
+    old = OnlineWindow(keep_steps=40)
+    old.restore({**older, "baseline_until": 30})  # a state from before: no send/recv usual
+    assert old.recv is None and old.p2p_frozen
