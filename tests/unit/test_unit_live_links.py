@@ -48,6 +48,13 @@ def test_the_agents_receive_figures_are_the_post_mortem_receive_table(name, shap
         assert got[0] == n and got[1] * ns == nbytes * got[2], key  # the same rate
 
 
+def test_the_agent_and_the_analyzers_leave_out_the_same_small_receives():
+    from ringwatch.agent.sidecar._step_work import MIN_RECV_BYTES
+    from ringwatch.analyzers._p2p_links import MIN_LINK_BYTES
+
+    assert MIN_RECV_BYTES == MIN_LINK_BYTES
+
+
 def test_a_receive_table_without_hosts_or_inside_one_host_is_no_link():
     table = pl.DataFrame(
         {"rank": [1, 1, 2], "host": ["a", "a", None], "peer": [0, 3, 0],
