@@ -22,7 +22,9 @@ whose sends and receives go as Megatron-LM's), 4 ranks per emulated host, 60 ste
 
 Every straggler run (``straggler``, ``strag0``) is followed by its *twin*: the same job without
 the fault, right after it (``RUN/twin``), whose step time is the what-if's measured truth: the
-step time the job would have had with the culprit fixed. ``--no-twins`` skips them (the
+step time the job would have had with the culprit fixed. With ``--twins 2`` a second twin runs
+right before it (``RUN.twin-before``) and the truth is the two's mean: on a machine whose speed
+drifts, twins on both sides of the run. ``--no-twins`` skips them (the
 what-if is then read against the healthy runs, and a mid-run straggler's own steps before its
 onset).
 
@@ -178,16 +180,27 @@ def _run_live(cmd: list[str], run: Path) -> int:
     return rc
 
 
-def _run_twin(run: Path, world: int, gpu_like: bool, idle_ms: float,
+def _twins(run: Path) -> list[Path]:
+    """A straggler run's twins that ran: the one right after it, and the one right before
+    it (``--twins 2``)."""
+    return [t for t in (run / "twin", _twin_before(run)) if (t / "logs").is_dir()]
+
+
+def _twin_before(run: Path) -> Path:
+    return run.parent / f"{run.name}.twin-before"
+
+
+def _run_twin(where: Path, world: int, gpu_like: bool, idle_ms: float,
               shape: tuple[int, int, str]) -> None:
-    """The same job as ``run`` without its fault, right after it: ``run/twin``."""
+    """The same job as a straggler run without its fault, into ``where``."""
     subprocess.run([PY, "-m", "ringwatch._cli", "cluster", "--clean"], capture_output=True,
                    check=False)
     t0 = time.monotonic()
-    cmd = [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run / "twin"),
+    cmd = [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(where),
            *_cluster_args("none", world, 0, gpu_like, idle_ms, shape)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    print(f"{run.name}/twin: rc {proc.returncode} in {time.monotonic() - t0:.0f} s", flush=True)
+    print(f"{where.parent.name}/{where.name}: rc {proc.returncode} in "
+          f"{time.monotonic() - t0:.0f} s", flush=True)
 
 
 def _what_if_lines(results: list[dict], runs: list[Path]) -> None:
@@ -210,11 +223,15 @@ def _what_if_lines(results: list[dict], runs: list[Path]) -> None:
         line = (f"what-if {r['case']}-w{r['world']} victim {r['victim']}: predicted "
                 f"{r['whatif_ms']} ms ({r['whatif_how']}); ")
         fault_ms = _step_ms(run, after=ONSET if r["case"] == "straggler" else None)
-        if (run / "twin" / "logs").is_dir():
-            truth = _step_ms(run / "twin")
-            halves = _step_ms(run / "twin", before=ONSET), _step_ms(run / "twin", after=ONSET)
+        twins = _twins(run)
+        if twins:  # the twins' mean: a machine whose speed drifts, on both sides of the run
+            each = [_step_ms(t) for t in twins]
+            truth = sum(each) / len(each)
+            halves = _step_ms(twins[0], before=ONSET), _step_ms(twins[0], after=ONSET)
             line += (f"its twin without the fault {truth:.0f} ms (its steps before and after "
-                     f"{ONSET}: {halves[0]:.0f}, {halves[1]:.0f})")
+                     f"{ONSET}: {halves[0]:.0f}, {halves[1]:.0f}"
+                     + (f"; the twins after and before it {each[0]:.0f}, {each[1]:.0f}"
+                        if len(each) > 1 else "") + ")")
         elif healthy.get(r["world"]):
             base = healthy[r["world"]]
             truth = sorted(base)[len(base) // 2]
@@ -256,6 +273,9 @@ def main(argv=None) -> int:
                     help="more arguments for the job, e.g. \"--vpp 2 --p2p batched\"")
     ap.add_argument("--no-twins", action="store_true",
                     help="run no fault-free twin after each straggler run")
+    ap.add_argument("--twins", type=int, choices=(1, 2), default=1,
+                    help="fault-free twins per straggler run: 1 right after it, 2 also one "
+                         "right before it (the truth is their mean; default 1)")
     ap.add_argument("--live", action="store_true",
                     help="watch each run with ringwatch serve and an agent (live.json)")
     args = ap.parse_args(argv)
@@ -272,6 +292,9 @@ def main(argv=None) -> int:
                 for case in args.cases.split(","):
                     victim = rng.randrange(world)
                     run = out / f"{case}-w{world}-r{rep}"
+                    twin = case in ("straggler", "strag0") and not args.no_twins
+                    if twin and args.twins == 2:
+                        _run_twin(_twin_before(run), world, args.gpu_like, args.idle_ms, shape)
                     subprocess.run([PY, "-m", "ringwatch._cli", "cluster", "--clean"],
                                    capture_output=True, check=False)
                     t0 = time.monotonic()
@@ -287,8 +310,8 @@ def main(argv=None) -> int:
                          "pp": args.pp, "job": args.job}))
                     print(f"{run.name}: rc {rc} in {time.monotonic() - t0:.0f} s", flush=True)
                     runs.append(run)
-                    if case in ("straggler", "strag0") and not args.no_twins:
-                        _run_twin(run, world, args.gpu_like, args.idle_ms, shape)
+                    if twin:
+                        _run_twin(run / "twin", world, args.gpu_like, args.idle_ms, shape)
     results = [score(r) for r in runs]
     with open(out / "scores.jsonl", "w") as f:
         for r in results:
