@@ -29,16 +29,18 @@ PY = sys.executable
 
 
 class _ToService:
-    """An OTLP exporter that hands each export to the service's ingest."""
+    """An OTLP exporter that hands each export to the service's ingest, encoded as on the
+    wire; ``rejected``: the points the service refused."""
 
     def __init__(self, svc, clock):
         self.svc, self.clock = svc, clock
+        self.rejected = 0
 
     def export(self, data, timeout_millis=None):
         from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
         from opentelemetry.sdk.metrics.export import MetricExportResult
 
-        self.svc.jobs.ingest(encode_metrics(data), self.clock.wall_ns())
+        self.rejected += self.svc.jobs.ingest(encode_metrics(data), self.clock.wall_ns())
         return MetricExportResult.SUCCESS
 
     def shutdown(self):
@@ -97,6 +99,8 @@ def replay(logs: Path, *, tick_s: float = 1.0, timeline: bool = False) -> list[d
             if timeline and c.what != "updated":
                 print(f"{(now - t0) / 1e9:8.1f} s  {c.what:8s} {f.kind} ({f.cls}) ranks "
                       f"{list(f.ranks)} hosts {list(f.hosts)} since step {f.since_step}")
+    if pusher.exporter.rejected:
+        print(f"{logs}: the service refused {pusher.exporter.rejected} point(s)")
     return list(shown.values())
 
 

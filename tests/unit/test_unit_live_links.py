@@ -4,6 +4,7 @@ the findings ``ringwatch analyze`` gives on the same rows."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import polars as pl
@@ -21,6 +22,13 @@ from ringwatch.service._service import Service, ServiceConfig
 from fakes import gpu_shaped, sidecar_steps
 
 PIPELINE = Path(__file__).resolve().parents[1] / "data" / "pipeline"
+# the service as the agent's OTLP exporter, in process (as benchmarks/live_replay.py runs it)
+_spec = importlib.util.spec_from_file_location(
+    "ringwatch_bench_live_replay",
+    Path(__file__).resolve().parents[2] / "benchmarks" / "live_replay.py")
+_replay = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_replay)
+_ToService = _replay._ToService
 
 
 def _post_mortem(ev: pl.DataFrame):
@@ -66,23 +74,6 @@ def test_a_receive_table_without_hosts_or_inside_one_host_is_no_link():
     assert bw.row(0, named=True)["MBps"] == pytest.approx((1 << 20) / 20_000_000 * 1e3)
 
 
-class _ToService:
-    """An OTLP exporter that hands each export to the service, encoded as on the wire."""
-
-    def __init__(self, svc: Service, clock: FakeClock):
-        self.svc, self.clock = svc, clock
-
-    def export(self, data, timeout_millis=None):
-        from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
-        from opentelemetry.sdk.metrics.export import MetricExportResult
-
-        assert self.svc.jobs.ingest(encode_metrics(data), self.clock.wall_ns()) == 0
-        return MetricExportResult.SUCCESS
-
-    def shutdown(self):
-        pass
-
-
 def _key(f) -> tuple:
     return f.kind, f.cls, f.ranks, f.hosts, f.since_step
 
@@ -112,11 +103,12 @@ def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart,
             job="job", rank=rank, local_rank=local, host=host)
     pusher = OtlpPusher(state, "http://127.0.0.1:9/v1/metrics", start_ns=clock.wall_ns())
     pusher.exporter = _ToService(svc, clock)
-    shown = set()
+    shown, refused = set(), 0
     steps = int(ev["step"].max()) + 1
     for lo in range(0, steps + 2, push):
         if restart is not None and lo <= restart < lo + push:  # killed: what its files hold
             svc = Service(ServiceConfig(state_dir=tmp_path), clock=clock)
+            refused += pusher.exporter.rejected
             pusher.exporter = _ToService(svc, clock)
         part = ev.filter(pl.col("step").is_between(lo, lo + push - 1))
         for (rank,), rows in part.partition_by("rank", as_dict=True).items():
@@ -128,3 +120,4 @@ def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart,
         shown |= {_key(t.finding) for t in svc.store.current("job", state="open")
                   if t.finding.kind != "hang"}
     assert sorted(shown) == want, (shown, want)
+    assert refused + pusher.exporter.rejected == 0  # every point the agent sent was good
