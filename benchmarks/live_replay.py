@@ -47,13 +47,28 @@ class _ToService:
         pass
 
 
+def agent_for(ev: pl.DataFrame, svc, clock):
+    """An agent's state with a rank summary per rank of ``ev`` (one job) and its OTLP
+    pusher into ``svc``: ``(pusher, {rank: summary})``."""
+    from ringwatch.agent.sidecar._node_state import NodeState
+    from ringwatch.agent.sidecar._otlp_export import OtlpPusher
+    from ringwatch.agent.sidecar._rank_tail import RankSummary
+
+    state = NodeState(host="replay")
+    ranks = {}
+    for rank, local, host in ev.select("rank", "local_rank", "host").unique().iter_rows():
+        ranks[rank] = state.ranks[("job", rank)] = RankSummary(
+            job="job", rank=rank, local_rank=local, host=host)
+    pusher = OtlpPusher(state, "http://127.0.0.1:9/v1/metrics", start_ns=clock.wall_ns())
+    pusher.exporter = _ToService(svc, clock)
+    return pusher, ranks
+
+
 def replay(logs: Path, *, tick_s: float = 1.0, timeline: bool = False) -> list[dict]:
     """The findings the service showed, each as last shown (``Finding.to_dict``)."""
     from ringwatch._clock import FakeClock
     from ringwatch._logs import list_jobs, open_job
-    from ringwatch.agent.sidecar._node_state import NodeState
-    from ringwatch.agent.sidecar._otlp_export import OtlpPusher
-    from ringwatch.agent.sidecar._rank_tail import _COLUMNS, RankSummary, _consume
+    from ringwatch.agent.sidecar._rank_tail import _COLUMNS, _consume
     from ringwatch.service._service import Service, ServiceConfig
 
     job = open_job(logs, list_jobs(logs)[0])
@@ -66,13 +81,7 @@ def replay(logs: Path, *, tick_s: float = 1.0, timeline: bool = False) -> list[d
     t0, t1 = int(ev["t_start_ns"].min()), int(ev["t_end_ns"].max())
     clock = FakeClock(wall_ns=t0)
     svc = Service(ServiceConfig(state_dir=None), clock=clock)
-    state = NodeState(host="replay")
-    ranks = {}
-    for rank, local, host in ev.select("rank", "local_rank", "host").unique().iter_rows():
-        ranks[rank] = state.ranks[("job", rank)] = RankSummary(
-            job="job", rank=rank, local_rank=local, host=host)
-    pusher = OtlpPusher(state, "http://127.0.0.1:9/v1/metrics", start_ns=t0)
-    pusher.exporter = _ToService(svc, clock)
+    pusher, ranks = agent_for(ev, svc, clock)
     shown: dict[str, dict] = {}
     fed, now, tick = 0, t0, int(tick_s * 1e9)
     while now < t1 + 30 * 10**9:  # and 30 s after the last row: the service's last rounds

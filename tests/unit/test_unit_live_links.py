@@ -11,9 +11,7 @@ import polars as pl
 import pytest
 
 from ringwatch._clock import FakeClock
-from ringwatch.agent.sidecar._node_state import NodeState
-from ringwatch.agent.sidecar._otlp_export import OtlpPusher
-from ringwatch.agent.sidecar._rank_tail import _COLUMNS, RankSummary, _consume
+from ringwatch.agent.sidecar._rank_tail import _COLUMNS, _consume
 from ringwatch.analyzers._p2p_links import p2p_bandwidth, receive_table
 from ringwatch.analyzers._policy import split_hiccups
 from ringwatch.analyzers._timing import with_analysis_durations
@@ -96,13 +94,7 @@ def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart,
         pl.read_parquet(PIPELINE / f"{name}.parquet")) if f.kind != "hang")
     clock = FakeClock(wall_ns=int(ev["t_start_ns"].min()))
     svc = Service(ServiceConfig(state_dir=tmp_path), clock=clock)
-    state = NodeState(host="agent")
-    ranks = {}
-    for rank, local, host in ev.select("rank", "local_rank", "host").unique().iter_rows():
-        ranks[rank] = state.ranks[("job", rank)] = RankSummary(
-            job="job", rank=rank, local_rank=local, host=host)
-    pusher = OtlpPusher(state, "http://127.0.0.1:9/v1/metrics", start_ns=clock.wall_ns())
-    pusher.exporter = _ToService(svc, clock)
+    pusher, ranks = _replay.agent_for(ev, svc, clock)
     shown, refused = set(), 0
     steps = int(ev["step"].max()) + 1
     for lo in range(0, steps + 2, push):
