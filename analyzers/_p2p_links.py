@@ -11,7 +11,7 @@ Two stages, so that the service and ``ringwatch analyze`` read the same figures:
 * :func:`receive_table`: per receiving rank, sender and step, the number of receives and the
   fastest one's size and duration. Post-mortem builds it from the rows; live, each agent sums
   its own ranks' receives (``ringwatch.agent.sidecar._step_work``) and the service joins the
-  hosts (``ringwatch.service._analysis.recv_frame``).
+  hosts (``ringwatch.service._analysis.recv_table``).
 * :func:`p2p_bandwidth`: per direction between two hosts and step, the bandwidth, in
   :func:`~ringwatch.analyzers._links.compute_group_bandwidth`'s columns, to be judged like a
   group's.
