@@ -112,8 +112,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: How soon a hang that landed inside ringwatch's own code is tried again.
+HANG_RETRY_S = 0.005
+
+
+def _in_ringwatch_agent(frame) -> bool:
+    """Whether ``frame`` or a caller of it runs the agent's capture code (a hook)."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("ringwatch.agent."):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _block_forever(signum, frame) -> None:
-    """SIGUSR1: hang this rank's main thread for good (the fault injector's hang)."""
+    """SIGUSR1: hang this rank's main thread for good (the fault injector's hang), as a rank
+    stuck in its own code would (its data loader, a deadlock of its own). A signal that lands
+    while the main thread runs one of ringwatch's hooks is sent again a moment later: a hook
+    frozen midway holds the recorder, and the rank's flushes could then write only their
+    heartbeat, which is another fault (a debugger's breakpoint inside a hook)."""
+    if _in_ringwatch_agent(frame):
+        threading.Timer(HANG_RETRY_S, os.kill, (os.getpid(), signum)).start()
+        return
     threading.Event().wait()
 
 
