@@ -151,9 +151,8 @@ class LiveAnalysis:
         stage = live_stages(jl)
         if stage is None:
             self.window.layout = None  # no pipeline: every rank one class
-        elif self.window.rows is not None and (self.window.baseline_until is None
-                                               or stage != self._stage
-                                               or self.window.layout is None):
+        elif (self.window.baseline_until is None or stage != self._stage
+              or self.window.layout is None) and (basis := self._layout_rows(rows)) is not None:
             # the stages from the agents' send/recv peers, the groups from the step rows:
             # what the baselines are judged by, and the pipeline analysis's roles (again
             # after a restart: a window restored with its baselines has no rows to read the
@@ -161,7 +160,7 @@ class LiveAnalysis:
             from ringwatch.analyzers._layout import chains_from_pairs, infer_layout
 
             self.window.layout = infer_layout(
-                self.window.rows, stage, {pg: t / n for pg, (n, t) in self._counts.items()},
+                basis, stage, {pg: t / n for pg, (n, t) in self._counts.items()},
                 chains_from_pairs(live_pairs(jl)))
         self._stage = stage
         if rows.height:
@@ -170,6 +169,17 @@ class LiveAnalysis:
         if work:
             self.window.add_work(work_frame(work))
             self.window.add_recv(recv_table(jl, work))
+
+    def _layout_rows(self, rows):
+        """The rows to read the groups from: the window's and the ones about to join it (a
+        first push may carry tens of steps, all judged as they are added), or None."""
+        import polars as pl
+
+        if not rows.height:
+            return self.window.rows
+        if self.window.rows is None:
+            return rows
+        return pl.concat([self.window.rows, rows], how="vertical_relaxed")
 
     def note_hiccups(self, hiccups) -> None:
         """Remember the transient stragglers the window reports (each episode once)."""

@@ -24,10 +24,20 @@ from collections import defaultdict
 from ringwatch._metrics import COUNTER, POINT_LABELS, RESOURCE_LABELS
 from ringwatch._version import __version__
 from ringwatch.agent.sidecar._node_state import NodeState
-from ringwatch.agent.sidecar._points import Point, collect_points
+from ringwatch.agent.sidecar._points import (
+    EARLY_PUSH_STEPS,
+    Point,
+    collect_points,
+    unsent_steps,
+)
 
 log = logging.getLogger("ringwatch.agent")
 
+#: Data points per request at most: a push of more goes as several requests, each rank's
+#: points whole in one of them (the service's limit is 16 MiB a request, ~100 bytes a point).
+MAX_POINTS_PER_REQUEST = 20_000
+#: Least time (s) between two pushes when steps are waiting (:meth:`OtlpPusher.due`).
+EARLY_PUSH_GAP_S = 1.0
 #: Least time (s) between two of the SDK's export messages the agent lets through.
 EXPORT_LOG_PERIOD_S = 300.0
 #: The logger the SDK's OTLP/HTTP metric exporter (and its transport) write to.
@@ -75,6 +85,23 @@ def _resource_attributes(resource, *, source: str) -> dict:
         attrs["ringwatch.source"] = source
         attrs["ringwatch.replayed"] = source.startswith("replay")
     return attrs
+
+
+def request_batches(points: list[Point], limit: int | None = None) -> list[list[Point]]:
+    """``points`` cut into requests of at most ``limit`` points (default
+    :data:`MAX_POINTS_PER_REQUEST`) where they can be, every resource's points in one request
+    (one with more than ``limit`` goes alone)."""
+    limit = MAX_POINTS_PER_REQUEST if limit is None else limit
+    by_resource: dict[tuple, list[Point]] = defaultdict(list)
+    for p in points:
+        by_resource[p.resource].append(p)
+    out: list[list[Point]] = []
+    for pts in by_resource.values():
+        if out and len(out[-1]) + len(pts) <= limit:
+            out[-1].extend(pts)
+        else:
+            out.append(list(pts))
+    return out
 
 
 def metrics_data(points: list[Point], *, start_ns: int, now_ns: int, source: str = "nvml"):
@@ -141,46 +168,67 @@ class OtlpPusher:
         self.failures = 0  # in a row
         self.max_backoff_ns = int(max_backoff_s * 1e9)
         self._next_try_ns = 0
+        self._last_try_ns: int | None = None
         #: (job, rank) -> newest step of collective totals delivered, (job, rank, "work") ->
         #: newest step of blocked time: each step goes out until a push carrying it succeeds,
         #: then never again.
         self.steps_sent: dict[tuple, int] = {}
 
-    def push(self, now_ns: int, *, interval_ns: int = 0) -> bool:
-        """One export; False (and counted) when it failed or was held back after failures
-        (``interval_ns``: the caller's period, the first back-off step). Never raises."""
-        from opentelemetry.sdk.metrics.export import MetricExportResult
+    def due(self, now_ns: int, interval_ns: int) -> bool:
+        """Whether to push now: ``interval_ns`` after the last try, or sooner (at least
+        :data:`EARLY_PUSH_GAP_S` after it) when a rank has :data:`EARLY_PUSH_STEPS` finished
+        steps waiting; never while backing off after failures. A job of fast steps is so
+        pushed as often as it needs, and each push carries every step it has not sent."""
+        if now_ns < self._next_try_ns:
+            return False
+        since = None if self._last_try_ns is None else now_ns - self._last_try_ns
+        if since is None or since >= interval_ns:
+            return True
+        return since >= EARLY_PUSH_GAP_S * 1e9 and unsent_steps(
+            self.state, self.steps_sent) >= EARLY_PUSH_STEPS
 
+    def push(self, now_ns: int, *, interval_ns: int = 0) -> bool:
+        """One export (as several requests when it has over :data:`MAX_POINTS_PER_REQUEST`
+        points); False (and counted) when a request failed or the push was held back after
+        failures (``interval_ns``: the caller's period, the first back-off step). The steps a
+        request delivered are not sent again. Never raises."""
         if now_ns < self._next_try_ns:
             self.state.count_error("otlp_backoff")
             return False
-        points = []
+        self._last_try_ns = now_ns
         try:
             points = collect_points(self.state, now_wall_ns=now_ns, steps_after=self.steps_sent)
-            data = metrics_data(points, start_ns=self.start_ns, now_ns=now_ns,
-                                source=self.state.source)
-            ok = self.exporter.export(data, timeout_millis=self.timeout_s * 1000) \
-                == MetricExportResult.SUCCESS
+            ok = all(self._export(batch, now_ns) for batch in request_batches(points))
         except Exception as exc:  # noqa: BLE001 - the exporter never takes the agent down
             log.debug("OTLP export failed: %s", exc)
             ok = False
-        if not ok:
-            self.failures += 1
-            wait = min(self.max_backoff_ns, interval_ns * (2 ** (self.failures - 1)))
-            self._next_try_ns = now_ns + wait
         if ok:
             self.sent += 1
             self.failures = 0
-            for p in points:
-                if p.spec.entity in ("rank_step", "rank_work"):
-                    res, lab = dict(p.resource), dict(p.labels)
-                    key = (res["job"], int(res["rank"]))
-                    if p.spec.entity == "rank_work":
-                        key += ("work",)
-                    self.steps_sent[key] = max(int(lab["step"]), self.steps_sent.get(key, -1))
         else:
+            self.failures += 1
+            wait = min(self.max_backoff_ns, interval_ns * (2 ** (self.failures - 1)))
+            self._next_try_ns = now_ns + wait
             self.state.count_error("otlp_export")
         return ok
+
+    def _export(self, points: list[Point], now_ns: int) -> bool:
+        """One request; on success, the steps it carried count as delivered."""
+        from opentelemetry.sdk.metrics.export import MetricExportResult
+
+        data = metrics_data(points, start_ns=self.start_ns, now_ns=now_ns,
+                            source=self.state.source)
+        if self.exporter.export(data, timeout_millis=self.timeout_s * 1000) \
+                != MetricExportResult.SUCCESS:
+            return False
+        for p in points:
+            if p.spec.entity in ("rank_step", "rank_work"):
+                res, lab = dict(p.resource), dict(p.labels)
+                key = (res["job"], int(res["rank"]))
+                if p.spec.entity == "rank_work":
+                    key += ("work",)
+                self.steps_sent[key] = max(int(lab["step"]), self.steps_sent.get(key, -1))
+        return True
 
     def close(self) -> None:
         try:

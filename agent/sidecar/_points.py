@@ -15,12 +15,16 @@ from typing import NamedTuple
 from ringwatch._metrics import METRICS, MetricSpec
 from ringwatch.agent.sidecar._node_state import NodeState
 from ringwatch.agent.sidecar._power_window import phase_figures, window_figures
-from ringwatch.agent.sidecar._rank_tail import completed_steps
+from ringwatch.agent.sidecar._rank_tail import KEEP_STEPS, completed_steps
 from ringwatch.agent.sidecar._step_work import finished_work
 
 #: Finished steps of each rank a push may carry: the ones not yet sent, up to this many (a
-#: collector down for fewer steps than this loses none of them).
-PUSH_STEPS = 32
+#: collector down for fewer steps than this loses none of them). The agent pushes early when
+#: :data:`EARLY_PUSH_STEPS` wait (``_otlp_export.OtlpPusher.due``), so that a job of 10 ms
+#: steps pushed at most once a second loses none either.
+PUSH_STEPS = KEEP_STEPS // 2
+#: Finished steps of one rank waiting to be sent that make the next push come early.
+EARLY_PUSH_STEPS = 32
 
 
 class Point(NamedTuple):
@@ -53,6 +57,18 @@ def _emit(out: list, entity: str, resource: tuple, labels: dict, values: dict) -
         else:
             out.append(Point(spec, resource, tuple(sorted(base.items())),
                              float(v) * spec.scale))
+
+
+def unsent_steps(state: NodeState, steps_after: dict) -> int:
+    """The most finished steps any rank has that no push delivered yet (``steps_after`` as
+    :func:`collect_points` takes it)."""
+    most = 0
+    for s in list(state.ranks.values()):
+        if s.step is None:
+            continue
+        done = steps_after.get((s.job, s.rank), -1)
+        most = max(most, sum(1 for k in list(s.steps) if done < k < s.step))
+    return most
 
 
 def _gpu_rank(state: NodeState) -> dict[int, tuple[str, int]]:

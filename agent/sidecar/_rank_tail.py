@@ -37,8 +37,9 @@ _COLUMNS = ["idx", "pg", "pg_ranks", "pg_size", "group_rank", "op", "is_p2p", "p
             "status", "nbytes", "t_issue_ns", "t_start_ns", "t_end_ns", "duration_ns",
             "device_duration_ns", "end_source", "step", "mono_start_ns", "mono_end_ns",
             "async_op"]
-#: Steps of per-step totals kept per rank (the newest).
-KEEP_STEPS = 64
+#: Steps of per-step totals kept per rank (the newest): twice what a push carries, so that a
+#: push that fails or comes late loses none.
+KEEP_STEPS = 256
 #: Finished collectives' intervals kept per rank (the newest), for the phase power split.
 RECENT_COLLECTIVES = 4096
 #: Send/recv peers kept per rank (a pipeline stage has two; more is no pipeline).

@@ -5,7 +5,8 @@ Threads, each on its own schedule so a slow read never delays the 20 Hz power sa
 * ``fast``: power, energy and clocks of every GPU every ``fast_interval_s``;
 * ``slow``: the other GPU readings and the host every ``slow_interval_s``, the ranks' logs
   every ``logs_interval_s``;
-* ``export``: an OTLP push every ``export_interval_s`` (when an endpoint is set);
+* ``export``: an OTLP push every ``export_interval_s``, or sooner when the ranks' finished
+  steps pile up (when an endpoint is set);
 * Prometheus' HTTP server answers scrapes from the same state.
 
 Everything is built here, at the composition root, and passed down: clock, device client,
@@ -25,6 +26,9 @@ from ringwatch.agent.sidecar._node_state import NodeState
 from ringwatch.collectors._types import CollectorError, DeviceClient, HostReading
 
 log = logging.getLogger("ringwatch.agent")
+
+#: How often (s) the export thread asks whether a push is due, at most.
+EXPORT_CHECK_S = 1.0
 
 
 class Sidecar:
@@ -153,9 +157,14 @@ class Sidecar:
             self._start("logs", cfg.logs_interval_s, self.read_logs)
         if cfg.otlp_endpoint:
             self.pusher = self.make_pusher()
-            every_ns = int(cfg.export_interval_s * 1e9)
-            self._start("export", cfg.export_interval_s,
-                        lambda: self.pusher.push(self.clock.wall_ns(), interval_ns=every_ns))
+            self._start("export", min(cfg.export_interval_s, EXPORT_CHECK_S), self.export)
+
+    def export(self) -> None:
+        """A push, when one is due (:meth:`OtlpPusher.due`: every ``export_interval_s``, or
+        sooner when steps wait). The thread asks every :data:`EXPORT_CHECK_S` at most."""
+        now, every_ns = self.clock.wall_ns(), int(self.config.export_interval_s * 1e9)
+        if self.pusher.due(now, every_ns):
+            self.pusher.push(now, interval_ns=every_ns)
 
     def make_pusher(self):
         """The OTLP pusher of :attr:`config`'s endpoint. A push never outlives its interval

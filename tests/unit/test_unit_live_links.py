@@ -78,7 +78,10 @@ def _key(f) -> tuple:
 
 @pytest.mark.parametrize("name,push,restart", [
     ("link-p2p", 1, None), ("link-p2p", 6, None), ("link-p2p", 1, 31), ("link-p2p", 6, 36),
-    ("strag-mid", 3, None), ("strag-mid", 1, 31), ("healthy", 4, None)])
+    ("strag-mid", 3, None), ("strag-mid", 1, 31), ("healthy", 4, None),
+    ("strag-0", 60, None), ("strag-mid", 40, None), ("vpp-strag", 30, None),
+    ("vb-strag0", 1, None), ("vb-strag0", 30, None), ("vb-strag0", 60, None),
+    ("laststage", 60, None)])
 def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart, tmp_path):
     """A real 2 x 2 x 2 pipeline whose stages sit one per host (``link-p2p``: host1's link at
     8 Mbit/s from step 25, so that only send/recv crosses it), streamed ``push`` steps at a
@@ -86,7 +89,9 @@ def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart,
     analyze`` names (hosts, ranks, onset), also when it is restarted mid-fault (at step
     ``restart``, from its state files); a straggler whose late sends slow its receivers stays
     one straggler, no link (also through a restart: the pipeline is read again); a healthy run
-    shows nothing."""
+    shows nothing. A push that carries the whole run (60 steps) or most of it gives what
+    pushes of a step give: the stages are read from the rows it brings before they are
+    judged."""
     ev = pl.read_parquet(PIPELINE / f"{name}.parquet").with_columns(
         pl.lit(None, pl.Int64).alias("t_issue_ns")).select(
         "rank", "local_rank", "host", *_COLUMNS)

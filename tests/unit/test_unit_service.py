@@ -23,8 +23,8 @@ def test_ingest_keeps_steps_frontier_and_hosts():
     jl = jobs.jobs["j1"]
     assert sorted(jl.ranks) == [0, 1, 2, 3]
     assert jl.ranks[3].host == "host1" and jl.ranks[0].completed_seq == {"0": 80}
-    # a push carries the newest 32 finished steps of each rank (PUSH_STEPS)
-    assert jl.max_step == 39 and len(jl.steps) == 4 * 32 and min(k[2] for k in jl.steps) == 8
+    # a push carries every finished step of each rank it has not sent (up to PUSH_STEPS)
+    assert jl.max_step == 39 and len(jl.steps) == 4 * 40 and min(k[2] for k in jl.steps) == 0
     assert jl.groups["0"] == ("0-3", 4)
 
 

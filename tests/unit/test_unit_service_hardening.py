@@ -51,7 +51,7 @@ def test_bad_values_are_dropped_and_counted_and_the_straggler_still_found():
     bad, n_bad = _bad_points("j")
     assert svc.jobs.ingest(merged(agent_push("j", late_rank=2), bad), WALL) == n_bad
     jl = svc.jobs.jobs["j"]
-    assert jl.max_step == 39 and len(jl.steps) == 4 * 32  # every valid step row kept
+    assert jl.max_step == 39 and len(jl.steps) == 4 * 40  # every valid step row kept
     assert jl.ranks[0].started_seq == {"0": 80}  # not the 1e300 on "unused"
     assert jl.steps[(1, "0", 39)]["busy_s"] > 0  # the NaN for it was dropped, not applied
     assert jl.ranks[0].log_age_s is None and jl.ranks[0].step == 40
