@@ -38,6 +38,9 @@ log = logging.getLogger("ringwatch.agent")
 MAX_POINTS_PER_REQUEST = 20_000
 #: Least time (s) between two pushes when steps are waiting (:meth:`OtlpPusher.due`).
 EARLY_PUSH_GAP_S = 1.0
+#: A push is due up to this share of its interval early (the export thread's ticks are one
+#: period apart, give or take a few ms: without it, every other tick would miss).
+DUE_SLACK = 0.1
 #: Least time (s) between two of the SDK's export messages the agent lets through.
 EXPORT_LOG_PERIOD_S = 300.0
 #: The logger the SDK's OTLP/HTTP metric exporter (and its transport) write to.
@@ -181,8 +184,11 @@ class OtlpPusher:
         pushed as often as it needs, and each push carries every step it has not sent."""
         if now_ns < self._next_try_ns:
             return False
-        since = None if self._last_try_ns is None else now_ns - self._last_try_ns
-        if since is None or since >= interval_ns:
+        if self._last_try_ns is None:
+            return True
+        # a tenth early counts: the caller's ticks come one period apart, give or take
+        since = (now_ns - self._last_try_ns) / (1 - DUE_SLACK)
+        if since >= interval_ns:
             return True
         return since >= EARLY_PUSH_GAP_S * 1e9 and unsent_steps(
             self.state, self.steps_sent) >= EARLY_PUSH_STEPS

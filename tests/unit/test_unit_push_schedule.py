@@ -86,9 +86,10 @@ def test_finished_steps_piling_up_make_the_push_come_early_but_not_more_than_onc
     assert unsent_steps(state, pusher.steps_sent) == EARLY_PUSH_STEPS - 1
     assert not pusher.due(5 * SECOND, INTERVAL)  # too few waiting: the interval's push
     assert pusher.due(INTERVAL, INTERVAL)
+    assert pusher.due(INTERVAL - 3_000_000, INTERVAL)  # a tick a few ms early is on time
     _advance(state, 1)
     assert not pusher.due(SECOND // 2, INTERVAL)  # enough wait, but a push half a second ago
-    assert pusher.due(SECOND, INTERVAL)
+    assert pusher.due(SECOND - 3_000_000, INTERVAL)
     assert pusher.push(SECOND) and unsent_steps(state, pusher.steps_sent) == 0
     assert not pusher.due(3 * SECOND, INTERVAL)
 
