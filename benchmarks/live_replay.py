@@ -76,8 +76,12 @@ def replay(logs: Path, *, tick_s: float = 1.0, timeline: bool = False) -> list[d
     for c in _COLUMNS:  # columns a log may lack (older schema): none
         if c not in ev.columns:
             ev = ev.with_columns(pl.lit(None).alias(c))
+    # in flight to the end: what was pending at the last flush; a row that finished with no
+    # end seen (one recovered from the Flight Recorder) is done when it started
     ev = ev.select("rank", "local_rank", "host", *_COLUMNS).with_columns(
-        pl.col("t_end_ns").fill_null(1 << 62).alias("_done")).sort("_done", "rank", "idx")
+        pl.when(pl.col("status") == "pending").then(1 << 62)
+        .otherwise(pl.coalesce("t_end_ns", "t_start_ns", pl.lit(0))).alias("_done")
+    ).sort("_done", "rank", "idx")
     t0, t1 = int(ev["t_start_ns"].min()), int(ev["t_end_ns"].max())
     clock = FakeClock(wall_ns=t0)
     svc = Service(ServiceConfig(state_dir=None), clock=clock)
