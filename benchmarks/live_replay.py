@@ -129,10 +129,16 @@ def main() -> int:
     ap.add_argument("--timeline", action="store_true",
                     help="print each finding as the service opened and resolved it")
     args = ap.parse_args()
-    agree = 0
+    agree, hung = 0, []
     for logs in args.logs:
-        live = sorted({_key(f) for f in replay(logs, tick_s=args.tick_s,
-                                                timeline=args.timeline) if f["kind"] != "hang"})
+        shown = replay(logs, tick_s=args.tick_s, timeline=args.timeline)
+        live = sorted({_key(f) for f in shown if f["kind"] != "hang"})
+        hangs = [f for f in shown if f["kind"] == "hang"]
+        if hangs:  # a hang the service showed, resolved or not (post-mortem has none mid-run)
+            hung.append(logs)
+            since = [f["since_step"] for f in hangs if f["since_step"] is not None]
+            print(f"{logs}: {len(hangs)} hang(s) shown live, the first since step "
+                  f"{min(since, default=None)}")
         proc = subprocess.run([PY, "-m", "ringwatch._cli", "analyze", "--json", str(logs)],
                               capture_output=True, text=True, check=False)
         post = sorted(_key(f) for f in json.loads(proc.stdout)["findings"]
@@ -142,7 +148,7 @@ def main() -> int:
         print(f"{logs}: {'agrees' if same else 'DIFFERS'}: live {live}"
               + ("" if same else f", post-mortem {post}"))
     print(f"live = post-mortem (kind, class, ranks, onset; hangs apart): "
-          f"{agree}/{len(args.logs)} runs")
+          f"{agree}/{len(args.logs)} runs; runs where the service showed a hang: {len(hung)}")
     return 0
 
 

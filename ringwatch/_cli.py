@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--logs-interval-s", type=float, help="seconds between reads of the "
                     "ranks' logs (default 2)")
     ag.add_argument("--export-interval-s", type=float, help="seconds between OTLP pushes "
-                    "(default 10)")
+                    "(default 10; sooner, at most once a second, when 32 finished steps of "
+                    "a rank wait: each push carries every step not yet sent, up to 128)")
     ag.add_argument("--power-window-s", type=float, help="span of the peak/min power "
                     "gauges (default 10)")
     ag.add_argument("--otlp-endpoint", help="OTLP/HTTP metrics URL, e.g. "
