@@ -21,7 +21,9 @@ class Stack:
     """`ringwatch serve` (with ``serve_args`` added) and one `ringwatch agent` on loopback,
     following ``run_dir/logs``."""
 
-    def __init__(self, tmp_path, run_dir, *, serve_args: tuple[str, ...] = ()):
+    def __init__(self, tmp_path, run_dir, *, serve_args: tuple[str, ...] = (),
+                 agent_args: tuple[str, ...] = ("--export-interval-s", "1",
+                                                "--logs-interval-s", "0.5")):
         self.tmp, self.run_dir = tmp_path, run_dir
         self.serve_args = serve_args
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -29,9 +31,8 @@ class Stack:
         self.serve = self._start_serve()
         self.agent = subprocess.Popen(ringwatch_cmd(
             "agent", "--log-dir", str(run_dir / "logs"), "--prometheus", "off",
-            "--otlp-endpoint", f"http://127.0.0.1:{self.otlp}/v1/metrics",
-            "--export-interval-s", "1", "--logs-interval-s", "0.5", "--no-gpu"),
-            env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            "--otlp-endpoint", f"http://127.0.0.1:{self.otlp}/v1/metrics", *agent_args,
+            "--no-gpu"), env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.seen: dict[str, tuple[float, dict]] = {}
         self.metrics_when_seen: dict[str, str] = {}  # finding id -> /metrics just after
 
@@ -448,6 +449,26 @@ def test_a_hybrid_parallel_job_live_as_post_mortem(stack, case):
         assert abs(post[0]["since_step"] - truth["onset_step"]) <= 3, (post, truth)
     elif post:
         assert all(f["since_step"] <= 3 for f in post), post  # the first steps judged
+
+
+def test_the_agents_default_pushes_lose_no_step_of_a_fast_job(tmp_path):
+    """The agent as deployed by default (a push every 10 s, the logs read every 2 s) on a
+    DDP job of a few tens of ms a step: 32 finished steps waiting make a push come early, and
+    each push carries every step not yet sent (it carried the newest 32 of the ~200 of a 10 s
+    push), so the service names the straggler from the step `ringwatch analyze` names."""
+    need_netns()
+    s = Stack(tmp_path, tmp_path / "run", agent_args=())
+    try:
+        truth, _ = s.run_cluster("--nproc", "4", "--hosts", "2", "--steps", "200",
+                                 "--fault", "straggler", "--straggler-mode", "work",
+                                 "--at-step", "80", "--", "--step-sleep-ms", "15",
+                                 "--slowdown-factor", "4")
+        post = _live_as_post_mortem(s)
+        assert [_key(f)[:3] for f in post] == [
+            ("straggler", "compute straggler", [truth["rank"]])], post
+        assert abs(post[0]["since_step"] - truth["effect_step"]) <= 3, (post, truth)
+    finally:
+        s.stop()
 
 
 def test_a_data_parallel_replica_slow_from_the_start_live_as_post_mortem(stack):
