@@ -1,6 +1,8 @@
 """A live loop for the benchmarks: `ringwatch serve` and one `ringwatch agent` on loopback.
 
-The agent follows a run's log folder (reads every 0.5 s, pushes every second); the service's
+The agent follows a run's log folder (reads every 0.5 s, pushes every second; or, with
+``agent_defaults``, at its own defaults: reads every 2 s, pushes every 10 s or sooner when
+steps wait); the service's
 findings API is polled every 0.5 s while a command (a `ringwatch cluster` run) goes on, and a
 few seconds after it, so that the last steps reach the service.
 """
@@ -28,7 +30,7 @@ def rw(*args: str) -> list[str]:
 class LiveStack:
     """Serve + agent over ``log_dir``, state in ``state_dir``; a context manager."""
 
-    def __init__(self, log_dir: Path, state_dir: Path):
+    def __init__(self, log_dir: Path, state_dir: Path, *, agent_defaults: bool = False):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.otlp, self.api = free_port(), free_port()
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
@@ -37,8 +39,9 @@ class LiveStack:
             f"127.0.0.1:{self.api}", "--state-dir", str(state_dir)), **quiet)
         self.agent = subprocess.Popen(rw(
             "agent", "--log-dir", str(log_dir), "--prometheus", "off", "--otlp-endpoint",
-            f"http://127.0.0.1:{self.otlp}/v1/metrics", "--export-interval-s", "1",
-            "--logs-interval-s", "0.5", "--no-gpu"), **quiet)
+            f"http://127.0.0.1:{self.otlp}/v1/metrics", *(() if agent_defaults else (
+                "--export-interval-s", "1", "--logs-interval-s", "0.5")), "--no-gpu"),
+            **quiet)
         #: finding id -> (wall ns first seen, the API's document of it as last seen: a
         #: finding's ranks and hosts are refined while it is open, as more groups slow)
         self.seen: dict[str, tuple[int, dict]] = {}

@@ -169,12 +169,13 @@ def score(run: Path) -> dict:
     return {**out, "right": bool(right)}
 
 
-def _run_live(cmd: list[str], run: Path) -> int:
-    """``cmd`` (a cluster run writing ``run/logs``) watched by a fresh serve and agent;
-    every finding the service showed goes to ``run/live.json``."""
+def _run_live(cmd: list[str], run: Path, agent_defaults: bool = False) -> int:
+    """``cmd`` (a cluster run writing ``run/logs``) watched by a fresh serve and agent (at
+    the agent's default intervals with ``agent_defaults``); every finding the service showed
+    goes to ``run/live.json``."""
     from _live_stack import LiveStack
 
-    with LiveStack(run / "logs", run / "serve-state") as stack:
+    with LiveStack(run / "logs", run / "serve-state", agent_defaults=agent_defaults) as stack:
         rc = stack.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (run / "live.json").write_text(json.dumps([f for _, f in stack.findings()]))
     return rc
@@ -278,6 +279,9 @@ def main(argv=None) -> int:
                          "right before it (the truth is their mean; default 1)")
     ap.add_argument("--live", action="store_true",
                     help="watch each run with ringwatch serve and an agent (live.json)")
+    ap.add_argument("--agent-defaults", action="store_true",
+                    help="with --live: the agent at its default intervals (logs read every "
+                         "2 s, pushes every 10 s or sooner when steps wait), not 0.5 s and 1 s")
     args = ap.parse_args(argv)
     out = Path(args.out)
     rng = random.Random(args.seed)
@@ -301,7 +305,7 @@ def main(argv=None) -> int:
                     cmd = [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run),
                            *_cluster_args(case, world, victim, args.gpu_like,
                                          args.idle_ms, shape)]
-                    rc = _run_live(cmd, run) if args.live else subprocess.run(
+                    rc = _run_live(cmd, run, args.agent_defaults) if args.live else subprocess.run(
                         cmd, capture_output=True, text=True, check=False).returncode
                     (run / "case.json").write_text(json.dumps(
                         {"case": case, "world": world, "victim": victim if case in (
