@@ -20,8 +20,8 @@ from ringwatch.agent.sidecar._step_work import finished_work
 
 #: Finished steps of each rank a push may carry: the ones not yet sent, up to this many (a
 #: collector down for fewer steps than this loses none of them). The agent pushes early when
-#: :data:`EARLY_PUSH_STEPS` wait (``_otlp_export.OtlpPusher.due``), so that a job of 10 ms
-#: steps pushed at most once a second loses none either.
+#: :data:`EARLY_PUSH_STEPS` wait (``_otlp_export.OtlpPusher.due``), at most once a second, so
+#: that a job of up to ~60 steps a second (its logs read every 2 s) loses none either.
 PUSH_STEPS = KEEP_STEPS // 2
 #: Finished steps of one rank waiting to be sent that make the next push come early.
 EARLY_PUSH_STEPS = 32
