@@ -211,22 +211,6 @@ def without_unplaced_links(findings: tuple, open_stragglers) -> tuple:
                                              and hosts & set(f.hosts)))
 
 
-def by_steps(items, work, most: int) -> list[tuple[list, list]]:
-    """A round's new step rows (``((rank, pg, step), values)``) and work rows (``((rank,
-    step), values)``) as parts of at most ``most`` consecutive steps, oldest first (one part,
-    maybe empty, when they span no more)."""
-    steps = sorted({k[2] for k, _ in items} | {k[1] for k, _ in work})
-    if len(steps) <= most:
-        return [(list(items), list(work))]
-    part = {s: i // most for i, s in enumerate(steps)}
-    out: list[tuple[list, list]] = [([], []) for _ in range(part[steps[-1]] + 1)]
-    for item in items:
-        out[part[item[0][2]]][0].append(item)
-    for item in work:
-        out[part[item[0][1]]][1].append(item)
-    return out
-
-
 def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
                  detectors: frozenset[str] = frozenset({"hang", "straggler", "slow_link"}),
                  thresholds=None, live: LiveAnalysis | None = None,
@@ -255,16 +239,7 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
     th = thresholds if isinstance(thresholds, Thresholds) else \
         DEFAULT_THRESHOLDS.with_values(thresholds or {})
     if live is not None:
-        # more new steps than half the window (a catch-up push, rounds that fell behind):
-        # judged a part at a time, so that none leaves the window unjudged and the
-        # episodes' onsets are the ones smaller pushes give
-        parts = by_steps(new_rows, new_work, max(1, live.window.keep_steps // 2))
-        for rows_part, work_part in parts[:-1]:
-            live.feed(jl, rows_part, work_part, now_ns=now_ns)
-            judged = live.window.findings(now_ns=now_ns, thresholds=th)
-            if "straggler" in detectors:
-                live.note_hiccups(split_hiccups(judged)[1])
-        live.feed(jl, *parts[-1], now_ns=now_ns)
+        live.feed(jl, new_rows, new_work, now_ns=now_ns)
         steps = live.window.rows if live.window.rows is not None else step_frame(jl, [])
     else:
         steps = step_frame(jl)
