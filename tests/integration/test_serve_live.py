@@ -21,9 +21,7 @@ class Stack:
     """`ringwatch serve` (with ``serve_args`` added) and one `ringwatch agent` on loopback,
     following ``run_dir/logs``."""
 
-    def __init__(self, tmp_path, run_dir, *, serve_args: tuple[str, ...] = (),
-                 agent_args: tuple[str, ...] = ("--export-interval-s", "1",
-                                                "--logs-interval-s", "0.5")):
+    def __init__(self, tmp_path, run_dir, *, serve_args: tuple[str, ...] = ()):
         self.tmp, self.run_dir = tmp_path, run_dir
         self.serve_args = serve_args
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -31,8 +29,9 @@ class Stack:
         self.serve = self._start_serve()
         self.agent = subprocess.Popen(ringwatch_cmd(
             "agent", "--log-dir", str(run_dir / "logs"), "--prometheus", "off",
-            "--otlp-endpoint", f"http://127.0.0.1:{self.otlp}/v1/metrics", *agent_args,
-            "--no-gpu"), env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            "--otlp-endpoint", f"http://127.0.0.1:{self.otlp}/v1/metrics",
+            "--export-interval-s", "1", "--logs-interval-s", "0.5", "--no-gpu"),
+            env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.seen: dict[str, tuple[float, dict]] = {}
         self.metrics_when_seen: dict[str, str] = {}  # finding id -> /metrics just after
 
