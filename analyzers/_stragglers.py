@@ -235,12 +235,15 @@ def _late_since(run: pl.DataFrame, k: float, tail: Sequence[float] = ()) -> int:
     steps (excess above ``k``), one on-time step at a time allowed between two late ones.
     Then, within the streak, the change point of a shift of the streak's own size (its median
     excess, ``tail`` included: the excess of the few steps after the run's last, where the
-    data has them): the step from which the excess, less half that size, sums highest to the
-    end (the likelihood's maximum for a step change of that size in Gaussian noise). A late
-    step of noise (one or two noise units) before a fault many units large lowers that sum,
-    so the onset is not walked back over it; a fault of noise's size keeps the whole streak.
-    Late steps right before that point, with no on-time step between, are kept: a slowdown
-    that lands mid-step makes a smaller first excess.
+    data has them): the latest step from which the steps above half that size outnumber
+    those below it most, to the end (a sign test: each step counts one, whatever its size).
+    A late step of noise (one or two noise units) before a fault many units large counts
+    against it, so the onset is not walked back over it; a fault of noise's size keeps the
+    whole streak. Nor is it walked back over a burst: a rank descheduled for one step on a
+    shared host comes many times its fault's size late once, then on time, and summed by its
+    size that one step outweighed the on-time steps after it (heavy tails, not Gaussian
+    noise). Late steps right before that point, with no on-time step between, are kept: a
+    slowdown that lands mid-step makes a smaller first excess.
     """
     return run["step"][late_since_index(run["excess_ms"].fill_null(0.0).to_list(), k, tail)]
 
@@ -259,10 +262,10 @@ def late_since_index(xs: Sequence[float], k: float, tail: Sequence[float] = ()) 
             break
     streak = sorted([*xs[first:], *(0.0 if x is None else x for x in tail)])
     ref = max(k, streak[len(streak) // 2] / 2)
-    best, since, total = None, first, 0.0
-    for j in range(i, first - 1, -1):  # sums from the end; the earliest of equal maxima
-        total += xs[j] - ref
-        if best is None or total >= best:
+    best, since, total = None, i, 0
+    for j in range(i, first - 1, -1):  # counts from the end; the latest of equal maxima
+        total += (xs[j] > ref) - (xs[j] < ref)
+        if best is None or total > best:
             best, since = total, j
     while since > first and late[since - 1]:  # late right before it: the change's first,
         since -= 1                            # partial steps (it can land mid-step)

@@ -363,3 +363,18 @@ def test_noise_below_the_slack_makes_no_episode_and_a_late_start_is_its_own():
     assert len(_episodes([4.0, 4.0, 0.0, 0.0, 0.0] * 200, h=1.0, persist=1, grace=0,
                          most=5)) == 5  # at most ``most``
 
+
+
+def test_a_burst_before_the_fault_does_not_pull_its_onset_back():
+    """A rank descheduled for one step (far more than its fault's size behind), on time,
+    a little behind, on time, then its fault from index 24: the onset is the fault's. Summed
+    by size, the burst outweighed the on-time steps after it and the onset went back to it
+    (a pipeline run on a loaded machine: onset 9 for a fault at 13)."""
+    xs = [0.0] * 20 + [60.0, 0.5, 1.5, 0.5] + [8.0] * 12 + [0.0] * 30
+    assert _episodes(xs) == [(24, 26, 35, None)]
+    from ringwatch.analyzers._stragglers import late_since_index
+    assert late_since_index([60.0, 0.5, 1.5, 0.5, 8.0, 8.0, 8.0], 1.0) == 4
+    # late right before the fault (no on-time step between): its partial first step, kept
+    assert late_since_index([0.0, 0.5, 3.0, 8.0, 8.0, 8.0], 1.0) == 2
+    # a fault of the noise's size, an on-time step within it: the whole streak
+    assert late_since_index([0.0, 1.6, 1.8, 0.5, 1.7, 1.9, 1.5], 1.0) == 1
