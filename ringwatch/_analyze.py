@@ -7,6 +7,7 @@ they share).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from datetime import datetime, timezone
@@ -218,6 +219,9 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
         analyze_events(events, now_ns=now_ns, last_seen_ns=seen, min_stall_s=min_stall_s,
                        progress=progress, dumped_ns=seen if dumps else None, layout=lay,
                        thresholds=thresholds, info=info))
+    held = _recorder_held(job)
+    if held:
+        findings = tuple(_with_held(f, held) for f in findings)
     if probe is not None:
         findings = with_probe(findings, probe)
     if recordings:
@@ -246,7 +250,30 @@ def analyze_job(job, *, online: bool = False, min_stall_s: float | None = None,
             "thresholds": thresholds.changed() if thresholds is not None else {},
             "warmup_steps": info.get("warmup_steps"),
             "steps_from_rhythm": info.get("steps_from_rhythm", False),
-            "unreadable": list(job.problems), **extra}
+            "recorder_held": held, "unreadable": list(job.problems), **extra}
+
+
+def _recorder_held(job) -> list[int]:
+    """The ranks whose agent's last flush found the recorder held: the main thread stopped
+    inside one of ringwatch's hooks (``meta.json``'s ``recorder_held``; logs only)."""
+    meta = getattr(job, "meta", None)
+    if meta is None:
+        return []
+    return sorted(r for r, m in meta().items() if isinstance(m, dict)
+                  and m.get("recorder_held") is True)
+
+
+HELD_LINE = ("its agent's last flush found the recorder held (the main thread stopped inside "
+             "one of ringwatch's hooks): its rows since its last full flush were not written, "
+             "and where it stopped is read from its peers")
+
+
+def _with_held(f, held: list[int]):
+    """A hang on a rank whose recorder was held, with a line saying so."""
+    if f.kind != "hang" or not set(f.ranks) & set(held):
+        return f
+    ranks = sorted(set(f.ranks) & set(held))
+    return dataclasses.replace(f, evidence=(*f.evidence, f"rank(s) {ranks}: {HELD_LINE}"))
 
 
 def _when(ns: int | None) -> str:
@@ -287,6 +314,8 @@ def context_lines(report: dict) -> list[str]:
     if report.get("thresholds"):
         lines.append("thresholds (not the defaults): " + ", ".join(
             f"{k}={v}" for k, v in sorted(report["thresholds"].items())))
+    if report.get("recorder_held"):
+        lines.append(f"recorder held: rank(s) {report['recorder_held']}: {HELD_LINE}")
     lay = report.get("layout")
     if lay and (lay["pp"] > 1 or lay["tp"] > 1 or lay["source"] == "declared"):
         lines.append(f"layout: {lay['text']}")

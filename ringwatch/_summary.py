@@ -56,6 +56,9 @@ def ending_notes(meta: dict | None, folder: Path | None) -> list[str]:
     other = (meta.get("counters", {}).get("dropped") or 0) - write_dropped
     if other > 0:  # older logs count the rows of failed writes there too, unsplit
         notes.append(f"{other} DROPPED" + (" (buffer full)" if "write_dropped" in meta else ""))
+    if meta.get("recorder_held") is True:
+        notes.append("recorder held at its last flush (the main thread stopped inside one of "
+                     "ringwatch's hooks): rows since its last full flush not written")
     if meta.get("final") is False:
         # The reserve is given up when the final meta is tried: still there, it never was.
         if folder is not None and (folder / RESERVE_FILE).exists():

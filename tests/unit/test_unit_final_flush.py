@@ -108,7 +108,26 @@ def test_a_main_thread_frozen_inside_a_hook_leaves_the_agent_beating(tmp_path, m
     meta = open_job(tmp_path).meta()[0]
     assert meta["written_ns"] == before + 3_000_000_000 and meta["recorder_held"] is True
     assert meta["groups"]  # the rest as last written
+    # what the summary and the post-mortem say of it
+    from ringwatch._analyze import HELD_LINE, analyze_job, context_lines
+    from ringwatch._summary import ending_notes
+    assert any("recorder held" in n for n in ending_notes(meta, None))
+    report = analyze_job(open_job(tmp_path))
+    assert report["recorder_held"] == [0]
+    assert any(HELD_LINE in line for line in context_lines(report))
     release.set()
     t.join(5)
     rt.flush()  # free again: a whole flush
     assert "recorder_held" not in open_job(tmp_path).meta()[0]
+    assert analyze_job(open_job(tmp_path))["recorder_held"] == []
+
+
+def test_a_hang_on_a_rank_whose_recorder_was_held_says_so():
+    from ringwatch._analyze import HELD_LINE, _with_held
+    from ringwatch.analyzers import Finding
+
+    hang = Finding(kind="hang", cls="never arrived", ranks=(3,), evidence=("waited",))
+    assert _with_held(hang, [3]).evidence == ("waited", f"rank(s) [3]: {HELD_LINE}")
+    assert _with_held(hang, [5]) is hang  # another rank held: nothing to add
+    other = Finding(kind="straggler", cls="compute straggler", ranks=(3,))
+    assert _with_held(other, [3]) is other
