@@ -8,7 +8,8 @@ transfer time. A compute straggler leaves it alone (it only makes the others wai
 link, NIC or switch port lowers it for every group whose traffic crosses it.
 
 A group is *slow* when its bandwidth stays below ``1 / ratio`` of its usual (its median over
-its first ``baseline_steps`` steps) for ``persist`` steps in a row; of several such runs the
+its first ``baseline_steps`` steps, those before a lasting fall within them:
+:mod:`~ringwatch.analyzers._link_baseline`) for ``persist`` steps in a row; of several such runs the
 longest is the one reported (a slow link stays, a burst of load on the machine passes). The
 bar rises with the group's own noise: where its bandwidth varies from step to step by a robust
 spread ``s`` of its logarithm (Gloo's transfers are CPU work, and share a loaded host's cores),
@@ -34,6 +35,7 @@ import polars as pl
 
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
+from ringwatch.analyzers._link_baseline import usual_bandwidth
 from ringwatch.analyzers._p2p_links import (
     MIN_LINK_BYTES,
     compute_p2p_bandwidth,
@@ -107,22 +109,6 @@ def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return per, df.select("pg", "host").unique()
 
 
-def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = 20,
-                    min_baseline_steps: int = 5) -> pl.DataFrame:
-    """``pg``, ``usual_MBps``, ``spread_log``: each group's median bandwidth over its first
-    ``baseline_steps`` steps, and how much it varies from step to step (the robust spread,
-    1.4826 times the median absolute deviation, of the log bandwidth); groups with fewer than
-    ``min_baseline_steps`` of them are left out."""
-    seen = pl.col("step").rank("dense").over("pg")  # steps seen, whatever their numbers
-    log_bw = pl.col("MBps").clip(lower_bound=1e-12).log()
-    return (bw.filter(seen <= baseline_steps)
-            .with_columns((log_bw - log_bw.median().over("pg")).abs().alias("_dev"))
-            .group_by("pg").agg(pl.col("MBps").median().alias("usual_MBps"),
-                                (pl.col("_dev").median() * 1.4826).alias("spread_log"),
-                                pl.len().alias("_n"))
-            .filter(pl.col("_n") >= min_baseline_steps).drop("_n").sort("pg"))
-
-
 def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps,
                         min_baseline_steps: int = _D.min_baseline_steps,
                         ratio: float = _D.link_ratio,
@@ -152,7 +138,8 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_s
     """
     if usual is None:
         usual = usual_bandwidth(bw, baseline_steps=baseline_steps,
-                                min_baseline_steps=min_baseline_steps)
+                                min_baseline_steps=min_baseline_steps, ratio=ratio,
+                                noise=noise, persist=persist)
     if "spread_log" not in usual.columns:
         usual = usual.with_columns(pl.lit(0.0).alias("spread_log"))
     below = pl.max_horizontal(pl.lit(float(ratio)),

@@ -87,6 +87,10 @@ class Thresholds:
 
     Slow links:
         link_ratio: A group whose bandwidth fell below its usual by this factor is slow.
+            Its usual is the median of its baseline steps, or of those before a fall within
+            them that lasts to their end and is itself slow by this ratio and ``link_noise``
+            (a link that goes bad a few steps into a job is judged against the steps before
+            it, not absorbed by them).
         link_persist_steps: Slow steps in a row that make a slow link.
         link_noise: ... and, where the group's bandwidth varies more than that from step to
             step, below its usual by this many of its own noise units (the robust spread of

@@ -307,3 +307,64 @@ def test_a_slow_link_between_pipeline_stages_is_found_from_send_recv_alone():
     assert (f.kind, f.since_step, f.detected_step) == ("slow_link", 20, 23)
     assert f.hosts == ("host0", "host1") and f.pg.startswith("p2p ")
     assert f.evidence[0].startswith("send/recv host0 -> host1 (ranks 0,2")
+
+
+def test_a_link_that_slows_within_the_baseline_steps_is_judged_against_the_steps_before():
+    """A link 5x slower from step 10 of a noisy job: half its baseline steps are slow. They
+    widened the spread until only a 10x fall counted, and a usual of half slow steps hid it;
+    judged against its ten steps before, it is the slow link it is, live as post-mortem."""
+    from ringwatch.analyzers._links import usual_bandwidth
+    from ringwatch.analyzers._online import OnlineWindow
+
+    for seed in range(3):
+        ev = job(LAYERED, spread=0.3, onset=10, slow=5, slow_hosts=("host2",), seed=seed)
+        (f,) = detect_slow_links(ev)
+        assert f.hosts == ("host2",) and f.since_step == 10, f
+        usual = usual_bandwidth(compute_group_bandwidth(ev))
+        crossing = usual.filter(pl.col("pg").is_in(["tp1", "dp0", "dp1"]))  # host2's
+        assert crossing["usual_MBps"].min() > 60 and crossing["spread_log"].max() < 0.6, usual
+        w = OnlineWindow(keep_steps=30)
+        for lo in range(0, 40, 5):
+            w.add(ev.filter(pl.col("step").is_between(lo, lo + 4)))
+        (g,) = [g for g in w.findings(now_ns=0) if g.kind == "slow_link"]
+        assert (g.hosts, g.since_step) == (f.hosts, f.since_step)
+
+
+def test_a_dip_that_recovers_within_the_baseline_steps_leaves_the_usual_whole():
+    """Five slow steps that end within the baseline steps are no lasting fall: the usual and
+    spread are those of all of them, as for a healthy group."""
+    from ringwatch.analyzers._link_baseline import MAD_SCALE
+    from ringwatch.analyzers._links import usual_bandwidth
+
+    for seed in range(3):
+        bw = compute_group_bandwidth(job(WORLD, spread=0.3, onset=8, until=13, slow=5,
+                                         slow_hosts=("host2",), seed=seed))
+        head = bw.filter(pl.col("step") < 20)
+        y = head["MBps"].log()
+        whole = ((y - y.median()).abs().median() * MAD_SCALE, head["MBps"].median())
+        got = usual_bandwidth(bw).row(0, named=True)
+        assert (got["spread_log"], got["usual_MBps"]) == pytest.approx(whole)
+    # noisy and healthy: no fall found, no slow link
+    for seed in range(5):
+        assert detect_slow_links(job(LAYERED, spread=0.5, seed=seed)) == ()
+
+
+def test_two_groups_of_a_testbed_run_whose_link_slowed_at_step_12():
+    """The step bandwidths (MB/s) of the two groups across host1 in a 30-step run of the
+    testbed (4 ranks on 4 emulated hosts; host1 limited to 100 Mbit/s from step 12). Over
+    their first 20 steps, 8 slow, the spread of the second group was such that only a 12x
+    fall counted: no finding. Judged against the steps before the
+    fall, both are slow from it."""
+    from ringwatch.analyzers._links import usual_bandwidth
+
+    g1 = [30.4, 19.7, 15.8, 16.2, 15.4, 20.4, 16.8, 26.4, 26.9, 13.9, 18.3, 27.3, 14.6, 6.3,
+          5.3, 4.6, 3.3, 3.5, 3.3, 3.0, 3.8, 3.8, 4.9, 4.3, 3.1, 3.5, 4.7, 3.4, 11.7, 3.2]
+    g4 = [340.7, 28.8, 21.2, 13.4, 23.4, 78.4, 48.1, 18.4, 12.1, 33.6, 28.0, 38.0, 2.1, 2.2,
+          3.0, 3.3, 5.3, 7.0, 5.6, 7.9, 4.3, 5.7, 2.5, 2.8, 5.2, 5.0, 2.4, 4.6, 2.0, 6.3]
+    bw = pl.DataFrame({"pg": ["1"] * 30 + ["4"] * 30, "step": list(range(30)) * 2,
+                       "MBps": g1 + g4, "pg_ranks": ["0-1"] * 30 + ["1,3"] * 30,
+                       "hosts": ["host0,host1"] * 30 + ["host1,host3"] * 30})
+    usual = usual_bandwidth(bw)
+    assert usual["usual_MBps"].to_list() == pytest.approx([18.3, 28.4])
+    slow = compute_slow_groups(bw)
+    assert slow["slow"].to_list() == [True, True] and slow["since_step"].to_list() == [13, 12]

@@ -1,0 +1,104 @@
+"""A group's usual bandwidth: its first steps, up to a fall that lasts.
+
+The usual is the median of a group's first ``baseline_steps`` steps and its noise the robust
+spread of their logarithm. A link that slows within those steps (a job of 30 steps whose link
+goes bad at its twelfth; a service's window that starts a few steps before a fault) would
+otherwise be absorbed by them: its slow steps widen the spread until the bar for a slow step
+is ten times below the usual, and with more than half of them slow the usual itself is slow.
+
+So each group's baseline steps are fitted with two levels, the first up to a step and the
+second from it to the last baseline step (a fall that lasts; a dip that recovers within them
+fits no second level below the first), at the split that leaves the smallest sum of absolute
+residuals. Where the second level is below the first by as much as makes a slow step (the
+ratio, and ``noise`` times the spread of the residuals about the two levels), with at least
+``min_baseline_steps`` before it and ``persist`` from it, and at most one step before it as
+slow (a group whose bandwidth swings between two levels from its first steps on has no
+healthy "before" to judge against), the usual is the median of the
+steps before the split and the noise that residual spread: the slow steps are then judged
+against the steps before them, as a fault after the baseline is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+
+from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
+
+MAD_SCALE = 1.4826  # the median absolute deviation's factor to a Gaussian's sigma
+
+
+def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps,
+                    min_baseline_steps: int = _D.min_baseline_steps,
+                    ratio: float = _D.link_ratio, noise: float = _D.link_noise,
+                    persist: int = _D.link_persist_steps) -> pl.DataFrame:
+    """``pg``, ``usual_MBps``, ``spread_log``: each group's median bandwidth over its first
+    ``baseline_steps`` steps (those before a lasting fall within them: see the module), and
+    how much it varies from step to step (the robust spread, 1.4826 times the median absolute
+    deviation, of the log bandwidth); groups with fewer than ``min_baseline_steps`` of them
+    are left out."""
+    seen = pl.col("step").rank("dense").over("pg")  # steps seen, whatever their numbers
+    head = (bw.filter(seen <= baseline_steps)
+            .select("pg", "step", "MBps",
+                    pl.col("MBps").clip(lower_bound=1e-12).log().alias("_y"),
+                    (pl.col("step").rank("ordinal").over("pg") - 1).alias("_i")))
+    whole = (head.with_columns((pl.col("_y") - pl.col("_y").median().over("pg")).abs()
+                               .alias("_dev"))
+             .group_by("pg").agg(pl.col("MBps").median().alias("usual_MBps"),
+                                 (pl.col("_dev").median() * MAD_SCALE).alias("spread_log"),
+                                 pl.len().alias("_n"))
+             .filter(pl.col("_n") >= min_baseline_steps))
+    # a fall by the ratio needs the steps to span it at least: a steady fabric's groups
+    # (a few percent of noise) are not fitted
+    spans = (head.group_by("pg").agg((pl.col("_y").max() - pl.col("_y").min()).alias("_span"))
+             .filter(pl.col("_span") >= math.log(ratio)))
+    falls = _lasting_falls(head.join(whole.select("pg", "_n"), on="pg")
+                           .join(spans.select("pg"), on="pg"),
+                           first=min_baseline_steps, persist=persist, ratio=ratio, noise=noise)
+    if not falls.is_empty():
+        before = (head.join(falls.select("pg", "_j"), on="pg")
+                  .filter(pl.col("_i") < pl.col("_j"))
+                  .group_by("pg").agg(pl.col("MBps").median().alias("_usual")))
+        whole = (whole.join(falls.select("pg", "_spread").join(before, on="pg"), on="pg",
+                            how="left")
+                 .with_columns(pl.coalesce("_usual", "usual_MBps").alias("usual_MBps"),
+                               pl.coalesce("_spread", "spread_log").alias("spread_log")))
+    return whole.select("pg", "usual_MBps", "spread_log").sort("pg")
+
+
+def _lasting_falls(head: pl.DataFrame, *, first: int, persist: int, ratio: float,
+                   noise: float) -> pl.DataFrame:
+    """``pg``, ``_j`` (the index of the first step of the fall) and ``_spread`` (the
+    residuals' spread) of the groups whose baseline steps fall for good (the module)."""
+    splits = (head.select("pg", pl.col("_n").cast(pl.Int64)).unique()
+              .with_columns(pl.int_ranges(first, pl.col("_n") - persist + 1).alias("_j"))
+              .explode("_j").drop_nulls("_j"))
+    if splits.is_empty():
+        return pl.DataFrame(schema={"pg": head.schema["pg"], "_j": pl.Int64,
+                                    "_spread": pl.Float64})
+    fit = (splits.drop("_n").join(head.select("pg", "_i", "_y"), on="pg")
+           .with_columns((pl.col("_i") >= pl.col("_j")).alias("_after")))
+    fit = fit.with_columns(pl.col("_y").median().over("pg", "_j", "_after").alias("_level"))
+    fit = fit.with_columns((pl.col("_y") - pl.col("_level")).abs().alias("_res"))
+    per = (fit.group_by("pg", "_j").agg(
+        pl.col("_res").sum().alias("_cost"),
+        (pl.col("_res").median() * MAD_SCALE).alias("_spread"),
+        pl.col("_level").filter(~pl.col("_after")).first().alias("_before"),
+        pl.col("_level").filter(pl.col("_after")).first().alias("_after"))
+        .sort("pg", "_cost", "_j").group_by("pg", maintain_order=True).first())
+    drop = pl.max_horizontal(pl.lit(math.log(ratio)), pl.col("_spread") * noise)
+    per = per.with_columns(drop.alias("_drop")).filter(
+        pl.col("_before") - pl.col("_after") >= pl.col("_drop"))
+    # healthy before it: at most one step there as slow as the fall's (a group that swings
+    # between two levels from the start has no "before")
+    slow_before = (head.select("pg", "_i", "_y").join(per, on="pg")
+                   .filter((pl.col("_i") < pl.col("_j"))
+                           & (pl.col("_y") <= pl.col("_before") - pl.col("_drop")))
+                   .group_by("pg").len())
+    return (per.join(slow_before, on="pg", how="left")
+            .filter(pl.col("len").fill_null(0) <= 1)
+            .select("pg", pl.col("_j").cast(pl.Int64), "_spread"))
+
+
+__all__ = ["usual_bandwidth"]
