@@ -322,6 +322,7 @@ class OnlineWindow:
         score_args["floor_ms"], min_delay_ms = scaled_floors_ms(
             head, args["floor_ms"], args["min_delay_ms"], floor_share=args["floor_share"],
             delay_share=args["delay_share"])
+        score_args["rise_noise"] = args["imbalance_noise"]
         scores = compute_straggler_scores(lat, **score_args, drift_state=True)
         if scores.is_empty():
             return
@@ -334,7 +335,7 @@ class OnlineWindow:
             scores, stage, baseline_steps=self.baseline_steps,
             imbalance_noise=args["imbalance_noise"], min_delay_ms=min_delay_ms)
         fixed = from_start.select("rank", "usual_ms", "usual_compute_ratio")
-        usual = usual_delay(base)
+        usual = usual_delay(base.filter(pl.col("in_baseline")))  # a rise: the steps before
         usual = pl.concat(
             [usual.join(fixed.select(pl.col("rank").cast(usual["rank"].dtype)), on="rank",
                         how="anti"), fixed], how="vertical_relaxed").sort("rank")

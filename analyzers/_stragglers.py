@@ -55,6 +55,7 @@ from ringwatch.analyzers._lateness import (
     compute_outside_ns,
     compute_step_lateness,
 )
+from ringwatch.analyzers._rises import lasting_rises
 from ringwatch.analyzers._sorted import recent_count, run_first, streak
 from ringwatch.analyzers._steps import SLICE_ROWS, _slices
 from ringwatch.analyzers._symmetry import judge_first_steps, symmetric_peers, usual_delay
@@ -97,7 +98,8 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
                              usual_from_peers: pl.DataFrame | None = None,
                              drift_steps: int = _D.drift_steps,
                              drift_from_step: int | None = None,
-                             drift_state: bool = False) -> pl.DataFrame:
+                             drift_state: bool = False,
+                             rise_noise: float = _D.imbalance_noise) -> pl.DataFrame:
     """Per (rank, step), how late the rank came and how far that is from its usual.
 
     Args:
@@ -129,6 +131,9 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
         drift_from_step: The first step that may move the usual, where ``usual`` is given
             (by default its first step here).
         drift_state: Add the drift's state after each step (the columns below).
+        rise_noise: Where the usual comes from these rows, a rank that rose within the
+            baseline steps by this many noise units has only its steps before the rise in
+            its baseline (:mod:`ringwatch.analyzers._rises`).
 
     Returns:
         Columns ``rank``, ``host``, ``step``, ``wait_ms``, ``median_wait_ms`` (the step's
@@ -141,7 +146,8 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
         ``compute_ratio`` (that over the step's median), ``usual_compute_ratio`` and
         ``busy_run`` (busy steps in a row up to this one), and with ``drift_state``
         ``usual_after_ms``, ``state_cusum_ms``, ``quiet`` and ``ratio_after`` (the drift's
-        state after the step: what a later window starts from); sorted by rank then step.
+        state after the step: what a later window starts from), ``in_baseline`` (the row
+        is one of its rank's baseline steps, before any rise); sorted by rank then step.
         Empty without steps past the warm-up.
     """
     # Steps are counted in steps seen, not by their numbers: a job resumed at step 50,000,
@@ -163,7 +169,17 @@ def compute_straggler_scores(lat: pl.DataFrame, *, warmup_steps: int = _D.warmup
                          .alias("compute_ratio"))
     df = df.with_columns((pl.col("median_wait_ms") - pl.col("wait_ms")).alias("delay_ms")
                          ).sort("rank", "step")
-    head = df.filter(pl.col("_n") < baseline_steps)
+    if usual is None:  # each rank's baseline steps: its first ones, before any rise
+        rises = lasting_rises(df.filter(pl.col("_n") < baseline_steps), floor_ms=floor_ms,
+                              min_baseline_steps=min_baseline_steps, persist=persist,
+                              rise_noise=rise_noise)
+        df = df.join(rises, on="rank", how="left", maintain_order="left").with_columns(
+            ((pl.col("_n") < baseline_steps) & (pl.col("rose_step").is_null()
+                                                | (pl.col("step") < pl.col("rose_step"))))
+            .alias("in_baseline")).drop("rose_step")
+    else:
+        df = df.with_columns(pl.lit(False).alias("in_baseline"))
+    head = df.filter(pl.col("in_baseline"))
     noise = _noise_ms(head, floor_ms) if noise_ms is None else noise_ms
     if usual is None:
         usual = usual_delay(head, min_steps=min_baseline_steps)
@@ -223,7 +239,7 @@ def _rank_scores(df: pl.DataFrame, usual: pl.DataFrame, *, gate: int, noise: flo
     return df.select("rank", "host", "step", "wait_ms", "median_wait_ms", "delay_ms",
                      "usual_ms", "excess_ms", "cusum_ms", "run_start", "hits", "noise_ms",
                      "score", "compute_ms", "compute_ratio", "usual_compute_ratio", "busy_run",
-                     *(("usual_after_ms", "state_cusum_ms", "quiet", "ratio_after")
+                     "in_baseline", *(("usual_after_ms", "state_cusum_ms", "quiet", "ratio_after")
                        if drift_state else ()),
                      *(["island"] if "island" in df.columns else []))
 
@@ -405,7 +421,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         lat, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
         min_baseline_steps=min_baseline_steps, slack=slack, threshold=threshold,
         floor_ms=floor_ms, persist=persist, busier=busier, usual=usual, noise_ms=noise_ms,
-        drift_steps=drift_steps, drift_from_step=drift_from_step)
+        drift_steps=drift_steps, drift_from_step=drift_from_step, rise_noise=imbalance_noise)
     if scores.is_empty():
         return ()
     noise = scores["noise_ms"][0]
@@ -419,7 +435,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             min_baseline_steps=min_baseline_steps, slack=slack, threshold=threshold,
             floor_ms=floor_ms, persist=persist, busier=busier, usual=usual,
             noise_ms=noise_ms, usual_from_peers=from_start, drift_steps=drift_steps,
-            drift_from_step=drift_from_step)
+            drift_from_step=drift_from_step, rise_noise=imbalance_noise)
     peers_ms = dict(from_start.select("rank", "usual_ms").iter_rows())
     for r in imb.iter_rows(named=True):
         findings.append(Finding(

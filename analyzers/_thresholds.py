@@ -69,7 +69,10 @@ class Thresholds:
         min_delay_share: ... or this share of the step, where less.
         imbalance_noise: A rank late by this many noise units from the first steps (and by
             the least delay) is structural imbalance when its stage is late with it, a
-            straggler from the start when it is late against its stage's other ranks.
+            straggler from the start when it is late against its stage's other ranks. A
+            rank on time in its first baseline steps that rose by this many noise units
+            within them, for good, is neither: its baseline ends where it rose, and it is
+            judged from there as any straggler.
         transient_steps: A straggler that ended within this many steps is a hiccup, not a
             finding; live, a young one is held back until it has surely lasted this long
             (``persist_steps`` more: an open one may have been on time in its last few).
