@@ -7,10 +7,10 @@ group's *transfer bandwidth*. Per group and step the bandwidth is the step's byt
 transfer time. A compute straggler leaves it alone (it only makes the others wait); a slow
 link, NIC or switch port lowers it for every group whose traffic crosses it.
 
-A group is *slow* when its bandwidth stays below ``1 / ratio`` of its usual (its median over
-its first ``baseline_steps`` steps, those before a lasting fall within them:
-:mod:`~ringwatch.analyzers._link_baseline`) for ``persist`` steps in a row; of several such runs the
-longest is the one reported (a slow link stays, a burst of load on the machine passes). The
+A group is *slow* when its bandwidth stays below ``1 / ratio`` of its usual (its median over its
+first ``baseline_steps`` steps, those before a lasting fall within them:
+:mod:`~ringwatch.analyzers._link_baseline`) for ``persist`` steps in a row; of several such runs
+the longest is the one reported (a slow link stays, a burst of load on the machine passes). The
 bar rises with the group's own noise: where its bandwidth varies from step to step by a robust
 spread ``s`` of its logarithm (Gloo's transfers are CPU work, and share a loaded host's cores),
 a step is slow below ``1 / exp(noise * s)`` of the usual too, so that a few steps of load are
@@ -20,11 +20,10 @@ hosts (traffic inside one host does not use it) and by no healthy one, so the su
 the hosts common to every slow multi-host group, less the hosts of the healthy multi-host
 groups. Suspects that tie (a slow host and its peer share every slow group) are told apart by
 their other groups: the faulty host's slow down too, if less than the ratio
-(:func:`narrow_by_other_groups`). With one world group (plain DDP) every host of the group
-stays a suspect: the finding says so and points at ``ringwatch probe``, whose pairwise matrix
-names the host or link. Jobs with
-several kinds of groups (tensor, pipeline and data parallel over different host sets) narrow it
-down by themselves.
+(:func:`narrow_by_other_groups`). With one world group (plain DDP) every host of the group stays
+a suspect: the finding says so and points at ``ringwatch probe``, whose pairwise matrix names
+the host or link. Jobs with several kinds of groups (tensor, pipeline and data parallel over
+different host sets) narrow it down by themselves.
 """
 
 from __future__ import annotations

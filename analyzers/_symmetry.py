@@ -34,13 +34,13 @@ def _imbalanced(scores: pl.DataFrame, *, baseline_steps: int, imbalance_noise: f
     """Ranks late in most of the job's first steps: ``rank``, ``host``, ``delay_ms``
     (median), ``late_share`` (steps where it waited least), ``first_step``, ``last_step``."""
     head = scores.filter(pl.col("step").rank("dense") <= baseline_steps)  # steps seen
-    if "in_baseline" in head.columns:  # a rank that rose within them is not late from the
-        rose = head.filter(~pl.col("in_baseline"))["rank"].unique().implode()  # first ones
-        head = head.filter(~pl.col("rank").is_in(rose))
     by = ["step", "island"] if "island" in head.columns else ["step"]
     least = head.filter(pl.col("wait_ms") == pl.col("wait_ms").min().over(by))
     share = least.group_by("rank").agg(pl.len().alias("_late"))
     n = head["step"].n_unique()
+    if "in_baseline" in head.columns:  # a rank that rose within them is not late from the
+        rose = head.filter(~pl.col("in_baseline"))["rank"].unique().implode()  # first ones
+        head = head.filter(~pl.col("rank").is_in(rose))
     per = head.group_by("rank").agg(
         pl.col("host").first(), pl.col("delay_ms").median(),
         pl.col("step").min().alias("first_step"), pl.col("step").max().alias("last_step"))
