@@ -24,9 +24,8 @@ import math
 
 import polars as pl
 
+from ringwatch.analyzers._shifts import MAD_SCALE, lasting_shifts
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
-
-MAD_SCALE = 1.4826  # the median absolute deviation's factor to a Gaussian's sigma
 
 
 def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps,
@@ -53,9 +52,11 @@ def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps
     # (a few percent of noise) are not fitted
     spans = (head.group_by("pg").agg((pl.col("_y").max() - pl.col("_y").min()).alias("_span"))
              .filter(pl.col("_span") >= math.log(ratio)))
-    falls = _lasting_falls(head.join(whole.select("pg", "_n"), on="pg")
-                           .join(spans.select("pg"), on="pg"),
-                           first=min_baseline_steps, persist=persist, ratio=ratio, noise=noise)
+    # a fall of the log bandwidth is a rise of its negation (analyzers/_shifts.py)
+    falls = lasting_shifts(
+        head.join(whole.select("pg", "_n"), on="pg").join(spans.select("pg"), on="pg")
+        .with_columns(-pl.col("_y")), key="pg", first=min_baseline_steps, persist=persist,
+        bar=pl.max_horizontal(pl.lit(math.log(ratio)), pl.col("_spread") * noise))
     if not falls.is_empty():
         before = (head.join(falls.select("pg", "_j"), on="pg")
                   .filter(pl.col("_i") < pl.col("_j"))
@@ -65,40 +66,6 @@ def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps
                  .with_columns(pl.coalesce("_usual", "usual_MBps").alias("usual_MBps"),
                                pl.coalesce("_spread", "spread_log").alias("spread_log")))
     return whole.select("pg", "usual_MBps", "spread_log").sort("pg")
-
-
-def _lasting_falls(head: pl.DataFrame, *, first: int, persist: int, ratio: float,
-                   noise: float) -> pl.DataFrame:
-    """``pg``, ``_j`` (the index of the first step of the fall) and ``_spread`` (the
-    residuals' spread) of the groups whose baseline steps fall for good (the module)."""
-    splits = (head.select("pg", pl.col("_n").cast(pl.Int64)).unique()
-              .with_columns(pl.int_ranges(first, pl.col("_n") - persist + 1).alias("_j"))
-              .explode("_j").drop_nulls("_j"))
-    if splits.is_empty():
-        return pl.DataFrame(schema={"pg": head.schema["pg"], "_j": pl.Int64,
-                                    "_spread": pl.Float64})
-    fit = (splits.drop("_n").join(head.select("pg", "_i", "_y"), on="pg")
-           .with_columns((pl.col("_i") >= pl.col("_j")).alias("_after")))
-    fit = fit.with_columns(pl.col("_y").median().over("pg", "_j", "_after").alias("_level"))
-    fit = fit.with_columns((pl.col("_y") - pl.col("_level")).abs().alias("_res"))
-    per = (fit.group_by("pg", "_j").agg(
-        pl.col("_res").sum().alias("_cost"),
-        (pl.col("_res").median() * MAD_SCALE).alias("_spread"),
-        pl.col("_level").filter(~pl.col("_after")).first().alias("_before"),
-        pl.col("_level").filter(pl.col("_after")).first().alias("_after"))
-        .sort("pg", "_cost", "_j").group_by("pg", maintain_order=True).first())
-    drop = pl.max_horizontal(pl.lit(math.log(ratio)), pl.col("_spread") * noise)
-    per = per.with_columns(drop.alias("_drop")).filter(
-        pl.col("_before") - pl.col("_after") >= pl.col("_drop"))
-    # healthy before it: at most one step there as slow as the fall's (a group that swings
-    # between two levels from the start has no "before")
-    slow_before = (head.select("pg", "_i", "_y").join(per, on="pg")
-                   .filter((pl.col("_i") < pl.col("_j"))
-                           & (pl.col("_y") <= pl.col("_before") - pl.col("_drop")))
-                   .group_by("pg").len())
-    return (per.join(slow_before, on="pg", how="left")
-            .filter(pl.col("len").fill_null(0) <= 1)
-            .select("pg", pl.col("_j").cast(pl.Int64), "_spread"))
 
 
 __all__ = ["usual_bandwidth"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from ringwatch.analyzers._shifts import lasting_shifts
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 
@@ -44,39 +45,18 @@ def lasting_rises(head: pl.DataFrame, *, floor_ms: float,
     ss, n = float(per["_ss"].sum()), int(per["_n"].sum())
     per = per.with_columns(
         ((ss - pl.col("_ss")) / (n - pl.col("_n")).cast(pl.Float64).clip(lower_bound=1.0))
-        .sqrt().clip(lower_bound=floor_ms).mul(rise_noise).alias("_bar"))
+        .sqrt().clip(lower_bound=floor_ms).mul(rise_noise).alias("_limit"))
     # a rise of the bar needs the steps to span it at least
-    per = per.filter(pl.col("_span") >= pl.col("_bar"))
+    per = per.filter(pl.col("_span") >= pl.col("_limit"))
     if per.is_empty():
         return empty
-    df = df.join(per.select("rank", pl.col("_n").cast(pl.Int64), "_bar"), on="rank")
-    df = df.with_columns((pl.col("step").rank("ordinal").over("rank") - 1).cast(pl.Int64)
-                         .alias("_i"))
-    splits = (df.select("rank", "_n").unique()
-              .with_columns(pl.int_ranges(min_baseline_steps, pl.col("_n") - persist + 1)
-                            .alias("_j")).explode("_j").drop_nulls("_j"))
-    if splits.is_empty():
-        return empty
-    fit = (splits.drop("_n").join(df.select("rank", "_i", "_x"), on="rank")
-           .with_columns((pl.col("_i") >= pl.col("_j")).alias("_after")))
-    fit = fit.with_columns(pl.col("_x").median().over("rank", "_j", "_after").alias("_level"))
-    best = (fit.group_by("rank", "_j").agg(
-        (pl.col("_x") - pl.col("_level")).abs().sum().alias("_cost"),
-        pl.col("_level").filter(~pl.col("_after")).first().alias("_before"),
-        pl.col("_level").filter(pl.col("_after")).first().alias("_after"))
-        .sort("rank", "_cost", "_j").group_by("rank", maintain_order=True).first()
-        .join(per.select("rank", "_bar"), on="rank"))
-    best = best.filter((pl.col("_after") - pl.col("_before") >= pl.col("_bar"))
-                       & (pl.col("_before") < pl.col("_bar")))
-    if best.is_empty():
-        return empty
-    late_before = (df.join(best.select("rank", "_j", "_before"), on="rank")
-                   .filter((pl.col("_i") < pl.col("_j"))
-                           & (pl.col("_x") >= pl.col("_before") + pl.col("_bar")))
-                   .group_by("rank").len())
-    best = (best.join(late_before, on="rank", how="left")
-            .filter(pl.col("len").fill_null(0) <= 1))
-    return (best.join(df.select("rank", "_i", "step"), left_on=["rank", "_j"],
+    df = df.join(per.select("rank", "_n"), on="rank").with_columns(
+        (pl.col("step").rank("ordinal").over("rank") - 1).cast(pl.Int64).alias("_i"),
+        pl.col("_x").alias("_y"))
+    rose = lasting_shifts(df, key="rank", first=min_baseline_steps, persist=persist,
+                          bar=pl.col("_limit"), per_key=per.select("rank", "_limit"))
+    rose = rose.filter(pl.col("_before") < pl.col("_bar"))  # on time before it
+    return (rose.join(df.select("rank", "_i", "step"), left_on=["rank", "_j"],
                       right_on=["rank", "_i"])
             .select("rank", pl.col("step").alias("rose_step")).sort("rank"))
 

@@ -1,0 +1,58 @@
+"""A lasting rise within a series' first steps: the two-level fit both baselines use.
+
+Each key's values (``_y``, in step order ``_i`` of ``_n``) are fitted with two levels, the
+first up to a split and the second from it to the last value, at the split that leaves the
+smallest sum of absolute residuals, with at least ``first`` values before the split and
+``persist`` from it. The key rose there when the second level is above the first by its bar
+and at most one value before the split is that high (a series that swings between two
+levels from its first values on has no "before"). Used by the links' baseline (on the
+negated log bandwidth: a fall) and the lateness detector's (on the delay).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+MAD_SCALE = 1.4826  # the median absolute deviation's factor to a Gaussian's sigma
+
+
+def lasting_shifts(df: pl.DataFrame, *, key: str, first: int, persist: int, bar: pl.Expr,
+                   per_key: pl.DataFrame | None = None) -> pl.DataFrame:
+    """``key``, ``_j`` (the index of the first value of the rise), ``_before``, ``_after``
+    (the two levels), ``_spread`` (the residuals' robust spread) and ``_bar`` of the keys of
+    ``df`` (``key``, ``_i``, ``_y``, ``_n``) that rose for good. ``bar`` is evaluated per key
+    on those columns and ``per_key``'s."""
+    splits = (df.select(key, pl.col("_n").cast(pl.Int64)).unique()
+              .with_columns(pl.int_ranges(first, pl.col("_n") - persist + 1).alias("_j"))
+              .explode("_j").drop_nulls("_j"))
+    empty = pl.DataFrame(schema={key: df.schema[key], "_j": pl.Int64, "_before": pl.Float64,
+                                 "_after": pl.Float64, "_spread": pl.Float64,
+                                 "_bar": pl.Float64})
+    if splits.is_empty():
+        return empty
+    fit = (splits.drop("_n").join(df.select(key, "_i", "_y"), on=key)
+           .with_columns((pl.col("_i") >= pl.col("_j")).alias("_late")))
+    fit = fit.with_columns(pl.col("_y").median().over(key, "_j", "_late").alias("_level"))
+    fit = fit.with_columns((pl.col("_y") - pl.col("_level")).abs().alias("_res"))
+    best = (fit.group_by(key, "_j").agg(
+        pl.col("_res").sum().alias("_cost"),
+        (pl.col("_res").median() * MAD_SCALE).alias("_spread"),
+        pl.col("_level").filter(~pl.col("_late")).first().alias("_before"),
+        pl.col("_level").filter(pl.col("_late")).first().alias("_after"))
+        .sort(key, "_cost", "_j").group_by(key, maintain_order=True).first())
+    if per_key is not None:
+        best = best.join(per_key, on=key)
+    best = best.with_columns(bar.cast(pl.Float64).alias("_bar")).filter(
+        pl.col("_after") - pl.col("_before") >= pl.col("_bar"))
+    if best.is_empty():
+        return empty
+    high_before = (df.select(key, "_i", "_y").join(best.select(key, "_j", "_before", "_bar"),
+                                                   on=key)
+                   .filter((pl.col("_i") < pl.col("_j"))
+                           & (pl.col("_y") >= pl.col("_before") + pl.col("_bar")))
+                   .group_by(key).len())
+    return (best.join(high_before, on=key, how="left").filter(pl.col("len").fill_null(0) <= 1)
+            .select(key, pl.col("_j").cast(pl.Int64), "_before", "_after", "_spread", "_bar"))
+
+
+__all__ = ["MAD_SCALE", "lasting_shifts"]
