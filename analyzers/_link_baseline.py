@@ -11,9 +11,11 @@ second from it to the last baseline step (a fall that lasts; a dip that recovers
 fits no second level below the first), at the split that leaves the smallest sum of absolute
 residuals. Where the second level is below the first by as much as makes a slow step (the
 ratio, and ``noise`` times the spread of the residuals about the two levels), with at least
-``min_baseline_steps`` before it and ``persist`` from it, and at most one step before it as
+``min_baseline_steps`` before it and ``persist`` from it, at most one step before it as
 slow (a group whose bandwidth swings between two levels from its first steps on has no
-healthy "before" to judge against), the usual is the median of the
+healthy "before" to judge against) and at most one step from it as fast as the fastest but
+one before it (a short run's transfers on a loaded machine's cores drift apart by as much,
+but stay mingled; a link gone bad slows every step after it), the usual is the median of the
 steps before the split and the noise that residual spread: the slow steps are then judged
 against the steps before them, as a fault after the baseline is.
 """
@@ -28,15 +30,17 @@ from ringwatch.analyzers._shifts import MAD_SCALE, lasting_shifts
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
 
-def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps,
+def usual_bandwidth(bw: pl.DataFrame, *, warmup_steps: int = 0,
+                    baseline_steps: int = _D.baseline_steps,
                     min_baseline_steps: int = _D.min_baseline_steps,
                     ratio: float = _D.link_ratio, noise: float = _D.link_noise,
                     persist: int = _D.link_persist_steps) -> pl.DataFrame:
     """``pg``, ``usual_MBps``, ``spread_log``: each group's median bandwidth over its first
-    ``baseline_steps`` steps (those before a lasting fall within them: see the module), and
-    how much it varies from step to step (the robust spread, 1.4826 times the median absolute
-    deviation, of the log bandwidth); groups with fewer than ``min_baseline_steps`` of them
-    are left out."""
+    ``baseline_steps`` steps after the job's ``warmup_steps`` (those before a lasting fall
+    within them: see the module), and how much it varies from step to step (the robust
+    spread, 1.4826 times the median absolute deviation, of the log bandwidth); groups with
+    fewer than ``min_baseline_steps`` of them are left out."""
+    bw = past_warmup(bw, warmup_steps)
     seen = pl.col("step").rank("dense").over("pg")  # steps seen, whatever their numbers
     head = (bw.filter(seen <= baseline_steps)
             .select("pg", "step", "MBps",
@@ -68,4 +72,13 @@ def usual_bandwidth(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps
     return whole.select("pg", "usual_MBps", "spread_log").sort("pg")
 
 
-__all__ = ["usual_bandwidth"]
+def past_warmup(bw: pl.DataFrame, warmup_steps: int) -> pl.DataFrame:
+    """The rows of ``bw`` after the job's first ``warmup_steps`` steps (seen, whatever their
+    numbers): a job's first steps compile, allocate and connect, and their transfers are
+    neither its usual nor a link's fault (the lateness detector leaves them out likewise)."""
+    if warmup_steps <= 0 or bw.is_empty():
+        return bw
+    return bw.filter(pl.col("step").rank("dense") > warmup_steps)
+
+
+__all__ = ["past_warmup", "usual_bandwidth"]

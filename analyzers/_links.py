@@ -4,7 +4,9 @@ At a blocking collective every member leaves about when the data has gone round,
 shortest duration among the members (the last arrival's, which did not wait) is the
 collective's *transfer time*, free of anyone's lateness; its size over that time is the
 group's *transfer bandwidth*. Per group and step the bandwidth is the step's bytes over its
-transfer time. A compute straggler leaves it alone (it only makes the others wait); a slow
+transfer time (of asynchronous collectives queued in the group's backend, each member's time
+after the earlier ones ended: :func:`own_ns`). The job's warm-up steps are neither baseline
+nor judged. A compute straggler leaves it alone (it only makes the others wait); a slow
 link, NIC or switch port lowers it for every group whose traffic crosses it.
 
 A group is *slow* when its bandwidth stays below ``1 / ratio`` of its usual (its median over its
@@ -34,7 +36,7 @@ import polars as pl
 
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
-from ringwatch.analyzers._link_baseline import usual_bandwidth
+from ringwatch.analyzers._link_baseline import past_warmup, usual_bandwidth
 from ringwatch.analyzers._p2p_links import (
     MIN_LINK_BYTES,
     compute_p2p_bandwidth,
@@ -49,6 +51,7 @@ from ringwatch.analyzers._steps import (
     _slices,
 )
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
+from ringwatch.analyzers._timing import HOST_TIMED, host_timed
 
 
 def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
@@ -62,29 +65,31 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
     Returns:
         Columns ``pg``, ``pg_ranks``, ``hosts`` (the group's hosts, sorted, comma-joined),
         ``step``, ``collectives``, ``bytes`` (sum of the collectives' sizes), ``transfer_ns``
-        (sum of their transfer times: the shortest member duration of each) and ``MBps``
+        (sum of their transfer times: the shortest member time of each, that member's time
+        the group's earlier collectives did not already hold: :func:`own_ns`) and ``MBps``
         (``bytes / transfer_ns`` in MB/s); sorted by pg then step.
     """
     # Only the columns used: every filter of the full-width frame copies all of them. A
     # whole log goes by slices of steps (figures per (pg, step); each collective's transfer
     # time and member count from all the rows: _collective_stats).
     cols = ["pg", "seq", "is_p2p", "pg_size", "pg_ranks", "group_rank", "host", "step",
-            "status", "nbytes", "duration_ns"]
+            "status", "nbytes", "duration_ns", "rank", "mono_start_ns",
+            *([HOST_TIMED] if HOST_TIMED in events.columns else [])]
     keep = ((pl.col("status") == "ok") & pl.col("step").is_not_null()
             & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") >= MIN_LINK_BYTES))
-    xfer = pl.col("duration_ns").min().alias("_xfer")
+    xfer = pl.col("_own").min().alias("_xfer")
     # a collective whose members move different sizes (all-to-all with uneven splits, MoE
     # routing) has no one bandwidth: its time follows the busiest member's share
     even = (pl.col("nbytes").max() == pl.col("nbytes").min()).alias("_even")
-    slices = _slices(events, "step", SLICE_ROWS)
+    rows = own_ns(events.select(c for c in cols if c in events.columns)
+                  .filter(keep & COLLECTIVE))
+    slices = _slices(rows, "step", SLICE_ROWS)
     if slices is None:
-        parts = [_bandwidth_parts(_complete_collectives(
-            events.select(cols).filter(keep), xfer, even))]
+        parts = [_bandwidth_parts(_complete_collectives(rows, xfer, even))]
     else:
-        stats = _collective_stats(events.select(cols), keep, xfer, even)
+        stats = _collective_stats(rows, pl.lit(True), xfer, even)
         parts = [_bandwidth_parts(_complete_in_slice(
-            events.select(cols).filter(keep & COLLECTIVE & pl.col("step").is_between(lo, hi)),
-            stats, (lo, hi)))
+            rows.filter(pl.col("step").is_between(lo, hi)), stats, (lo, hi)))
             for lo, hi in slices]
     # Every member recorded each of these collectives, so a group's hosts are the same for
     # all of them: once per group, not a string per row.
@@ -95,6 +100,32 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
         (pl.col("bytes") / pl.col("transfer_ns").clip(lower_bound=1) * 1e3).alias("MBps"),
     ).select("pg", "pg_ranks", "hosts", "step", "collectives", "bytes", "transfer_ns",
              "MBps").sort("pg", "step")
+
+
+def own_ns(rows: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` (collectives: ``pg``, ``rank``, ``mono_start_ns``, ``duration_ns``) with
+    ``_own``: each one's time that the group's earlier collectives on that rank did not
+    already hold. Asynchronous collectives of a group (a DDP job's gradient buckets, issued
+    within a few ms of one another) queue behind each other in its backend: the fifth one's
+    duration holds the four before it, so summed durations count a transfer up to as many
+    times as the ops waiting behind it, by how far the queue backed up (on a loaded host,
+    three times and more, coming and going with the load). A collective's own time is the
+    part of its interval after the latest end among its rank's earlier ones in the group,
+    so a step's own times add up to the time its collectives held the group. A duration
+    not timed on the host (a device's: kernels of one stream run one after another) is its
+    own time, as is any without a start."""
+    if rows.is_empty() or "mono_start_ns" not in rows.columns or "rank" not in rows.columns:
+        return rows.with_columns(pl.col("duration_ns").alias("_own"))
+    host = host_timed(rows) & pl.col("mono_start_ns").is_not_null()
+    df = rows.sort("pg", "rank", "mono_start_ns", nulls_last=True)
+    end = pl.when(host).then(pl.col("mono_start_ns") + pl.col("duration_ns"))
+    same = (pl.col("pg") == pl.col("pg").shift(1)) & (pl.col("rank") == pl.col("rank").shift(1))
+    # the latest end among the earlier ones: a running maximum over the sorted frame, one
+    # row back (one window and a shift, as for the time outside collectives)
+    held = pl.when(same).then(end.cum_max().forward_fill().over("pg", "rank").shift(1))
+    overlap = (held - pl.col("mono_start_ns")).clip(lower_bound=0).fill_null(0)
+    own = pl.when(host).then((pl.col("duration_ns") - overlap).clip(lower_bound=0))
+    return df.with_columns(own.otherwise(pl.col("duration_ns")).alias("_own"))
 
 
 def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -108,7 +139,8 @@ def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return per, df.select("pg", "host").unique()
 
 
-def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps,
+def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps,
+                        baseline_steps: int = _D.baseline_steps,
                         min_baseline_steps: int = _D.min_baseline_steps,
                         ratio: float = _D.link_ratio,
                         persist: int = _D.link_persist_steps,
@@ -118,7 +150,11 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_s
 
     Args:
         bw: Output of :func:`compute_group_bandwidth`.
-        baseline_steps: The group's first steps that give its usual bandwidth.
+        warmup_steps: The job's first steps (seen), left out where ``usual`` is None (``bw``
+            then holds the job from its first step); a caller that passes ``usual`` passes
+            the steps to judge.
+        baseline_steps: The group's first steps after the warm-up that give its usual
+            bandwidth.
         min_baseline_steps: Steps a group needs before it can be judged.
         ratio: A step is slow below ``usual / ratio`` ...
         noise: ... and below ``usual / exp(noise * spread_log)``: a group whose bandwidth
@@ -136,6 +172,7 @@ def compute_slow_groups(bw: pl.DataFrame, *, baseline_steps: int = _D.baseline_s
         it became a finding), ``slow_MBps`` (median over the run) and ``steps``.
     """
     if usual is None:
+        bw = past_warmup(bw, warmup_steps)
         usual = usual_bandwidth(bw, baseline_steps=baseline_steps,
                                 min_baseline_steps=min_baseline_steps, ratio=ratio,
                                 noise=noise, persist=persist)
@@ -260,7 +297,8 @@ def narrow_by_other_groups(hosts: list[str], used: list, groups: pl.DataFrame,
     return top, why
 
 
-def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline_steps,
+def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps,
+                      baseline_steps: int = _D.baseline_steps,
                       min_baseline_steps: int = _D.min_baseline_steps,
                       ratio: float = _D.link_ratio,
                       persist: int = _D.link_persist_steps, noise: float = _D.link_noise,
@@ -270,8 +308,8 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
 
     Args:
         events: Rows of one job (a whole log or an online window).
-        baseline_steps, min_baseline_steps, ratio, persist, noise, usual: See
-            :func:`compute_slow_groups`.
+        warmup_steps, baseline_steps, min_baseline_steps, ratio, persist, noise, usual:
+            See :func:`compute_slow_groups`.
         recv: The job's send/recv as a :func:`~ringwatch.analyzers._p2p_links.receive_table`
             (the service's, from the agents' sums); None reads it from ``events``.
 
@@ -290,7 +328,7 @@ def detect_slow_links(events: pl.DataFrame, *, baseline_steps: int = _D.baseline
                    how="vertical_relaxed")
     if bw.is_empty():
         return ()
-    groups = compute_slow_groups(bw, baseline_steps=baseline_steps,
+    groups = compute_slow_groups(bw, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
                                  min_baseline_steps=min_baseline_steps, ratio=ratio,
                                  persist=persist, noise=noise, usual=usual)
     slow = groups.filter(pl.col("slow") & pl.col("hosts").str.contains(","))

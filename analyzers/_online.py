@@ -372,21 +372,23 @@ class OnlineWindow:
                            silent_s=th.silent_s)
         if self.baseline_until is None:
             return out  # not enough steps yet for a usual, nor to call anything structural
+        # the warm-up is left out as post-mortem (a first window still holds it)
+        after = (self.first_step or 0) + self.warmup_steps
+        judged = ev.filter(pl.col("step").is_null() | (pl.col("step") >= after))
         if self.pipeline and self.work is not None and not self.work.is_empty():
             # lateness at collectives would blame a slow stage's neighbours, blocked in
             # their receives: the ranks' unblocked time, against their stage's
             stragglers = self._work_findings(th)
         else:
-            # the warm-up is left out as post-mortem (a first window still holds it)
-            judged = ev.filter(pl.col("step").is_null() | (
-                pl.col("step") >= (self.first_step or 0) + self.warmup_steps))
             stragglers = self._episodes(detect_stragglers(
                 judged, **th.straggler_args(), usual=self.usual_delay,
                 noise_ms=self.noise_ms, imbalance=False,
                 drift_from_step=(self.drift_step or self.baseline_until) + 1,
                 ongoing={r: e[:2] for r, e in self.episodes.items()})) + self.imbalance
-        links = detect_slow_links(ev, **th.link_args(), usual=self.usual_bw,
-                                  recv=self._window_recv())
+        recv = self._window_recv()
+        links = detect_slow_links(
+            judged.filter(pl.col("step").is_not_null()), **th.link_args(), usual=self.usual_bw,
+            recv=None if recv is None else recv.filter(pl.col("step") >= after))
         return out + explain_by_links(stragglers, links)
 
     def _episodes(self, found: tuple[Finding, ...]) -> tuple[Finding, ...]:

@@ -13,8 +13,9 @@ the smallest sum of absolute residuals. A rank rose there when, with at least
 ``min_baseline_steps`` before the split and ``persist`` from it, the second level is above
 the first by ``rise_noise`` noise units (the pooled noise of the other ranks, at least the
 floor: a rank's own rise must not widen the bar it is held to), the first level is on time
-(under that bar: a rank late from the start that grew later is late from the start), and at
-most one step before the split is as late as the second level's bar. Its baseline is then
+(under that bar: a rank late from the start that grew later is late from the start), at
+most one step before the split is as late as the second level's bar, and at most one from it
+is as early as the latest but one before it (a rise parts the steps). Its baseline is then
 the steps before the split.
 """
 

@@ -3,10 +3,14 @@
 Each key's values (``_y``, in step order ``_i`` of ``_n``) are fitted with two levels, the
 first up to a split and the second from it to the last value, at the split that leaves the
 smallest sum of absolute residuals, with at least ``first`` values before the split and
-``persist`` from it. The key rose there when the second level is above the first by its bar
-and at most one value before the split is that high (a series that swings between two
-levels from its first values on has no "before"). Used by the links' baseline (on the
-negated log bandwidth: a fall) and the lateness detector's (on the delay).
+``persist`` from it. The key rose there when the second level is above the first by its bar,
+at most one value before the split is that high (a series that swings between two
+levels from its first values on has no "before"), and the rise parts the values: at most
+one from the split on is at or below the highest but one before it. A fault lifts every
+value after its onset above those before it; a machine's load that comes and goes shifts a
+noisy series' two halves apart about as far by the split picked for it, but leaves them
+mingled. Used by the links' baseline (on the negated log bandwidth: a fall) and the lateness
+detector's (on the delay).
 """
 
 from __future__ import annotations
@@ -46,12 +50,18 @@ def lasting_shifts(df: pl.DataFrame, *, key: str, first: int, persist: int, bar:
         pl.col("_after") - pl.col("_before") >= pl.col("_bar"))
     if best.is_empty():
         return empty
-    high_before = (df.select(key, "_i", "_y").join(best.select(key, "_j", "_before", "_bar"),
-                                                   on=key)
-                   .filter((pl.col("_i") < pl.col("_j"))
-                           & (pl.col("_y") >= pl.col("_before") + pl.col("_bar")))
-                   .group_by(key).len())
-    return (best.join(high_before, on=key, how="left").filter(pl.col("len").fill_null(0) <= 1)
+    at = df.select(key, "_i", "_y").join(best.select(key, "_j", "_before", "_bar"), on=key)
+    before = at.filter(pl.col("_i") < pl.col("_j"))
+    high_before = (before.filter(pl.col("_y") >= pl.col("_before") + pl.col("_bar"))
+                   .group_by(key).len().rename({"len": "_high"}))
+    # the highest value before the split but one (one may be a burst, as above)
+    top = before.group_by(key).agg(pl.col("_y").sort(descending=True).get(1, null_on_oob=True)
+                                   .alias("_top"))
+    low_after = (at.join(top, on=key).filter((pl.col("_i") >= pl.col("_j"))
+                                              & (pl.col("_y") <= pl.col("_top")))
+                 .group_by(key).len().rename({"len": "_low"}))
+    return (best.join(high_before, on=key, how="left").join(low_after, on=key, how="left")
+            .filter((pl.col("_high").fill_null(0) <= 1) & (pl.col("_low").fill_null(0) <= 1))
             .select(key, pl.col("_j").cast(pl.Int64), "_before", "_after", "_spread", "_bar"))
 
 

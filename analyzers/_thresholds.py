@@ -91,9 +91,10 @@ class Thresholds:
     Slow links:
         link_ratio: A group whose bandwidth fell below its usual by this factor is slow.
             Its usual is the median of its baseline steps, or of those before a fall within
-            them that lasts to their end and is itself slow by this ratio and ``link_noise``
-            (a link that goes bad a few steps into a job is judged against the steps before
-            it, not absorbed by them).
+            them that lasts to their end, is itself slow by this ratio and ``link_noise``,
+            and parts the steps (all but one after it slower than all but one before it: a
+            link that goes bad a few steps into a job is judged against the steps before it,
+            not absorbed by them).
         link_persist_steps: Slow steps in a row that make a slow link.
         link_noise: ... and, where the group's bandwidth varies more than that from step to
             step, below its usual by this many of its own noise units (the robust spread of
@@ -268,7 +269,7 @@ class Thresholds:
 
     def link_args(self) -> dict:
         """Keyword arguments of :func:`~ringwatch.analyzers._links.detect_slow_links`."""
-        return {"baseline_steps": self.baseline_steps,
+        return {"warmup_steps": self.warmup_steps, "baseline_steps": self.baseline_steps,
                 "min_baseline_steps": self.min_baseline_steps, "ratio": self.link_ratio,
                 "persist": self.link_persist_steps, "noise": self.link_noise}
 
