@@ -1,8 +1,8 @@
 """The policy after the detectors: what of their findings is shown.
 
 * A straggler that ended within a few steps while the job went on is a hiccup, not a finding
-  (:func:`split_hiccups`); live, one still too young to tell is held back
-  (:func:`split_undecided`).
+  (:func:`split_hiccups`); live, one still too young to tell is held back, and so is a slow
+  link on send/recv alone, which a late sender looks like (:func:`split_undecided`).
 * A straggler or a slow link whose what-if gain is under a share of the job's step is the job's
   noise (:func:`significant`).
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import polars as pl
 
 from ringwatch.analyzers._findings import Finding
+from ringwatch.analyzers._links import _p2p_only
 from ringwatch.analyzers._stragglers import HICCUP_CLASS
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
@@ -46,12 +47,19 @@ def split_undecided(findings: tuple, *, newest_step: int | None,
     (``persist_steps + 1`` on-time steps in a row end it), so its lateness has lasted at least
     ``newest_step - persist_steps - since_step + 1`` steps: once that reaches
     ``transient_steps`` it is no hiccup. Holding back exactly what the post-mortem pass may
-    still call a hiccup keeps the live findings and the post-mortem ones the same."""
+    still call a hiccup keeps the live findings and the post-mortem ones the same.
+
+    A slow link that rests on send/recv alone is held back as long: a late sender's
+    receivers wait for it as for a slow link, and such a link is folded into a straggler
+    among its ranks (:func:`~ringwatch.analyzers._links.explain_by_links`). Four slow steps
+    make the link, while the straggler behind it is shown only once it is no hiccup: shown
+    at once, the link would stand for the straggler's first steps."""
     if data_ended or newest_step is None:
         return tuple(findings), ()
 
     def young(f: Finding) -> bool:
-        return (f.kind == "straggler" and f.until_step is None and f.since_step is not None
+        waits = f.kind == "straggler" or _p2p_only(f)
+        return (waits and f.until_step is None and f.since_step is not None
                 and newest_step - persist_steps - f.since_step + 1 < transient_steps)
 
     return (tuple(f for f in findings if not young(f)),
