@@ -117,15 +117,17 @@ def own_ns(rows: pl.DataFrame) -> pl.DataFrame:
     if rows.is_empty() or "mono_start_ns" not in rows.columns or "rank" not in rows.columns:
         return rows.with_columns(pl.col("duration_ns").alias("_own"))
     host = host_timed(rows) & pl.col("mono_start_ns").is_not_null()
-    df = rows.sort("pg", "rank", "mono_start_ns", nulls_last=True)
-    end = pl.when(host).then(pl.col("mono_start_ns") + pl.col("duration_ns"))
-    same = (pl.col("pg") == pl.col("pg").shift(1)) & (pl.col("rank") == pl.col("rank").shift(1))
-    # the latest end among the earlier ones: a running maximum over the sorted frame, one
-    # row back (one window and a shift, as for the time outside collectives)
-    held = pl.when(same).then(end.cum_max().forward_fill().over("pg", "rank").shift(1))
-    overlap = (held - pl.col("mono_start_ns")).clip(lower_bound=0).fill_null(0)
+    # each (group, rank)'s rows in the order they started: a log's rows are in each rank's
+    # order already (a sort of the frame cost twice the rest), others are sorted first
+    start = pl.col("mono_start_ns")
+    if rows.select((start.diff().over("pg", "rank") < 0).any()).item():
+        rows = rows.sort("pg", "rank", "mono_start_ns", nulls_last=True)
+    end = pl.when(host).then(start + pl.col("duration_ns"))
+    # the latest end among the earlier ones: a running maximum, one row back
+    held = end.cum_max().forward_fill().shift(1).over("pg", "rank")
+    overlap = (held - start).clip(lower_bound=0).fill_null(0)
     own = pl.when(host).then((pl.col("duration_ns") - overlap).clip(lower_bound=0))
-    return df.with_columns(own.otherwise(pl.col("duration_ns")).alias("_own"))
+    return rows.with_columns(own.otherwise(pl.col("duration_ns")).alias("_own"))
 
 
 def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

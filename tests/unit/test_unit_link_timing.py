@@ -43,6 +43,9 @@ def test_queued_buckets_count_their_transfers_once():
         compute_group_bandwidth(alone).row(0, named=True)
     assert q["transfer_ns"] == a["transfer_ns"] == 40 * MS
     assert q["MBps"] == pytest.approx(4 * MB / (40 * MS) * 1e3)
+    # rows in any order (a converted trace, not a rank's log): the same
+    shuffled = queued.sample(fraction=1.0, shuffle=True, seed=3)
+    assert compute_group_bandwidth(shuffled)["transfer_ns"][0] == 40 * MS
 
 
 def test_a_device_duration_is_its_own_time():
