@@ -13,13 +13,12 @@ bandwidth of each are printed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import polars as pl
+from _against import load_revision
 
 from ringwatch.analyzers import _links
 from ringwatch.analyzers._timing import with_analysis_durations
@@ -41,11 +40,7 @@ def main(argv=None) -> int:
         (pl.col("pg").cast(pl.Utf8) + f"-{i}").alias("pg")) for i in range(args.copies)]))
     arms = [("current", _links)]
     if args.against:
-        spec = importlib.util.spec_from_file_location("other_links", args.against)
-        other = importlib.util.module_from_spec(spec)
-        sys.modules["other_links"] = other
-        spec.loader.exec_module(other)
-        arms.append(("against", other))
+        arms.append(("against", load_revision(args.against, "other_links")))
     print(f"{args.run} x {args.copies}: {ev.height:,} rows")
     took: dict[str, list[float]] = {name: [] for name, _ in arms}
     mbps: dict[str, float] = {}

@@ -12,13 +12,12 @@ and the sums of both are printed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import resource
-import sys
 import time
 from pathlib import Path
 
 import polars as pl
+from _against import load_revision
 
 from ringwatch.analyzers import _work
 from ringwatch.analyzers._timing import with_analysis_durations
@@ -39,11 +38,7 @@ def main(argv=None) -> int:
         [base.with_columns(pl.col("rank") + ranks * i) for i in range(args.copies)]))
     arms = [("current", _work)]
     if args.against:
-        spec = importlib.util.spec_from_file_location("other_work", args.against)
-        other = importlib.util.module_from_spec(spec)
-        sys.modules["other_work"] = other  # its dataclasses look their module up
-        spec.loader.exec_module(other)
-        arms.append(("against", other))
+        arms.append(("against", load_revision(args.against, "other_work")))
     print(f"{args.run} x {args.copies}: {ev.height:,} rows")
     for _ in range(args.repeat):
         for name, mod in arms:
