@@ -50,19 +50,18 @@ def lasting_shifts(df: pl.DataFrame, *, key: str, first: int, persist: int, bar:
         pl.col("_after") - pl.col("_before") >= pl.col("_bar"))
     if best.is_empty():
         return empty
-    at = df.select(key, "_i", "_y").join(best.select(key, "_j", "_before", "_bar"), on=key)
-    before = at.filter(pl.col("_i") < pl.col("_j"))
-    high_before = (before.filter(pl.col("_y") >= pl.col("_before") + pl.col("_bar"))
-                   .group_by(key).len().rename({"len": "_high"}))
-    # the highest value before the split but one (one may be a burst, as above)
-    top = before.group_by(key).agg(pl.col("_y").sort(descending=True).get(1, null_on_oob=True)
-                                   .alias("_top"))
-    low_after = (at.join(top, on=key).filter((pl.col("_i") >= pl.col("_j"))
-                                              & (pl.col("_y") <= pl.col("_top")))
-                 .group_by(key).len().rename({"len": "_low"}))
-    return (best.join(high_before, on=key, how="left").join(low_after, on=key, how="left")
-            .filter((pl.col("_high").fill_null(0) <= 1) & (pl.col("_low").fill_null(0) <= 1))
+    # per key, the values before the split as high as the rise (at most one: a burst), and
+    # those from it at or below the highest before it but one (at most one: the rise parts
+    # them)
+    y, late = pl.col("_y"), pl.col("_i") >= pl.col("_j")
+    top = y.filter(~late).sort(descending=True).get(1, null_on_oob=True)
+    counts = (df.select(key, "_i", "_y").join(best.select(key, "_j", "_before", "_bar"), on=key)
+              .group_by(key).agg(
+                  (y.filter(~late) >= pl.col("_before").first() + pl.col("_bar").first())
+                  .sum().alias("_high"),
+                  (y.filter(late) <= top).sum().alias("_low")))
+    return (best.join(counts, on=key)
+            .filter((pl.col("_high") <= 1) & (pl.col("_low") <= 1))
             .select(key, pl.col("_j").cast(pl.Int64), "_before", "_after", "_spread", "_bar"))
-
 
 __all__ = ["MAD_SCALE", "lasting_shifts"]
