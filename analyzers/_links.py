@@ -37,6 +37,7 @@ import polars as pl
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._link_baseline import past_warmup, usual_bandwidth
+from ringwatch.analyzers._link_episodes import TRANSIENT_LINK_CLASS, slow_episodes
 from ringwatch.analyzers._p2p_links import (
     MIN_LINK_BYTES,
     compute_p2p_bandwidth,
@@ -147,8 +148,10 @@ def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps
                         ratio: float = _D.link_ratio,
                         persist: int = _D.link_persist_steps,
                         noise: float = _D.link_noise,
+                        transient_steps: int = _D.transient_steps,
                         usual: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Per group: its usual bandwidth, and its longest run of ``persist`` or more slow steps.
+    """Per group: its usual bandwidth, and its episode of slow steps
+    (:func:`~ringwatch.analyzers._link_episodes.slow_episodes`).
 
     Args:
         bw: Output of :func:`compute_group_bandwidth`.
@@ -162,7 +165,9 @@ def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps
         noise: ... and below ``usual / exp(noise * spread_log)``: a group whose bandwidth
             varies much from step to step (transfers that share a loaded machine's cores)
             must fall by more than its own noise.
-        persist: Slow steps in a row that make the group slow.
+        persist: Slow steps in a row that make the group slow (and steps not slow in a row
+            that end its episode).
+        transient_steps: An episode that ended within this many steps is transient.
         usual: ``pg``, ``usual_MBps`` and, optionally, ``spread_log`` (0 where missing):
             each group's usual bandwidth when known from earlier data (an online window
             passes what the job's first steps gave).
@@ -170,8 +175,10 @@ def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps
     Returns:
         Columns ``pg``, ``pg_ranks``, ``hosts``, ``usual_MBps``, ``slow_below`` (the factor
         below the usual that makes a step slow), ``slow`` (bool),
-        ``since_step`` / ``detected_step`` (the run's first step and its ``persist``-th: when
-        it became a finding), ``slow_MBps`` (median over the run) and ``steps``.
+        ``since_step`` / ``detected_step`` (the episode's first step and its ``persist``-th:
+        when it became a finding), ``until_step`` (its last slow step, where it ended;
+        null: still on), ``transient`` (it ended within ``transient_steps``), ``slow_MBps``
+        (median over the episode) and ``steps``.
     """
     if usual is None:
         bw = past_warmup(bw, warmup_steps)
@@ -186,25 +193,16 @@ def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps
         usual.select("pg", "usual_MBps", below.alias("slow_below")), on="pg", how="inner")
     df = df.with_columns((pl.col("MBps") * pl.col("slow_below") < pl.col("usual_MBps"))
                          .alias("_slow"))
-    # Runs of slow steps: a new segment starts at every step that is not slow.
-    df = df.with_columns((~pl.col("_slow")).cast(pl.Int32).cum_sum().over("pg").alias("_seg"))
-    # Each group's longest run of slow steps (the latest among equals), if ``persist`` long:
-    # a slow link stays, a burst of load on the machine passes.
-    runs = (df.filter(pl.col("_slow")).group_by("pg", "_seg")
-            .agg(pl.col("step").min().alias("since_step"), pl.len().alias("_len"),
-                 pl.col("step").sort().get(persist - 1, null_on_oob=True)
-                 .alias("detected_step"), pl.col("MBps").median().alias("slow_MBps"))
-            .filter(pl.col("_len") >= persist)
-            .sort("pg", "_len", "since_step", descending=[False, True, True])
-            .group_by("pg", maintain_order=True).first())
+    eps = slow_episodes(df, persist=persist, transient_steps=transient_steps)
     out = df.group_by("pg").agg(pl.col("pg_ranks").first(), pl.col("hosts").first(),
                                 pl.col("usual_MBps").first(), pl.col("slow_below").first(),
                                 pl.len().alias("steps"))
-    out = out.join(runs.select("pg", "since_step", "detected_step", "slow_MBps"), on="pg",
-                   how="left").with_columns(pl.col("detected_step").is_not_null().alias("slow"))
+    out = out.join(eps, on="pg", how="left").with_columns(
+        pl.col("detected_step").is_not_null().alias("slow"),
+        pl.col("transient").fill_null(False))
     return out.select("pg", "pg_ranks", "hosts", "usual_MBps", "slow_below", "slow",
-                      "since_step",
-                      "detected_step", "slow_MBps", "steps").sort("pg")
+                      "since_step", "detected_step", "until_step", "transient", "slow_MBps",
+                      "steps").sort("pg")
 
 
 def suspect_hosts(groups: pl.DataFrame, *,
@@ -304,14 +302,15 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       min_baseline_steps: int = _D.min_baseline_steps,
                       ratio: float = _D.link_ratio,
                       persist: int = _D.link_persist_steps, noise: float = _D.link_noise,
+                      transient_steps: int = _D.transient_steps,
                       usual: pl.DataFrame | None = None,
                       recv: pl.DataFrame | None = None) -> tuple[Finding, ...]:
     """Slow communication: groups whose transfer bandwidth dropped, and the suspect hosts.
 
     Args:
         events: Rows of one job (a whole log or an online window).
-        warmup_steps, baseline_steps, min_baseline_steps, ratio, persist, noise, usual:
-            See :func:`compute_slow_groups`.
+        warmup_steps, baseline_steps, min_baseline_steps, ratio, persist, noise,
+        transient_steps, usual: See :func:`compute_slow_groups`.
         recv: The job's send/recv as a :func:`~ringwatch.analyzers._p2p_links.receive_table`
             (the service's, from the agents' sums); None reads it from ``events``.
 
@@ -322,7 +321,10 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         members; ``pg`` the first slow collective group (a ``p2p`` direction only where
         none is); ``since_step`` / ``detected_step`` the earliest among the slow groups;
         ``gain_s_per_step`` the transfer time per step the slow groups lost against their
-        usual bandwidth.
+        usual bandwidth; ``until_step`` the latest end where every slow group recovered.
+        Where every slow group recovered within ``transient_steps`` (and the job went on),
+        the finding is a hiccup instead: class ``transient slow link``
+        (:mod:`~ringwatch.analyzers._link_episodes`).
     """
     # collectives' groups, and send/recv between hosts (a pipeline's stages on other hosts)
     bw = pl.concat([compute_group_bandwidth(events).with_columns(pl.col("pg").cast(pl.Utf8)),
@@ -332,10 +334,22 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         return ()
     groups = compute_slow_groups(bw, warmup_steps=warmup_steps, baseline_steps=baseline_steps,
                                  min_baseline_steps=min_baseline_steps, ratio=ratio,
-                                 persist=persist, noise=noise, usual=usual)
+                                 persist=persist, noise=noise, transient_steps=transient_steps,
+                                 usual=usual)
+    lasting = _finding(groups.with_columns(pl.col("slow") & ~pl.col("transient")), bw, ratio)
+    if lasting is not None:
+        return (lasting,)
+    # none lasting: the transient ones, as one hiccup (each group's longest)
+    transient = _finding(groups, bw, ratio)
+    return () if transient is None else (transient,)
+
+
+def _finding(groups: pl.DataFrame, bw: pl.DataFrame, ratio: float) -> Finding | None:
+    """The finding of ``groups``' slow ones that cross hosts, if any: a transient one
+    (:data:`TRANSIENT_LINK_CLASS`) where they all are."""
     slow = groups.filter(pl.col("slow") & pl.col("hosts").str.contains(","))
     if slow.is_empty():
-        return ()
+        return None
     hosts, how, used = suspect_hosts(groups)
     slow = slow.filter(pl.col("pg").is_in(used))
     ranks = sorted({r for pr in slow["pg_ranks"].to_list() for r in parse_ranks(pr)})
@@ -352,15 +366,19 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
     lost_ns = 0.0
     evidence = []
     for g in slow.sort("since_step").iter_rows(named=True):
-        after = bw.filter((pl.col("pg") == g["pg"]) & (pl.col("step") >= g["since_step"]))
+        within = (pl.col("pg") == g["pg"]) & (pl.col("step") >= g["since_step"])
+        if g["until_step"] is not None:
+            within &= pl.col("step") <= g["until_step"]
+        after = bw.filter(within)
         xfer = float(after["transfer_ns"].median())
         lost_ns += xfer * (1 - g["slow_MBps"] / g["usual_MBps"])
         what = (f"send/recv {g['pg'][4:].replace('>', ' -> ')} (ranks {g['pg_ranks']}, its "
                 "fastest receive each step)" if g["pg"].startswith("p2p ") else
                 f"pg {g['pg']} (ranks {g['pg_ranks']}, hosts {g['hosts']})")
+        when = (f"from step {g['since_step']}" if g["until_step"] is None else
+                f"in steps {g['since_step']}-{g['until_step']}, then as usual")
         evidence.append(
-            f"{what}: transfers at "
-            f"{g['slow_MBps']:.2f} MB/s from step {g['since_step']}, usually "
+            f"{what}: transfers at {g['slow_MBps']:.2f} MB/s {when}, usually "
             f"{g['usual_MBps']:.2f} MB/s ({g['usual_MBps'] / g['slow_MBps']:.1f}x slower"
             + (f"; its steps vary so much that only {g['slow_below']:.1f}x counts"
                if g["slow_below"] > ratio else "") + ")")
@@ -375,11 +393,14 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
     # several suspects: half as sure; one named by its other groups only: three quarters
     surety = 1.0 if len(hosts) == 1 and tie_broken is None else (
         0.75 if tie_broken is not None else 0.5)
-    return (Finding(
-        kind="slow_link", cls="slow communication", ranks=tuple(ranks), hosts=tuple(hosts),
+    ends = slow["until_step"]
+    return Finding(
+        kind="slow_link", cls=TRANSIENT_LINK_CLASS if slow["transient"].all()
+        else "slow communication", ranks=tuple(ranks), hosts=tuple(hosts),
         pg=named["pg"], confidence=min(1.0, (worst - 1) / ratio) * surety,
         since_step=first["since_step"], detected_step=first["detected_step"],
-        gain_s_per_step=lost_ns / 1e9, evidence=tuple(evidence)),)
+        until_step=None if ends.null_count() else int(ends.max()),
+        gain_s_per_step=lost_ns / 1e9, evidence=tuple(evidence))
 
 
 def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...],
@@ -394,7 +415,8 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
     busy inside a collective, it holds every member's transfer up): it is folded into the
     straggler. So is one that rests on send/recv alone (:func:`compute_p2p_bandwidth`),
     whatever its suspects, where the straggler is one of its ranks: a late sender's receivers
-    wait for it as for a slow link; and no straggler is folded into such a one.
+    wait for it as for a slow link; and no straggler is folded into such a one, nor into a
+    transient one (a hiccup: :mod:`~ringwatch.analyzers._link_episodes`).
     """
     from dataclasses import replace
 
@@ -404,7 +426,7 @@ def explain_by_links(stragglers: tuple[Finding, ...], links: tuple[Finding, ...]
         hit = None
         for i, f in enumerate(out_links):
             if (len(f.hosts) == 1 and s.hosts == f.hosts and s.since_step is not None
-                    and not _p2p_only(f)
+                    and not _p2p_only(f) and f.cls != TRANSIENT_LINK_CLASS
                     and f.since_step is not None
                     and abs(s.since_step - f.since_step) <= around_steps):
                 hit = i

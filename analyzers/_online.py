@@ -214,7 +214,7 @@ class OnlineWindow:
         if self.recv.group_by("rank").agg(pl.col("step").max())["step"].min() <= until:
             return
         head = self.recv.filter(pl.col("step").is_between(self.first_step or 0, until))
-        usual = usual_bandwidth(p2p_bandwidth(head), **self._th().link_args())
+        usual = usual_bandwidth(p2p_bandwidth(head), **self._th().link_baseline_args())
         self.usual_bw = usual if self.usual_bw is None else pl.concat(
             [self.usual_bw, usual], how="vertical_relaxed")
         self.p2p_frozen = True
@@ -351,7 +351,7 @@ class OnlineWindow:
                 self.episodes[f.ranks[0]] = (f.since_step, f.detected_step, None)
         self.usual_bw = usual_bandwidth(
             compute_group_bandwidth(head).with_columns(pl.col("step") - first),
-            **self._th().link_args())
+            **self._th().link_baseline_args())
         self.baseline_until = self.drift_step = last
         self._freeze_p2p()
 

@@ -73,9 +73,10 @@ class Thresholds:
             rank on time in its first baseline steps that rose by this many noise units
             within them, for good, is neither: its baseline ends where it rose, and it is
             judged from there as any straggler.
-        transient_steps: A straggler that ended within this many steps is a hiccup, not a
-            finding; live, a young one is held back until it has surely lasted this long
-            (``persist_steps`` more: an open one may have been on time in its last few).
+        transient_steps: A straggler, or a slow link's episode, that ended within this many
+            steps is a hiccup, not a finding; live, a young one is held back until it has
+            surely lasted this long (``persist_steps``, or ``link_persist_steps``, more: an
+            open one may have been on time in its last few).
         min_gain_share: Least what-if gain of a straggler or a slow link, as a share of the
             step (0 keeps every one).
 
@@ -95,7 +96,8 @@ class Thresholds:
             and parts the steps (all but one after it slower than all but one before it: a
             link that goes bad a few steps into a job is judged against the steps before it,
             not absorbed by them).
-        link_persist_steps: Slow steps in a row that make a slow link.
+        link_persist_steps: Slow steps in a row that make a slow link; as many steps in a
+            row that are not slow end its episode.
         link_noise: ... and, where the group's bandwidth varies more than that from step to
             step, below its usual by this many of its own noise units (the robust spread of
             the log bandwidth over its baseline steps; 0: the ratio alone).
@@ -269,6 +271,11 @@ class Thresholds:
 
     def link_args(self) -> dict:
         """Keyword arguments of :func:`~ringwatch.analyzers._links.detect_slow_links`."""
+        return {**self.link_baseline_args(), "transient_steps": self.transient_steps}
+
+    def link_baseline_args(self) -> dict:
+        """Keyword arguments of
+        :func:`~ringwatch.analyzers._link_baseline.usual_bandwidth`."""
         return {"warmup_steps": self.warmup_steps, "baseline_steps": self.baseline_steps,
                 "min_baseline_steps": self.min_baseline_steps, "ratio": self.link_ratio,
                 "persist": self.link_persist_steps, "noise": self.link_noise}

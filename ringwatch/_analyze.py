@@ -357,20 +357,37 @@ def report_lines(report: dict) -> list[str]:
 
 
 def hiccup_lines(hiccups) -> list[str]:
-    """A tally per rank of the transient stragglers: how often, when, what they cost."""
-    if not hiccups:
-        return []
-    per_rank: dict[int, list] = {}
+    """A tally of the transient stragglers per rank and of the transient slow links per group:
+    how often, when, what they cost."""
+    out = []
+    ranks = [f for f in hiccups if f.kind == "straggler"]
+    if ranks:
+        out.append(f"{len(ranks)} hiccup(s), ranks that fell behind for a few steps and caught "
+                   "up (not findings; one that recurs is worth a look):")
+        out += _tally(ranks, lambda f: f.ranks[0], lambda rank, f: f"rank {rank}" + (
+            f" on {f.hosts[0]}" if f.hosts else ""))
+    links = [f for f in hiccups if f.kind == "slow_link"]
+    if links:
+        out.append(f"{len(links)} link hiccup(s), groups whose transfers slowed for a few steps "
+                   "and recovered (not findings: a burst of load on their hosts; one that "
+                   "recurs is worth a `ringwatch probe`):")
+        out += _tally(links, lambda f: f.pg or "", lambda pg, f: (
+            f"send/recv {pg[4:].replace('>', ' -> ')}" if pg.startswith("p2p ") else
+            f"pg {pg}") + f" (hosts {', '.join(f.hosts)})")
+    return out
+
+
+def _tally(hiccups, key, name) -> list[str]:
+    """One line per ``key`` of ``hiccups``: the most frequent first, with each one's steps."""
+    per: dict = {}
     for f in hiccups:
-        per_rank.setdefault(f.ranks[0], []).append(f)
-    out = [f"{len(hiccups)} hiccup(s), ranks that fell behind for a few steps and caught up "
-           "(not findings; one that recurs is worth a look):"]
-    for rank, fs in sorted(per_rank.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        where = f" on {fs[0].hosts[0]}" if fs[0].hosts else ""
+        per.setdefault(key(f), []).append(f)
+    out = []
+    for k, fs in sorted(per.items(), key=lambda kv: (-len(kv[1]), str(kv[0]))):
         spans = ", ".join(f"steps {f.since_step}-{f.until_step}"
                           + (f" (~{f.gain_s_per_step * 1e3:.1f} ms per step)"
                              if f.gain_s_per_step is not None else "") for f in fs)
-        out.append(f"  rank {rank}{where}: {len(fs)}x, {spans}")
+        out.append(f"  {name(k, fs[0])}: {len(fs)}x, {spans}")
     return out
 
 

@@ -138,7 +138,8 @@ class LiveAnalysis:
         self._stage: dict[int, int] | None = None  # the stages the layout was inferred with
         self._counts: dict[str, tuple[int, float]] = {}  # pg -> (step rows, collectives)
         self.last_rows_ns: int | None = None  # when step rows last came in
-        self._hiccups: dict[tuple[int, int | None], object] = {}  # (rank, since) -> Finding
+        # (kind, rank or group, since) -> Finding
+        self._hiccups: dict[tuple[str, object, int | None], object] = {}
         self._fresh_hiccups: list = []
 
     def feed(self, jl: JobLive, items, work=(), *, now_ns: int) -> None:
@@ -182,9 +183,10 @@ class LiveAnalysis:
         return pl.concat([self.window.rows, rows], how="vertical_relaxed")
 
     def note_hiccups(self, hiccups) -> None:
-        """Remember the transient stragglers the window reports (each episode once)."""
+        """Remember the transient stragglers and slow links the window reports (each episode
+        once)."""
         for f in hiccups:
-            key = (f.ranks[0], f.since_step)
+            key = (f.kind, f.pg if f.kind == "slow_link" else f.ranks[0], f.since_step)
             if key not in self._hiccups:
                 self._hiccups[key] = f
                 self._fresh_hiccups.append(f)
@@ -221,11 +223,11 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
     window, and stragglers and slow links come from it, against frozen baselines; without,
     from the steps the state keeps (baselines from their first steps).
 
-    Stragglers follow the post-mortem's rules: a transient one (a hiccup) is no finding (the
-    window's hiccups go to ``live``, :meth:`LiveAnalysis.take_hiccups`), and one that has
-    lasted fewer steps than a hiccup can is held back until it lasts that long, or until the
-    job stops sending steps (``split_undecided``): a noisy healthy job shows nothing, and the
-    service and ``ringwatch analyze`` name the same stragglers.
+    Stragglers and slow links follow the post-mortem's rules: a transient one (a hiccup) is
+    no finding (the window's hiccups go to ``live``, :meth:`LiveAnalysis.take_hiccups`), and
+    one that has lasted fewer steps than a hiccup can is held back until it lasts that long,
+    or until the job stops sending steps (``split_undecided``): a noisy healthy job shows
+    nothing, and the service and ``ringwatch analyze`` name the same stragglers and links.
 
     ``thresholds``: the analyzers' :class:`~ringwatch.analyzers._thresholds.Thresholds` (or a
     ``{name: value}`` mapping over the defaults), as ``ringwatch analyze`` takes them."""
@@ -266,7 +268,8 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
         ended = live.last_rows_ns is not None and now_ns - live.last_rows_ns >= stall * 1e9
         found, _ = split_undecided(found, newest_step=newest, data_ended=ended,
                                    transient_steps=th.transient_steps,
-                                   persist_steps=th.persist_steps)
+                                   persist_steps=th.persist_steps,
+                                   link_persist_steps=th.link_persist_steps)
         findings += significant(found, steps, th.min_gain_share)
     elif live is None:
         stragglers = detect_stragglers(steps, **th.straggler_args()) \

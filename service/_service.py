@@ -197,7 +197,9 @@ class Service:
         whose host is known starts at 0, as Prometheus advises for labelled counters: the
         series exist before the first hiccup, so ``increase()`` sees that one too and a
         per-rank panel shows the ranks that had none."""
-        for f in hiccups:  # a straggler: one rank, its host
+        for f in hiccups:  # a straggler: one rank, its host (a link's are not counted here)
+            if f.kind != "straggler":
+                continue
             key = (job, f.ranks[0], f.hosts[0] if f.hosts else "")
             self.hiccups[key] = self.hiccups.get(key, 0) + 1
         if jl is not None:

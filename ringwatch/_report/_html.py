@@ -111,10 +111,14 @@ def report_html(report: dict, plots) -> str:
         out.append('<p class="ok">No findings: no group is stuck, no rank or group slows the '
                    'job beyond its noise.</p>')
     hiccups = report.get("_hiccups", ())
-    if hiccups:
-        lines = hiccup_lines(hiccups)
-        out.append(f"<h3>{escape(lines[0])}</h3><ul>"
-                   + "".join(f"<li>{escape(x.strip())}</li>" for x in lines[1:]) + "</ul>")
+    blocks: list[list[str]] = []
+    for line in hiccup_lines(hiccups):  # a heading per tally, then its indented lines
+        if line.startswith(" ") and blocks:
+            blocks[-1].append(line.strip())
+        else:
+            blocks.append([line])
+    out += [f"<h3>{escape(b[0])}</h3><ul>" + "".join(f"<li>{escape(x)}</li>" for x in b[1:])
+            + "</ul>" for b in blocks]
     out.append('<h3>Plots</h3><div class="plots">' + "".join(render(p) for p in plots)
                + "</div></section>")
     return "".join(out)

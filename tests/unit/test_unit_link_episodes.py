@@ -1,0 +1,100 @@
+"""A slow link's episode: it ends when the group recovers; one that ended within a few steps
+is a hiccup (a burst of load on the hosts), not a finding; live holds one back while it may
+still be one, so the service and the post-mortem show the same links."""
+
+from __future__ import annotations
+
+import polars as pl
+from test_unit_links import WORLD, job
+
+from ringwatch._analyze import hiccup_lines
+from ringwatch.analyzers import compute_group_bandwidth, compute_slow_groups, detect_slow_links
+from ringwatch.analyzers._findings import Finding
+from ringwatch.analyzers._link_episodes import TRANSIENT_LINK_CLASS
+from ringwatch.analyzers._links import explain_by_links
+from ringwatch.analyzers._policy import split_hiccups, split_undecided
+from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as TH
+
+
+def _slow(hosts=("host2",)) -> dict:
+    return {"slow_hosts": hosts, "slow": 4.0}
+
+
+def test_a_few_slow_steps_that_recover_are_a_hiccup():
+    (f,) = detect_slow_links(job(WORLD, steps=40, onset=30, until=35, **_slow()))
+    assert (f.cls, f.since_step, f.detected_step, f.until_step) == (
+        TRANSIENT_LINK_CLASS, 30, 33, 34)
+    assert any("in steps 30-34, then as usual" in e for e in f.evidence), f.evidence
+    findings, hiccups = split_hiccups((f,))
+    assert findings == () and hiccups == (f,)
+    lines = hiccup_lines(hiccups)
+    assert lines[0].startswith("1 link hiccup(s)") and "pg 0" in lines[1] \
+        and "steps 30-34" in lines[1], lines
+
+
+def test_a_link_slow_for_longer_that_recovered_is_a_finding_with_its_end():
+    (f,) = detect_slow_links(job(WORLD, steps=50, onset=20, until=32, **_slow()))
+    assert (f.cls, f.since_step, f.until_step) == ("slow communication", 20, 31)
+    assert split_hiccups((f,)) == ((f,), ())
+
+
+def test_slow_steps_at_the_end_of_the_data_stay_a_finding():
+    (f,) = detect_slow_links(job(WORLD, steps=40, onset=35, **_slow()))
+    assert (f.cls, f.since_step, f.until_step) == ("slow communication", 35, None)
+
+
+def test_a_link_that_flaps_is_one_episode():
+    # slow 5 steps, as usual 2, slow 5 ...: the steps between do not end it
+    bw = compute_group_bandwidth(job(WORLD, steps=60, onset=20, **_slow()))
+    flap = (pl.col("step") >= 20) & (((pl.col("step") - 20) % 7) >= 5)
+    bw = bw.with_columns(pl.when(flap).then(pl.col("MBps") * 4).otherwise(pl.col("MBps"))
+                         .alias("MBps"))
+    g = compute_slow_groups(bw).row(0, named=True)
+    assert (g["slow"], g["transient"], g["since_step"], g["until_step"]) == (
+        True, False, 20, None)
+
+
+def test_a_lasting_fault_after_a_burst_is_the_finding():
+    bw = compute_group_bandwidth(job(WORLD, steps=70, onset=45, **_slow()))
+    burst = pl.col("step").is_between(25, 28)
+    bw = bw.with_columns(pl.when(burst).then(pl.col("MBps") / 4).otherwise(pl.col("MBps"))
+                         .alias("MBps"))
+    g = compute_slow_groups(bw).row(0, named=True)
+    assert (g["transient"], g["since_step"], g["until_step"]) == (False, 45, None)
+    # without the fault, the burst alone is the group's (transient) episode
+    bw = compute_group_bandwidth(job(WORLD, steps=70, onset=99, **_slow()))
+    g = compute_slow_groups(bw.with_columns(
+        pl.when(burst).then(pl.col("MBps") / 4).otherwise(pl.col("MBps")).alias("MBps"))
+    ).row(0, named=True)
+    assert (g["transient"], g["since_step"], g["until_step"]) == (True, 25, 28)
+
+
+def test_no_straggler_is_folded_into_a_link_hiccup():
+    (link,) = detect_slow_links(job(WORLD, steps=40, onset=30, until=35, **_slow()))
+    one_host = Finding(**{**link.to_dict(), "hosts": ("host2",), "ranks": tuple(link.ranks),
+                          "local_ranks": (), "evidence": tuple(link.evidence)})
+    late = Finding(kind="straggler", cls="compute straggler", ranks=(4,), hosts=("host2",),
+                   since_step=30)
+    assert explain_by_links((late,), (one_host,)) == (late, one_host)
+
+
+def _live(ev: pl.DataFrame, upto: int) -> tuple:
+    """What the service would show with the job's rows up to step ``upto``."""
+    found, _ = split_hiccups(detect_slow_links(ev.filter(pl.col("step") <= upto)))
+    return split_undecided(found, newest_step=upto, transient_steps=TH.transient_steps,
+                           persist_steps=TH.persist_steps,
+                           link_persist_steps=TH.link_persist_steps)[0]
+
+
+def test_live_holds_a_young_link_back_until_it_cannot_be_a_hiccup():
+    burst = job(WORLD, steps=50, onset=30, until=35, **_slow())
+    assert all(_live(burst, n) == () for n in range(25, 50))  # never shown
+    fault = job(WORLD, steps=50, onset=30, **_slow())
+    shown = [n for n in range(25, 50) if _live(fault, n)]
+    # shown once it lasted transient_steps whatever comes next: 4 steps make it (33), and
+    # it is on in one of its last 4 at step n, so it lasted n - 4 - 30 + 2 steps
+    assert shown[0] == 30 + TH.transient_steps + TH.link_persist_steps - 2
+    assert shown == list(range(shown[0], 50))
+    (f,) = _live(fault, 49)
+    (pm,) = detect_slow_links(fault)
+    assert (f.kind, f.cls, f.ranks, f.since_step) == (pm.kind, pm.cls, pm.ranks, pm.since_step)
