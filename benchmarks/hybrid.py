@@ -74,7 +74,8 @@ GPU_LIKE = ["--width", "64", "--batch", "8"]
 
 
 def _cluster_args(case: str, world: int, victim: int, gpu_like: bool = False,
-                  idle_ms: float = 40, shape: tuple[int, int, str] = (2, 2, "")) -> list[str]:
+                  idle_ms: float = 40, shape: tuple[int, int, str] = (2, 2, ""),
+                  at_step: int = ONSET) -> list[str]:
     tp, pp, more = shape
     base = ["--nproc", str(world), "--hosts", str(world // RANKS_PER_HOST), "--tp", str(tp), "--pp",
             str(pp), "--steps", "60"]
@@ -85,12 +86,13 @@ def _cluster_args(case: str, world: int, victim: int, gpu_like: bool = False,
         return base + ["--fault", "none", "--", *job, "--vary-seq", "2"]
     if case == "straggler":
         return base + ["--fault", "straggler", "--straggler-mode", "work", "--victim-rank",
-                       str(victim), "--at-step", str(ONSET), "--", *job]
+                       str(victim), "--at-step", str(at_step), "--", *job]
     if case == "strag0":
         return base + ["--fault", "imbalance", "--victim-rank", str(victim), "--", *job]
     if case == "link":  # the victim rank's host's link, both ways, at 100 / world Mbit/s
         return base + ["--fault", "link", "--victim-host", str(victim // RANKS_PER_HOST),
-                       "--at-step", str(ONSET), "--rate-mbit", f"{100 / world:g}", "--", *job]
+                       "--at-step", str(at_step), "--rate-mbit", f"{100 / world:g}", "--",
+                       *job]
     return base + ["--fault", "none", "--", *job]
 
 
@@ -223,14 +225,15 @@ def _what_if_lines(results: list[dict], runs: list[Path]) -> None:
             continue
         line = (f"what-if {r['case']}-w{r['world']} victim {r['victim']}: predicted "
                 f"{r['whatif_ms']} ms ({r['whatif_how']}); ")
-        fault_ms = _step_ms(run, after=ONSET if r["case"] == "straggler" else None)
+        onset = r.get("at_step", ONSET)
+        fault_ms = _step_ms(run, after=onset if r["case"] == "straggler" else None)
         twins = _twins(run)
         if twins:  # the twins' mean: a machine whose speed drifts, on both sides of the run
             each = [_step_ms(t) for t in twins]
             truth = sum(each) / len(each)
-            halves = _step_ms(twins[0], before=ONSET), _step_ms(twins[0], after=ONSET)
+            halves = _step_ms(twins[0], before=onset), _step_ms(twins[0], after=onset)
             line += (f"its twin without the fault {truth:.0f} ms (its steps before and after "
-                     f"{ONSET}: {halves[0]:.0f}, {halves[1]:.0f}"
+                     f"{onset}: {halves[0]:.0f}, {halves[1]:.0f}"
                      + (f"; the twins after and before it {each[0]:.0f}, {each[1]:.0f}"
                         if len(each) > 1 else "") + ")")
         elif healthy.get(r["world"]):
@@ -242,7 +245,7 @@ def _what_if_lines(results: list[dict], runs: list[Path]) -> None:
         err = (r["whatif_ms"] - truth) / truth
         line += f": {err:+.1%} (with the fault {fault_ms:.0f} ms)"
         if r["case"] == "straggler":
-            own = _step_ms(run, before=ONSET)
+            own = _step_ms(run, before=onset)
             line += f"; its own steps before the onset {own:.0f} ms"
         within.append(abs(err) <= 0.10)
         errs.append(abs(err))
@@ -270,6 +273,9 @@ def main(argv=None) -> int:
                     help="host idle time per step, as while a GPU computes (default 40)")
     ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
     ap.add_argument("--pp", type=int, default=2, help="pipeline stages (default 2)")
+    ap.add_argument("--at-step", type=int, default=ONSET,
+                    help=f"the mid-run faults' step (default {ONSET}; 10: within the "
+                    "baseline steps)")
     ap.add_argument("--job", default="",
                     help="more arguments for the job, e.g. \"--vpp 2 --p2p batched\"")
     ap.add_argument("--no-twins", action="store_true",
@@ -304,14 +310,14 @@ def main(argv=None) -> int:
                     t0 = time.monotonic()
                     cmd = [PY, "-m", "ringwatch._cli", "cluster", "--run-dir", str(run),
                            *_cluster_args(case, world, victim, args.gpu_like,
-                                         args.idle_ms, shape)]
+                                         args.idle_ms, shape, args.at_step)]
                     rc = _run_live(cmd, run, args.agent_defaults) if args.live else subprocess.run(
                         cmd, capture_output=True, text=True, check=False).returncode
                     (run / "case.json").write_text(json.dumps(
                         {"case": case, "world": world, "victim": victim if case in (
                             "straggler", "strag0") else f"host{victim // RANKS_PER_HOST}"
                          if case == "link" else None, "rc": rc, "tp": args.tp,
-                         "pp": args.pp, "job": args.job}))
+                         "pp": args.pp, "job": args.job, "at_step": args.at_step}))
                     print(f"{run.name}: rc {rc} in {time.monotonic() - t0:.0f} s", flush=True)
                     runs.append(run)
                     if twin:

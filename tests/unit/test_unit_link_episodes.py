@@ -4,10 +4,14 @@ still be one, so the service and the post-mortem show the same links."""
 
 from __future__ import annotations
 
-import polars as pl
-from test_unit_links import WORLD, job
+from pathlib import Path
 
-from ringwatch._analyze import hiccup_lines
+import polars as pl
+import pytest
+from test_unit_links import WORLD, job
+from test_unit_live_links import replay_live
+
+from ringwatch._analyze import analyze_events, hiccup_lines
 from ringwatch.analyzers import compute_group_bandwidth, compute_slow_groups, detect_slow_links
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._link_episodes import TRANSIENT_LINK_CLASS
@@ -98,3 +102,22 @@ def test_live_holds_a_young_link_back_until_it_cannot_be_a_hiccup():
     (f,) = _live(fault, 49)
     (pm,) = detect_slow_links(fault)
     assert (f.kind, f.cls, f.ranks, f.since_step) == (pm.kind, pm.cls, pm.ranks, pm.since_step)
+
+
+LOADED = Path(__file__).resolve().parents[1] / "data" / "loaded" / "healthy-4-ranks.parquet"
+
+
+def test_a_healthy_run_on_a_loaded_machine_has_a_link_hiccup_not_a_finding():
+    """A real healthy run (``tests/data/loaded/README.md``) whose transfers slowed 2.7x for
+    steps 34-37 while the machine was busy, then went on in its noise."""
+    ev = pl.read_parquet(LOADED)
+    findings, hiccups = split_hiccups(analyze_events(ev, now_ns=int(ev["t_end_ns"].max())))
+    assert findings == ()
+    assert [(f.kind, f.cls, f.since_step, f.until_step) for f in hiccups] == [
+        ("slow_link", TRANSIENT_LINK_CLASS, 34, 37)]
+
+
+@pytest.mark.parametrize("push", [1, 5, 60])
+def test_a_healthy_run_on_a_loaded_machine_shows_nothing_live(push, tmp_path):
+    shown, want, refused = replay_live(LOADED, push, None, tmp_path)
+    assert shown == set() and want == [] and refused == 0

@@ -76,27 +76,16 @@ def _key(f) -> tuple:
     return f.kind, f.cls, f.ranks, f.hosts, f.since_step
 
 
-@pytest.mark.parametrize("name,push,restart", [
-    ("link-p2p", 1, None), ("link-p2p", 6, None), ("link-p2p", 1, 31), ("link-p2p", 6, 36),
-    ("strag-mid", 3, None), ("strag-mid", 1, 31), ("healthy", 4, None),
-    ("strag-0", 60, None), ("strag-mid", 40, None), ("vpp-strag", 30, None),
-    ("vb-strag0", 1, None), ("vb-strag0", 30, None), ("vb-strag0", 60, None),
-    ("laststage", 60, None)])
-def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart, tmp_path):
-    """A real 2 x 2 x 2 pipeline whose stages sit one per host (``link-p2p``: host1's link at
-    8 Mbit/s from step 25, so that only send/recv crosses it), streamed ``push`` steps at a
-    time through the agent and the service: the service opens the slow link ``ringwatch
-    analyze`` names (hosts, ranks, onset), also when it is restarted mid-fault (at step
-    ``restart``, from its state files); a straggler whose late sends slow its receivers stays
-    one straggler, no link (also through a restart: the pipeline is read again); a healthy run
-    shows nothing. A push that carries the whole run (60 steps) or most of it gives what
-    pushes of a step give: the stages are read from the rows it brings before they are
-    judged."""
-    ev = pl.read_parquet(PIPELINE / f"{name}.parquet").with_columns(
+def replay_live(path: Path, push: int, restart: int | None, tmp_path: Path):
+    """A stored run's rows streamed ``push`` steps at a time through the agent's rank tails,
+    its pusher and the service (restarted from its state files at step ``restart``): what
+    the service showed open (hangs apart), what ``ringwatch analyze`` finds on the same rows
+    (sorted), and how many points the service refused."""
+    ev = pl.read_parquet(path).with_columns(
         pl.lit(None, pl.Int64).alias("t_issue_ns")).select(
         "rank", "local_rank", "host", *_COLUMNS)
     want = sorted(_key(f) for f in _post_mortem(
-        pl.read_parquet(PIPELINE / f"{name}.parquet")) if f.kind != "hang")
+        pl.read_parquet(path)) if f.kind != "hang")
     clock = FakeClock(wall_ns=int(ev["t_start_ns"].min()))
     svc = Service(ServiceConfig(state_dir=tmp_path), clock=clock)
     pusher, ranks = _replay.agent_for(ev, svc, clock)
@@ -116,5 +105,25 @@ def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart,
         svc.analyze_once()
         shown |= {_key(t.finding) for t in svc.store.current("job", state="open")
                   if t.finding.kind != "hang"}
+    return shown, want, refused + pusher.exporter.rejected
+
+
+@pytest.mark.parametrize("name,push,restart", [
+    ("link-p2p", 1, None), ("link-p2p", 6, None), ("link-p2p", 1, 31), ("link-p2p", 6, 36),
+    ("strag-mid", 3, None), ("strag-mid", 1, 31), ("healthy", 4, None),
+    ("strag-0", 60, None), ("strag-mid", 40, None), ("vpp-strag", 30, None),
+    ("vb-strag0", 1, None), ("vb-strag0", 30, None), ("vb-strag0", 60, None),
+    ("laststage", 60, None)])
+def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart, tmp_path):
+    """A real 2 x 2 x 2 pipeline whose stages sit one per host (``link-p2p``: host1's link at
+    8 Mbit/s from step 25, so that only send/recv crosses it), streamed ``push`` steps at a
+    time through the agent and the service: the service opens the slow link ``ringwatch
+    analyze`` names (hosts, ranks, onset), also when it is restarted mid-fault (at step
+    ``restart``, from its state files); a straggler whose late sends slow its receivers stays
+    one straggler, no link (also through a restart: the pipeline is read again); a healthy run
+    shows nothing. A push that carries the whole run (60 steps) or most of it gives what
+    pushes of a step give: the stages are read from the rows it brings before they are
+    judged."""
+    shown, want, refused = replay_live(PIPELINE / f"{name}.parquet", push, restart, tmp_path)
     assert sorted(shown) == want, (shown, want)
-    assert refused + pusher.exporter.rejected == 0  # every point the agent sent was good
+    assert refused == 0  # every point the agent sent was good
