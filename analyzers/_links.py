@@ -3,11 +3,16 @@
 At a blocking collective every member leaves about when the data has gone round, so the
 shortest duration among the members (the last arrival's, which did not wait) is the
 collective's *transfer time*, free of anyone's lateness; its size over that time is the
-group's *transfer bandwidth*. Per group and step the bandwidth is the step's bytes over its
-transfer time (of asynchronous collectives queued in the group's backend, each member's time
-after the earlier ones ended: :func:`own_ns`). The job's warm-up steps are neither baseline
-nor judged. A compute straggler leaves it alone (it only makes the others wait); a slow
-link, NIC or switch port lowers it for every group whose traffic crosses it.
+group's *transfer bandwidth*. :func:`detect_slow_links` reads each group's steps as one
+collective each: the step table (:mod:`~ringwatch.analyzers._step_table`: per rank, group
+and step, the time the rank spent inside at least one of the group's collectives), which the
+agents stream to the service, so that live and post-mortem judge the same figures; a step's
+bandwidth is its bytes over its least busy member's time. (:func:`compute_group_bandwidth`
+on a log's own rows sums each collective's transfer time instead: of asynchronous collectives
+queued in the group's backend, each member's time after the earlier ones ended,
+:func:`own_ns`.) The job's warm-up steps are neither baseline nor judged. A compute
+straggler leaves it alone (it only makes the others wait); a slow link, NIC or switch port
+lowers it for every group whose traffic crosses it.
 
 A group is *slow* when its bandwidth stays below ``1 / ratio`` of its usual (its median over its
 first ``baseline_steps`` steps, those before a lasting fall within them:
@@ -43,6 +48,7 @@ from ringwatch.analyzers._p2p_links import (
     compute_p2p_bandwidth,
     p2p_bandwidth,
 )
+from ringwatch.analyzers._step_table import is_step_table, step_rows
 from ringwatch.analyzers._steps import (
     COLLECTIVE,
     SLICE_ROWS,
@@ -326,8 +332,11 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         the finding is a hiccup instead: class ``transient slow link``
         (:mod:`~ringwatch.analyzers._link_episodes`).
     """
-    # collectives' groups, and send/recv between hosts (a pipeline's stages on other hosts)
-    bw = pl.concat([compute_group_bandwidth(events).with_columns(pl.col("pg").cast(pl.Utf8)),
+    # collectives' groups, from the step table (the service's rows are it already: the same
+    # figures live and post-mortem), and send/recv between hosts (a pipeline's stages on
+    # other hosts)
+    table = events if is_step_table(events) else step_rows(events)
+    bw = pl.concat([compute_group_bandwidth(table).with_columns(pl.col("pg").cast(pl.Utf8)),
                     compute_p2p_bandwidth(events) if recv is None else p2p_bandwidth(recv)],
                    how="vertical_relaxed")
     if bw.is_empty():

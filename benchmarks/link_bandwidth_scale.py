@@ -1,4 +1,6 @@
-"""`compute_group_bandwidth` (each group's transfer bandwidth per step) on many rows.
+"""`compute_group_bandwidth` (each group's transfer bandwidth per step) on many rows, or the
+whole link pass (`detect_slow_links`, with `--pass links`: the step table, the bandwidth, the
+slow groups and the suspects).
 
 A stored real run (``tests/data/long/NAME.parquet``: 4 Gloo DDP ranks, 400 steps, its gradient
 buckets queued in the backend) is tiled to ``--copies`` copies of its ranks and groups, and
@@ -8,6 +10,7 @@ from another revision of ``analyzers/_links.py`` (e.g. ``git show REV:analyzers/
 bandwidth of each are printed.
 
     .venv/bin/python benchmarks/link_bandwidth_scale.py --copies 64 --against /tmp/old_links.py
+    .venv/bin/python benchmarks/link_bandwidth_scale.py --pass links --against /tmp/old_links.py
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--copies", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--against", help="another revision's analyzers/_links.py")
+    ap.add_argument("--pass", dest="what", choices=("bandwidth", "links"), default="bandwidth")
     args = ap.parse_args(argv)
     base = pl.read_parquet(DATA / f"{args.run}.parquet")
     ranks = int(base["rank"].max()) + 1
@@ -47,12 +51,14 @@ def main(argv=None) -> int:
     for _ in range(args.repeat):
         for name, mod in arms:
             t0 = time.perf_counter()
-            bw = mod.compute_group_bandwidth(ev)
+            if args.what == "links":
+                mod.detect_slow_links(ev)
+            else:
+                mbps[name] = float(mod.compute_group_bandwidth(ev)["MBps"].median())
             took[name].append(time.perf_counter() - t0)
-            mbps[name] = float(bw["MBps"].median())
     for name, ts in took.items():
-        print(f"{name:8} median {statistics.median(ts):6.3f} s over {len(ts)}  median "
-              f"bandwidth {mbps[name]:,.1f} MB/s")
+        print(f"{name:8} median {statistics.median(ts):6.3f} s over {len(ts)}" + (
+            f"  median bandwidth {mbps[name]:,.1f} MB/s" if name in mbps else ""))
     if len(took) == 2:
         print(f"ratio current / against: "
               f"{statistics.median(took['current']) / statistics.median(took['against']):.2f}")

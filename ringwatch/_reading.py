@@ -277,10 +277,11 @@ def _behind_a_slow_link(finished, rank: int) -> str | None:
     import polars as pl
 
     from ringwatch.analyzers import detect_slow_links
+    from ringwatch.analyzers._policy import is_hiccup
 
     hosts = finished.filter(pl.col("rank") == rank)["host"].unique().to_list()
     for f in detect_slow_links(finished):
-        if list(f.hosts) == hosts:
+        if list(f.hosts) == hosts and not is_hiccup(f):
             return (f"reading: rank {rank} comes late to its groups, but the transfers of "
                     f"those crossing {hosts[0]} got slower: the network (a slow link there), "
                     "not its compute")

@@ -95,6 +95,7 @@ class Service:
         self.rounds = 0
         self.analysis_errors = 0
         self.hiccups: dict[tuple[str, int, str], int] = {}  # (job, rank, host) -> count
+        self.link_hiccups: dict[tuple[str, str], int] = {}  # (job, suspect hosts) -> count
         self.last_round_s: dict[str, float] = {}
         self.last_lag_s: dict[str, float] = {}
         self.live: dict = {}  # job -> LiveAnalysis (its online window)
@@ -173,8 +174,10 @@ class Service:
         for d in (self.live, self.last_round_s, self.last_lag_s):
             for gone in set(d) - held:
                 d.pop(gone, None)
-        if any(k[0] not in held for k in self.hiccups):
-            self.hiccups = {k: n for k, n in self.hiccups.items() if k[0] in held}
+        for name in ("hiccups", "link_hiccups"):
+            counts = getattr(self, name)
+            if any(k[0] not in held for k in counts):
+                setattr(self, name, {k: n for k, n in counts.items() if k[0] in held})
 
     def _superseded(self, job: str, findings) -> None:
         """Resolve the open stragglers a slow link now explains: before the link was clear,
@@ -193,12 +196,15 @@ class Service:
 
     def _count_hiccups(self, job: str, hiccups, jl=None) -> None:
         """One more hiccup per rank for each transient straggler the window reported first
-        this round (a hiccup is never a finding: see ``analyze_live``). Every rank of the job
+        this round, and per suspect hosts for each transient slow link (a hiccup is never a
+        finding: see ``analyze_live``). Every rank of the job
         whose host is known starts at 0, as Prometheus advises for labelled counters: the
         series exist before the first hiccup, so ``increase()`` sees that one too and a
         per-rank panel shows the ranks that had none."""
-        for f in hiccups:  # a straggler: one rank, its host (a link's are not counted here)
-            if f.kind != "straggler":
+        for f in hiccups:  # a straggler: one rank, its host; a link: its suspect hosts
+            if f.kind == "slow_link":
+                key = (job, ",".join(f.hosts))
+                self.link_hiccups[key] = self.link_hiccups.get(key, 0) + 1
                 continue
             key = (job, f.ranks[0], f.hosts[0] if f.hosts else "")
             self.hiccups[key] = self.hiccups.get(key, 0) + 1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from test_unit_links import WORLD, job
 from test_unit_live_links import replay_live
 
@@ -18,6 +19,7 @@ from ringwatch.analyzers._link_episodes import TRANSIENT_LINK_CLASS
 from ringwatch.analyzers._links import explain_by_links
 from ringwatch.analyzers._policy import split_hiccups, split_undecided
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as TH
+from ringwatch.service._api import ServiceCollector
 
 
 def _slow(hosts=("host2",)) -> dict:
@@ -119,5 +121,10 @@ def test_a_healthy_run_on_a_loaded_machine_has_a_link_hiccup_not_a_finding():
 
 @pytest.mark.parametrize("push", [1, 5, 60])
 def test_a_healthy_run_on_a_loaded_machine_shows_nothing_live(push, tmp_path):
-    shown, want, refused = replay_live(LOADED, push, None, tmp_path)
+    shown, want, refused, svc = replay_live(LOADED, push, None, tmp_path)
     assert shown == set() and want == [] and refused == 0
+    # the service counts the link's hiccup, per suspect hosts
+    reg = CollectorRegistry()
+    reg.register(ServiceCollector(svc))
+    text = generate_latest(reg).decode()
+    assert 'ringwatch_link_hiccups_total{hosts="host0,host1",job="job"} 1.0' in text, text

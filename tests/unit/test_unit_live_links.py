@@ -80,7 +80,7 @@ def replay_live(path: Path, push: int, restart: int | None, tmp_path: Path):
     """A stored run's rows streamed ``push`` steps at a time through the agent's rank tails,
     its pusher and the service (restarted from its state files at step ``restart``): what
     the service showed open (hangs apart), what ``ringwatch analyze`` finds on the same rows
-    (sorted), and how many points the service refused."""
+    (sorted), how many points the service refused, and the service."""
     ev = pl.read_parquet(path).with_columns(
         pl.lit(None, pl.Int64).alias("t_issue_ns")).select(
         "rank", "local_rank", "host", *_COLUMNS)
@@ -105,7 +105,7 @@ def replay_live(path: Path, push: int, restart: int | None, tmp_path: Path):
         svc.analyze_once()
         shown |= {_key(t.finding) for t in svc.store.current("job", state="open")
                   if t.finding.kind != "hang"}
-    return shown, want, refused + pusher.exporter.rejected
+    return shown, want, refused + pusher.exporter.rejected, svc
 
 
 @pytest.mark.parametrize("name,push,restart", [
@@ -124,6 +124,7 @@ def test_a_slow_link_between_the_stages_live_as_post_mortem(name, push, restart,
     shows nothing. A push that carries the whole run (60 steps) or most of it gives what
     pushes of a step give: the stages are read from the rows it brings before they are
     judged."""
-    shown, want, refused = replay_live(PIPELINE / f"{name}.parquet", push, restart, tmp_path)
+    shown, want, refused, _ = replay_live(PIPELINE / f"{name}.parquet", push, restart,
+                                          tmp_path)
     assert sorted(shown) == want, (shown, want)
     assert refused == 0  # every point the agent sent was good

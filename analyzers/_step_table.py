@@ -1,0 +1,86 @@
+"""The step table: per (rank, group, step), a rank's collectives in that group, summed.
+
+It is what each node's agent sums as it reads its ranks' logs (``StepTotals`` in
+``ringwatch.agent.sidecar._rank_tail``) and streams to the service, which judges the links
+on it (``ringwatch.service._analysis.step_frame``). ``ringwatch analyze`` sums the rows of
+a log the same way before it judges them, so the two read one table: the same group
+bandwidth per step, the same slow steps, the same onset.
+
+Per rank, group and step (collectives only, send/recv apart; finished ones: ``ok`` or
+``unknown``): their count and bytes, and the time the rank spent inside at least one of them
+(*busy*). Overlapping collectives (a DDP job's gradient buckets in flight together) count
+once; a collective timed on the device (a kernel's duration on its stream: one group's
+kernels run one after another) adds its duration; one whose end only the NCCL watchdog saw
+adds nothing (:mod:`~ringwatch.analyzers._timing`). Each total is one row shaped as a
+collective (``op`` ``"step"``, ``seq`` the step, ``duration_ns`` the busy time from the first
+start), so the bandwidth pass (:func:`~ringwatch.analyzers._links.compute_group_bandwidth`)
+takes the least busy member of each group's step as its transfer time, as it takes the
+shortest member of a collective.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from ringwatch.analyzers._steps import _merged_ns
+from ringwatch.analyzers._timing import HOST_TIMED
+
+#: The ``op`` of a step total's row.
+STEP_OP = "step"
+
+_SCHEMA = {"rank": pl.Int32, "local_rank": pl.Int32, "host": pl.Utf8, "idx": pl.Int64,
+           "pg": pl.Utf8, "pg_ranks": pl.Utf8, "pg_size": pl.Int32, "group_rank": pl.Int32,
+           "seq": pl.Int64, "op": pl.Utf8, "is_p2p": pl.Boolean, "peer": pl.Int32,
+           "nbytes": pl.Int64, "status": pl.Utf8, "t_start_ns": pl.Int64, "t_end_ns": pl.Int64,
+           "mono_start_ns": pl.Int64, "mono_end_ns": pl.Int64, "duration_ns": pl.Int64,
+           "step": pl.Int64}
+_COLUMNS = tuple(_SCHEMA)
+
+
+def is_step_table(events: pl.DataFrame) -> bool:
+    """Whether ``events`` are step totals already (the service's rows), not collectives."""
+    return ("op" in events.columns and events.height > 0
+            and bool(events.select((pl.col("op").cast(pl.Utf8) == STEP_OP).all()).item()))
+
+
+def step_rows(events: pl.DataFrame) -> pl.DataFrame:
+    """The step table of ``events`` (rows of one job, durations as the analyzers read them:
+    :func:`~ringwatch.analyzers._timing.with_analysis_durations`), one row per rank, group
+    and step, in the columns of a collective (see the module)."""
+    by = ["rank", "pg", "step"]
+    missing = [pl.lit(None, _SCHEMA[c]).alias(c) for c in _COLUMNS if c not in events.columns]
+    df = (events.with_columns(missing)
+          .select(*_COLUMNS, *([HOST_TIMED] if HOST_TIMED in events.columns else []))
+          .filter(~pl.col("is_p2p").fill_null(False) & pl.col("step").is_not_null()
+                  & pl.col("rank").is_not_null() & pl.col("pg").is_not_null()
+                  & pl.col("status").cast(pl.Utf8).is_in(["ok", "unknown"]))
+          .with_columns(pl.col("pg").cast(pl.Utf8)))
+    if df.is_empty():
+        return pl.DataFrame(schema=_SCHEMA)
+    host = pl.col(HOST_TIMED) if HOST_TIMED in df.columns else pl.lit(True)
+    # the host's interval where the host timed it (the agent's: the wall clock's)
+    timed = df.filter(host & pl.col("duration_ns").is_not_null()
+                      & pl.col("t_start_ns").is_not_null() & pl.col("t_end_ns").is_not_null()
+                      & (pl.col("t_end_ns") >= pl.col("t_start_ns")))
+    busy = _merged_ns(timed.sort(*by, "t_start_ns"), "t_start_ns", "t_end_ns", by)
+    device = pl.when(~host).then(pl.col("duration_ns")).fill_null(0).sum().alias("_device")
+    per = df.group_by(by).agg(
+        pl.col("local_rank").first(), pl.col("host").first(), pl.col("pg_ranks").first(),
+        pl.col("pg_size").first(), pl.col("group_rank").first(),
+        pl.col("nbytes").fill_null(0).sum().alias("nbytes"), device,
+        pl.col("t_start_ns").min(), pl.col("t_end_ns").max())
+    per = (per.join(busy, on=by, how="left")
+           .with_columns((pl.col("merged_ns").fill_null(0) + pl.col("_device"))
+                         .alias("duration_ns"))
+           .filter(pl.col("t_start_ns").is_not_null()))
+    index = pl.col("pg").rank("dense").cast(pl.Int64) - 1  # the group's place, for ``idx``
+    return per.with_columns(
+        (pl.col("step") * 1024 + index).alias("idx"), pl.col("step").alias("seq"),
+        pl.lit(STEP_OP).alias("op"), pl.lit(False).alias("is_p2p"),
+        pl.lit(None, pl.Int32).alias("peer"), pl.lit("ok").alias("status"),
+        pl.col("t_start_ns").alias("mono_start_ns"),
+        (pl.col("t_start_ns") + pl.col("duration_ns")).alias("mono_end_ns"),
+    ).select(_COLUMNS).sort("rank", "step", "idx")
+
+
+__all__ = ["STEP_OP", "is_step_table", "step_rows"]
