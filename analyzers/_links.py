@@ -42,7 +42,7 @@ import polars as pl
 from ringwatch._schema import parse_ranks
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._link_baseline import past_warmup, usual_bandwidth
-from ringwatch.analyzers._link_episodes import TRANSIENT_LINK_CLASS, slow_episodes
+from ringwatch.analyzers._link_episodes import TRANSIENT_LINK_CLASS, slow_episodes, undecided
 from ringwatch.analyzers._p2p_links import (
     MIN_LINK_BYTES,
     compute_p2p_bandwidth,
@@ -183,8 +183,9 @@ def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps
         below the usual that makes a step slow), ``slow`` (bool),
         ``since_step`` / ``detected_step`` (the episode's first step and its ``persist``-th:
         when it became a finding), ``until_step`` (its last slow step, where it ended;
-        null: still on), ``transient`` (it ended within ``transient_steps``), ``slow_MBps``
-        (median over the episode) and ``steps``.
+        null: still on), ``severe`` (its first slow steps fell twice as far as the bar),
+        ``transient`` (it ended within ``transient_steps``, not severe), ``slow_MBps``
+        (median over the episode), ``steps`` and ``newest_step``.
     """
     if usual is None:
         bw = past_warmup(bw, warmup_steps)
@@ -205,10 +206,10 @@ def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps
                                 pl.len().alias("steps"))
     out = out.join(eps, on="pg", how="left").with_columns(
         pl.col("detected_step").is_not_null().alias("slow"),
-        pl.col("transient").fill_null(False))
+        pl.col("transient").fill_null(False), pl.col("severe").fill_null(False))
     return out.select("pg", "pg_ranks", "hosts", "usual_MBps", "slow_below", "slow",
-                      "since_step", "detected_step", "until_step", "transient", "slow_MBps",
-                      "steps").sort("pg")
+                      "since_step", "detected_step", "until_step", "severe", "transient",
+                      "slow_MBps", "steps", "newest_step").sort("pg")
 
 
 def suspect_hosts(groups: pl.DataFrame, *,
@@ -310,7 +311,8 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       persist: int = _D.link_persist_steps, noise: float = _D.link_noise,
                       transient_steps: int = _D.transient_steps,
                       usual: pl.DataFrame | None = None,
-                      recv: pl.DataFrame | None = None) -> tuple[Finding, ...]:
+                      recv: pl.DataFrame | None = None,
+                      hold_undecided: bool = False) -> tuple[Finding, ...]:
     """Slow communication: groups whose transfer bandwidth dropped, and the suspect hosts.
 
     Args:
@@ -319,6 +321,9 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         transient_steps, usual: See :func:`compute_slow_groups`.
         recv: The job's send/recv as a :func:`~ringwatch.analyzers._p2p_links.receive_table`
             (the service's, from the agents' sums); None reads it from ``events``.
+        hold_undecided: The job goes on (live): a group whose episode is still on and may
+            yet end as a hiccup (:func:`~ringwatch.analyzers._link_episodes.undecided`) is
+            not slow yet, so that live shows what the post-mortem pass will.
 
     Returns:
         One :class:`Finding` of kind ``slow_link`` when any group crossing hosts is slow:
@@ -345,6 +350,9 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                                  min_baseline_steps=min_baseline_steps, ratio=ratio,
                                  persist=persist, noise=noise, transient_steps=transient_steps,
                                  usual=usual)
+    if hold_undecided:
+        groups = groups.with_columns(pl.col("slow") & ~undecided(
+            persist=persist, transient_steps=transient_steps).fill_null(False))
     lasting = _finding(groups.with_columns(pl.col("slow") & ~pl.col("transient")), bw, ratio)
     if lasting is not None:
         return (lasting,)

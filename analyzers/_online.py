@@ -357,9 +357,11 @@ class OnlineWindow:
 
     def findings(self, *, now_ns: int, last_seen_ns: dict[int, int] | None = None,
                  min_stall_s: float | None = None,
-                 thresholds: Thresholds | None = None) -> tuple[Finding, ...]:
+                 thresholds: Thresholds | None = None,
+                 data_ended: bool = False) -> tuple[Finding, ...]:
         """Every analyzer over the window, as of ``now_ns`` (with ``thresholds`` from now on,
-        when given)."""
+        when given). A slow link that may yet end as a hiccup is held back while the job goes
+        on (not ``data_ended``: :func:`~ringwatch.analyzers._link_episodes.undecided`)."""
         if thresholds is not None:
             self.thresholds = thresholds
             self.keep_steps = max(self.keep_steps, self.warmup_steps + self.baseline_steps)
@@ -388,7 +390,8 @@ class OnlineWindow:
         recv = self._window_recv()
         links = detect_slow_links(
             judged.filter(pl.col("step").is_not_null()), **th.link_args(), usual=self.usual_bw,
-            recv=None if recv is None else recv.filter(pl.col("step") >= after))
+            recv=None if recv is None else recv.filter(pl.col("step") >= after),
+            hold_undecided=not data_ended)
         return out + explain_by_links(stragglers, links)
 
     def _episodes(self, found: tuple[Finding, ...]) -> tuple[Finding, ...]:

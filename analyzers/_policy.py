@@ -1,8 +1,10 @@
 """The policy after the detectors: what of their findings is shown.
 
 * A straggler that ended within a few steps while the job went on is a hiccup, not a finding,
-  and so is a slow link's episode that did (:func:`split_hiccups`); live, one still too young
-  to tell is held back (:func:`split_undecided`).
+  and so is a slow link's episode that did (:func:`split_hiccups`); live, a straggler still
+  too young to tell is held back, and so is a slow link on send/recv alone, which a late
+  sender looks like (:func:`split_undecided`; a link's own episode is held back by the link
+  pass: :func:`~ringwatch.analyzers._link_episodes.undecided`).
 * A straggler or a slow link whose what-if gain is under a share of the job's step is the job's
   noise (:func:`significant`).
 
@@ -15,6 +17,7 @@ import polars as pl
 
 from ringwatch.analyzers._findings import Finding
 from ringwatch.analyzers._link_episodes import TRANSIENT_LINK_CLASS
+from ringwatch.analyzers._links import _p2p_only
 from ringwatch.analyzers._stragglers import HICCUP_CLASS
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 
@@ -40,7 +43,6 @@ def split_hiccups(findings: tuple) -> tuple[tuple, tuple]:
 def split_undecided(findings: tuple, *, newest_step: int | None,
                     transient_steps: int = _D.transient_steps,
                     persist_steps: int = _D.persist_steps,
-                    link_persist_steps: int = _D.link_persist_steps,
                     data_ended: bool = False) -> tuple[tuple, tuple]:
     """``(decided, undecided)``: a straggler still on (``until_step`` None) may yet end as a
     hiccup (:func:`split_hiccups`: late fewer than ``transient_steps`` steps), so a live
@@ -53,23 +55,20 @@ def split_undecided(findings: tuple, *, newest_step: int | None,
     ``transient_steps`` it is no hiccup. Holding back exactly what the post-mortem pass may
     still call a hiccup keeps the live findings and the post-mortem ones the same.
 
-    A slow link's episode still on may likewise end as a hiccup
-    (:mod:`~ringwatch.analyzers._link_episodes`): still on at ``newest_step`` means slow in
-    one of its last ``link_persist_steps``, so it has lasted at least ``newest_step -
-    link_persist_steps - since_step + 2`` steps. That also holds back a link on send/recv
-    alone as long as the straggler a late sender would be (its receivers wait for it as for
-    a slow link, and such a link is folded into a straggler among its ranks:
-    :func:`~ringwatch.analyzers._links.explain_by_links`)."""
+    A slow link that rests on send/recv alone is held back as long: a late sender's
+    receivers wait for it as for a slow link, and such a link is folded into a straggler
+    among its ranks (:func:`~ringwatch.analyzers._links.explain_by_links`). Four slow steps
+    make the link, while the straggler behind it is shown only once it is no hiccup: shown
+    at once, the link would stand for the straggler's first steps. (A link that may yet be
+    a hiccup itself is held back by the link pass, which knows how far it fell:
+    :func:`~ringwatch.analyzers._link_episodes.undecided`.)"""
     if data_ended or newest_step is None:
         return tuple(findings), ()
 
     def young(f: Finding) -> bool:
-        if f.until_step is not None or f.since_step is None:
-            return False
-        if f.kind == "straggler":
-            return newest_step - persist_steps - f.since_step + 1 < transient_steps
-        return (f.kind == "slow_link"
-                and newest_step - link_persist_steps - f.since_step + 2 < transient_steps)
+        waits = f.kind == "straggler" or _p2p_only(f)
+        return (waits and f.until_step is None and f.since_step is not None
+                and newest_step - persist_steps - f.since_step + 1 < transient_steps)
 
     return (tuple(f for f in findings if not young(f)),
             tuple(f for f in findings if young(f)))

@@ -73,10 +73,11 @@ class Thresholds:
             rank on time in its first baseline steps that rose by this many noise units
             within them, for good, is neither: its baseline ends where it rose, and it is
             judged from there as any straggler.
-        transient_steps: A straggler, or a slow link's episode, that ended within this many
-            steps is a hiccup, not a finding; live, a young one is held back until it has
-            surely lasted this long (``persist_steps``, or ``link_persist_steps``, more: an
-            open one may have been on time in its last few).
+        transient_steps: A straggler, or a slow link's episode (one that did not fall twice
+            as far as its bar), that ended within this many steps is a hiccup, not a
+            finding; live, a young one is held back until it has surely lasted this long
+            (``persist_steps``, or ``link_persist_steps``, more: an open one may have been on
+            time in its last few).
         min_gain_share: Least what-if gain of a straggler or a slow link, as a share of the
             step (0 keeps every one).
 

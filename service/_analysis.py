@@ -261,15 +261,15 @@ def analyze_live(jl: JobLive, *, now_ns: int, min_stall_s: float | None = None,
     if live is not None and not quiet:
         want = {"straggler", "imbalance"} if "straggler" in detectors else set()
         want |= {"slow_link"} if "slow_link" in detectors else set()
+        ended = live.last_rows_ns is not None and now_ns - live.last_rows_ns >= stall * 1e9
         found, hiccups = split_hiccups(tuple(
-            f for f in live.window.findings(now_ns=now_ns, thresholds=th) if f.kind in want))
+            f for f in live.window.findings(now_ns=now_ns, thresholds=th, data_ended=ended)
+            if f.kind in want))
         live.note_hiccups(hiccups)
         newest = steps["step"].max() if steps.height else None
-        ended = live.last_rows_ns is not None and now_ns - live.last_rows_ns >= stall * 1e9
         found, _ = split_undecided(found, newest_step=newest, data_ended=ended,
                                    transient_steps=th.transient_steps,
-                                   persist_steps=th.persist_steps,
-                                   link_persist_steps=th.link_persist_steps)
+                                   persist_steps=th.persist_steps)
         findings += significant(found, steps, th.min_gain_share)
     elif live is None:
         stragglers = detect_stragglers(steps, **th.straggler_args()) \

@@ -22,8 +22,9 @@ from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as TH
 from ringwatch.service._api import ServiceCollector
 
 
-def _slow(hosts=("host2",)) -> dict:
-    return {"slow_hosts": hosts, "slow": 4.0}
+def _slow(hosts=("host2",), slow=3.0) -> dict:
+    """3x slower on a quiet fabric: past the bar (2x), within its square (not severe)."""
+    return {"slow_hosts": hosts, "slow": slow}
 
 
 def test_a_few_slow_steps_that_recover_are_a_hiccup():
@@ -86,10 +87,10 @@ def test_no_straggler_is_folded_into_a_link_hiccup():
 
 def _live(ev: pl.DataFrame, upto: int) -> tuple:
     """What the service would show with the job's rows up to step ``upto``."""
-    found, _ = split_hiccups(detect_slow_links(ev.filter(pl.col("step") <= upto)))
+    found, _ = split_hiccups(detect_slow_links(ev.filter(pl.col("step") <= upto),
+                                               hold_undecided=True))
     return split_undecided(found, newest_step=upto, transient_steps=TH.transient_steps,
-                           persist_steps=TH.persist_steps,
-                           link_persist_steps=TH.link_persist_steps)[0]
+                           persist_steps=TH.persist_steps)[0]
 
 
 def test_live_holds_a_young_link_back_until_it_cannot_be_a_hiccup():
@@ -128,3 +129,16 @@ def test_a_healthy_run_on_a_loaded_machine_shows_nothing_live(push, tmp_path):
     reg.register(ServiceCollector(svc))
     text = generate_latest(reg).decode()
     assert 'ringwatch_link_hiccups_total{hosts="host0,host1",job="job"} 1.0' in text, text
+
+
+def test_a_link_that_collapses_for_a_few_steps_is_a_finding_shown_at_once():
+    """A fall twice as far as the bar (here 10x against 2x: beyond its square) is no burst of
+    load: a finding with its end, and live it is shown as soon as it is slow."""
+    collapse = job(WORLD, steps=50, onset=30, until=35, **_slow(slow=10.0))
+    (f,) = detect_slow_links(collapse)
+    assert (f.cls, f.since_step, f.detected_step, f.until_step) == (
+        "slow communication", 30, 33, 34)
+    shown = [n for n in range(25, 50) if _live(collapse, n)]
+    assert shown[0] == 33  # its 4th slow step
+    (g,) = _live(collapse, 49)
+    assert (g.kind, g.cls, g.ranks, g.since_step) == (f.kind, f.cls, f.ranks, f.since_step)
