@@ -22,25 +22,26 @@ from __future__ import annotations
 
 import polars as pl
 
+from ringwatch._schema import polars_schema
 from ringwatch.analyzers._steps import _merged_ns
 from ringwatch.analyzers._timing import HOST_TIMED
 
 #: The ``op`` of a step total's row.
 STEP_OP = "step"
 
-_SCHEMA = {"rank": pl.Int32, "local_rank": pl.Int32, "host": pl.Utf8, "idx": pl.Int64,
-           "pg": pl.Utf8, "pg_ranks": pl.Utf8, "pg_size": pl.Int32, "group_rank": pl.Int32,
-           "seq": pl.Int64, "op": pl.Utf8, "is_p2p": pl.Boolean, "peer": pl.Int32,
-           "nbytes": pl.Int64, "status": pl.Utf8, "t_start_ns": pl.Int64, "t_end_ns": pl.Int64,
-           "mono_start_ns": pl.Int64, "mono_end_ns": pl.Int64, "duration_ns": pl.Int64,
-           "step": pl.Int64}
-_COLUMNS = tuple(_SCHEMA)
+#: A step total's columns: those of a collective the analyzers read, typed as in a log.
+_COLUMNS = ("rank", "local_rank", "host", "idx", "pg", "pg_ranks", "pg_size", "group_rank",
+            "seq", "op", "is_p2p", "peer", "nbytes", "status", "t_start_ns", "t_end_ns",
+            "mono_start_ns", "mono_end_ns", "duration_ns", "step")
+_SCHEMA = {c: polars_schema()[c] for c in _COLUMNS}
 
 
 def is_step_table(events: pl.DataFrame) -> bool:
     """Whether ``events`` are step totals already (the service's rows), not collectives."""
-    return ("op" in events.columns and events.height > 0
-            and bool(events.select((pl.col("op").cast(pl.Utf8) == STEP_OP).all()).item()))
+    if "op" not in events.columns or events.is_empty():
+        return False
+    ops = events["op"].unique()  # a few distinct ops: no string per row of a large log
+    return ops.len() == 1 and str(ops[0]) == STEP_OP
 
 
 def step_rows(events: pl.DataFrame) -> pl.DataFrame:
