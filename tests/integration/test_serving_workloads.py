@@ -140,19 +140,21 @@ def test_cluster_straggler_slows_a_decode_rank_and_its_tp_peer_waits(tmp_path):
     assert ev["step"].unique().to_list() == [0]
     assert ev.group_by("rank").len().sort("rank")["len"].to_list() == [steps * 2 * layers] * 4
     marks = {r: m for r, (_pid, m) in read_steps(steps_dir).items()}
-    # the victim does 3x the work; its tp peer keeps its pace; the other replica is untouched
-    for r in (victim, 0):
-        before, after = _step_ms(marks[r], 1, slowed), _step_ms(marks[r], slowed + 1, steps)
-        assert after > 1.6 * before, (r, before, after)
-    for r in (2, 3):
-        before, after = _step_ms(marks[r], 1, slowed), _step_ms(marks[r], slowed + 1, steps)
-        assert after < 1.3 * before, (r, before, after)
-    # in the rows: after the onset the peer waits in the all-reduces, the victim does not
+    # the victim does 3x the work and its tp peer keeps its pace; the other replica is not held
+    # by them. On 2 shared cores the victim's work also takes CPU from the other replica, so its
+    # steps may slow somewhat, but by much less than the pair's (tied to them, they would slow
+    # as much), and it does not wait in its all-reduces (below)
+    ratio = {r: _step_ms(marks[r], slowed + 1, steps) / _step_ms(marks[r], 1, slowed)
+             for r in range(4)}
+    assert ratio[victim] > 1.6 and ratio[0] > 1.6, ratio
+    assert all(ratio[r] - 1 < 0.5 * (ratio[victim] - 1) for r in (2, 3)), ratio
+    # in the rows: after the onset the peer waits in the all-reduces, the victim and the other
+    # replica do not
     wait_ms = {}
-    for r in (0, victim):
+    for r in range(4):
         starts = [t for _s, t in marks[r]]
         rows = ev.filter(pl.col("rank") == r)
         step = [bisect.bisect_right(starts, t) - 1 for t in rows["t_start_ns"]]
         late = rows.filter(pl.Series(step) > slowed)
         wait_ms[r] = late["duration_ns"].median() / 1e6
-    assert wait_ms[0] > wait_ms[victim] + 4, wait_ms
+    assert all(wait_ms[0] > wait_ms[r] + 4 for r in (victim, 2, 3)), wait_ms
