@@ -30,6 +30,7 @@ STRAGGLER = service("ringwatch_straggler_suspect")
 HANG = service("ringwatch_hang_suspect")
 LINK = service("ringwatch_link_suspect")
 HICCUPS = service("ringwatch_straggler_hiccups_total")
+LINK_HICCUPS = service("ringwatch_link_hiccups_total")
 
 J = {"job": "$job"}
 RANK = ["job", "host", "rank"]
@@ -145,4 +146,10 @@ def build():
     b.add(timeseries_panel("Link suspects", "The service's confidence that a host's links "
                            "are slow (shared among the suspects).", "percentunit",
                            q(LINK.sel(**J), "{{host}}"), min_val=0), w=8)
+    b.add(bargauge_panel("Link hiccups per host", "Transient slow links per suspect host "
+                         "since the service started: a group's transfers slower for a few "
+                         "steps, then as usual (never a finding). A host that keeps "
+                         "hiccuping is worth a probe.", "none",
+                         q(by("sum", ["host"], LINK_HICCUPS.sel(**J)), "{{host}}",
+                           instant=True)), w=24, h=5)
     return b.build()

@@ -44,7 +44,7 @@ SERVICE_METRICS = {
     "ringwatch_whatif_gain_seconds": ("gauge", "Seconds per step fixing a finding would save."),
     "ringwatch_straggler_hiccups_total": ("counter", "Transient stragglers per rank: late for "
                                           "a few steps, then caught up."),
-    "ringwatch_link_hiccups_total": ("counter", "Transient slow links per suspect hosts: "
+    "ringwatch_link_hiccups_total": ("counter", "Transient slow links per suspect host: "
                                      "transfers slower for a few steps, then as usual."),
     "ringwatch_serve_analysis_lag_seconds": ("gauge", "Age of a job's newest push at its "
                                              "last analysis."),
@@ -125,8 +125,8 @@ class ServiceCollector:
         for (job, rank, host), n in dict(s.hiccups).items():
             fam("ringwatch_straggler_hiccups_total", ["job", "rank", "host"]).add_metric(
                 [job, str(rank), host], n)
-        for (job, hosts), n in dict(s.link_hiccups).items():
-            fam("ringwatch_link_hiccups_total", ["job", "hosts"]).add_metric([job, hosts], n)
+        for (job, host), n in dict(s.link_hiccups).items():
+            fam("ringwatch_link_hiccups_total", ["job", "host"]).add_metric([job, host], n)
         fam("ringwatch_serve_analysis_rounds_total", []).add_metric([], s.rounds)
         fam("ringwatch_serve_analysis_errors_total", []).add_metric([], s.analysis_errors)
         fam("ringwatch_serve_window_state_errors_total", []).add_metric([], s.windows.errors)

@@ -95,7 +95,7 @@ class Service:
         self.rounds = 0
         self.analysis_errors = 0
         self.hiccups: dict[tuple[str, int, str], int] = {}  # (job, rank, host) -> count
-        self.link_hiccups: dict[tuple[str, str], int] = {}  # (job, suspect hosts) -> count
+        self.link_hiccups: dict[tuple[str, str], int] = {}  # (job, suspect host) -> count
         self.last_round_s: dict[str, float] = {}
         self.last_lag_s: dict[str, float] = {}
         self.live: dict = {}  # job -> LiveAnalysis (its online window)
@@ -196,15 +196,15 @@ class Service:
 
     def _count_hiccups(self, job: str, hiccups, jl=None) -> None:
         """One more hiccup per rank for each transient straggler the window reported first
-        this round, and per suspect hosts for each transient slow link (a hiccup is never a
-        finding: see ``analyze_live``). Every rank of the job
-        whose host is known starts at 0, as Prometheus advises for labelled counters: the
-        series exist before the first hiccup, so ``increase()`` sees that one too and a
-        per-rank panel shows the ranks that had none."""
+        this round, and per suspect host for each transient slow link (a hiccup is never a
+        finding: see ``analyze_live``). Every rank and host of the job that is known starts
+        at 0, as Prometheus advises for labelled counters: the series exist before the first
+        hiccup, so ``increase()`` sees that one too and a per-rank or per-host panel shows
+        the ones that had none."""
         for f in hiccups:  # a straggler: one rank, its host; a link: its suspect hosts
             if f.kind == "slow_link":
-                key = (job, ",".join(f.hosts))
-                self.link_hiccups[key] = self.link_hiccups.get(key, 0) + 1
+                for host in f.hosts:
+                    self.link_hiccups[(job, host)] = self.link_hiccups.get((job, host), 0) + 1
                 continue
             key = (job, f.ranks[0], f.hosts[0] if f.hosts else "")
             self.hiccups[key] = self.hiccups.get(key, 0) + 1
@@ -212,6 +212,7 @@ class Service:
             for rank, rl in list(jl.ranks.items()):
                 if rl.host:
                     self.hiccups.setdefault((job, rank, rl.host), 0)
+                    self.link_hiccups.setdefault((job, rl.host), 0)
 
     def _loop(self) -> None:
         while not self.stop_event.wait(self.config.window_s):
