@@ -15,9 +15,12 @@ transfers within a few times their noise; a link that collapses for a few steps 
 to report.
 
 Live, an open episode that is not severe is held back while it may still end as a transient
-one (:func:`undecided`): still on at step ``n`` means slow in one of its last ``persist``
-steps, so it has lasted at least ``n - persist - since + 2`` steps. A severe one is shown as
-soon as it is slow.
+one (:func:`undecided`): still on ``n`` steps after its first means slow in one of its last
+``persist`` steps, so it has lasted at least ``n - persist + 1`` steps. A severe one is shown
+as soon as it is slow.
+
+Steps are counted as the group's steps seen, not by their numbers: a log that keeps one step
+in ten (sampled steps) or skips some judges its episodes on the steps it has.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def slow_episodes(df: pl.DataFrame, *, persist: int, transient_steps: int) -> pl
         ``detected_step`` (their last), ``last_slow_step``, ``until_step`` (its last slow
         step where ``persist`` steps followed it, else null: still on), ``severe`` and
         ``transient`` (bool), ``slow_MBps`` (the median of its steps from ``since_step`` to
-        its last slow one) and ``newest_step`` (the group's newest step in ``df``).
+        its last slow one), ``newest_step`` (the group's newest step in ``df``) and
+        ``on_steps`` (the group's steps from ``since_step`` to its newest, both counted).
     """
     df = df.with_columns(pl.int_range(pl.len()).over("pg").alias("_n"),
                          pl.len().over("pg").alias("_of"))
@@ -60,6 +64,7 @@ def slow_episodes(df: pl.DataFrame, *, persist: int, transient_steps: int) -> pl
         (pl.col("_n") - pl.int_range(pl.len()).over("pg")).alias("_run"))
     runs = (slow.group_by("pg", "_ep", "_run")
             .agg(pl.col("step").min().alias("since_step"), pl.len().alias("_len"),
+                 pl.col("_n").min().alias("_since_n"),
                  pl.col("step").sort().get(persist - 1, null_on_oob=True)
                  .alias("detected_step"),
                  # the fall of its first ``persist`` steps against the bar, squared
@@ -79,8 +84,9 @@ def slow_episodes(df: pl.DataFrame, *, persist: int, transient_steps: int) -> pl
     eps = eps.with_columns(
         pl.when(pl.col("_ended")).then(pl.col("last_slow_step")).alias("until_step"),
         (pl.col("_ended") & ~pl.col("severe")
-         & (pl.col("last_slow_step") - pl.col("since_step") + 1 < transient_steps))
-        .alias("transient"))
+         & (pl.col("_last_n") - pl.col("_since_n") + 1 < transient_steps))
+        .alias("transient"),
+        (pl.col("_of") - pl.col("_since_n")).alias("on_steps"))
     level = (df.join(eps.select("pg", "_ep", "since_step", "last_slow_step"), on="pg")
              .filter(pl.col("step").is_between(pl.col("since_step"), pl.col("last_slow_step")))
              .group_by("pg", "_ep").agg(pl.col("MBps").median().alias("slow_MBps")))
@@ -88,11 +94,11 @@ def slow_episodes(df: pl.DataFrame, *, persist: int, transient_steps: int) -> pl
     # each group's lasting episode (one still on first, else the longest, the latest of
     # equals); where all were transient, the longest, for the hiccups
     return (eps.sort("pg", "transient", pl.col("until_step").is_not_null(),
-                     pl.col("last_slow_step") - pl.col("since_step"), "since_step",
+                     pl.col("_last_n") - pl.col("_since_n"), "since_step",
                      descending=[False, False, False, True, True])
             .group_by("pg", maintain_order=True).first()
             .select("pg", "since_step", "detected_step", "last_slow_step", "until_step",
-                    "severe", "transient", "slow_MBps", "newest_step"))
+                    "severe", "transient", "slow_MBps", "newest_step", "on_steps"))
 
 
 def _empty(df: pl.DataFrame) -> pl.DataFrame:
@@ -100,15 +106,15 @@ def _empty(df: pl.DataFrame) -> pl.DataFrame:
                                 "detected_step": pl.Int64, "last_slow_step": pl.Int64,
                                 "until_step": pl.Int64, "severe": pl.Boolean,
                                 "transient": pl.Boolean, "slow_MBps": pl.Float64,
-                                "newest_step": pl.Int64})
+                                "newest_step": pl.Int64, "on_steps": pl.Int64})
 
 
 def undecided(*, persist: int, transient_steps: int) -> pl.Expr:
     """Over :func:`slow_episodes`' rows: whether an episode still on may yet end as a
     transient one (not severe, and at the group's newest step it may have lasted fewer than
-    ``transient_steps`` steps: slow in one of its last ``persist``)."""
+    ``transient_steps`` of its steps: slow in one of its last ``persist``)."""
     return (pl.col("until_step").is_null() & ~pl.col("severe").fill_null(False)
-            & (pl.col("newest_step") - persist - pl.col("since_step") + 2 < transient_steps))
+            & (pl.col("on_steps") - persist + 1 < transient_steps))
 
 
 __all__ = ["TRANSIENT_LINK_CLASS", "slow_episodes", "undecided"]

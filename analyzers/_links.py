@@ -185,7 +185,8 @@ def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps
         when it became a finding), ``until_step`` (its last slow step, where it ended;
         null: still on), ``severe`` (its first slow steps fell twice as far as the bar),
         ``transient`` (it ended within ``transient_steps``, not severe), ``slow_MBps``
-        (median over the episode), ``steps`` and ``newest_step``.
+        (median over the episode), ``steps``, ``newest_step`` and ``on_steps`` (the group's
+        steps from ``since_step`` to its newest).
     """
     if usual is None:
         bw = past_warmup(bw, warmup_steps)
@@ -209,7 +210,7 @@ def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps
         pl.col("transient").fill_null(False), pl.col("severe").fill_null(False))
     return out.select("pg", "pg_ranks", "hosts", "usual_MBps", "slow_below", "slow",
                       "since_step", "detected_step", "until_step", "severe", "transient",
-                      "slow_MBps", "steps", "newest_step").sort("pg")
+                      "slow_MBps", "steps", "newest_step", "on_steps").sort("pg")
 
 
 def suspect_hosts(groups: pl.DataFrame, *,

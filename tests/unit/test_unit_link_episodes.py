@@ -50,6 +50,24 @@ def test_slow_steps_at_the_end_of_the_data_stay_a_finding():
     assert (f.cls, f.since_step, f.until_step) == ("slow communication", 35, None)
 
 
+def test_steps_are_counted_as_seen_when_the_log_keeps_one_in_ten():
+    """A log that keeps every 10th step: 5 slow steps seen (40 step numbers apart) that
+    recover are a hiccup, as 5 slow steps in a row are; live, the same episode is held back
+    only while it may still end within 8 of its steps."""
+    sampled = pl.col("step") * 10 + 50_000
+    bw = compute_group_bandwidth(job(WORLD, steps=40, onset=30, until=35, **_slow()))
+    g = compute_slow_groups(bw.with_columns(sampled)).row(0, named=True)
+    assert (g["transient"], g["since_step"], g["until_step"], g["on_steps"]) == (
+        True, 50_300, 50_340, 10)
+    # still on: held back while it may still end within 8 of its steps (slow in one of its
+    # last 4: lasted at least 7 of 10 seen, 8 of 11)
+    for steps, held in ((40, True), (41, False)):
+        ev = job(WORLD, steps=steps, onset=30, **_slow()).with_columns(sampled)
+        g = compute_slow_groups(compute_group_bandwidth(ev)).row(0, named=True)
+        assert (g["since_step"], g["on_steps"]) == (50_300, steps - 30)
+        assert (detect_slow_links(ev, hold_undecided=True) == ()) == held, steps
+
+
 def test_a_link_that_flaps_is_one_episode():
     # slow 5 steps, as usual 2, slow 5 ...: the steps between do not end it
     bw = compute_group_bandwidth(job(WORLD, steps=60, onset=20, **_slow()))
