@@ -29,6 +29,21 @@ def test_a_rise_that_parts_the_values_is_found_at_its_first_step():
     assert _rose(_series(clean, one_low)) == {0: 7, 1: 7}
 
 
+def test_a_burst_before_the_onset_and_its_half_slow_step_leave_the_rise_where_it_is():
+    """A real 4-rank run, its straggler's delays (ms) over the baseline steps 2-21: a 70 ms
+    burst at step 8, the fault taking effect within step 11 (28.6 ms), ~70 ms from step 12.
+    The best fit of all splits is at step 12, with two high values before it (the burst and
+    the half step): no rise there. At step 11 the rise parts the values: found there, so the
+    rank's usual is its steps before it (the whole baseline made it "late from the first
+    steps": structural imbalance)."""
+    delay = [-1.3, 5.0, -2.8, -7.1, -4.9, -4.9, 70.0, -2.0, -4.5, 28.6, 78.2, 71.2, 67.8, 67.4,
+             71.9, 73.6, 65.9, 72.8, 68.4, 79.9]
+    got = lasting_shifts(_series(delay), key="k", first=5, persist=3, bar=pl.lit(17.8))
+    assert dict(got.select("k", "_j").iter_rows()) == {0: 9}  # step 11, the tenth value
+    # the same without the half step: the best fit is the rise, as before
+    assert _rose(_series(delay[:9] + delay[10:]), bar=17.8) == {0: 9}
+
+
 def test_two_halves_as_far_apart_but_mingled_are_no_rise():
     """Levels 1.2 apart (above the bar of 1), but three of the later values lie among the
     earlier ones: a loaded machine's drift, not a fault that lifted every step after it."""
