@@ -107,8 +107,13 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
                  .iter_rows() if r is not None and h is not None}
         stragglers = detect_work_findings(events, layout.peers_frame(), hosts=hosts,
                                           **th.work_args())
-    else:
-        stragglers = detect_stragglers(events, **th.straggler_args(), stage=layout.stage)
+    else:  # on the step table, as the service judges them (live = post-mortem); the
+        # what-if replays the collectives
+        from ringwatch.analyzers._step_table import is_step_table, step_rows
+
+        table = events if is_step_table(events) else step_rows(events)
+        stragglers = detect_stragglers(table, **th.straggler_args(), stage=layout.stage,
+                                       replay_rows=events)
     # the distinct ops only: a cast of every row's op is a string column of millions
     if "op" in events.columns and events["op"].unique().cast(pl.Utf8).is_in(A2A_OPS).any():
         # expert parallel: a hot expert's rank is late because its experts get too many

@@ -260,7 +260,10 @@ def dump(entries: list[dict]) -> dict:
 
 def gpu_shaped(ev, *, seed: int = 0, device: bool = True, first_lead_ms: float = 20):
     """Rows of a real CPU run re-timed as a GPU job reports them: each op's exact duration
-    becomes its device duration (CUDA events; none with ``device=False``), its host start
+    becomes its device duration (CUDA events; none with ``device=False``), from where the
+    group's previous op on the rank ended where that is later (one group's kernels run one
+    after another on its stream: DDP's buckets, in flight together on the host, queue up
+    there), its host start
     moves 0-20 ms earlier (launched ahead of the device) and its host end 10-100 ms later (the
     NCCL watchdog's poll, ``end_source`` "watchdog"). Each rank's first launch of a step moves
     0-``first_lead_ms`` earlier: a job whose host waits for the device once a step (the loss,
@@ -275,9 +278,13 @@ def gpu_shaped(ev, *, seed: int = 0, device: bool = True, first_lead_ms: float =
                               rng.integers(0, max(1, int(first_lead_ms * ms)), ev.height),
                               rng.integers(0, 20 * ms, ev.height)))
     late = pl.Series(rng.integers(10 * ms, 100 * ms, ev.height))
+    prev_end = (pl.col("mono_end_ns").cum_max().shift(1)
+                .over("rank", "pg", order_by=["mono_start_ns", "idx"]))
+    queued = pl.col("mono_end_ns") - pl.max_horizontal(pl.col("mono_start_ns"),
+                                                       prev_end.fill_null(0))
     out = ev.with_columns(
-        (pl.col("duration_ns") if device else pl.lit(None, pl.Int64))
-        .alias("device_duration_ns"),
+        (pl.min_horizontal(pl.col("duration_ns"), queued.clip(lower_bound=0)) if device
+         else pl.lit(None, pl.Int64)).alias("device_duration_ns"),
         pl.lit("watchdog").alias("end_source"),
         (pl.col("t_start_ns") - lead).alias("t_start_ns"),
         (pl.col("t_end_ns") + late).alias("t_end_ns"),

@@ -133,13 +133,17 @@ def test_a_straggler_slows_its_receivers_but_is_no_slow_link(name):
 
 
 def test_without_the_layout_the_lateness_detector_cannot_tell():
-    # what the layout buys: read as one role with lateness alone (the DDP rules), the same
-    # straggler run is not named (its neighbours, blocked in receives, look late too)
+    # what the layout buys: read as one role with lateness at the collectives alone (the DDP
+    # rules), a 4-stage or interleaved pipeline's straggler is not named alone (the ranks
+    # its stage holds up reach the data-parallel all-reduces late too)
     from ringwatch.analyzers._layout import Layout
 
     flat = Layout(stage={r: 0 for r in range(8)})
-    assert [f.ranks for f in _findings(_run("strag-mid"), layout=flat)
-            if f.kind == "straggler"] != [(5,)]
+    for name, victim in (("pp4-strag", 3), ("vpp-strag", 5)):
+        ev = _run(name)
+        assert [f.ranks for f in _findings(ev) if f.kind == "straggler"] == [(victim,)]
+        assert [f.ranks for f in _findings(ev, layout=flat)
+                if f.kind == "straggler"] != [(victim,)], name
 
 
 def _row(rank, step, idx, op, start_ms, end_ms, *, peer=None, pg="0", seq=None, blocking=True):
