@@ -260,10 +260,10 @@ def dump(entries: list[dict]) -> dict:
 
 def gpu_shaped(ev, *, seed: int = 0, device: bool = True, first_lead_ms: float = 20):
     """Rows of a real CPU run re-timed as a GPU job reports them: each op's exact duration
-    becomes its device duration (CUDA events; none with ``device=False``), from where the
-    group's previous op on the rank ended where that is later (one group's kernels run one
-    after another on its stream: DDP's buckets, in flight together on the host, queue up
-    there), its host start
+    becomes its device duration (CUDA events; none with ``device=False``), a collective's
+    from where the group's previous one on the rank ended where that is later (one group's
+    kernels run one after another on its stream: DDP's buckets, in flight together on the
+    host, queue up there), its host start
     moves 0-20 ms earlier (launched ahead of the device) and its host end 10-100 ms later (the
     NCCL watchdog's poll, ``end_source`` "watchdog"). Each rank's first launch of a step moves
     0-``first_lead_ms`` earlier: a job whose host waits for the device once a step (the loss,
@@ -279,11 +279,14 @@ def gpu_shaped(ev, *, seed: int = 0, device: bool = True, first_lead_ms: float =
                               rng.integers(0, 20 * ms, ev.height)))
     late = pl.Series(rng.integers(10 * ms, 100 * ms, ev.height))
     prev_end = (pl.col("mono_end_ns").cum_max().shift(1)
-                .over("rank", "pg", order_by=["mono_start_ns", "idx"]))
+                .over("rank", "pg", "is_p2p", order_by=["mono_start_ns", "idx"]))
     queued = pl.col("mono_end_ns") - pl.max_horizontal(pl.col("mono_start_ns"),
                                                        prev_end.fill_null(0))
+    collective = ~pl.col("is_p2p").fill_null(False)
     out = ev.with_columns(
-        (pl.min_horizontal(pl.col("duration_ns"), queued.clip(lower_bound=0)) if device
+        (pl.when(collective).then(pl.min_horizontal(pl.col("duration_ns"),
+                                                    queued.clip(lower_bound=0)))
+         .otherwise(pl.col("duration_ns")) if device
          else pl.lit(None, pl.Int64)).alias("device_duration_ns"),
         pl.lit("watchdog").alias("end_source"),
         (pl.col("t_start_ns") - lead).alias("t_start_ns"),
