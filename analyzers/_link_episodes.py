@@ -12,7 +12,10 @@ data, or that lasted longer, is a finding, with its end where it had one. So is 
 *severe*: its first ``persist`` slow steps fell, at their median, twice as far as the bar (in
 log terms: by the square of the factor that makes a step slow). A burst of load slows the
 transfers within a few times their noise; a link that collapses for a few steps is an event
-to report.
+to report. A send/recv direction (``pg`` ``p2p ...``) is never severe: its time is the
+fastest receive's, which holds the wait for a late sender (a pipeline stage with a few long
+batches makes its neighbour's receives wait many times the transfer), so how far it fell
+says nothing of the link.
 
 Live, an open episode that is not severe is held back while it may still end as a transient
 one (:func:`undecided`): still on ``n`` steps after its first means slow in one of its last
@@ -71,6 +74,7 @@ def slow_episodes(df: pl.DataFrame, *, persist: int, transient_steps: int) -> pl
                  (pl.col("usual_MBps").first()
                   >= pl.col("MBps").sort_by("step").head(persist).median()
                   * pl.col("slow_below").first() ** 2).alias("severe"))
+            .with_columns(pl.col("severe") & ~pl.col("pg").cast(pl.Utf8).str.starts_with("p2p "))
             .filter(pl.col("_len") >= persist)
             .sort("since_step").group_by("pg", "_ep", maintain_order=True).first())
     if runs.is_empty():

@@ -161,3 +161,19 @@ def test_a_link_that_collapses_for_a_few_steps_is_a_finding_shown_at_once():
     assert shown[0] == 33  # its 4th slow step
     (g,) = _live(collapse, 49)
     assert (g.kind, g.cls, g.ranks, g.since_step) == (f.kind, f.cls, f.ranks, f.since_step)
+
+
+def test_a_send_recv_direction_that_collapses_for_a_few_steps_is_a_hiccup():
+    """The same 10x fall for 5 steps, read from a pipeline's receives (a ``p2p`` direction):
+    a receive's time holds the wait for its sender, and a stage with a few long batches
+    makes its neighbour's fastest receive wait many times the transfer (a healthy run on
+    the loaded test machine fell 19x for 6 steps so). How far it fell says nothing of the
+    link there: transient, as any short episode."""
+    bw = compute_group_bandwidth(job(WORLD, steps=50, onset=30, until=35,
+                                     **_slow(slow=10.0)))
+    group = compute_slow_groups(bw).row(0, named=True)
+    p2p = compute_slow_groups(bw.with_columns(pl.lit("p2p host1>host0").alias("pg"))
+                              ).row(0, named=True)
+    assert (group["severe"], group["transient"]) == (True, False)
+    assert (p2p["severe"], p2p["transient"], p2p["since_step"], p2p["until_step"]) == (
+        False, True, 30, 34)
