@@ -97,6 +97,11 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         from ringwatch.analyzers._layout import infer_layout
 
         layout = infer_layout(events)
+    # the step table (per rank, group and step), as the agents stream it to the service:
+    # what both passes judge stragglers (outside a pipeline) and links on
+    from ringwatch.analyzers._step_table import is_step_table, step_rows
+
+    table = events if is_step_table(events) else step_rows(events)
     # ranks of one stage are compared with one another (a slow one is a straggler, from the
     # first step or later); stages may differ by design
     if layout.pp > 1:  # a pipeline: judged by unblocked work (the lateness detector's
@@ -107,11 +112,7 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
                  .iter_rows() if r is not None and h is not None}
         stragglers = detect_work_findings(events, layout.peers_frame(), hosts=hosts,
                                           **th.work_args())
-    else:  # on the step table, as the service judges them (live = post-mortem); the
-        # what-if replays the collectives
-        from ringwatch.analyzers._step_table import is_step_table, step_rows
-
-        table = events if is_step_table(events) else step_rows(events)
+    else:  # on the step table; the what-if replays the collectives
         stragglers = detect_stragglers(table, **th.straggler_args(), stage=layout.stage,
                                        replay_rows=events)
     # the distinct ops only: a cast of every row's op is a string column of millions
@@ -121,7 +122,7 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         stragglers = explain_by_skew(stragglers, detect_moe_skew(events, **th.moe_args()))
     stage(3, "slow links")
     findings += significant(explain_by_links(stragglers, detect_slow_links(
-        events, **th.link_args())), events, share)
+        events, **th.link_args(), table=table)), events, share)
     local = dict(events.select("rank", "local_rank").unique("rank").iter_rows()) \
         if "local_rank" in events.columns else {}
     return with_local_ranks(findings, local)
