@@ -174,11 +174,13 @@ def test_hang_leaves_the_victim_behind(tmp_path, mode):
     if mode == "block":  # blocked before its next collective: behind every peer
         assert all(last[3] < last[r] for r in (0, 1, 2)), last
     else:  # stopped anywhere: maybe after issuing every bucket of its step (DDP's are
-        # asynchronous), so that it entered as far as its peers, but then it finished less
+        # asynchronous), so that it entered as far as its peers, and, where its peers wait in
+        # those same buckets, finished as many (a clean-clone run: entered 66, finished 60,
+        # on every rank): never ahead of them. The frontier cannot name it then; its agent's
+        # silence does (below)
         done = dict(ev.filter(pl.col("status") != "pending").group_by("rank").agg(
             pl.col("seq").max()).iter_rows())
         assert all(last[3] <= last[r] and done[3] <= done[r] for r in (0, 1, 2)), (last, done)
-        assert any(last[3] < last[r] or done[3] < done[r] for r in (0, 1, 2)), (last, done)
     if mode == "block":  # the agent of the blocked rank still flushed at the end
         assert 3 not in pending and all(pending.get(r) for r in (0, 1, 2)), pending
     marks = read_steps(result.run_dir / "steps")
