@@ -4,11 +4,7 @@ At a blocking collective the members leave together, so the last to arrive spend
 time inside: a rank's *wait* at one collective is its duration minus the shortest duration
 among the members, and the rank with the shortest is the last arrival. Both need no clock
 shared across hosts. Per rank and step the waits are merged on the rank's own monotonic clock
-(overlapping DDP buckets count once). ``ringwatch analyze`` and the service pass the job's
-step table (:mod:`~ringwatch.analyzers._step_table`: per rank, group and step, one row of
-the time the rank spent inside the group's collectives), as the agents stream it, so the
-two judge the same figures: a rank's wait in a group's step is then its time inside less
-the least busy member's.
+(overlapping DDP buckets count once).
 
 Per step, a rank's *delay* is the step's median wait minus its own: how much longer the
 others sat in collectives than it did, i.e. how late it came. A healthy rank's delay hovers
@@ -371,14 +367,12 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       drift_steps: int = _D.drift_steps,
                       drift_from_step: int | None = None,
                       grace_steps: int = _D.grace_steps,
-                      ongoing: Mapping[int, tuple[int, int | None]] | None = None,
-                      replay_rows: pl.DataFrame | None = None) -> tuple[Finding, ...]:
+                      ongoing: Mapping[int, tuple[int, int | None]] | None = None
+                      ) -> tuple[Finding, ...]:
     """Ranks their peers wait for: a change (straggler) or there from the start (imbalance).
 
     Args:
-        events: Rows of one job (a whole log or an online window): its step table
-            (:mod:`~ringwatch.analyzers._step_table`), as the service and ``ringwatch
-            analyze`` pass them, or its collectives.
+        events: Rows of one job (a whole log or an online window).
         warmup_steps, baseline_steps, min_baseline_steps, slack, threshold, floor_ms,
             persist, busier, usual, noise_ms, drift_steps, drift_from_step: See
             :func:`compute_straggler_scores`.
@@ -404,8 +398,6 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
             window passes False: its first steps are only the oldest it still holds (a
             straggler that outlasts the window would turn into "imbalance" there); it judges
             imbalance once, on the job's own first steps, and passes their ``usual``.
-        replay_rows: The job's collectives, where ``events`` is its step table: the what-if
-            replays each rank's compute between them (by default ``events``).
         stage: ``rank -> pipeline stage``, the symmetry classes
             (:mod:`ringwatch.analyzers._symmetry`): a rank late from the start is a straggler
             when its stage's other ranks are not late, structural imbalance when they are.
@@ -551,8 +543,7 @@ def detect_stragglers(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                           f"(conclusive at step {r['step']}, within {grace_steps} steps): "
                           "one episode, a disturbance hid it",)),
                       *(() if transient else _what_if(
-                          events if replay_rows is None else replay_rows, since,
-                          int(run["step"].max()), delay, r["rank"],
+                          events, since, int(run["step"].max()), delay, r["rank"],
                           symmetric_peers(r["rank"], sorted(lat["rank"].unique()), stage))))
         ), until
 

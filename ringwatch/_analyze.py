@@ -98,7 +98,7 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
 
         layout = infer_layout(events)
     # the step table (per rank, group and step), as the agents stream it to the service:
-    # what both passes judge stragglers (outside a pipeline) and links on
+    # what both passes judge links on
     from ringwatch.analyzers._step_table import is_step_table, step_rows
 
     table = events if is_step_table(events) else step_rows(events)
@@ -112,9 +112,8 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
                  .iter_rows() if r is not None and h is not None}
         stragglers = detect_work_findings(events, layout.peers_frame(), hosts=hosts,
                                           **th.work_args())
-    else:  # on the step table; the what-if replays the collectives
-        stragglers = detect_stragglers(table, **th.straggler_args(), stage=layout.stage,
-                                       replay_rows=events)
+    else:
+        stragglers = detect_stragglers(events, **th.straggler_args(), stage=layout.stage)
     # the distinct ops only: a cast of every row's op is a string column of millions
     if "op" in events.columns and events["op"].unique().cast(pl.Utf8).is_in(A2A_OPS).any():
         # expert parallel: a hot expert's rank is late because its experts get too many

