@@ -313,8 +313,7 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
                       transient_steps: int = _D.transient_steps,
                       usual: pl.DataFrame | None = None,
                       recv: pl.DataFrame | None = None,
-                      hold_undecided: bool = False,
-                      table: pl.DataFrame | None = None) -> tuple[Finding, ...]:
+                      hold_undecided: bool = False) -> tuple[Finding, ...]:
     """Slow communication: groups whose transfer bandwidth dropped, and the suspect hosts.
 
     Args:
@@ -326,8 +325,6 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
         hold_undecided: The job goes on (live): a group whose episode is still on and may
             yet end as a hiccup (:func:`~ringwatch.analyzers._link_episodes.undecided`) is
             not slow yet, so that live shows what the post-mortem pass will.
-        table: ``events``' step table where the caller has it already
-            (:func:`~ringwatch.analyzers._step_table.step_rows`).
 
     Returns:
         One :class:`Finding` of kind ``slow_link`` when any group crossing hosts is slow:
@@ -344,8 +341,7 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
     # collectives' groups, from the step table (the service's rows are it already: the same
     # figures live and post-mortem), and send/recv between hosts (a pipeline's stages on
     # other hosts)
-    if table is None:
-        table = events if is_step_table(events) else step_rows(events)
+    table = events if is_step_table(events) else step_rows(events)
     bw = pl.concat([compute_group_bandwidth(table).with_columns(pl.col("pg").cast(pl.Utf8)),
                     compute_p2p_bandwidth(events) if recv is None else p2p_bandwidth(recv)],
                    how="vertical_relaxed")

@@ -97,11 +97,6 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         from ringwatch.analyzers._layout import infer_layout
 
         layout = infer_layout(events)
-    # the step table (per rank, group and step), as the agents stream it to the service:
-    # what both passes judge links on
-    from ringwatch.analyzers._step_table import is_step_table, step_rows
-
-    table = events if is_step_table(events) else step_rows(events)
     # ranks of one stage are compared with one another (a slow one is a straggler, from the
     # first step or later); stages may differ by design
     if layout.pp > 1:  # a pipeline: judged by unblocked work (the lateness detector's
@@ -121,7 +116,7 @@ def analyze_events(events, *, now_ns: int, last_seen_ns: dict[int, int] | None =
         stragglers = explain_by_skew(stragglers, detect_moe_skew(events, **th.moe_args()))
     stage(3, "slow links")
     findings += significant(explain_by_links(stragglers, detect_slow_links(
-        events, **th.link_args(), table=table)), events, share)
+        events, **th.link_args())), events, share)
     local = dict(events.select("rank", "local_rank").unique("rank").iter_rows()) \
         if "local_rank" in events.columns else {}
     return with_local_ranks(findings, local)
