@@ -17,6 +17,7 @@ from ringwatch.analyzers._steps import (
     _complete_in_slice,
     _merged_ns,
     _slices,
+    sorted_by,
 )
 
 
@@ -67,9 +68,9 @@ def _lateness_parts(df: pl.DataFrame, outside: pl.DataFrame) -> pl.DataFrame:
     millions of (rank, step) rows cost more than the slices)."""
     df = df.select("rank", "host", "step", "mono_start_ns", "duration_ns", "_min")
     # the sort copies what it sorts: only the interval columns
-    wait = _merged_ns(df.select("rank", "step", "mono_start_ns", (
+    wait = _merged_ns(sorted_by(df.select("rank", "step", "mono_start_ns", (
         pl.col("mono_start_ns") + pl.col("duration_ns") - pl.col("_min")).alias("_wait_end")
-    ).sort("rank", "step", "mono_start_ns"), "mono_start_ns", "_wait_end",
+    ), "rank", "step", "mono_start_ns"), "mono_start_ns", "_wait_end",
         ["rank", "step"]).rename({"merged_ns": "wait_ns"})
     per = df.group_by("rank", "step").agg(
         pl.col("host").first(), pl.len().alias("collectives"),
@@ -95,8 +96,8 @@ def compute_outside_ns(events: pl.DataFrame) -> pl.DataFrame:
 
 
 def _outside_ns(events: pl.DataFrame, keep: pl.Expr) -> pl.DataFrame:
-    df = (events.select("rank", "step", "mono_start_ns", "mono_end_ns").filter(keep)
-          .sort("rank", "mono_start_ns"))
+    df = sorted_by(events.select("rank", "step", "mono_start_ns", "mono_end_ns").filter(keep),
+                   "rank", "mono_start_ns")
     # the latest end among the rank's earlier collectives: the running maximum, one row back
     # (one window and a shift over the sorted frame, not nested windows)
     ended = pl.col("mono_end_ns").cum_max().over("rank")

@@ -48,26 +48,28 @@ from ringwatch.analyzers._p2p_links import (
     compute_p2p_bandwidth,
     p2p_bandwidth,
 )
-from ringwatch.analyzers._step_table import is_step_table, step_rows
+from ringwatch.analyzers._step_table import is_step_table, step_totals
 from ringwatch.analyzers._steps import (
+    _KEY,
     COLLECTIVE,
     SLICE_ROWS,
-    _collective_stats,
-    _complete_collectives,
-    _complete_in_slice,
-    _slices,
+    rank_row_ranges,
 )
 from ringwatch.analyzers._thresholds import DEFAULT_THRESHOLDS as _D
 from ringwatch.analyzers._timing import HOST_TIMED, host_timed
 
 
-def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
+def compute_group_bandwidth(events: pl.DataFrame, *, summed: bool = False) -> pl.DataFrame:
     """Per (pg, step), the group's transfer bandwidth.
 
     Args:
         events: Rows of one job; finished (``ok``) collectives with a step and a size that
             every member recorded, the same size on every member and at least
             :data:`MIN_LINK_BYTES`, are used.
+        summed: Sum ``events`` into the step table first and read that
+            (:func:`~ringwatch.analyzers._step_table.step_rows`: each group's steps, as the
+            agents sum them for the service), range of ranks by range (a log's whole table
+            is never held).
 
     Returns:
         Columns ``pg``, ``pg_ranks``, ``hosts`` (the group's hosts, sorted, comma-joined),
@@ -76,37 +78,61 @@ def compute_group_bandwidth(events: pl.DataFrame) -> pl.DataFrame:
         the group's earlier collectives did not already hold: :func:`own_ns`) and ``MBps``
         (``bytes / transfer_ns`` in MB/s); sorted by pg then step.
     """
-    # Only the columns used: every filter of the full-width frame copies all of them. A
-    # whole log goes by slices of steps (figures per (pg, step); each collective's transfer
-    # time and member count from all the rows: _collective_stats).
+    # Only the columns used: every filter of the full-width frame copies all of them.
     cols = ["pg", "seq", "is_p2p", "pg_size", "pg_ranks", "group_rank", "host", "step",
             "status", "nbytes", "duration_ns", "rank", "mono_start_ns",
             *([HOST_TIMED] if HOST_TIMED in events.columns else [])]
     keep = ((pl.col("status") == "ok") & pl.col("step").is_not_null()
             & pl.col("duration_ns").is_not_null() & (pl.col("nbytes") >= MIN_LINK_BYTES))
-    xfer = pl.col("_own").min().alias("_xfer")
-    # a collective whose members move different sizes (all-to-all with uneven splits, MoE
-    # routing) has no one bandwidth: its time follows the busiest member's share
-    even = (pl.col("nbytes").max() == pl.col("nbytes").min()).alias("_even")
-    rows = own_ns(events.select(c for c in cols if c in events.columns)
-                  .filter(keep & COLLECTIVE))
-    slices = _slices(rows, "step", SLICE_ROWS)
-    if slices is None:
-        parts = [_bandwidth_parts(_complete_collectives(rows, xfer, even))]
-    else:
-        stats = _collective_stats(rows, pl.lit(True), xfer, even)
-        parts = [_bandwidth_parts(_complete_in_slice(
-            rows.filter(pl.col("step").is_between(lo, hi)), stats, (lo, hi)))
-            for lo, hi in slices]
-    # Every member recorded each of these collectives, so a group's hosts are the same for
-    # all of them: once per group, not a string per row.
+    # A whole log (or step table) by row ranges of whole ranks: own_ns is per (group, rank),
+    # and each collective's figures are sums, minima and maxima over its members, which
+    # add up across ranges (a collective's members sit in several)
+    ranges = rank_row_ranges(events, SLICE_ROWS)
+    parts = [_partial(events, cols, keep, summed)] if ranges is None else [
+        _partial(events.slice(at, n), cols, keep, summed) for at, n in ranges]
+    per = pl.concat([p for p, _ in parts])
+    if len(parts) > 1:
+        per = per.group_by(_KEY).agg(
+            pl.col("_n").sum(), pl.col("pg_size").first(), pl.col("_xfer").min(),
+            pl.col("_max").max(), pl.col("_min").min(), pl.col("_g0").sum(),
+            pl.col("_bytes").sum(), pl.col("step").drop_nulls().first(),
+            pl.col("pg_ranks").drop_nulls().first())
+    # complete collectives (every member recorded it) whose members moved one size (an
+    # all-to-all with uneven splits, MoE routing, has no one bandwidth: its time follows the
+    # busiest member's share), counted once (their group rank 0's row)
+    done = per.filter((pl.col("_n") == pl.col("pg_size")) & (pl.col("_max") == pl.col("_min"))
+                      & (pl.col("_g0") > 0))
+    bw = done.group_by("pg", "step").agg(
+        pl.col("pg_ranks").first(), pl.col("_g0").sum().alias("collectives"),
+        pl.col("_bytes").sum().alias("bytes"),
+        (pl.col("_xfer") * pl.col("_g0")).sum().alias("transfer_ns"))
+    # a group's hosts: once per group, not a string per row
     hosts = pl.concat([h for _, h in parts]).group_by("pg").agg(
         pl.col("host").unique().sort().str.join(",").alias("hosts"))
-    per = pl.concat([p for p, _ in parts]).join(hosts, on="pg", how="left")
-    return per.with_columns(
+    return bw.join(hosts, on="pg", how="left").with_columns(
         (pl.col("bytes") / pl.col("transfer_ns").clip(lower_bound=1) * 1e3).alias("MBps"),
     ).select("pg", "pg_ranks", "hosts", "step", "collectives", "bytes", "transfer_ns",
              "MBps").sort("pg", "step")
+
+
+def _partial(events: pl.DataFrame, cols: list[str], keep: pl.Expr, summed: bool
+             ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per collective ``(pg, seq, is_p2p)`` of some whole ranks' rows that ``keep`` keeps
+    (their step totals where ``summed``): its members here (``_n``), their shortest own
+    time (``_xfer``: :func:`own_ns`), largest and smallest size, and its group rank 0's
+    rows (``_g0``), their bytes, step and ``pg_ranks``; and the (pg, host) pairs of the
+    rows."""
+    if summed:
+        events = step_totals(events)
+    rows = own_ns(events.select(c for c in cols if c in events.columns)
+                  .filter(keep & COLLECTIVE))
+    first = pl.col("group_rank") == 0
+    per = rows.group_by(_KEY).agg(
+        pl.len().alias("_n"), pl.col("pg_size").first(), pl.col("_own").min().alias("_xfer"),
+        pl.col("nbytes").max().alias("_max"), pl.col("nbytes").min().alias("_min"),
+        first.sum().alias("_g0"), pl.col("nbytes").filter(first).sum().alias("_bytes"),
+        pl.col("step").filter(first).first(), pl.col("pg_ranks").filter(first).first())
+    return per, rows.select("pg", "host").unique()
 
 
 def own_ns(rows: pl.DataFrame) -> pl.DataFrame:
@@ -135,17 +161,6 @@ def own_ns(rows: pl.DataFrame) -> pl.DataFrame:
     overlap = (held - start).clip(lower_bound=0).fill_null(0)
     own = pl.when(host).then((pl.col("duration_ns") - overlap).clip(lower_bound=0))
     return rows.with_columns(own.otherwise(pl.col("duration_ns")).alias("_own"))
-
-
-def _bandwidth_parts(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Per (pg, step) of complete collectives with ``_xfer``: sizes and transfer times; and
-    the (pg, host) pairs."""
-    per = (df.filter((pl.col("group_rank") == 0) & pl.col("_even"))  # one row per collective
-           .group_by("pg", "step").agg(
-               pl.col("pg_ranks").first(),
-               pl.len().alias("collectives"), pl.col("nbytes").sum().alias("bytes"),
-               pl.col("_xfer").sum().alias("transfer_ns")))
-    return per, df.select("pg", "host").unique()
 
 
 def compute_slow_groups(bw: pl.DataFrame, *, warmup_steps: int = _D.warmup_steps,
@@ -341,8 +356,8 @@ def detect_slow_links(events: pl.DataFrame, *, warmup_steps: int = _D.warmup_ste
     # collectives' groups, from the step table (the service's rows are it already: the same
     # figures live and post-mortem), and send/recv between hosts (a pipeline's stages on
     # other hosts)
-    table = events if is_step_table(events) else step_rows(events)
-    bw = pl.concat([compute_group_bandwidth(table).with_columns(pl.col("pg").cast(pl.Utf8)),
+    bw = pl.concat([compute_group_bandwidth(events, summed=not is_step_table(events))
+                    .with_columns(pl.col("pg").cast(pl.Utf8)),
                     compute_p2p_bandwidth(events) if recv is None else p2p_bandwidth(recv)],
                    how="vertical_relaxed")
     if bw.is_empty():

@@ -64,19 +64,9 @@ def _merged_ns(df: pl.DataFrame, start: str, end: str, by: list[str]) -> pl.Data
         return _merged_ns_over(df, start, end, by)
     # Whole-column passes instead of windows per group (``over`` is 10-40x slower with
     # millions of (rank, step) groups). A new run starts where the start passes every
-    # earlier end of the group; the running maximum of the ends within each group is a
-    # doubling scan (after the pass at ``shift`` each row holds the maximum of its
-    # ``2 * shift`` last rows of the group).
+    # earlier end of the group (their running maximum: running_reach).
     g = pl.col("_g")
-    df = df.with_columns(pl.struct(by).rle_id().alias("_g"), pl.col(end).alias("_reach"))
-    shift = 1
-    while shift < df.height:
-        same = g == g.shift(shift)
-        if not df.select(same.any()).item():
-            break  # no group is longer than ``shift``: every row holds its running maximum
-        df = df.with_columns(pl.when(same).then(pl.max_horizontal(
-            "_reach", pl.col("_reach").shift(shift))).otherwise(pl.col("_reach")))
-        shift *= 2
+    df = running_reach(df.with_columns(pl.struct(by).rle_id().alias("_g")), "_g", end)
     # Intervals are not reversed (checked above), so a run reaches as far as the running
     # maximum at its last row, and starts at its first row's start.
     new_run = (g != g.shift(1)).fill_null(True) | (pl.col(start) > pl.col("_reach").shift(1))
@@ -85,6 +75,30 @@ def _merged_ns(df: pl.DataFrame, start: str, end: str, by: list[str]) -> pl.Data
     runs = runs.filter("_last").select(g, *by, (pl.col("_reach") - pl.col("_s0")).alias("_len"))
     return runs.group_by("_g").agg(*(pl.col(c).first() for c in by),
                                    pl.col("_len").sum().alias("merged_ns")).drop("_g")
+
+
+def running_reach(df: pl.DataFrame, group: str, end: str) -> pl.DataFrame:
+    """``df`` (contiguous groups of ``group``, no null ``end``) with ``_reach``: the
+    largest ``end`` among each row and the rows before it in its group. A doubling scan of
+    whole columns: after the pass at ``shift`` each row holds the maximum of its
+    ``2 * shift`` last rows of the group."""
+    g = pl.col(group)
+    df = df.with_columns(pl.col(end).alias("_reach"))
+    shift = 1
+    while shift < df.height:
+        same = g == g.shift(shift)
+        if not df.select(same.any()).item():
+            break  # no group is longer than ``shift``: every row holds its running maximum
+        df = df.with_columns(pl.when(same).then(pl.max_horizontal(
+            "_reach", pl.col("_reach").shift(shift))).otherwise(pl.col("_reach")))
+        shift *= 2
+    return df
+
+
+def sorted_by(df: pl.DataFrame, *by: str) -> pl.DataFrame:
+    """``df`` sorted by ``by``: as it is where it already is (a log's rows come in each
+    rank's order: checking is a whole-column pass, a sort copies every column)."""
+    return df if _sorted_by(df, list(by)) else df.sort(*by)
 
 
 def _sorted_by(df: pl.DataFrame, by: list[str]) -> bool:

@@ -141,10 +141,9 @@ def culprit_timelines(late: pl.DataFrame, findings, hiccups=()) -> tuple[LinePlo
 def bandwidth_plot(events: pl.DataFrame, findings=()) -> LinePlot:
     """Each group's transfer bandwidth per step (slow-link findings' groups first)."""
     from ringwatch.analyzers import compute_group_bandwidth
-    from ringwatch.analyzers._step_table import step_rows
 
     title = "Transfer bandwidth of each process group, per step"
-    bw = compute_group_bandwidth(step_rows(events))  # the link analyzer's figures
+    bw = compute_group_bandwidth(events, summed=True)  # the link analyzer's figures
     if bw.is_empty():
         return empty_line("bandwidth", title, "training step", "MB/s", "no finished "
                           "collective with a size that every member of its group recorded")
