@@ -166,9 +166,11 @@ def _packed_key(df: pl.DataFrame) -> pl.Expr | None:
     """``_key``: one Int64 per (rank, group, step), where the groups are dictionary-encoded
     (as ``ringwatch analyze`` reads them) and the three fit (a sort and a group-by on one
     integer instead of three columns); None otherwise."""
-    if df.is_empty() or df.schema["pg"] != pl.Categorical:
+    if df.is_empty():
         return None
-    code = pl.col("pg").to_physical().cast(pl.Int64)
+    pg = pl.col("pg") if df.schema["pg"] == pl.Categorical else pl.col("pg").cast(
+        pl.Categorical)  # a few distinct names: a dictionary, then its codes
+    code = pg.to_physical().cast(pl.Int64)
     lo_rank, hi_rank, hi_code, lo_step, hi_step = df.select(
         pl.col("rank").min().alias("a"), pl.col("rank").max().alias("b"), code.max(),
         pl.col("step").min().alias("c"), pl.col("step").max().alias("d")).row(0)

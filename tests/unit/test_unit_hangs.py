@@ -181,3 +181,45 @@ def test_findings_name_the_local_rank():
     assert g.headline() == "STRAGGLER (compute straggler): rank 6 (local 2), rank 9 on host1"
     assert g.to_dict()["local_ranks"] == [2, None]
     assert f.headline() == "STRAGGLER (compute straggler): rank 6, rank 9 on host1"
+
+
+def test_ends_unseen_is_the_rule_for_every_rank_on_random_groups():
+    """The linear form of the rule (the others' least finished, most entered and those in
+    flight) names the ranks the rule names, checked rank by rank against every other
+    member, on random groups: numbers from 0, ranks with no number, members not in the
+    frontier, duplicates in the member list."""
+    import random
+
+    from ringwatch.analyzers._hangs import ends_unseen
+
+    def seq(numbers, r):
+        return -1 if numbers.get(r) is None else numbers[r]
+
+    def rule(members, entered, finished, pending):
+        out = {}
+        for r, first in pending.items():
+            mine, others = seq(entered, r), [m for m in members if m != r]
+            if others and all(seq(finished, m) >= mine and pending.get(m, mine + 1) > mine
+                              for m in others) and any(seq(entered, m) > mine for m in others):
+                out[r] = first
+        return out
+
+    rng = random.Random(5)
+    named = 0
+    for _ in range(3000):
+        size = rng.randint(1, 6)
+        members = list(range(size)) + ([0] if rng.random() < 0.1 else [])
+        ranks = range(size + (rng.random() < 0.2))  # sometimes one outside the group
+        entered, finished, pending = {}, {}, {}
+        for r in ranks:
+            if rng.random() < 0.9:
+                entered[r] = rng.randint(0, 4)
+                done = rng.randint(-1, entered[r])
+                if done >= 0:
+                    finished[r] = done
+                if rng.random() < 0.6:
+                    pending[r] = rng.randint(done + 1, entered[r] + 1)
+        want = rule(members, entered, finished, pending)
+        assert ends_unseen(members, entered, finished, pending) == want
+        named += bool(want)
+    assert named > 100  # the rule names ranks in many of them

@@ -82,3 +82,35 @@ def test_the_warm_up_steps_are_neither_usual_nor_slow():
     # and a fault after it found from its first step
     (f,) = detect_slow_links(_job(6, onset=30), warmup_steps=6)
     assert (f.since_step, f.detected_step) == (30, 33)
+
+
+@pytest.mark.parametrize("name", ["early/link-at-10", "pipeline/link-p2p",
+                                  "loaded/healthy-4-ranks"])
+@pytest.mark.parametrize("shape", ["exact", "gpu"])
+def test_own_time_by_whole_columns_is_the_windows_own_time(name, shape):
+    """Rows in each (group, rank)'s start order take whole-column passes; the same rows in
+    any other order take windows per (group, rank): the same own time for every row, with
+    device-timed and watchdog-ended rows among them."""
+    from pathlib import Path
+
+    from ringwatch.analyzers._links import _own_ordered, own_ns
+    from ringwatch.analyzers._timing import HOST_TIMED
+
+    from fakes import gpu_shaped
+
+    ev = pl.read_parquet(Path(__file__).resolve().parents[1] / "data" / f"{name}.parquet")
+    if shape == "gpu":
+        ev = gpu_shaped(ev, first_lead_ms=1)
+    cols = ["pg", "rank", "idx", "mono_start_ns", "duration_ns"]
+    ev = with_analysis_durations(ev).filter(~pl.col("is_p2p") & pl.col("duration_ns")
+                                            .is_not_null())
+    rows = ev.select(*cols, *([HOST_TIMED] if HOST_TIMED in ev.columns else [])) \
+        .sort("pg", "rank", "mono_start_ns")
+    if shape == "gpu":  # one op in three device-timed: both kinds on one rank and group
+        rows = rows.with_columns((pl.col("idx") % 3 != 0).alias(HOST_TIMED))
+    shuffled = rows.sample(fraction=1.0, shuffle=True, seed=3)
+    host = pl.col(HOST_TIMED) if HOST_TIMED in rows.columns else pl.lit(True)
+    assert _own_ordered(rows, host) is not None and _own_ordered(shuffled, host) is None
+    ordered = own_ns(rows)
+    assert ordered.height == rows.height
+    assert ordered.sort("pg", "rank", "idx").equals(own_ns(shuffled).sort("pg", "rank", "idx"))
