@@ -163,9 +163,9 @@ def _sums_host_timed(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def _packed_key(df: pl.DataFrame) -> pl.Expr | None:
-    """``_key``: one Int64 per (rank, group, step), where the groups are dictionary-encoded
-    (as ``ringwatch analyze`` reads them) and the three fit (a sort and a group-by on one
-    integer instead of three columns); None otherwise."""
+    """``_key``: one Int64 per (rank, group, step), from the groups' dictionary codes (as
+    ``ringwatch analyze`` reads them; a dictionary is made of names read as strings), where
+    the three fit in it (a sort on one integer instead of three columns); None otherwise."""
     if df.is_empty():
         return None
     pg = pl.col("pg") if df.schema["pg"] == pl.Categorical else pl.col("pg").cast(
