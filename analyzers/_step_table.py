@@ -56,22 +56,13 @@ def step_rows(events: pl.DataFrame) -> pl.DataFrame:
     # a whole log by row ranges of whole ranks (zero-copy slices of the frame): every total
     # is one rank's, and a filtered copy of ten million rows' columns was ~1 GB beside them
     ranges = rank_row_ranges(events, SLICE_ROWS)
-    parts = [_sums(events)] if ranges is None else [
-        _sums(events.slice(at, n)) for at, n in ranges]
-    parts = [p for p in parts if not p.is_empty()]
-    if not parts:
+    sums = pl.concat([_sums(events)] if ranges is None else [
+        _sums(events.slice(at, n)) for at, n in ranges])
+    if sums.is_empty():
         return pl.DataFrame(schema=_SCHEMA)
-    # each group's place among the groups' names (sorted), for ``idx``: from the few
-    # distinct names, not a rank of millions of strings
-    names = pl.concat([p.select("pg") for p in parts]).unique()
-    place = names.with_columns(
-        (pl.col("pg").cast(pl.Utf8).rank("dense").cast(pl.Int64) - 1).alias("_place"))
-    # each part sorted on its own (they hold whole ranks, in order), before the columns
-    # that are copies or constants are added
-    return pl.concat([_as_collectives(
-        p.join(place, on="pg", how="left")
-        .with_columns((pl.col("step") * 1024 + pl.col("_place")).alias("idx"))
-        .drop("_place").sort("rank", "step", "idx")).select(_COLUMNS) for p in parts])
+    index = pl.col("pg").cast(pl.Utf8).rank("dense").cast(pl.Int64) - 1  # for ``idx``
+    return (_as_collectives(sums).with_columns((pl.col("step") * 1024 + index).alias("idx"))
+            .select(_COLUMNS).sort("rank", "step", "idx"))
 
 
 def step_totals(events: pl.DataFrame) -> pl.DataFrame:
